@@ -1,0 +1,124 @@
+"""Semantic grouping (Algorithm 1, line 2): partition prompts so every pair inside a group is similar.
+
+Cost: one similarity pass over row blocks, O(M^2 * D) multiply-adds and O(M * block) memory, then a greedy pass
+over each prompt's `candidates` nearest neighbours, O(M * candidates * max_group_size). On the 2-core CPU
+10,000 prompts of 768-dim embeddings take about a second (see tests/test_grouping.py::test_grouping_scales).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+Embedder = Callable[[Sequence[str]], np.ndarray]
+
+
+@dataclass(frozen=True)
+class GroupingConfig:
+    """How prompts are grouped: every pair in a group has cosine similarity >= tau."""
+
+    tau: float = 0.8
+    max_group_size: int = 5
+    candidates: int = 64  # nearest neighbours of a seed prompt considered for its group
+    block: int = 2048  # rows of the similarity matrix held at once
+
+    def __post_init__(self) -> None:
+        if not -1.0 <= self.tau <= 1.0:
+            raise ValueError(f"tau must lie in [-1, 1] (a cosine similarity), got {self.tau}")
+        if self.max_group_size < 1:
+            raise ValueError(f"max_group_size must be >= 1, got {self.max_group_size}")
+        if self.candidates < 1 or self.block < 1:
+            raise ValueError("candidates and block must be >= 1")
+
+
+def normalize(embeddings: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Rows scaled to unit length, as float32 numpy (zero rows stay zero)."""
+    e = embeddings.detach().float().cpu().numpy() if isinstance(embeddings, torch.Tensor) else embeddings
+    e = np.asarray(e, dtype=np.float32)
+    if e.ndim != 2:
+        raise ValueError(f"embeddings must be a 2-D [prompts, dim] array, got shape {e.shape}")
+    norms = np.linalg.norm(e, axis=1, keepdims=True)
+    return e / np.maximum(norms, 1e-12)
+
+
+def nearest_neighbours(unit: np.ndarray, tau: float, candidates: int, block: int) -> list[np.ndarray]:
+    """For each row, the indices of up to `candidates` other rows with similarity >= tau, most similar first."""
+    m = unit.shape[0]
+    k = min(candidates, max(m - 1, 1))
+    out: list[np.ndarray] = []
+    for lo in range(0, m, block):
+        sims = unit[lo : lo + block] @ unit.T
+        rows = np.arange(sims.shape[0])
+        sims[rows, rows + lo] = -np.inf
+        if k < m:
+            part = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        else:
+            part = np.tile(np.arange(m), (sims.shape[0], 1))
+        for r in rows:
+            idx = part[r]
+            s = sims[r, idx]
+            keep = s >= tau
+            idx, s = idx[keep], s[keep]
+            order = np.lexsort((idx, -s))
+            out.append(idx[order])
+    return out
+
+
+def group_by_similarity(embeddings: np.ndarray | torch.Tensor, config: GroupingConfig) -> list[list[int]]:
+    """Greedy, deterministic grouping: in input order, each ungrouped prompt seeds a group and takes its most
+    similar ungrouped neighbours that are >= tau to EVERY member, up to max_group_size. Prompts that fit
+    nowhere are singletons. Groups are returned in order of their first member; members ascending."""
+    unit = normalize(embeddings)
+    m = unit.shape[0]
+    if m == 0:
+        return []
+    neighbours = nearest_neighbours(unit, config.tau, config.candidates, config.block)
+    assigned = np.zeros(m, dtype=bool)
+    groups: list[list[int]] = []
+    for seed in range(m):
+        if assigned[seed]:
+            continue
+        members = [seed]
+        assigned[seed] = True
+        for j in neighbours[seed]:
+            if len(members) >= config.max_group_size:
+                break
+            if assigned[j] or np.any(unit[members] @ unit[j] < config.tau):
+                continue
+            members.append(int(j))
+            assigned[j] = True
+        groups.append(sorted(members))
+    return groups
+
+
+def pairwise_similarities(embeddings: np.ndarray | torch.Tensor, members: Sequence[int]) -> list[float]:
+    """Cosine similarities of every pair in a group (empty for a singleton)."""
+    unit = normalize(embeddings)[list(members)]
+    sims = unit @ unit.T
+    iu = np.triu_indices(len(members), k=1)
+    return [float(x) for x in sims[iu]]
+
+
+@torch.no_grad()
+def pipeline_text_embeddings(pipe, prompts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+    """Pooled CLIP text embeddings from the pipeline's own text encoder (as the paper groups by)."""
+    device = pipe.text_encoder.device
+    chunks = []
+    for lo in range(0, len(prompts), batch_size):
+        ids = pipe.tokenizer(
+            list(prompts[lo : lo + batch_size]),
+            padding="max_length",
+            max_length=pipe.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(device)
+        chunks.append(pipe.text_encoder(ids).pooler_output.float().cpu().numpy())
+    return np.concatenate(chunks) if chunks else np.zeros((0, pipe.text_encoder.config.hidden_size), np.float32)
+
+
+def pipeline_embedder(pipe) -> Embedder:
+    """An Embedder bound to a pipeline's text encoder."""
+    return lambda prompts: pipeline_text_embeddings(pipe, prompts)
