@@ -45,25 +45,21 @@ def normalize(embeddings: np.ndarray | torch.Tensor) -> np.ndarray:
 
 
 def nearest_neighbours(unit: np.ndarray, tau: float, candidates: int, block: int) -> list[np.ndarray]:
-    """For each row, the indices of up to `candidates` other rows with similarity >= tau, most similar first."""
+    """For each row, the indices of up to `candidates` other rows with similarity >= tau, most similar first
+    (ties by index)."""
     m = unit.shape[0]
     k = min(candidates, max(m - 1, 1))
+    table = torch.from_numpy(unit)
     out: list[np.ndarray] = []
     for lo in range(0, m, block):
-        sims = unit[lo : lo + block] @ unit.T
-        rows = np.arange(sims.shape[0])
-        sims[rows, rows + lo] = -np.inf
-        if k < m:
-            part = np.argpartition(-sims, k - 1, axis=1)[:, :k]
-        else:
-            part = np.tile(np.arange(m), (sims.shape[0], 1))
-        for r in rows:
-            idx = part[r]
-            s = sims[r, idx]
-            keep = s >= tau
-            idx, s = idx[keep], s[keep]
-            order = np.lexsort((idx, -s))
-            out.append(idx[order])
+        sims = table[lo : lo + block] @ table.T
+        rows = torch.arange(sims.shape[0])
+        sims[rows, rows + lo] = -torch.inf
+        vals, idx = torch.topk(sims, k=min(k, m), dim=1, sorted=True)
+        for v, i in zip(vals.numpy(), idx.numpy(), strict=True):
+            keep = v >= tau
+            v, i = v[keep], i[keep]
+            out.append(i[np.lexsort((i, -v))])
     return out
 
 
