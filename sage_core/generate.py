@@ -1,0 +1,136 @@
+"""Algorithm 1 end to end on one machine: encode, group, shared phase, branch phase, decode.
+
+The edge server and the device split exactly these steps between them; this module is what the local CLI,
+the tests' reference and the evaluation scripts call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from sage_core.grouping import GroupingConfig, group_by_similarity, pipeline_text_embeddings
+from sage_core.sampler import (
+    SamplingConfig,
+    UNetCounter,
+    branch_phase,
+    initial_noise,
+    make_scheduler,
+    shared_phase,
+)
+
+MAX_PROMPT_CHARS = 1000
+
+
+def check_prompts(prompts: Sequence[str]) -> None:
+    """Raise ValueError on an empty prompt list, an empty prompt or an over-long one."""
+    if not prompts:
+        raise ValueError("no prompts given")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str) or not p.strip():
+            raise ValueError(f"prompt {i + 1} is empty")
+        if len(p) > MAX_PROMPT_CHARS:
+            raise ValueError(f"prompt {i + 1} is {len(p)} characters long; the limit is {MAX_PROMPT_CHARS}")
+
+
+@torch.no_grad()
+def encode_prompts(pipe, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-level text embeddings c^m [M, L, D] and the unconditional (empty prompt) embedding [1, L, D],
+    computed exactly as StableDiffusionPipeline computes them."""
+    cond, uncond = pipe.encode_prompt(
+        list(prompts), pipe.text_encoder.device, 1, do_classifier_free_guidance=True, negative_prompt=None
+    )
+    return cond, uncond[:1]
+
+
+def latent_shape(pipe, config: SamplingConfig) -> tuple[int, int, int, int]:
+    """Shape [1, C, h, w] of one latent for the pipeline at the configured (or default) image size."""
+    scale = pipe.vae_scale_factor
+    height = config.height or pipe.unet.config.sample_size * scale
+    width = config.width or pipe.unet.config.sample_size * scale
+    return (1, pipe.unet.config.in_channels, height // scale, width // scale)
+
+
+@torch.no_grad()
+def decode_latents(pipe, latents: torch.Tensor) -> np.ndarray:
+    """VAE-decode final latents to float images [M, H, W, 3] in [0, 1], as the stock pipeline does."""
+    vae = pipe.vae
+    image = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+    return pipe.image_processor.postprocess(image, output_type="np", do_denormalize=[True] * image.shape[0])
+
+
+def saving_closed_form(shared_steps: int, steps: int, group_size: int) -> float:
+    """beta * (1 - 1/N): the fraction of UNet evaluations a group of N saves by sharing k of T steps."""
+    return shared_steps / steps * (1.0 - 1.0 / group_size)
+
+
+@dataclass
+class GenerationResult:
+    """Everything a run produced and measured."""
+
+    images: np.ndarray  # [M, H, W, 3] float in [0, 1]
+    latents: torch.Tensor  # final latents [M, C, h, w]
+    groups: list[list[int]]
+    seeds: list[int]  # one per group: the seed of its shared noise
+    pooled: np.ndarray  # [M, D] embeddings the grouping used
+    counter: UNetCounter
+    config: SamplingConfig
+
+    def independent_evaluations(self, members: int | None = None) -> int:
+        """UNet evaluations independent sampling needs for `members` prompts (all by default)."""
+        n = len(self.images) if members is None else members
+        return n * self.config.steps * (2 if self.config.uses_cfg() else 1)
+
+
+def group_noises(pipe, groups: Sequence[Sequence[int]], seed: int, config: SamplingConfig) -> tuple[list, list]:
+    """One shared noise per group, seeded by `seed` + the index of its first member, and those seeds."""
+    shape = latent_shape(pipe, config)
+    scheduler = make_scheduler(pipe.scheduler.config, config.scheduler, config.steps)
+    device, dtype = pipe.unet.device, pipe.unet.dtype
+    seeds = [seed + g[0] for g in groups]
+    return [initial_noise(shape, s, scheduler, dtype, device) for s in seeds], seeds
+
+
+def generate(
+    pipe,
+    prompts: Sequence[str],
+    config: SamplingConfig,
+    grouping: GroupingConfig,
+    seed: int = 0,
+    groups: Sequence[Sequence[int]] | None = None,
+) -> GenerationResult:
+    """Shared sampling for a batch of prompts (Algorithm 1). With share 0, or all singletons, every image is
+    the one StableDiffusionPipeline makes with generator seed `seed + prompt index`."""
+    # 1. check inputs and encode the prompts (line 1)
+    check_prompts(prompts)
+    cond, uncond = encode_prompts(pipe, prompts)
+    pooled = pipeline_text_embeddings(pipe, prompts)
+    # 2. partition into groups (line 2)
+    groups = [list(g) for g in groups] if groups is not None else group_by_similarity(pooled, grouping)
+    # 3. shared noise and mean condition per group (lines 4-5)
+    noises, seeds = group_noises(pipe, groups, seed, config)
+    means = [cond[g].mean(dim=0, keepdim=True) for g in groups]
+    counter = UNetCounter()
+    # 4. shared phase for all groups, batched (lines 6-8)
+    points = shared_phase(pipe.unet, pipe.scheduler.config, means, noises, uncond, config, counter, labels=range(len(groups)))
+    # 5. branch phase for every prompt from its group's point (lines 9-13)
+    order = [m for g in groups for m in g]
+    group_of = {m: gi for gi, g in enumerate(groups) for m in g}
+    final = branch_phase(
+        pipe.unet,
+        pipe.scheduler.config,
+        [points[group_of[m]] for m in order],
+        [cond[m : m + 1] for m in order],
+        uncond,
+        config,
+        counter,
+        labels=[group_of[m] for m in order],
+    )
+    latents = torch.empty_like(final)
+    latents[order] = final
+    # 6. decode (line 14)
+    images = decode_latents(pipe, latents)
+    return GenerationResult(images, latents, groups, seeds, pooled, counter, config)

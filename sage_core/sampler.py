@@ -1,0 +1,271 @@
+"""The split sampler of Algorithm 1: a shared phase per group, then a branch phase per prompt.
+
+Both phases are the same plain function, `denoise`, over a slice of the schedule (k-diffusion style): the edge
+server runs it for the shared slice [0, k) of every group of a window, a device runs it for the branch slice
+[k, T) of its own prompt. Every active trajectory advances one step per UNet call, so all groups (and, on the
+server, all windows' groups) share one batched UNet evaluation per step. Every UNet sample evaluation is counted.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+from diffusers.utils.torch_utils import randn_tensor
+
+SCHEDULERS = {"ddim": DDIMScheduler, "dpmpp": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler}
+MAX_STEPS = 1000
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Settings of one shared-sampling run; a group shares `branch_step()` steps, then every prompt branches.
+
+    The branch point is given either as a sharing ratio `share` (beta = (T - T*)/T) or as `shared_steps`.
+    Guidance omega(t) is `guidance` at the first step, moving linearly to `guidance_end` at the last (constant
+    when `guidance_end` is None). Classifier-free guidance is off when omega <= 1 throughout, as in diffusers.
+    """
+
+    steps: int = 30
+    guidance: float = 7.5
+    share: float = 0.4
+    shared_steps: int | None = None
+    scheduler: str = "ddim"
+    height: int | None = None
+    width: int | None = None
+    guidance_end: float | None = None
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.steps <= MAX_STEPS:
+            raise ValueError(f"steps must be in [1, {MAX_STEPS}], got {self.steps}")
+        if not 0.0 <= self.share <= 1.0:
+            raise ValueError(f"share (beta) must be in [0, 1], got {self.share}")
+        if self.shared_steps is not None and not 0 <= self.shared_steps <= self.steps:
+            raise ValueError(f"shared_steps must be in [0, steps={self.steps}], got {self.shared_steps}")
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+        for g in (self.guidance, self.guidance_end):
+            if g is not None and not 0.0 <= g <= 100.0:
+                raise ValueError(f"guidance must be in [0, 100], got {g}")
+        for side in (self.height, self.width):
+            if side is not None and (side < 8 or side % 8 or side > 4096):
+                raise ValueError(f"height and width must be multiples of 8 in [8, 4096], got {side}")
+
+    def branch_step(self) -> int:
+        """k = T - T*: the number of steps a group shares (schedule indices [0, k))."""
+        return self.shared_steps if self.shared_steps is not None else round(self.share * self.steps)
+
+    def guidance_at(self, index: int) -> float:
+        """omega at schedule index `index` (0 = the first, noisiest step)."""
+        if self.guidance_end is None or self.steps == 1:
+            return self.guidance
+        return self.guidance + (self.guidance_end - self.guidance) * index / (self.steps - 1)
+
+    def uses_cfg(self) -> bool:
+        """Whether the unconditional branch of classifier-free guidance is evaluated."""
+        return max(self.guidance, self.guidance_end or 0.0) > 1.0
+
+
+@dataclass
+class UNetCounter:
+    """Counts UNet sample evaluations (a CFG step of one trajectory is 2), in total and per label."""
+
+    total: int = 0
+    by_label: Counter = field(default_factory=Counter)
+
+    def add(self, label: object, n: int) -> None:
+        self.total += n
+        self.by_label[label] += n
+
+
+@dataclass
+class Trajectory:
+    """One latent moving along the schedule from index `start` to `stop` under its own conditioning."""
+
+    latents: torch.Tensor  # [1, C, h, w]
+    cond: torch.Tensor  # [1, L, D] text embedding (a group mean in the shared phase)
+    scheduler: object
+    start: int
+    stop: int
+    label: object = None
+    generator: torch.Generator | None = None
+    index: int = -1
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.start <= self.stop <= len(self.scheduler.timesteps):
+            raise ValueError(f"bad schedule slice [{self.start}, {self.stop}) of {len(self.scheduler.timesteps)}")
+        self.index = self.start
+        if hasattr(self.scheduler, "set_begin_index"):
+            self.scheduler.set_begin_index(self.start)
+
+
+@dataclass
+class BranchPoint:
+    """A group's state at the branch point: what the edge server sends to each device of the group."""
+
+    latents: torch.Tensor  # [1, C, h, w]
+    step: int  # schedule index where the branch phase starts (k)
+    solver_state: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def make_scheduler(base_config: dict, name: str, steps: int, device: torch.device | str = "cpu"):
+    """A fresh scheduler of kind `name` from a pipeline's scheduler config, with `steps` timesteps set.
+    Never share one between trajectories: diffusers schedulers keep a step counter."""
+    cls = SCHEDULERS[name]
+    extra = {"algorithm_type": "dpmsolver++"} if name == "dpmpp" else {}
+    scheduler = cls.from_config(base_config, **extra)
+    scheduler.set_timesteps(steps, device=device)
+    return scheduler
+
+
+def export_solver_state(scheduler) -> dict[str, torch.Tensor]:
+    """The tensors a multistep solver carries between steps (empty for single-step DDIM and Euler)."""
+    if not isinstance(scheduler, DPMSolverMultistepScheduler):
+        return {}
+    state = {f"model_output.{i}": m for i, m in enumerate(scheduler.model_outputs) if m is not None}
+    state["lower_order_nums"] = torch.tensor(scheduler.lower_order_nums)
+    return state
+
+
+def import_solver_state(scheduler, state: dict[str, torch.Tensor]) -> None:
+    """Restore what `export_solver_state` took, so a resumed run equals an unsplit one."""
+    if not isinstance(scheduler, DPMSolverMultistepScheduler):
+        if state:
+            raise ValueError(f"{type(scheduler).__name__} carries no solver state, got {sorted(state)}")
+        return
+    order = scheduler.config.solver_order
+    outputs: list[torch.Tensor | None] = [None] * order
+    for key, value in state.items():
+        if key.startswith("model_output."):
+            i = int(key.split(".", 1)[1])
+            if not 0 <= i < order:
+                raise ValueError(f"solver state {key} does not fit solver_order={order}")
+            outputs[i] = value
+    scheduler.model_outputs = outputs
+    scheduler.lower_order_nums = int(state.get("lower_order_nums", torch.tensor(0)))
+
+
+def initial_noise(
+    shape: Sequence[int], seed: int, scheduler, dtype: torch.dtype, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """z_T for one group, drawn exactly as diffusers' StableDiffusionPipeline draws it for `seed`."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    noise = randn_tensor(tuple(shape), generator=generator, device=torch.device(device), dtype=dtype)
+    return noise * scheduler.init_noise_sigma
+
+
+def _unet_inputs(trajectories: Sequence[Trajectory], uncond: torch.Tensor, cfg: bool, dtype: torch.dtype):
+    """Batch [uncond block; cond block] of latents, timesteps and text embeddings, as diffusers orders them."""
+    latents = torch.cat([tr.scheduler.scale_model_input(tr.latents, tr.scheduler.timesteps[tr.index]) for tr in trajectories])
+    timesteps = torch.stack([tr.scheduler.timesteps[tr.index] for tr in trajectories])
+    conds = torch.cat([tr.cond for tr in trajectories])
+    if cfg:
+        latents = torch.cat([latents, latents])
+        timesteps = torch.cat([timesteps, timesteps])
+        conds = torch.cat([uncond.expand(len(trajectories), -1, -1), conds])
+    return latents.to(dtype), timesteps, conds.to(dtype)
+
+
+@torch.no_grad()
+def denoise(
+    unet,
+    trajectories: Sequence[Trajectory],
+    uncond: torch.Tensor,
+    config: SamplingConfig,
+    counter: UNetCounter | None = None,
+    callback: Callable[[int, Sequence[Trajectory]], None] | None = None,
+) -> None:
+    """Advance every trajectory over its own schedule slice, one batched UNet call per step for all active
+    ones. Latents are updated in place on the trajectories."""
+    cfg = config.uses_cfg()
+    rounds = max((tr.stop - tr.start for tr in trajectories), default=0)
+    for r in range(rounds):
+        active = [tr for tr in trajectories if tr.index < tr.stop]
+        x, t, c = _unet_inputs(active, uncond, cfg, unet.dtype)
+        pred = unet(x, t, encoder_hidden_states=c, return_dict=False)[0]
+        if counter is not None:
+            for tr in active:
+                counter.add(tr.label, 2 if cfg else 1)
+        if cfg:
+            pred_uncond, pred_text = pred.chunk(2)
+        for j, tr in enumerate(active):
+            if cfg:
+                w = config.guidance_at(tr.index)
+                noise = pred_uncond[j : j + 1] + w * (pred_text[j : j + 1] - pred_uncond[j : j + 1])
+            else:
+                noise = pred[j : j + 1]
+            step = tr.scheduler.step(noise, tr.scheduler.timesteps[tr.index], tr.latents, generator=tr.generator)
+            tr.latents = step.prev_sample
+            tr.index += 1
+        if callback is not None:
+            callback(r, active)
+
+
+def shared_phase(
+    unet,
+    scheduler_config: dict,
+    group_conds: Sequence[torch.Tensor],
+    noises: Sequence[torch.Tensor],
+    uncond: torch.Tensor,
+    config: SamplingConfig,
+    counter: UNetCounter | None = None,
+    labels: Sequence[object] | None = None,
+    stops: Sequence[int] | None = None,
+) -> list[BranchPoint]:
+    """Steps [0, k) once per group from its shared noise under its mean text embedding (lines 4-8), batched
+    across groups. `stops` overrides k per group (similarity-adaptive depth)."""
+    if len(group_conds) != len(noises):
+        raise ValueError("one shared noise per group is needed")
+    k = config.branch_step()
+    trajectories = [
+        Trajectory(
+            latents=noise,
+            cond=cond,
+            scheduler=make_scheduler(scheduler_config, config.scheduler, config.steps, noise.device),
+            start=0,
+            stop=stops[g] if stops is not None else k,
+            label=labels[g] if labels is not None else g,
+        )
+        for g, (cond, noise) in enumerate(zip(group_conds, noises, strict=True))
+    ]
+    denoise(unet, trajectories, uncond, config, counter)
+    return [BranchPoint(tr.latents, tr.stop, export_solver_state(tr.scheduler)) for tr in trajectories]
+
+
+def branch_phase(
+    unet,
+    scheduler_config: dict,
+    points: Sequence[BranchPoint],
+    conds: Sequence[torch.Tensor],
+    uncond: torch.Tensor,
+    config: SamplingConfig,
+    counter: UNetCounter | None = None,
+    labels: Sequence[object] | None = None,
+) -> torch.Tensor:
+    """Steps [k, T) for each prompt from its group's branch point under its own embedding (lines 9-13), batched.
+    Returns the final latents [M, C, h, w] in the order of `conds`."""
+    trajectories = []
+    for m, (point, cond) in enumerate(zip(points, conds, strict=True)):
+        scheduler = make_scheduler(scheduler_config, config.scheduler, config.steps, point.latents.device)
+        import_solver_state(scheduler, {k: v.clone() for k, v in point.solver_state.items()})
+        trajectories.append(
+            Trajectory(
+                latents=point.latents.clone(),
+                cond=cond,
+                scheduler=scheduler,
+                start=point.step,
+                stop=config.steps,
+                label=labels[m] if labels is not None else m,
+            )
+        )
+    denoise(unet, trajectories, uncond, config, counter)
+    return torch.cat([tr.latents for tr in trajectories]) if trajectories else torch.empty(0)
+
+
+def clone_point(point: BranchPoint) -> BranchPoint:
+    """An independent copy of a branch point (each member continues from its own copy)."""
+    return copy.deepcopy(point)

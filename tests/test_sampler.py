@@ -1,0 +1,133 @@
+"""The split sampler: equivalence with diffusers' stock pipeline, split/resume exactness, UNet counting."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sage_core.generate import encode_prompts, generate, latent_shape, saving_closed_form
+from sage_core.grouping import GroupingConfig
+from sage_core.sampler import (
+    SamplingConfig,
+    Trajectory,
+    UNetCounter,
+    denoise,
+    export_solver_state,
+    import_solver_state,
+    initial_noise,
+    make_scheduler,
+)
+
+PROMPTS = ["a red circle on the left", "a blue square at the top", "a green star in the middle"]
+# Tolerance: the same float32 kernels on the same inputs; batching [uncond; cond] of several trajectories in
+# one UNet call may change the reduction order inside matmuls, so differences stay at float32 round-off.
+ATOL = 1e-5
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "dpmpp", "euler"])
+def test_share_zero_equals_stock_pipeline(tiny_pipe, scheduler):
+    from diffusers import StableDiffusionPipeline
+
+    config = SamplingConfig(steps=6, guidance=7.5, share=0.0, scheduler=scheduler)
+    ours = generate(tiny_pipe, PROMPTS, config, GroupingConfig(tau=0.99), seed=11)
+    stock = StableDiffusionPipeline(**tiny_pipe.components)
+    stock.scheduler = make_scheduler(tiny_pipe.scheduler.config, scheduler, 6)
+    for i, prompt in enumerate(PROMPTS):
+        ref = stock(
+            prompt,
+            num_inference_steps=6,
+            guidance_scale=7.5,
+            generator=torch.Generator().manual_seed(11 + i),
+            output_type="np",
+        ).images[0]
+        assert np.abs(ours.images[i] - ref).max() < ATOL, f"prompt {i} differs from the stock pipeline"
+
+
+def test_singletons_with_sharing_equal_stock(tiny_pipe):
+    """All-singleton groups: the shared phase runs on each prompt's own embedding, so sharing changes nothing."""
+    from diffusers import StableDiffusionPipeline
+
+    config = SamplingConfig(steps=5, guidance=4.0, share=0.6)
+    ours = generate(tiny_pipe, PROMPTS[:2], config, GroupingConfig(), seed=3, groups=[[0], [1]])
+    stock = StableDiffusionPipeline(**tiny_pipe.components)
+    stock.scheduler = make_scheduler(tiny_pipe.scheduler.config, "ddim", 5)
+    ref = stock(PROMPTS[1], num_inference_steps=5, guidance_scale=4.0,
+                generator=torch.Generator().manual_seed(4), output_type="np").images[0]
+    assert np.abs(ours.images[1] - ref).max() < ATOL
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "dpmpp", "euler"])
+@pytest.mark.parametrize("split", [1, 3, 5])
+def test_split_and_resume_equals_unsplit(tiny_pipe, scheduler, split):
+    config = SamplingConfig(steps=6, guidance=5.0, scheduler=scheduler)
+    cond, uncond = encode_prompts(tiny_pipe, PROMPTS[:1])
+    sched_cfg = tiny_pipe.scheduler.config
+
+    def fresh(start, stop, latents, state=None):
+        s = make_scheduler(sched_cfg, scheduler, 6)
+        if state is not None:
+            import_solver_state(s, state)
+        return Trajectory(latents=latents, cond=cond, scheduler=s, start=start, stop=stop)
+
+    noise = initial_noise(latent_shape(tiny_pipe, config), 5, make_scheduler(sched_cfg, scheduler, 6), torch.float32)
+    whole = fresh(0, 6, noise.clone())
+    denoise(tiny_pipe.unet, [whole], uncond, config)
+    first = fresh(0, split, noise.clone())
+    denoise(tiny_pipe.unet, [first], uncond, config)
+    saved = first.latents.clone()
+    state = {k: v.clone() for k, v in export_solver_state(first.scheduler).items()}
+    second = fresh(split, 6, saved, state)
+    denoise(tiny_pipe.unet, [second], uncond, config)
+    assert torch.equal(second.latents, whole.latents)
+
+
+def test_counts_match_closed_form_per_group(tiny_pipe):
+    prompts = PROMPTS + ["a red circle on the right", "a yellow circle"]
+    groups = [[0, 3, 4], [1, 2]]
+    config = SamplingConfig(steps=10, guidance=7.5, share=0.4)
+    result = generate(tiny_pipe, prompts, config, GroupingConfig(), groups=groups)
+    k, T = config.branch_step(), config.steps
+    for gi, members in enumerate(groups):
+        indep = result.independent_evaluations(len(members))
+        used = result.counter.by_label[gi]
+        assert used == 2 * (k + len(members) * (T - k))
+        assert 1 - used / indep == pytest.approx(saving_closed_form(k, T, len(members)), abs=1e-12)
+    assert result.counter.total == sum(result.counter.by_label.values())
+
+
+def test_no_cfg_counts_one_evaluation_per_step(tiny_pipe):
+    config = SamplingConfig(steps=4, guidance=1.0, share=0.5)
+    result = generate(tiny_pipe, PROMPTS[:2], config, GroupingConfig(), groups=[[0, 1]])
+    assert result.counter.total == 2 + 2 * 2
+
+
+def test_shared_group_members_start_from_one_latent(tiny_pipe):
+    """Members of a group differ only through their branch phase; with share 1 they all get the same image."""
+    config = SamplingConfig(steps=4, guidance=7.5, share=1.0)
+    result = generate(tiny_pipe, PROMPTS, config, GroupingConfig(), groups=[[0, 1, 2]])
+    assert np.array_equal(result.images[0], result.images[1])
+    config = SamplingConfig(steps=4, guidance=7.5, share=0.5)
+    result = generate(tiny_pipe, PROMPTS, config, GroupingConfig(), groups=[[0, 1, 2]])
+    assert not np.array_equal(result.images[0], result.images[1])
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(steps=0), dict(share=-0.1), dict(share=1.5), dict(scheduler="plms"), dict(shared_steps=40), dict(height=30)],
+)
+def test_bad_config_is_refused(kwargs):
+    with pytest.raises(ValueError):
+        SamplingConfig(**kwargs)
+
+
+def test_guidance_schedule_interpolates():
+    c = SamplingConfig(steps=11, guidance=8.0, guidance_end=3.0)
+    assert c.guidance_at(0) == 8.0 and c.guidance_at(10) == 3.0 and c.guidance_at(5) == pytest.approx(5.5)
+
+
+def test_counter_labels():
+    c = UNetCounter()
+    c.add("a", 2)
+    c.add("b", 4)
+    assert c.total == 6 and c.by_label["b"] == 4
