@@ -115,7 +115,9 @@ def generate(
     means = [cond[g].mean(dim=0, keepdim=True) for g in groups]
     counter = UNetCounter()
     # 4. shared phase for all groups, batched (lines 6-8)
-    points = shared_phase(pipe.unet, pipe.scheduler.config, means, noises, uncond, config, counter, labels=range(len(groups)))
+    points = shared_phase(
+        pipe.unet, pipe.scheduler.config, means, noises, uncond, config, counter, labels=range(len(groups))
+    )
     # 5. branch phase for every prompt from its group's point (lines 9-13)
     order = [m for g in groups for m in g]
     group_of = {m: gi for gi, g in enumerate(groups) for m in g}
