@@ -1,0 +1,1 @@
+"""SAGE Edge proto package (``sage_edge.*`` on the wire)."""
