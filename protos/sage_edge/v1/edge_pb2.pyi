@@ -133,3 +133,56 @@ class ServerInfo(_message.Message):
     default_height: int
     default_width: int
     def __init__(self, version: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., scheduler_config_json: _Optional[str] = ..., default_steps: _Optional[int] = ..., default_guidance: _Optional[float] = ..., default_share: _Optional[float] = ..., codecs: _Optional[_Iterable[str]] = ..., max_batch: _Optional[int] = ..., max_wait_ms: _Optional[float] = ..., max_steps: _Optional[int] = ..., max_prompt_chars: _Optional[int] = ..., max_image_side: _Optional[int] = ..., chunk_size: _Optional[int] = ..., default_height: _Optional[int] = ..., default_width: _Optional[int] = ...) -> None: ...
+
+class StatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ServerStats(_message.Message):
+    __slots__ = ("active_requests", "queued_requests", "running_windows", "tracked_clients", "open_windows", "admitted", "completed", "failed", "rejected", "status_counts", "windows_run", "windows_skipped", "windows_cancelled", "worker_failures", "worker_pids", "bytes_sent", "groups_run", "grouped_requests", "serving")
+    class StatusCountsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    ACTIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_WINDOWS_FIELD_NUMBER: _ClassVar[int]
+    TRACKED_CLIENTS_FIELD_NUMBER: _ClassVar[int]
+    OPEN_WINDOWS_FIELD_NUMBER: _ClassVar[int]
+    ADMITTED_FIELD_NUMBER: _ClassVar[int]
+    COMPLETED_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_FIELD_NUMBER: _ClassVar[int]
+    STATUS_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    WINDOWS_RUN_FIELD_NUMBER: _ClassVar[int]
+    WINDOWS_SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    WINDOWS_CANCELLED_FIELD_NUMBER: _ClassVar[int]
+    WORKER_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    WORKER_PIDS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
+    GROUPS_RUN_FIELD_NUMBER: _ClassVar[int]
+    GROUPED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    SERVING_FIELD_NUMBER: _ClassVar[int]
+    active_requests: int
+    queued_requests: int
+    running_windows: int
+    tracked_clients: int
+    open_windows: int
+    admitted: int
+    completed: int
+    failed: int
+    rejected: int
+    status_counts: _containers.ScalarMap[str, int]
+    windows_run: int
+    windows_skipped: int
+    windows_cancelled: int
+    worker_failures: int
+    worker_pids: _containers.RepeatedScalarFieldContainer[int]
+    bytes_sent: int
+    groups_run: int
+    grouped_requests: int
+    serving: bool
+    def __init__(self, active_requests: _Optional[int] = ..., queued_requests: _Optional[int] = ..., running_windows: _Optional[int] = ..., tracked_clients: _Optional[int] = ..., open_windows: _Optional[int] = ..., admitted: _Optional[int] = ..., completed: _Optional[int] = ..., failed: _Optional[int] = ..., rejected: _Optional[int] = ..., status_counts: _Optional[_Mapping[str, int]] = ..., windows_run: _Optional[int] = ..., windows_skipped: _Optional[int] = ..., windows_cancelled: _Optional[int] = ..., worker_failures: _Optional[int] = ..., worker_pids: _Optional[_Iterable[int]] = ..., bytes_sent: _Optional[int] = ..., groups_run: _Optional[int] = ..., grouped_requests: _Optional[int] = ..., serving: _Optional[bool] = ...) -> None: ...

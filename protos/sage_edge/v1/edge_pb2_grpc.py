@@ -44,6 +44,11 @@ class EdgeSamplerStub:
                 request_serializer=protos_dot_sage__edge_dot_v1_dot_edge__pb2.ServerInfoRequest.SerializeToString,
                 response_deserializer=protos_dot_sage__edge_dot_v1_dot_edge__pb2.ServerInfo.FromString,
                 _registered_method=True)
+        self.GetStats = channel.unary_unary(
+                '/sage_edge.v1.EdgeSampler/GetStats',
+                request_serializer=protos_dot_sage__edge_dot_v1_dot_edge__pb2.StatsRequest.SerializeToString,
+                response_deserializer=protos_dot_sage__edge_dot_v1_dot_edge__pb2.ServerStats.FromString,
+                _registered_method=True)
 
 
 class EdgeSamplerServicer:
@@ -65,6 +70,13 @@ class EdgeSamplerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetStats(self, request, context):
+        """Live counters for operators and tests: admitted/finished requests, open state, worker restarts.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EdgeSamplerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -77,6 +89,11 @@ def add_EdgeSamplerServicer_to_server(servicer, server):
                     servicer.GetServerInfo,
                     request_deserializer=protos_dot_sage__edge_dot_v1_dot_edge__pb2.ServerInfoRequest.FromString,
                     response_serializer=protos_dot_sage__edge_dot_v1_dot_edge__pb2.ServerInfo.SerializeToString,
+            ),
+            'GetStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStats,
+                    request_deserializer=protos_dot_sage__edge_dot_v1_dot_edge__pb2.StatsRequest.FromString,
+                    response_serializer=protos_dot_sage__edge_dot_v1_dot_edge__pb2.ServerStats.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -133,6 +150,33 @@ class EdgeSampler:
             '/sage_edge.v1.EdgeSampler/GetServerInfo',
             protos_dot_sage__edge_dot_v1_dot_edge__pb2.ServerInfoRequest.SerializeToString,
             protos_dot_sage__edge_dot_v1_dot_edge__pb2.ServerInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sage_edge.v1.EdgeSampler/GetStats',
+            protos_dot_sage__edge_dot_v1_dot_edge__pb2.StatsRequest.SerializeToString,
+            protos_dot_sage__edge_dot_v1_dot_edge__pb2.ServerStats.FromString,
             options,
             channel_credentials,
             insecure,
