@@ -147,7 +147,7 @@ def load_pipeline(
     local = Path(path) if path is not None else DEFAULT_MODEL_DIR
     if path is not None and not local.exists() and allow_download and "/" in str(path):
         pipe = StableDiffusionPipeline.from_pretrained(
-            str(path), torch_dtype=dtype, use_safetensors=True, safety_checker=None, requires_safety_checker=False
+            str(path), dtype=dtype, use_safetensors=True, safety_checker=None, requires_safety_checker=False
         )
         pipe._sage_fingerprint = state_fingerprint(pipe)
         return pipe.to(device)
@@ -157,7 +157,7 @@ def load_pipeline(
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
             str(local),
-            torch_dtype=dtype,
+            dtype=dtype,
             use_safetensors=True,
             local_files_only=True,
             safety_checker=None,

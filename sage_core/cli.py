@@ -1,0 +1,154 @@
+"""`sage-edge`: shared sampling on this machine (group, share, branch, decode) with a report."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from sage_core.report import build_report
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+console = Console(stderr=True, soft_wrap=True)
+
+
+def fail(message: str) -> None:
+    """Print a one-line error and exit non-zero (no traceback)."""
+    console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code=2)
+
+
+def read_prompts(path: Path) -> list[str]:
+    """One prompt per line; an empty file, or an empty line between prompts, is an error."""
+    if not path.is_file():
+        raise ValueError(f"prompt file {path} does not exist")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"prompt file {path} is not UTF-8 text: {exc.reason}") from exc
+    while lines and not lines[-1].strip():
+        lines.pop()
+    if not lines:
+        raise ValueError(f"prompt file {path} holds no prompts")
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            raise ValueError(f"{path}:{number}: empty prompt")
+    return [line.strip() for line in lines]
+
+
+@app.command()
+def generate(
+    prompts: Annotated[Path, typer.Option(help="text file, one prompt per line")],
+    out: Annotated[Path, typer.Option(help="output folder (created; must be empty unless --overwrite)")],
+    share: Annotated[float, typer.Option(help="sharing ratio beta = (T - T*)/T, in [0, 1]")] = 0.4,
+    steps: Annotated[int, typer.Option(help="sampler steps T")] = 30,
+    guidance: Annotated[float, typer.Option(help="classifier-free guidance scale omega")] = 7.5,
+    tau: Annotated[float, typer.Option(help="cosine similarity every pair of a group must reach")] = 0.8,
+    max_group: Annotated[int, typer.Option(help="largest group")] = 5,
+    scheduler: Annotated[str, typer.Option(help="ddim, dpmpp or euler")] = "ddim",
+    seed: Annotated[int, typer.Option(help="base seed: a group's noise uses seed + its first prompt's index")] = 0,
+    model: Annotated[Path | None, typer.Option(help="diffusers SD pipeline folder (default: shipped model)")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace a non-empty output folder")] = False,
+) -> None:
+    """Group the prompts, run shared + branch sampling, write one PNG per prompt, a grid per group and
+    report.json (groups, similarities, UNet evaluations used vs independent sampling, saving)."""
+    from sage_core.generate import check_prompts
+    from sage_core.grouping import GroupingConfig
+    from sage_core.models import ModelError, load_pipeline
+    from sage_core.outputs import atomic_output_dir
+    from sage_core.sampler import SamplingConfig
+
+    try:
+        config = SamplingConfig(steps=steps, guidance=guidance, share=share, scheduler=scheduler)
+        grouping = GroupingConfig(tau=tau, max_group_size=max_group)
+        texts = read_prompts(prompts)
+        check_prompts(texts)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+            raise ValueError(f"{out} exists and is not empty (pass --overwrite to replace it)")
+        pipe = load_pipeline(model)
+    except (ValueError, ModelError) as exc:
+        fail(str(exc))
+    from sage_core.generate import generate as run
+
+    started = time.perf_counter()
+    with console.status(f"sampling {len(texts)} prompts ({steps} steps, share {share:.0%})"):
+        result = run(pipe, texts, config, grouping, seed=seed)
+    seconds = time.perf_counter() - started
+    report = build_report(result, texts, model_name=str(model or "default"), seconds=seconds)
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        write_outputs(tmp, result, texts, report)
+    print_summary(report, out)
+
+
+def write_outputs(folder: Path, result, texts: list[str], report: dict) -> None:
+    """images/NNNN.png (with metadata), groups/group_NNN.png grids, report.json."""
+    from sage_core.outputs import labelled_grid, save_png, to_pil
+
+    (folder / "images").mkdir()
+    (folder / "groups").mkdir()
+    pils = [to_pil(img) for img in result.images]
+    for entry in report["prompts"]:
+        i = entry["index"]
+        save_png(pils[i], folder / entry["image"], {"prompt": texts[i], "sage": entry})
+    for group in report["groups"]:
+        members = group["members"]
+        grid = labelled_grid([pils[m] for m in members], [texts[m] for m in members])
+        grid.save(folder / group["grid"])
+    (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+
+
+def print_summary(report: dict, out: Path) -> None:
+    """A short table of the groups and the saving."""
+    table = Table(title=f"shared sampling: {len(report['prompts'])} prompts, {len(report['groups'])} groups")
+    for col in ("group", "size", "min sim", "saving (measured)", "saving (closed form)"):
+        table.add_column(col, justify="right")
+    for g in report["groups"]:
+        table.add_row(
+            str(g["id"]),
+            str(len(g["members"])),
+            f"{g['min_similarity']:.3f}",
+            f"{g['saving']:.1%}",
+            f"{g['saving_closed_form']:.1%}",
+        )
+    Console().print(table)
+    t = report["totals"]
+    Console().print(
+        f"UNet evaluations: {t['unet_evaluations']} vs {t['independent_evaluations']} independent "
+        f"-> saving {t['saving']:.1%} in {t['seconds']:.1f} s. Wrote {out}/"
+    )
+
+
+@app.command()
+def info(model: Annotated[Path | None, typer.Option(help="pipeline folder (default: shipped model)")] = None) -> None:
+    """Print a model's fingerprint, components and latent size."""
+    from sage_core.models import ModelError, load_pipeline, model_fingerprint
+
+    try:
+        pipe = load_pipeline(model)
+    except ModelError as exc:
+        fail(str(exc))
+    sizes = {n: sum(p.numel() for p in getattr(pipe, n).parameters()) for n in ("unet", "vae", "text_encoder")}
+    print(json.dumps({"fingerprint": model_fingerprint(pipe), "parameters": sizes,
+                      "sample_size": pipe.unet.config.sample_size, "vae_scale_factor": pipe.vae_scale_factor}))
+
+
+def quiet_libraries() -> None:
+    """Silence the model loaders' progress bars and advisory warnings; this CLI reports its own progress."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def main() -> None:
+    """Console-script entry point."""
+    quiet_libraries()
+    app()

@@ -1,0 +1,61 @@
+"""The run report: groups, similarities, UNet evaluations used versus independent sampling, and the saving."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from sage_core.generate import GenerationResult, saving_closed_form
+from sage_core.grouping import pairwise_similarities
+
+
+def group_entry(result: GenerationResult, gi: int, members: list[int]) -> dict:
+    """One group's line of the report: its members, similarities, evaluations and saving (measured and the
+    closed form beta * (1 - 1/N))."""
+    config = result.config
+    sims = pairwise_similarities(result.pooled, members)
+    used = result.counter.by_label[gi]
+    independent = result.independent_evaluations(len(members))
+    return {
+        "id": gi,
+        "members": members,
+        "seed": result.seeds[gi],
+        "min_similarity": min(sims) if sims else 1.0,
+        "mean_similarity": sum(sims) / len(sims) if sims else 1.0,
+        "shared_steps": config.branch_step(),
+        "unet_evaluations": used,
+        "independent_evaluations": independent,
+        "saving": 1.0 - used / independent,
+        "saving_closed_form": saving_closed_form(config.branch_step(), config.steps, len(members)),
+        "grid": f"groups/group_{gi:03d}.png",
+    }
+
+
+def build_report(result: GenerationResult, prompts: Sequence[str], model_name: str, seconds: float) -> dict:
+    """A JSON-ready dict describing the run."""
+    config = result.config
+    groups = [group_entry(result, gi, g) for gi, g in enumerate(result.groups)]
+    group_of = {m: g["id"] for g in groups for m in g["members"]}
+    independent = result.independent_evaluations()
+    return {
+        "model": model_name,
+        "settings": {
+            "steps": config.steps,
+            "share": config.share,
+            "shared_steps": config.branch_step(),
+            "guidance": config.guidance,
+            "scheduler": config.scheduler,
+        },
+        "prompts": [
+            {"index": i, "prompt": p, "group": group_of[i], "image": f"images/{i:04d}.png"} for i, p in enumerate(prompts)
+        ],
+        "groups": groups,
+        "totals": {
+            "prompts": len(prompts),
+            "groups": len(groups),
+            "mean_group_size": len(prompts) / len(groups),
+            "unet_evaluations": result.counter.total,
+            "independent_evaluations": independent,
+            "saving": 1.0 - result.counter.total / independent,
+            "seconds": seconds,
+        },
+    }

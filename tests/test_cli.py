@@ -1,0 +1,109 @@
+"""The local CLI: outputs, the report's saving, and clear one-line errors on bad input with nothing written."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from sage_core.generate import saving_closed_form
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    from sage_core.models import tiny_pipeline
+
+    path = tmp_path_factory.mktemp("model") / "tiny"
+    tiny_pipeline(seed=0).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", "from sage_core.cli import main; main()", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def write_prompts(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "prompts.txt"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_generate_writes_images_grids_and_report(tmp_path, tiny_model_dir):
+    prompts = write_prompts(tmp_path, "a red circle\na red circle\na blue square on the left\n")
+    out = tmp_path / "out"
+    # tau -1 puts every prompt in one group (all pairs qualify), so the saving is beta * (1 - 1/3).
+    res = run_cli("generate", "--prompts", str(prompts), "--out", str(out), "--model", str(tiny_model_dir),
+                  "--steps", "5", "--share", "0.4", "--tau", "-1")
+    assert res.returncode == 0, res.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert [g["members"] for g in report["groups"]] == [[0, 1, 2]]
+    group = report["groups"][0]
+    assert group["unet_evaluations"] == 2 * (2 + 3 * 3)
+    assert group["saving"] == pytest.approx(saving_closed_form(2, 5, 3), abs=1e-12)
+    assert report["totals"]["saving"] == pytest.approx(group["saving"])
+    for i in range(3):
+        img = Image.open(out / f"images/{i:04d}.png")
+        assert img.size == (32, 32) and json.loads(img.text["sage"])["group"] == 0
+    assert (out / "groups/group_000.png").is_file()
+
+
+@pytest.mark.parametrize(
+    "text, args, message",
+    [
+        ("", [], "holds no prompts"),
+        ("a cat\n\na dog\n", [], "empty prompt"),
+        ("a cat\n", ["--share", "1.5"], "share"),
+        ("a cat\n", ["--share", "-0.1"], "share"),
+        ("a cat\n", ["--steps", "0"], "steps"),
+        ("a cat\n", ["--model", "/nonexistent/model"], "does not exist"),
+        ("a cat\n", ["--tau", "2"], "tau"),
+    ],
+)
+def test_bad_input_is_one_line_error(tmp_path, tiny_model_dir, text, args, message):
+    prompts = write_prompts(tmp_path, text)
+    out = tmp_path / "out"
+    base = ["generate", "--prompts", str(prompts), "--out", str(out)]
+    if "--model" not in args:
+        base += ["--model", str(tiny_model_dir)]
+    res = run_cli(*base, *args)
+    assert res.returncode != 0
+    assert message in res.stderr and "Traceback" not in res.stderr
+    assert not out.exists()
+    assert not list(tmp_path.glob(".out.*"))
+
+
+def test_missing_prompt_file(tmp_path, tiny_model_dir):
+    res = run_cli("generate", "--prompts", str(tmp_path / "none.txt"), "--out", str(tmp_path / "o"),
+                  "--model", str(tiny_model_dir))
+    assert res.returncode != 0 and "does not exist" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_pickle_only_model_is_refused(tmp_path, tiny_model_dir):
+    import shutil
+
+    bad = tmp_path / "pickled"
+    shutil.copytree(tiny_model_dir, bad)
+    weights = bad / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.rename(bad / "unet" / "diffusion_pytorch_model.bin")
+    prompts = write_prompts(tmp_path, "a cat\n")
+    res = run_cli("generate", "--prompts", str(prompts), "--out", str(tmp_path / "o"), "--model", str(bad))
+    assert res.returncode != 0 and "safetensors only" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_existing_output_is_not_overwritten(tmp_path, tiny_model_dir):
+    prompts = write_prompts(tmp_path, "a cat\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    res = run_cli("generate", "--prompts", str(prompts), "--out", str(out), "--model", str(tiny_model_dir))
+    assert res.returncode != 0 and "--overwrite" in res.stderr
+    assert (out / "keep.txt").read_text() == "mine"
