@@ -1,0 +1,120 @@
+"""`sage-device`: finish images on a device from an edge server's shared latents, and run the demo."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from device_client.config import ADAPTER_AUTO, DeviceConfig
+
+main = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
+
+
+def fail(message: str) -> None:
+    """Print a one-line error and exit non-zero."""
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=1)
+
+
+@main.command("generate")
+def generate_cmd(
+    prompt: Annotated[str, typer.Argument(help="what to draw")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="PNG to write (metadata in text chunks)")] = Path("out.png"),
+    server: Annotated[str | None, typer.Option("--server", help="edge server host:port; none: local sampling")] = None,
+    seed: Annotated[
+        int | None, typer.Option("--seed", min=0, help="noise seed (the group uses its first member's)")
+    ] = None,
+    steps: Annotated[int, typer.Option("--steps", min=0, help="sampler steps; 0: the server's default")] = 0,
+    guidance: Annotated[float | None, typer.Option("--guidance", help="CFG scale; unset: the server's default")] = None,
+    share: Annotated[float | None, typer.Option("--share", help="preferred sharing ratio beta in [0, 1]")] = None,
+    scheduler: Annotated[str, typer.Option("--scheduler", help="ddim, dpmpp or euler; empty: server default")] = "",
+    codec: Annotated[
+        list[str] | None, typer.Option("--codec", help="codec modes this device accepts (repeat); default lossless")
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", help="pipeline folder or 'tiny'; default: the shipped model")
+    ] = None,
+    adapter: Annotated[
+        str, typer.Option("--adapter", help="SAGE LoRA folder, 'auto' (shipped if present), 'none'")
+    ] = ADAPTER_AUTO,
+    fallback_local: Annotated[
+        bool, typer.Option("--fallback-local", help="sample locally if the server is unreachable")
+    ] = False,
+    timeout: Annotated[float, typer.Option("--timeout", help="request deadline in seconds")] = 300.0,
+    device: Annotated[str, typer.Option("--device", help="torch device for the branch phase and the VAE")] = "cpu",
+) -> None:
+    """Request a shared latent, run the branch phase here, decode and save the image."""
+    from device_client.client import DeviceClient, DeviceError
+    from sage_core.models import ModelError
+
+    try:
+        config = DeviceConfig(
+            server=server,
+            model=model,
+            adapter=adapter,
+            device=device,
+            steps=steps,
+            guidance=guidance,
+            share=share,
+            scheduler=scheduler,
+            accepted_codecs=tuple(codec or ()),
+            fallback_local=fallback_local,
+            timeout_s=timeout,
+        )
+        with DeviceClient(config) as client:
+            result = client.generate(prompt, seed) if server else client.generate_local(prompt, seed)
+        path = result.save(out)
+    except (DeviceError, ModelError, ValueError, OSError) as exc:
+        fail(str(exc))
+        return
+    m = result.metadata
+    where = f"group {m.get('group_id', '-')} of {m['group_size']}" if m["mode"] == "edge" else m["mode"]
+    typer.echo(
+        f"wrote {path} ({where}, seed {m['seed']}, branch step {m['branch_step']}/{m['total_steps']}, "
+        f"{result.bytes_received} B latent, {result.timings_ms.get('total', 0.0):.0f} ms)"
+    )
+    if m.get("fallback_reason"):
+        typer.echo(f"fell back to local sampling: {m['fallback_reason']}")
+
+
+@main.command("demo")
+def demo_cmd(
+    prompts: Annotated[Path, typer.Option("--prompts", help="one prompt per line")] = Path("examples/prompts.txt"),
+    out: Annotated[Path, typer.Option("--out", help="folder for images, grids and report.json")] = Path("demo_out"),
+    clients: Annotated[int, typer.Option("--clients", min=1, help="concurrent device clients")] = 8,
+    model: Annotated[
+        str | None, typer.Option("--model", help="pipeline folder or 'tiny'; default: the shipped model")
+    ] = None,
+    adapter: Annotated[str, typer.Option("--adapter", help="SAGE LoRA folder, 'auto' or 'none'")] = ADAPTER_AUTO,
+    steps: Annotated[int, typer.Option("--steps", min=0, help="sampler steps; 0: server default")] = 0,
+    seed: Annotated[int, typer.Option("--seed", min=0, help="base seed: prompt i asks for seed + i")] = 0,
+    max_wait_ms: Annotated[float, typer.Option("--max-wait-ms", help="server batching window")] = 500.0,
+    server_arg: Annotated[
+        list[str] | None, typer.Option("--server-arg", help="extra argument for the server (repeat)")
+    ] = None,
+) -> None:
+    """Start an edge server (local Ray), run device clients on the prompts file, write images, grids, a report."""
+    from device_client.demo import DemoConfig, DemoError, run_demo
+    from sage_core.models import ModelError
+
+    try:
+        config = DemoConfig(
+            prompts_file=prompts,
+            out_dir=out,
+            n_clients=clients,
+            model=model,
+            adapter=adapter,
+            steps=steps,
+            seed=seed,
+            max_wait_ms=max_wait_ms,
+            server_args=tuple(server_arg or ()),
+        )
+        run_demo(config, progress=True)
+    except (DemoError, ModelError, ValueError, OSError) as exc:
+        fail(str(exc))
+
+
+if __name__ == "__main__":
+    main()

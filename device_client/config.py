@@ -1,0 +1,61 @@
+"""The device's one typed configuration object, passed down explicitly."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sage_core.codec import LOSSLESS_MODES, MODES
+from sage_core.sampler import MAX_STEPS, SCHEDULERS
+
+ADAPTER_AUTO = "auto"  # the shipped SAGE adapter if present, else none
+ADAPTER_NONE = "none"
+TINY_MODEL = "tiny"  # sage_core.models.tiny_pipeline(seed=0), what a `--model tiny` server runs
+DEFAULT_PAYLOAD_CAP = 80 * 2**20  # bytes of latent payload a device agrees to buffer
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    """What a device runs and asks for. Zero / None request fields mean "the server's default"."""
+
+    server: str | None = None  # "host:port" of the edge server; None: local sampling only
+    model: str | None = None  # pipeline folder, "tiny", or None for the shipped default model
+    adapter: str = ADAPTER_AUTO  # SAGE LoRA folder, "auto" or "none"
+    device: str = "cpu"  # where the branch phase and the VAE run
+    steps: int = 0
+    guidance: float | None = None
+    share: float | None = None
+    scheduler: str = ""  # "" = server default (ddim)
+    height: int = 0
+    width: int = 0
+    accepted_codecs: tuple[str, ...] = ()  # empty: any lossless mode
+    fallback_local: bool = False  # sample fully locally when the server is unreachable
+    client_id: str = ""
+    connect_timeout_s: float = 10.0  # to reach the server
+    timeout_s: float = 300.0  # whole request deadline (queueing + shared phase + stream)
+    max_payload_bytes: int = DEFAULT_PAYLOAD_CAP
+
+    def __post_init__(self) -> None:
+        if self.server is not None and (":" not in self.server or not self.server.rsplit(":", 1)[1].isdigit()):
+            raise ValueError(f"server must be host:port, got {self.server!r}")
+        if not 0 <= self.steps <= MAX_STEPS:
+            raise ValueError(f"steps must be in [0, {MAX_STEPS}] (0: server default), got {self.steps}")
+        if self.share is not None and not 0.0 <= self.share <= 1.0:
+            raise ValueError(f"share must be in [0, 1], got {self.share}")
+        if self.guidance is not None and not 0.0 <= self.guidance <= 100.0:
+            raise ValueError(f"guidance must be in [0, 100], got {self.guidance}")
+        if self.scheduler and self.scheduler not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+        unknown = [c for c in self.accepted_codecs if c not in MODES]
+        if unknown:
+            raise ValueError(f"unknown codec modes {unknown}; known: {', '.join(MODES)}")
+        for side in (self.height, self.width):
+            if side and (side < 8 or side % 8):
+                raise ValueError(f"height and width must be multiples of 8 (0: default), got {side}")
+        if self.connect_timeout_s <= 0 or self.timeout_s <= 0:
+            raise ValueError("timeouts must be positive")
+        if self.max_payload_bytes <= 0:
+            raise ValueError("max_payload_bytes must be positive")
+
+    def codecs_to_accept(self) -> tuple[str, ...]:
+        """The codec modes this device will decode (empty request list means lossless only)."""
+        return self.accepted_codecs or LOSSLESS_MODES

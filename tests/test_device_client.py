@@ -1,0 +1,229 @@
+"""Device client units: stream checks, metadata, errors, fallback, against an in-process fake edge server that
+runs the real shared phase on the tiny pipeline (no Ray, no subprocess)."""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+from concurrent import futures
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from device_client.client import (
+    DeviceClient,
+    DeviceError,
+    DeviceModel,
+    collect_stream,
+    read_metadata,
+    verify_payload,
+)
+from device_client.config import DeviceConfig
+from protos.sage_edge.v1 import edge_pb2, edge_pb2_grpc
+from sage_core.codec import CodecSpec, LatentCodec
+from sage_core.generate import encode_prompts, generate, group_noises
+from sage_core.grouping import GroupingConfig
+from sage_core.models import model_fingerprint
+from sage_core.sampler import SamplingConfig, shared_phase
+
+STEPS, SHARE = 4, 0.5
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class FakeEdge(edge_pb2_grpc.EdgeSamplerServicer):
+    """Singleton groups, the real shared phase; `fault` injects one misbehaviour."""
+
+    def __init__(self, pipe, fault: str = ""):
+        self.pipe, self.fault = pipe, fault
+        self.fingerprint = model_fingerprint(pipe)
+
+    def RequestImage(self, request, context):  # noqa: N802 (gRPC's name)
+        if request.model_fingerprint != self.fingerprint:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "model fingerprint mismatch")
+        config = SamplingConfig(steps=request.steps or STEPS, share=SHARE, scheduler=request.scheduler or "ddim")
+        seed = request.seed if request.HasField("seed") else 11
+        cond, uncond = encode_prompts(self.pipe, [request.prompt])
+        noises, _ = group_noises(self.pipe, [[0]], seed, config)
+        point = shared_phase(self.pipe.unet, self.pipe.scheduler.config, [cond], noises, uncond, config)[0]
+        mode = request.accepted_codecs[0] if request.accepted_codecs else "fp32"
+        codec = LatentCodec(CodecSpec(mode))
+        names = ["latent", *point.solver_state]
+        frames = [codec.encode(point.latents)] + [codec.encode(v.float()) for v in point.solver_state.values()]
+        payload = b"".join(frames)
+        fp = "0" * 16 if self.fault == "fingerprint" else self.fingerprint
+        yield edge_pb2.ImageResponse(
+            accepted=edge_pb2.Accepted(
+                request_id="r1", group_id="g1", group_size=1, branch_step=point.step, total_steps=config.steps,
+                scheduler=config.scheduler, model_fingerprint=fp, guidance=config.guidance, seed=seed, codec=mode,
+                latent_shape=list(point.latents.shape), min_similarity=1.0,
+            )
+        )  # fmt: skip
+        chunks = [payload[i : i + 100] for i in range(0, len(payload), 100)]
+        for i, c in enumerate(chunks):
+            yield edge_pb2.ImageResponse(chunk=edge_pb2.LatentChunk(index=i, data=c))
+        sha = hashlib.sha256(payload).hexdigest()
+        if self.fault == "sha":
+            sha = hashlib.sha256(b"x").hexdigest()
+        yield edge_pb2.ImageResponse(
+            done=edge_pb2.Done(
+                chunks=len(chunks), total_bytes=len(payload), sha256=sha,
+                frame_sizes=[len(f) for f in frames], frame_names=names,
+            )
+        )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def fake_server(request):
+    """Start a fake server per fault kind; yields a function fault -> address."""
+    from sage_core.models import tiny_pipeline
+
+    torch.set_num_threads(1)
+    pipe = tiny_pipeline(seed=0)
+    servers: dict[str, tuple[grpc.Server, str]] = {}
+
+    def start(fault: str = "") -> str:
+        if fault not in servers:
+            server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+            edge_pb2_grpc.add_EdgeSamplerServicer_to_server(FakeEdge(pipe, fault), server)
+            port = server.add_insecure_port("127.0.0.1:0")
+            server.start()
+            servers[fault] = (server, f"127.0.0.1:{port}")
+        return servers[fault][1]
+
+    yield start
+    for server, _ in servers.values():
+        server.stop(grace=None)
+
+
+@pytest.fixture(scope="module")
+def device_model():
+    from sage_core.models import tiny_pipeline
+
+    return DeviceModel.wrap(tiny_pipeline(seed=0), DeviceConfig(adapter="none"))
+
+
+def client_for(address: str, model: DeviceModel, **kw) -> DeviceClient:
+    return DeviceClient(DeviceConfig(server=address, model="tiny", adapter="none", **kw), model)
+
+
+def test_edge_image_equals_local_generate(fake_server, device_model, tiny_pipe):
+    """Lossless fp32 transport: the device's image is the local sampler's image (same seed, group of one)."""
+    with client_for(fake_server(""), device_model, accepted_codecs=("fp32",), steps=STEPS) as client:
+        result = client.generate("a red circle on the left", seed=5)
+    ref = generate(tiny_pipe, ["a red circle on the left"], SamplingConfig(steps=STEPS, share=SHARE),
+                   GroupingConfig(), seed=5, groups=[[0]])  # fmt: skip
+    assert torch.allclose(result.latents, ref.latents, atol=1e-5, rtol=0)
+    ref_u8 = (ref.images[0] * 255).round().astype(np.uint8)
+    assert np.abs(np.asarray(result.image).astype(int) - ref_u8).max() <= 1
+    assert result.metadata["device_unet_evals"] == 2 * (STEPS - round(SHARE * STEPS))
+
+
+def test_metadata_round_trips_through_png(fake_server, device_model, tmp_path):
+    with client_for(fake_server(""), device_model, steps=STEPS) as client:
+        result = client.generate("a blue square", seed=3)
+    path = result.save(tmp_path / "img.png")
+    meta = read_metadata(path)
+    assert meta["prompt"] == "a blue square" and meta["seed"] == 3 and meta["mode"] == "edge"
+    assert meta["group_id"] == "g1" and meta["group_size"] == 1 and meta["branch_step"] == 2
+    assert meta["model_fingerprint"] == device_model.fingerprint and meta["adapter"] == "none"
+    assert meta["codec"] == "fp32" and meta["payload_bytes"] == result.bytes_received > 0
+    assert "total" in meta["timings_ms"] and "branch_phase" in meta["timings_ms"]
+
+
+def test_dpmpp_solver_state_crosses_the_wire(fake_server, device_model, tiny_pipe):
+    with client_for(fake_server(""), device_model, accepted_codecs=("fp32",), steps=STEPS, scheduler="dpmpp") as c:
+        result = c.generate("a green star", seed=9)
+    ref = generate(tiny_pipe, ["a green star"], SamplingConfig(steps=STEPS, share=SHARE, scheduler="dpmpp"),
+                   GroupingConfig(), seed=9, groups=[[0]])  # fmt: skip
+    assert torch.allclose(result.latents, ref.latents, atol=1e-5, rtol=0)
+
+
+def test_sha_mismatch_is_data_loss(fake_server, device_model):
+    with client_for(fake_server("sha"), device_model, steps=STEPS) as client, pytest.raises(DeviceError) as err:
+        client.generate("a red circle", seed=1)
+    assert err.value.code == "DATA_LOSS" and "sha256" in str(err.value)
+
+
+def test_fingerprint_mismatch_in_accepted_is_failed_precondition(fake_server, device_model):
+    with client_for(fake_server("fingerprint"), device_model, steps=STEPS) as c, pytest.raises(DeviceError) as err:
+        c.generate("a red circle", seed=1)
+    assert err.value.code == "FAILED_PRECONDITION" and "fingerprint" in str(err.value)
+
+
+def test_server_refusing_fingerprint_is_failed_precondition(fake_server):
+    from sage_core.models import tiny_pipeline
+
+    other = DeviceModel.wrap(tiny_pipeline(seed=1), DeviceConfig(adapter="none"))
+    with client_for(fake_server(""), other, steps=STEPS) as client, pytest.raises(DeviceError) as err:
+        client.generate("a red circle", seed=1)
+    assert err.value.code == "FAILED_PRECONDITION"
+    assert other.fingerprint in str(err.value) and "fingerprint mismatch" in str(err.value)
+
+
+def test_unreachable_server_without_fallback_is_unavailable(device_model):
+    config = dict(connect_timeout_s=0.5, steps=STEPS)
+    with client_for(f"127.0.0.1:{free_port()}", device_model, **config) as c, pytest.raises(DeviceError) as err:
+        c.generate("a red circle", seed=1)
+    assert err.value.code == "UNAVAILABLE" and "unreachable" in str(err.value)
+
+
+def test_unreachable_server_falls_back_to_local(device_model, tiny_pipe):
+    address = f"127.0.0.1:{free_port()}"
+    with client_for(address, device_model, connect_timeout_s=0.5, steps=STEPS, fallback_local=True) as client:
+        result = client.generate("a red circle", seed=4)
+    assert result.metadata["mode"] == "local-fallback" and "unreachable" in result.metadata["fallback_reason"]
+    ref = generate(tiny_pipe, ["a red circle"], SamplingConfig(steps=STEPS, share=0.0), GroupingConfig(), seed=4,
+                   groups=[[0]])  # fmt: skip
+    assert torch.allclose(result.latents, ref.latents, atol=1e-5, rtol=0)
+
+
+def _accepted(fingerprint: str) -> edge_pb2.ImageResponse:
+    return edge_pb2.ImageResponse(
+        accepted=edge_pb2.Accepted(model_fingerprint=fingerprint, total_steps=4, branch_step=2, codec="fp16",
+                                   scheduler="ddim", latent_shape=[1, 4, 2, 2])
+    )  # fmt: skip
+
+
+def test_stream_protocol_violations_are_clear_errors():
+    config = DeviceConfig()
+    chunk = edge_pb2.ImageResponse(chunk=edge_pb2.LatentChunk(index=0, data=b"abc"))
+    done = edge_pb2.ImageResponse(
+        done=edge_pb2.Done(chunks=1, total_bytes=3, sha256=hashlib.sha256(b"abc").hexdigest())
+    )
+    cases = {
+        "before Accepted": [chunk],
+        "chunk 1 where 0": [_accepted("f"), edge_pb2.ImageResponse(chunk=edge_pb2.LatentChunk(index=1))],
+        "ended before Done": [_accepted("f"), chunk],
+        "after Done": [_accepted("f"), chunk, done, chunk],
+        "a second Accepted": [_accepted("f"), _accepted("f")],
+    }
+    for needle, messages in cases.items():
+        with pytest.raises(DeviceError, match=needle):
+            collect_stream(iter(messages), "f", config)
+    with pytest.raises(DeviceError, match="above the cap"):
+        collect_stream(iter([_accepted("f"), chunk]), "f", DeviceConfig(max_payload_bytes=2))
+
+
+def test_verify_payload_checks_size_and_frame_table():
+    payload = b"0123456789"
+    sha = hashlib.sha256(payload).hexdigest()
+    ok = edge_pb2.Done(chunks=1, total_bytes=10, sha256=sha, frame_sizes=[6, 4], frame_names=["latent", "x"])
+    assert [n for n, _ in verify_payload(payload, ok)] == ["latent", "x"]
+    short = edge_pb2.Done(chunks=1, total_bytes=10, sha256=sha, frame_sizes=[4], frame_names=[])
+    with pytest.raises(DeviceError, match="frame table"):
+        verify_payload(payload, short)
+    with pytest.raises(DeviceError, match="received 9 B"):
+        verify_payload(payload[:9], ok)
+
+
+def test_config_rejects_bad_values():
+    for bad in (dict(server="nohost"), dict(steps=-1), dict(share=2.0), dict(accepted_codecs=("zip",))):
+        with pytest.raises(ValueError):
+            DeviceConfig(**bad)
