@@ -46,7 +46,8 @@ def build_report(result: GenerationResult, prompts: Sequence[str], model_name: s
             "scheduler": config.scheduler,
         },
         "prompts": [
-            {"index": i, "prompt": p, "group": group_of[i], "image": f"images/{i:04d}.png"} for i, p in enumerate(prompts)
+            {"index": i, "prompt": p, "group": group_of[i], "image": f"images/{i:04d}.png"}
+            for i, p in enumerate(prompts)
         ],
         "groups": groups,
         "totals": {

@@ -160,7 +160,9 @@ def initial_noise(
 
 def _unet_inputs(trajectories: Sequence[Trajectory], uncond: torch.Tensor, cfg: bool, dtype: torch.dtype):
     """Batch [uncond block; cond block] of latents, timesteps and text embeddings, as diffusers orders them."""
-    latents = torch.cat([tr.scheduler.scale_model_input(tr.latents, tr.scheduler.timesteps[tr.index]) for tr in trajectories])
+    latents = torch.cat(
+        [tr.scheduler.scale_model_input(tr.latents, tr.scheduler.timesteps[tr.index]) for tr in trajectories]
+    )
     timesteps = torch.stack([tr.scheduler.timesteps[tr.index] for tr in trajectories])
     conds = torch.cat([tr.cond for tr in trajectories])
     if cfg:
