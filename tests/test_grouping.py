@@ -1,0 +1,67 @@
+"""Semantic grouping: the pairwise threshold, group size cap, determinism, singletons, scale."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from sage_core.grouping import GroupingConfig, group_by_similarity, pairwise_similarities, pipeline_text_embeddings
+
+
+def clustered(n_clusters: int, per: int, dim: int = 64, noise: float = 0.3, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(n_clusters, dim))
+    return (np.repeat(centres, per, axis=0) + noise * rng.normal(size=(n_clusters * per, dim))).astype(np.float32)
+
+
+@pytest.mark.parametrize("tau", [0.3, 0.6, 0.9])
+@pytest.mark.parametrize("max_size", [2, 5])
+def test_every_pair_meets_tau_and_groups_partition(tau, max_size):
+    emb = clustered(30, 7, noise=0.6)
+    groups = group_by_similarity(emb, GroupingConfig(tau=tau, max_group_size=max_size))
+    assert sorted(m for g in groups for m in g) == list(range(len(emb)))
+    for g in groups:
+        assert 1 <= len(g) <= max_size
+        assert all(s >= tau - 1e-6 for s in pairwise_similarities(emb, g))
+
+
+def test_clusters_are_found_and_unrelated_prompts_are_singletons():
+    emb = np.concatenate([clustered(4, 3, noise=0.1), np.eye(64, dtype=np.float32)[:5] * 3])
+    groups = group_by_similarity(emb, GroupingConfig(tau=0.8, max_group_size=5))
+    assert groups[:4] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]
+    assert groups[4:] == [[12], [13], [14], [15], [16]]
+
+
+def test_deterministic_and_order_stable():
+    emb = clustered(50, 4, noise=0.5, seed=3)
+    cfg = GroupingConfig(tau=0.7)
+    assert group_by_similarity(emb, cfg) == group_by_similarity(emb.copy(), cfg)
+
+
+def test_empty_and_bad_input():
+    assert group_by_similarity(np.zeros((0, 8), np.float32), GroupingConfig()) == []
+    assert group_by_similarity(np.ones((1, 8), np.float32), GroupingConfig()) == [[0]]
+    with pytest.raises(ValueError):
+        group_by_similarity(np.ones(8, np.float32), GroupingConfig())
+    with pytest.raises(ValueError):
+        GroupingConfig(tau=1.5)
+    with pytest.raises(ValueError):
+        GroupingConfig(max_group_size=0)
+
+
+def test_pipeline_embeddings_group_paraphrases(tiny_pipe):
+    emb = pipeline_text_embeddings(tiny_pipe, ["a red circle", "a red circle", "zebra on a bicycle"])
+    assert emb.shape == (3, tiny_pipe.text_encoder.config.hidden_size)
+    groups = group_by_similarity(emb, GroupingConfig(tau=0.999))
+    assert [0, 1] in groups
+
+
+def test_grouping_scales():
+    """10,000 prompts of 768-dim embeddings: printed, not asserted (timing belongs to benchmarks)."""
+    emb = clustered(2000, 5, dim=768, noise=0.3)
+    start = time.perf_counter()
+    groups = group_by_similarity(emb, GroupingConfig(tau=0.8))
+    print(f"grouped 10,000 prompts in {time.perf_counter() - start:.2f} s into {len(groups)} groups")
+    assert len(groups) == 2000
