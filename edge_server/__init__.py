@@ -1,0 +1,1 @@
+"""SAGE edge server: gRPC front end, batching engine, Ray workers running the shared phase."""

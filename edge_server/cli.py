@@ -1,0 +1,75 @@
+"""`sage-edge-server serve`: run the edge server (gRPC front end + engine + Ray workers).
+
+    sage-edge-server serve --model tiny --port 0                 # local Ray (the embedded default)
+    ray start --head --node-ip-address=127.0.0.1 --port=6379 --include-dashboard=false
+    sage-edge-server serve --ray-address auto                    # join that cluster
+    sage-edge-server serve --config edge.yaml --max-wait-ms 20   # file, then flags
+
+On start it prints one machine-readable line `SAGE_EDGE_LISTENING host=H port=N` on stdout; logs go to stderr.
+SIGTERM/SIGINT: health NOT_SERVING, new requests UNAVAILABLE, in-flight streams finish within --grace-s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from edge_server.config import ConfigError, build_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+
+
+@app.callback()
+def _root() -> None:
+    """SAGE edge server."""
+
+
+@app.command()
+def serve(
+    config: Annotated[Path | None, typer.Option("--config", help="YAML or TOML file of ServerConfig settings")] = None,
+    host: Annotated[str | None, typer.Option(help="bind address (default 127.0.0.1)")] = None,
+    port: Annotated[int | None, typer.Option(help="gRPC port; 0 picks a free one")] = None,
+    model: Annotated[str | None, typer.Option(help="'default', 'tiny' or a diffusers pipeline folder")] = None,
+    ray_address: Annotated[
+        str | None, typer.Option("--ray-address", help="'auto' or host:port to join a cluster; unset: local Ray")
+    ] = None,
+    ray_num_cpus: Annotated[int | None, typer.Option(help="CPUs of a local Ray")] = None,
+    num_workers: Annotated[int | None, typer.Option(help="model-holding Ray actors")] = None,
+    max_wait_ms: Annotated[float | None, typer.Option(help="batching window: longest wait for more requests")] = None,
+    max_batch: Annotated[int | None, typer.Option(help="batching window: most requests per window")] = None,
+    max_queue: Annotated[
+        int | None, typer.Option(help="admitted, unfinished requests before RESOURCE_EXHAUSTED")
+    ] = None,
+    tau: Annotated[float | None, typer.Option(help="grouping: least pairwise cosine similarity")] = None,
+    max_group_size: Annotated[int | None, typer.Option(help="grouping: largest group")] = None,
+    default_steps: Annotated[int | None, typer.Option(help="steps when a request says 0")] = None,
+    default_share: Annotated[float | None, typer.Option(help="sharing ratio when a request leaves it unset")] = None,
+    codecs: Annotated[str | None, typer.Option(help="codec preference, comma-separated (e.g. fp32,fp16,int8)")] = None,
+    chunk_size: Annotated[int | None, typer.Option(help="bytes per LatentChunk")] = None,
+    grace_s: Annotated[float | None, typer.Option(help="graceful-shutdown grace period (s)")] = None,
+    worker_step_delay_ms: Annotated[float | None, typer.Option(help="test hook: sleep per UNet call")] = None,
+    log_format: Annotated[str | None, typer.Option(help="text or json")] = None,
+    log_level: Annotated[str | None, typer.Option(help="DEBUG, INFO, WARNING, ERROR")] = None,
+) -> None:
+    """Serve RequestImage / GetServerInfo / GetStats, health and reflection on host:port."""
+    overrides = {k: v for k, v in locals().items() if k != "config"}
+    try:
+        cfg = build_config(config, overrides)
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    from edge_server.service import serve as run_server
+
+    raise typer.Exit(asyncio.run(run_server(cfg)))
+
+
+def main() -> None:
+    """Console-script entry point (`sage-edge-server`)."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

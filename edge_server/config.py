@@ -1,0 +1,164 @@
+"""One typed configuration for the edge server: defaults < config file (YAML or TOML) < CLI flags.
+
+Light on imports on purpose: the front end must not pull in torch or diffusers. The few names it needs from
+sage_core (scheduler kinds, codec modes) are mirrored here; tests/test_edge_server.py checks they still match.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# Mirrors of sage_core.sampler.SCHEDULERS and sage_core.codec.{MODES, LOSSLESS_MODES} (checked by a test).
+KNOWN_SCHEDULERS: tuple[str, ...] = ("ddim", "dpmpp", "euler")
+KNOWN_CODECS: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8", "int6", "int5", "int4", "fp8")
+LOSSLESS_CODECS: tuple[str, ...] = ("fp32", "fp16", "bf16")
+LOG_FORMATS = ("text", "json")
+GRPC_MESSAGE_LIMIT = 4 * 2**20
+
+
+class ConfigError(ValueError):
+    """A configuration value or file that cannot be used; the message names the setting."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything the edge server needs, passed down explicitly (no globals)."""
+
+    # network
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0: pick a free port (printed as `SAGE_EDGE_LISTENING port=N`)
+    # model and workers
+    model: str = "default"  # "default": the shipped model; "tiny": a tiny random pipeline (tests); or a folder
+    dtype: str = "auto"  # "auto": float16 on CUDA, float32 on CPU; or "float32" / "float16" / "bfloat16"
+    ray_address: str | None = None  # None: start a local Ray; "auto" or "host:port": join that cluster
+    ray_num_cpus: int = 2  # CPUs of a local Ray (ignored when joining a cluster)
+    num_workers: int = 1  # Ray actors holding the model (num_gpus=1 each on a GPU machine)
+    worker_max_restarts: int = 3
+    worker_step_delay_ms: float = 0.0  # test/demo hook: sleep this long per UNet call (a slower accelerator)
+    # batching and grouping
+    max_wait_ms: float = 50.0
+    max_batch: int = 32
+    max_queue: int = 256  # admitted, unfinished requests; beyond it: RESOURCE_EXHAUSTED at once
+    max_streams_per_client: int = 16
+    tau: float = 0.8
+    max_group_size: int = 5
+    # sampling defaults (used when a request leaves a field unset)
+    default_steps: int = 30
+    default_guidance: float = 7.5
+    default_share: float = 0.4
+    default_scheduler: str = "ddim"
+    # admission limits
+    max_steps: int = 200
+    max_prompt_chars: int = 1000
+    max_image_side: int = 1024
+    max_deadline_s: float = 600.0  # server-side cap on any request's lifetime (also applies with no deadline)
+    # transport
+    codecs: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8", "fp8", "int6", "int5", "int4")  # preference
+    zstd_level: int = 3
+    chunk_size: int = 256 * 1024
+    # lifecycle and logs
+    grace_s: float = 10.0
+    log_format: str = "text"
+    log_level: str = "INFO"
+    extra: Mapping[str, Any] = field(default_factory=dict)  # unused keys are refused; kept for forward compat
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "codecs", tuple(self.codecs))
+        for problem in _problems(self):
+            raise ConfigError(problem)
+
+    def to_json(self) -> str:
+        """The effective configuration as one JSON object (logged at start)."""
+        return json.dumps(dataclasses.asdict(self), sort_keys=True, default=str)
+
+
+def _problems(c: ServerConfig) -> list[str]:
+    """Every invalid setting of `c`, as clear messages (empty when valid)."""
+    out: list[str] = []
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            out.append(message)
+
+    need(0 <= c.port <= 65535, f"port must be in [0, 65535], got {c.port}")
+    need(bool(c.host), "host must not be empty")
+    need(bool(c.model), "model must not be empty (use 'default', 'tiny' or a pipeline folder)")
+    need(
+        c.dtype in ("auto", "float32", "float16", "bfloat16"),
+        f"dtype must be auto/float32/float16/bfloat16, got {c.dtype!r}",
+    )
+    need(c.ray_num_cpus >= 1, f"ray_num_cpus must be >= 1, got {c.ray_num_cpus}")
+    need(c.num_workers >= 1, f"num_workers must be >= 1, got {c.num_workers}")
+    need(c.worker_max_restarts >= 0, f"worker_max_restarts must be >= 0, got {c.worker_max_restarts}")
+    need(c.worker_step_delay_ms >= 0, f"worker_step_delay_ms must be >= 0, got {c.worker_step_delay_ms}")
+    need(c.max_wait_ms >= 0, f"max_wait_ms must be >= 0, got {c.max_wait_ms}")
+    need(c.max_batch >= 1, f"max_batch must be >= 1, got {c.max_batch}")
+    need(c.max_queue >= 1, f"max_queue must be >= 1, got {c.max_queue}")
+    need(c.max_streams_per_client >= 1, f"max_streams_per_client must be >= 1, got {c.max_streams_per_client}")
+    need(-1.0 <= c.tau <= 1.0, f"tau must be a cosine similarity in [-1, 1], got {c.tau}")
+    need(c.max_group_size >= 1, f"max_group_size must be >= 1, got {c.max_group_size}")
+    need(1 <= c.max_steps <= 1000, f"max_steps must be in [1, 1000], got {c.max_steps}")
+    need(1 <= c.default_steps <= c.max_steps, f"default_steps must be in [1, max_steps={c.max_steps}]")
+    need(0.0 <= c.default_guidance <= 100.0, f"default_guidance must be in [0, 100], got {c.default_guidance}")
+    need(0.0 <= c.default_share <= 1.0, f"default_share must be in [0, 1], got {c.default_share}")
+    need(c.default_scheduler in KNOWN_SCHEDULERS, f"default_scheduler must be one of {KNOWN_SCHEDULERS}")
+    need(1 <= c.max_prompt_chars <= 100_000, f"max_prompt_chars must be in [1, 100000], got {c.max_prompt_chars}")
+    need(8 <= c.max_image_side <= 4096, f"max_image_side must be in [8, 4096], got {c.max_image_side}")
+    need(c.max_deadline_s > 0, f"max_deadline_s must be > 0, got {c.max_deadline_s}")
+    need(len(c.codecs) > 0, "codecs must name at least one codec mode")
+    unknown = [m for m in c.codecs if m not in KNOWN_CODECS]
+    need(not unknown, f"unknown codec modes {unknown}; known: {', '.join(KNOWN_CODECS)}")
+    need(-7 <= c.zstd_level <= 22, f"zstd_level must be in [-7, 22], got {c.zstd_level}")
+    need(
+        1024 <= c.chunk_size <= GRPC_MESSAGE_LIMIT // 2,
+        f"chunk_size must be in [1024, {GRPC_MESSAGE_LIMIT // 2}] bytes (well under gRPC's 4 MiB), got {c.chunk_size}",
+    )
+    need(c.grace_s >= 0, f"grace_s must be >= 0, got {c.grace_s}")
+    need(c.log_format in LOG_FORMATS, f"log_format must be one of {LOG_FORMATS}, got {c.log_format!r}")
+    need(c.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), f"bad log_level {c.log_level!r}")
+    need(not c.extra, f"unknown settings: {sorted(c.extra)}")
+    return out
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Settings from a YAML (.yaml/.yml) or TOML (.toml) file; a `server:` / `[server]` section is optional."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(text) or {}
+        else:
+            raise ConfigError(f"config file {path} must end in .yaml, .yml or .toml")
+    except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot parse {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of settings")
+    return dict(data.get("server", data))
+
+
+def build_config(file: Path | None = None, overrides: Mapping[str, Any] | None = None) -> ServerConfig:
+    """Defaults, then the file's settings, then non-None `overrides` (CLI flags). Unknown keys are an error."""
+    values: dict[str, Any] = read_config_file(file) if file is not None else {}
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    names = {f.name for f in dataclasses.fields(ServerConfig)} - {"extra"}
+    unknown = {k: v for k, v in values.items() if k not in names}
+    known = {k: v for k, v in values.items() if k in names}
+    if isinstance(known.get("codecs"), str):
+        known["codecs"] = tuple(m.strip() for m in known["codecs"].split(",") if m.strip())
+    if known.get("ray_address") in ("", "local", "none", "None"):
+        known["ray_address"] = None
+    try:
+        return ServerConfig(**known, extra=unknown)
+    except TypeError as exc:
+        raise ConfigError(f"bad configuration: {exc}") from exc

@@ -1,0 +1,494 @@
+"""The engine: admission, batching windows, compatibility buckets, dispatch to Ray workers, fan-out.
+
+Life of a request (all on one asyncio loop, no locks):
+1. `admit` validates an ImageSpec (-> EngineError INVALID_ARGUMENT / FAILED_PRECONDITION) and checks capacity
+   (-> RESOURCE_EXHAUSTED at once); it returns a Ticket and queues it.
+2. The batch loop waits for the first queued ticket, then up to `max_wait_ms` or until `max_batch` are queued,
+   takes the window, drops tickets that already left, splits the rest into buckets of compatible settings
+   (steps, size, guidance, scheduler) and sends the whole window to a free worker (one actor call).
+3. The worker groups each bucket by pooled-embedding similarity and runs every group's shared phase batched.
+4. Each group's encoded branch point is handed to the members still waiting (`wait` returns a Delivery).
+5. `release` forgets a ticket, whatever happened; when every member of a window left, its work is skipped
+   (not yet running) or cancelled (running). Nothing per request outlives `release` (see `stats`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import secrets
+import time
+import uuid
+from collections import Counter, deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from edge_server.config import KNOWN_CODECS, KNOWN_SCHEDULERS, LOSSLESS_CODECS, ServerConfig
+from edge_server.worker import BucketJob, BucketSettings, GroupResult, MemberSpec, ModelInfo, Payload, WindowResult
+
+log = logging.getLogger("sage_edge.engine")
+MAX_SEED = 2**63 - 1
+
+
+class EngineError(Exception):
+    """A request failure with a gRPC status name (e.g. "INVALID_ARGUMENT") and a clear message."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """A request as the engine sees it (already translated from protobuf; unset fields are None / 0 / "")."""
+
+    prompt: str
+    steps: int = 0
+    guidance: float | None = None
+    seed: int | None = None
+    share: float | None = None
+    accepted_codecs: tuple[str, ...] = ()
+    height: int = 0
+    width: int = 0
+    scheduler: str = ""
+    model_fingerprint: str = ""
+    client_id: str = ""
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A validated request with every default filled in."""
+
+    prompt: str
+    steps: int
+    guidance: float
+    seed: int
+    share: float
+    codec: str
+    height: int
+    width: int
+    scheduler: str
+    client_id: str
+
+    def bucket_key(self) -> BucketSettings:
+        """Requests share a window's shared_phase call only with equal settings."""
+        return BucketSettings(self.steps, self.guidance, self.scheduler, self.height, self.width)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """What a member receives: its group's metadata and the encoded branch point in its codec."""
+
+    request_id: str
+    group_id: str
+    group_size: int
+    branch_step: int
+    total_steps: int
+    scheduler: str
+    guidance: float
+    seed: int
+    latent_shape: tuple[int, ...]
+    min_similarity: float
+    payload: Payload
+    queue_wait_ms: float
+    shared_phase_ms: float
+
+
+@dataclass(eq=False)
+class Ticket:
+    """Per-request state, owned by the engine from `admit` until `release`."""
+
+    request_id: str
+    request: Resolved
+    admitted_at: float
+    deadline: float  # time.monotonic() by which the request must be finished
+    future: asyncio.Future
+    window_id: str | None = None
+    dispatched_at: float | None = None
+    left: bool = False
+
+
+@dataclass
+class Window:
+    """A dispatched batch: its tickets still waiting and whether the worker is running it."""
+
+    window_id: str
+    tickets: set[Ticket] = field(default_factory=set)
+    running: bool = False
+    worker_index: int = -1
+
+
+def negotiate_codec(accepted: Sequence[str], preferred: Sequence[str]) -> str:
+    """First of the server's `preferred` modes the device accepts (empty: any lossless); same rule as
+    sage_core.codec.negotiate. Raises EngineError INVALID_ARGUMENT when none matches."""
+    offered = set(accepted) if accepted else set(LOSSLESS_CODECS)
+    unknown = sorted(m for m in accepted if m not in KNOWN_CODECS)
+    for mode in preferred:
+        if mode in offered:
+            return mode
+    hint = f" (unknown: {unknown})" if unknown else ""
+    raise EngineError(
+        "INVALID_ARGUMENT", f"no common codec: device accepts {sorted(accepted)}{hint}, server offers {list(preferred)}"
+    )
+
+
+def resolve(spec: ImageSpec, config: ServerConfig, info: ModelInfo) -> Resolved:
+    """Validate a request against the config's limits and fill in defaults; EngineError on any problem."""
+
+    def bad(message: str) -> EngineError:
+        return EngineError("INVALID_ARGUMENT", message)
+
+    prompt = spec.prompt
+    if not prompt or not prompt.strip():
+        raise bad("prompt is empty")
+    if len(prompt) > config.max_prompt_chars:
+        raise bad(f"prompt is {len(prompt)} characters long; the limit is {config.max_prompt_chars}")
+    steps = spec.steps or config.default_steps
+    if not 1 <= steps <= config.max_steps:
+        raise bad(f"steps must be in [1, {config.max_steps}], got {steps}")
+    guidance = config.default_guidance if spec.guidance is None else float(spec.guidance)
+    if not 0.0 <= guidance <= 100.0:  # also false for NaN
+        raise bad(f"guidance must be in [0, 100], got {guidance}")
+    share = config.default_share if spec.share is None else float(spec.share)
+    if not 0.0 <= share <= 1.0:
+        raise bad(f"share must be in [0, 1], got {share}")
+    scheduler = spec.scheduler or config.default_scheduler
+    if scheduler not in KNOWN_SCHEDULERS:
+        raise bad(f"unknown scheduler {scheduler!r}; choose one of {', '.join(KNOWN_SCHEDULERS)}")
+    height = spec.height or info.default_height
+    width = spec.width or info.default_width
+    for name, side in (("height", height), ("width", width)):
+        if side % 8 or not 8 <= side <= config.max_image_side:
+            raise bad(f"{name} must be a multiple of 8 in [8, {config.max_image_side}], got {side}")
+    if spec.model_fingerprint and spec.model_fingerprint != info.fingerprint:
+        raise EngineError(
+            "FAILED_PRECONDITION",
+            f"model fingerprint mismatch: device has {spec.model_fingerprint}, server runs {info.fingerprint}",
+        )
+    if len(spec.client_id) > 256:
+        raise bad("client_id is longer than 256 characters")
+    if len(spec.accepted_codecs) > 64:
+        raise bad("too many accepted codecs (limit 64)")
+    codec = negotiate_codec(spec.accepted_codecs, config.codecs)
+    seed = secrets.randbelow(2**31) if spec.seed is None else int(spec.seed)
+    if not 0 <= seed <= MAX_SEED:
+        raise bad(f"seed must be in [0, 2^63 - 1], got {seed}")
+    return Resolved(prompt, steps, guidance, seed, share, codec, height, width, scheduler, spec.client_id)
+
+
+class Engine:
+    """Schedules requests into windows and fans results out. `workers` are Ray actor handles of EdgeWorker."""
+
+    def __init__(self, config: ServerConfig, workers: list[Any], infos: list[ModelInfo], worker_factory: Any) -> None:
+        if not workers or len(workers) != len(infos):
+            raise ValueError("one ModelInfo per worker is needed")
+        self.config = config
+        self.info = infos[0]
+        self._workers = list(workers)
+        self._worker_factory = worker_factory  # () -> new actor handle, used when an actor is dead for good
+        self._worker_pids = [i.pid for i in infos]
+        self._free_workers: asyncio.Queue[int] = asyncio.Queue()
+        for i in range(len(workers)):
+            self._free_workers.put_nowait(i)
+        self._queue: deque[Ticket] = deque()
+        self._queued_event = asyncio.Event()
+        self._tickets: dict[str, Ticket] = {}
+        self._windows: dict[str, Window] = {}
+        self._per_client: Counter[str] = Counter()
+        self._counts: Counter[str] = Counter()
+        self._status_counts: Counter[str] = Counter()
+        self._window_ids = itertools.count()
+        self._accepting = True
+        self._tasks: set[asyncio.Task] = set()
+        self._loop_task: asyncio.Task | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the batch loop (call from the running event loop)."""
+        self._loop_task = asyncio.get_running_loop().create_task(self._batch_loop(), name="sage-batch-loop")
+
+    def stop_accepting(self) -> None:
+        """Refuse new requests (UNAVAILABLE); admitted ones go on."""
+        self._accepting = False
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Wait until no admitted request is left, at most `timeout_s`; True if drained."""
+        end = time.monotonic() + timeout_s
+        while self._tickets and time.monotonic() < end:
+            await asyncio.sleep(0.05)
+        return not self._tickets
+
+    async def close(self) -> None:
+        """Stop the batch loop and fail whatever is still admitted with UNAVAILABLE."""
+        self._accepting = False
+        for ticket in list(self._tickets.values()):
+            self._fail(ticket, EngineError("UNAVAILABLE", "server shutting down"))
+        tasks = [t for t in (self._loop_task, *self._tasks) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # ---- admission -------------------------------------------------------------------------------------------
+    def admit(self, spec: ImageSpec, time_remaining_s: float | None) -> Ticket:
+        """Validate and queue a request; raises EngineError (counted as rejected) when it cannot be taken."""
+        try:
+            if not self._accepting:
+                raise EngineError("UNAVAILABLE", "server is shutting down; retry on another edge server")
+            request = resolve(spec, self.config, self.info)
+            if len(self._tickets) >= self.config.max_queue:
+                raise EngineError("RESOURCE_EXHAUSTED", f"queue full ({self.config.max_queue} requests); retry later")
+            if self._per_client[request.client_id] >= self.config.max_streams_per_client:
+                raise EngineError(
+                    "RESOURCE_EXHAUSTED",
+                    f"client {request.client_id!r} has {self.config.max_streams_per_client} open requests (the cap)",
+                )
+        except EngineError as exc:
+            self._counts["rejected"] += 1
+            self._status_counts[exc.code] += 1
+            raise
+        now = time.monotonic()
+        budget = (
+            self.config.max_deadline_s
+            if time_remaining_s is None
+            else min(time_remaining_s, self.config.max_deadline_s)
+        )
+        ticket = Ticket(
+            uuid.uuid4().hex[:16], request, now, now + max(0.0, budget), asyncio.get_running_loop().create_future()
+        )
+        self._tickets[ticket.request_id] = ticket
+        self._per_client[request.client_id] += 1
+        self._queue.append(ticket)
+        self._queued_event.set()
+        self._counts["admitted"] += 1
+        return ticket
+
+    async def wait(self, ticket: Ticket) -> Delivery:
+        """The request's Delivery, or EngineError (UNAVAILABLE, DEADLINE_EXCEEDED, ...)."""
+        remaining = ticket.deadline - time.monotonic()
+        try:
+            return await asyncio.wait_for(asyncio.shield(ticket.future), timeout=max(0.0, remaining))
+        except TimeoutError:
+            raise EngineError("DEADLINE_EXCEEDED", "deadline passed before the shared phase finished") from None
+
+    def release(self, ticket: Ticket, status: str, sent_bytes: int = 0) -> None:
+        """Forget a request (idempotent); `status` is its final gRPC status name ("OK", "CANCELLED", ...)."""
+        if ticket.left:
+            return
+        ticket.left = True
+        self._tickets.pop(ticket.request_id, None)
+        self._per_client[ticket.request.client_id] -= 1
+        if self._per_client[ticket.request.client_id] <= 0:
+            del self._per_client[ticket.request.client_id]
+        if not ticket.future.done():
+            ticket.future.cancel()
+        self._status_counts[status] += 1
+        self._counts["completed" if status == "OK" else "failed"] += 1
+        self._counts["bytes_sent"] += sent_bytes
+        if ticket.window_id is not None:
+            self._leave_window(ticket)
+        # a queued ticket stays in the deque until the batch loop drops it (O(1) here)
+
+    def _leave_window(self, ticket: Ticket) -> None:
+        """Drop a ticket from its window; cancel the worker's run when nobody is left waiting."""
+        window = self._windows.get(ticket.window_id)
+        if window is None:
+            return
+        window.tickets.discard(ticket)
+        if not window.tickets and window.running:
+            self._counts["windows_cancelled"] += 1
+            worker = self._workers[window.worker_index]
+            self._spawn(self._cancel_on_worker(worker, window.window_id))
+
+    async def _cancel_on_worker(self, worker: Any, window_id: str) -> None:
+        """Best-effort: ask the worker to stop a window nobody waits for."""
+        try:
+            await asyncio.wait_for(asyncio.wrap_future(worker.cancel.remote(window_id).future()), timeout=10)
+        except Exception as exc:  # noqa: BLE001 - the window's own call reports real failures
+            log.debug("cancel of %s failed: %s", window_id, exc)
+
+    # ---- batching --------------------------------------------------------------------------------------------
+    async def _batch_loop(self) -> None:
+        """Forever: collect a window, then hand it to the next free worker (dispatch runs concurrently)."""
+        while True:
+            window = await self._collect_window()
+            if not window:
+                continue
+            worker_index = await self._free_workers.get()
+            window = [t for t in window if not t.left]
+            if not window:
+                self._free_workers.put_nowait(worker_index)
+                self._counts["windows_skipped"] += 1
+                continue
+            self._spawn(self._run_window(window, worker_index))
+
+    async def _collect_window(self) -> list[Ticket]:
+        """Wait for a first live ticket, then up to max_wait_ms or max_batch live tickets."""
+        while not self._live_queued():
+            self._queued_event.clear()
+            await self._queued_event.wait()
+        first = next(t for t in self._queue if not t.left)
+        close_at = first.admitted_at + self.config.max_wait_ms / 1000.0
+        while self._live_queued() < self.config.max_batch and (delay := close_at - time.monotonic()) > 0:
+            self._queued_event.clear()
+            try:
+                await asyncio.wait_for(self._queued_event.wait(), timeout=delay)
+            except TimeoutError:
+                break
+        window: list[Ticket] = []
+        while self._queue and len(window) < self.config.max_batch:
+            ticket = self._queue.popleft()
+            if not ticket.left:
+                window.append(ticket)
+        return window
+
+    def _live_queued(self) -> int:
+        """Queued tickets that are still wanted (drops departed ones from the front)."""
+        while self._queue and self._queue[0].left:
+            self._queue.popleft()
+        return sum(1 for t in self._queue if not t.left)
+
+    async def _run_window(self, tickets: list[Ticket], worker_index: int) -> None:
+        """Run one window on a worker and deliver each group's result to its members."""
+        window = Window(f"w{next(self._window_ids)}-{uuid.uuid4().hex[:6]}", set(tickets), True, worker_index)
+        self._windows[window.window_id] = window
+        now = time.monotonic()
+        for t in tickets:
+            t.window_id, t.dispatched_at = window.window_id, now
+        buckets: dict[BucketSettings, list[Ticket]] = {}
+        for t in tickets:
+            buckets.setdefault(t.request.bucket_key(), []).append(t)
+        jobs = [
+            BucketJob(
+                key, tuple(MemberSpec(t.request.prompt, t.request.seed, t.request.share, t.request.codec) for t in ts)
+            )
+            for key, ts in buckets.items()
+        ]
+        log.info(
+            "window_start",
+            extra={"fields": {"window_id": window.window_id, "requests": len(tickets), "buckets": len(jobs)}},
+        )
+        worker = self._workers[worker_index]
+        try:
+            result: WindowResult = await asyncio.wrap_future(worker.run_window.remote(window.window_id, jobs).future())
+            self._counts["windows_run"] += 1
+            for b, ((key, ts), groups) in enumerate(zip(buckets.items(), result.buckets, strict=True)):
+                self._deliver(f"{window.window_id}-b{b}", key, ts, groups, result.shared_phase_ms)
+        except Exception as exc:  # noqa: BLE001 - every failure must reach the members, never hang them
+            error = self._classify(exc, worker_index)
+            for t in list(window.tickets):
+                self._fail(t, error)
+            log.warning("window_failed", extra={"fields": {"window_id": window.window_id, "error": str(error)}})
+        finally:
+            window.running = False
+            self._windows.pop(window.window_id, None)
+            for t in tickets:
+                t.window_id = None
+            self._free_workers.put_nowait(worker_index)
+
+    def _deliver(
+        self,
+        bucket_id: str,
+        key: BucketSettings,
+        tickets: list[Ticket],
+        groups: Sequence[GroupResult],
+        shared_ms: float,
+    ) -> None:
+        """Hand every group's payload to its members that still wait."""
+        for g, group in enumerate(groups):
+            group_id = f"{bucket_id}-g{g}"
+            self._counts["groups_run"] += 1
+            if len(group.members) > 1:
+                self._counts["grouped_requests"] += len(group.members)
+            for m in group.members:
+                t = tickets[m]
+                if t.left or t.future.done():
+                    continue
+                t.future.set_result(
+                    Delivery(
+                        request_id=t.request_id,
+                        group_id=group_id,
+                        group_size=len(group.members),
+                        branch_step=group.branch_step,
+                        total_steps=key.steps,
+                        scheduler=key.scheduler,
+                        guidance=key.guidance,
+                        seed=group.seed,
+                        latent_shape=group.latent_shape,
+                        min_similarity=group.min_similarity,
+                        payload=group.payloads[t.request.codec],
+                        queue_wait_ms=((t.dispatched_at or t.admitted_at) - t.admitted_at) * 1000.0,
+                        shared_phase_ms=shared_ms,
+                    )
+                )
+
+    def _classify(self, exc: BaseException, worker_index: int) -> EngineError:
+        """Map a worker failure to a status; on actor death, make sure the worker comes back."""
+        import ray.exceptions
+
+        if isinstance(exc, ray.exceptions.RayActorError | ray.exceptions.ActorUnavailableError):
+            self._counts["worker_failures"] += 1
+            self._spawn(self._revive(worker_index))
+            return EngineError("UNAVAILABLE", "the edge worker running this request's group died; retry")
+        if isinstance(exc, ray.exceptions.RayTaskError) and "WindowCancelled" in str(exc):
+            return EngineError("CANCELLED", "the window was cancelled")
+        log.exception("worker error", exc_info=exc)
+        return EngineError("INTERNAL", f"shared phase failed: {type(exc).__name__}: {str(exc)[:500]}")
+
+    async def _revive(self, worker_index: int) -> None:
+        """After an actor died: wait for Ray's restart (or make a new actor when restarts are used up)."""
+        for attempt in range(2):
+            worker = self._workers[worker_index]
+            try:
+                info = await asyncio.wait_for(asyncio.wrap_future(worker.info.remote().future()), timeout=120)
+                self._worker_pids[worker_index] = info.pid
+                log.info(
+                    "worker_ready", extra={"fields": {"worker": worker_index, "pid": info.pid, "attempt": attempt}}
+                )
+                return
+            except Exception as exc:  # noqa: BLE001
+                log.warning("worker %d not back (%s); creating a new actor", worker_index, exc)
+                self._workers[worker_index] = self._worker_factory()
+
+    def _fail(self, ticket: Ticket, error: EngineError) -> None:
+        """Complete a waiting ticket with an error (its stream then ends with that status)."""
+        if not ticket.future.done():
+            ticket.future.set_exception(error)
+
+    def _spawn(self, coro: Any) -> None:
+        """Run a background task, keeping a reference until it ends."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ---- introspection ---------------------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """Live counters and the size of every per-request structure (all zero when idle)."""
+        return {
+            "active_requests": len(self._tickets),
+            "queued_requests": sum(1 for t in self._queue if not t.left),
+            "running_windows": sum(1 for w in self._windows.values() if w.running),
+            "open_windows": len(self._windows),
+            "tracked_clients": len(self._per_client),
+            "worker_pids": list(self._worker_pids),
+            "serving": self._accepting,
+            "status_counts": dict(self._status_counts),
+            **{k: self._counts[k] for k in _COUNTERS},
+        }
+
+
+_COUNTERS = (
+    "admitted",
+    "completed",
+    "failed",
+    "rejected",
+    "windows_run",
+    "windows_skipped",
+    "windows_cancelled",
+    "worker_failures",
+    "bytes_sent",
+    "groups_run",
+    "grouped_requests",
+)

@@ -1,0 +1,291 @@
+"""The gRPC front end (thin): translate protobuf <-> engine dataclasses, stream results, map errors to status
+codes; plus grpc.health.v1 health checking, server reflection, Ray start-up and graceful shutdown.
+
+Stream of one RequestImage call: ImageResponse{accepted}, ImageResponse{chunk} x n (payload slices of at most
+`chunk_size` bytes, index 0..n-1), ImageResponse{done} with the payload's sha256, its codec frame sizes and
+names, and the request's metrics. Any failure ends the call with a gRPC status and a message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from edge_server.config import ServerConfig
+from edge_server.engine import Delivery, Engine, EngineError, ImageSpec
+from protos.sage_edge.v1 import edge_pb2, edge_pb2_grpc
+
+log = logging.getLogger("sage_edge.service")
+SERVICE_NAME = edge_pb2.DESCRIPTOR.services_by_name["EdgeSampler"].full_name
+VERSION = "0.1.0"
+LISTENING_MARKER = "SAGE_EDGE_LISTENING"
+
+
+def to_spec(request: edge_pb2.ImageRequest) -> ImageSpec:
+    """Protobuf -> engine dataclass (unset optional fields become None)."""
+    return ImageSpec(
+        prompt=request.prompt,
+        steps=request.steps,
+        guidance=request.guidance if request.HasField("guidance") else None,
+        seed=request.seed if request.HasField("seed") else None,
+        share=request.share if request.HasField("share") else None,
+        accepted_codecs=tuple(request.accepted_codecs),
+        height=request.height,
+        width=request.width,
+        scheduler=request.scheduler,
+        model_fingerprint=request.model_fingerprint,
+        client_id=request.client_id,
+    )
+
+
+def accepted_message(d: Delivery) -> edge_pb2.ImageResponse:
+    """The first message of a stream: the group the request joined and how to continue."""
+    return edge_pb2.ImageResponse(
+        accepted=edge_pb2.Accepted(
+            request_id=d.request_id,
+            group_id=d.group_id,
+            group_size=d.group_size,
+            branch_step=d.branch_step,
+            total_steps=d.total_steps,
+            scheduler=d.scheduler,
+            model_fingerprint="",  # filled by the servicer
+            guidance=d.guidance,
+            seed=d.seed,
+            codec=d.payload.codec,
+            latent_shape=list(d.latent_shape),
+            min_similarity=d.min_similarity,
+        )
+    )
+
+
+class EdgeSamplerServicer(edge_pb2_grpc.EdgeSamplerServicer):
+    """RequestImage, GetServerInfo and GetStats over an Engine."""
+
+    def __init__(self, engine: Engine, config: ServerConfig) -> None:
+        self.engine = engine
+        self.config = config
+
+    async def RequestImage(  # noqa: N802 - gRPC method name
+        self, request: edge_pb2.ImageRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[edge_pb2.ImageResponse]:
+        """Admit, wait for the group's branch point, stream it; errors end the call with a status."""
+        started = time.monotonic()
+        try:
+            ticket = self.engine.admit(to_spec(request), context.time_remaining())
+        except EngineError as exc:
+            log.info(
+                "request_rejected",
+                extra={"fields": {"client_id": request.client_id, "code": exc.code, "error": exc.message}},
+            )
+            await context.abort(grpc.StatusCode[exc.code], exc.message)
+        status, sent, delivery = "CANCELLED", 0, None
+        try:
+            try:
+                delivery = await self.engine.wait(ticket)
+            except EngineError as exc:
+                status = exc.code
+                await context.abort(grpc.StatusCode[exc.code], exc.message)
+            message = accepted_message(delivery)
+            message.accepted.model_fingerprint = self.engine.info.fingerprint
+            yield message
+            data = delivery.payload.data
+            chunks = range(0, max(len(data), 1), self.config.chunk_size)
+            for index, lo in enumerate(chunks):
+                piece = data[lo : lo + self.config.chunk_size]
+                yield edge_pb2.ImageResponse(chunk=edge_pb2.LatentChunk(index=index, data=piece))
+                sent += len(piece)
+            yield edge_pb2.ImageResponse(
+                done=edge_pb2.Done(
+                    chunks=len(chunks),
+                    total_bytes=len(data),
+                    sha256=hashlib.sha256(data).hexdigest(),
+                    frame_sizes=list(delivery.payload.frame_sizes),
+                    frame_names=list(delivery.payload.frame_names),
+                    queue_wait_ms=delivery.queue_wait_ms,
+                    shared_phase_ms=delivery.shared_phase_ms,
+                )
+            )
+            status = "OK"
+        finally:
+            self.engine.release(ticket, status, sent)
+            fields: dict[str, Any] = {
+                "request_id": ticket.request_id,
+                "client_id": ticket.request.client_id,
+                "status": status,
+                "total_ms": round((time.monotonic() - started) * 1000.0, 2),
+                "bytes": sent,
+            }
+            if delivery is not None:
+                fields.update(
+                    group_id=delivery.group_id,
+                    group_size=delivery.group_size,
+                    codec=delivery.payload.codec,
+                    queue_wait_ms=round(delivery.queue_wait_ms, 2),
+                    shared_phase_ms=round(delivery.shared_phase_ms, 2),
+                )
+            log.info("request_done", extra={"fields": fields})
+
+    async def GetServerInfo(  # noqa: N802
+        self, request: edge_pb2.ServerInfoRequest, context: grpc.aio.ServicerContext
+    ) -> edge_pb2.ServerInfo:
+        """Model fingerprint, scheduler config, defaults, codecs and admission limits."""
+        c, info = self.config, self.engine.info
+        return edge_pb2.ServerInfo(
+            version=VERSION,
+            model_fingerprint=info.fingerprint,
+            scheduler_config_json=info.scheduler_config_json,
+            default_steps=c.default_steps,
+            default_guidance=c.default_guidance,
+            default_share=c.default_share,
+            codecs=list(c.codecs),
+            max_batch=c.max_batch,
+            max_wait_ms=c.max_wait_ms,
+            max_steps=c.max_steps,
+            max_prompt_chars=c.max_prompt_chars,
+            max_image_side=c.max_image_side,
+            chunk_size=c.chunk_size,
+            default_height=info.default_height,
+            default_width=info.default_width,
+        )
+
+    async def GetStats(  # noqa: N802
+        self, request: edge_pb2.StatsRequest, context: grpc.aio.ServicerContext
+    ) -> edge_pb2.ServerStats:
+        """The engine's live counters."""
+        return edge_pb2.ServerStats(**self.engine.stats())
+
+
+# ---- logging -------------------------------------------------------------------------------------------------
+class _Formatter(logging.Formatter):
+    """One line per record: JSON objects (`json`) or `time level logger event key=value ...` (`text`)."""
+
+    def __init__(self, as_json: bool) -> None:
+        super().__init__()
+        self.as_json = as_json
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields = getattr(record, "fields", {})
+        if self.as_json:
+            entry = {"ts": round(record.created, 3), "level": record.levelname, "logger": record.name}
+            entry.update(event=record.getMessage(), **fields)
+            if record.exc_info:
+                entry["exc"] = self.formatException(record.exc_info)
+            return json.dumps(entry, default=str)
+        tail = " ".join(f"{k}={v}" for k, v in fields.items())
+        line = f"{self.formatTime(record)} {record.levelname} {record.name} {record.getMessage()} {tail}".rstrip()
+        return line + ("\n" + self.formatException(record.exc_info) if record.exc_info else "")
+
+
+def setup_logging(config: ServerConfig) -> None:
+    """Structured logs on stderr in the configured format."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter(config.log_format == "json"))
+    root = logging.getLogger("sage_edge")
+    root.handlers[:] = [handler]
+    root.setLevel(config.log_level.upper())
+    root.propagate = False
+
+
+# ---- Ray -----------------------------------------------------------------------------------------------------
+def init_ray(config: ServerConfig) -> bool:
+    """Join the cluster at `ray_address` ("auto" or host:port) or start a small local Ray bound to 127.0.0.1.
+    Returns True when this process started Ray (and so must shut it down)."""
+    import ray
+
+    repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    pythonpath = os.pathsep.join(p for p in (repo_root, os.environ.get("PYTHONPATH", "")) if p)
+    runtime_env = {"env_vars": {"PYTHONPATH": pythonpath, "OMP_NUM_THREADS": str(config.ray_num_cpus)}}
+    common: dict[str, Any] = {"runtime_env": runtime_env, "log_to_driver": True, "configure_logging": False}
+    if config.ray_address is None:
+        ray.init(
+            num_cpus=config.ray_num_cpus,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            namespace="sage-edge",
+            **common,
+        )
+        return True
+    ray.init(address=config.ray_address, namespace="sage-edge", **common)
+    return False
+
+
+async def start_workers(config: ServerConfig) -> tuple[list[Any], list[Any]]:
+    """Create the worker actors and wait until each has loaded the model; returns (handles, infos)."""
+    from edge_server.worker import make_worker_actor
+
+    workers = [make_worker_actor(config) for _ in range(config.num_workers)]
+    infos = await asyncio.gather(*(asyncio.wrap_future(w.info.remote().future()) for w in workers))
+    return workers, list(infos)
+
+
+# ---- server --------------------------------------------------------------------------------------------------
+async def serve(config: ServerConfig) -> int:
+    """Run the edge server until SIGTERM/SIGINT; then drain gracefully. Returns the process exit code."""
+    setup_logging(config)
+    log.info("config", extra={"fields": {"config": config.to_json()}})
+    started_ray = await asyncio.to_thread(init_ray, config)
+    try:
+        workers, infos = await start_workers(config)
+        from edge_server.worker import make_worker_actor
+
+        engine = Engine(config, workers, infos, lambda: make_worker_actor(config))
+        engine.start()
+        for i, info in enumerate(infos):
+            log.info(
+                "worker_ready",
+                extra={"fields": {"worker": i, "pid": info.pid, "device": info.device, "model": info.fingerprint}},
+            )
+        server = grpc.aio.server(
+            options=[("grpc.max_send_message_length", 8 * 2**20), ("grpc.so_reuseport", 0)],
+            compression=grpc.Compression.NoCompression,
+        )
+        edge_pb2_grpc.add_EdgeSamplerServicer_to_server(EdgeSamplerServicer(engine, config), server)
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        port = server.add_insecure_port(f"{config.host}:{config.port}")
+        if port == 0:
+            raise RuntimeError(f"cannot bind {config.host}:{config.port}")
+        await server.start()
+        for name in ("", SERVICE_NAME):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        print(f"{LISTENING_MARKER} host={config.host} port={port}", flush=True)
+        log.info("listening", extra={"fields": {"host": config.host, "port": port}})
+        await _wait_for_signal()
+        log.info(
+            "shutting_down",
+            extra={"fields": {"grace_s": config.grace_s, "in_flight": engine.stats()["active_requests"]}},
+        )
+        await health_servicer.enter_graceful_shutdown()  # every service NOT_SERVING
+        engine.stop_accepting()
+        drained = await engine.drain(config.grace_s)
+        await server.stop(grace=0.5 if drained else 0.0)
+        await engine.close()
+        log.info("stopped", extra={"fields": {"drained": drained, **engine.stats()}})
+        return 0
+    finally:
+        if started_ray:
+            import ray
+
+            await asyncio.to_thread(ray.shutdown)
+
+
+async def _wait_for_signal() -> None:
+    """Return on the first SIGTERM or SIGINT."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()

@@ -1,0 +1,279 @@
+"""The Ray actor that holds the model: embeds prompts, groups them, runs the shared phase of a whole window in
+one batched sampler call (sage_core.sampler.shared_phase, the same code the device and the local CLI use), and
+encodes each group's branch point with the latent codec.
+
+Only plain data crosses the actor boundary (frozen dataclasses of str/int/float/bytes), so the front end never
+imports torch or diffusers: they are imported inside the actor's methods.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from edge_server.config import ServerConfig
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the front end needs to know about the model a worker holds."""
+
+    fingerprint: str
+    scheduler_config_json: str
+    default_height: int
+    default_width: int
+    pid: int
+    device: str
+
+
+@dataclass(frozen=True)
+class BucketSettings:
+    """Settings every request of a compatibility bucket shares (one shared_phase call per bucket)."""
+
+    steps: int
+    guidance: float
+    scheduler: str
+    height: int
+    width: int
+
+
+@dataclass(frozen=True)
+class MemberSpec:
+    """One request as the worker sees it: its prompt, seed, sharing preference and negotiated codec."""
+
+    prompt: str
+    seed: int
+    share: float
+    codec: str
+
+
+@dataclass(frozen=True)
+class BucketJob:
+    """The requests of one bucket of a window, in arrival order."""
+
+    settings: BucketSettings
+    members: tuple[MemberSpec, ...]
+
+
+@dataclass(frozen=True)
+class Payload:
+    """A group's branch point encoded with one codec: codec frames back to back (latent first)."""
+
+    codec: str
+    data: bytes
+    frame_sizes: tuple[int, ...]
+    frame_names: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class GroupResult:
+    """One group of a bucket: its members (indices into the bucket's members), branch step and payloads."""
+
+    members: tuple[int, ...]
+    seed: int
+    branch_step: int
+    min_similarity: float
+    latent_shape: tuple[int, ...]
+    payloads: dict[str, Payload] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class WindowResult:
+    """Per bucket (same order as the jobs), its groups; and the time the shared phase took."""
+
+    buckets: tuple[tuple[GroupResult, ...], ...]
+    shared_phase_ms: float
+
+
+class WindowCancelled(RuntimeError):
+    """Every member of the window left while it ran; the worker stopped at the next UNet call."""
+
+
+class _PacedUNet:
+    """Wraps a UNet: stops a cancelled window at the next call and, as a test hook, sleeps per call."""
+
+    def __init__(self, unet: Any, stop: threading.Event, delay_s: float) -> None:
+        self._unet, self._stop, self._delay_s = unet, stop, delay_s
+
+    @property
+    def dtype(self) -> Any:
+        return self._unet.dtype
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self._stop.is_set():
+            raise WindowCancelled("window cancelled: all of its requests left")
+        if self._delay_s:
+            self._stop.wait(self._delay_s)
+            if self._stop.is_set():
+                raise WindowCancelled("window cancelled: all of its requests left")
+        return self._unet(*args, **kwargs)
+
+
+def resolve_dtype(name: str) -> Any:
+    """torch dtype for a config name ("auto": float16 on CUDA, float32 otherwise)."""
+    import torch
+
+    if name == "auto":
+        return torch.float16 if torch.cuda.is_available() else torch.float32
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+def load_model(config: ServerConfig) -> Any:
+    """The pipeline the config names: "tiny" (tests), "default" (the shipped model) or a folder."""
+    import torch
+
+    from sage_core.models import load_pipeline, tiny_pipeline
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = resolve_dtype(config.dtype)
+    if config.model == "tiny":
+        return tiny_pipeline(seed=0).to(device=device, dtype=dtype)
+    path = None if config.model == "default" else config.model
+    return load_pipeline(path, dtype=dtype, device=device)
+
+
+class EdgeWorker:
+    """Holds one pipeline; runs windows one at a time (a second thread only serves `cancel` and `info`)."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        import torch
+
+        if not torch.cuda.is_available():
+            torch.set_num_threads(max(1, min(os.cpu_count() or 1, config.ray_num_cpus)))
+        self.config = config
+        self.pipe = load_model(config)
+        self._stops: dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
+
+    def info(self) -> ModelInfo:
+        """Fingerprint, scheduler config and default image size of the model; this process's pid."""
+        from sage_core.models import model_fingerprint
+
+        scale = self.pipe.vae_scale_factor
+        side = int(self.pipe.unet.config.sample_size) * scale
+        return ModelInfo(
+            fingerprint=model_fingerprint(self.pipe),
+            scheduler_config_json=json.dumps(dict(self.pipe.scheduler.config), sort_keys=True, default=str),
+            default_height=side,
+            default_width=side,
+            pid=os.getpid(),
+            device=str(self.pipe.unet.device),
+        )
+
+    def cancel(self, window_id: str) -> bool:
+        """Ask the running window `window_id` to stop at its next UNet call; False if it is not running."""
+        with self._lock:
+            event = self._stops.get(window_id)
+        if event is None:
+            return False
+        event.set()
+        return True
+
+    def run_window(self, window_id: str, jobs: list[BucketJob]) -> WindowResult:
+        """Group each bucket's prompts and run the shared phase of every group of the window."""
+        stop = threading.Event()
+        with self._lock:
+            self._stops[window_id] = stop
+        try:
+            start = time.perf_counter()
+            buckets = tuple(self._run_bucket(job, stop) for job in jobs)
+            return WindowResult(buckets, (time.perf_counter() - start) * 1000.0)
+        finally:
+            with self._lock:
+                self._stops.pop(window_id, None)
+
+    def _run_bucket(self, job: BucketJob, stop: threading.Event) -> tuple[GroupResult, ...]:
+        """Algorithm 1 lines 1-8 for one bucket: encode, group, shared noise, batched shared phase, encode."""
+        import torch
+
+        from sage_core.generate import encode_prompts, latent_shape
+        from sage_core.grouping import (
+            GroupingConfig,
+            group_by_similarity,
+            pairwise_similarities,
+            pipeline_text_embeddings,
+        )
+        from sage_core.sampler import SamplingConfig, initial_noise, make_scheduler, shared_phase
+
+        s, pipe = job.settings, self.pipe
+        config = SamplingConfig(
+            steps=s.steps, guidance=s.guidance, share=0.0, scheduler=s.scheduler, height=s.height, width=s.width
+        )
+        prompts = [m.prompt for m in job.members]
+        # 1. encode and group (lines 1-2)
+        cond, uncond = encode_prompts(pipe, prompts)
+        pooled = pipeline_text_embeddings(pipe, prompts)
+        groups = group_by_similarity(
+            pooled, GroupingConfig(tau=self.config.tau, max_group_size=self.config.max_group_size)
+        )
+        # 2. one shared noise per group from its first member's seed; branch step from the least sharing member
+        shape = latent_shape(pipe, config)
+        noise_scheduler = make_scheduler(pipe.scheduler.config, s.scheduler, s.steps)
+        seeds = [job.members[g[0]].seed for g in groups]
+        noises = [initial_noise(shape, seed, noise_scheduler, pipe.unet.dtype, pipe.unet.device) for seed in seeds]
+        stops = [min(round(job.members[m].share * s.steps) for m in g) for g in groups]
+        means = [cond[g].mean(dim=0, keepdim=True) for g in groups]
+        # 3. the shared phase of every group, one batched UNet call per step (lines 4-8)
+        unet = _PacedUNet(pipe.unet, stop, self.config.worker_step_delay_ms / 1000.0)
+        with torch.inference_mode():
+            points = shared_phase(unet, pipe.scheduler.config, means, noises, uncond, config, stops=stops)
+        # 4. encode each group's branch point once per codec its members negotiated
+        results = []
+        for g, point, seed in zip(groups, points, seeds, strict=True):
+            codecs = sorted({job.members[m].codec for m in g})
+            sims = pairwise_similarities(pooled, g)
+            results.append(
+                GroupResult(
+                    members=tuple(g),
+                    seed=seed,
+                    branch_step=point.step,
+                    min_similarity=min(sims) if sims else 1.0,
+                    latent_shape=tuple(int(d) for d in point.latents.shape),
+                    payloads={c: self._encode(point, c) for c in codecs},
+                )
+            )
+        return tuple(results)
+
+    def _encode(self, point: Any, mode: str) -> Payload:
+        """The latent, then solver-state tensors, as codec frames. Non-float state goes as lossless fp32."""
+        import torch
+
+        from sage_core.codec import CodecSpec, LatentCodec
+
+        codec = LatentCodec(CodecSpec(mode=mode, level=self.config.zstd_level))
+        lossless = LatentCodec(CodecSpec(mode="fp32", level=self.config.zstd_level))
+        frames, names = [codec.encode(point.latents.detach().cpu())], ["latent"]
+        for name, tensor in sorted(point.solver_state.items()):
+            t = tensor.detach().cpu()
+            if t.dtype.is_floating_point:
+                frames.append(codec.encode(t))
+            else:
+                frames.append(lossless.encode(t.to(torch.float32).reshape(max(1, t.numel()))))
+            names.append(name)
+        return Payload(mode, b"".join(frames), tuple(len(f) for f in frames), tuple(names))
+
+
+def make_worker_actor(config: ServerConfig) -> Any:
+    """A Ray actor of EdgeWorker: num_gpus=1 on a GPU machine, else num_cpus=1; restarts, no task retries."""
+    import ray
+
+    use_gpu = _cluster_has_gpu()
+    actor_cls = ray.remote(EdgeWorker).options(
+        num_gpus=1 if use_gpu else 0,
+        num_cpus=0 if use_gpu else 1,
+        max_restarts=config.worker_max_restarts,
+        max_task_retries=0,
+        max_concurrency=2,
+    )
+    return actor_cls.remote(config)
+
+
+def _cluster_has_gpu() -> bool:
+    """Whether the Ray cluster offers a GPU (the actor then takes one)."""
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0)) >= 1.0
