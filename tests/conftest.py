@@ -23,3 +23,7 @@ def tiny_pipe():
     """A tiny random StableDiffusionPipeline (shared; tests must not modify it)."""
     torch.set_num_threads(1)
     return tiny_pipeline(seed=0)
+
+
+# Edge server process fixtures (tests/server_fixtures.py): `edge_server_factory`.
+from server_fixtures import edge_server_factory  # noqa: E402,F401
