@@ -123,7 +123,9 @@ def state_fingerprint(pipe: StableDiffusionPipeline) -> str:
         for key, tensor in sorted(getattr(pipe, name).state_dict().items()):
             h.update(f"{name}.{key}".encode())
             h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    h.update(json.dumps(dict(pipe.scheduler.config), sort_keys=True, default=str).encode())
+    # skip diffusers' private keys: "_use_default_values" is a set turned list, ordered by the process's hash seed
+    config = {k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")}
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
     return h.hexdigest()[:16]
 
 
@@ -224,3 +226,55 @@ def tiny_pipeline(
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def sd15_architecture_pipeline(
+    dtype: torch.dtype = torch.float16, device: str | torch.device = "cpu", seed: int = 0
+) -> StableDiffusionPipeline:
+    """Stable Diffusion v1.5's architectures (UNet 859.5 M parameters, cross-attention 768, 64x64 latents;
+    AutoencoderKL; CLIP ViT-L/14 text encoder) with random weights: speed does not depend on weight values,
+    so this times SD-1.5-scale serving where no weights can be downloaded."""
+    torch.manual_seed(seed)
+    with torch.device(device):
+        unet = UNet2DConditionModel(
+            sample_size=64,
+            cross_attention_dim=768,
+            block_out_channels=(320, 640, 1280, 1280),
+            layers_per_block=2,
+            attention_head_dim=8,
+        )
+        vae = AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            layers_per_block=2,
+            latent_channels=4,
+            sample_size=512,
+        )
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                bos_token_id=CLIP_BOS,
+                eos_token_id=CLIP_EOS,
+                pad_token_id=CLIP_EOS,
+                hidden_size=768,
+                intermediate_size=3072,
+                num_attention_heads=12,
+                num_hidden_layers=12,
+                hidden_act="quick_gelu",
+                projection_dim=768,
+                vocab_size=CLIP_VOCAB_SIZE,
+                max_position_embeddings=77,
+            )
+        )
+    pipe = StableDiffusionPipeline(
+        unet=unet.eval(),
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=build_clip_tokenizer(),
+        scheduler=DDIMScheduler(**SD15_SCHEDULER_CONFIG),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device=device, dtype=dtype)

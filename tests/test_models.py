@@ -89,3 +89,13 @@ def test_in_memory_fingerprint_tracks_weights():
     with torch.no_grad():
         c.unet.conv_in.weight.add_(1e-3)
     assert model_fingerprint(c) != model_fingerprint(a)
+
+
+def test_sd15_architecture_has_sd15_sizes():
+    """Built on the meta device (no memory): parameter counts of SD v1.5's UNet, VAE and CLIP ViT-L/14 text."""
+    from sage_core.models import sd15_architecture_pipeline
+
+    pipe = sd15_architecture_pipeline(dtype=torch.float32, device="meta")
+    count = {n: sum(p.numel() for p in getattr(pipe, n).parameters()) for n in ("unet", "vae", "text_encoder")}
+    assert count == {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480}
+    assert pipe.unet.config.cross_attention_dim == 768 and pipe.unet.config.sample_size == 64
