@@ -33,6 +33,7 @@ import zstandard
 __all__ = [
     "CodecError",
     "CodecSpec",
+    "DEFAULT_PREFERENCE",
     "FrameHeader",
     "LatentCodec",
     "LOSSLESS_MODES",
@@ -74,6 +75,8 @@ LOSSLESS_MODES: tuple[str, ...] = ("fp32", "fp16", "bf16")
 LOSSY_MODES: tuple[str, ...] = ("int8", "int6", "int5", "int4", "fp8")
 MODES: tuple[str, ...] = LOSSLESS_MODES + LOSSY_MODES
 RECOMMENDED_LOSSY_MODE = "int4"
+# A server's default preference: smallest first, lossless last (a device that accepts only lossless gets fp16).
+DEFAULT_PREFERENCE: tuple[str, ...] = (RECOMMENDED_LOSSY_MODE, "int8", "fp16", "bf16", "fp32")
 
 _MODE_CODE: dict[str, int] = {m: i for i, m in enumerate(MODES)}
 
@@ -212,9 +215,7 @@ def parse_header(
     buf = _byte_view(frame)
     if len(buf) < FIXED_HEADER_SIZE:
         raise CodecError(f"frame truncated: {len(buf)} bytes, the fixed header alone is {FIXED_HEADER_SIZE}")
-    magic, version, mode_code, dt_code, order, ndim, axis_code, flags, raw_len, comp_len = _FIXED.unpack_from(
-        buf
-    )
+    magic, version, mode_code, dt_code, order, ndim, axis_code, flags, raw_len, comp_len = _FIXED.unpack_from(buf)
     if magic != MAGIC:
         raise CodecError(f"bad magic {bytes(magic)!r}, expected {MAGIC!r}")
     if version != VERSION:
@@ -249,6 +250,11 @@ def parse_header(
     else:
         axis = axis_code
     numel = math.prod(shape)
+    span = math.prod(max(d, 1) for d in shape)
+    if span > max_decoded_bytes:
+        raise CodecError(
+            f"shape {list(shape)} spans {span} elements (empty dims aside), above the cap of {max_decoded_bytes}"
+        )
     expected_raw = _raw_length(dt_code, numel)
     if raw_len != expected_raw:
         raise CodecError(
@@ -373,9 +379,7 @@ class LatentCodec:
             raise CodecError(f"max_decoded_bytes must be a positive int, got {max_decoded_bytes!r}")
         self.spec = spec
         self.max_decoded_bytes = max_decoded_bytes
-        self._compressor = zstandard.ZstdCompressor(
-            level=spec.level, write_checksum=True, write_content_size=True
-        )
+        self._compressor = zstandard.ZstdCompressor(level=spec.level, write_checksum=True, write_content_size=True)
 
     # -- encode ------------------------------------------------------------------------------------------
 
@@ -425,8 +429,8 @@ class LatentCodec:
             raise CodecError(f"latent dtype {latent.dtype} not supported; use one of {_FLOAT_INPUTS}")
         if latent.ndim > MAX_NDIM:
             raise CodecError(f"latent has {latent.ndim} dims, the limit is {MAX_NDIM}")
-        if any(d >= 2**32 for d in latent.shape):
-            raise CodecError(f"latent dim too large for the frame: {tuple(latent.shape)}")
+        if math.prod(max(d, 1) for d in latent.shape) > self.max_decoded_bytes:
+            raise CodecError(f"latent shape {tuple(latent.shape)} too large for the cap of {self.max_decoded_bytes}")
         x = latent.detach().to("cpu").contiguous()
         if not bool(torch.isfinite(x).all()):
             raise CodecError("latent contains NaN or Inf; refusing to encode")
@@ -560,16 +564,17 @@ def join_chunks(chunks: Iterable[bytes], max_frame_bytes: int = DEFAULT_MAX_DECO
     return b"".join(parts)
 
 
-def negotiate(accepted: Sequence[str], preferred: Sequence[str]) -> str:
+def negotiate(accepted: Sequence[str], preferred: Sequence[str] = DEFAULT_PREFERENCE) -> str:
     """Return the first mode of the server's ``preferred`` list that the device ``accepted``.
 
-    Unknown names in ``accepted`` (a newer device) are ignored; unknown names in ``preferred`` are a server
-    configuration error. Raises ``CodecError`` when nothing matches.
+    An empty ``accepted`` means "any lossless mode" (wire protocol v1, ImageRequest.accepted_codecs). Unknown
+    names in ``accepted`` (a newer device) are ignored; unknown names in ``preferred`` are a server configuration
+    error. Raises ``CodecError`` when nothing matches.
     """
     unknown = [m for m in preferred if m not in MODES]
     if unknown:
         raise CodecError(f"server prefers unknown modes {unknown}; known modes: {', '.join(MODES)}")
-    accepted_set = {m for m in accepted if isinstance(m, str)}
+    accepted_set = {m for m in accepted if isinstance(m, str)} if len(accepted) else set(LOSSLESS_MODES)
     for mode in preferred:
         if mode in accepted_set:
             return mode

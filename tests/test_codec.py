@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sage_core.codec import (
+    DEFAULT_PREFERENCE,
     DIGEST_SIZE,
     FIXED_HEADER_SIZE,
     LOSSLESS_MODES,
@@ -270,7 +271,7 @@ def test_hand_built_frame_decodes():
 
 
 def test_declared_size_above_cap_is_refused_before_allocation():
-    frame = make_frame("fp32", (2**31, 2**31), b"", raw_len=2**64 - 1)
+    frame = make_frame("fp32", (4,), b"", raw_len=2**64 - 1)
     with pytest.raises(CodecError, match="payload length"):
         LatentCodec().decode(frame)
     # consistent but huge declaration: 2^40 float32 values
@@ -290,6 +291,13 @@ def test_legit_frame_above_the_receivers_cap_is_refused():
     with pytest.raises(CodecError, match="cap of 4095"):
         LatentCodec(max_decoded_bytes=4095).decode(frame)
     assert LatentCodec(max_decoded_bytes=4096).decode(frame).numel() == 1024
+
+
+def test_empty_tensor_with_huge_dims_is_refused():
+    frame = make_frame("fp32", (0, 2**32 - 1, 2**32 - 1), b"")
+    with pytest.raises(CodecError, match="spans"):
+        LatentCodec().decode(frame)
+    assert LatentCodec().decode(make_frame("fp32", (0, 5, 7), b"")).shape == (0, 5, 7)
 
 
 def test_encode_refuses_latents_above_cap():
@@ -629,6 +637,38 @@ def test_negotiate_refuses_when_nothing_matches_or_the_server_is_misconfigured()
     with pytest.raises(CodecError, match="no common"):
         negotiate(["fp32"], ["int4", "fp16"])
     with pytest.raises(CodecError, match="no common"):
-        negotiate([], ["fp16"])
+        negotiate(["zz-future-mode"], ["fp16"])
+
+
+def test_negotiate_empty_accepted_means_any_lossless_and_default_preference():
+    assert negotiate([], ["int4", "fp16", "fp32"]) == "fp16"
+    with pytest.raises(CodecError, match="no common"):
+        negotiate([], ["int4", "int8"])
+    assert negotiate(list(MODES)) == DEFAULT_PREFERENCE[0] == RECOMMENDED_LOSSY_MODE
+    assert negotiate([]) in LOSSLESS_MODES
+    assert set(DEFAULT_PREFERENCE) <= set(MODES)
     with pytest.raises(CodecError, match="unknown"):
         negotiate(["fp16"], ["webp"])
+
+
+# ------------------------------------------------------------------------------------------------------
+# The benchmark keeps working (latent part only; the image part is exercised by tests/test_bench_codec.py)
+# ------------------------------------------------------------------------------------------------------
+
+
+def test_benchmark_quick_latent_part_runs():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_codec.py"
+    spec = importlib.util.spec_from_file_location("bench_codec_under_test", path)
+    bench_codec = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench_codec  # dataclasses look their module up there
+    spec.loader.exec_module(bench_codec)
+    result = bench_codec.main(["--quick", "--no-images", "--repeats", "1"])
+    rows = {r["mode"]: r for r in result["latents"]}
+    assert set(rows) == set(MODES)
+    assert math.isinf(rows["fp32"]["snr_db"]) and rows["fp32"]["max_abs_err"] == 0
+    assert rows["int8"]["snr_db"] > rows["int4"]["snr_db"] > 10
+    assert result["finished_image_bytes"]["synthetic"]["png"] > 0
