@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import numpy as np
 import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
@@ -32,6 +31,7 @@ from sage_core.codec import CodecError, CodecSpec, LatentCodec
 from sage_core.generate import decode_latents, encode_prompts, generate
 from sage_core.grouping import GroupingConfig
 from sage_core.models import DEFAULT_MODEL_DIR, ModelError, load_pipeline, model_fingerprint, tiny_pipeline
+from sage_core.outputs import to_pil
 from sage_core.sampler import SCHEDULERS, BranchPoint, SamplingConfig, UNetCounter, branch_phase
 
 DEFAULT_ADAPTER_DIR = DEFAULT_MODEL_DIR.parent / "sage_adapter"
@@ -148,11 +148,6 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         if METADATA_KEY not in text:
             raise ValueError(f"{path} carries no SAGE metadata")
         return json.loads(text[METADATA_KEY])
-
-
-def to_pil(image: np.ndarray) -> Image.Image:
-    """A float [H, W, 3] image in [0, 1] as an 8-bit PIL image (diffusers' numpy_to_pil rounding)."""
-    return Image.fromarray((image * 255).round().clip(0, 255).astype(np.uint8))
 
 
 # ---------------------------------------------------------------------------------------------------- stream

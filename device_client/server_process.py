@@ -13,7 +13,7 @@ from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 
-LISTENING = re.compile(r"SAGE_EDGE_LISTENING port=(\d+)")
+LISTENING = re.compile(r"SAGE_EDGE_LISTENING\b.*?\bport=(\d+)")
 HOST = "127.0.0.1"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
