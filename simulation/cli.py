@@ -1,0 +1,246 @@
+"""`sage-sim`: simulate an edge server with shared sampling against its baselines, from a config file.
+
+sage-sim run simulation/configs/coco_h100.yaml --out runs/sim/coco
+sage-sim sweep simulation/configs/sweep_coco.yaml --out runs/sim/sweep
+sage-sim workload simulation/configs/validation_cpu.yaml --out runs/sim/workload.json
+sage-sim run simulation/configs/validation_cpu.yaml --workload runs/sim/workload.json
+sage-sim embed simulation/configs/coco_h100.yaml      # fill the embedding cache
+sage-sim check simulation/configs/coco_h100.yaml      # validate only
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from simulation.config import ConfigError, SimConfig, load_config
+
+main = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
+console = Console(stderr=True)
+out_console = Console() if sys.stdout.isatty() else Console(width=150)
+
+ConfigArg = Annotated[Path, typer.Argument(help="YAML or JSON config file")]
+OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="output folder (default runs/sim/<config name>)")]
+RequestsOpt = Annotated[int | None, typer.Option("--requests", "-n", help="override the number of requests")]
+SeedOpt = Annotated[int | None, typer.Option("--seed", help="override the seed")]
+
+
+@contextmanager
+def _clear_errors() -> Iterator[None]:
+    """Bad input ends the command with a one-line message and exit code 2, no traceback."""
+    try:
+        yield
+    except ConfigError as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    )
+
+
+def _updater(progress: Progress, description: str) -> Callable[[int, int], None]:
+    task = progress.add_task(description, total=None)
+
+    def update(done: int, total: int) -> None:
+        progress.update(task, completed=done, total=total)
+
+    return update
+
+
+def _load(config: Path, requests: int | None, seed: int | None) -> SimConfig:
+    cfg = load_config(config)
+    changes: dict[str, Any] = {}
+    if requests is not None:
+        changes["requests"] = requests
+    if seed is not None:
+        changes["seed"] = seed
+    return cfg.replace(**changes) if changes else cfg
+
+
+def _prompts_and_embeddings(cfg: SimConfig, progress: Progress) -> tuple[list[str], Any]:
+    from simulation.workload import embed_prompts, load_prompts
+
+    prompts = load_prompts(cfg)
+    emb = embed_prompts(
+        cfg, prompts, _updater(progress, f"embedding {len(prompts):,} prompts ({cfg.prompts.embedder})")
+    )
+    return prompts, emb
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    table = Table(title=f"{summary['requests']:,} requests, {summary['windows']['count']:,} windows")
+    for col in (
+        "mode",
+        "GPU-s/img",
+        "GPU saving",
+        "UNet saving",
+        "mean N",
+        "KiB/img",
+        "p50 s",
+        "p95 s",
+        "p99 s",
+        "SLO miss",
+        "device J/img",
+    ):
+        table.add_column(col, justify="right")
+    for name, s in summary["modes"].items():
+        table.add_row(
+            name,
+            f"{s['gpu_seconds_per_image']:.4f}",
+            f"{s.get('gpu_saving_vs_server', 0.0):.1%}",
+            f"{s['unet_saving']:.1%}",
+            f"{s['mean_group_size']:.2f}" if "mean_group_size" in s else "-",
+            f"{s['bytes_down_per_image'] / 1024:.1f}",
+            f"{s['latency_s']['p50']:.2f}",
+            f"{s['latency_s']['p95']:.2f}",
+            f"{s['latency_s']['p99']:.2f}",
+            f"{s['slo_violations']:.1%}",
+            f"{s['device_energy_j_per_image']:.1f}",
+        )
+    out_console.print(table)
+
+
+@main.command()
+def run(
+    config: ConfigArg,
+    out: OutOpt = None,
+    requests: RequestsOpt = None,
+    seed: SeedOpt = None,
+    workload: Annotated[
+        Path | None, typer.Option(help="replay a workload file (its arrivals and prompts; settings from CONFIG)")
+    ] = None,
+    per_request: Annotated[bool, typer.Option(help="also write requests.csv (per-request timings)")] = False,
+    plots: Annotated[bool, typer.Option(help="write dashboard.png")] = True,
+    offline_ideal: Annotated[bool, typer.Option(help="also group the whole prompt pool at once (the ceiling)")] = False,
+) -> None:
+    """Simulate one configuration (all its modes on one workload) and write summary.json, summary.csv and a
+    dashboard plot."""
+    from simulation import metrics
+    from simulation import plots as plotting
+    from simulation.engine import simulate
+    from simulation.sweep import offline_mean_group_size
+    from simulation.workload import build_workload, embed_prompts, read_workload_file
+
+    with _clear_errors():
+        cfg = _load(config, requests, seed)
+        out = out or Path("runs/sim") / config.stem
+        with _progress() as progress:
+            if workload is not None:
+                wcfg, wl = read_workload_file(workload)
+                cfg = cfg.replace(requests=wl.n)
+                prompts = list(wl.prompts)
+                emb = embed_prompts(cfg, prompts, _updater(progress, f"embedding {len(prompts):,} prompts"))
+            else:
+                prompts, emb = _prompts_and_embeddings(cfg, progress)
+                wl = build_workload(cfg, prompts)
+            result = simulate(cfg, wl, emb, _updater(progress, f"grouping {cfg.requests:,} requests"))
+        extra: dict[str, Any] = {"config_file": str(config)}
+        if workload is not None:
+            extra["workload_file"] = str(workload)
+        if offline_ideal:
+            n_off = offline_mean_group_size(emb, cfg)
+            beta = cfg.sampling.shared_steps / cfg.sampling.steps
+            extra["offline"] = {"mean_group_size": n_off, "ideal_saving": metrics.ideal_saving(beta, n_off)}
+        summary = metrics.summarize(result, extra)
+        metrics.write_json(summary, out / "summary.json")
+        metrics.write_csv([metrics.flat_row(summary, m) | {"mode": m} for m in summary["modes"]], out / "summary.csv")
+        if per_request:
+            metrics.write_requests_csv(result, out / "requests.csv")
+        if plots:
+            plotting.run_dashboard(result, summary, out / "dashboard.png")
+        _print_summary(summary)
+        console.print(f"simulated in {result.wall_s:.1f} s; wrote {out}/")
+
+
+@main.command()
+def sweep(config: ConfigArg, out: OutOpt = None, requests: RequestsOpt = None, seed: SeedOpt = None) -> None:
+    """Run the config's sweep grid (window x tau x beta x load): sweep.csv, sweep.json and tradeoffs.png."""
+    from simulation import metrics
+    from simulation import plots as plotting
+    from simulation.sweep import grid, run_sweep
+
+    with _clear_errors():
+        cfg = _load(config, None, seed)
+        if requests is not None:
+            cfg = cfg.replace(sweep=dataclasses.replace(cfg.sweep, requests=requests))
+        out = out or Path("runs/sim") / config.stem
+        with _progress() as progress:
+            prompts, emb = _prompts_and_embeddings(cfg, progress)
+            task = progress.add_task(
+                f"sweep: {len(grid(cfg))} settings x {cfg.sweep.requests:,} requests", total=len(grid(cfg))
+            )
+            rows = run_sweep(cfg, prompts, emb, lambda i, n, row: progress.update(task, completed=i))
+        metrics.write_csv(rows, out / "sweep.csv")
+        metrics.write_json(rows, out / "sweep.json")
+        title = (
+            f"{cfg.prompts.dataset} prompts ({cfg.prompts.embedder}), {cfg.sweep.requests:,} requests per point, "
+            f"{cfg.server.gpu_workers} GPU ({cfg.server.step_table})"
+        )
+        plotting.sweep_figure(rows, title, out / "tradeoffs.png")
+        console.print(f"{len(rows)} settings; wrote {out}/sweep.csv and tradeoffs.png")
+
+
+@main.command("workload")
+def workload_cmd(
+    config: ConfigArg,
+    out: Annotated[Path, typer.Option("--out", "-o", help="workload JSON file to write")],
+    requests: RequestsOpt = None,
+    seed: SeedOpt = None,
+) -> None:
+    """Write a workload file (settings, and per request: arrival time, prompt, device class, seed) for the
+    simulator and the real-system runner."""
+    from simulation.workload import build_workload, load_prompts, write_workload_file
+
+    with _clear_errors():
+        cfg = _load(config, requests, seed)
+        wl = build_workload(cfg, load_prompts(cfg))
+        write_workload_file(out, cfg, wl)
+        console.print(f"wrote {wl.n:,} requests over {wl.arrival_s[-1]:.1f} s to {out}")
+
+
+@main.command()
+def embed(config: ConfigArg) -> None:
+    """Embed the config's prompt pool into the cache (so later runs start at once)."""
+    from simulation.workload import embed_prompts, load_prompts
+
+    with _clear_errors():
+        cfg = load_config(config)
+        prompts = load_prompts(cfg)
+        with _progress() as progress:
+            emb = embed_prompts(cfg, prompts, _updater(progress, f"embedding {len(prompts):,} prompts"))
+        console.print(f"{emb.shape[0]:,} embeddings of dimension {emb.shape[1]} ({cfg.prompts.embedder})")
+
+
+@main.command()
+def check(config: ConfigArg) -> None:
+    """Validate a config file and the files it names, without simulating."""
+    from simulation.engine import latent_payload_bytes, load_step_table
+    from simulation.workload import dataset_path
+
+    with _clear_errors():
+        cfg = load_config(config)
+        dataset_path(cfg)
+        table = load_step_table(cfg)
+        nbytes, source = latent_payload_bytes(cfg.codec)
+        console.print(f"ok: {config} ({table.name}, latent {nbytes:,} B from {source})")
+
+
+if __name__ == "__main__":
+    main()

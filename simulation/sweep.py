@@ -1,0 +1,92 @@
+"""Sweep mode: every combination of window x tau x beta x load, each a full paired run, one row per point."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from sage_core.grouping import GroupingConfig, group_by_similarity
+from simulation.config import SimConfig, validate
+from simulation.engine import simulate, single_torch_thread
+from simulation.metrics import flat_row, ideal_saving, summarize
+from simulation.workload import build_workload
+
+PointFn = Callable[[int, int, dict[str, Any]], None]
+
+
+def grid(cfg: SimConfig) -> list[dict[str, float]]:
+    """The sweep points: the product of the sweep lists, each empty list standing for the base value."""
+    sw = cfg.sweep
+    axes = {
+        "rate": sw.rate or (cfg.arrivals.rate,),
+        "window_s": sw.window_s or (cfg.server.window_s,),
+        "tau": sw.tau or (cfg.grouping.tau,),
+        "share": sw.share or (cfg.sampling.share,),
+    }
+    return [dict(zip(axes, combo, strict=True)) for combo in itertools.product(*axes.values())]
+
+
+def point_config(cfg: SimConfig, point: dict[str, float]) -> SimConfig:
+    """The base config with one sweep point's values (and sweep.requests requests)."""
+    out = dataclasses.replace(
+        cfg,
+        requests=cfg.sweep.requests,
+        arrivals=dataclasses.replace(cfg.arrivals, rate=point["rate"]),
+        server=dataclasses.replace(cfg.server, window_s=point["window_s"]),
+        grouping=dataclasses.replace(cfg.grouping, tau=point["tau"]),
+        sampling=dataclasses.replace(cfg.sampling, share=point["share"]),
+    )
+    validate(out)
+    return out
+
+
+def offline_mean_group_size(embeddings: np.ndarray, cfg: SimConfig, limit: int = 30_000) -> float:
+    """Mean group size when the whole prompt pool (up to `limit` prompts) is grouped at once: the ceiling a
+    stream of these prompts can reach with an unbounded window."""
+    gcfg = GroupingConfig(
+        tau=cfg.grouping.tau, max_group_size=cfg.grouping.max_group_size, candidates=cfg.grouping.candidates
+    )
+    emb = embeddings[:limit]
+    with single_torch_thread():
+        groups = group_by_similarity(emb, gcfg)
+    return emb.shape[0] / len(groups)
+
+
+def run_sweep(
+    cfg: SimConfig,
+    prompts: Sequence[str],
+    embeddings: np.ndarray,
+    on_point: PointFn | None = None,
+    offline_ideal: bool = True,
+) -> list[dict[str, Any]]:
+    """Run every grid point; returns one flat row per point for the `sage` mode, with the `server` baseline's
+    latency and GPU cost alongside (columns prefixed `server.`) when that mode is in cfg.modes."""
+    points = grid(cfg)
+    offline: dict[float, float] = {}
+    rows = []
+    for i, point in enumerate(points):
+        pcfg = point_config(cfg, point)
+        extra: dict[str, Any] = {}
+        if offline_ideal:
+            if point["tau"] not in offline:
+                offline[point["tau"]] = offline_mean_group_size(embeddings, pcfg)
+            n_off = offline[point["tau"]]
+            beta = pcfg.sampling.shared_steps / pcfg.sampling.steps
+            extra["offline"] = {"mean_group_size": n_off, "ideal_saving": ideal_saving(beta, n_off)}
+        result = simulate(pcfg, build_workload(pcfg, prompts), embeddings)
+        summary = summarize(result, extra)
+        row = flat_row(summary, "sage") if "sage" in summary["modes"] else flat_row(summary, pcfg.modes[0])
+        for other in ("server", "device"):
+            if other in summary["modes"]:
+                o = summary["modes"][other]
+                row[f"{other}.latency_s.p50"] = o["latency_s"]["p50"]
+                row[f"{other}.latency_s.p95"] = o["latency_s"]["p95"]
+                row[f"{other}.gpu_seconds_per_image"] = o["gpu_seconds_per_image"]
+        rows.append(row)
+        if on_point:
+            on_point(i + 1, len(points), row)
+    return rows

