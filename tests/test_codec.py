@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import struct
 import tracemalloc
 
@@ -488,6 +489,13 @@ def _seed_frames() -> list[bytes]:
 
 
 SEED_FRAMES = _seed_frames()
+
+
+def _examples(n: int) -> int:
+    """Hypothesis examples per fuzz test: bounded for CI; CODEC_FUZZ_SCALE=20 for a long hunt."""
+    return max(1, int(n * float(os.environ.get("CODEC_FUZZ_SCALE", "1"))))
+
+
 FUZZ_CODEC = LatentCodec(max_decoded_bytes=2**20)
 
 
@@ -499,7 +507,7 @@ def _decode_or_codec_error(frame: bytes) -> None:
     assert isinstance(out, torch.Tensor) and bool(torch.isfinite(out.float()).all())
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=_examples(300), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=512))
 def test_fuzz_random_bytes(data):
     _decode_or_codec_error(data)
@@ -525,7 +533,7 @@ def _mutate(frame: bytearray, edits: list[tuple[float, int, str]], start: int = 
     return frame
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=_examples(400), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     st.sampled_from(range(len(SEED_FRAMES))),
     st.lists(MUTATION, max_size=4),
@@ -543,7 +551,7 @@ def test_fuzz_mutated_frames(index, edits, cut, reseal):
     _decode_or_codec_error(seal(body) if reseal else body + SEED_FRAMES[index][-DIGEST_SIZE:])
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=_examples(400), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.sampled_from(range(len(SEED_FRAMES))), st.lists(MUTATION, min_size=1, max_size=3))
 def test_fuzz_mutated_payloads_behind_a_valid_header(index, edits):
     """Mutate only quant params and the zstd payload, then reseal: exercises zstd, NaN and code checks."""
@@ -582,13 +590,13 @@ def hostile_headers(draw):
     )
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=_examples(400), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(hostile_headers())
 def test_fuzz_structured_headers(fields):
     _decode_or_codec_error(make_frame(**fields))
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=_examples(150), deadline=None)
 @given(
     mode=st.sampled_from(MODES),
     shape=st.lists(st.integers(0, 6), max_size=5).map(tuple),
