@@ -96,7 +96,7 @@ def demo_cmd(
     ] = None,
 ) -> None:
     """Start an edge server (local Ray), run device clients on the prompts file, write images, grids, a report."""
-    from device_client.demo import DemoConfig, DemoError, run_demo
+    from device_client.demo import DemoConfig, DemoError, run_demo_config
     from sage_core.models import ModelError
 
     try:
@@ -111,7 +111,7 @@ def demo_cmd(
             max_wait_ms=max_wait_ms,
             server_args=tuple(server_arg or ()),
         )
-        run_demo(config, progress=True)
+        run_demo_config(config, progress=True)
     except (DemoError, ModelError, ValueError, OSError) as exc:
         fail(str(exc))
 

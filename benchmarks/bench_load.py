@@ -1,0 +1,148 @@
+"""Load test of the edge server + device clients: every request must end with an image or a clear error.
+
+    python -m benchmarks.bench_load                               # starts a tiny-model server, 64 requests
+    python -m benchmarks.bench_load --requests 200 --concurrency 32 --branch
+    python -m benchmarks.bench_load --server 127.0.0.1:50051      # an already running server
+
+Each of `concurrency` simulated devices (own channel, own client id) takes requests from one queue. By default a
+device only fetches, verifies (sha256, frame table, fingerprint) and decodes the latent, so the load is on the
+server; `--branch` also runs the branch phase and the VAE on the device. Prints the counts (ok, each error code,
+lost = requests that never ended) and latency percentiles; exits 1 if any request was lost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import queue
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+if __package__ in (None, ""):  # `python benchmarks/bench_load.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from device_client.client import DeviceClient, DeviceError, DeviceModel  # noqa: E402
+from device_client.config import DeviceConfig  # noqa: E402
+from device_client.server_process import EdgeServerProcess  # noqa: E402
+
+DEFAULT_PROMPTS = Path(__file__).resolve().parents[1] / "examples" / "prompts.txt"
+LOST = "LOST"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--server", help="host:port of a running edge server; default: start one (local Ray)")
+    p.add_argument("--model", default="tiny", help="model of the started server and the devices")
+    p.add_argument("--requests", type=int, default=64)
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--branch", action="store_true", help="also run the branch phase + VAE on the device")
+    p.add_argument("--timeout", type=float, default=120.0, help="per-request deadline (s)")
+    p.add_argument("--prompts", type=Path, default=DEFAULT_PROMPTS)
+    p.add_argument("--max-wait-ms", type=float, default=100.0, help="batching window of the started server")
+    p.add_argument("--server-arg", action="append", default=[], help="extra argument for the started server")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON too")
+    return p.parse_args(argv)
+
+
+def run_load(address: str, model: DeviceModel, args: argparse.Namespace, prompts: list[str]) -> dict:
+    """Fire `args.requests` requests from `args.concurrency` devices; return counts and latencies."""
+    config = DeviceConfig(server=address, model=args.model, adapter="none", steps=args.steps, timeout_s=args.timeout)
+    todo: queue.Queue[int] = queue.Queue()
+    for i in range(args.requests):
+        todo.put(i)
+    status: list[str] = [LOST] * args.requests
+    latency: list[float] = [0.0] * args.requests
+    messages: dict[str, str] = {}
+
+    def device(d: int) -> None:
+        with DeviceClient(replace(config, client_id=f"load-{d}"), model) as client:
+            while True:
+                try:
+                    i = todo.get_nowait()
+                except queue.Empty:
+                    return
+                t0 = time.perf_counter()
+                try:
+                    prompt = prompts[i % len(prompts)]
+                    if args.branch:
+                        client.generate(prompt, seed=i)
+                    else:
+                        client.request_latent(prompt, seed=i)
+                    status[i] = "OK"
+                except DeviceError as exc:
+                    status[i] = exc.code
+                    messages.setdefault(exc.code, exc.message)
+                except Exception as exc:  # noqa: BLE001 - counted, never lost
+                    status[i] = f"CLIENT_{type(exc).__name__}"
+                    messages.setdefault(status[i], str(exc))
+                latency[i] = (time.perf_counter() - t0) * 1e3
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=device, args=(d,), daemon=True) for d in range(args.concurrency)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + args.timeout * (args.requests / args.concurrency + 2)
+    for t in threads:
+        t.join(timeout=max(0.0, deadline - time.monotonic()))
+    wall = time.perf_counter() - t0
+    counts = Counter(status)
+    ok_lat = [latency[i] for i in range(args.requests) if status[i] == "OK"]
+    pct = {f"p{q}": float(np.percentile(ok_lat, q)) if ok_lat else 0.0 for q in (50, 95, 99)}
+    return {
+        "requests": args.requests,
+        "concurrency": args.concurrency,
+        "ok": counts.get("OK", 0),
+        "errors": {k: v for k, v in sorted(counts.items()) if k not in ("OK", LOST)},
+        "lost": counts.get(LOST, 0),
+        "error_examples": messages,
+        "latency_ms": pct,
+        "wall_s": wall,
+        "throughput_rps": args.requests / wall if wall else 0.0,
+    }
+
+
+def print_summary(summary: dict) -> None:
+    errors = " ".join(f"{k}={v}" for k, v in summary["errors"].items())
+    print(f"requests={summary['requests']} ok={summary['ok']} {errors + ' ' if errors else ''}lost={summary['lost']}")
+    lat = summary["latency_ms"]
+    print(f"latency ms p50={lat['p50']:.0f} p95={lat['p95']:.0f} p99={lat['p99']:.0f}; "
+          f"{summary['throughput_rps']:.2f} requests/s over {summary['wall_s']:.1f} s")  # fmt: skip
+    for code, message in summary["error_examples"].items():
+        print(f"  {code}: {message}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    args = parse_args(argv)
+    if args.requests < 1 or args.concurrency < 1:
+        print("error: --requests and --concurrency must be >= 1", file=sys.stderr)
+        return 2
+    torch.set_num_threads(1)
+    prompts = [ln.strip() for ln in args.prompts.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    server = None
+    if args.server is None:
+        server = EdgeServerProcess(args.model, ["--max-wait-ms", f"{args.max_wait_ms:g}", *args.server_arg])
+        server.launch()
+    try:
+        model = DeviceModel.load(DeviceConfig(model=args.model, adapter="none"))
+        address = server.wait_listening() if server is not None else args.server
+        summary = run_load(address, model, args, prompts)
+    finally:
+        if server is not None:
+            server.stop()
+    print_summary(summary)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    return 1 if summary["lost"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
