@@ -281,32 +281,46 @@ class DeviceClient:
             model = DeviceModel.wrap(model, config)
         self.model = model
         self._channel: grpc.Channel | None = None
+        self._lock = threading.Lock()
+        self._reachable = False
 
     # -- channel --
 
     def _stub(self) -> edge_pb2_grpc.EdgeSamplerStub:
-        """A stub on a ready channel, or DeviceError UNAVAILABLE within connect_timeout_s."""
-        if self.config.server is None:
+        """A stub on a channel known to reach the server, or DeviceError UNAVAILABLE within connect_timeout_s.
+        Reachability is probed once per channel with GetServerInfo (wait_for_ready), not with a connectivity
+        subscription, whose polling thread outlives closed channels."""
+        c = self.config
+        if c.server is None:
             raise DeviceError("UNAVAILABLE", "no edge server configured")
-        if self._channel is None:
-            self._channel = grpc.insecure_channel(
-                self.config.server,
-                options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.enable_retries", 0)],
-            )
-        try:
-            grpc.channel_ready_future(self._channel).result(timeout=self.config.connect_timeout_s)
-        except grpc.FutureTimeoutError:
-            raise DeviceError(
-                "UNAVAILABLE",
-                f"edge server {self.config.server} unreachable within {self.config.connect_timeout_s:g} s",
-            ) from None
-        return edge_pb2_grpc.EdgeSamplerStub(self._channel)
+        with self._lock:
+            if self._channel is None:
+                self._channel = grpc.insecure_channel(
+                    c.server, options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+                )
+            stub = edge_pb2_grpc.EdgeSamplerStub(self._channel)
+        if not self._reachable:
+            try:
+                stub.GetServerInfo(edge_pb2.ServerInfoRequest(), timeout=c.connect_timeout_s, wait_for_ready=True)
+            except grpc.RpcError as exc:
+                if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise DeviceError(
+                        "UNAVAILABLE", f"edge server {c.server} unreachable within {c.connect_timeout_s:g} s"
+                    ) from None
+            self._reachable = True
+        return stub
+
+    def connect(self) -> None:
+        """Reach the server now rather than on the first request (DeviceError UNAVAILABLE if it cannot)."""
+        self._stub()
 
     def close(self) -> None:
         """Close the channel (the model stays loaded)."""
-        if self._channel is not None:
-            self._channel.close()
-            self._channel = None
+        with self._lock:
+            if self._channel is not None:
+                self._channel.close()
+                self._channel = None
+            self._reachable = False
 
     def __enter__(self) -> DeviceClient:
         return self
@@ -353,6 +367,8 @@ class DeviceClient:
         try:
             accepted, done, payload, wire, t_acc = collect_stream(call, self.model.fingerprint, self.config)
         except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                self._reachable = False
             raise rpc_error(exc, self.model.fingerprint) from None
         except DeviceError:
             call.cancel()

@@ -67,7 +67,7 @@ def burst(server, model) -> list[DeviceResult | Exception]:
     def device(i: int) -> None:
         try:
             with DeviceClient(replace(config, client_id=f"device-{i}"), model) as client:
-                client._stub()  # connect first, so the requests meet in one batching window
+                client.connect()  # connect first, so the requests meet in one batching window
                 barrier.wait(timeout=60)
                 results[i] = client.generate(BURST[i], seed=100 + i)
         except Exception as exc:  # noqa: BLE001 - recorded and asserted on below
