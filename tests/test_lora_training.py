@@ -1,0 +1,112 @@
+"""LoRA fine-tuning on tiny pipelines: adapters in diffusers format, shape checks, checkpoints and resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sage_core.models import tiny_pipeline
+from training.finetune import FinetuneConfig, finetune, load_config
+from training.grouped_dataset import GroupedDataset, save_grouped_dataset, world_items
+from training.lora import AdapterMismatchError, LoraSettings, check_adapter, load_adapter
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def dataset_path(tmp_path_factory) -> Path:
+    items = world_items(12, seed=0, split="train")
+    groups = [[0, 1, 2], [3, 4], [5, 6, 7, 8], [9, 10], [2, 11]]
+    path = tmp_path_factory.mktemp("ds") / "groups.json"
+    return save_grouped_dataset(GroupedDataset(items, groups, {"source": "test"}), path)
+
+
+def _cfg(dataset_path: Path, out: Path, **kw) -> FinetuneConfig:
+    base = dict(dataset=str(dataset_path), out_dir=str(out), steps=4, batch_groups=2, lr=1e-3, checkpoint_every=2,
+                log_every=1, progress=False, lora=LoraSettings(rank=2, alpha=2.0))
+    return FinetuneConfig(**(base | kw))
+
+
+def _unet_out(pipe) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 4, 16, 16, generator=gen)
+    c = torch.randn(1, 77, 32, generator=gen)
+    with torch.no_grad():
+        return pipe.unet(x, torch.tensor([400]), encoder_hidden_states=c).sample
+
+
+@pytest.mark.parametrize("method", ["sage", "standard"])
+def test_finetune_writes_a_diffusers_adapter_that_changes_the_unet(dataset_path, tmp_path, method) -> None:
+    adapter = finetune(_cfg(dataset_path, tmp_path / method, method=method), pipe=tiny_pipeline(0), log=lambda s: None)
+    weights = load_file(str(adapter / "pytorch_lora_weights.safetensors"))
+    assert weights and all(k.startswith("unet.") and ".lora." in k for k in weights)
+    info = json.loads((adapter / "sage_adapter.json").read_text())
+    assert info["method"] == method and info["steps_done"] == 4
+    log = json.loads((tmp_path / method / "train_log.json").read_text())["log"]
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    pipe = tiny_pipeline(0)
+    before = _unet_out(pipe)
+    pipe.load_lora_weights(str(adapter))  # what the device client does
+    after = _unet_out(pipe)
+    assert (after - before).abs().max() > 1e-5
+
+
+def test_adapter_for_another_base_model_is_refused_clearly(dataset_path, tmp_path) -> None:
+    adapter = finetune(_cfg(dataset_path, tmp_path / "a", steps=1), pipe=tiny_pipeline(0), log=lambda s: None)
+    other = tiny_pipeline(0, cross_attention_dim=64)  # attn2.to_k / to_v take 64 features, not 32
+    with pytest.raises(AdapterMismatchError, match="another base model.*attn2.to_k.*32 -> .*64"):
+        load_adapter(other, adapter)
+    assert check_adapter(tiny_pipeline(1).unet, adapter) > 0  # same architecture, other weights: fits
+    with pytest.raises(AdapterMismatchError, match="no pytorch_lora_weights"):
+        check_adapter(other.unet, tmp_path)
+
+
+def test_interrupted_run_resumes_from_checkpoint_and_matches_uninterrupted(dataset_path, tmp_path) -> None:
+    full = finetune(_cfg(dataset_path, tmp_path / "full"), pipe=tiny_pipeline(0), log=lambda s: None)
+
+    def crash(step: int, loss: float) -> None:
+        if step == 3:
+            raise RuntimeError("power cut")
+
+    cfg = _cfg(dataset_path, tmp_path / "cut")
+    with pytest.raises(RuntimeError, match="power cut"):
+        finetune(cfg, pipe=tiny_pipeline(0), step_callback=crash, log=lambda s: None)
+    assert not (tmp_path / "cut" / "adapter").exists()
+    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["step"] == 2
+    messages: list[str] = []
+    steps_run: list[int] = []
+    resumed = finetune(cfg, pipe=tiny_pipeline(0), step_callback=lambda s, _: steps_run.append(s), log=messages.append)
+    assert any("resumed" in m and "step 2" in m for m in messages)
+    assert steps_run == [3, 4]
+    a = load_file(str(full / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(resumed / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k])
+    log = json.loads((tmp_path / "cut" / "train_log.json").read_text())["log"]
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+
+
+def test_resume_with_another_config_is_refused(dataset_path, tmp_path) -> None:
+    finetune(_cfg(dataset_path, tmp_path / "r", steps=2), pipe=tiny_pipeline(0), log=lambda s: None)
+    with pytest.raises(ValueError, match="another config.*method"):
+        finetune(_cfg(dataset_path, tmp_path / "r", steps=3, method="standard"), pipe=tiny_pipeline(0),
+                 log=lambda s: None)
+
+
+def test_bad_configs_and_missing_dataset(tmp_path) -> None:
+    with pytest.raises(ValueError, match="unknown method"):
+        FinetuneConfig(method="dreambooth")
+    with pytest.raises(ValueError, match="unknown config field"):
+        load_config(None, learning_rate=1e-4)
+    with pytest.raises(ValueError, match="rank"):
+        LoraSettings(rank=0)
+    from training.grouped_dataset import DatasetError
+
+    with pytest.raises(DatasetError, match="does not exist"):
+        finetune(FinetuneConfig(dataset=str(tmp_path / "nope.json"), out_dir=str(tmp_path / "o"), progress=False),
+                 pipe=tiny_pipeline(0), log=lambda s: None)

@@ -1,0 +1,362 @@
+"""LoRA fine-tuning of a pipeline's UNet on a grouped dataset: SAGE (Algorithm 2, L_SAGE) or standard.
+
+One typed `FinetuneConfig` per run. Each step draws `batch_groups` groups of the grouped dataset (the paper:
+batch 4, AdamW, constant lr 1e-4) and takes one AdamW step on
+  method "sage":      L_SAGE (training/losses.py): one shared noise per group, t_s ~ U{t*..T-1}, t_b ~ U{0..t*}
+  method "standard":  the plain noise-prediction loss on every member of the same groups (own noise, t ~ U{0..T-1})
+so both methods see the same captions and images in the same order for the same number of steps.
+
+Only the LoRA parameters train; the VAE and text encoder are frozen (images are encoded once, captions per step).
+`out_dir` holds `checkpoint.pt` (LoRA, AdamW, RNG states, step, loss log; written atomically every
+`checkpoint_every` steps, on Ctrl-C and at the end), `train_log.json`, and `adapter/` (diffusers LoRA format,
+written at the end). Running again with the same config resumes from the checkpoint and finishes the same steps.
+
+One command: `sage-train finetune --config training/configs/sage_finetune_default.yaml`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from sage_core.models import model_fingerprint
+from training.grouped_dataset import GroupedDataset, load_grouped_dataset
+from training.lora import LoraSettings, add_lora, lora_state_dict, save_adapter, set_lora_state_dict
+from training.losses import GroupBatch, SageLossConfig, branch_timestep, sage_loss, standard_loss
+
+METHODS = ("sage", "standard")
+CHECKPOINT = "checkpoint.pt"
+# fields that must match for a checkpoint to be resumed (others, e.g. steps or device, may change)
+RESUME_KEYS = ("method", "dataset", "model", "batch_groups", "lr", "weight_decay", "seed", "share", "sampler_steps",
+               "loss", "lora")
+
+
+@dataclass
+class FinetuneConfig:
+    """Everything one fine-tuning run needs."""
+
+    dataset: str = "runs/sage/world_groups_train.json"
+    out_dir: str = "runs/sage/sage_ft"
+    model: str | None = None  # pipeline folder; None: the shipped default model
+    method: str = "sage"
+    steps: int = 2000
+    batch_groups: int = 4
+    lr: float = 1e-4
+    weight_decay: float = 1e-2
+    grad_clip: float = 1.0  # 0: off
+    seed: int = 0
+    share: float = 0.3  # beta the run is trained for: sets t* (paper: beta = 30 %)
+    sampler_steps: int = 30  # T of the DDIM sampler the adapter will run under
+    lambda1: float = 1.0
+    lambda2: float = 1.0
+    weighting: str = "constant"
+    snr_gamma: float = 5.0
+    soft_target_grad: bool = False
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    checkpoint_every: int = 100
+    log_every: int = 10
+    max_minutes: float = 0.0  # 0: no limit; otherwise stop (with a checkpoint) after this long
+    device: str = "cpu"
+    num_threads: int = 1
+    bf16_autocast: bool = True  # on CUDA only
+    encode_batch_size: int = 64
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.lora, dict):
+            self.lora = LoraSettings(**{k: tuple(v) if k == "target_modules" else v for k, v in self.lora.items()})
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS}")
+        if self.steps < 1 or self.batch_groups < 1:
+            raise ValueError(f"steps and batch_groups must be >= 1, got {self.steps}, {self.batch_groups}")
+        if not 0 < self.lr < 1:
+            raise ValueError(f"lr must be in (0, 1), got {self.lr}")
+        if not 0.0 <= self.share < 1.0:
+            raise ValueError(f"share must be in [0, 1), got {self.share}")
+        if self.checkpoint_every < 1 or self.log_every < 1:
+            raise ValueError("checkpoint_every and log_every must be >= 1")
+
+    def loss_config(self, scheduler_config: dict) -> SageLossConfig:
+        """The L_SAGE knobs, with t* from the sampler schedule of this pipeline."""
+        return SageLossConfig(
+            lambda1=self.lambda1,
+            lambda2=self.lambda2,
+            branch_t=branch_timestep(scheduler_config, self.sampler_steps, self.share),
+            num_train_timesteps=int(scheduler_config["num_train_timesteps"]),
+            weighting=self.weighting,
+            snr_gamma=self.snr_gamma,
+            soft_target_grad=self.soft_target_grad,
+        )
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> FinetuneConfig:
+    """A FinetuneConfig from YAML/JSON (unknown keys are an error), with non-None overrides applied."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config file {path} does not exist")
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} must hold a mapping of config fields")
+    data |= {k: v for k, v in overrides.items() if v is not None}
+    known = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown config field(s) {unknown}; known: {sorted(known)}")
+    return FinetuneConfig(**data)
+
+
+# ----------------------------------------------------------------------------------------------- data
+def model_resolution(pipe) -> int:
+    """Image side the pipeline generates (UNet sample size x VAE scale factor)."""
+    return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
+
+
+def item_images(dataset: GroupedDataset, ids: list[int], size: int) -> np.ndarray:
+    """uint8 [n, size, size, 3] images of the items: world renders or files; COCO items are text-only."""
+    from PIL import Image
+
+    out = []
+    for i in ids:
+        ref = dataset.items[i]["image"]
+        if "world" in ref:
+            from training import world
+
+            w = ref["world"]
+            img = world.render_scene(world.make_example(int(w["seed"]), str(w["split"]), int(w["index"])).scene)
+        elif "path" in ref:
+            img = np.asarray(Image.open(ref["path"]).convert("RGB"))
+        else:
+            raise ValueError(f"item {i} has no image (COCO captions here are text-only); SAGE training needs images")
+        if img.shape[0] != size or img.shape[1] != size:
+            img = np.asarray(Image.fromarray(img).resize((size, size), Image.BICUBIC))
+        out.append(img)
+    return np.stack(out)
+
+
+@torch.no_grad()
+def encode_latents(pipe, images: np.ndarray, batch_size: int) -> torch.Tensor:
+    """VAE posterior means x scaling_factor, float32 on CPU: [n, C, h, w]."""
+    vae, dev = pipe.vae, pipe.vae.device
+    chunks = []
+    for lo in range(0, len(images), batch_size):
+        x = torch.from_numpy(images[lo : lo + batch_size]).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+        post = vae.encode(x.to(dev, vae.dtype)).latent_dist
+        chunks.append((post.mean * vae.config.scaling_factor).float().cpu())
+    return torch.cat(chunks)
+
+
+@dataclass
+class TrainData:
+    """Everything a step draws from: groups, their items' latents and token ids."""
+
+    groups: list[list[int]]
+    latents: torch.Tensor  # [items used, C, h, w]
+    token_ids: torch.Tensor  # [items used, 77]
+    row_of: dict[int, int]  # item id -> row in latents / token_ids
+
+
+def dataset_fingerprint(path: str | Path) -> str:
+    """SHA-256 prefix of the dataset file's bytes."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def prepare_data(pipe, cfg: FinetuneConfig, base_fingerprint: str, log: Callable[[str], None]) -> TrainData:
+    """Load the grouped dataset, encode every used item's image once (cached in out_dir by dataset and model)."""
+    dataset = load_grouped_dataset(cfg.dataset)
+    used = sorted({i for g in dataset.groups for i in g})
+    row_of = {item: r for r, item in enumerate(used)}
+    ids = pipe.tokenizer([dataset.items[i]["caption"] for i in used], padding="max_length",
+                         max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+    key = f"{dataset_fingerprint(cfg.dataset)}_{base_fingerprint}"
+    cache = Path(cfg.out_dir) / f"latents_{key}.pt"
+    if cache.is_file():
+        latents = torch.load(cache, weights_only=True)
+    else:
+        log(f"encoding {len(used)} images with the VAE")
+        latents = encode_latents(pipe, item_images(dataset, used, model_resolution(pipe)), cfg.encode_batch_size)
+        _atomic_save(latents, cache)
+    return TrainData(dataset.groups, latents, ids, row_of)
+
+
+def make_batch(pipe, data: TrainData, group_ids: list[int], device: torch.device) -> GroupBatch:
+    """Member latents, text embeddings (frozen encoder) and group index of the chosen groups."""
+    rows = [data.row_of[i] for g in group_ids for i in data.groups[g]]
+    index = [k for k, g in enumerate(group_ids) for _ in data.groups[g]]
+    with torch.no_grad():
+        cond = pipe.text_encoder(data.token_ids[rows].to(device))[0]
+    return GroupBatch(data.latents[rows].to(device), cond.float(), torch.tensor(index, device=device))
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+def _atomic_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def resume_signature(cfg: FinetuneConfig) -> dict[str, Any]:
+    """The config fields a checkpoint must agree on."""
+    d = asdict(cfg)
+    d["loss"] = {k: d[k] for k in ("lambda1", "lambda2", "weighting", "snr_gamma", "soft_target_grad")}
+    d["lora"] = {k: list(v) if isinstance(v, tuple) else v for k, v in d["lora"].items()}
+    return {k: d[k] for k in RESUME_KEYS}
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint restores."""
+
+    step: int
+    log: list[dict[str, float]]
+    elapsed_s: float
+
+
+def save_checkpoint(path: Path, cfg: FinetuneConfig, unet, optim, gens: dict[str, torch.Generator],
+                    state: TrainState) -> None:
+    """LoRA tensors, AdamW state, RNG states, step and loss log, atomically."""
+    _atomic_save({
+        "step": state.step,
+        "lora": lora_state_dict(unet),
+        "optimizer": optim.state_dict(),
+        "generators": {k: g.get_state() for k, g in gens.items()},
+        "signature": json.dumps(resume_signature(cfg), sort_keys=True),
+        "log": state.log,
+        "elapsed_s": state.elapsed_s,
+    }, path)
+
+
+def load_checkpoint(path: Path, cfg: FinetuneConfig, unet, optim, gens: dict[str, torch.Generator]) -> TrainState:
+    """Restore a checkpoint written by `save_checkpoint` for the same config."""
+    try:
+        ckpt = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same message
+        raise ValueError(f"checkpoint {path} is unreadable ({exc}); delete it to start over") from exc
+    want = json.dumps(resume_signature(cfg), sort_keys=True)
+    if ckpt.get("signature") != want:
+        old, new = json.loads(ckpt.get("signature") or "{}"), json.loads(want)
+        diff = sorted(k for k in new if old.get(k) != new.get(k))
+        raise ValueError(f"checkpoint {path} was made with another config (differs in {diff}); use a new out_dir "
+                         "or delete the checkpoint")
+    set_lora_state_dict(unet, ckpt["lora"])
+    optim.load_state_dict(ckpt["optimizer"])
+    for k, g in gens.items():
+        g.set_state(ckpt["generators"][k])
+    return TrainState(int(ckpt["step"]), list(ckpt["log"]), float(ckpt["elapsed_s"]))
+
+
+# ----------------------------------------------------------------------------------------------- training
+def load_base(cfg: FinetuneConfig):
+    """The base pipeline in float32 on the configured device."""
+    from sage_core.models import load_pipeline
+
+    return load_pipeline(cfg.model, device=cfg.device)
+
+
+def train_step(pipe, data: TrainData, cfg: FinetuneConfig, loss_cfg: SageLossConfig, gens: dict[str, torch.Generator],
+               alphas: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, dict[str, float]]:
+    """Draw groups and noises, return the loss of the configured method."""
+    group_ids = torch.randint(0, len(data.groups), (cfg.batch_groups,), generator=gens["data"]).tolist()
+    batch = make_batch(pipe, data, group_ids, device)
+    shape = batch.latents.shape[1:]
+    if cfg.method == "sage":
+        noise = torch.randn((batch.num_groups, *shape), generator=gens["noise"]).to(device)
+        t_s = torch.randint(loss_cfg.branch_t, loss_cfg.num_train_timesteps, (batch.num_groups,),
+                            generator=gens["noise"]).to(device)
+        t_b = torch.randint(0, loss_cfg.branch_t + 1, (batch.num_groups,), generator=gens["noise"]).to(device)
+        return sage_loss(pipe.unet, alphas, batch, loss_cfg, noise, t_s, t_b)
+    m = batch.latents.shape[0]
+    noise = torch.randn((m, *shape), generator=gens["noise"]).to(device)
+    t = torch.randint(0, loss_cfg.num_train_timesteps, (m,), generator=gens["noise"]).to(device)
+    return standard_loss(pipe.unet, alphas, batch, loss_cfg, noise, t)
+
+
+def finetune(
+    cfg: FinetuneConfig,
+    pipe=None,
+    resume: bool = True,
+    step_callback: Callable[[int, float], None] | None = None,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Run (or resume) a fine-tuning run; returns the adapter folder. `pipe` overrides loading `cfg.model`
+    (tests pass tiny pipelines); `step_callback(step, loss)` runs after every completed step."""
+    # 1. set-up: threads, model, LoRA, data, optimizer
+    if cfg.device == "cpu":
+        torch.set_num_threads(cfg.num_threads)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pipe = pipe if pipe is not None else load_base(cfg)
+    device = pipe.unet.device
+    base_fingerprint = model_fingerprint(pipe)
+    params = add_lora(pipe.unet, cfg.lora)
+    data = prepare_data(pipe, cfg, base_fingerprint, log)
+    loss_cfg = cfg.loss_config(dict(pipe.scheduler.config))
+    alphas = pipe.scheduler.alphas_cumprod.to(device)
+    optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)  # constant lr, as the paper
+    gens = {"data": torch.Generator().manual_seed(cfg.seed), "noise": torch.Generator().manual_seed(cfg.seed + 1)}
+    # 2. resume
+    ckpt_path = out / CHECKPOINT
+    state = TrainState(0, [], 0.0)
+    if resume and ckpt_path.is_file():
+        state = load_checkpoint(ckpt_path, cfg, pipe.unet, optim, gens)
+        log(f"resumed {ckpt_path} at step {state.step}")
+    # 3. the loop
+    pipe.unet.train()
+    autocast = device.type == "cuda" and cfg.bf16_autocast
+    started, start_elapsed = time.monotonic(), state.elapsed_s
+    bar = tqdm(total=cfg.steps, initial=state.step, desc=f"{cfg.method} LoRA", disable=not cfg.progress)
+    running: list[float] = []
+    try:
+        while state.step < cfg.steps:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                loss, terms = train_step(pipe, data, cfg, loss_cfg, gens, alphas, device)
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            optim.step()
+            state.step += 1
+            state.elapsed_s = start_elapsed + time.monotonic() - started
+            running.append(float(loss.detach()))
+            bar.update(1)
+            if state.step % cfg.log_every == 0 or state.step == cfg.steps:
+                state.log.append({"step": state.step, "loss": float(np.mean(running)), "elapsed_s": state.elapsed_s}
+                                 | terms)
+                bar.set_postfix(loss=f"{np.mean(running):.4f}")
+                running = []
+            if state.step % cfg.checkpoint_every == 0:
+                save_checkpoint(ckpt_path, cfg, pipe.unet, optim, gens, state)
+            if step_callback is not None:
+                step_callback(state.step, float(loss.detach()))
+            if cfg.max_minutes > 0 and time.monotonic() - started > cfg.max_minutes * 60:
+                log(f"time limit of {cfg.max_minutes} min reached at step {state.step}")
+                break
+    except KeyboardInterrupt:
+        save_checkpoint(ckpt_path, cfg, pipe.unet, optim, gens, state)
+        log(f"interrupted: checkpoint at step {state.step} in {ckpt_path}; run again to resume")
+        raise
+    finally:
+        bar.close()
+    # 4. save: checkpoint, log, adapter
+    save_checkpoint(ckpt_path, cfg, pipe.unet, optim, gens, state)
+    info = {"base_model_fingerprint": base_fingerprint, "method": cfg.method, "steps_done": state.step,
+            "steps": cfg.steps, "train_seconds": round(state.elapsed_s, 1), "config": resume_signature(cfg),
+            "branch_t": loss_cfg.branch_t}
+    (out / "train_log.json").write_text(json.dumps(info | {"log": state.log}, indent=1), encoding="utf-8")
+    adapter = save_adapter(pipe.unet, out / "adapter", cfg.lora, info)
+    log(f"{cfg.method}: {state.step}/{cfg.steps} steps in {state.elapsed_s:.0f} s; adapter in {adapter}")
+    return adapter

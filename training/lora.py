@@ -1,0 +1,187 @@
+"""LoRA on the UNet with peft, saved and loaded in diffusers' LoRA format.
+
+- `add_lora(unet, cfg)`: peft LoraConfig injected through diffusers' `unet.add_adapter` (rank, alpha, target
+  modules from `LoraSettings`); only the LoRA parameters train.
+- `save_adapter(unet, dir, ...)`: `get_peft_model_state_dict` -> `convert_state_dict_to_diffusers` ->
+  `StableDiffusionPipeline.save_lora_weights`, i.e. `dir/pytorch_lora_weights.safetensors` with keys
+  `unet.<module>.lora.down.weight` / `.lora.up.weight`, the LoraConfig in the safetensors metadata (so alpha
+  survives), plus `sage_adapter.json` (base model fingerprint, settings, how it was trained).
+  `pipe.load_lora_weights(dir)` loads it.
+- `check_adapter(unet, dir)` / `load_adapter(pipe, dir)`: before touching the pipeline, every LoRA matrix must
+  name a Linear/Conv module of this UNet with matching in/out features; otherwise `AdapterMismatchError` says
+  which module and which shapes (an adapter for another base model), instead of diffusers' long state-dict dump.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+ADAPTER_FILE = "pytorch_lora_weights.safetensors"
+INFO_FILE = "sage_adapter.json"
+DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+class AdapterMismatchError(ValueError):
+    """A LoRA folder that does not fit this base model (missing modules or other shapes), or is unreadable."""
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA hyper-parameters. Targets are module-name suffixes inside the UNet: the attention projections by
+    default (as diffusers' text-to-image LoRA script); add e.g. "proj_in", "proj_out", "ff.net.2" for more."""
+
+    rank: int = 8
+    alpha: float = 8.0
+    target_modules: tuple[str, ...] = DEFAULT_TARGETS
+    dropout: float = 0.0
+    init_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
+        if self.alpha <= 0:
+            raise ValueError(f"LoRA alpha must be > 0, got {self.alpha}")
+        if not self.target_modules:
+            raise ValueError("LoRA needs at least one target module")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+
+
+def lora_config(settings: LoraSettings):
+    """The peft LoraConfig of the settings (gaussian A, zero B: the adapter starts as the identity)."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=settings.rank,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        init_lora_weights="gaussian",
+        target_modules=list(settings.target_modules),
+    )
+
+
+def add_lora(unet, settings: LoraSettings) -> list[torch.nn.Parameter]:
+    """Freeze the UNet, inject a LoRA adapter, return its trainable parameters (kept in float32)."""
+    unet.requires_grad_(False)
+    torch.manual_seed(settings.init_seed)
+    try:
+        unet.add_adapter(lora_config(settings))
+    except ValueError as exc:
+        raise ValueError(f"cannot add LoRA with targets {settings.target_modules}: {exc}") from exc
+    params = [p for n, p in unet.named_parameters() if "lora_" in n]
+    for p in params:
+        p.data = p.data.float()
+        p.requires_grad_(True)
+    return params
+
+
+def lora_state_dict(unet) -> dict[str, torch.Tensor]:
+    """The adapter's tensors in peft naming (for checkpoints)."""
+    from peft.utils import get_peft_model_state_dict
+
+    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(unet).items()}
+
+
+def set_lora_state_dict(unet, state: dict[str, torch.Tensor]) -> None:
+    """Load tensors saved by `lora_state_dict` back into an adapter of the same settings."""
+    from peft.utils import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(unet, state)
+    unexpected = getattr(result, "unexpected_keys", []) or []
+    if unexpected:
+        raise AdapterMismatchError(f"checkpoint has LoRA tensors this adapter lacks: {unexpected[:3]}")
+
+
+def save_adapter(
+    unet, out_dir: str | Path, settings: LoraSettings, info: dict[str, Any] | None = None, dtype=torch.float16
+) -> Path:
+    """Write the adapter in diffusers' LoRA format (+ sage_adapter.json); returns the folder."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}
+    StableDiffusionPipeline.save_lora_weights(
+        str(out), unet_lora_layers=state, safe_serialization=True,
+        unet_lora_adapter_metadata=lora_config(settings).to_dict(),
+    )
+    meta = {"format": "diffusers-lora", "weights": ADAPTER_FILE, "lora": asdict(settings)} | (info or {})
+    (out / INFO_FILE).write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
+    return out
+
+
+def _module_shapes(unet) -> dict[str, tuple[int, int]]:
+    """(in, out) features of every Linear and Conv2d of the UNet, by module name (base layers of a peft-wrapped
+    module under their plain name)."""
+    shapes = {}
+    for name, mod in unet.named_modules():
+        name = name.replace(".base_layer", "")
+        if isinstance(mod, torch.nn.Linear):
+            shapes[name] = (mod.in_features, mod.out_features)
+        elif isinstance(mod, torch.nn.Conv2d):
+            shapes[name] = (mod.in_channels, mod.out_channels)
+    return shapes
+
+
+def read_adapter_shapes(folder: str | Path) -> dict[str, dict[str, tuple[int, ...]]]:
+    """Module name -> {'down': shape, 'up': shape} from a diffusers LoRA file (unet keys only)."""
+    path = Path(folder) / ADAPTER_FILE
+    if not Path(folder).is_dir():
+        raise AdapterMismatchError(f"LoRA folder {folder} does not exist")
+    if not path.is_file():
+        raise AdapterMismatchError(f"{folder} has no {ADAPTER_FILE} (not a diffusers LoRA folder)")
+    out: dict[str, dict[str, tuple[int, ...]]] = {}
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            for key in fh.keys():
+                if not key.startswith("unet.") or ".lora." not in key:
+                    continue
+                module, rest = key[len("unet."):].split(".lora.", 1)
+                out.setdefault(module, {})[rest.split(".")[0]] = tuple(fh.get_slice(key).get_shape())
+    except (OSError, ValueError, RuntimeError) as exc:  # safetensors raises SafetensorError (a ValueError/OSError)
+        raise AdapterMismatchError(f"{path} is not a readable safetensors file: {exc}") from exc
+    if not out:
+        raise AdapterMismatchError(f"{path} holds no UNet LoRA weights (keys 'unet.<module>.lora.down.weight')")
+    return out
+
+
+def check_adapter(unet, folder: str | Path) -> int:
+    """Raise AdapterMismatchError unless every LoRA matrix in `folder` fits a module of `unet`; returns the
+    number of adapted modules."""
+    shapes = _module_shapes(unet)
+    problems = []
+    adapter = read_adapter_shapes(folder)
+    for module, parts in sorted(adapter.items()):
+        if module not in shapes:
+            problems.append(f"{module}: no such layer in this UNet")
+            continue
+        fan_in, fan_out = shapes[module]
+        down, up = parts.get("down"), parts.get("up")
+        if down is None or up is None:
+            problems.append(f"{module}: needs both lora.down and lora.up")
+        elif down[1] != fan_in or up[0] != fan_out:
+            problems.append(f"{module}: adapter maps {down[1]} -> {up[0]} features, the model's layer {fan_in} -> "
+                            f"{fan_out}")
+    if problems:
+        raise AdapterMismatchError(
+            f"the LoRA in {folder} was made for another base model ({len(problems)} of {len(adapter)} layers do not "
+            f"fit): " + "; ".join(problems[:3]) + (" ..." if len(problems) > 3 else "")
+        )
+    return len(adapter)
+
+
+def load_adapter(pipe, folder: str | Path, adapter_name: str = "sage") -> int:
+    """Check the adapter against the pipeline's UNet, then `pipe.load_lora_weights(folder)`; returns the number
+    of adapted modules."""
+    n = check_adapter(pipe.unet, folder)
+    pipe.load_lora_weights(str(folder), adapter_name=adapter_name)
+    return n
