@@ -34,7 +34,8 @@ def generate_cmd(
         list[str] | None, typer.Option("--codec", help="codec modes this device accepts (repeat); default lossless")
     ] = None,
     model: Annotated[
-        str | None, typer.Option("--model", help="pipeline folder or 'tiny'; default: the shipped model")
+        str | None,
+        typer.Option("--model", help="pipeline folder or 'tiny'; default: the shipped model (tiny until it exists)"),
     ] = None,
     adapter: Annotated[
         str, typer.Option("--adapter", help="SAGE LoRA folder, 'auto' (shipped if present), 'none'")
@@ -43,16 +44,20 @@ def generate_cmd(
         bool, typer.Option("--fallback-local", help="sample locally if the server is unreachable")
     ] = False,
     timeout: Annotated[float, typer.Option("--timeout", help="request deadline in seconds")] = 300.0,
+    connect_timeout: Annotated[float, typer.Option("--connect-timeout", help="seconds to reach the server")] = 10.0,
     device: Annotated[str, typer.Option("--device", help="torch device for the branch phase and the VAE")] = "cpu",
 ) -> None:
     """Request a shared latent, run the branch phase here, decode and save the image."""
     from device_client.client import DeviceClient, DeviceError
+    from device_client.demo import resolve_model
     from sage_core.models import ModelError
 
+    if model is None and resolve_model(None) == "tiny":
+        typer.echo("note: the shipped default model is not installed yet; using the tiny random pipeline", err=True)
     try:
         config = DeviceConfig(
             server=server,
-            model=model,
+            model=resolve_model(model),
             adapter=adapter,
             device=device,
             steps=steps,
@@ -62,12 +67,16 @@ def generate_cmd(
             accepted_codecs=tuple(codec or ()),
             fallback_local=fallback_local,
             timeout_s=timeout,
+            connect_timeout_s=connect_timeout,
         )
         with DeviceClient(config) as client:
             result = client.generate(prompt, seed) if server else client.generate_local(prompt, seed)
         path = result.save(out)
     except (DeviceError, ModelError, ValueError, OSError) as exc:
         fail(str(exc))
+        return
+    except Exception as exc:  # noqa: BLE001 - one line, never a traceback
+        fail(f"unexpected {type(exc).__name__}: {exc}")
         return
     m = result.metadata
     where = f"group {m.get('group_id', '-')} of {m['group_size']}" if m["mode"] == "edge" else m["mode"]
@@ -85,7 +94,8 @@ def demo_cmd(
     out: Annotated[Path, typer.Option("--out", help="folder for images, grids and report.json")] = Path("demo_out"),
     clients: Annotated[int, typer.Option("--clients", min=1, help="concurrent device clients")] = 8,
     model: Annotated[
-        str | None, typer.Option("--model", help="pipeline folder or 'tiny'; default: the shipped model")
+        str | None,
+        typer.Option("--model", help="pipeline folder or 'tiny'; default: the shipped model (tiny until it exists)"),
     ] = None,
     adapter: Annotated[str, typer.Option("--adapter", help="SAGE LoRA folder, 'auto' or 'none'")] = ADAPTER_AUTO,
     steps: Annotated[int, typer.Option("--steps", min=0, help="sampler steps; 0: server default")] = 0,
@@ -114,6 +124,8 @@ def demo_cmd(
         run_demo_config(config, progress=True)
     except (DemoError, ModelError, ValueError, OSError) as exc:
         fail(str(exc))
+    except Exception as exc:  # noqa: BLE001 - one line, never a traceback
+        fail(f"unexpected {type(exc).__name__}: {exc}")
 
 
 if __name__ == "__main__":

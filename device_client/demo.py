@@ -264,6 +264,8 @@ def run_demo_config(config: DemoConfig, progress: bool = False) -> dict:
     prompts = read_prompt_lines(config.prompts_file)
     config.out_dir.mkdir(parents=True, exist_ok=True)
     model_name = resolve_model(config.model)
+    if config.model is None and model_name == TINY_MODEL:
+        print("note: the shipped default model is not installed yet; the demo runs the tiny random pipeline")
     # 2. start the server and load the device model meanwhile
     server_args = ("--max-wait-ms", f"{config.max_wait_ms:g}", *config.server_args)
     server = EdgeServerProcess(model=model_name, args=server_args, start_timeout_s=config.start_timeout_s)

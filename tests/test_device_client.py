@@ -227,3 +227,64 @@ def test_config_rejects_bad_values():
     for bad in (dict(server="nohost"), dict(steps=-1), dict(share=2.0), dict(accepted_codecs=("zip",))):
         with pytest.raises(ValueError):
             DeviceConfig(**bad)
+
+
+def make_lora(folder) -> str:
+    """A diffusers-format LoRA for the tiny UNet with non-zero weights (as the training issue will save one)."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from sage_core.models import tiny_pipeline
+
+    pipe = tiny_pipeline(seed=0)
+    pipe.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in pipe.unet.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
+    StableDiffusionPipeline.save_lora_weights(str(folder), unet_lora_layers=layers, safe_serialization=True)
+    return str(folder)
+
+
+def test_adapter_is_applied_to_the_branch_phase_and_recorded(fake_server, device_model, tmp_path):
+    from sage_core.models import tiny_pipeline
+
+    adapter = make_lora(tmp_path / "lora")
+    with_lora = DeviceModel.wrap(tiny_pipeline(seed=0), DeviceConfig(adapter=adapter))
+    assert with_lora.fingerprint == device_model.fingerprint  # the base model's identity
+    with client_for(fake_server(""), with_lora, steps=STEPS) as client:
+        adapted = client.generate("a red circle", seed=2)
+    with client_for(fake_server(""), device_model, steps=STEPS) as client:
+        plain = client.generate("a red circle", seed=2)
+    assert adapted.metadata["adapter"] == adapter and plain.metadata["adapter"] == "none"
+    assert not torch.allclose(adapted.latents, plain.latents)
+
+
+def test_missing_adapter_folder_is_a_clear_error(tmp_path):
+    from sage_core.models import ModelError, tiny_pipeline
+
+    with pytest.raises(ModelError, match="does not exist"):
+        DeviceModel.wrap(tiny_pipeline(seed=0), DeviceConfig(adapter=str(tmp_path / "nope")))
+
+
+def test_cli_generate_with_fallback_and_clear_errors(tmp_path):
+    from typer.testing import CliRunner
+
+    from device_client.cli import main
+
+    runner = CliRunner()
+    out = tmp_path / "x.png"
+    base = ["generate", "a red circle", "-o", str(out), "--server", f"127.0.0.1:{free_port()}", "--model", "tiny",
+            "--adapter", "none", "--steps", "2", "--seed", "3", "--connect-timeout", "0.5"]  # fmt: skip
+    res = runner.invoke(main, base)
+    assert res.exit_code == 1 and "UNAVAILABLE" in res.output and "Traceback" not in res.output and not out.exists()
+    res = runner.invoke(main, [*base, "--fallback-local"])
+    assert res.exit_code == 0, res.output
+    meta = read_metadata(out)
+    assert meta["mode"] == "local-fallback" and meta["seed"] == 3 and meta["prompt"] == "a red circle"
+    res = runner.invoke(main, ["generate", "x", "--server", "nohost", "--model", "tiny"])
+    assert res.exit_code == 1 and "host:port" in res.output
