@@ -407,7 +407,11 @@ def test_encode_refuses_non_finite_and_non_float_latents():
 def test_checksum_mismatch_is_refused():
     frame = bytearray(LatentCodec(CodecSpec("fp16")).encode(latent((4, 4))))
     frame[-20] ^= 0x01  # inside the zstd payload, digest not updated
-    with pytest.raises(CodecError, match="checksum"):
+    with pytest.raises(CodecError, match="blake2b"):
+        LatentCodec().decode(bytes(frame))
+    frame = bytearray(LatentCodec(CodecSpec("int8")).encode(latent((1, 4, 4, 4))))
+    frame[FIXED_HEADER_SIZE + 16 + 1] ^= 0x01  # a quant scale: would decode "fine" without the digest
+    with pytest.raises(CodecError, match="blake2b"):
         LatentCodec().decode(bytes(frame))
 
 
