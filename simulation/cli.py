@@ -40,7 +40,7 @@ def _clear_errors() -> Iterator[None]:
     try:
         yield
     except ConfigError as exc:
-        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True, markup=True)
         raise typer.Exit(2) from None
 
 
@@ -155,7 +155,7 @@ def run(
         if workload is not None:
             extra["workload_file"] = str(workload)
         if offline_ideal:
-            n_off = offline_mean_group_size(emb, cfg)
+            n_off = offline_mean_group_size(emb, wl.prompt_ids, cfg)
             beta = cfg.sampling.shared_steps / cfg.sampling.steps
             extra["offline"] = {"mean_group_size": n_off, "ideal_saving": metrics.ideal_saving(beta, n_off)}
         summary = metrics.summarize(result, extra)

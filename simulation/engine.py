@@ -31,7 +31,7 @@ import numpy as np
 import simpy
 import torch
 
-from sage_core.grouping import GroupingConfig, group_by_similarity
+from sage_core.grouping import GroupingConfig, group_by_similarity, normalize
 from simulation.config import DEFAULT_STEP_TIMES, CodecSettings, ConfigError, SimConfig, resolve_path
 from simulation.workload import Workload
 
@@ -188,6 +188,36 @@ def single_torch_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def windows_with_a_pair(
+    embeddings: np.ndarray, prompt_ids_sorted: np.ndarray, bounds: np.ndarray, tau: float, margin: float = 1e-4
+) -> np.ndarray:
+    """For each window, whether some pair of its prompts has cosine similarity >= tau - margin. A window with
+    no such pair is all singletons under group_by_similarity (every pair in a group must reach tau), so only
+    windows flagged here need the grouping call. Batched over windows of similar size; exact up to `margin`."""
+    sizes = np.diff(bounds)
+    flagged = sizes >= 2
+    if tau - margin <= 0.0:  # zero padding rows could reach such a threshold: group every multi-request window
+        return flagged
+    unit = normalize(embeddings)
+    todo = np.flatnonzero(flagged)
+    todo = todo[np.argsort(sizes[todo], kind="stable")]
+    lo = 0
+    while lo < todo.shape[0]:
+        m = int(sizes[todo[min(todo.shape[0] - 1, lo)]])
+        c = max(1, min(4096, 2_000_000 // (m * max(m, unit.shape[1]))))
+        chunk = todo[lo : lo + c]
+        m = int(sizes[chunk].max())
+        offs = np.arange(m)
+        valid = offs[None, :] < sizes[chunk][:, None]
+        pos = np.minimum(bounds[chunk][:, None] + offs[None, :], prompt_ids_sorted.shape[0] - 1)
+        x = unit[prompt_ids_sorted[pos]] * valid[..., None]
+        sims = x @ x.transpose(0, 2, 1)
+        sims[:, offs, offs] = -np.inf
+        flagged[chunk] = sims.max(axis=(1, 2)) >= tau - margin
+        lo += c
+    return flagged
+
+
 def group_windows(
     prompt_ids_sorted: np.ndarray,
     embeddings: np.ndarray,
@@ -202,8 +232,15 @@ def group_windows(
     sizes: list[int] = []
     n_windows = bounds.shape[0] - 1
     report_every = max(1, n_windows // 200)
+    needs_grouping = (
+        windows_with_a_pair(embeddings, prompt_ids_sorted, bounds, config.tau)
+        if config.max_group_size > 1
+        else np.zeros(n_windows, dtype=bool)
+    )
     with single_torch_thread():
-        _group_each_window(prompt_ids_sorted, embeddings, bounds, config, label, windows, sizes, report_every, progress)
+        _group_each_window(
+            prompt_ids_sorted, embeddings, bounds, needs_grouping, config, label, windows, sizes, report_every, progress
+        )
     return Groups(label, np.asarray(windows, dtype=np.int64), np.asarray(sizes, dtype=np.int64))
 
 
@@ -211,6 +248,7 @@ def _group_each_window(
     prompt_ids_sorted: np.ndarray,
     embeddings: np.ndarray,
     bounds: np.ndarray,
+    needs_grouping: np.ndarray,
     config: GroupingConfig,
     label: np.ndarray,
     windows: list[int],
@@ -222,10 +260,10 @@ def _group_each_window(
     n, n_windows = prompt_ids_sorted.shape[0], bounds.shape[0] - 1
     for w in range(n_windows):
         lo, hi = int(bounds[w]), int(bounds[w + 1])
-        if hi - lo == 1:  # group_by_similarity of one prompt is [[0]]
-            label[lo] = len(sizes)
-            windows.append(w)
-            sizes.append(1)
+        if not needs_grouping[w]:  # no pair reaches tau: group_by_similarity would return singletons
+            label[lo:hi] = np.arange(len(sizes), len(sizes) + hi - lo)
+            windows.extend([w] * (hi - lo))
+            sizes.extend([1] * (hi - lo))
         else:
             for members in group_by_similarity(embeddings[prompt_ids_sorted[lo:hi]], config):
                 label[lo + np.asarray(members, dtype=np.int64)] = len(sizes)

@@ -44,13 +44,15 @@ def point_config(cfg: SimConfig, point: dict[str, float]) -> SimConfig:
     return out
 
 
-def offline_mean_group_size(embeddings: np.ndarray, cfg: SimConfig, limit: int = 30_000) -> float:
-    """Mean group size when the whole prompt pool (up to `limit` prompts) is grouped at once: the ceiling a
-    stream of these prompts can reach with an unbounded window."""
+def offline_mean_group_size(
+    embeddings: np.ndarray, prompt_ids: np.ndarray, cfg: SimConfig, limit: int = 30_000
+) -> float:
+    """Mean group size when the request stream's prompts (the first `limit` requests) are grouped as one
+    window: what an unbounded batching window would reach on this stream."""
     gcfg = GroupingConfig(
         tau=cfg.grouping.tau, max_group_size=cfg.grouping.max_group_size, candidates=cfg.grouping.candidates
     )
-    emb = embeddings[:limit]
+    emb = embeddings[prompt_ids[:limit]]
     with single_torch_thread():
         groups = group_by_similarity(emb, gcfg)
     return emb.shape[0] / len(groups)
@@ -71,13 +73,14 @@ def run_sweep(
     for i, point in enumerate(points):
         pcfg = point_config(cfg, point)
         extra: dict[str, Any] = {}
+        workload = build_workload(pcfg, prompts)
         if offline_ideal:
-            if point["tau"] not in offline:
-                offline[point["tau"]] = offline_mean_group_size(embeddings, pcfg)
+            if point["tau"] not in offline:  # the prompt stream does not depend on load, window or beta
+                offline[point["tau"]] = offline_mean_group_size(embeddings, workload.prompt_ids, pcfg)
             n_off = offline[point["tau"]]
             beta = pcfg.sampling.shared_steps / pcfg.sampling.steps
             extra["offline"] = {"mean_group_size": n_off, "ideal_saving": ideal_saving(beta, n_off)}
-        result = simulate(pcfg, build_workload(pcfg, prompts), embeddings)
+        result = simulate(pcfg, workload, embeddings)
         summary = summarize(result, extra)
         row = flat_row(summary, "sage") if "sage" in summary["modes"] else flat_row(summary, pcfg.modes[0])
         for other in ("server", "device"):

@@ -250,7 +250,7 @@ def embed_prompts(
         if progress:
             progress(len(prompts), len(prompts))
         return emb
-    cached = _cached_embeddings(cfg, prompts)
+    cached = cached_embeddings(cfg, prompts)
     if cached is not None:
         return cached
     embed, name = make_embedder(cfg.prompts.embedder)
@@ -268,7 +268,7 @@ def embed_prompts(
     return emb
 
 
-def _cached_embeddings(cfg: SimConfig, prompts: Sequence[str]) -> np.ndarray | None:
+def cached_embeddings(cfg: SimConfig, prompts: Sequence[str]) -> np.ndarray | None:
     """A cached embedding matrix for these prompts and this embedder, if one exists (pipeline embedders are
     keyed by the model fingerprint, so their cache needs the model folder's fingerprint first)."""
     spec = cfg.prompts.embedder

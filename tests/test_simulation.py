@@ -262,14 +262,19 @@ def test_windows_close_on_time_or_size():
     assert bounds.tolist() == list(range(7))
 
 
-def test_group_windows_is_the_grouping_of_each_window():
+@pytest.mark.parametrize(
+    ("tau", "dim", "cuts"), [(0.3, 8, [1, 7, 50, 51]), (0.8, 6, list(range(2, 120, 3))), (-0.5, 4, [60])]
+)
+def test_group_windows_is_the_grouping_of_each_window(tau, dim, cuts):
+    """Per-window grouping, including the shortcut for windows with no pair above tau, equals calling
+    group_by_similarity on every window."""
     rng = np.random.default_rng(0)
-    emb = rng.standard_normal((40, 8)).astype(np.float32)
+    emb = rng.standard_normal((40, dim)).astype(np.float32)
     ids = rng.integers(0, 40, size=120)
-    bounds = np.array([0, 1, 7, 50, 51, 120])
-    gcfg = GroupingConfig(tau=0.3, max_group_size=3)
+    bounds = np.array([0, *cuts, 120])
+    gcfg = GroupingConfig(tau=tau, max_group_size=3)
     got = group_windows(ids, emb, bounds, gcfg)
-    for w in range(5):
+    for w in range(len(bounds) - 1):
         lo, hi = bounds[w], bounds[w + 1]
         expected = group_by_similarity(emb[ids[lo:hi]], gcfg)
         labels = got.label[lo:hi]
