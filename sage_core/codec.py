@@ -370,7 +370,8 @@ def unpack_nibbles(packed: np.ndarray, numel: int) -> np.ndarray:
 
 
 class LatentCodec:
-    """Encode latents to frames and decode frames back, refusing anything unsafe with ``CodecError``."""
+    """Encode latents to frames and decode frames back, refusing anything unsafe with ``CodecError``.
+    Stateless after construction: one instance may be shared by threads."""
 
     def __init__(self, spec: CodecSpec = CodecSpec(), max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES):
         if not isinstance(spec, CodecSpec):
@@ -379,7 +380,6 @@ class LatentCodec:
             raise CodecError(f"max_decoded_bytes must be a positive int, got {max_decoded_bytes!r}")
         self.spec = spec
         self.max_decoded_bytes = max_decoded_bytes
-        self._compressor = zstandard.ZstdCompressor(level=spec.level, write_checksum=True, write_content_size=True)
 
     # -- encode ------------------------------------------------------------------------------------------
 
@@ -404,7 +404,9 @@ class LatentCodec:
             qparams = torch.stack([scale, offset], dim=1).numpy().astype(_QPARAM)
         shuffled = itemsize > 1
         payload_raw = shuffle_bytes(raw, itemsize)
-        compressed = self._compressor.compress(payload_raw)
+        # a fresh zstd context per call (~40 us): zstd contexts are not thread-safe, a LatentCodec is
+        cctx = zstandard.ZstdCompressor(level=self.spec.level, write_checksum=True, write_content_size=True)
+        compressed = cctx.compress(payload_raw)
         head = _FIXED.pack(
             MAGIC,
             VERSION,

@@ -230,6 +230,19 @@ def test_encode_accepts_non_contiguous_and_autograd_tensors():
     assert torch.equal(y, x.detach())
 
 
+def test_one_codec_is_safe_to_share_between_threads():
+    from concurrent.futures import ThreadPoolExecutor
+
+    codec = LatentCodec(CodecSpec("int8", level=9))
+    inputs = [latent((1, 4, 32, 32), seed=i) for i in range(32)]
+    expected = [codec.encode(x) for x in inputs]
+    with ThreadPoolExecutor(4) as pool:
+        frames = list(pool.map(codec.encode, inputs * 4))
+        decoded = list(pool.map(codec.decode, frames))
+    assert frames == expected * 4
+    assert all(torch.equal(a, b) for a, b in zip(decoded, [codec.decode(f) for f in expected] * 4, strict=True))
+
+
 # ------------------------------------------------------------------------------------------------------
 # Frame layout
 # ------------------------------------------------------------------------------------------------------
