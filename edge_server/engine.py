@@ -371,13 +371,15 @@ class Engine:
             extra={"fields": {"window_id": window.window_id, "requests": len(tickets), "buckets": len(jobs)}},
         )
         worker = self._workers[worker_index]
+        worker_lost = False
         try:
             result: WindowResult = await asyncio.wrap_future(worker.run_window.remote(window.window_id, jobs).future())
             self._counts["windows_run"] += 1
             for b, ((key, ts), groups) in enumerate(zip(buckets.items(), result.buckets, strict=True)):
                 self._deliver(f"{window.window_id}-b{b}", key, ts, groups, result.shared_phase_ms)
         except Exception as exc:  # noqa: BLE001 - every failure must reach the members, never hang them
-            error = self._classify(exc, worker_index)
+            error = self._classify(exc)
+            worker_lost = error.code == "UNAVAILABLE"
             for t in list(window.tickets):
                 self._fail(t, error)
             log.warning("window_failed", extra={"fields": {"window_id": window.window_id, "error": str(error)}})
@@ -386,7 +388,10 @@ class Engine:
             self._windows.pop(window.window_id, None)
             for t in tickets:
                 t.window_id = None
-            self._free_workers.put_nowait(worker_index)
+            if worker_lost:
+                self._spawn(self._revive(worker_index))  # gives the worker back once it answers again
+            else:
+                self._free_workers.put_nowait(worker_index)
 
     def _deliver(
         self,
@@ -424,33 +429,43 @@ class Engine:
                     )
                 )
 
-    def _classify(self, exc: BaseException, worker_index: int) -> EngineError:
+    def _classify(self, exc: BaseException) -> EngineError:
         """Map a worker failure to a status; on actor death, make sure the worker comes back."""
         import ray.exceptions
 
         if isinstance(exc, ray.exceptions.RayActorError | ray.exceptions.ActorUnavailableError):
             self._counts["worker_failures"] += 1
-            self._spawn(self._revive(worker_index))
             return EngineError("UNAVAILABLE", "the edge worker running this request's group died; retry")
         if isinstance(exc, ray.exceptions.RayTaskError) and "WindowCancelled" in str(exc):
             return EngineError("CANCELLED", "the window was cancelled")
         log.exception("worker error", exc_info=exc)
         return EngineError("INTERNAL", f"shared phase failed: {type(exc).__name__}: {str(exc)[:500]}")
 
-    async def _revive(self, worker_index: int) -> None:
-        """After an actor died: wait for Ray's restart (or make a new actor when restarts are used up)."""
-        for attempt in range(2):
+    async def _revive(self, worker_index: int, timeout_s: float = 300.0) -> None:
+        """After an actor died: wait for Ray's restart (or make a new actor once restarts are used up), then give
+        the worker back to the dispatcher. Windows wait in the queue meanwhile instead of failing."""
+        import ray.exceptions
+
+        end = time.monotonic() + timeout_s
+        delay = 0.2
+        while True:
             worker = self._workers[worker_index]
             try:
-                info = await asyncio.wait_for(asyncio.wrap_future(worker.info.remote().future()), timeout=120)
+                info = await asyncio.wait_for(asyncio.wrap_future(worker.info.remote().future()), timeout=60)
                 self._worker_pids[worker_index] = info.pid
-                log.info(
-                    "worker_ready", extra={"fields": {"worker": worker_index, "pid": info.pid, "attempt": attempt}}
-                )
-                return
-            except Exception as exc:  # noqa: BLE001
-                log.warning("worker %d not back (%s); creating a new actor", worker_index, exc)
+                log.info("worker_ready", extra={"fields": {"worker": worker_index, "pid": info.pid, "restarted": True}})
+                break
+            except ray.exceptions.ActorUnavailableError:
+                pass  # restarting: ask again shortly
+            except Exception as exc:  # noqa: BLE001 - dead for good (restarts used up) or stuck: replace it
+                log.warning("worker %d is gone (%s); creating a new actor", worker_index, exc)
                 self._workers[worker_index] = self._worker_factory()
+            if time.monotonic() > end:
+                log.error("worker %d did not come back within %.0f s", worker_index, timeout_s)
+                break
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+        self._free_workers.put_nowait(worker_index)
 
     def _fail(self, ticket: Ticket, error: EngineError) -> None:
         """Complete a waiting ticket with an error (its stream then ends with that status)."""

@@ -221,6 +221,13 @@ def init_ray(config: ServerConfig) -> bool:
     return False
 
 
+def _gcs_address() -> str:
+    """The address of the Ray cluster this process is connected to."""
+    import ray
+
+    return str(ray.get_runtime_context().gcs_address)
+
+
 async def start_workers(config: ServerConfig) -> tuple[list[Any], list[Any]]:
     """Create the worker actors and wait until each has loaded the model; returns (handles, infos)."""
     from edge_server.worker import make_worker_actor
@@ -236,6 +243,7 @@ async def serve(config: ServerConfig) -> int:
     setup_logging(config)
     log.info("config", extra={"fields": {"config": config.to_json()}})
     started_ray = await asyncio.to_thread(init_ray, config)
+    log.info("ray_ready", extra={"fields": {"started_local": started_ray, "gcs_address": _gcs_address()}})
     try:
         workers, infos = await start_workers(config)
         from edge_server.worker import make_worker_actor

@@ -131,7 +131,8 @@ def load_model(config: ServerConfig) -> Any:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = resolve_dtype(config.dtype)
     if config.model == "tiny":
-        return tiny_pipeline(seed=0).to(device=device, dtype=dtype)
+        pipe = tiny_pipeline(seed=0)
+        return pipe if (device, dtype) == ("cpu", torch.float32) else pipe.to(device=device, dtype=dtype)
     path = None if config.model == "default" else config.model
     return load_pipeline(path, dtype=dtype, device=device)
 

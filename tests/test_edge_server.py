@@ -1,0 +1,402 @@
+"""Edge server: config, admission rules, and server-side acceptance tests against a real server process.
+
+One module-scoped server (tiny model, local Ray, 20 ms per UNet call so "slow" requests are slow on purpose:
+steps=S with share=1 runs S UNet calls on the worker) serves the reliability tests; the `ray start --head`
+test starts its own Ray head and server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from server_fixtures import EdgeServerProcess, server_env, start_edge_server
+
+from edge_server.config import KNOWN_CODECS, KNOWN_SCHEDULERS, LOSSLESS_CODECS, ConfigError, ServerConfig, build_config
+from edge_server.engine import EngineError, ImageSpec, negotiate_codec, resolve
+from edge_server.worker import ModelInfo
+from protos.sage_edge.v1 import edge_pb2, edge_pb2_grpc
+
+STEP_DELAY_MS = 20
+MAX_QUEUE = 6
+FAST = {"steps": 4, "share": 0.5}
+TIMEOUT = 60.0
+
+
+# ---- no server --------------------------------------------------------------------------------------------------
+def test_mirrored_names_match_sage_core() -> None:
+    """The front end's copies of scheduler and codec names equal sage_core's (it must not import torch)."""
+    from sage_core import codec, sampler
+
+    assert set(KNOWN_SCHEDULERS) == set(sampler.SCHEDULERS)
+    assert KNOWN_CODECS == codec.MODES
+    assert LOSSLESS_CODECS == codec.LOSSLESS_MODES
+    for accepted in (["fp16"], ["int4", "fp32"], ["bogus", "int8"], ["fp8"]):
+        assert negotiate_codec(accepted, ServerConfig().codecs) == codec.negotiate(accepted, ServerConfig().codecs)
+
+
+def test_config_file_and_overrides(tmp_path: Path) -> None:
+    """File settings apply, CLI overrides win, unknown keys and bad values fail with the setting's name."""
+    yaml_file = tmp_path / "edge.yaml"
+    yaml_file.write_text("server:\n  max_batch: 7\n  tau: 0.5\n  codecs: fp16,int8\n")
+    cfg = build_config(yaml_file, {"max_batch": 9, "port": None})
+    assert (cfg.max_batch, cfg.tau, cfg.codecs, cfg.port) == (9, 0.5, ("fp16", "int8"), 50051)
+    toml_file = tmp_path / "edge.toml"
+    toml_file.write_text('model = "tiny"\nray_address = "auto"\n')
+    assert build_config(toml_file).ray_address == "auto"
+    with pytest.raises(ConfigError, match="unknown settings"):
+        build_config(None, {"max_bacth": 3})
+    with pytest.raises(ConfigError, match="chunk_size"):
+        ServerConfig(chunk_size=8 * 2**20)
+    with pytest.raises(ConfigError, match="unknown codec"):
+        ServerConfig(codecs=("zip",))
+
+
+def test_resolve_fills_defaults_and_rejects() -> None:
+    """Admission rules: defaults are filled in; every malformed field is INVALID_ARGUMENT."""
+    cfg = ServerConfig(max_prompt_chars=50, max_steps=60, max_image_side=256)
+    info = ModelInfo("abc", "{}", 32, 32, 1, "cpu")
+    r = resolve(ImageSpec(prompt="a cat", seed=5), cfg, info)
+    assert (r.steps, r.guidance, r.share, r.scheduler, r.height, r.codec, r.seed) == (
+        30,
+        7.5,
+        0.4,
+        "ddim",
+        32,
+        "fp32",
+        5,
+    )
+    bad = [
+        ImageSpec(prompt=""),
+        ImageSpec(prompt="   "),
+        ImageSpec(prompt="x" * 51),
+        ImageSpec(prompt="a", steps=61),
+        ImageSpec(prompt="a", guidance=math.nan),
+        ImageSpec(prompt="a", share=1.5),
+        ImageSpec(prompt="a", height=264),
+        ImageSpec(prompt="a", width=12),
+        ImageSpec(prompt="a", scheduler="plms"),
+        ImageSpec(prompt="a", accepted_codecs=("zip",)),
+    ]
+    for spec in bad:
+        with pytest.raises(EngineError) as err:
+            resolve(spec, cfg, info)
+        assert err.value.code == "INVALID_ARGUMENT", spec
+    with pytest.raises(EngineError) as err:
+        resolve(ImageSpec(prompt="a", model_fingerprint="other"), cfg, info)
+    assert err.value.code == "FAILED_PRECONDITION"
+
+
+# ---- one shared server --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def server() -> EdgeServerProcess:
+    """The module's edge server: tiny model, local Ray, slow UNet calls, small queue, small chunks."""
+    proc = start_edge_server(
+        "--worker-step-delay-ms",
+        str(STEP_DELAY_MS),
+        "--max-queue",
+        str(MAX_QUEUE),
+        "--chunk-size",
+        "1024",
+        "--grace-s",
+        "5",
+    )
+    yield proc
+    proc.terminate()
+
+
+def request(prompt: str, **fields) -> edge_pb2.ImageRequest:
+    """An ImageRequest with the fast settings unless overridden."""
+    return edge_pb2.ImageRequest(prompt=prompt, **{**FAST, **fields})
+
+
+async def collect(stub: edge_pb2_grpc.EdgeSamplerStub, req: edge_pb2.ImageRequest, timeout: float = TIMEOUT):
+    """(accepted, payload bytes, done) of one RequestImage call; checks chunk order."""
+    accepted, parts, done = None, [], None
+    async for msg in stub.RequestImage(req, timeout=timeout):
+        kind = msg.WhichOneof("kind")
+        if kind == "accepted":
+            assert accepted is None and not parts
+            accepted = msg.accepted
+        elif kind == "chunk":
+            assert accepted is not None and done is None and msg.chunk.index == len(parts)
+            parts.append(msg.chunk.data)
+        else:
+            done = msg.done
+    assert accepted is not None and done is not None
+    return accepted, b"".join(parts), done
+
+
+async def status_of(stub: edge_pb2_grpc.EdgeSamplerStub, req: edge_pb2.ImageRequest, timeout: float = TIMEOUT):
+    """The final status code of a RequestImage call (OK when it ends normally) and its details."""
+    try:
+        await collect(stub, req, timeout)
+    except grpc.aio.AioRpcError as exc:
+        return exc.code(), exc.details()
+    return grpc.StatusCode.OK, ""
+
+
+def idle(stats: edge_pb2.ServerStats) -> bool:
+    """No per-request state left in the engine."""
+    return not (
+        stats.active_requests
+        or stats.queued_requests
+        or stats.running_windows
+        or stats.open_windows
+        or stats.tracked_clients
+    )
+
+
+async def test_stream_frames_checksum_and_decode(server: EdgeServerProcess) -> None:
+    """Accepted, ordered chunks under the chunk size, a matching sha256, frames that decode to the latent shape."""
+    from sage_core.codec import LatentCodec
+
+    async with server.aio_channel() as channel:
+        stub = edge_pb2_grpc.EdgeSamplerStub(channel)
+        info = await stub.GetServerInfo(edge_pb2.ServerInfoRequest(), timeout=10)
+        req = request(
+            "a lighthouse at dusk", seed=3, accepted_codecs=["fp32"], model_fingerprint=info.model_fingerprint
+        )
+        accepted, payload, done = await collect(stub, req)
+    assert accepted.codec == "fp32" and accepted.seed == 3 and accepted.total_steps == 4 and accepted.branch_step == 2
+    assert accepted.model_fingerprint == info.model_fingerprint and accepted.group_size >= 1
+    assert done.total_bytes == len(payload) == sum(done.frame_sizes) and done.chunks == math.ceil(len(payload) / 1024)
+    assert hashlib.sha256(payload).hexdigest() == done.sha256
+    assert list(done.frame_names) == ["latent"]
+    latent = LatentCodec().decode(payload[: done.frame_sizes[0]])
+    assert tuple(latent.shape) == tuple(accepted.latent_shape) and latent.shape[:2] == (1, 4)
+
+
+async def test_health_and_reflection(server: EdgeServerProcess) -> None:
+    """grpc.health.v1 says SERVING for the server and the service; reflection lists EdgeSampler."""
+    async with server.aio_channel() as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for name in ("", "sage_edge.v1.EdgeSampler"):
+            reply = await health.Check(health_pb2.HealthCheckRequest(service=name), timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        refl = reflection_pb2_grpc.ServerReflectionStub(channel)
+        replies = refl.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10
+        )
+        names = {s.name async for r in replies for s in r.list_services_response.service}
+    assert "sage_edge.v1.EdgeSampler" in names and "grpc.health.v1.Health" in names
+
+
+async def test_malformed_requests_are_invalid_argument(server: EdgeServerProcess) -> None:
+    """Empty / over-long prompt, steps out of range, unknown codec, huge or odd sizes, bad guidance/share/scheduler:
+    INVALID_ARGUMENT with a message; a wrong model: FAILED_PRECONDITION; and the server serves on."""
+    bad = [
+        (request(""), "prompt is empty"),
+        (request("x" * 5000), "limit is 1000"),
+        (request("a", steps=100000), "steps"),
+        (request("a", accepted_codecs=["zip9"]), "no common codec"),
+        (request("a", height=1 << 20, width=1 << 20), "height"),
+        (request("a", width=30), "width"),
+        (request("a", guidance=float("nan")), "guidance"),
+        (request("a", share=-0.5), "share"),
+        (request("a", scheduler="plms"), "scheduler"),
+    ]
+    async with server.aio_channel() as channel:
+        stub = edge_pb2_grpc.EdgeSamplerStub(channel)
+        results = await asyncio.gather(*(status_of(stub, req, 10) for req, _ in bad))
+        for (req, needle), (code, details) in zip(bad, results, strict=True):
+            assert code == grpc.StatusCode.INVALID_ARGUMENT, (req, code, details)
+            assert needle in details
+        code, details = await status_of(stub, request("a", model_fingerprint="not-this-model"), 10)
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "fingerprint" in details
+        accepted, payload, _ = await collect(stub, request("still serving"))
+    assert payload and accepted.group_size >= 1
+
+
+async def test_queue_full_is_immediate_resource_exhausted(server: EdgeServerProcess) -> None:
+    """With max_queue requests in flight the next one gets RESOURCE_EXHAUSTED at once; the rest complete."""
+    await asyncio.to_thread(server.wait_stats, idle)
+    async with server.aio_channel() as channel:
+        stub = edge_pb2_grpc.EdgeSamplerStub(channel)
+        slow = [
+            asyncio.create_task(status_of(stub, request(f"slow {i}", steps=40, share=1.0, client_id=f"q{i}")))
+            for i in range(MAX_QUEUE)
+        ]
+        await asyncio.to_thread(server.wait_stats, lambda s: s.active_requests == MAX_QUEUE, 20)
+        start = time.monotonic()
+        code, details = await status_of(stub, request("one too many"), 10)
+        elapsed = time.monotonic() - start
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "queue full" in details
+        assert elapsed < 2.0, f"rejection took {elapsed:.2f} s"
+        results = await asyncio.wait_for(asyncio.gather(*slow), TIMEOUT)
+    assert [c for c, _ in results] == [grpc.StatusCode.OK] * MAX_QUEUE
+
+
+async def test_deadline_exceeded_stops_the_work(server: EdgeServerProcess) -> None:
+    """A request whose deadline passes gets DEADLINE_EXCEEDED; its window (nobody else in it) is cancelled on the
+    worker, which is free again long before the abandoned work (200 slow UNet calls) would have ended."""
+    await asyncio.to_thread(server.wait_stats, idle)
+    before = server.stats()
+    async with server.aio_channel() as channel:
+        stub = edge_pb2_grpc.EdgeSamplerStub(channel)
+        code, _ = await status_of(stub, request("too slow", steps=200, share=1.0), timeout=1.0)
+        assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+        stats = await asyncio.to_thread(
+            server.wait_stats, lambda s: idle(s) and s.windows_cancelled > before.windows_cancelled, 10
+        )
+        assert stats.status_counts["DEADLINE_EXCEEDED"] == before.status_counts["DEADLINE_EXCEEDED"] + 1
+        start = time.monotonic()
+        await collect(stub, request("quick after a deadline"))
+    # the abandoned window would have needed 200 x 20 ms = 4 s more; the worker took the next one well before
+    assert time.monotonic() - start < 3.0
+
+
+async def test_cancel_and_disconnect_do_not_disturb_the_group(server: EdgeServerProcess) -> None:
+    """Three identical prompts form one group; one member cancels, one drops its connection, the third still
+    gets the group's latent (group size 3)."""
+    await asyncio.to_thread(server.wait_stats, idle)
+    prompt = "a quiet harbour with fishing boats"
+    slow = {"steps": 40, "share": 1.0, "seed": 11}
+    async with server.aio_channel() as keep, server.aio_channel() as dropped:
+        stay = asyncio.create_task(collect(edge_pb2_grpc.EdgeSamplerStub(keep), request(prompt, **slow, client_id="s")))
+        cancel_call = edge_pb2_grpc.EdgeSamplerStub(keep).RequestImage(
+            request(prompt, **slow, client_id="c"), timeout=30
+        )
+        drop_call = edge_pb2_grpc.EdgeSamplerStub(dropped).RequestImage(
+            request(prompt, **slow, client_id="d"), timeout=30
+        )
+        await asyncio.to_thread(server.wait_stats, lambda s: s.running_windows == 1 and s.active_requests == 3, 20)
+        cancel_call.cancel()
+        await dropped.close()
+        accepted, payload, done = await asyncio.wait_for(stay, TIMEOUT)
+    assert accepted.group_size == 3 and payload and done.total_bytes == len(payload)
+    assert cancel_call.cancelled() and drop_call.cancelled() or drop_call.done()
+    await asyncio.to_thread(server.wait_stats, idle, 10)
+
+
+async def test_worker_killed_mid_group_fails_fast_and_recovers(server: EdgeServerProcess) -> None:
+    """SIGKILL the Ray actor during a shared phase: its requests end with UNAVAILABLE at once, Ray restarts the
+    actor (a new pid) and new requests succeed."""
+    await asyncio.to_thread(server.wait_stats, idle)
+    async with server.aio_channel() as channel:
+        stub = edge_pb2_grpc.EdgeSamplerStub(channel)
+        doomed = [
+            asyncio.create_task(status_of(stub, request("doomed", steps=200, share=1.0, seed=i))) for i in range(2)
+        ]
+        stats = await asyncio.to_thread(server.wait_stats, lambda s: s.running_windows == 1, 20)
+        old_pid = stats.worker_pids[0]
+        os.kill(old_pid, signal.SIGKILL)
+        start = time.monotonic()
+        results = await asyncio.wait_for(asyncio.gather(*doomed), 30)
+        assert [c for c, _ in results] == [grpc.StatusCode.UNAVAILABLE] * 2, results
+        assert "died" in results[0][1]
+        assert time.monotonic() - start < 20.0
+        stats = await asyncio.to_thread(server.wait_stats, lambda s: s.worker_pids[0] not in (0, old_pid), 120)
+        assert stats.worker_failures >= 1
+        accepted, payload, _ = await collect(stub, request("after the restart"))
+    assert payload and accepted.branch_step == 2
+
+
+async def test_mixed_run_leaves_no_state(server: EdgeServerProcess) -> None:
+    """Successes, rejections, cancellations and deadlines together: afterwards every per-request structure is
+    empty and every admitted request is counted as finished."""
+    await asyncio.to_thread(server.wait_stats, idle)
+    async with server.aio_channel() as channel:
+        stub = edge_pb2_grpc.EdgeSamplerStub(channel)
+        ok = [status_of(stub, request(f"mixed {i % 2}", client_id=f"m{i}")) for i in range(3)]
+        invalid = [status_of(stub, request("", client_id="bad"))]
+        late = [status_of(stub, request("late", steps=150, share=1.0, client_id="late"), timeout=0.5)]
+        call = stub.RequestImage(request("to cancel", steps=100, share=1.0, client_id="cx"), timeout=30)
+        results = await asyncio.wait_for(asyncio.gather(*ok, *invalid, *late), TIMEOUT)
+        call.cancel()
+    codes = [c for c, _ in results]
+    assert codes == [grpc.StatusCode.OK] * 3 + [grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.DEADLINE_EXCEEDED]
+    stats = await asyncio.to_thread(server.wait_stats, idle, 15)
+    assert stats.admitted == stats.completed + stats.failed
+    assert sum(stats.status_counts.values()) == stats.admitted + stats.rejected
+
+
+# ---- a real `ray start --head` cluster ----------------------------------------------------------------------------
+def _free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+async def test_join_ray_head_cluster_and_graceful_shutdown() -> None:
+    """`ray start --head` on 127.0.0.1 (own temp dir, own process group), `serve --ray-address HOST:PORT` joins it
+    and serves; SIGTERM: health NOT_SERVING, new requests UNAVAILABLE, the in-flight stream still finishes, exit 0.
+    The head is stopped by killing its process group only (never `ray stop`, which would stop every Ray here)."""
+    port = _free_port()
+    temp_dir = tempfile.mkdtemp(prefix="sgr", dir="/tmp")  # short: Ray's socket paths must stay under 108 bytes
+    head = subprocess.Popen(
+        [
+            str(Path(sys.executable).with_name("ray")),
+            "start",
+            "--head",
+            "--block",
+            f"--port={port}",
+            "--node-ip-address=127.0.0.1",
+            "--include-dashboard=false",
+            "--num-cpus=1",
+            f"--temp-dir={temp_dir}",
+            "--disable-usage-stats",
+        ],
+        env=server_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    server = None
+    try:
+        server = start_edge_server(
+            "--ray-address", f"127.0.0.1:{port}", "--worker-step-delay-ms", "20", "--grace-s", "20"
+        )
+        assert any("ray_ready" in line and f"127.0.0.1:{port}" in line for line in server.log_lines), server.log_lines
+        async with server.aio_channel() as channel:
+            stub = edge_pb2_grpc.EdgeSamplerStub(channel)
+            accepted, payload, _ = await collect(stub, request("a cluster cat"))
+            assert payload and accepted.group_size == 1
+            in_flight = asyncio.create_task(collect(stub, request("in flight", steps=60, share=1.0)))
+            await asyncio.to_thread(server.wait_stats, lambda s: s.running_windows == 1, 20)
+            server.process.send_signal(signal.SIGTERM)
+            health = health_pb2_grpc.HealthStub(channel)
+            for _ in range(200):
+                reply = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+                if reply.status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                    break
+                await asyncio.sleep(0.02)
+            assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            code, details = await status_of(stub, request("too late"), 10)
+            assert code == grpc.StatusCode.UNAVAILABLE, (code, details)
+            accepted, payload, done = await asyncio.wait_for(in_flight, TIMEOUT)
+            assert payload and done.total_bytes == len(payload)
+        assert await asyncio.to_thread(server.process.wait, 60) == 0
+    finally:
+        if server is not None:
+            server.terminate(timeout=30)
+        _stop_head(head, temp_dir)
+
+
+def _stop_head(head: subprocess.Popen, temp_dir: str) -> None:
+    """Stop the Ray head this test started: SIGTERM its process group, SIGKILL what is left after 20 s."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(head.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        head.wait(timeout=20)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(head.pid, signal.SIGKILL)
+    head.wait(timeout=10)
+    shutil.rmtree(temp_dir, ignore_errors=True)
