@@ -4,10 +4,11 @@ One server per module. The burst of 8 concurrent clients is run once (module fix
 request ends with an image, and every image equals the local sampler's image for the same group, seed and
 settings (transparency, lossless fp32 transport).
 
-Transparency tolerance: the server batches the shared phase of all groups of a window and encodes all of the
-window's prompts at once; the local reference batches differently. Same float32 CPU kernels, but batch-size
-dependent GEMM blocking can move the last bits, so final latents must agree to 1e-4 (observed: ~1e-6) and the
-8-bit images to 1 level.
+Transparency tolerance: the server batches the shared phase of all groups of a window (and encodes all of the
+window's prompts at once) in another process with its own thread count; the local reference batches differently.
+Same float32 CPU kernels, but batch- and thread-dependent GEMM/conv blocking moves the last bits, which the
+sampler carries along: final latents (magnitude ~1) must agree to 1e-4 (observed 2e-5 to 3e-5 with 6 steps) and
+the 8-bit images to 1 level.
 """
 
 from __future__ import annotations
@@ -114,6 +115,7 @@ def test_transparency_server_plus_device_equals_local_sampler(burst, model):
                        groups=[list(range(len(order)))])  # fmt: skip
         for j, i in enumerate(order):
             diff = (burst[i].latents - ref.latents[j : j + 1]).abs().max().item()
+            print(f"transparency: prompt {i} group of {len(order)} max latent diff {diff:.3g}")
             assert diff <= LATENT_ATOL, f"prompt {i}: latent differs by {diff}"
             ref_u8 = (np.clip(ref.images[j], 0, 1) * 255).round().astype(int)
             assert np.abs(np.asarray(burst[i].image).astype(int) - ref_u8).max() <= 1
