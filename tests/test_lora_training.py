@@ -110,3 +110,4 @@ def test_bad_configs_and_missing_dataset(tmp_path) -> None:
     with pytest.raises(DatasetError, match="does not exist"):
         finetune(FinetuneConfig(dataset=str(tmp_path / "nope.json"), out_dir=str(tmp_path / "o"), progress=False),
                  pipe=tiny_pipeline(0), log=lambda s: None)
+
