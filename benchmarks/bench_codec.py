@@ -228,9 +228,38 @@ def load_model(path: str | None, allow_tiny: bool):
         return tiny_pipeline(seed=0), "tiny random pipeline"
 
 
+def world_prompts(n: int, seed: int = 0) -> tuple[list[str], list | None]:
+    """`n` captions of the procedural world's test split (and their examples, for the oracle), or the fixed
+    PROMPTS when the world module is not available."""
+    try:
+        from training import world
+
+        examples = world.make_examples(n, seed=seed, split="test")
+        return [e.caption for e in examples], examples
+    except (ImportError, AttributeError, ValueError):
+        return [PROMPTS[i % len(PROMPTS)] for i in range(n)], None
+
+
+def load_fidelity_judge():
+    """fidelity(images, examples) -> mean per-attribute oracle accuracy, or None without an oracle."""
+    try:
+        from training import judges
+
+        oracle = judges.load_oracle()
+    except (ImportError, AttributeError, FileNotFoundError, RuntimeError) as exc:
+        print(f"# NOTE: no oracle for prompt fidelity ({type(exc).__name__}: {exc})")
+        return None
+
+    def fidelity(images: np.ndarray, examples: Sequence) -> float:
+        predictions, _ = judges.oracle_outputs(oracle, images)
+        return float(judges.prompt_fidelity(predictions, examples)["mean"])
+
+    return fidelity
+
+
 @torch.no_grad()
-def model_branch_points(pipe, prompts: Sequence[str], beta: float, steps: int, guidance: float, seed: int):
-    """Shared phase of one group (all `prompts`, mean embedding, one seeded noise) up to branch point beta.
+def model_branch_point(pipe, prompts: Sequence[str], beta: float, steps: int, guidance: float, seed: int):
+    """Shared phase of one group (`prompts`, mean embedding, one seeded noise) up to branch point beta.
     Returns (branch point, per-member conditions, uncond, config)."""
     from sage_core.generate import encode_prompts, latent_shape
     from sage_core.sampler import SamplingConfig, initial_noise, make_scheduler, shared_phase
@@ -253,31 +282,48 @@ def finish_images(pipe, point, conds, uncond, config) -> np.ndarray:
     return decode_latents(pipe, final)
 
 
-def measure_images(pipe, prompts, betas, modes, level, steps, guidance, seed, repeats):
-    """Latent rows for the model's real branch latents and image rows for every mode."""
+def measure_images(pipe, prompts, examples, betas, modes, level, steps, guidance, group_size, repeats, fidelity):
+    """Latent rows for the model's real branch latents and image rows for every mode (plus an 'original' row:
+    the images continued from the original latent, for the oracle's reference fidelity)."""
     from sage_core.sampler import BranchPoint
 
+    groups = [list(range(i, min(i + group_size, len(prompts)))) for i in range(0, len(prompts), group_size)]
     latent_rows, image_rows, finished = [], [], None
     for beta in betas:
-        point, conds, uncond, config = model_branch_points(pipe, prompts, beta, steps, guidance, seed)
-        reference = finish_images(pipe, point, conds, uncond, config)
-        finished = reference
-        latent_rows += measure_latent("model", beta, point.latents, modes, level, repeats)
-        for mode in modes:
-            codec = LatentCodec(CodecSpec(mode, level))
-            frame = codec.encode(point.latents)
-            decoded = codec.decode(frame).to(point.latents.dtype).to(point.latents.device)
-            images = finish_images(pipe, BranchPoint(decoded, point.step, point.solver_state), conds, uncond, config)
-            psnrs = [psnr_db(r, i) for r, i in zip(reference, images, strict=True)]
-            image_rows.append(
-                ImageRow(beta, mode, len(frame), statistics.fmean(psnrs), min(psnrs), prompt_fidelity(images, prompts))
+        refs, outs, sizes = [], {m: [] for m in modes}, {m: [] for m in modes}
+        for gi, members in enumerate(groups):
+            point, conds, uncond, config = model_branch_point(
+                pipe, [prompts[m] for m in members], beta, steps, guidance, seed=gi
             )
-    return latent_rows, image_rows, finished
+            refs.append(finish_images(pipe, point, conds, uncond, config))
+            latent_rows += measure_latent("model", beta, point.latents, modes, level, repeats)
+            for mode in modes:
+                codec = LatentCodec(CodecSpec(mode, level))
+                frame = codec.encode(point.latents)
+                decoded = codec.decode(frame).to(point.latents.dtype).to(point.latents.device)
+                branch = BranchPoint(decoded, point.step, point.solver_state)
+                outs[mode].append(finish_images(pipe, branch, conds, uncond, config))
+                sizes[mode].append(len(frame))
+        reference = np.concatenate(refs)
+        finished = reference
+        ordered = [examples[m] for g in groups for m in g] if examples is not None else None
 
+        def score(images: np.ndarray, ordered=ordered) -> float | None:
+            return fidelity(images, ordered) if fidelity is not None and ordered else None
 
-def prompt_fidelity(images: np.ndarray, prompts: Sequence[str]) -> float | None:
-    """The oracle's prompt fidelity of images, when the project's oracle exists (TODO: wire it in)."""
-    return None
+        image_rows.append(ImageRow(beta, "original", 0, math.inf, math.inf, score(reference)))
+        for mode in modes:
+            images = np.concatenate(outs[mode])
+            psnrs = [psnr_db(r, i) for r, i in zip(reference, images, strict=True)]
+            mean_psnr = (
+                math.inf
+                if all(math.isinf(v) for v in psnrs)
+                else statistics.fmean([v for v in psnrs if not math.isinf(v)])
+            )
+            image_rows.append(
+                ImageRow(beta, mode, round(statistics.fmean(sizes[mode])), mean_psnr, min(psnrs), score(images))
+            )
+    return average_rows(latent_rows), image_rows, finished
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -330,10 +376,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--model", default=None, help="pipeline folder for the image part (default: the shipped model)")
     p.add_argument("--no-images", action="store_true", help="skip the pipeline part")
     p.add_argument("--no-tiny-fallback", action="store_true", help="fail if the default model is missing")
+    p.add_argument("--prompts", type=int, default=8, help="prompts for the image part (world test captions)")
+    p.add_argument("--group-size", type=int, default=2, help="prompts per group in the image part")
     p.add_argument("--json", type=Path, default=None, help="also write all rows as JSON here")
     args = p.parse_args(argv)
     if args.quick:
-        args.size, args.repeats, args.seeds, args.image_size, args.steps = 16, 2, 1, 64, 4
+        args.size, args.repeats, args.seeds, args.image_size, args.steps, args.prompts = 16, 2, 1, 64, 4, 2
         args.betas = args.betas[:1] if args.betas != list(DEFAULT_BETAS) else [0.4]
     return args
 
@@ -393,18 +441,28 @@ def _run(args: argparse.Namespace) -> dict:
     finished = None
     if not args.no_images:
         pipe, name = load_model(args.model, allow_tiny=not args.no_tiny_fallback)
-        prompts = PROMPTS[:2]  # one group of two similar prompts
+        prompts, examples = world_prompts(args.prompts)
+        fidelity = load_fidelity_judge() if examples is not None else None
         model_rows, image_rows, finished = measure_images(
-            pipe, prompts, args.betas, args.modes, args.level, args.steps, args.guidance, 0, args.repeats
+            pipe,
+            prompts,
+            examples,
+            args.betas,
+            args.modes,
+            args.level,
+            args.steps,
+            args.guidance,
+            args.group_size,
+            args.repeats,
+            fidelity,
         )
         print(
-            f"\n## Model branch latents and final images: {name}, group of {len(prompts)} prompts, "
-            f"{args.steps} steps, guidance {args.guidance}"
+            f"\n## Model branch latents and final images: {name}, {len(prompts)} prompts in groups of "
+            f"{args.group_size}, {args.steps} steps, guidance {args.guidance}"
         )
         print_latent_table(model_rows)
         print()
         print_image_table(image_rows)
-        print("oracle prompt fidelity: n/a (no oracle in sage_core yet)")
         result["model"] = name
         result["model_latents"] = [asdict(r) for r in model_rows]
         result["images"] = [asdict(r) for r in image_rows]
