@@ -104,6 +104,7 @@ def demo_cmd(
     server_arg: Annotated[
         list[str] | None, typer.Option("--server-arg", help="extra argument for the server (repeat)")
     ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a non-empty output folder")] = False,
 ) -> None:
     """Start an edge server (local Ray), run device clients on the prompts file, write images, grids, a report."""
     from device_client.demo import DemoConfig, DemoError, run_demo_config
@@ -120,6 +121,7 @@ def demo_cmd(
             seed=seed,
             max_wait_ms=max_wait_ms,
             server_args=tuple(server_arg or ()),
+            overwrite=overwrite,
         )
         run_demo_config(config, progress=True)
     except (DemoError, ModelError, ValueError, OSError) as exc:

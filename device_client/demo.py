@@ -13,7 +13,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ import numpy as np
 
 from device_client.config import ADAPTER_AUTO, TINY_MODEL, DeviceConfig
 from device_client.server_process import EdgeServerProcess, ServerStartError
+from sage_core.outputs import atomic_output_dir
 
 STATUS_OK = "OK"
 STATUS_LOST = "LOST"
@@ -46,6 +47,7 @@ class DemoConfig:
     server_args: tuple[str, ...] = ()
     timeout_s: float = 300.0  # per request
     start_timeout_s: float = 240.0
+    overwrite: bool = False  # replace a non-empty out_dir
 
     def __post_init__(self) -> None:
         if self.n_clients < 1:
@@ -99,18 +101,17 @@ def run_clients(
     config: DemoConfig,
     device_config: DeviceConfig,
     model: Any,
+    work_dir: Path,
     on_done: Callable[[RequestRecord], None] = lambda r: None,
 ) -> list[RequestRecord]:
     """N device clients in threads, pulling prompt indices from one queue; every request ends in a record."""
-    from dataclasses import replace
-
     from device_client.client import DeviceClient, DeviceError
 
     records = [RequestRecord(i, p) for i, p in enumerate(prompts)]
     todo: queue.Queue[int] = queue.Queue()
     for i in range(len(prompts)):
         todo.put(i)
-    images_dir = config.out_dir / "images"
+    images_dir = work_dir / "images"
 
     def worker(name: str) -> None:
         with DeviceClient(replace(device_config, client_id=name), model) as client:
@@ -125,7 +126,7 @@ def run_clients(
                 try:
                     result = client.generate(rec.prompt, seed=config.seed + i)
                     rec.metadata = result.metadata
-                    rec.image = str(result.save(images_dir / f"{i:03d}.png").relative_to(config.out_dir))
+                    rec.image = str(result.save(images_dir / f"{i:03d}.png").relative_to(work_dir))
                     rec.status = STATUS_OK
                 except DeviceError as exc:
                     rec.status, rec.error = exc.code, exc.message
@@ -256,16 +257,24 @@ def run_demo(
 
 def run_demo_config(config: DemoConfig, progress: bool = False) -> dict:
     """`run_demo` for a ready DemoConfig."""
+
+    # 1. inputs; the output folder is written atomically (a failed run leaves nothing half-written)
+    prompts = read_prompt_lines(config.prompts_file)
+    model_name = resolve_model(config.model)
+    if config.model is None and model_name == TINY_MODEL:
+        print("note: the shipped default model is not installed yet; the demo runs the tiny random pipeline")
+    with atomic_output_dir(config.out_dir, overwrite=config.overwrite) as work_dir:
+        report = run_in(work_dir, prompts, model_name, config, progress)
+    print_report(report, config.out_dir)
+    return report
+
+
+def run_in(work_dir: Path, prompts: list[str], model_name: str, config: DemoConfig, progress: bool) -> dict:
+    """Start the server, load the device model meanwhile, run the clients, stop the server, write outputs."""
     import torch
 
     from device_client.client import DeviceModel
 
-    # 1. inputs, output folder
-    prompts = read_prompt_lines(config.prompts_file)
-    config.out_dir.mkdir(parents=True, exist_ok=True)
-    model_name = resolve_model(config.model)
-    if config.model is None and model_name == TINY_MODEL:
-        print("note: the shipped default model is not installed yet; the demo runs the tiny random pipeline")
     # 2. start the server and load the device model meanwhile
     server_args = ("--max-wait-ms", f"{config.max_wait_ms:g}", *config.server_args)
     server = EdgeServerProcess(model=model_name, args=server_args, start_timeout_s=config.start_timeout_s)
@@ -275,7 +284,6 @@ def run_demo_config(config: DemoConfig, progress: bool = False) -> dict:
         if config.n_clients >= (os.cpu_count() or 1):
             torch.set_num_threads(1)
         device_config = DeviceConfig(
-            server="127.0.0.1:1",  # replaced below once the server listens
             model=model_name,
             adapter=config.adapter,
             steps=config.steps,
@@ -288,34 +296,31 @@ def run_demo_config(config: DemoConfig, progress: bool = False) -> dict:
         except ServerStartError as exc:
             raise DemoError(str(exc)) from None
         t_ready = time.perf_counter()
-        from dataclasses import replace
-
         device_config = replace(device_config, server=address)
-        # 3. clients
+        # 3. the device clients
         t0 = time.perf_counter()
-        records = run_with_progress(prompts, config, device_config, model, progress)
+        records = run_with_progress(prompts, config, device_config, model, work_dir, progress)
         wall = time.perf_counter() - t0
     finally:
         exit_code = server.stop()
-    # 4. outputs
-    groups = write_grids(records, config.out_dir)
+    # 4. grids and report
+    groups = write_grids(records, work_dir)
     extra = {"server": {"address": address, "model": model_name, "start_s": t_ready - t_start, "exit_code": exit_code},
              "model_fingerprint": model.fingerprint, "adapter": model.adapter, "wall_s": wall}  # fmt: skip
     report = build_report(records, groups, config, extra)
-    (config.out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    print_report(report, config.out_dir)
+    (work_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return report
 
 
 def run_with_progress(
-    prompts: list[str], config: DemoConfig, device_config: DeviceConfig, model: Any, progress: bool
+    prompts: list[str], config: DemoConfig, device_config: DeviceConfig, model: Any, work_dir: Path, progress: bool
 ) -> list[RequestRecord]:
     """run_clients, with a rich progress bar when asked."""
     if not progress:
-        return run_clients(prompts, config, device_config, model)
+        return run_clients(prompts, config, device_config, model, work_dir)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns) as bar:
         task = bar.add_task(f"{config.n_clients} devices", total=len(prompts))
-        return run_clients(prompts, config, device_config, model, on_done=lambda r: bar.advance(task))
+        return run_clients(prompts, config, device_config, model, work_dir, on_done=lambda r: bar.advance(task))
