@@ -31,6 +31,7 @@ log = logging.getLogger("sage_edge.service")
 SERVICE_NAME = edge_pb2.DESCRIPTOR.services_by_name["EdgeSampler"].full_name
 VERSION = "0.1.0"
 LISTENING_MARKER = "SAGE_EDGE_LISTENING"
+DEADLINE_SLACK_S = 0.1
 
 
 def to_spec(request: edge_pb2.ImageRequest) -> ImageSpec:
@@ -119,6 +120,8 @@ class EdgeSamplerServicer(edge_pb2_grpc.EdgeSamplerServicer):
             )
             status = "OK"
         finally:
+            if status == "CANCELLED" and time.monotonic() >= ticket.deadline - DEADLINE_SLACK_S:
+                status = "DEADLINE_EXCEEDED"  # the client's clock fired first and cancelled the call
             self.engine.release(ticket, status, sent)
             fields: dict[str, Any] = {
                 "request_id": ticket.request_id,

@@ -361,6 +361,7 @@ async def test_join_ray_head_cluster_and_graceful_shutdown() -> None:
     )
     server = None
     try:
+        _wait_for_port(port, head, 90)
         server = start_edge_server(
             "--ray-address", f"127.0.0.1:{port}", "--worker-step-delay-ms", "20", "--grace-s", "20"
         )
@@ -388,6 +389,18 @@ async def test_join_ray_head_cluster_and_graceful_shutdown() -> None:
         if server is not None:
             server.terminate(timeout=30)
         _stop_head(head, temp_dir)
+
+
+def _wait_for_port(port: int, head: subprocess.Popen, timeout: float) -> None:
+    """Wait until the Ray head's GCS accepts TCP connections on 127.0.0.1:port."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        assert head.poll() is None, f"ray start --head exited with {head.returncode}"
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            time.sleep(2)  # the GCS listens a little before the raylet registers
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"the Ray head did not listen on port {port} within {timeout} s")
 
 
 def _stop_head(head: subprocess.Popen, temp_dir: str) -> None:
