@@ -1,0 +1,112 @@
+"""The default-model training script (a few CPU steps of a tiny config) and the shipped default model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from sage_core.models import DEFAULT_MODEL_DIR, SD15_SCHEDULER_CONFIG, load_pipeline
+from training import default_model as dm
+
+TINY = {
+    "n_train_scenes": 48,
+    "sample_every_minutes": 0,
+    "checkpoint_minutes": 100,
+    "log_every": 1,
+    "scaling_samples": 48,
+    "encode_batch_size": 16,
+    "vae": {"block_out_channels": [8, 16, 16], "norm_num_groups": 4, "steps": 2, "batch_size": 4, "crop_size": 32,
+            "full_every": 2},
+    "text": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64},
+    "unet": {"block_out_channels": [16, 32], "cross_attention_levels": [False, True], "norm_num_groups": 8,
+             "attention_head_dim": 4},
+    "diffusion": {"steps": 2, "batch_size": 4, "warmup_steps": 1},
+}
+
+
+def _tiny_config(tmp_path: Path, **extra) -> dm.DefaultModelConfig:
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(TINY | {"work_dir": str(tmp_path / "work"), "output_dir": str(tmp_path / "out")}))
+    return dm.load_config(path, **extra)
+
+
+def test_training_script_runs_a_few_cpu_steps_and_saves_a_loadable_sd_pipeline(tmp_path):
+    cfg = _tiny_config(tmp_path)
+    logs: list[str] = []
+    out = dm.train_default_model(cfg, log=logs.append)
+    assert any("vae: done at step 2" in m for m in logs) and any("unet: done at step 2" in m for m in logs)
+    pipe = load_pipeline(out)
+    assert type(pipe.scheduler).__name__ == "DDIMScheduler"
+    for key, value in SD15_SCHEDULER_CONFIG.items():
+        assert pipe.scheduler.config[key] == value
+    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size == 32
+    assert pipe.text_encoder.config.vocab_size == 49408 and pipe.text_encoder.config.max_position_embeddings == 77
+    # the VAE's scaling factor is the measured 1/std of latents, not diffusers' default
+    assert pipe.vae.config.scaling_factor != 0.18215 and pipe.vae.config.scaling_factor > 0
+    with safe_open(str(out / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        assert f.get_tensor(next(iter(f.keys()))).dtype == torch.float16
+    img = pipe("a red circle", num_inference_steps=2, guidance_scale=7.5, output_type="np",
+               generator=torch.Generator().manual_seed(0)).images
+    assert img.shape == (1, 64, 64, 3)
+    # resuming continues from the checkpoint instead of starting over
+    cfg2 = _tiny_config(tmp_path, **{"diffusion.steps": 3, "stages": ["unet"]})
+    logs.clear()
+    dm.train_default_model(cfg2, log=logs.append)
+    assert any("resumed at step 2" in m for m in logs) and any("unet: done at step 3" in m for m in logs)
+
+
+def test_config_errors_are_clear(tmp_path):
+    with pytest.raises(ValueError, match="unknown DefaultModelConfig keys"):
+        _tiny_config(tmp_path, bogus=1)
+    with pytest.raises(ValueError, match="same length"):
+        _tiny_config(tmp_path, **{"unet.cross_attention_levels": [True]})
+    with pytest.raises(ValueError, match="stages"):
+        _tiny_config(tmp_path, stages=["vae", "lora"])
+
+
+def test_shipped_configs_load():
+    root = Path(dm.__file__).parent / "configs"
+    for name in ("default_model.yaml", "default_model_cpu.yaml"):
+        cfg = dm.load_config(root / name)
+        assert cfg.unet.block_out_channels and cfg.text.hidden_size == 128
+    assert dm.load_config(root / "default_model.yaml").device == "cuda"
+
+
+def test_lr_schedule_and_min_snr():
+    assert dm.lr_factor(0, 100, 10, 0.1) == pytest.approx(0.1)
+    assert dm.lr_factor(10, 100, 10, 0.1) == pytest.approx(1.0)
+    assert dm.lr_factor(100, 100, 10, 0.1) == pytest.approx(0.1)
+    assert dm.lr_factor(20, 100, 10, 0.1, time_fraction=1.0) == pytest.approx(0.1)
+    sched = dm.DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                             beta_end=0.012)
+    w = dm.min_snr_weights(sched, torch.tensor([0, 500, 999]), 5.0)
+    assert w[0] < 1e-2 and w[-1] == pytest.approx(1.0)
+
+
+def test_shipped_default_model_is_an_sd15_class_pipeline_under_64mb():
+    if not (DEFAULT_MODEL_DIR / "model_index.json").exists():
+        pytest.fail(f"the default model is missing at {DEFAULT_MODEL_DIR}")
+    assert dm.pipeline_megabytes(DEFAULT_MODEL_DIR) <= 64
+    index = json.loads((DEFAULT_MODEL_DIR / "model_index.json").read_text())
+    assert index["unet"] == ["diffusers", "UNet2DConditionModel"]
+    assert index["vae"] == ["diffusers", "AutoencoderKL"]
+    assert index["text_encoder"] == ["transformers", "CLIPTextModel"]
+    assert index["tokenizer"] == ["transformers", "CLIPTokenizer"]
+    assert index["scheduler"] == ["diffusers", "DDIMScheduler"]
+    assert index["safety_checker"] == [None, None] and index["feature_extractor"] == [None, None]
+    for comp in ("unet", "vae", "text_encoder"):
+        files = list((DEFAULT_MODEL_DIR / comp).glob("*.safetensors"))
+        assert len(files) == 1 and "fp16" not in files[0].name
+        with safe_open(str(files[0]), "pt") as f:
+            assert all(f.get_tensor(k).dtype == torch.float16 for k in list(f.keys())[:5])
+    pipe = load_pipeline()
+    assert pipe.vae.config.scaling_factor != 0.18215
+    assert pipe.tokenizer("a red circle").input_ids == [49406, 320, 736, 7117, 49407]
+    img = pipe(["a red circle", "a blue square"], num_inference_steps=4, guidance_scale=7.5, output_type="np",
+               generator=torch.Generator().manual_seed(0)).images
+    assert img.shape == (2, 64, 64, 3) and np.isfinite(img).all()
