@@ -139,3 +139,15 @@ def test_demo_smoke(tmp_path):
     assert len(list((out / "grids").glob("*.png"))) == len(report["groups"]) >= 1
     assert 0.0 <= report["unet"]["saving"] < 1.0 and report["bytes"]["payload_total"] > 0
     assert report["server"]["exit_code"] == 0
+
+
+def test_load_every_request_ends_with_an_image_or_a_clear_error(server, model, capsys):
+    """benchmarks/bench_load against the module's server: 32 requests from 16 devices, none lost."""
+    from benchmarks.bench_load import parse_args, print_summary, run_load
+
+    args = parse_args(["--requests", "32", "--concurrency", "16", "--steps", str(STEPS), "--timeout", "120"])
+    summary = run_load(server.address, model, args, BURST)
+    print_summary(summary)
+    assert summary["lost"] == 0 and summary["ok"] + sum(summary["errors"].values()) == 32
+    assert summary["ok"] == 32, summary["error_examples"]
+    assert "lost=0" in capsys.readouterr().out
