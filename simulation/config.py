@@ -140,12 +140,13 @@ class GroupingSettings:
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """The edge server: batching window, GPU workers and their measured step-time table."""
+    """The edge server (edge_server.engine's batch loop): a window collects from its first queued request until
+    window_s after that request arrived (edge server: max_wait_ms) or until max_window_requests are queued
+    (max_batch), then waits for a free GPU worker (num_workers), which runs the whole window as one job."""
 
-    window_s: float = 0.5  # a window opens at its first request and closes window_s later ...
-    max_window_requests: int = 256  # ... or as soon as it holds this many requests
+    window_s: float = 0.5
+    max_window_requests: int = 256
     gpu_workers: int = 1
-    max_batch_samples: int = 128  # UNet samples per forward pass; larger windows are split into jobs
     step_table: str = "h100_sd15_fp16"  # a table name in step_times_file
     step_times_file: str = ""  # default: simulation/step_times.json
     job_overhead_ms: float = 0.0  # fixed cost per GPU job (scheduling, transfers to and from the actor)
@@ -306,7 +307,6 @@ def validate(cfg: SimConfig) -> None:
     _require(sv.window_s >= 0, f"server.window_s must be >= 0, got {sv.window_s}")
     _require(sv.max_window_requests >= 1, f"server.max_window_requests must be >= 1, got {sv.max_window_requests}")
     _require(sv.gpu_workers >= 1, f"server.gpu_workers must be >= 1, got {sv.gpu_workers}")
-    _require(sv.max_batch_samples >= 2, f"server.max_batch_samples must be >= 2, got {sv.max_batch_samples}")
     _require(sv.job_overhead_ms >= 0, f"server.job_overhead_ms must be >= 0, got {sv.job_overhead_ms}")
     c = cfg.codec
     _require(len(c.latent_shape) > 0 and all(d > 0 for d in c.latent_shape), "codec.latent_shape must be positive")

@@ -3,13 +3,14 @@
 What is an event and what is a vector:
 - Per request, everything that does not depend on other requests is numpy over all requests at once: uplink and
   downlink times from each link's bandwidth, RTT and loss, and device compute time and energy.
-- Batching windows are formed from the server-side arrival times (a window opens at its first request and
-  closes `window_s` later, or when it holds `max_window_requests`); each window is grouped with
-  sage_core.grouping.group_by_similarity on its prompts' embeddings, exactly as the edge server groups.
-- The GPU workers are a simpy Resource: each window releases its jobs (its groups in chunks of at most
-  `max_batch_samples` UNet samples) when it closes, and the jobs queue FIFO for `gpu_workers` GPUs. A job's
-  duration comes from the measured step-time table: shared steps at the batch of its groups, branch steps at
-  the batch of its members, plus the VAE decode where the server decodes.
+- The server is a simpy model of edge_server.engine's batch loop: a window opens at the first queued request and
+  collects until `window_s` after that request arrived or until `max_window_requests` are queued (a backlog is
+  taken at once); the loop then waits for a free GPU worker and hands it the whole window as one job, and
+  collects the next window while the job runs. The worker groups the window with
+  sage_core.grouping.group_by_similarity on its prompts' embeddings, as the edge worker does.
+- A job's duration comes from the measured step-time table: shared steps batched over the window's groups,
+  branch steps over its members (where the server runs them), VAE decode where the server decodes, plus text
+  encoding, latent encoding and a per-window overhead.
 
 Modes (all from the same workload, so the comparison is paired):
 - sage: shared phase on the server (k = round(beta T) steps per group), latent to every member's device,
@@ -21,6 +22,7 @@ Modes (all from the same workload, so the comparison is paired):
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import json
 import time
@@ -49,7 +51,9 @@ class StepTable:
     unet_pass_ms: np.ndarray  # time of one forward pass at that batch (batch * ms per sample)
     vae_batch: np.ndarray
     vae_call_ms: np.ndarray
-    text_encode_ms_per_prompt: float = 0.0
+    text_encode_ms_per_prompt: float = 0.0  # server-side text encoding (conditioning and grouping)
+    latent_encode_ms_per_group: float = 0.0  # codec encoding of a group's branch point
+    window_overhead_ms: float = 0.0  # per window: dispatch to the worker and back, noise, bookkeeping
 
     def unet_seconds(self, batch: np.ndarray) -> np.ndarray:
         """Seconds of one UNet pass over `batch` samples: linear between measured points; below the smallest
@@ -97,7 +101,13 @@ def load_step_table(cfg: SimConfig) -> StepTable:
     t = tables[name]
     ub, ums = _table_points(t.get("unet_ms_per_sample"), f"{path}:{name}.unet_ms_per_sample")
     vb, vms = _table_points(t.get("vae_ms_per_image"), f"{path}:{name}.vae_ms_per_image")
-    return StepTable(name, ub, ums, vb, vms, float(t.get("text_encode_ms_per_prompt", 0.0)))
+    extras = {}
+    for key in ("text_encode_ms_per_prompt", "latent_encode_ms_per_group", "window_overhead_ms"):
+        value = t.get(key, 0.0)
+        if not isinstance(value, int | float) or value < 0:
+            raise ConfigError(f"{path}:{name}.{key} must be a number >= 0, got {value!r}")
+        extras[key] = float(value)
+    return StepTable(name, ub, ums, vb, vms, **extras)
 
 
 def latent_payload_bytes(codec: CodecSettings, samples: int = 4) -> tuple[int, str]:
@@ -146,36 +156,7 @@ def mode_spec(mode: str, cfg: SimConfig) -> ModeSpec:
     return specs[mode]
 
 
-# ------------------------------------------------------------------------------------------- windows, groups
-def form_windows(server_arrival: np.ndarray, window_s: float, max_requests: int) -> tuple[np.ndarray, np.ndarray]:
-    """Batching windows over sorted server-side arrival times: (bounds [W+1] into the sorted requests,
-    close time [W]). A window opens at its first request and closes window_s later or at its
-    max_requests-th request, whichever comes first."""
-    n = server_arrival.shape[0]
-    bounds, closes = [0], []
-    i = 0
-    while i < n:
-        t0 = server_arrival[i]
-        j = int(np.searchsorted(server_arrival, t0 + window_s, side="right"))
-        if j - i >= max_requests:
-            j = i + max_requests
-            closes.append(float(server_arrival[j - 1]))
-        else:
-            closes.append(float(t0 + window_s))
-        bounds.append(j)
-        i = j
-    return np.asarray(bounds, dtype=np.int64), np.asarray(closes, dtype=np.float64)
-
-
-@dataclass(frozen=True)
-class Groups:
-    """A partition of the (sorted) requests into groups, each inside one window."""
-
-    label: np.ndarray  # [n] group id of each sorted request
-    window: np.ndarray  # [G] window of each group (non-decreasing)
-    size: np.ndarray  # [G] members per group
-
-
+# ------------------------------------------------------------------------------------------------ the server
 @contextlib.contextmanager
 def single_torch_thread() -> Iterator[None]:
     """Run small torch ops on one thread (windows are small: thread start-up costs more than it saves, and far
@@ -188,166 +169,136 @@ def single_torch_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def windows_with_a_pair(
-    embeddings: np.ndarray, prompt_ids_sorted: np.ndarray, bounds: np.ndarray, tau: float, margin: float = 1e-4
-) -> np.ndarray:
-    """For each window, whether some pair of its prompts has cosine similarity >= tau - margin. A window with
-    no such pair is all singletons under group_by_similarity (every pair in a group must reach tau), so only
-    windows flagged here need the grouping call. Batched over windows of similar size; exact up to `margin`."""
-    sizes = np.diff(bounds)
-    flagged = sizes >= 2
-    if tau - margin <= 0.0:  # zero padding rows could reach such a threshold: group every multi-request window
-        return flagged
-    unit = normalize(embeddings)
-    todo = np.flatnonzero(flagged)
-    todo = todo[np.argsort(sizes[todo], kind="stable")]
-    lo = 0
-    while lo < todo.shape[0]:
-        m = int(sizes[todo[min(todo.shape[0] - 1, lo)]])
-        c = max(1, min(4096, 2_000_000 // (m * max(m, unit.shape[1]))))
-        chunk = todo[lo : lo + c]
-        m = int(sizes[chunk].max())
-        offs = np.arange(m)
-        valid = offs[None, :] < sizes[chunk][:, None]
-        pos = np.minimum(bounds[chunk][:, None] + offs[None, :], prompt_ids_sorted.shape[0] - 1)
-        x = unit[prompt_ids_sorted[pos]] * valid[..., None]
-        sims = x @ x.transpose(0, 2, 1)
-        sims[:, offs, offs] = -np.inf
-        flagged[chunk] = sims.max(axis=(1, 2)) >= tau - margin
-        lo += c
-    return flagged
+class Grouper:
+    """Groups one window's prompts as the edge worker does: group_by_similarity on the window's embeddings.
+    A window with no pair reaching tau is all singletons under that function (every pair of a group must reach
+    tau), so the call is skipped for it after a small numpy check with a safety margin. `config=None` gives
+    independent sampling: every request its own group."""
+
+    def __init__(self, embeddings: np.ndarray, config: GroupingConfig | None, margin: float = 1e-4) -> None:
+        self.embeddings = embeddings
+        self.config = config
+        self.unit = normalize(embeddings) if config is not None else embeddings
+        self.threshold = config.tau - margin if config is not None else 0.0
+        self.calls = 0
+
+    def __call__(self, prompt_ids: np.ndarray) -> list[int]:
+        """Group sizes of the window, groups in group_by_similarity's order; fills `self.members` with each
+        group's member indices (window-local) when the window has a group of more than one."""
+        m = prompt_ids.shape[0]
+        self.members: list[list[int]] | None = None
+        cfg = self.config
+        if cfg is None or m == 1 or cfg.max_group_size == 1:
+            return [1] * m
+        if self.threshold > 0.0:
+            u = self.unit[prompt_ids]
+            sims = u @ u.T
+            np.fill_diagonal(sims, -np.inf)
+            if sims.max() < self.threshold:
+                return [1] * m
+        self.calls += 1
+        self.members = group_by_similarity(self.embeddings[prompt_ids], cfg)
+        return [len(g) for g in self.members]
 
 
-def group_windows(
-    prompt_ids_sorted: np.ndarray,
-    embeddings: np.ndarray,
-    bounds: np.ndarray,
-    config: GroupingConfig,
-    progress: ProgressFn | None = None,
-) -> Groups:
-    """Group each window's requests with the project's grouping (one call per window, as the server does)."""
-    n = prompt_ids_sorted.shape[0]
-    label = np.empty(n, dtype=np.int64)
-    windows: list[int] = []
-    sizes: list[int] = []
-    n_windows = bounds.shape[0] - 1
-    report_every = max(1, n_windows // 200)
-    needs_grouping = (
-        windows_with_a_pair(embeddings, prompt_ids_sorted, bounds, config.tau)
-        if config.max_group_size > 1
-        else np.zeros(n_windows, dtype=bool)
-    )
-    with single_torch_thread():
-        _group_each_window(
-            prompt_ids_sorted, embeddings, bounds, needs_grouping, config, label, windows, sizes, report_every, progress
-        )
-    return Groups(label, np.asarray(windows, dtype=np.int64), np.asarray(sizes, dtype=np.int64))
-
-
-def _group_each_window(
-    prompt_ids_sorted: np.ndarray,
-    embeddings: np.ndarray,
-    bounds: np.ndarray,
-    needs_grouping: np.ndarray,
-    config: GroupingConfig,
-    label: np.ndarray,
-    windows: list[int],
-    sizes: list[int],
-    report_every: int,
-    progress: ProgressFn | None,
-) -> None:
-    """The per-window loop of group_windows (fills label, windows, sizes)."""
-    n, n_windows = prompt_ids_sorted.shape[0], bounds.shape[0] - 1
-    for w in range(n_windows):
-        lo, hi = int(bounds[w]), int(bounds[w + 1])
-        if not needs_grouping[w]:  # no pair reaches tau: group_by_similarity would return singletons
-            label[lo:hi] = np.arange(len(sizes), len(sizes) + hi - lo)
-            windows.extend([w] * (hi - lo))
-            sizes.extend([1] * (hi - lo))
-        else:
-            for members in group_by_similarity(embeddings[prompt_ids_sorted[lo:hi]], config):
-                label[lo + np.asarray(members, dtype=np.int64)] = len(sizes)
-                windows.append(w)
-                sizes.append(len(members))
-        if progress and (w % report_every == 0 or w == n_windows - 1):
-            progress(int(hi), n)
-
-
-def singleton_groups(window_of_request: np.ndarray) -> Groups:
-    """Every request its own group (independent sampling)."""
-    n = window_of_request.shape[0]
-    return Groups(np.arange(n, dtype=np.int64), window_of_request.astype(np.int64), np.ones(n, dtype=np.int64))
-
-
-# ----------------------------------------------------------------------------------------------------- GPU jobs
 @dataclass(frozen=True)
-class Jobs:
-    """GPU jobs: chunks of one window's groups, run as one batch each."""
+class ServerTrace:
+    """What the server did. Windows are in dispatch order; requests in server-arrival order ("sorted")."""
 
-    of_group: np.ndarray  # [G] job of each group
-    window: np.ndarray  # [J] window of each job
-    groups: np.ndarray  # [J] groups in each job
-    members: np.ndarray  # [J] requests in each job
-
-
-def chunk_jobs(groups: Groups, units_per_group: np.ndarray, cap_units: int) -> Jobs:
-    """Split each window's groups, in order, into jobs of at most cap_units batch units (a group that alone
-    exceeds the cap gets a job of its own). One unit per group packs by arithmetic; varying units greedily."""
-    g = groups.window.shape[0]
-    if g == 0:
-        empty = np.zeros(0, dtype=np.int64)
-        return Jobs(empty, empty, empty, empty)
-    new_window = np.r_[True, groups.window[1:] != groups.window[:-1]]
-    if np.all(units_per_group == 1):
-        first = np.maximum.accumulate(np.where(new_window, np.arange(g), 0))
-        local_chunk = (np.arange(g) - first) // cap_units
-        starts = new_window | np.r_[True, local_chunk[1:] != local_chunk[:-1]]
-    else:
-        starts = np.zeros(g, dtype=bool)
-        used = 0
-        for i in range(g):
-            u = int(units_per_group[i])
-            if new_window[i] or used + u > cap_units:
-                starts[i], used = True, 0
-            used += u
-    of_group = np.cumsum(starts) - 1
-    jobs = int(of_group[-1]) + 1
-    return Jobs(
-        of_group=of_group,
-        window=groups.window[starts],
-        groups=np.bincount(of_group, minlength=jobs),
-        members=np.bincount(of_group, weights=groups.size, minlength=jobs).astype(np.int64),
-    )
+    bounds: np.ndarray  # [W + 1]: window w holds sorted requests bounds[w]:bounds[w + 1]
+    close_s: np.ndarray  # [W] the window stops collecting
+    dispatch_s: np.ndarray  # [W] a GPU worker takes it
+    finish_s: np.ndarray  # [W] its shared phase (or whole job) is done
+    duration_s: np.ndarray  # [W]
+    groups: np.ndarray  # [W] groups in the window
+    group_of: np.ndarray  # [n] group id of each sorted request
+    group_size: np.ndarray  # [G]
 
 
-def run_gpu_pool(release_s: np.ndarray, duration_s: np.ndarray, workers: int) -> tuple[np.ndarray, np.ndarray]:
-    """simpy model of `workers` GPUs serving jobs FIFO in release order: (start, finish) per job. Jobs must
-    be given in non-decreasing release order; all jobs released at one instant enter the queue together."""
-    n = release_s.shape[0]
-    start, finish = [0.0] * n, [0.0] * n
+JobSeconds = Callable[[int, int], float]  # (groups, members) of a window -> GPU seconds of its job
+
+
+def run_server(
+    arrival: np.ndarray,
+    prompt_ids: np.ndarray,
+    window_s: float,
+    max_requests: int,
+    workers: int,
+    grouper: Grouper,
+    job_seconds: JobSeconds,
+    progress: ProgressFn | None = None,
+) -> ServerTrace:
+    """simpy model of edge_server.engine's batch loop over sorted server-side arrival times:
+    1. wait for a first queued request; 2. collect until window_s after that request arrived or until
+    max_requests are queued (a backlog is taken at once, up to max_requests); 3. wait for a free GPU worker
+    (FIFO); 4. the worker groups the window and runs one batched job; meanwhile the loop collects the next window.
+    """
+    n = arrival.shape[0]
+    arr = arrival.tolist()
+    bounds, close, dispatch, groups = [0], [], [], []
+    finish: list[float] = []
+    duration: list[float] = []
+    group_of = np.empty(n, dtype=np.int64)
+    sizes: list[int] = []
     env = simpy.Environment()
-    gpus = simpy.Resource(env, capacity=workers)
-    release, duration = release_s.tolist(), duration_s.tolist()
+    free = simpy.Store(env)
+    for w in range(workers):
+        free.put(w)
+    report_every = max(1, n // 200)
 
-    def job(i: int):
-        with gpus.request() as turn:
-            yield turn
-            start[i] = env.now
-            yield env.timeout(duration[i])
-            finish[i] = env.now
+    def job(w: int, worker: int, seconds: float, start: float):
+        yield env.timeout(seconds)
+        finish[w] = start + seconds
+        yield free.put(worker)
 
     def batcher():
-        i = 0
+        i, now = 0, 0.0
         while i < n:
-            yield env.timeout(max(0.0, release[i] - env.now))
-            now = release[i]
-            while i < n and release[i] <= now:
-                env.process(job(i))
-                i += 1
+            if arr[i] > now:  # 1. idle until a request arrives
+                yield env.timeout(arr[i] - env.now)
+                now = arr[i]
+            full = i + max_requests - 1
+            end = max(now, min(arr[i] + window_s, arr[full] if full < n else np.inf))
+            if end > now:  # 2. collect
+                yield env.timeout(end - env.now)
+                now = end
+            j = min(i + max_requests, bisect.bisect_right(arr, now, lo=i))
+            window_sizes = grouper(prompt_ids[i:j])
+            first = len(sizes)
+            if grouper.members is None:
+                group_of[i:j] = np.arange(first, first + j - i)
+            else:
+                for g, members in enumerate(grouper.members):
+                    group_of[i + np.asarray(members, dtype=np.int64)] = first + g
+            sizes.extend(window_sizes)
+            seconds = job_seconds(len(window_sizes), j - i)
+            worker = yield free.get()  # 3. a free worker (the loop waits here while every worker is busy)
+            now = max(now, env.now)
+            w = len(close)
+            bounds.append(j)
+            close.append(end)
+            dispatch.append(now)
+            groups.append(len(window_sizes))
+            duration.append(seconds)
+            finish.append(0.0)
+            env.process(job(w, worker, seconds, now))  # 4. run it, collect the next window meanwhile
+            if progress and (j // report_every != i // report_every or j == n):
+                progress(j, n)
+            i = j
 
-    env.process(batcher())
-    env.run()
-    return np.asarray(start), np.asarray(finish)
+    with single_torch_thread():
+        env.process(batcher())
+        env.run()
+    return ServerTrace(
+        bounds=np.asarray(bounds, dtype=np.int64),
+        close_s=np.asarray(close),
+        dispatch_s=np.asarray(dispatch),
+        finish_s=np.asarray(finish),
+        duration_s=np.asarray(duration),
+        groups=np.asarray(groups, dtype=np.int64),
+        group_of=group_of,
+        group_size=np.asarray(sizes, dtype=np.int64),
+    )
 
 
 # ------------------------------------------------------------------------------------------------------ network
@@ -377,8 +328,8 @@ class ModeResult:
     name: str
     latency_s: np.ndarray
     uplink_s: np.ndarray
-    window_wait_s: np.ndarray
-    queue_wait_s: np.ndarray
+    window_wait_s: np.ndarray  # server arrival until its window stops collecting
+    queue_wait_s: np.ndarray  # window closed until a GPU worker takes it
     gpu_job_s: np.ndarray  # duration of the GPU job that served the request
     downlink_s: np.ndarray
     device_s: np.ndarray  # device compute on the critical path and off it (text encode, branch, decode)
@@ -386,11 +337,13 @@ class ModeResult:
     bytes_down: np.ndarray
     bytes_up: np.ndarray
     gpu_seconds: float = 0.0
-    gpu_busy_span_s: float = 0.0  # first job start to last job finish
+    gpu_busy_span_s: float = 0.0  # first dispatch to last finish
     unet_evals_server: int = 0
     unet_evals_device: int = 0
     group_sizes: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    window_sizes: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     job_batch_samples: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    grouping_calls: int = 0
 
 
 @dataclass
@@ -400,12 +353,19 @@ class SimResult:
     cfg: SimConfig
     n: int
     modes: dict[str, ModeResult]
-    window_sizes: np.ndarray
     latent_bytes: int
     latent_bytes_source: str
     step_table: str
     wall_s: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def window_sizes(self) -> np.ndarray:
+        """Window sizes of the first server mode (sage first)."""
+        for m in sorted(self.modes.values(), key=lambda m: m.name != "sage"):
+            if m.window_sizes.size:
+                return m.window_sizes
+        return np.zeros(0, dtype=np.int64)
 
 
 def simulate(
@@ -414,9 +374,9 @@ def simulate(
     embeddings: np.ndarray,
     progress: ProgressFn | None = None,
 ) -> SimResult:
-    """Run every mode of cfg.modes on the workload; `embeddings` rows belong to workload.prompts."""
+    """Run every mode of cfg.modes on the same workload; `embeddings` rows belong to workload.prompts.
+    `progress(done, total)` counts requests through the server models of all server modes."""
     t_start = time.perf_counter()
-    timings: dict[str, float] = {}
     # 1. check inputs
     if embeddings.shape[0] != len(workload.prompts):
         raise ValueError(f"{embeddings.shape[0]} embeddings for {len(workload.prompts)} prompts")
@@ -427,40 +387,23 @@ def simulate(
     # 2. links: uplink to the server, goodput for the downlink
     goodput = goodput_bps(workload, cfg.network.mss_bytes)
     uplink = transfer_seconds(cfg.codec.request_bytes, workload.rtt_s, goodput)
-    # 3. windows over server-side arrivals
-    server_arrival = workload.arrival_s + uplink
-    order = np.argsort(server_arrival, kind="stable")
-    s_sorted = server_arrival[order]
-    window_sizes = np.zeros(0, dtype=np.int64)
-    bounds = closes = window_of_sorted = None
-    if any(s.uses_server for s in specs):
-        t0 = time.perf_counter()
-        bounds, closes = form_windows(s_sorted, cfg.server.window_s, cfg.server.max_window_requests)
-        window_sizes = np.diff(bounds)
-        window_of_sorted = np.repeat(np.arange(closes.shape[0]), window_sizes)
-        timings["windows"] = time.perf_counter() - t0
-    # 4. group each window (shared by every grouped mode)
-    grouped = None
-    if any(s.grouped for s in specs):
-        t0 = time.perf_counter()
-        gcfg = GroupingConfig(
-            tau=cfg.grouping.tau, max_group_size=cfg.grouping.max_group_size, candidates=cfg.grouping.candidates
-        )
-        grouped = group_windows(workload.prompt_ids[order], embeddings, bounds, gcfg, progress)
-        timings["grouping"] = time.perf_counter() - t0
-    # 5. each mode: GPU jobs through the simpy pool, then links and devices
-    results = {}
+    # 3. the server sees requests in order of arrival at the server
+    order = np.argsort(workload.arrival_s + uplink, kind="stable")
+    # 4. each mode: server model (simpy), then links and devices (numpy)
+    server_modes = [s.name for s in specs if s.uses_server]
+    results, timings = {}, {}
     for spec in specs:
         t0 = time.perf_counter()
+        offset = n * server_modes.index(spec.name) if spec.uses_server else 0
+        mode_progress = (lambda d, _t, o=offset: progress(o + d, n * len(server_modes))) if progress else None
         results[spec.name] = _run_mode(
-            cfg, spec, workload, table, latent_bytes, goodput, uplink, order, closes, window_of_sorted, grouped
+            cfg, spec, workload, embeddings, table, latent_bytes, goodput, uplink, order, mode_progress
         )
         timings[f"mode_{spec.name}"] = time.perf_counter() - t0
     return SimResult(
         cfg=cfg,
         n=n,
         modes=results,
-        window_sizes=window_sizes,
         latent_bytes=latent_bytes,
         latent_bytes_source=latent_source,
         step_table=table.name,
@@ -482,24 +425,49 @@ def _device_arrays(cfg: SimConfig, workload: Workload) -> dict[str, np.ndarray]:
     }
 
 
+def job_seconds_fn(cfg: SimConfig, spec: ModeSpec, table: StepTable) -> JobSeconds:
+    """GPU seconds of one window's job from (groups, members): the shared steps batched over the groups, the
+    branch steps over the members, the server's VAE decode, text encoding and latent encoding, overheads."""
+    per_step = cfg.sampling.unet_samples_per_step
+    most = cfg.server.max_window_requests
+    unet = table.unet_seconds(np.arange(per_step * most + 1)).tolist()
+    vae = table.vae_seconds(np.arange(most + 1)).tolist() if spec.server_decodes else [0.0] * (most + 1)
+    text_s = table.text_encode_ms_per_prompt / 1e3
+    encode_s = table.latent_encode_ms_per_group / 1e3 if spec.payload == "latent" else 0.0
+    fixed_s = (table.window_overhead_ms + cfg.server.job_overhead_ms) / 1e3
+    k, b = spec.server_shared_steps, spec.server_branch_steps
+
+    def seconds(groups: int, members: int) -> float:
+        return (
+            k * unet[per_step * groups]
+            + b * unet[per_step * members]
+            + vae[members]
+            + text_s * members
+            + encode_s * groups
+            + fixed_s
+        )
+
+    return seconds
+
+
 def _run_mode(
     cfg: SimConfig,
     spec: ModeSpec,
     workload: Workload,
+    embeddings: np.ndarray,
     table: StepTable,
     latent_bytes: int,
     goodput: np.ndarray,
     uplink: np.ndarray,
     order: np.ndarray,
-    closes: np.ndarray | None,
-    window_of_sorted: np.ndarray | None,
-    grouped: Groups | None,
+    progress: ProgressFn | None,
 ) -> ModeResult:
     """One mode over the whole workload."""
     n = workload.n
     per_step = cfg.sampling.unet_samples_per_step
     dev = _device_arrays(cfg, workload)
     zeros = np.zeros(n)
+    # 1. device compute (vectorized)
     device_compute = spec.device_steps * per_step * dev["unet_s"]
     decode_on_device = spec.payload != "image"
     if decode_on_device:
@@ -520,30 +488,31 @@ def _run_mode(
             bytes_up=zeros,
             unet_evals_device=int(n * spec.device_steps * per_step),
         )
-    assert closes is not None and window_of_sorted is not None
-    groups = grouped if spec.grouped else singleton_groups(window_of_sorted)
-    assert groups is not None
-    # GPU jobs: batch units are groups while only shared steps run, members once branch steps run
-    units = groups.size if spec.server_branch_steps > 0 else np.ones_like(groups.size)
-    jobs = chunk_jobs(groups, units, max(1, cfg.server.max_batch_samples // per_step))
-    duration = (
-        spec.server_shared_steps * table.unet_seconds(jobs.groups * per_step)
-        + spec.server_branch_steps * table.unet_seconds(jobs.members * per_step)
-        + (table.vae_seconds(jobs.members) if spec.server_decodes else 0.0)
-        + jobs.members * table.text_encode_ms_per_prompt / 1e3
-        + cfg.server.job_overhead_ms / 1e3
-    )
-    release = closes[jobs.window]
-    start, finish = run_gpu_pool(release, duration, cfg.server.gpu_workers)
-    # back to requests (sorted positions, then original order)
-    job_of_sorted = jobs.of_group[groups.label]
-    inv = np.empty(n, dtype=np.int64)
-    inv[order] = np.arange(n)
-    job = job_of_sorted[inv]
+    # 2. the server (simpy): windows, grouping, GPU workers
+    gcfg = None
+    if spec.grouped:
+        g = cfg.grouping
+        gcfg = GroupingConfig(tau=g.tau, max_group_size=g.max_group_size, candidates=g.candidates)
+    grouper = Grouper(embeddings, gcfg)
     server_arrival = workload.arrival_s + uplink
+    trace = run_server(
+        server_arrival[order],
+        workload.prompt_ids[order],
+        cfg.server.window_s,
+        cfg.server.max_window_requests,
+        cfg.server.gpu_workers,
+        grouper,
+        job_seconds_fn(cfg, spec, table),
+        progress,
+    )
+    # 3. back to requests in original order
+    window_sizes = np.diff(trace.bounds)
+    window_of = np.empty(n, dtype=np.int64)
+    window_of[order] = np.repeat(np.arange(window_sizes.shape[0]), window_sizes)
+    # 4. downlink and the device's part (vectorized)
     payload = (latent_bytes if spec.payload == "latent" else cfg.codec.image_bytes) + cfg.codec.overhead_bytes
     downlink = transfer_seconds(payload, workload.rtt_s, goodput)
-    received = finish[job] + downlink
+    received = trace.finish_s[window_of] + downlink
     if decode_on_device:  # the device encodes its own prompt while it waits for the latent
         done = np.maximum(received, workload.arrival_s + dev["text_s"]) + device_compute
         device_s = dev["text_s"] + device_compute
@@ -551,25 +520,29 @@ def _run_mode(
         done, device_s = received, zeros
     bytes_down = np.full(n, float(payload))
     bytes_up = np.full(n, float(cfg.codec.request_bytes))
-    evals_server = per_step * (spec.server_shared_steps * int(groups.size.shape[0]) + spec.server_branch_steps * n)
+    n_groups = int(trace.group_size.shape[0])
+    evals_server = per_step * (spec.server_shared_steps * n_groups + spec.server_branch_steps * n)
+    batch_units = trace.groups if spec.server_branch_steps == 0 else window_sizes
     return ModeResult(
         name=spec.name,
         latency_s=done - workload.arrival_s,
         uplink_s=uplink,
-        window_wait_s=closes[window_of_sorted[inv]] - server_arrival,
-        queue_wait_s=start[job] - release[job],
-        gpu_job_s=duration[job],
+        window_wait_s=trace.close_s[window_of] - server_arrival,
+        queue_wait_s=(trace.dispatch_s - trace.close_s)[window_of],
+        gpu_job_s=trace.duration_s[window_of],
         downlink_s=downlink,
         device_s=device_s,
         energy_j=device_s * dev["power_w"] + (bytes_down + bytes_up) * dev["radio_j_per_b"],
         bytes_down=bytes_down,
         bytes_up=bytes_up,
-        gpu_seconds=float(duration.sum()),
-        gpu_busy_span_s=float(finish.max() - start.min()) if len(start) else 0.0,
+        gpu_seconds=float(trace.duration_s.sum()),
+        gpu_busy_span_s=float(trace.finish_s.max() - trace.dispatch_s.min()),
         unet_evals_server=int(evals_server),
         unet_evals_device=int(n * spec.device_steps * per_step),
-        group_sizes=groups.size,
-        job_batch_samples=(jobs.groups if spec.server_branch_steps == 0 else jobs.members) * per_step,
+        group_sizes=trace.group_size,
+        window_sizes=window_sizes,
+        job_batch_samples=batch_units * per_step,
+        grouping_calls=grouper.calls,
     )
 
 
@@ -580,18 +553,3 @@ def simulate_config(
     from simulation.workload import build_workload
 
     return simulate(cfg, build_workload(cfg, prompts), embeddings, progress)
-
-
-__all__ = [
-    "ModeResult",
-    "SimResult",
-    "StepTable",
-    "chunk_jobs",
-    "form_windows",
-    "group_windows",
-    "load_step_table",
-    "mode_spec",
-    "run_gpu_pool",
-    "simulate",
-    "simulate_config",
-]

@@ -68,8 +68,10 @@ def mode_summary(result: SimResult, m: ModeResult) -> dict[str, Any]:
             "downlink": float(m.downlink_s.mean()),
             "device": float(m.device_s.mean()),
         },
-        "jobs": int(m.job_batch_samples.shape[0]),
+        "windows": int(m.window_sizes.shape[0]),
+        "mean_window_requests": float(m.window_sizes.mean()) if m.window_sizes.size else 0.0,
         "mean_job_batch_samples": float(m.job_batch_samples.mean()) if m.job_batch_samples.size else 0.0,
+        "grouping_calls": m.grouping_calls,
     }
     if m.group_sizes.size and m.name in ("sage", "sage_server"):
         groups = int(m.group_sizes.shape[0])

@@ -11,16 +11,7 @@ import pytest
 
 from sage_core.grouping import GroupingConfig, group_by_similarity
 from simulation.config import ConfigError, config_from_dict, load_config
-from simulation.engine import (
-    Groups,
-    chunk_jobs,
-    form_windows,
-    group_windows,
-    load_step_table,
-    mode_spec,
-    run_gpu_pool,
-    simulate,
-)
+from simulation.engine import Grouper, load_step_table, mode_spec, run_server, simulate
 from simulation.metrics import flat_row, summarize
 from simulation.workload import (
     arrival_times,
@@ -253,68 +244,87 @@ def test_step_table_interpolation(prompt_file):
     assert table.vae_seconds(np.array([1, 16]))[1] == pytest.approx(0.232)
 
 
+def constant_job(seconds):
+    return lambda groups, members: seconds
+
+
+def singles():
+    return Grouper(np.zeros((1, 2), dtype=np.float32), None)
+
+
 def test_windows_close_on_time_or_size():
     t = np.array([0.0, 0.1, 0.5, 1.2, 1.25, 3.0])
-    bounds, closes = form_windows(t, 1.0, 3)
-    assert bounds.tolist() == [0, 3, 5, 6]
-    assert closes.tolist() == pytest.approx([0.5, 2.2, 4.0])  # full at its 3rd request; time; time
-    bounds, _ = form_windows(t, 0.0, 100)
-    assert bounds.tolist() == list(range(7))
+    tr = run_server(t, np.zeros(6, dtype=np.int64), 1.0, 3, 1, singles(), constant_job(0.05))
+    assert tr.bounds.tolist() == [0, 3, 5, 6]
+    assert tr.close_s.tolist() == pytest.approx([0.5, 2.2, 4.0])  # full at its 3rd request; time; time
+    assert tr.dispatch_s.tolist() == pytest.approx([0.5, 2.2, 4.0])
+    assert tr.finish_s.tolist() == pytest.approx([0.55, 2.25, 4.05])
+    tr = run_server(t, np.zeros(6, dtype=np.int64), 0.0, 100, 1, singles(), constant_job(0.01))
+    assert tr.bounds.tolist() == list(range(7))
 
 
-@pytest.mark.parametrize(
-    ("tau", "dim", "cuts"), [(0.3, 8, [1, 7, 50, 51]), (0.8, 6, list(range(2, 120, 3))), (-0.5, 4, [60])]
-)
-def test_group_windows_is_the_grouping_of_each_window(tau, dim, cuts):
-    """Per-window grouping, including the shortcut for windows with no pair above tau, equals calling
-    group_by_similarity on every window."""
+def test_backlog_waits_for_a_worker_then_takes_full_windows():
+    """As edge_server.engine: the loop holds a collected window until a worker is free, and the next window
+    then takes the queued backlog at once (up to the size cap)."""
+    t = np.array([0.0, 1.0, 2.0, 3.0, 4.0])
+    tr = run_server(t, np.zeros(5, dtype=np.int64), 0.5, 2, 1, singles(), constant_job(10.0))
+    assert tr.bounds.tolist() == [0, 1, 2, 4, 5]
+    assert tr.close_s.tolist() == pytest.approx([0.5, 1.5, 10.5, 20.5])
+    assert tr.dispatch_s.tolist() == pytest.approx([0.5, 10.5, 20.5, 30.5])
+    tr = run_server(t, np.zeros(5, dtype=np.int64), 0.5, 2, 2, singles(), constant_job(10.0))
+    assert tr.dispatch_s.tolist() == pytest.approx([0.5, 1.5, 10.5, 11.5])  # two workers
+
+
+def _reference_server(arr, window_s, max_requests, workers, seconds):
+    """The batch loop as a plain recurrence (independent of simpy)."""
+    free = [0.0] * workers
+    i, now, out = 0, 0.0, []
+    while i < len(arr):
+        now = max(now, arr[i])
+        full = i + max_requests - 1
+        end = max(now, min(arr[i] + window_s, arr[full] if full < len(arr) else np.inf))
+        now = end
+        j = min(i + max_requests, int(np.searchsorted(arr, now, side="right")))
+        start = max(now, heapq.heappop(free))
+        heapq.heappush(free, start + seconds(j - i))
+        out.append((j, end, start))
+        now, i = start, j
+    return out
+
+
+def test_server_model_matches_a_plain_recurrence():
+    rng = np.random.default_rng(1)
+    arr = np.cumsum(rng.exponential(0.3, 400))
+
+    def seconds(m):
+        return 0.2 + 0.15 * m
+
+    for workers, window_s, cap in ((1, 0.5, 4), (3, 2.0, 16), (2, 0.0, 8)):
+        tr = run_server(arr, np.zeros(400, dtype=np.int64), window_s, cap, workers, singles(), lambda g, m: seconds(m))
+        ref = _reference_server(arr, window_s, cap, workers, seconds)
+        assert tr.bounds[1:].tolist() == [r[0] for r in ref]
+        assert np.allclose(tr.close_s, [r[1] for r in ref]) and np.allclose(tr.dispatch_s, [r[2] for r in ref])
+
+
+@pytest.mark.parametrize(("tau", "dim"), [(0.3, 8), (0.8, 6), (-0.5, 4)])
+def test_server_groups_each_window_with_the_project_grouping(tau, dim):
+    """Per-window groups, including the shortcut for windows with no pair above tau, equal
+    group_by_similarity called on every window."""
     rng = np.random.default_rng(0)
     emb = rng.standard_normal((40, dim)).astype(np.float32)
-    ids = rng.integers(0, 40, size=120)
-    bounds = np.array([0, *cuts, 120])
+    ids = rng.integers(0, 40, size=300)
+    arr = np.cumsum(rng.exponential(0.1, 300))
     gcfg = GroupingConfig(tau=tau, max_group_size=3)
-    got = group_windows(ids, emb, bounds, gcfg)
-    for w in range(len(bounds) - 1):
-        lo, hi = bounds[w], bounds[w + 1]
+    grouper = Grouper(emb, gcfg)
+    tr = run_server(arr, ids, 0.4, 12, 1, grouper, constant_job(0.3))
+    assert 0 < grouper.calls < len(tr.close_s) or tau < 0
+    for w in range(len(tr.close_s)):
+        lo, hi = tr.bounds[w], tr.bounds[w + 1]
         expected = group_by_similarity(emb[ids[lo:hi]], gcfg)
-        labels = got.label[lo:hi]
-        mine = [sorted((np.flatnonzero(labels == g)).tolist()) for g in dict.fromkeys(labels.tolist())]
+        labels = tr.group_of[lo:hi]
+        mine = [sorted(np.flatnonzero(labels == g).tolist()) for g in dict.fromkeys(labels.tolist())]
         assert mine == expected
-        assert set(got.window[labels]) == {w}
-    assert got.size.sum() == 120
-
-
-def test_chunk_jobs_respects_the_batch_cap():
-    groups = Groups(np.arange(7), np.array([0, 0, 0, 0, 0, 1, 1]), np.array([1, 3, 2, 2, 1, 4, 1]))
-    jobs = chunk_jobs(groups, np.ones(7, dtype=np.int64), 2)
-    assert jobs.of_group.tolist() == [0, 0, 1, 1, 2, 3, 3]
-    assert jobs.groups.tolist() == [2, 2, 1, 2] and jobs.members.tolist() == [4, 4, 1, 5]
-    jobs = chunk_jobs(groups, groups.size, 4)  # greedy by members
-    assert jobs.of_group.tolist() == [0, 0, 1, 1, 2, 3, 4]
-
-
-def _fifo_reference(release, duration, workers):
-    free = [0.0] * workers
-    start, finish = [], []
-    for r, d in zip(release, duration, strict=True):
-        f = heapq.heappop(free)
-        s = max(f, r)
-        start.append(s)
-        finish.append(s + d)
-        heapq.heappush(free, s + d)
-    return np.array(start), np.array(finish)
-
-
-def test_gpu_pool_is_fifo_over_workers():
-    start, finish = run_gpu_pool(np.array([0.0, 0.0, 0.0, 5.0]), np.array([1.0, 1.0, 1.0, 0.5]), 2)
-    assert start.tolist() == [0.0, 0.0, 1.0, 5.0] and finish.tolist() == [1.0, 1.0, 2.0, 5.5]
-    rng = np.random.default_rng(1)
-    release = np.sort(rng.exponential(1.0, 500).cumsum().round(1))
-    duration = rng.exponential(2.5, 500)
-    for workers in (1, 3):
-        s, f = run_gpu_pool(release, duration, workers)
-        rs, rf = _fifo_reference(release, duration, workers)
-        assert np.allclose(s, rs) and np.allclose(f, rf)
+    assert tr.group_size.sum() == 300 and len(set(tr.group_of.tolist())) == tr.group_size.shape[0]
 
 
 def test_unet_evaluations_match_the_paper_formula(prompt_file):
