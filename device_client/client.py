@@ -431,11 +431,20 @@ class DeviceClient:
         """An image for `prompt` through the edge server; with fallback_local, locally when it is unreachable."""
         t0 = time.perf_counter()
         try:
-            result = self.finish(prompt, self.request_latent(prompt, seed))
+            received = self.request_latent(prompt, seed)
         except DeviceError as exc:
             if not (self.config.fallback_local and exc.code == "UNAVAILABLE"):
                 raise
             result = self.generate_local(prompt, seed, reason=exc.message)
+        else:
+            try:
+                result = self.finish(prompt, received)
+            except (RuntimeError, ValueError) as exc:  # a torch or model failure on the device: one clear error
+                if isinstance(exc, DeviceError):
+                    raise
+                raise DeviceError(
+                    "INTERNAL", f"branch phase on the device failed: {type(exc).__name__}: {exc}"
+                ) from exc
         result.timings_ms["total"] = (time.perf_counter() - t0) * 1e3
         result.metadata["timings_ms"] = {k: round(v, 3) for k, v in result.timings_ms.items()}
         return result
