@@ -151,3 +151,17 @@ def test_load_every_request_ends_with_an_image_or_a_clear_error(server, model, c
     assert summary["lost"] == 0 and summary["ok"] + sum(summary["errors"].values()) == 32
     assert summary["ok"] == 32, summary["error_examples"]
     assert "lost=0" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("scheduler", ["dpmpp", "euler"])
+def test_transparency_other_schedulers(server, model, scheduler):
+    """The multistep solver state (DPM-Solver++) and Euler's sigma scaling survive the split across processes."""
+    config = DeviceConfig(server=server.address, model="tiny", adapter="none", steps=STEPS, scheduler=scheduler,
+                          accepted_codecs=("fp32",))  # fmt: skip
+    with DeviceClient(config, model) as client:
+        result = client.generate("a green triangle on the right", seed=42)
+    meta = result.metadata
+    assert meta["scheduler"] == scheduler and meta["seed"] == 42 and meta["group_size"] == 1
+    sampling = SamplingConfig(steps=STEPS, shared_steps=meta["branch_step"], scheduler=scheduler)
+    ref = generate(model.pipe, ["a green triangle on the right"], sampling, GroupingConfig(), seed=42, groups=[[0]])
+    assert (result.latents - ref.latents).abs().max().item() <= LATENT_ATOL
