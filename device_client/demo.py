@@ -212,7 +212,8 @@ def build_report(records: list[RequestRecord], groups: dict[str, list[int]], con
                  "used": used, "saving": 1.0 - used / independent if independent else 0.0},
         "bytes": {"payload_total": sum(r.metadata.get("payload_bytes", 0) for r in ok),
                   "wire_total": sum(r.metadata.get("wire_bytes", 0) for r in ok),
-                  "payload_per_image": (sum(r.metadata.get("payload_bytes", 0) for r in ok) / len(ok)) if ok else 0},
+                  "payload_per_image": (sum(r.metadata.get("payload_bytes", 0) for r in ok) / len(ok)) if ok else 0,
+                  "raw_fp32_latent": 4 * int(np.prod(ok[0].metadata.get("latent_shape", [0]))) if ok else 0},
         "latency_ms": {"total": {"p50": percentile(lat, 50), "p95": percentile(lat, 95)},
                        **{k: timing(k) for k in ("wait_accepted", "stream", "verify_decode", "branch_phase",
                                                  "vae_decode", "server_queue_wait", "server_shared_phase")}},
@@ -238,8 +239,8 @@ def print_report(report: dict, out_dir: Path) -> None:
     errors = ", ".join(f"{k}={v}" for k, v in sorted(c["errors"].items())) or "none"
     console.print(f"requests: ok={c['ok']} lost={c['lost']} errors: {errors}")
     console.print(f"UNet evaluations: {u['used']} used vs {u['independent']} independent -> saving {u['saving']:.1%}")
-    console.print(f"bytes sent: {b['payload_total']} B latent payload ({b['payload_per_image']:.0f} B per image), "
-                  f"{b['wire_total']} B on the wire")  # fmt: skip
+    console.print(f"bytes sent: {b['payload_total']} B latent payload ({b['payload_per_image']:.0f} B per image; "
+                  f"raw fp32 latent {b['raw_fp32_latent']} B), {b['wire_total']} B on the wire")  # fmt: skip
     console.print(f"latency ms: total p50 {lat['total']['p50']:.0f} / p95 {lat['total']['p95']:.0f}; "
                   f"wait for Accepted p50 {lat['wait_accepted']['p50']:.0f}; "
                   f"branch phase p50 {lat['branch_phase']['p50']:.0f}")  # fmt: skip
