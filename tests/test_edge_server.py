@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import math
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -340,7 +341,12 @@ async def test_join_ray_head_cluster_and_graceful_shutdown() -> None:
     and serves; SIGTERM: health NOT_SERVING, new requests UNAVAILABLE, the in-flight stream still finishes, exit 0.
     The head is stopped by killing its process group only (never `ray stop`, which would stop every Ray here)."""
     port = _free_port()
-    temp_dir = tempfile.mkdtemp(prefix="sgr", dir="/tmp")  # short: Ray's socket paths must stay under 108 bytes
+    temp_dir = tempfile.mkdtemp(prefix="sgr", dir="/tmp")
+    # Ray clusters use token authentication: head and server share a fresh token through the environment
+    auth = {
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(32),
+    }  # short: Ray's socket paths must stay under 108 bytes
     head = subprocess.Popen(
         [
             str(Path(sys.executable).with_name("ray")),
@@ -354,7 +360,7 @@ async def test_join_ray_head_cluster_and_graceful_shutdown() -> None:
             f"--temp-dir={temp_dir}",
             "--disable-usage-stats",
         ],
-        env=server_env(),
+        env=server_env(auth),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -363,9 +369,9 @@ async def test_join_ray_head_cluster_and_graceful_shutdown() -> None:
     try:
         _wait_for_port(port, head, 90)
         server = start_edge_server(
-            "--ray-address", f"127.0.0.1:{port}", "--worker-step-delay-ms", "20", "--grace-s", "20"
+            "--ray-address", f"127.0.0.1:{port}", "--worker-step-delay-ms", "20", "--grace-s", "20", env=auth
         )
-        assert any("ray_ready" in line and f"127.0.0.1:{port}" in line for line in server.log_lines), server.log_lines
+        assert any("ray_ready started_local=False" in line for line in server.log_lines), server.log_lines
         async with server.aio_channel() as channel:
             stub = edge_pb2_grpc.EdgeSamplerStub(channel)
             accepted, payload, _ = await collect(stub, request("a cluster cat"))
