@@ -104,7 +104,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
         table.add_row(
             name,
             f"{s['gpu_seconds_per_image']:.4f}",
-            f"{s.get('gpu_saving_vs_server', 0.0):.1%}",
+            f"{s['gpu_saving_vs_server']:.1%}" if "gpu_saving_vs_server" in s and name != "device" else "-",
             f"{s['unet_saving']:.1%}",
             f"{s['mean_group_size']:.2f}" if "mean_group_size" in s else "-",
             f"{s['bytes_down_per_image'] / 1024:.1f}",
@@ -226,6 +226,78 @@ def embed(config: ConfigArg) -> None:
         with _progress() as progress:
             emb = embed_prompts(cfg, prompts, _updater(progress, f"embedding {len(prompts):,} prompts"))
         console.print(f"{emb.shape[0]:,} embeddings of dimension {emb.shape[1]} ({cfg.prompts.embedder})")
+
+
+@main.command()
+def validate(
+    workload: Annotated[Path, typer.Argument(help="workload file (from `sage-sim workload`)")],
+    out: OutOpt = None,
+    model: Annotated[str, typer.Option(help="model of the server and the devices: tiny, default or a folder")] = "tiny",
+    server: Annotated[str | None, typer.Option(help="host:port of a running edge server (default: start one)")] = None,
+    concurrency: Annotated[int, typer.Option(help="device clients replaying the workload")] = 8,
+) -> None:
+    """Replay a workload through a real edge server and device clients on 127.0.0.1 and through the simulator;
+    compare UNet evaluations, bytes and median latency (report.md, comparison.json, validation.png)."""
+    import json
+    import shlex
+
+    from simulation import metrics, validation
+    from simulation import plots as plotting
+    from simulation.engine import simulate
+    from simulation.workload import embed_prompts, read_workload_file
+
+    with _clear_errors():
+        cfg, wl = read_workload_file(workload)
+        out = out or Path("runs/sim") / f"validate-{workload.stem}"
+        seeds = [int(r["seed"]) for r in json.loads(workload.read_text(encoding="utf-8"))["requests"]]
+        console.print(f"replaying {wl.n} requests over {wl.arrival_s[-1]:.1f} s through the real system ...")
+        if server is None:
+            with validation.running_server(cfg, model) as address:
+                records = validation.replay(cfg, wl, address, model, concurrency, seeds)
+        else:
+            records = validation.replay(cfg, wl, server, model, concurrency, seeds)
+        real = validation.real_totals(records)
+        emb = embed_prompts(cfg, list(wl.prompts))
+        result = simulate(cfg.replace(modes=("sage",)), wl, emb)
+        sim = validation.sim_totals(result)
+        comparison = validation.compare(sim, real)
+        command = "sage-sim " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        metrics.write_json(records, out / "real_requests.json")
+        metrics.write_json({"command": command, "sim": sim, "real": real, **comparison}, out / "comparison.json")
+        real_lat = [r["latency_s"] for r in records if "error" not in r]
+        plotting.validation_figure(real_lat, result.modes["sage"].latency_s, comparison, out / "validation.png")
+        (out / "report.md").write_text(validation.report_markdown(cfg, command, sim, real, comparison), "utf-8")
+        out_console.print_json(data=comparison)
+        console.print(f"{'PASS' if comparison['pass'] else 'FAIL'}; wrote {out}/")
+        if not comparison["pass"]:
+            raise typer.Exit(1)
+
+
+@main.command()
+def measure(
+    name: Annotated[str, typer.Option(help="table name to write")],
+    model: Annotated[str, typer.Option(help="'default' (the shipped model), 'tiny' or a pipeline folder")] = "default",
+    out: Annotated[Path, typer.Option(help="step-times JSON to add the table to")] = Path("simulation/step_times.json"),
+    batches: Annotated[str, typer.Option(help="groups per measured pass (2 samples each with CFG)")] = "1,2,4,8,16",
+    threads: Annotated[int, typer.Option(help="torch threads while measuring")] = 1,
+) -> None:
+    """Measure this machine's step-time table (and a device class) for a model and store it."""
+    import torch
+
+    from simulation.measure import load_measured_pipeline, measure_pipeline, write_table
+
+    with _clear_errors():
+        try:
+            sizes = tuple(int(b) for b in batches.split(","))
+        except ValueError:
+            raise ConfigError(f"--batches must be comma-separated integers, got {batches!r}") from None
+        torch.set_num_threads(threads)
+        pipe = load_measured_pipeline(model)
+        table, device = measure_pipeline(pipe, sizes)
+        table["model"] = model
+        write_table(out, name, table)
+        out_console.print_json(data=table)
+        console.print(f"wrote table {name!r} to {out}")
 
 
 @main.command()

@@ -105,7 +105,7 @@ class PromptConfig:
     datasets_dir: str = DEFAULT_DATASETS_DIR  # relative paths resolve against the repository root
     order: str = "shuffle"  # shuffle (permutation, reshuffled each pass) | uniform | sequential | zipf
     zipf_s: float = 1.1
-    embedder: str = "minilm"  # minilm | pipeline | pipeline:PATH | hashed (lexical, for tests)
+    embedder: str = "minilm"  # minilm | pipeline | pipeline:PATH | pipeline:tiny | hashed (lexical, for tests)
     cache_dir: str = DEFAULT_CACHE_DIR
     limit: int = 0  # use only the first `limit` prompts of the dataset (0: all)
 
@@ -150,6 +150,7 @@ class ServerConfig:
     step_table: str = "h100_sd15_fp16"  # a table name in step_times_file
     step_times_file: str = ""  # default: simulation/step_times.json
     job_overhead_ms: float = 0.0  # fixed cost per GPU job (scheduling, transfers to and from the actor)
+    step_delay_ms: float = 0.0  # added to every UNet pass: mirrors the edge server's --worker-step-delay-ms hook
 
 
 @dataclass(frozen=True)
@@ -308,6 +309,7 @@ def validate(cfg: SimConfig) -> None:
     _require(sv.max_window_requests >= 1, f"server.max_window_requests must be >= 1, got {sv.max_window_requests}")
     _require(sv.gpu_workers >= 1, f"server.gpu_workers must be >= 1, got {sv.gpu_workers}")
     _require(sv.job_overhead_ms >= 0, f"server.job_overhead_ms must be >= 0, got {sv.job_overhead_ms}")
+    _require(sv.step_delay_ms >= 0, f"server.step_delay_ms must be >= 0, got {sv.step_delay_ms}")
     c = cfg.codec
     _require(len(c.latent_shape) > 0 and all(d > 0 for d in c.latent_shape), "codec.latent_shape must be positive")
     for key in ("fallback_latent_bytes", "image_bytes", "request_bytes", "overhead_bytes"):

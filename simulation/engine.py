@@ -430,7 +430,8 @@ def job_seconds_fn(cfg: SimConfig, spec: ModeSpec, table: StepTable) -> JobSecon
     branch steps over the members, the server's VAE decode, text encoding and latent encoding, overheads."""
     per_step = cfg.sampling.unet_samples_per_step
     most = cfg.server.max_window_requests
-    unet = table.unet_seconds(np.arange(per_step * most + 1)).tolist()
+    passes = table.unet_seconds(np.arange(per_step * most + 1)) + cfg.server.step_delay_ms / 1e3
+    unet = np.where(np.arange(per_step * most + 1) > 0, passes, 0.0).tolist()
     vae = table.vae_seconds(np.arange(most + 1)).tolist() if spec.server_decodes else [0.0] * (most + 1)
     text_s = table.text_encode_ms_per_prompt / 1e3
     encode_s = table.latent_encode_ms_per_group / 1e3 if spec.payload == "latent" else 0.0

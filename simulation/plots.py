@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 from simulation.engine import SimResult  # noqa: E402
@@ -51,12 +52,15 @@ def run_dashboard(result: SimResult, summary: dict[str, Any], path: Path) -> Pat
         a.plot(lat, np.linspace(0, 1, lat.size), color=MODE_COLORS[m], label=m)
     a.axvline(result.cfg.slo_s, color="k", ls=":", lw=1, label=f"SLO {result.cfg.slo_s:g} s")
     a.set_xscale("log")
+    a.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    a.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     a.set(xlabel="end-to-end latency (s)", ylabel="fraction of requests", title="Latency CDF")
     a.legend(fontsize=8)
     # 2. GPU-seconds per image
     a = ax[0, 1]
     vals = [s[m]["gpu_seconds_per_image"] for m in modes]
     bars = a.bar(modes, vals, color=[MODE_COLORS[m] for m in modes])
+    a.set_ylim(0, 1.15 * max(max(vals), 1e-9))
     for b, m in zip(bars, modes, strict=True):
         sav = s[m].get("gpu_saving_vs_server")
         if sav is not None and m != "server" and s[m]["gpu_seconds_per_image"] > 0:
@@ -66,12 +70,14 @@ def run_dashboard(result: SimResult, summary: dict[str, Any], path: Path) -> Pat
     a = ax[0, 2]
     srv = [s[m]["unet_evals_server_per_image"] for m in modes]
     dev = [s[m]["unet_evals_device_per_image"] for m in modes]
-    a.bar(modes, srv, color="#555555", label="server")
-    a.bar(modes, dev, bottom=srv, color="#bbbbbb", label="device")
+    a.bar(modes, srv, color="#555555", label="on the server")
+    a.bar(modes, dev, bottom=srv, color="#bbbbbb", label="on the device")
     for i, m in enumerate(modes):
-        a.annotate(f"-{s[m]['unet_saving']:.1%}", (i, srv[i] + dev[i]), ha="center", va="bottom", fontsize=9)
+        if s[m]["unet_saving"] > 0.0005:
+            a.annotate(f"-{s[m]['unet_saving']:.1%}", (i, srv[i] + dev[i]), ha="center", va="bottom", fontsize=9)
+    a.set_ylim(0, 1.25 * max(x + y for x, y in zip(srv, dev, strict=True)))
     a.set(ylabel="UNet evaluations per image", title="UNet evaluations (saving vs independent)")
-    a.legend(fontsize=8)
+    a.legend(fontsize=8, loc="upper right", ncol=2)
     # 4. group sizes
     a = ax[1, 0]
     grouped = next((m for m in ("sage", "sage_server") if m in s and "group_size_hist" in s[m]), None)
@@ -183,3 +189,29 @@ def sweep_figure(rows: Sequence[dict[str, Any]], title: str, path: Path) -> Path
 def _most_common(rows: Sequence[dict[str, Any]], key: str) -> Any:
     vals = [r[key] for r in rows]
     return max(set(vals), key=lambda v: (vals.count(v), v))
+
+
+def validation_figure(
+    real_latency: Sequence[float], sim_latency: np.ndarray, comparison: dict[str, Any], path: Path
+) -> Path:
+    """Latency CDFs of the real replay and the simulation, and the three acceptance quantities side by side."""
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    for lat, label, color in ((real_latency, "real system", "#d95f02"), (sim_latency, "simulator", "#1b9e77")):
+        xs = np.sort(np.asarray(lat))
+        ax[0].plot(xs, np.linspace(0, 1, xs.size), color=color, label=label)
+    ax[0].set(xlabel="end-to-end latency (s)", ylabel="fraction of requests", title="Latency CDF, same workload")
+    ax[0].legend()
+    checks = comparison["checks"]
+    names = list(checks)
+    ratio = [checks[k]["sim"] / checks[k]["real"] if checks[k]["real"] else 0.0 for k in names]
+    colors = ["#1b9e77" if checks[k]["ok"] else "#d62728" for k in names]
+    ax[1].bar(names, ratio, color=colors)
+    for i, k in enumerate(names):
+        tol = checks[k]["tolerance"]
+        ax[1].plot([i - 0.4, i + 0.4], [1 + tol, 1 + tol], "k:", lw=1)
+        ax[1].plot([i - 0.4, i + 0.4], [1 - tol, 1 - tol], "k:", lw=1)
+        ax[1].annotate(f"{checks[k]['rel_diff']:+.1%}", (i, ratio[i]), ha="center", va="bottom")
+    ax[1].axhline(1.0, color="k", lw=0.8)
+    ax[1].set(ylabel="simulated / real", title="Agreement (dotted: tolerance)")
+    fig.tight_layout()
+    return _save(fig, path)

@@ -200,13 +200,14 @@ def minilm_embedder() -> Embedder:
 
 def pipeline_embedder_for(spec: str) -> tuple[Embedder, str]:
     """The pooled CLIP text embedding of a diffusers pipeline ('pipeline' = the shipped default model,
-    'pipeline:PATH' = a model folder), as the edge server groups by; also its model fingerprint."""
+    'pipeline:PATH' = a model folder, 'pipeline:tiny' = the tiny test pipeline of `--model tiny` servers), as
+    the edge server groups by; also its model fingerprint."""
     from sage_core.grouping import pipeline_embedder
-    from sage_core.models import ModelError, load_pipeline, model_fingerprint
+    from sage_core.models import ModelError, load_pipeline, model_fingerprint, tiny_pipeline
 
     path = spec.split(":", 1)[1] if ":" in spec else None
     try:
-        pipe = load_pipeline(path)
+        pipe = tiny_pipeline(seed=0) if path == "tiny" else load_pipeline(path)
     except ModelError as exc:
         raise ConfigError(f"prompts.embedder {spec!r}: {exc}") from exc
     return pipeline_embedder(pipe), model_fingerprint(pipe)
@@ -274,7 +275,7 @@ def cached_embeddings(cfg: SimConfig, prompts: Sequence[str]) -> np.ndarray | No
     spec = cfg.prompts.embedder
     if spec == "minilm":
         name = "minilm-l6-v2"
-    elif spec == "pipeline" or spec.startswith("pipeline:"):
+    elif spec == "pipeline" or (spec.startswith("pipeline:") and spec != "pipeline:tiny"):
         from sage_core.models import DEFAULT_MODEL_DIR, folder_fingerprint
 
         folder = Path(spec.split(":", 1)[1]) if ":" in spec else DEFAULT_MODEL_DIR
