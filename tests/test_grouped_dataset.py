@@ -155,3 +155,23 @@ def test_coco_captions_are_text_only_items() -> None:
     items = coco_items(limit=20)
     assert len(items) == 20 and all(set(it["image"]) == {"coco_image_id"} for it in items)
     assert all(it["caption"] == " ".join(it["caption"].split()) for it in items)
+
+
+def test_groups_command_writes_a_dataset_and_refuses_bad_ranges(tmp_path) -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    from training.sage_cli import register
+
+    app = typer.Typer()
+    register(app)
+    out = tmp_path / "g.json"
+    res = CliRunner().invoke(app, ["groups", "--source", "world", "--n", "80", "--embedder", "tfidf",
+                                   "--tau-min", "0.3", "--tau-max", "0.95", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert load_grouped_dataset(out).groups
+    bad = CliRunner().invoke(app, ["groups", "--embedder", "tfidf", "--tau-min", "0.9", "--tau-max", "0.6"])
+    assert bad.exit_code == 2 and "tau_min must be < tau_max" in bad.output
+    missing = CliRunner().invoke(app, ["finetune", "--dataset", str(tmp_path / "none.json"),
+                                       "--out-dir", str(tmp_path / "o")])
+    assert missing.exit_code == 2 and "does not exist" in missing.output

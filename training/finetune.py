@@ -174,9 +174,9 @@ def dataset_fingerprint(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
-def prepare_data(pipe, cfg: FinetuneConfig, base_fingerprint: str, log: Callable[[str], None]) -> TrainData:
-    """Load the grouped dataset, encode every used item's image once (cached in out_dir by dataset and model)."""
-    dataset = load_grouped_dataset(cfg.dataset)
+def prepare_data(pipe, cfg: FinetuneConfig, dataset: GroupedDataset, base_fingerprint: str,
+                 log: Callable[[str], None]) -> TrainData:
+    """Encode every used item's image once (cached in out_dir by dataset file and model) and tokenize captions."""
     used = sorted({i for g in dataset.groups for i in g})
     row_of = {item: r for r, item in enumerate(used)}
     ids = pipe.tokenizer([dataset.items[i]["caption"] for i in used], padding="max_length",
@@ -297,13 +297,14 @@ def finetune(
     # 1. set-up: threads, model, LoRA, data, optimizer
     if cfg.device == "cpu":
         torch.set_num_threads(cfg.num_threads)
+    dataset = load_grouped_dataset(cfg.dataset)  # fail fast, before loading a model
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pipe = pipe if pipe is not None else load_base(cfg)
     device = pipe.unet.device
     base_fingerprint = model_fingerprint(pipe)
     params = add_lora(pipe.unet, cfg.lora)
-    data = prepare_data(pipe, cfg, base_fingerprint, log)
+    data = prepare_data(pipe, cfg, dataset, base_fingerprint, log)
     loss_cfg = cfg.loss_config(dict(pipe.scheduler.config))
     alphas = pipe.scheduler.alphas_cumprod.to(device)
     optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)  # constant lr, as the paper
