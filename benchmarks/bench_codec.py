@@ -276,9 +276,9 @@ def model_branch_point(pipe, prompts: Sequence[str], beta: float, steps: int, gu
 def finish_images(pipe, point, conds, uncond, config) -> np.ndarray:
     """Branch phase of every member from `point`, then VAE decode: images [M, H, W, 3] in [0, 1]."""
     from sage_core.generate import decode_latents
-    from sage_core.sampler import branch_phase, clone_point
+    from sage_core.sampler import branch_phase
 
-    final = branch_phase(pipe.unet, pipe.scheduler.config, [clone_point(point) for _ in conds], conds, uncond, config)
+    final = branch_phase(pipe.unet, pipe.scheduler.config, [point] * len(conds), conds, uncond, config)
     return decode_latents(pipe, final)
 
 

@@ -8,7 +8,6 @@ server, all windows' groups) share one batched UNet evaluation per step. Every U
 
 from __future__ import annotations
 
-import copy
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -207,6 +206,37 @@ def denoise(
             callback(r, active)
 
 
+def advance(
+    unet,
+    scheduler_config: dict,
+    points: Sequence[BranchPoint],
+    conds: Sequence[torch.Tensor],
+    uncond: torch.Tensor,
+    config: SamplingConfig,
+    stops: Sequence[int],
+    counter: UNetCounter | None = None,
+    labels: Sequence[object] | None = None,
+) -> list[BranchPoint]:
+    """Move each point from its step to its stop under its own conditioning, all batched: the one primitive
+    behind the shared phase, hierarchical sub-group phases, cache resumption and the branch phase."""
+    trajectories = []
+    for m, (point, cond, stop) in enumerate(zip(points, conds, stops, strict=True)):
+        scheduler = make_scheduler(scheduler_config, config.scheduler, config.steps, point.latents.device)
+        import_solver_state(scheduler, {k: v.clone() for k, v in point.solver_state.items()})
+        trajectories.append(
+            Trajectory(
+                latents=point.latents.clone(),
+                cond=cond,
+                scheduler=scheduler,
+                start=point.step,
+                stop=stop,
+                label=labels[m] if labels is not None else m,
+            )
+        )
+    denoise(unet, trajectories, uncond, config, counter)
+    return [BranchPoint(tr.latents, tr.stop, export_solver_state(tr.scheduler)) for tr in trajectories]
+
+
 def shared_phase(
     unet,
     scheduler_config: dict,
@@ -222,20 +252,9 @@ def shared_phase(
     across groups. `stops` overrides k per group (similarity-adaptive depth)."""
     if len(group_conds) != len(noises):
         raise ValueError("one shared noise per group is needed")
-    k = config.branch_step()
-    trajectories = [
-        Trajectory(
-            latents=noise,
-            cond=cond,
-            scheduler=make_scheduler(scheduler_config, config.scheduler, config.steps, noise.device),
-            start=0,
-            stop=stops[g] if stops is not None else k,
-            label=labels[g] if labels is not None else g,
-        )
-        for g, (cond, noise) in enumerate(zip(group_conds, noises, strict=True))
-    ]
-    denoise(unet, trajectories, uncond, config, counter)
-    return [BranchPoint(tr.latents, tr.stop, export_solver_state(tr.scheduler)) for tr in trajectories]
+    stops = list(stops) if stops is not None else [config.branch_step()] * len(noises)
+    starts = [BranchPoint(noise, 0) for noise in noises]
+    return advance(unet, scheduler_config, starts, group_conds, uncond, config, stops, counter, labels)
 
 
 def branch_phase(
@@ -250,24 +269,5 @@ def branch_phase(
 ) -> torch.Tensor:
     """Steps [k, T) for each prompt from its group's branch point under its own embedding (lines 9-13), batched.
     Returns the final latents [M, C, h, w] in the order of `conds`."""
-    trajectories = []
-    for m, (point, cond) in enumerate(zip(points, conds, strict=True)):
-        scheduler = make_scheduler(scheduler_config, config.scheduler, config.steps, point.latents.device)
-        import_solver_state(scheduler, {k: v.clone() for k, v in point.solver_state.items()})
-        trajectories.append(
-            Trajectory(
-                latents=point.latents.clone(),
-                cond=cond,
-                scheduler=scheduler,
-                start=point.step,
-                stop=config.steps,
-                label=labels[m] if labels is not None else m,
-            )
-        )
-    denoise(unet, trajectories, uncond, config, counter)
-    return torch.cat([tr.latents for tr in trajectories]) if trajectories else torch.empty(0)
-
-
-def clone_point(point: BranchPoint) -> BranchPoint:
-    """An independent copy of a branch point (each member continues from its own copy)."""
-    return copy.deepcopy(point)
+    ends = advance(unet, scheduler_config, points, conds, uncond, config, [config.steps] * len(points), counter, labels)
+    return torch.cat([p.latents for p in ends]) if ends else torch.empty(0)
