@@ -46,8 +46,20 @@ def generate_cmd(
     timeout: Annotated[float, typer.Option("--timeout", help="request deadline in seconds")] = 300.0,
     connect_timeout: Annotated[float, typer.Option("--connect-timeout", help="seconds to reach the server")] = 10.0,
     device: Annotated[str, typer.Option("--device", help="torch device for the branch phase and the VAE")] = "cpu",
+    tls: Annotated[bool, typer.Option("--tls", help="TLS to the server (system CA roots unless --tls-ca)")] = False,
+    tls_ca: Annotated[str | None, typer.Option("--tls-ca", help="PEM CA of the server certificate (TLS)")] = None,
+    tls_cert: Annotated[str | None, typer.Option("--tls-cert", help="PEM client certificate (mutual TLS)")] = None,
+    tls_key: Annotated[str | None, typer.Option("--tls-key", help="PEM key of --tls-cert")] = None,
+    tls_server_name: Annotated[
+        str | None, typer.Option("--tls-server-name", help="name to check in the server certificate")
+    ] = None,
+    token_file: Annotated[
+        Path | None, typer.Option("--token-file", help="bearer token file; default: $SAGE_EDGE_TOKEN if set")
+    ] = None,
+    client_id: Annotated[str, typer.Option("--client-id", help="this device's id (informational)")] = "",
 ) -> None:
     """Request a shared latent, run the branch phase here, decode and save the image."""
+    from device_client.channel import read_token
     from device_client.client import DeviceClient, DeviceError
     from device_client.demo import resolve_model
     from sage_core.models import ModelError
@@ -68,6 +80,13 @@ def generate_cmd(
             fallback_local=fallback_local,
             timeout_s=timeout,
             connect_timeout_s=connect_timeout,
+            client_id=client_id,
+            tls=tls,
+            tls_ca=tls_ca,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            tls_server_name=tls_server_name,
+            token=read_token(token_file) if server else None,
         )
         with DeviceClient(config) as client:
             result = client.generate(prompt, seed) if server else client.generate_local(prompt, seed)

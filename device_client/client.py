@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from device_client.channel import make_channel
 from device_client.config import ADAPTER_AUTO, ADAPTER_NONE, TINY_MODEL, DeviceConfig
 from protos.sage_edge.v1 import edge_pb2, edge_pb2_grpc
 from sage_core.codec import CodecError, CodecSpec, LatentCodec
@@ -295,8 +296,15 @@ class DeviceClient:
             raise DeviceError("UNAVAILABLE", "no edge server configured")
         with self._lock:
             if self._channel is None:
-                self._channel = grpc.insecure_channel(
-                    c.server, options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+                self._channel = make_channel(
+                    c.server,
+                    tls=c.tls,
+                    ca_file=c.tls_ca,
+                    cert_file=c.tls_cert,
+                    key_file=c.tls_key,
+                    server_name=c.tls_server_name,
+                    token=c.token,
+                    options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)],
                 )
             stub = edge_pb2_grpc.EdgeSamplerStub(self._channel)
         if not self._reachable:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from device_client.channel import is_loopback
 from sage_core.codec import LOSSLESS_MODES, MODES
 from sage_core.sampler import MAX_STEPS, SCHEDULERS
 
@@ -33,6 +34,14 @@ class DeviceConfig:
     connect_timeout_s: float = 10.0  # to reach the server
     timeout_s: float = 300.0  # whole request deadline (queueing + shared phase + stream)
     max_payload_bytes: int = DEFAULT_PAYLOAD_CAP
+    # transport security (device_client/channel.py): TLS with a CA file (or the system roots when only `tls`),
+    # mutual TLS with a client certificate and key, and a bearer token (never printed: repr=False)
+    tls: bool = False
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_server_name: str | None = None  # name to check in the server certificate instead of the host
+    token: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.server is not None and (":" not in self.server or not self.server.rsplit(":", 1)[1].isdigit()):
@@ -55,6 +64,16 @@ class DeviceConfig:
             raise ValueError("timeouts must be positive")
         if self.max_payload_bytes <= 0:
             raise ValueError("max_payload_bytes must be positive")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key go together (mutual TLS)")
+        if self.token is not None and not self.token.strip():
+            raise ValueError("token is empty")
+        if self.token is not None and self.server is not None and not self.uses_tls() and not is_loopback(self.server):
+            raise ValueError(f"refusing to send a bearer token in plaintext to {self.server}: enable TLS")
+
+    def uses_tls(self) -> bool:
+        """Whether the channel to the server is TLS."""
+        return self.tls or bool(self.tls_ca or self.tls_cert)
 
     def codecs_to_accept(self) -> tuple[str, ...]:
         """The codec modes this device will decode (empty request list means lossless only)."""

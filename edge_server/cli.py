@@ -49,6 +49,28 @@ def serve(
     default_share: Annotated[float | None, typer.Option(help="sharing ratio when a request leaves it unset")] = None,
     codecs: Annotated[str | None, typer.Option(help="codec preference, comma-separated (e.g. fp32,fp16,int8)")] = None,
     chunk_size: Annotated[int | None, typer.Option(help="bytes per LatentChunk")] = None,
+    max_streams_per_client: Annotated[
+        int | None, typer.Option(help="open RequestImage streams per client before RESOURCE_EXHAUSTED")
+    ] = None,
+    max_deadline_s: Annotated[
+        float | None, typer.Option(help="server-side cap on a request's lifetime, whatever deadline it asks for")
+    ] = None,
+    tls_cert: Annotated[str | None, typer.Option(help="PEM certificate chain: serve TLS only")] = None,
+    tls_key: Annotated[str | None, typer.Option(help="PEM private key of --tls-cert")] = None,
+    tls_client_ca: Annotated[
+        str | None, typer.Option(help="PEM CA of client certificates: mutual TLS (needs --tls-cert/--tls-key)")
+    ] = None,
+    auth_tokens_file: Annotated[
+        str | None, typer.Option(help="bearer tokens, one per line ('token' or 'client_id:token')")
+    ] = None,
+    model_sha256: Annotated[
+        str | None,
+        typer.Option("--model-sha256", help="refuse a model folder whose SHA-256 differs (see model-sha256)"),
+    ] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="serve Prometheus /metrics on this port (0: free one)")
+    ] = None,
+    metrics_host: Annotated[str | None, typer.Option(help="bind address of /metrics (default 127.0.0.1)")] = None,
     grace_s: Annotated[float | None, typer.Option(help="graceful-shutdown grace period (s)")] = None,
     worker_step_delay_ms: Annotated[float | None, typer.Option(help="test hook: sleep per UNet call")] = None,
     log_format: Annotated[str | None, typer.Option(help="text or json")] = None,
@@ -63,7 +85,27 @@ def serve(
         raise typer.Exit(2) from exc
     from edge_server.service import serve as run_server
 
-    raise typer.Exit(asyncio.run(run_server(cfg)))
+    try:
+        code = asyncio.run(run_server(cfg))
+    except ConfigError as exc:  # unreadable certificates or token file
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    raise typer.Exit(code)
+
+
+@app.command("model-sha256")
+def model_sha256_cmd(
+    folder: Annotated[Path, typer.Argument(help="diffusers pipeline folder (safetensors)")],
+) -> None:
+    """Print the folder's SHA-256 (the value for --model-sha256 / model_sha256)."""
+    from sage_core.models import ModelError, check_pipeline_folder, folder_sha256
+
+    try:
+        check_pipeline_folder(folder)
+    except ModelError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    typer.echo(folder_sha256(folder))
 
 
 def main() -> None:

@@ -64,6 +64,16 @@ class ServerConfig:
     codecs: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8", "fp8", "int6", "int5", "int4")  # preference
     zstd_level: int = 3
     chunk_size: int = 256 * 1024
+    # security (docs/deployment.md): TLS when tls_cert + tls_key are set, mutual TLS when tls_client_ca is too;
+    # bearer tokens on every method but health when auth_tokens_file is set (lines `token` or `client_id:token`)
+    tls_cert: str | None = None  # PEM server certificate chain
+    tls_key: str | None = None  # PEM private key of tls_cert
+    tls_client_ca: str | None = None  # PEM CA bundle that client certificates must chain to (mutual TLS)
+    auth_tokens_file: str | None = None
+    model_sha256: str | None = None  # pin: sage_core.models.folder_sha256 of the model folder, checked at load
+    # metrics (Prometheus text format on http://metrics_host:metrics_port/metrics); None: off, 0: a free port
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
     # lifecycle and logs
     grace_s: float = 10.0
     log_format: str = "text"
@@ -121,6 +131,25 @@ def _problems(c: ServerConfig) -> list[str]:
         1024 <= c.chunk_size <= GRPC_MESSAGE_LIMIT // 2,
         f"chunk_size must be in [1024, {GRPC_MESSAGE_LIMIT // 2}] bytes (well under gRPC's 4 MiB), got {c.chunk_size}",
     )
+    need(bool(c.tls_cert) == bool(c.tls_key), "tls_cert and tls_key must be set together")
+    need(not c.tls_client_ca or bool(c.tls_cert), "tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+    for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_tokens_file"):
+        path = getattr(c, name)
+        need(not path or Path(path).is_file(), f"{name}: file {path} does not exist")
+    need(
+        c.model_sha256 is None
+        or (len(c.model_sha256) == 64 and all(ch in "0123456789abcdef" for ch in c.model_sha256)),
+        "model_sha256 must be 64 lowercase hex digits (sage-edge-server model-sha256 FOLDER prints it)",
+    )
+    need(
+        c.model_sha256 is None or c.model not in ("tiny",),
+        "model_sha256 pins a model folder; the in-memory 'tiny' model has none",
+    )
+    need(
+        c.metrics_port is None or 0 <= c.metrics_port <= 65535,
+        f"metrics_port must be in [0, 65535], got {c.metrics_port}",
+    )
+    need(bool(c.metrics_host), "metrics_host must not be empty")
     need(c.grace_s >= 0, f"grace_s must be >= 0, got {c.grace_s}")
     need(c.log_format in LOG_FORMATS, f"log_format must be one of {LOG_FORMATS}, got {c.log_format!r}")
     need(c.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), f"bad log_level {c.log_level!r}")

@@ -182,10 +182,18 @@ def resolve(spec: ImageSpec, config: ServerConfig, info: ModelInfo) -> Resolved:
 class Engine:
     """Schedules requests into windows and fans results out. `workers` are Ray actor handles of EdgeWorker."""
 
-    def __init__(self, config: ServerConfig, workers: list[Any], infos: list[ModelInfo], worker_factory: Any) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        workers: list[Any],
+        infos: list[ModelInfo],
+        worker_factory: Any,
+        metrics: Any | None = None,
+    ) -> None:
         if not workers or len(workers) != len(infos):
             raise ValueError("one ModelInfo per worker is needed")
         self.config = config
+        self.metrics = metrics  # edge_server.metrics.EdgeMetrics or None
         self.info = infos[0]
         self._workers = list(workers)
         self._worker_factory = worker_factory  # () -> new actor handle, used when an actor is dead for good
@@ -405,6 +413,8 @@ class Engine:
         for g, group in enumerate(groups):
             group_id = f"{bucket_id}-g{g}"
             self._counts["groups_run"] += 1
+            if self.metrics is not None:
+                self.metrics.observe_group(len(group.members), key.steps, group.branch_step, key.guidance > 1.0)
             if len(group.members) > 1:
                 self._counts["grouped_requests"] += len(group.members)
             for m in group.members:

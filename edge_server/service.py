@@ -9,6 +9,7 @@ names, and the request's metrics. Any failure ends the call with a gRPC status a
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import logging
@@ -25,12 +26,15 @@ from grpc_reflection.v1alpha import reflection
 
 from edge_server.config import ServerConfig
 from edge_server.engine import Delivery, Engine, EngineError, ImageSpec
+from edge_server.metrics import EdgeMetrics
+from edge_server.security import TokenAuthInterceptor, TokenTable, load_token_table, server_credentials
 from protos.sage_edge.v1 import edge_pb2, edge_pb2_grpc
 
 log = logging.getLogger("sage_edge.service")
 SERVICE_NAME = edge_pb2.DESCRIPTOR.services_by_name["EdgeSampler"].full_name
 VERSION = "0.1.0"
 LISTENING_MARKER = "SAGE_EDGE_LISTENING"
+METRICS_MARKER = "SAGE_EDGE_METRICS"
 DEADLINE_SLACK_S = 0.1
 
 
@@ -74,9 +78,25 @@ def accepted_message(d: Delivery) -> edge_pb2.ImageResponse:
 class EdgeSamplerServicer(edge_pb2_grpc.EdgeSamplerServicer):
     """RequestImage, GetServerInfo and GetStats over an Engine."""
 
-    def __init__(self, engine: Engine, config: ServerConfig) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        config: ServerConfig,
+        tokens: TokenTable | None = None,
+        metrics: EdgeMetrics | None = None,
+    ) -> None:
         self.engine = engine
         self.config = config
+        self.tokens = tokens  # set: the authenticated client id replaces the request's (per-client stream cap)
+        self.metrics = metrics
+
+    def _spec(self, request: edge_pb2.ImageRequest, context: grpc.aio.ServicerContext) -> ImageSpec:
+        """The engine's view of a request; with token auth its client id is the one the token authenticates."""
+        spec = to_spec(request)
+        if self.tokens is not None:
+            client_id = self.tokens.client_from_metadata(context.invocation_metadata())
+            spec = dataclasses.replace(spec, client_id=client_id or "")
+        return spec
 
     async def RequestImage(  # noqa: N802 - gRPC method name
         self, request: edge_pb2.ImageRequest, context: grpc.aio.ServicerContext
@@ -84,13 +104,17 @@ class EdgeSamplerServicer(edge_pb2_grpc.EdgeSamplerServicer):
         """Admit, wait for the group's branch point, stream it; errors end the call with a status."""
         started = time.monotonic()
         try:
-            ticket = self.engine.admit(to_spec(request), context.time_remaining())
+            ticket = self.engine.admit(self._spec(request, context), context.time_remaining())
         except EngineError as exc:
+            if self.metrics is not None:
+                self.metrics.observe_request(exc.code, 0, None)
             log.info(
                 "request_rejected",
                 extra={"fields": {"client_id": request.client_id, "code": exc.code, "error": exc.message}},
             )
             await context.abort(grpc.StatusCode[exc.code], exc.message)
+        if self.metrics is not None:
+            self.metrics.active.inc()
         status, sent, delivery = "CANCELLED", 0, None
         try:
             try:
@@ -123,6 +147,10 @@ class EdgeSamplerServicer(edge_pb2_grpc.EdgeSamplerServicer):
             if status == "CANCELLED" and time.monotonic() >= ticket.deadline - DEADLINE_SLACK_S:
                 status = "DEADLINE_EXCEEDED"  # the client's clock fired first and cancelled the call
             self.engine.release(ticket, status, sent)
+            if self.metrics is not None:
+                wait_s = delivery.queue_wait_ms / 1000.0 if delivery is not None else None
+                self.metrics.observe_request(status, sent, wait_s)
+                self.metrics.active.dec()
             fields: dict[str, Any] = {
                 "request_id": ticket.request_id,
                 "client_id": ticket.request.client_id,
@@ -245,30 +273,52 @@ async def serve(config: ServerConfig) -> int:
     """Run the edge server until SIGTERM/SIGINT; then drain gracefully. Returns the process exit code."""
     setup_logging(config)
     log.info("config", extra={"fields": {"config": config.to_json()}})
+    tokens = load_token_table(config)  # read the secrets first: a bad file fails before Ray starts
+    credentials = server_credentials(config)
     started_ray = await asyncio.to_thread(init_ray, config)
     log.info("ray_ready", extra={"fields": {"started_local": started_ray, "gcs_address": _gcs_address()}})
     try:
         workers, infos = await start_workers(config)
         from edge_server.worker import make_worker_actor
 
-        engine = Engine(config, workers, infos, lambda: make_worker_actor(config))
+        metrics = EdgeMetrics()
+        engine = Engine(config, workers, infos, lambda: make_worker_actor(config), metrics=metrics)
         engine.start()
         for i, info in enumerate(infos):
             log.info(
                 "worker_ready",
                 extra={"fields": {"worker": i, "pid": info.pid, "device": info.device, "model": info.fingerprint}},
             )
+        interceptors = [TokenAuthInterceptor(tokens, metrics.observe_denied)] if tokens is not None else []
         server = grpc.aio.server(
             options=[("grpc.max_send_message_length", 8 * 2**20), ("grpc.so_reuseport", 0)],
             compression=grpc.Compression.NoCompression,
+            interceptors=interceptors,
         )
-        edge_pb2_grpc.add_EdgeSamplerServicer_to_server(EdgeSamplerServicer(engine, config), server)
+        servicer = EdgeSamplerServicer(engine, config, tokens, metrics)
+        edge_pb2_grpc.add_EdgeSamplerServicer_to_server(servicer, server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-        port = server.add_insecure_port(f"{config.host}:{config.port}")
+        address = f"{config.host}:{config.port}"
+        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
         if port == 0:
             raise RuntimeError(f"cannot bind {config.host}:{config.port}")
+        if config.metrics_port is not None:
+            http, _ = metrics.serve(config.metrics_host, config.metrics_port)
+            metrics_port = http.server_port
+            print(f"{METRICS_MARKER} host={config.metrics_host} port={metrics_port}", flush=True)
+            log.info("metrics", extra={"fields": {"host": config.metrics_host, "port": metrics_port}})
+        log.info(
+            "security",
+            extra={
+                "fields": {
+                    "tls": credentials is not None,
+                    "mutual_tls": bool(config.tls_client_ca),
+                    "token_auth": tokens is not None,
+                }
+            },
+        )
         await server.start()
         for name in ("", SERVICE_NAME):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -126,7 +126,7 @@ def load_model(config: ServerConfig) -> Any:
     """The pipeline the config names: "tiny" (tests), "default" (the shipped model) or a folder."""
     import torch
 
-    from sage_core.models import load_pipeline, tiny_pipeline
+    from sage_core.models import DEFAULT_MODEL_DIR, load_pipeline, tiny_pipeline, verify_pin
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = resolve_dtype(config.dtype)
@@ -134,6 +134,8 @@ def load_model(config: ServerConfig) -> Any:
         pipe = tiny_pipeline(seed=0)
         return pipe if (device, dtype) == ("cpu", torch.float32) else pipe.to(device=device, dtype=dtype)
     path = None if config.model == "default" else config.model
+    if config.model_sha256:  # the deployment's pin, checked on the node that reads the files
+        verify_pin(path or DEFAULT_MODEL_DIR, config.model_sha256)
     return load_pipeline(path, dtype=dtype, device=device)
 
 

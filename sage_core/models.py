@@ -101,7 +101,23 @@ def check_pipeline_folder(path: Path) -> None:
 
 
 def folder_fingerprint(path: Path) -> str:
-    """SHA-256 over the configs and weights of a pipeline folder (content, not timestamps)."""
+    """SHA-256 over the configs and weights of a pipeline folder (content, not timestamps), first 16 digits."""
+    return folder_sha256(path)[:16]
+
+
+def verify_pin(path: str | Path, expected_sha256: str) -> None:
+    """Raise ModelError unless the folder's full `folder_sha256` equals `expected_sha256` (a deployment's pin)."""
+    actual = folder_sha256(Path(path))
+    if actual != expected_sha256.strip().lower():
+        raise ModelError(
+            f"model folder {path} does not match its SHA-256 pin: expected {expected_sha256}, found {actual} "
+            "(the files changed or the pin is for another model); refusing to load it"
+        )
+
+
+def folder_sha256(path: Path) -> str:
+    """Full SHA-256 (64 hex digits) over the configs and weights of a pipeline folder, file by file in sorted
+    order (relative path, NUL, content); pickle files are skipped (never loaded). A model's SHA-256 pin."""
     h = hashlib.sha256()
     for f in sorted(p for p in path.rglob("*") if p.is_file()):
         rel = f.relative_to(path).as_posix()
@@ -113,7 +129,7 @@ def folder_fingerprint(path: Path) -> str:
         with f.open("rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 h.update(block)
-    return h.hexdigest()[:16]
+    return h.hexdigest()
 
 
 def state_fingerprint(pipe: StableDiffusionPipeline) -> str:
