@@ -54,9 +54,9 @@ def test_replication_smoke_on_tiny_models(dataset_path, tmp_path) -> None:
     for method, folder in adapters.items():
         pipes[method] = tiny_pipeline(0)
         load_adapter(pipes[method], folder)
-    cfg = ReplicateConfig(out=str(tmp_path / "out"), cache=str(tmp_path / "cache"), eval_items=40, n_groups=3,
+    cfg = ReplicateConfig(out=str(tmp_path / "out"), cache=str(tmp_path / "cache"), eval_items=24, n_groups=3,
                           tau_min=-1.0, tau_max=1.0, shares=(0.5,), fig3_ranges=((-1.0, 1.0),), fig3_share=0.5,
-                          fig4_shared_steps=(1, 2), steps=4, guidance=2.0, chunk_groups=2, bootstrap=20,
+                          fig4_shared_steps=(2,), steps=4, guidance=2.0, chunk_groups=2, bootstrap=20,
                           fid_bootstrap=5,
                           standard_adapter=str(adapters["standard"]), sage_adapter=str(adapters["sage"]))
     res = replicate(cfg, pipes=pipes, jd=_random_judges(), log=lambda s: None)
