@@ -12,14 +12,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sage_core.grouping import GroupingConfig, group_by_similarity, pipeline_text_embeddings
+from sage_core.adaptive import GroupNode, leaf_of, levels, min_pairwise
+from sage_core.grouping import GroupingConfig, group_by_similarity, normalize, pipeline_text_embeddings
 from sage_core.sampler import (
+    BranchPoint,
     SamplingConfig,
     UNetCounter,
+    advance,
     branch_phase,
     initial_noise,
     make_scheduler,
-    shared_phase,
 )
 
 MAX_PROMPT_CHARS = 1000
@@ -94,6 +96,50 @@ def group_noises(pipe, groups: Sequence[Sequence[int]], seed: int, config: Sampl
     return [initial_noise(shape, s, scheduler, dtype, device) for s in seeds], seeds
 
 
+def flat_plan(groups: Sequence[Sequence[int]], pooled: np.ndarray, depth: int) -> list[GroupNode]:
+    """Algorithm 1's one-level plan: every group shares the same `depth` steps."""
+    unit = normalize(pooled)
+    return [GroupNode(list(g), depth, min_pairwise(unit, g)) for g in groups]
+
+
+def run_plan(
+    pipe,
+    roots: Sequence[GroupNode],
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    noises: Sequence[torch.Tensor],
+    config: SamplingConfig,
+    counter: UNetCounter,
+) -> torch.Tensor:
+    """Run a grouping plan: each level of groups batched in one `advance` from its parents' points (the roots
+    from their shared noise) on its mean embedding, then every prompt's branch phase from its deepest group.
+    Evaluations are counted under the index of each prompt's root group. Returns final latents [M, C, h, w]."""
+    unet, sched = pipe.unet, pipe.scheduler.config
+    root_of = {id(n): r for r, root in enumerate(roots) for level in levels([root]) for n in level}
+    points: dict[int, BranchPoint] = {}
+    for depth, level in enumerate(levels(roots)):
+        starts = [BranchPoint(noises[root_of[id(n)]], 0) if depth == 0 else points[id(n.parent)] for n in level]
+        means = [cond[n.members].mean(dim=0, keepdim=True) for n in level]
+        stops = [n.depth for n in level]
+        ends = advance(unet, sched, starts, means, uncond, config, stops, counter, [root_of[id(n)] for n in level])
+        points.update({id(n): p for n, p in zip(level, ends, strict=True)})
+    leaves = leaf_of(roots)
+    order = sorted(leaves)
+    final = branch_phase(
+        unet,
+        sched,
+        [points[id(leaves[m])] for m in order],
+        [cond[m : m + 1] for m in order],
+        uncond,
+        config,
+        counter,
+        labels=[root_of[id(leaves[m])] for m in order],
+    )
+    latents = torch.empty_like(final)
+    latents[order] = final
+    return latents
+
+
 def generate(
     pipe,
     prompts: Sequence[str],
@@ -101,38 +147,25 @@ def generate(
     grouping: GroupingConfig,
     seed: int = 0,
     groups: Sequence[Sequence[int]] | None = None,
+    plan: Sequence[GroupNode] | None = None,
 ) -> GenerationResult:
     """Shared sampling for a batch of prompts (Algorithm 1). With share 0, or all singletons, every image is
-    the one StableDiffusionPipeline makes with generator seed `seed + prompt index`."""
+    the one StableDiffusionPipeline makes with generator seed `seed + prompt index`. `groups` fixes the
+    partition; `plan` gives a hierarchical plan (sage_core.adaptive) instead of one depth for all."""
     # 1. check inputs and encode the prompts (line 1)
     check_prompts(prompts)
     cond, uncond = encode_prompts(pipe, prompts)
     pooled = pipeline_text_embeddings(pipe, prompts)
     # 2. partition into groups (line 2)
-    groups = [list(g) for g in groups] if groups is not None else group_by_similarity(pooled, grouping)
-    # 3. shared noise and mean condition per group (lines 4-5)
+    if plan is None:
+        groups = [list(g) for g in groups] if groups is not None else group_by_similarity(pooled, grouping)
+        plan = flat_plan(groups, pooled, config.branch_step())
+    roots = list(plan)
+    groups = [sorted(root.members) for root in roots]
+    # 3. one shared noise per group (line 4); lines 5-13 run inside run_plan
     noises, seeds = group_noises(pipe, groups, seed, config)
-    means = [cond[g].mean(dim=0, keepdim=True) for g in groups]
     counter = UNetCounter()
-    # 4. shared phase for all groups, batched (lines 6-8)
-    points = shared_phase(
-        pipe.unet, pipe.scheduler.config, means, noises, uncond, config, counter, labels=range(len(groups))
-    )
-    # 5. branch phase for every prompt from its group's point (lines 9-13)
-    order = [m for g in groups for m in g]
-    group_of = {m: gi for gi, g in enumerate(groups) for m in g}
-    final = branch_phase(
-        pipe.unet,
-        pipe.scheduler.config,
-        [points[group_of[m]] for m in order],
-        [cond[m : m + 1] for m in order],
-        uncond,
-        config,
-        counter,
-        labels=[group_of[m] for m in order],
-    )
-    latents = torch.empty_like(final)
-    latents[order] = final
-    # 6. decode (line 14)
+    latents = run_plan(pipe, roots, cond, uncond, noises, config, counter)
+    # 4. decode (line 14)
     images = decode_latents(pipe, latents)
     return GenerationResult(images, latents, groups, seeds, pooled, counter, config)

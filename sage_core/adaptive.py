@@ -1,0 +1,141 @@
+"""Similarity-adaptive sharing depth and hierarchical grouping.
+
+A group's branch point follows from how similar its members are: `DepthSchedule` maps the group's smallest
+pairwise cosine similarity to the fraction of steps it shares. Hierarchical grouping nests tighter sub-groups
+inside looser ones: a loose group shares the first few steps, each tighter sub-group continues together from
+there for more steps, and every prompt branches from its tightest group. Every level runs batched with
+`sage_core.sampler.advance`.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from sage_core.grouping import GroupingConfig, group_by_similarity, normalize
+
+
+@dataclass(frozen=True)
+class DepthSchedule:
+    """Piecewise-linear map from a group's smallest pairwise similarity to its sharing ratio beta.
+
+    `points` are (similarity, share) pairs with similarities increasing and shares non-decreasing; below the
+    first similarity the share is 0 (no sharing), above the last it stays at the last share."""
+
+    points: tuple[tuple[float, float], ...] = ((0.70, 0.0), (0.80, 0.2), (0.90, 0.4), (0.97, 0.5))
+
+    def __post_init__(self) -> None:
+        if not self.points:
+            raise ValueError("a depth schedule needs at least one (similarity, share) point")
+        sims = [s for s, _ in self.points]
+        shares = [b for _, b in self.points]
+        if sims != sorted(sims) or len(set(sims)) != len(sims):
+            raise ValueError(f"similarities must increase strictly, got {sims}")
+        if shares != sorted(shares) or not all(0.0 <= b <= 1.0 for b in shares):
+            raise ValueError(f"shares must be non-decreasing and in [0, 1], got {shares}")
+
+    def share_for(self, similarity: float) -> float:
+        """beta for a group whose least similar pair has cosine `similarity`."""
+        sims = [s for s, _ in self.points]
+        if similarity < sims[0]:
+            return 0.0
+        i = bisect.bisect_right(sims, similarity)
+        if i >= len(sims):
+            return self.points[-1][1]
+        (s0, b0), (s1, b1) = self.points[i - 1], self.points[i]
+        return b0 + (b1 - b0) * (similarity - s0) / (s1 - s0)
+
+    def shared_steps(self, similarity: float, steps: int) -> int:
+        """The number of steps a group with this smallest similarity shares out of `steps`."""
+        return round(self.share_for(similarity) * steps)
+
+
+@dataclass
+class GroupNode:
+    """A group at one level of the hierarchy: it runs steps [parent.depth, depth) on its members' mean
+    embedding, starting from its parent's latent (or from noise at the root)."""
+
+    members: list[int]
+    depth: int
+    min_similarity: float
+    children: list[GroupNode] = field(default_factory=list)
+    parent: GroupNode | None = field(default=None, repr=False)
+
+    def start(self) -> int:
+        """Schedule index this node starts from."""
+        return self.parent.depth if self.parent is not None else 0
+
+
+def min_pairwise(unit: np.ndarray, members: Sequence[int]) -> float:
+    """Smallest cosine similarity between two members (1.0 for a singleton)."""
+    if len(members) < 2:
+        return 1.0
+    sims = unit[list(members)] @ unit[list(members)].T
+    return float(sims[np.triu_indices(len(members), k=1)].min())
+
+
+def hierarchical_groups(
+    embeddings: np.ndarray,
+    taus: Sequence[float],
+    max_sizes: Sequence[int],
+    schedule: DepthSchedule,
+    steps: int,
+) -> list[GroupNode]:
+    """Roots of a hierarchy: groups at taus[0] (at most max_sizes[0] members), each split at taus[1], and so
+    on. A node's depth is the schedule's depth for its smallest pairwise similarity, never less than its
+    parent's; sub-groups that would add no shared step are folded into their parent."""
+    if len(taus) != len(max_sizes) or not taus:
+        raise ValueError("give one max group size per tau level")
+    if list(taus) != sorted(taus):
+        raise ValueError(f"taus must go from loose to tight, got {list(taus)}")
+    unit = normalize(embeddings)
+
+    def build(members: list[int], level: int, parent: GroupNode | None) -> list[GroupNode]:
+        local = group_by_similarity(unit[members], GroupingConfig(tau=taus[level], max_group_size=max_sizes[level]))
+        nodes = []
+        for group in local:
+            ids = [members[i] for i in group]
+            sim = min_pairwise(unit, ids)
+            floor = parent.depth if parent is not None else 0
+            node = GroupNode(ids, max(floor, schedule.shared_steps(sim, steps)), sim, parent=parent)
+            if len(ids) > 1 and level + 1 < len(taus):
+                node.children = [c for c in build(ids, level + 1, node) if c.depth > node.depth]
+            nodes.append(node)
+        return nodes
+
+    return build(list(range(unit.shape[0])), 0, None)
+
+
+def leaf_of(roots: Sequence[GroupNode]) -> dict[int, GroupNode]:
+    """For every prompt, the deepest node it belongs to (where its branch phase starts)."""
+    out: dict[int, GroupNode] = {}
+
+    def visit(node: GroupNode) -> None:
+        for m in node.members:
+            out[m] = node
+        for child in node.children:
+            visit(child)
+
+    for root in roots:
+        visit(root)
+    return out
+
+
+def levels(roots: Sequence[GroupNode]) -> list[list[GroupNode]]:
+    """Nodes by level, roots first: each level runs as one batched `advance` call."""
+    out: list[list[GroupNode]] = []
+    frontier = list(roots)
+    while frontier:
+        out.append(frontier)
+        frontier = [c for n in frontier for c in n.children]
+    return out
+
+
+def plan_evaluations(roots: Sequence[GroupNode], steps: int) -> int:
+    """Trajectory steps the plan costs: each node's own steps plus each prompt's branch steps (x2 with CFG)."""
+    shared = sum(n.depth - n.start() for level in levels(roots) for n in level)
+    branch = sum(steps - leaf.depth for leaf in leaf_of(roots).values())
+    return shared + branch

@@ -1,0 +1,75 @@
+"""Similarity-adaptive depth and hierarchical grouping: schedule, nesting, execution and exact counting."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sage_core.adaptive import DepthSchedule, hierarchical_groups, leaf_of, levels, min_pairwise, plan_evaluations
+from sage_core.generate import flat_plan, generate
+from sage_core.grouping import GroupingConfig, normalize
+from sage_core.sampler import SamplingConfig
+
+
+def test_schedule_interpolates_and_clamps():
+    s = DepthSchedule(((0.6, 0.0), (0.8, 0.2), (0.9, 0.4)))
+    assert s.share_for(0.5) == 0.0 and s.share_for(0.6) == 0.0
+    assert s.share_for(0.7) == pytest.approx(0.1) and s.share_for(0.85) == pytest.approx(0.3)
+    assert s.share_for(0.99) == 0.4
+    assert s.shared_steps(0.9, 30) == 12
+
+
+@pytest.mark.parametrize("points", [(), ((0.8, 0.2), (0.7, 0.3)), ((0.7, 0.5), (0.8, 0.2)), ((0.7, 1.5),)])
+def test_bad_schedules_are_refused(points):
+    with pytest.raises(ValueError):
+        DepthSchedule(points)
+
+
+def nested_embeddings(seed: int = 0) -> np.ndarray:
+    """3 topics x 2 sub-topics x 2 near-copies: loose groups per topic, tight pairs inside."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(3):
+        topic = rng.normal(size=32)
+        for _ in range(2):
+            sub = topic + 0.5 * rng.normal(size=32)
+            rows += [sub + 0.05 * rng.normal(size=32) for _ in range(2)]
+    return np.stack(rows).astype(np.float32)
+
+
+def test_hierarchy_nests_and_depth_grows_with_similarity():
+    emb = nested_embeddings()
+    schedule = DepthSchedule(((0.5, 0.1), (0.99, 0.6)))
+    roots = hierarchical_groups(emb, taus=(0.6, 0.95), max_sizes=(8, 5), schedule=schedule, steps=20)
+    unit = normalize(emb)
+    assert sorted(m for r in roots for m in r.members) == list(range(len(emb)))
+    for level_nodes in levels(roots):
+        for node in level_nodes:
+            assert node.min_similarity == pytest.approx(min_pairwise(unit, node.members))
+            if node.parent is not None:
+                assert set(node.members) <= set(node.parent.members) and node.depth > node.parent.depth
+    assert any(r.children for r in roots), "tight pairs should form sub-groups inside the loose groups"
+    assert all(leaf.depth >= 1 for leaf in leaf_of(roots).values())
+
+
+def test_hierarchical_plan_runs_and_counts_exactly(tiny_pipe):
+    prompts = [f"a red circle number {i}" for i in range(6)]
+    config = SamplingConfig(steps=8, guidance=7.5)
+    emb = nested_embeddings()[:6]
+    roots = hierarchical_groups(
+        emb, taus=(0.6, 0.95), max_sizes=(8, 5), schedule=DepthSchedule(((0.5, 0.1), (0.99, 0.6))), steps=8
+    )
+    result = generate(tiny_pipe, prompts, config, GroupingConfig(), plan=roots)
+    assert result.counter.total == 2 * plan_evaluations(roots, 8)
+    assert result.images.shape[0] == 6 and np.isfinite(result.images).all()
+
+
+def test_flat_plan_is_algorithm_one(tiny_pipe):
+    prompts = ["a red circle", "a red disc", "a blue square"]
+    config = SamplingConfig(steps=6, share=0.5)
+    groups = [[0, 1], [2]]
+    a = generate(tiny_pipe, prompts, config, GroupingConfig(), groups=groups)
+    plan = flat_plan(groups, a.pooled, config.branch_step())
+    b = generate(tiny_pipe, prompts, config, GroupingConfig(), plan=plan)
+    assert np.array_equal(a.images, b.images)
+    assert plan_evaluations(plan, 6) * 2 == a.counter.total == 2 * (3 + 2 * 3 + 6)
