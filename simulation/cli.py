@@ -234,7 +234,7 @@ def validate(
     out: OutOpt = None,
     model: Annotated[str, typer.Option(help="model of the server and the devices: tiny, default or a folder")] = "tiny",
     server: Annotated[str | None, typer.Option(help="host:port of a running edge server (default: start one)")] = None,
-    concurrency: Annotated[int, typer.Option(help="device clients replaying the workload")] = 8,
+    concurrency: Annotated[int, typer.Option(help="device clients (the most requests in flight at once)")] = 64,
 ) -> None:
     """Replay a workload through a real edge server and device clients on 127.0.0.1 and through the simulator;
     compare UNet evaluations, bytes and median latency (report.md, comparison.json, validation.png)."""

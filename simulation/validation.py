@@ -93,10 +93,11 @@ def running_server(cfg: SimConfig, model: str, start_timeout_s: float = 300.0) -
 
 
 def replay(
-    cfg: SimConfig, workload: Workload, server: str, model: str, concurrency: int = 16, seeds: list[int] | None = None
+    cfg: SimConfig, workload: Workload, server: str, model: str, concurrency: int = 64, seeds: list[int] | None = None
 ) -> list[dict[str, Any]]:
     """Send each request at its arrival time from a pool of device clients (own channel and client id each,
-    one shared model) and finish it on the device; one record per request."""
+    one shared model) and finish it on the device; one record per request. `start_delay_s` records how late a
+    request left because every client was busy (it should stay near 0: raise `concurrency` otherwise)."""
     from device_client.client import DeviceClient, DeviceError, DeviceModel
     from device_client.config import DeviceConfig
 
