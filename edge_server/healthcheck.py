@@ -4,12 +4,15 @@
     python -m edge_server.healthcheck --address 127.0.0.1:50051 --tls-ca ca.pem --tls-cert c.pem --tls-key c.key
 
 Health needs no token (edge_server.security); under mutual TLS the probe shows a client certificate like any
-client. Light on imports (grpc only) so it runs every few seconds without cost.
+client. Each option defaults to an environment variable (SAGE_HEALTH_ADDRESS, SAGE_HEALTH_TLS_CA, _TLS_CERT,
+_TLS_KEY, _TLS_SERVER_NAME), so a container image's fixed HEALTHCHECK line follows the deployment's TLS set-up.
+Light on imports (grpc only) so it runs every few seconds without cost.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,13 +24,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line options of the probe."""
     p = argparse.ArgumentParser(prog="python -m edge_server.healthcheck", description=__doc__.split("\n")[0])
-    p.add_argument("--address", default="127.0.0.1:50051", help="host:port of the edge server")
+    env = lambda name, default=None: os.environ.get(f"SAGE_HEALTH_{name}") or default  # noqa: E731
+    p.add_argument("--address", default=env("ADDRESS", "127.0.0.1:50051"), help="host:port of the edge server")
     p.add_argument("--service", default="", help="service name to check ('' = the whole server)")
     p.add_argument("--timeout", type=float, default=3.0, help="seconds before the probe fails")
-    p.add_argument("--tls-ca", help="PEM CA of the server certificate (enables TLS)")
-    p.add_argument("--tls-cert", help="PEM client certificate (mutual TLS)")
-    p.add_argument("--tls-key", help="PEM key of --tls-cert")
-    p.add_argument("--tls-server-name", help="name to check in the server certificate")
+    p.add_argument("--tls-ca", default=env("TLS_CA"), help="PEM CA of the server certificate (enables TLS)")
+    p.add_argument("--tls-cert", default=env("TLS_CERT"), help="PEM client certificate (mutual TLS)")
+    p.add_argument("--tls-key", default=env("TLS_KEY"), help="PEM key of --tls-cert")
+    p.add_argument("--tls-server-name", default=env("TLS_SERVER_NAME"), help="name to check in the certificate")
     return p.parse_args(argv)
 
 
