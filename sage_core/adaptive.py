@@ -77,6 +77,12 @@ def min_pairwise(unit: np.ndarray, members: Sequence[int]) -> float:
     return float(sims[np.triu_indices(len(members), k=1)].min())
 
 
+def flat_plan(groups: Sequence[Sequence[int]], embeddings: np.ndarray, depth: int) -> list[GroupNode]:
+    """Algorithm 1's one-level plan: every group shares the same `depth` steps."""
+    unit = normalize(embeddings)
+    return [GroupNode(list(g), depth, min_pairwise(unit, g)) for g in groups]
+
+
 def hierarchical_groups(
     embeddings: np.ndarray,
     taus: Sequence[float],

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sage_core.adaptive import GroupNode, leaf_of, levels, min_pairwise
-from sage_core.grouping import GroupingConfig, group_by_similarity, normalize, pipeline_text_embeddings
+from sage_core.adaptive import GroupNode, flat_plan, leaf_of, levels
+from sage_core.grouping import GroupingConfig, group_by_similarity, pipeline_text_embeddings
 from sage_core.sampler import (
     BranchPoint,
     SamplingConfig,
@@ -94,12 +94,6 @@ def group_noises(pipe, groups: Sequence[Sequence[int]], seed: int, config: Sampl
     device, dtype = pipe.unet.device, pipe.unet.dtype
     seeds = [seed + g[0] for g in groups]
     return [initial_noise(shape, s, scheduler, dtype, device) for s in seeds], seeds
-
-
-def flat_plan(groups: Sequence[Sequence[int]], pooled: np.ndarray, depth: int) -> list[GroupNode]:
-    """Algorithm 1's one-level plan: every group shares the same `depth` steps."""
-    unit = normalize(pooled)
-    return [GroupNode(list(g), depth, min_pairwise(unit, g)) for g in groups]
 
 
 def run_plan(

@@ -5,8 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sage_core.adaptive import DepthSchedule, hierarchical_groups, leaf_of, levels, min_pairwise, plan_evaluations
-from sage_core.generate import flat_plan, generate
+from sage_core.adaptive import (
+    DepthSchedule,
+    flat_plan,
+    hierarchical_groups,
+    leaf_of,
+    levels,
+    min_pairwise,
+    plan_evaluations,
+)
+from sage_core.generate import generate
 from sage_core.grouping import GroupingConfig, normalize
 from sage_core.sampler import SamplingConfig
 

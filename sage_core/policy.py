@@ -1,0 +1,105 @@
+"""Sharing policies for a stream of requests: how one batching window is planned.
+
+`flat` is Algorithm 1 as the paper runs it: greedy groups at one tau, one branch point for all. `adaptive`
+nests tighter sub-groups inside looser groups and gives every group the depth its similarity allows
+(sage_core.adaptive). Either may reuse latents of earlier windows (sage_core.latent_cache). The edge server,
+the local tools and the simulator all plan windows with `plan_window`, so they count the same steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from sage_core.adaptive import (
+    DepthSchedule,
+    GroupNode,
+    flat_plan,
+    hierarchical_groups,
+    leaf_of,
+    levels,
+    plan_evaluations,
+)
+from sage_core.grouping import GroupingConfig, group_by_similarity
+
+POLICY_MODES = ("flat", "adaptive")
+
+
+@dataclass(frozen=True)
+class SharingPolicy:
+    """How a window is grouped and how deep each group shares."""
+
+    mode: str = "flat"
+    tau: float = 0.8  # flat: pairwise threshold
+    max_group_size: int = 5  # flat
+    share: float = 0.4  # flat: beta for every group
+    taus: tuple[float, ...] = (0.6, 0.75, 0.9)  # adaptive: loose -> tight levels
+    max_sizes: tuple[int, ...] = (16, 8, 5)  # adaptive: largest group per level
+    schedule: DepthSchedule = field(default_factory=DepthSchedule)
+
+    def __post_init__(self) -> None:
+        if self.mode not in POLICY_MODES:
+            raise ValueError(f"policy mode must be one of {', '.join(POLICY_MODES)}, got {self.mode!r}")
+        if not 0.0 <= self.share <= 1.0:
+            raise ValueError(f"share must be in [0, 1], got {self.share}")
+        GroupingConfig(tau=self.tau, max_group_size=self.max_group_size)
+        if len(self.taus) != len(self.max_sizes) or not self.taus:
+            raise ValueError("adaptive policy: give one max size per tau level")
+
+
+def plan_window(embeddings: np.ndarray, policy: SharingPolicy, steps: int) -> list[GroupNode]:
+    """The grouping plan for one window of prompts (rows of `embeddings`, in arrival order)."""
+    if policy.mode == "flat":
+        groups = group_by_similarity(embeddings, GroupingConfig(tau=policy.tau, max_group_size=policy.max_group_size))
+        return flat_plan(groups, embeddings, round(policy.share * steps))
+    return hierarchical_groups(embeddings, policy.taus, policy.max_sizes, policy.schedule, steps)
+
+
+@dataclass
+class StreamCount:
+    """Trajectory steps a stream cost under a policy versus independent sampling (multiply by 2 for CFG)."""
+
+    prompts: int = 0
+    steps_used: int = 0
+    steps_independent: int = 0
+    groups: int = 0
+    group_sizes: list[int] = field(default_factory=list)
+    leaf_depths: list[int] = field(default_factory=list)
+
+    def saving(self) -> float:
+        """Fraction of sampler steps saved."""
+        return 1.0 - self.steps_used / self.steps_independent if self.steps_independent else 0.0
+
+
+def count_stream(embeddings: np.ndarray, policy: SharingPolicy, window: int, steps: int) -> StreamCount:
+    """Plan a stream window by window (consecutive blocks of `window` prompts) and count its steps."""
+    if window < 1 or steps < 1:
+        raise ValueError("window and steps must be >= 1")
+    out = StreamCount()
+    for lo in range(0, len(embeddings), window):
+        roots = plan_window(embeddings[lo : lo + window], policy, steps)
+        add_plan(out, roots, steps)
+    return out
+
+
+def add_plan(count: StreamCount, roots: Sequence[GroupNode], steps: int) -> None:
+    """Add one window's plan to a running count."""
+    leaves = leaf_of(roots)
+    count.prompts += len(leaves)
+    count.steps_used += plan_evaluations(roots, steps)
+    count.steps_independent += len(leaves) * steps
+    count.groups += len(roots)
+    count.group_sizes += [len(r.members) for r in roots]
+    count.leaf_depths += [leaf.depth for leaf in leaves.values()]
+
+
+def plan_summary(roots: Sequence[GroupNode]) -> dict:
+    """A JSON-ready description of a plan: levels, group sizes and depths."""
+    return {
+        "levels": [
+            [{"members": n.members, "depth": n.depth, "min_similarity": n.min_similarity} for n in lv]
+            for lv in levels(roots)
+        ],
+    }

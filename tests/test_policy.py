@@ -1,0 +1,71 @@
+"""Window planning policies and stream step counting."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sage_core.adaptive import DepthSchedule
+from sage_core.policy import SharingPolicy, count_stream, plan_window
+
+
+def clusters(n: int, per: int, noise: float, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(n, 48))
+    return (np.repeat(centres, per, axis=0) + noise * rng.normal(size=(n * per, 48))).astype(np.float32)
+
+
+def test_flat_policy_matches_closed_form_on_tight_clusters():
+    emb = clusters(8, 4, noise=0.01)
+    count = count_stream(emb, SharingPolicy(mode="flat", tau=0.9, share=0.4), window=32, steps=30)
+    assert count.group_sizes == [4] * 8
+    assert count.saving() == pytest.approx(0.4 * (1 - 1 / 4))
+
+
+def test_windows_split_groups():
+    emb = clusters(8, 4, noise=0.01)
+    order = np.random.default_rng(1).permutation(len(emb))
+    wide = count_stream(emb[order], SharingPolicy(tau=0.9), window=32, steps=30).saving()
+    narrow = count_stream(emb[order], SharingPolicy(tau=0.9), window=4, steps=30).saving()
+    assert narrow < wide
+
+
+def test_adaptive_saves_more_on_loose_and_tight_structure():
+    rng = np.random.default_rng(2)
+    topics = rng.normal(size=(6, 48))
+    rows = [t + 0.6 * rng.normal(size=48) for t in topics for _ in range(4)]
+    rows += [r + 0.05 * rng.normal(size=48) for r in rows[:8]]
+    emb = np.stack(rows).astype(np.float32)
+    flat = count_stream(emb, SharingPolicy(mode="flat", tau=0.9, share=0.4), window=64, steps=30)
+    adaptive = count_stream(
+        emb,
+        SharingPolicy(
+            mode="adaptive",
+            taus=(0.5, 0.9),
+            max_sizes=(16, 5),
+            schedule=DepthSchedule(((0.5, 0.1), (0.9, 0.4), (0.99, 0.5))),
+        ),
+        window=64,
+        steps=30,
+    )
+    assert adaptive.saving() > flat.saving() > 0
+
+
+def test_bad_policies_are_refused():
+    with pytest.raises(ValueError):
+        SharingPolicy(mode="magic")
+    with pytest.raises(ValueError):
+        SharingPolicy(share=2.0)
+    with pytest.raises(ValueError):
+        SharingPolicy(tau=3.0)
+    with pytest.raises(ValueError):
+        SharingPolicy(mode="adaptive", taus=(0.5,), max_sizes=(4, 4))
+    with pytest.raises(ValueError):
+        count_stream(clusters(1, 2, 0.1), SharingPolicy(), window=0, steps=30)
+
+
+def test_plan_window_covers_every_prompt_once():
+    emb = clusters(5, 3, noise=0.5)
+    for policy in (SharingPolicy(), SharingPolicy(mode="adaptive")):
+        roots = plan_window(emb, policy, steps=20)
+        assert sorted(m for r in roots for m in r.members) == list(range(len(emb)))
