@@ -186,7 +186,16 @@ def sweep(config: ConfigArg, out: OutOpt = None, requests: RequestsOpt = None, s
             task = progress.add_task(
                 f"sweep: {len(grid(cfg))} settings x {cfg.sweep.requests:,} requests", total=len(grid(cfg))
             )
-            rows = run_sweep(cfg, prompts, emb, lambda i, n, row: progress.update(task, completed=i))
+
+            def on_point(i: int, n: int, row: dict[str, Any]) -> None:
+                progress.update(task, completed=i)
+                if not console.is_terminal:  # a log file gets one line per setting instead of a bar
+                    console.print(
+                        f"sweep {i}/{n}: rate {row['rate']:g} window {row['window_s']:g} tau {row['tau']:g} "
+                        f"beta {row['share']:g}: saving {row['unet_saving']:.1%}, p50 {row['latency_s.p50']:.2f} s"
+                    )
+
+            rows = run_sweep(cfg, prompts, emb, on_point)
         metrics.write_csv(rows, out / "sweep.csv")
         metrics.write_json(rows, out / "sweep.json")
         title = (
