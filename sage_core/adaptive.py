@@ -14,8 +14,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from sage_core.grouping import GroupingConfig, group_by_similarity, normalize
+from sage_core.sampler import BranchPoint, SamplingConfig, UNetCounter, advance
 
 
 @dataclass(frozen=True)
@@ -138,6 +140,43 @@ def levels(roots: Sequence[GroupNode]) -> list[list[GroupNode]]:
         out.append(frontier)
         frontier = [c for n in frontier for c in n.children]
     return out
+
+
+def root_index(roots: Sequence[GroupNode]) -> dict[int, int]:
+    """id(node) -> index of its root, for every node of a plan."""
+    return {id(n): r for r, root in enumerate(roots) for level in levels([root]) for n in level}
+
+
+def floor_depths(node: GroupNode, floor: int) -> None:
+    """Raise depths so no node ends before its parent (after a root starts deeper, from a cached latent)."""
+    node.depth = max(node.depth, floor)
+    for child in node.children:
+        floor_depths(child, node.depth)
+
+
+def run_shared_plan(
+    unet,
+    scheduler_config: dict,
+    roots: Sequence[GroupNode],
+    starts: Sequence[BranchPoint],
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    config: SamplingConfig,
+    counter: UNetCounter | None = None,
+) -> dict[int, BranchPoint]:
+    """The shared part of a plan, level by level: each level's groups in one batched `advance` on their mean
+    embeddings, the roots from `starts` (noise at step 0, or a cached latent), the others from their parent's
+    point. Evaluations are counted under each node's root index. Returns id(node) -> its point."""
+    root_of = root_index(roots)
+    points: dict[int, BranchPoint] = {}
+    for depth, level in enumerate(levels(roots)):
+        begin = [starts[root_of[id(n)]] if depth == 0 else points[id(n.parent)] for n in level]
+        means = [cond[n.members].mean(dim=0, keepdim=True) for n in level]
+        stops = [n.depth for n in level]
+        labels = [root_of[id(n)] for n in level]
+        ends = advance(unet, scheduler_config, begin, means, uncond, config, stops, counter, labels)
+        points.update({id(n): p for n, p in zip(level, ends, strict=True)})
+    return points
 
 
 def plan_evaluations(roots: Sequence[GroupNode], steps: int) -> int:

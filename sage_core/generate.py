@@ -12,13 +12,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sage_core.adaptive import GroupNode, flat_plan, leaf_of, levels
+from sage_core.adaptive import GroupNode, flat_plan, leaf_of, root_index, run_shared_plan
 from sage_core.grouping import GroupingConfig, group_by_similarity, pipeline_text_embeddings
 from sage_core.sampler import (
     BranchPoint,
     SamplingConfig,
     UNetCounter,
-    advance,
     branch_phase,
     initial_noise,
     make_scheduler,
@@ -109,14 +108,9 @@ def run_plan(
     from their shared noise) on its mean embedding, then every prompt's branch phase from its deepest group.
     Evaluations are counted under the index of each prompt's root group. Returns final latents [M, C, h, w]."""
     unet, sched = pipe.unet, pipe.scheduler.config
-    root_of = {id(n): r for r, root in enumerate(roots) for level in levels([root]) for n in level}
-    points: dict[int, BranchPoint] = {}
-    for depth, level in enumerate(levels(roots)):
-        starts = [BranchPoint(noises[root_of[id(n)]], 0) if depth == 0 else points[id(n.parent)] for n in level]
-        means = [cond[n.members].mean(dim=0, keepdim=True) for n in level]
-        stops = [n.depth for n in level]
-        ends = advance(unet, sched, starts, means, uncond, config, stops, counter, [root_of[id(n)] for n in level])
-        points.update({id(n): p for n, p in zip(level, ends, strict=True)})
+    root_of = root_index(roots)
+    starts = [BranchPoint(noise, 0) for noise in noises]
+    points = run_shared_plan(unet, sched, roots, starts, cond, uncond, config, counter)
     leaves = leaf_of(roots)
     order = sorted(leaves)
     final = branch_phase(
