@@ -154,6 +154,46 @@ def floor_depths(node: GroupNode, floor: int) -> None:
         floor_depths(child, node.depth)
 
 
+def cap_depths(roots: Sequence[GroupNode], caps: Sequence[int]) -> None:
+    """Limit each node's depth to the smallest cap of its members (a request may ask to share less), keeping
+    every node at least as deep as its parent."""
+
+    def visit(node: GroupNode, floor: int) -> None:
+        node.depth = max(floor, min(node.depth, min(caps[m] for m in node.members)))
+        for child in node.children:
+            visit(child, node.depth)
+
+    for root in roots:
+        visit(root, 0)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """Prompts that receive the same latent: those whose deepest group is `node`. `server_steps` are the
+    trajectory steps of the plan attributed to this delivery (each node's own steps counted exactly once)."""
+
+    node: GroupNode
+    members: tuple[int, ...]
+    server_steps: int
+
+
+def deliveries(roots: Sequence[GroupNode]) -> list[Delivery]:
+    """The plan's deliveries, in order of first member; every node's own steps go to the delivery holding its
+    first member, so the deliveries' server_steps add up to the plan's shared steps."""
+    leaves = leaf_of(roots)
+    owned: dict[int, int] = {}
+    for level in levels(roots):
+        for n in level:
+            owner = id(leaves[n.members[0]])
+            owned[owner] = owned.get(owner, 0) + n.depth - n.start()
+    by_node: dict[int, list[int]] = {}
+    nodes: dict[int, GroupNode] = {}
+    for m in sorted(leaves):
+        by_node.setdefault(id(leaves[m]), []).append(m)
+        nodes[id(leaves[m])] = leaves[m]
+    return [Delivery(nodes[k], tuple(ms), owned.get(k, 0)) for k, ms in by_node.items()]
+
+
 def run_shared_plan(
     unet,
     scheduler_config: dict,

@@ -97,8 +97,11 @@ class LatentCache:
         self._entries: OrderedDict[int, CacheEntry] = OrderedDict()
         self._next_id = 0
 
-    def lookup(self, settings: CacheSettings, direction: np.ndarray, seed: int | None = None) -> CacheHit | None:
-        """The deepest cached point this request may start from, or None. `seed` set: only that seed's noise."""
+    def lookup(
+        self, settings: CacheSettings, direction: np.ndarray, seed: int | None = None, max_depth: int | None = None
+    ) -> CacheHit | None:
+        """The deepest cached point this request may start from (at most `max_depth`), or None. `seed` set:
+        only that seed's noise."""
         query = unit_vector(direction)
         best: tuple[int, float, int] | None = None
         for key, entry in self._entries.items():
@@ -106,6 +109,8 @@ class LatentCache:
                 continue
             similarity = float(entry.direction @ query)
             allowed = self.schedule.shared_steps(similarity, settings.steps)
+            if max_depth is not None:
+                allowed = min(allowed, max_depth)
             depth = max((d for d in entry.points if d <= allowed), default=0)
             if depth >= self.min_depth and (best is None or (depth, similarity) > best[:2]):
                 best = (depth, similarity, key)

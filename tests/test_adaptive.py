@@ -81,3 +81,23 @@ def test_flat_plan_is_algorithm_one(tiny_pipe):
     b = generate(tiny_pipe, prompts, config, GroupingConfig(), plan=plan)
     assert np.array_equal(a.images, b.images)
     assert plan_evaluations(plan, 6) * 2 == a.counter.total == 2 * (3 + 2 * 3 + 6)
+
+
+def test_caps_and_deliveries_account_every_step_once():
+    from sage_core.adaptive import cap_depths, deliveries
+
+    emb = nested_embeddings()
+    roots = hierarchical_groups(
+        emb, taus=(0.6, 0.95), max_sizes=(8, 5), schedule=DepthSchedule(((0.5, 0.1), (0.99, 0.6))), steps=20
+    )
+    shared = plan_evaluations(roots, 20) - sum(20 - leaf.depth for leaf in leaf_of(roots).values())
+    out = deliveries(roots)
+    assert sorted(m for d in out for m in d.members) == list(range(len(emb)))
+    assert sum(d.server_steps for d in out) == shared
+    caps = [3] * len(emb)
+    caps[0] = 1
+    cap_depths(roots, caps)
+    for level_nodes in levels(roots):
+        for node in level_nodes:
+            assert node.depth <= max(min(caps[m] for m in node.members), node.start())
+            assert node.depth >= node.start()

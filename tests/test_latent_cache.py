@@ -54,7 +54,9 @@ def test_depth_follows_similarity():
     assert cache.lookup(SETTINGS, direction(np.arccos(0.9))).point.step == 4
     assert cache.lookup(SETTINGS, direction(np.arccos(0.85))).point.step == 2  # 0.3*10 = 3 allowed, 2 stored
     assert cache.lookup(SETTINGS, direction(np.arccos(0.7))) is None
-    assert cache.stats.hits == 3 and cache.stats.misses == 1 and cache.stats.steps_saved == 12
+    assert cache.lookup(SETTINGS, direction(0.0), max_depth=5).point.step == 4
+    assert cache.lookup(SETTINGS, direction(0.0), max_depth=1) is None
+    assert cache.stats.hits == 4 and cache.stats.misses == 2 and cache.stats.steps_saved == 16
 
 
 def test_requested_seed_is_honoured():
