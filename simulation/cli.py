@@ -171,10 +171,11 @@ def run(
 
 @main.command()
 def sweep(config: ConfigArg, out: OutOpt = None, requests: RequestsOpt = None, seed: SeedOpt = None) -> None:
-    """Run the config's sweep grid (window x tau x beta x load): sweep.csv, sweep.json and tradeoffs.png."""
+    """Run the config's sweep grid (window x tau x beta x load): sweep.csv, sweep.json, sweep.md (the base tau and
+    beta as tables) and tradeoffs.png."""
     from simulation import metrics
     from simulation import plots as plotting
-    from simulation.sweep import grid, run_sweep
+    from simulation.sweep import grid, run_sweep, sweep_markdown
 
     with _clear_errors():
         cfg = _load(config, None, seed)
@@ -202,7 +203,8 @@ def sweep(config: ConfigArg, out: OutOpt = None, requests: RequestsOpt = None, s
             f"{cfg.prompts.dataset} prompts ({cfg.prompts.embedder}), {cfg.sweep.requests:,} requests per point, "
             f"{cfg.server.gpu_workers} GPU ({cfg.server.step_table})"
         )
-        plotting.sweep_figure(rows, title, out / "tradeoffs.png")
+        plotting.sweep_figure(rows, title, out / "tradeoffs.png", cfg.sampling.share, cfg.grouping.tau)
+        (out / "sweep.md").write_text(sweep_markdown(rows, cfg.sampling.share, cfg.grouping.tau), encoding="utf-8")
         console.print(f"{len(rows)} settings; wrote {out}/sweep.csv and tradeoffs.png")
 
 

@@ -114,81 +114,71 @@ def run_dashboard(result: SimResult, summary: dict[str, Any], path: Path) -> Pat
     return _save(fig, path)
 
 
-def _series(rows: Sequence[dict[str, Any]], x: str, y: str, by: str) -> dict[Any, tuple[list, list]]:
+def _series(
+    rows: Sequence[dict[str, Any]], x: str, y: str, by: str, x_value: str | None = None
+) -> dict[Any, tuple[list, list]]:
+    """{value of `by`: (xs, ys)} with points ordered by `x`; the xs plotted are `x_value` when given."""
     out: dict[Any, tuple[list, list]] = {}
     for r in sorted(rows, key=lambda r: (r[by], r[x])):
         xs, ys = out.setdefault(r[by], ([], []))
-        xs.append(r[x])
+        xs.append(r[x_value or x])
         ys.append(r[y])
     return out
 
 
-def sweep_figure(rows: Sequence[dict[str, Any]], title: str, path: Path) -> Path:
-    """Trade-off curves from sweep rows of the sage mode (one row per setting): saving vs window per load,
-    median and p95 latency vs window per load, saving vs latency over every setting, and saving vs beta per tau."""
+def sweep_figure(rows: Sequence[dict[str, Any]], title: str, path: Path, share: float, tau: float) -> Path:
+    """Trade-off curves from sweep rows (one per setting; `share` and `tau` pick the base slice): saving vs
+    window per load against the ideal, latency vs window per load against the server baseline, saving vs
+    median latency per tau, and saving vs beta per tau."""
     fig, ax = plt.subplots(2, 2, figsize=(12, 8))
     fig.suptitle(title, fontsize=11)
-    beta0, tau0 = _most_common(rows, "share"), _most_common(rows, "tau")
-    base = [r for r in rows if r["share"] == beta0 and r["tau"] == tau0]
-    cmap = plt.get_cmap("viridis")
+    base = [r for r in rows if r["share"] == share and r["tau"] == tau] or list(rows)
     loads = sorted({r["rate"] for r in rows})
+    cmap = plt.get_cmap("viridis")
     color = {rate: cmap(i / max(1, len(loads) - 1)) for i, rate in enumerate(loads)}
-    # 1. saving vs window, per load, with the ideal at the offline group size
+    # 1. saving vs window, per load, against the ideal with the whole stream grouped
     a = ax[0, 0]
     for rate, (xs, ys) in _series(base, "window_s", "unet_saving", "rate").items():
         a.plot(xs, ys, "o-", color=color[rate], label=f"{rate:g} req/s")
-    offline = [r.get("offline_ideal_saving") for r in base if r.get("offline_ideal_saving") is not None]
+    offline = [r["offline_ideal_saving"] for r in base if r.get("offline_ideal_saving") is not None]
     if offline:
-        a.axhline(offline[0], color="k", ls="--", lw=1, label="ideal, whole stream grouped")
-    a.axhline(beta0 * (1 - 1 / base[0]["max_group_size"]), color="grey", ls=":", lw=1, label="ideal, full groups")
-    a.set(
-        xscale="log",
-        xlabel="batching window (s)",
-        ylabel="UNet evaluations saved",
-        title=f"Saving (beta {beta0:g}, tau {tau0:g})",
-    )
+        a.axhline(offline[0], color="k", ls="--", lw=1, label="ideal beta(1-1/N), whole stream grouped")
+    top = max([r["unet_saving"] for r in base] + offline)
+    a.set_ylim(0, 1.25 * top if top > 0 else 1)
+    a.set(xscale="log", xlabel="batching window (s)", ylabel="UNet evaluations saved")
+    a.set_title(f"Saving (beta {share:g}, tau {tau:g})")
     a.legend(fontsize=8)
-    # 2. latency vs window, per load
+    # 2. latency vs window, per load, with the independent server baseline
     a = ax[0, 1]
     for rate, (xs, ys) in _series(base, "window_s", "latency_s.p50", "rate").items():
-        a.plot(xs, ys, "o-", color=color[rate], label=f"p50, {rate:g} req/s")
+        a.plot(xs, ys, "o-", color=color[rate], label=f"SAGE p50, {rate:g} req/s")
     for rate, (xs, ys) in _series(base, "window_s", "latency_s.p95", "rate").items():
-        a.plot(xs, ys, "s--", color=color[rate], alpha=0.6)
-    a.set(
-        xscale="log",
-        yscale="log",
-        xlabel="batching window (s)",
-        ylabel="latency (s); dashed: p95",
-        title="Latency cost",
-    )
+        a.plot(xs, ys, "o--", color=color[rate], alpha=0.5, lw=1)
+    if all("server.latency_s.p50" in r for r in base):
+        for rate, (xs, ys) in _series(base, "window_s", "server.latency_s.p50", "rate").items():
+            a.plot(xs, ys, "x:", color=color[rate], lw=1)
+    a.set(xscale="log", yscale="log", xlabel="batching window (s)", ylabel="latency (s)")
+    a.set_title("Latency: SAGE p50 (solid), p95 (dashed); independent on server p50 (dotted)", fontsize=9)
     a.legend(fontsize=8)
-    # 3. saving vs median latency, every setting
+    # 3. saving vs median latency at the top load, one curve per tau (points: windows)
     a = ax[1, 0]
-    for rate in loads:
-        pts = [r for r in rows if r["rate"] == rate]
-        a.scatter(
-            [r["latency_s.p50"] for r in pts],
-            [r["unet_saving"] for r in pts],
-            color=color[rate],
-            s=18,
-            label=f"{rate:g} req/s",
-        )
-    a.set(xscale="log", xlabel="median latency (s)", ylabel="UNet evaluations saved", title="Trade-off, every setting")
+    busiest = [r for r in rows if r["rate"] == loads[-1] and r["share"] == share]
+    for t, (lat, ys) in _series(busiest, "window_s", "unet_saving", "tau", x_value="latency_s.p50").items():
+        a.plot(lat, ys, "o-", label=f"tau {t:g}")
+    a.set(xscale="log", xlabel="SAGE median latency (s)", ylabel="UNet evaluations saved")
+    a.set_title(f"Trade-off at {loads[-1]:g} req/s, beta {share:g} (points: windows)")
     a.legend(fontsize=8)
     # 4. saving vs beta per tau (largest load, largest window)
     a = ax[1, 1]
-    top = [r for r in rows if r["rate"] == loads[-1] and r["window_s"] == max(x["window_s"] for x in rows)]
-    for tau, (xs, ys) in _series(top, "share", "unet_saving", "tau").items():
-        a.plot(xs, ys, "o-", label=f"tau {tau:g}")
-    a.set(xlabel="sharing ratio beta", ylabel="UNet evaluations saved", title=f"Saving vs beta ({loads[-1]:g} req/s)")
+    widest = max(r["window_s"] for r in rows)
+    top_rows = [r for r in rows if r["rate"] == loads[-1] and r["window_s"] == widest]
+    for t, (xs, ys) in _series(top_rows, "share", "unet_saving", "tau").items():
+        a.plot(xs, ys, "o-", label=f"tau {t:g}")
+    a.set(xlabel="sharing ratio beta", ylabel="UNet evaluations saved")
+    a.set_title(f"Saving vs beta ({loads[-1]:g} req/s, window {widest:g} s)")
     a.legend(fontsize=8)
     fig.tight_layout()
     return _save(fig, path)
-
-
-def _most_common(rows: Sequence[dict[str, Any]], key: str) -> Any:
-    vals = [r[key] for r in rows]
-    return max(set(vals), key=lambda v: (vals.count(v), v))
 
 
 def validation_figure(

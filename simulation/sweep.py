@@ -83,13 +83,65 @@ def run_sweep(
         result = simulate(pcfg, workload, embeddings)
         summary = summarize(result, extra)
         row = flat_row(summary, "sage") if "sage" in summary["modes"] else flat_row(summary, pcfg.modes[0])
-        for other in ("server", "device"):
-            if other in summary["modes"]:
+        for other in ("server", "device", "sage_server"):
+            if other in summary["modes"] and other != row["mode"]:
                 o = summary["modes"][other]
                 row[f"{other}.latency_s.p50"] = o["latency_s"]["p50"]
                 row[f"{other}.latency_s.p95"] = o["latency_s"]["p95"]
                 row[f"{other}.gpu_seconds_per_image"] = o["gpu_seconds_per_image"]
+                if other == "sage_server":
+                    row["sage_server.gpu_saving_vs_server"] = o.get("gpu_saving_vs_server")
         rows.append(row)
         if on_point:
             on_point(i + 1, len(points), row)
     return rows
+
+
+def sweep_markdown(rows: Sequence[dict[str, Any]], share: float, tau: float) -> str:
+    """Markdown tables of the base (share, tau) slice: per load and window, the groups, the saving against
+    the ideal, GPU cost and latency of SAGE and of the baselines present; then saving per (tau, beta)."""
+    base = sorted(
+        (r for r in rows if r["share"] == share and r["tau"] == tau), key=lambda r: (r["rate"], r["window_s"])
+    )
+    cols = [
+        ("load req/s", "rate", "{:g}"),
+        ("window s", "window_s", "{:g}"),
+        ("mean window", "mean_window_requests", "{:.1f}"),
+        ("mean N", "mean_group_size", "{:.3f}"),
+        ("saving", "unet_saving", "{:.1%}"),
+        ("ideal (stream)", "offline_ideal_saving", "{:.1%}"),
+        ("GPU-s/img SAGE", "gpu_seconds_per_image", "{:.4f}"),
+        ("GPU-s/img server", "server.gpu_seconds_per_image", "{:.4f}"),
+        ("GPU-s/img SAGE on server", "sage_server.gpu_seconds_per_image", "{:.4f}"),
+        ("p50 s SAGE", "latency_s.p50", "{:.2f}"),
+        ("p95 s SAGE", "latency_s.p95", "{:.2f}"),
+        ("p50 s server", "server.latency_s.p50", "{:.2f}"),
+        ("p50 s SAGE on server", "sage_server.latency_s.p50", "{:.2f}"),
+        ("p50 s device", "device.latency_s.p50", "{:.2f}"),
+    ]
+    cols = [c for c in cols if base and base[0].get(c[1]) is not None]
+    lines = [
+        f"Base slice: beta {share:g}, tau {tau:g}.",
+        "",
+        "| " + " | ".join(c[0] for c in cols) + " |",
+        "|" + "---|" * len(cols),
+    ]
+    lines += ["| " + " | ".join(fmt.format(r[key]) for _, key, fmt in cols) + " |" for r in base]
+    rates, windows = max(r["rate"] for r in rows), max(r["window_s"] for r in rows)
+    top = [r for r in rows if r["rate"] == rates and r["window_s"] == windows]
+    taus, shares = sorted({r["tau"] for r in top}), sorted({r["share"] for r in top})
+    lines += [
+        "",
+        f"Saving (ideal with the whole stream grouped) at {rates:g} req/s, window {windows:g} s:",
+        "",
+        "| tau \\ beta | " + " | ".join(f"{b:g}" for b in shares) + " |",
+        "|---|" + "---|" * len(shares),
+    ]
+    for t in taus:
+        cells = []
+        for b in shares:
+            r = next((r for r in top if r["tau"] == t and r["share"] == b), None)
+            ideal = r.get("offline_ideal_saving") if r else None
+            cells.append(f"{r['unet_saving']:.1%} ({ideal:.1%})" if r and ideal is not None else "-")
+        lines.append(f"| {t:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -255,18 +255,30 @@ def embed_prompts(
     if cached is not None:
         return cached
     embed, name = make_embedder(cfg.prompts.embedder)
+    path = cache_file(cfg, name, prompts)
+    path.parent.mkdir(parents=True, exist_ok=True)
     parts = []
-    for lo in range(0, len(prompts), chunk):
-        parts.append(np.asarray(embed(prompts[lo : lo + chunk]), dtype=np.float32))
+    for lo in range(0, len(prompts), chunk):  # each chunk is kept, so an interrupted run resumes
+        part = path.with_name(f"{path.stem}.part{lo // chunk:05d}-{chunk}.npy")
+        if part.is_file():
+            parts.append(np.load(part))
+        else:
+            parts.append(np.asarray(embed(prompts[lo : lo + chunk]), dtype=np.float32))
+            _save_atomic(part, parts[-1])
         if progress:
             progress(min(lo + chunk, len(prompts)), len(prompts))
     emb = np.concatenate(parts)
-    path = cache_file(cfg, name, prompts)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
-    np.save(tmp, emb)
-    tmp.replace(path)
+    _save_atomic(path, emb)
+    for part in path.parent.glob(f"{path.stem}.part*.npy"):
+        part.unlink()
     return emb
+
+
+def _save_atomic(path: Path, array: np.ndarray) -> None:
+    """np.save through a temporary file and a rename (readers never see half a file)."""
+    tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}.npy")
+    np.save(tmp, array)
+    tmp.replace(path)
 
 
 def cached_embeddings(cfg: SimConfig, prompts: Sequence[str]) -> np.ndarray | None:
