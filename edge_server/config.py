@@ -18,6 +18,7 @@ import yaml
 
 # Mirrors of sage_core.sampler.SCHEDULERS and sage_core.codec.{MODES, LOSSLESS_MODES} (checked by a test).
 KNOWN_SCHEDULERS: tuple[str, ...] = ("ddim", "dpmpp", "euler")
+SHARING_MODES: tuple[str, ...] = ("flat", "adaptive")
 KNOWN_CODECS: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8", "int6", "int5", "int4", "fp8")
 LOSSLESS_CODECS: tuple[str, ...] = ("fp32", "fp16", "bf16")
 LOG_FORMATS = ("text", "json")
@@ -50,6 +51,13 @@ class ServerConfig:
     max_streams_per_client: int = 16
     tau: float = 0.8
     max_group_size: int = 5
+    # sharing policy (sage_core.policy): "flat" is Algorithm 1 (tau, max_group_size, each request's share);
+    # "adaptive" nests tighter groups in looser ones and sets each group's depth from its similarity
+    sharing: str = "flat"
+    adaptive_taus: tuple[float, ...] = (0.6, 0.75, 0.9)
+    adaptive_max_sizes: tuple[int, ...] = (16, 8, 5)
+    depth_schedule: tuple[tuple[float, float], ...] = ((0.70, 0.0), (0.80, 0.2), (0.90, 0.4), (0.97, 0.5))
+    cache_mb: float = 0.0  # cross-window latent cache (sage_core.latent_cache); 0: off
     # sampling defaults (used when a request leaves a field unset)
     default_steps: int = 30
     default_guidance: float = 7.5
@@ -82,6 +90,9 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "codecs", tuple(self.codecs))
+        object.__setattr__(self, "adaptive_taus", tuple(float(t) for t in self.adaptive_taus))
+        object.__setattr__(self, "adaptive_max_sizes", tuple(int(n) for n in self.adaptive_max_sizes))
+        object.__setattr__(self, "depth_schedule", tuple((float(a), float(b)) for a, b in self.depth_schedule))
         for problem in _problems(self):
             raise ConfigError(problem)
 
@@ -115,6 +126,19 @@ def _problems(c: ServerConfig) -> list[str]:
     need(c.max_streams_per_client >= 1, f"max_streams_per_client must be >= 1, got {c.max_streams_per_client}")
     need(-1.0 <= c.tau <= 1.0, f"tau must be a cosine similarity in [-1, 1], got {c.tau}")
     need(c.max_group_size >= 1, f"max_group_size must be >= 1, got {c.max_group_size}")
+    need(c.sharing in SHARING_MODES, f"sharing must be one of {', '.join(SHARING_MODES)}, got {c.sharing!r}")
+    need(
+        len(c.adaptive_taus) == len(c.adaptive_max_sizes) > 0 and list(c.adaptive_taus) == sorted(c.adaptive_taus),
+        "adaptive_taus must go from loose to tight, one adaptive_max_sizes entry each",
+    )
+    need(all(n >= 1 for n in c.adaptive_max_sizes), "adaptive_max_sizes must be >= 1")
+    sims = [a for a, _ in c.depth_schedule]
+    shares = [b for _, b in c.depth_schedule]
+    need(
+        bool(sims) and sims == sorted(set(sims)) and shares == sorted(shares) and all(0 <= b <= 1 for b in shares),
+        "depth_schedule must be (similarity, share) pairs, similarities increasing, shares non-decreasing in [0, 1]",
+    )
+    need(c.cache_mb >= 0, f"cache_mb must be >= 0, got {c.cache_mb}")
     need(1 <= c.max_steps <= 1000, f"max_steps must be in [1, 1000], got {c.max_steps}")
     need(1 <= c.default_steps <= c.max_steps, f"default_steps must be in [1, max_steps={c.max_steps}]")
     need(0.0 <= c.default_guidance <= 100.0, f"default_guidance must be in [0, 100], got {c.default_guidance}")

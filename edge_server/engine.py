@@ -72,6 +72,7 @@ class Resolved:
     width: int
     scheduler: str
     client_id: str
+    seed_explicit: bool = True
 
     def bucket_key(self) -> BucketSettings:
         """Requests share a window's shared_phase call only with equal settings."""
@@ -95,6 +96,7 @@ class Delivery:
     payload: Payload
     queue_wait_ms: float
     shared_phase_ms: float
+    cached_steps: int = 0
 
 
 @dataclass(eq=False)
@@ -176,7 +178,9 @@ def resolve(spec: ImageSpec, config: ServerConfig, info: ModelInfo) -> Resolved:
     seed = secrets.randbelow(2**31) if spec.seed is None else int(spec.seed)
     if not 0 <= seed <= MAX_SEED:
         raise bad(f"seed must be in [0, 2^63 - 1], got {seed}")
-    return Resolved(prompt, steps, guidance, seed, share, codec, height, width, scheduler, spec.client_id)
+    return Resolved(
+        prompt, steps, guidance, seed, share, codec, height, width, scheduler, spec.client_id, spec.seed is not None
+    )
 
 
 class Engine:
@@ -370,7 +374,13 @@ class Engine:
             buckets.setdefault(t.request.bucket_key(), []).append(t)
         jobs = [
             BucketJob(
-                key, tuple(MemberSpec(t.request.prompt, t.request.seed, t.request.share, t.request.codec) for t in ts)
+                key,
+                tuple(
+                    MemberSpec(
+                        t.request.prompt, t.request.seed, t.request.share, t.request.codec, t.request.seed_explicit
+                    )
+                    for t in ts
+                ),
             )
             for key, ts in buckets.items()
         ]
@@ -414,7 +424,9 @@ class Engine:
             group_id = f"{bucket_id}-g{g}"
             self._counts["groups_run"] += 1
             if self.metrics is not None:
-                self.metrics.observe_group(len(group.members), key.steps, group.branch_step, key.guidance > 1.0)
+                self.metrics.observe_group(
+                    len(group.members), key.steps, group.branch_step, group.server_steps, key.guidance > 1.0
+                )
             if len(group.members) > 1:
                 self._counts["grouped_requests"] += len(group.members)
             for m in group.members:
@@ -436,6 +448,7 @@ class Engine:
                         payload=group.payloads[t.request.codec],
                         queue_wait_ms=((t.dispatched_at or t.admitted_at) - t.admitted_at) * 1000.0,
                         shared_phase_ms=shared_ms,
+                        cached_steps=group.cached_steps,
                     )
                 )
 

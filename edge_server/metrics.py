@@ -51,11 +51,12 @@ class EdgeMetrics:
         self.bytes_sent = Counter(f"{PREFIX}_bytes_sent", "latent payload bytes streamed to devices", registry=r)
         self.active = Gauge(f"{PREFIX}_active_requests", "admitted, unfinished requests", registry=r)
 
-    def observe_group(self, size: int, steps: int, shared_steps: int, cfg: bool) -> None:
-        """One group's shared phase finished: its size and UNet evaluations used, independent and saved."""
+    def observe_group(self, size: int, steps: int, branch_step: int, server_steps: int, cfg: bool) -> None:
+        """One group's shared phase finished: its size and UNet evaluations used (the server's trajectory steps
+        attributed to it, cached ones free, plus its devices' branch steps), independent and saved."""
         per_step = 2 if cfg else 1
         independent = size * steps * per_step
-        used = (shared_steps + size * (steps - shared_steps)) * per_step
+        used = (server_steps + size * (steps - branch_step)) * per_step
         self.group_size.observe(size)
         self.unet_independent.inc(independent)
         self.unet_used.inc(used)

@@ -71,6 +71,7 @@ def accepted_message(d: Delivery) -> edge_pb2.ImageResponse:
             codec=d.payload.codec,
             latent_shape=list(d.latent_shape),
             min_similarity=d.min_similarity,
+            cached_steps=d.cached_steps,
         )
     )
 

@@ -49,6 +49,7 @@ class MemberSpec:
     seed: int
     share: float
     codec: str
+    seed_explicit: bool = True
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,8 @@ class GroupResult:
     min_similarity: float
     latent_shape: tuple[int, ...]
     payloads: dict[str, Payload] = field(default_factory=dict)
+    server_steps: int = 0  # trajectory steps the worker ran for this group (each shared step counted once)
+    cached_steps: int = 0  # steps this group's latent took from the cross-window cache instead
 
 
 @dataclass(frozen=True)
@@ -122,6 +125,29 @@ def resolve_dtype(name: str) -> Any:
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
 
 
+def sharing_policy(config: ServerConfig) -> Any:
+    """The sage_core.policy.SharingPolicy the config describes."""
+    from sage_core.adaptive import DepthSchedule
+    from sage_core.policy import SharingPolicy
+
+    return SharingPolicy(
+        mode=config.sharing,
+        tau=config.tau,
+        max_group_size=config.max_group_size,
+        share=1.0,  # flat depth comes from each request's share (cap_depths)
+        taus=config.adaptive_taus,
+        max_sizes=config.adaptive_max_sizes,
+        schedule=DepthSchedule(config.depth_schedule),
+    )
+
+
+def latent_cache(config: ServerConfig, policy: Any) -> Any:
+    """The cross-window latent cache, or None when cache_mb is 0."""
+    from sage_core.latent_cache import LatentCache
+
+    return LatentCache(int(config.cache_mb * 2**20), policy.schedule) if config.cache_mb > 0 else None
+
+
 def load_model(config: ServerConfig) -> Any:
     """The pipeline the config names: "tiny" (tests), "default" (the shipped model) or a folder."""
     import torch
@@ -149,6 +175,9 @@ class EdgeWorker:
             torch.set_num_threads(max(1, min(os.cpu_count() or 1, config.ray_num_cpus)))
         self.config = config
         self.pipe = load_model(config)
+        self.fingerprint = self.info().fingerprint
+        self.policy = sharing_policy(config)
+        self.cache = latent_cache(config, self.policy)
         self._stops: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
 
@@ -190,53 +219,71 @@ class EdgeWorker:
                 self._stops.pop(window_id, None)
 
     def _run_bucket(self, job: BucketJob, stop: threading.Event) -> tuple[GroupResult, ...]:
-        """Algorithm 1 lines 1-8 for one bucket: encode, group, shared noise, batched shared phase, encode."""
+        """Algorithm 1 lines 1-8 for one bucket: encode, plan the groups (sage_core.policy), start each root group
+        from its shared noise or a cached latent, run the plan's shared steps batched, encode each delivery."""
         import torch
 
+        from sage_core.adaptive import cap_depths, deliveries, floor_depths, run_shared_plan
         from sage_core.generate import encode_prompts, latent_shape
-        from sage_core.grouping import (
-            GroupingConfig,
-            group_by_similarity,
-            pairwise_similarities,
-            pipeline_text_embeddings,
-        )
-        from sage_core.sampler import SamplingConfig, initial_noise, make_scheduler, shared_phase
+        from sage_core.grouping import pipeline_text_embeddings
+        from sage_core.latent_cache import CacheSettings
+        from sage_core.policy import plan_window
+        from sage_core.sampler import BranchPoint, SamplingConfig, initial_noise, make_scheduler
 
         s, pipe = job.settings, self.pipe
         config = SamplingConfig(
             steps=s.steps, guidance=s.guidance, share=0.0, scheduler=s.scheduler, height=s.height, width=s.width
         )
         prompts = [m.prompt for m in job.members]
-        # 1. encode and group (lines 1-2)
+        # 1. encode and plan the groups (lines 1-2); no group shares more than any member asked for
         cond, uncond = encode_prompts(pipe, prompts)
         pooled = pipeline_text_embeddings(pipe, prompts)
-        groups = group_by_similarity(
-            pooled, GroupingConfig(tau=self.config.tau, max_group_size=self.config.max_group_size)
-        )
-        # 2. one shared noise per group from its first member's seed; branch step from the least sharing member
+        roots = plan_window(pooled, self.policy, s.steps)
+        cap_depths(roots, [round(m.share * s.steps) for m in job.members])
+        # 2. each root starts from a cached latent of a close enough earlier group, or from its shared noise
+        #    (seeded by its first member's seed; a request that named its seed only reuses that seed's noise)
         shape = latent_shape(pipe, config)
         noise_scheduler = make_scheduler(pipe.scheduler.config, s.scheduler, s.steps)
-        seeds = [job.members[g[0]].seed for g in groups]
-        noises = [initial_noise(shape, seed, noise_scheduler, pipe.unet.dtype, pipe.unet.device) for seed in seeds]
-        stops = [min(round(job.members[m].share * s.steps) for m in g) for g in groups]
-        means = [cond[g].mean(dim=0, keepdim=True) for g in groups]
-        # 3. the shared phase of every group, one batched UNet call per step (lines 4-8)
+        settings = CacheSettings(self.fingerprint, s.steps, s.height, s.width, s.guidance, None, s.scheduler)
+        starts, seeds, cached = [], [], []
+        for root in roots:
+            lead = job.members[root.members[0]]
+            hit = None
+            if self.cache is not None and root.depth > 0:
+                direction = pooled[root.members].mean(axis=0)
+                hit = self.cache.lookup(settings, direction, lead.seed if lead.seed_explicit else None, root.depth)
+            if hit is not None:
+                floor_depths(root, hit.point.step)
+                starts.append(hit.point)
+                seeds.append(hit.entry.seed)
+                cached.append(hit.point.step)
+            else:
+                noise = initial_noise(shape, lead.seed, noise_scheduler, pipe.unet.dtype, pipe.unet.device)
+                starts.append(BranchPoint(noise, 0))
+                seeds.append(lead.seed)
+                cached.append(0)
+        # 3. the plan's shared steps, each level of groups in one batched UNet call per step (lines 4-8)
         unet = _PacedUNet(pipe.unet, stop, self.config.worker_step_delay_ms / 1000.0)
         with torch.inference_mode():
-            points = shared_phase(unet, pipe.scheduler.config, means, noises, uncond, config, stops=stops)
-        # 4. encode each group's branch point once per codec its members negotiated
+            points = run_shared_plan(unet, pipe.scheduler.config, roots, starts, cond, uncond, config)
+        root_of = {m: r for r, root in enumerate(roots) for m in root.members}
+        # 4. keep what was computed for later windows; encode each delivery once per codec its members took
         results = []
-        for g, point, seed in zip(groups, points, seeds, strict=True):
-            codecs = sorted({job.members[m].codec for m in g})
-            sims = pairwise_similarities(pooled, g)
+        for d in deliveries(roots):
+            point, r = points[id(d.node)], root_of[d.members[0]]
+            if self.cache is not None and d.node.depth > cached[r]:
+                self.cache.insert(settings, pooled[list(d.node.members)].mean(axis=0), seeds[r], {point.step: point})
+            codecs = sorted({job.members[m].codec for m in d.members})
             results.append(
                 GroupResult(
-                    members=tuple(g),
-                    seed=seed,
+                    members=d.members,
+                    seed=seeds[r],
                     branch_step=point.step,
-                    min_similarity=min(sims) if sims else 1.0,
-                    latent_shape=tuple(int(d) for d in point.latents.shape),
+                    min_similarity=d.node.min_similarity,
+                    latent_shape=tuple(int(x) for x in point.latents.shape),
                     payloads={c: self._encode(point, c) for c in codecs},
+                    server_steps=d.server_steps - (cached[r] if roots[r].members[0] in d.members else 0),
+                    cached_steps=cached[r],
                 )
             )
         return tuple(results)

@@ -33,7 +33,7 @@ class ImageRequest(_message.Message):
     def __init__(self, prompt: _Optional[str] = ..., steps: _Optional[int] = ..., guidance: _Optional[float] = ..., seed: _Optional[int] = ..., share: _Optional[float] = ..., accepted_codecs: _Optional[_Iterable[str]] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., scheduler: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., client_id: _Optional[str] = ...) -> None: ...
 
 class Accepted(_message.Message):
-    __slots__ = ("request_id", "group_id", "group_size", "branch_step", "total_steps", "scheduler", "model_fingerprint", "guidance", "seed", "codec", "latent_shape", "min_similarity")
+    __slots__ = ("request_id", "group_id", "group_size", "branch_step", "total_steps", "scheduler", "model_fingerprint", "guidance", "seed", "codec", "latent_shape", "min_similarity", "cached_steps")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     GROUP_ID_FIELD_NUMBER: _ClassVar[int]
     GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +46,7 @@ class Accepted(_message.Message):
     CODEC_FIELD_NUMBER: _ClassVar[int]
     LATENT_SHAPE_FIELD_NUMBER: _ClassVar[int]
     MIN_SIMILARITY_FIELD_NUMBER: _ClassVar[int]
+    CACHED_STEPS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     group_id: str
     group_size: int
@@ -58,7 +59,8 @@ class Accepted(_message.Message):
     codec: str
     latent_shape: _containers.RepeatedScalarFieldContainer[int]
     min_similarity: float
-    def __init__(self, request_id: _Optional[str] = ..., group_id: _Optional[str] = ..., group_size: _Optional[int] = ..., branch_step: _Optional[int] = ..., total_steps: _Optional[int] = ..., scheduler: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., guidance: _Optional[float] = ..., seed: _Optional[int] = ..., codec: _Optional[str] = ..., latent_shape: _Optional[_Iterable[int]] = ..., min_similarity: _Optional[float] = ...) -> None: ...
+    cached_steps: int
+    def __init__(self, request_id: _Optional[str] = ..., group_id: _Optional[str] = ..., group_size: _Optional[int] = ..., branch_step: _Optional[int] = ..., total_steps: _Optional[int] = ..., scheduler: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., guidance: _Optional[float] = ..., seed: _Optional[int] = ..., codec: _Optional[str] = ..., latent_shape: _Optional[_Iterable[int]] = ..., min_similarity: _Optional[float] = ..., cached_steps: _Optional[int] = ...) -> None: ...
 
 class LatentChunk(_message.Message):
     __slots__ = ("index", "data")
