@@ -133,8 +133,16 @@ def info(model: Annotated[Path | None, typer.Option(help="pipeline folder (defau
     except ModelError as exc:
         fail(str(exc))
     sizes = {n: sum(p.numel() for p in getattr(pipe, n).parameters()) for n in ("unet", "vae", "text_encoder")}
-    print(json.dumps({"fingerprint": model_fingerprint(pipe), "parameters": sizes,
-                      "sample_size": pipe.unet.config.sample_size, "vae_scale_factor": pipe.vae_scale_factor}))
+    print(
+        json.dumps(
+            {
+                "fingerprint": model_fingerprint(pipe),
+                "parameters": sizes,
+                "sample_size": pipe.unet.config.sample_size,
+                "vae_scale_factor": pipe.vae_scale_factor,
+            }
+        )
+    )
 
 
 def quiet_libraries() -> None:
