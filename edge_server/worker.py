@@ -149,13 +149,22 @@ def latent_cache(config: ServerConfig, policy: Any) -> Any:
 
 
 def load_model(config: ServerConfig) -> Any:
-    """The pipeline the config names: "tiny" (tests), "default" (the shipped model) or a folder."""
+    """The pipeline the config names: "tiny" (tests), "sd15-random" (SD v1.5 architectures with random weights,
+    for timing), "default" (the shipped model) or a folder."""
     import torch
 
-    from sage_core.models import DEFAULT_MODEL_DIR, load_pipeline, tiny_pipeline, verify_pin
+    from sage_core.models import (
+        DEFAULT_MODEL_DIR,
+        load_pipeline,
+        sd15_architecture_pipeline,
+        tiny_pipeline,
+        verify_pin,
+    )
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = resolve_dtype(config.dtype)
+    if config.model == "sd15-random":
+        return sd15_architecture_pipeline(dtype=dtype, device=device)
     if config.model == "tiny":
         pipe = tiny_pipeline(seed=0)
         return pipe if (device, dtype) == ("cpu", torch.float32) else pipe.to(device=device, dtype=dtype)
