@@ -33,16 +33,8 @@ if __package__ in (None, ""):  # `python benchmarks/bench_codec.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sage_core.codec import MODES, RECOMMENDED_LOSSY_MODE, CodecSpec, LatentCodec  # noqa: E402
+from sage_core.models import SD15_SCHEDULER_CONFIG  # noqa: E402
 
-SD15_SCHEDULE = {
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "clip_sample": False,
-    "set_alpha_to_one": False,
-    "steps_offset": 1,
-}
 DEFAULT_BETAS = (0.2, 0.3, 0.4)
 BUDGET_BYTES = 8 * 1024  # a quarter of a raw fp16 4x64x64 latent
 TARGET_PSNR_DB = 30.0
@@ -63,7 +55,7 @@ def branch_timesteps(steps: int, betas: Sequence[float]) -> dict[float, tuple[in
     """For each beta: (timestep at the branch point, alpha_bar there) of the SD 1.5 DDIM schedule."""
     from diffusers import DDIMScheduler
 
-    scheduler = DDIMScheduler(**SD15_SCHEDULE)
+    scheduler = DDIMScheduler(**SD15_SCHEDULER_CONFIG)
     scheduler.set_timesteps(steps)
     out = {}
     for beta in betas:

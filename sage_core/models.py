@@ -189,6 +189,24 @@ def load_pipeline(
     return pipe.to(device)
 
 
+def assemble_pipeline(
+    unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer
+) -> StableDiffusionPipeline:
+    """An SD pipeline of these components in eval mode with SD v1.5's DDIM scheduler, no safety checker."""
+    pipe = StableDiffusionPipeline(
+        unet=unet.eval(),
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        scheduler=DDIMScheduler(**SD15_SCHEDULER_CONFIG),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def tiny_pipeline(
     seed: int = 0, sample_size: int = 16, cross_attention_dim: int = 32, tokenizer_dir: Path | None = None
 ) -> StableDiffusionPipeline:
@@ -230,18 +248,7 @@ def tiny_pipeline(
             max_position_embeddings=77,
         )
     )
-    pipe = StableDiffusionPipeline(
-        unet=unet.eval(),
-        vae=vae.eval(),
-        text_encoder=text_encoder.eval(),
-        tokenizer=build_clip_tokenizer(tokenizer_dir),
-        scheduler=DDIMScheduler(**SD15_SCHEDULER_CONFIG),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return assemble_pipeline(unet, vae, text_encoder, build_clip_tokenizer(tokenizer_dir))
 
 
 def sd15_architecture_pipeline(
@@ -282,15 +289,4 @@ def sd15_architecture_pipeline(
                 max_position_embeddings=77,
             )
         )
-    pipe = StableDiffusionPipeline(
-        unet=unet.eval(),
-        vae=vae.eval(),
-        text_encoder=text_encoder.eval(),
-        tokenizer=build_clip_tokenizer(),
-        scheduler=DDIMScheduler(**SD15_SCHEDULER_CONFIG),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device=device, dtype=dtype)
+    return assemble_pipeline(unet, vae, text_encoder, build_clip_tokenizer()).to(device=device, dtype=dtype)
