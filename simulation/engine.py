@@ -181,6 +181,7 @@ class Grouper:
         self.unit = normalize(embeddings) if config is not None else embeddings
         self.threshold = config.tau - margin if config is not None else 0.0
         self.calls = 0
+        self.seconds = 0.0  # inside group_by_similarity
 
     def __call__(self, prompt_ids: np.ndarray) -> list[int]:
         """Group sizes of the window, groups in group_by_similarity's order; fills `self.members` with each
@@ -197,7 +198,9 @@ class Grouper:
             if sims.max() < self.threshold:
                 return [1] * m
         self.calls += 1
+        t0 = time.perf_counter()
         self.members = group_by_similarity(self.embeddings[prompt_ids], cfg)
+        self.seconds += time.perf_counter() - t0
         return [len(g) for g in self.members]
 
 
@@ -246,11 +249,6 @@ def run_server(
         free.put(w)
     report_every = max(1, n // 200)
 
-    def job(w: int, worker: int, seconds: float, start: float):
-        yield env.timeout(seconds)
-        finish[w] = start + seconds
-        yield free.put(worker)
-
     def batcher():
         i, now = 0, 0.0
         while i < n:
@@ -269,19 +267,20 @@ def run_server(
                 group_of[i:j] = np.arange(first, first + j - i)
             else:
                 for g, members in enumerate(grouper.members):
-                    group_of[i + np.asarray(members, dtype=np.int64)] = first + g
+                    for member in members:
+                        group_of[i + member] = first + g
             sizes.extend(window_sizes)
             seconds = job_seconds(len(window_sizes), j - i)
             worker = yield free.get()  # 3. a free worker (the loop waits here while every worker is busy)
             now = max(now, env.now)
-            w = len(close)
             bounds.append(j)
             close.append(end)
             dispatch.append(now)
             groups.append(len(window_sizes))
             duration.append(seconds)
-            finish.append(0.0)
-            env.process(job(w, worker, seconds, now))  # 4. run it, collect the next window meanwhile
+            finish.append(now + seconds)
+            done = env.timeout(seconds)  # 4. run it (the worker returns when done); collect the next window
+            done.callbacks.append(lambda _event, worker=worker: free.put(worker))
             if progress and (j // report_every != i // report_every or j == n):
                 progress(j, n)
             i = j
@@ -344,6 +343,7 @@ class ModeResult:
     window_sizes: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     job_batch_samples: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     grouping_calls: int = 0
+    grouping_s: float = 0.0  # wall time inside group_by_similarity
 
 
 @dataclass
@@ -544,6 +544,7 @@ def _run_mode(
         window_sizes=window_sizes,
         job_batch_samples=batch_units * per_step,
         grouping_calls=grouper.calls,
+        grouping_s=grouper.seconds,
     )
 
 
