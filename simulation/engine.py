@@ -182,21 +182,21 @@ class Grouper:
         self.threshold = config.tau - margin if config is not None else 0.0
         self.calls = 0
         self.seconds = 0.0  # inside group_by_similarity
+        self.members: list[list[int]] | None = None
 
     def __call__(self, prompt_ids: np.ndarray) -> list[int]:
-        """Group sizes of the window, groups in group_by_similarity's order; fills `self.members` with each
-        group's member indices (window-local) when the window has a group of more than one."""
+        """Group sizes of the window, groups in group_by_similarity's order. `self.members` is left with each
+        group's member indices (window-local) when grouping ran, None when every request is a singleton."""
         m = prompt_ids.shape[0]
-        self.members: list[list[int]] | None = None
+        self.members = None
         cfg = self.config
         if cfg is None or m == 1 or cfg.max_group_size == 1:
             return [1] * m
-        if self.threshold > 0.0:
-            u = self.unit[prompt_ids]
-            sims = u @ u.T
-            np.fill_diagonal(sims, -np.inf)
-            if sims.max() < self.threshold:
-                return [1] * m
+        u = self.unit[prompt_ids]
+        sims = u @ u.T
+        np.fill_diagonal(sims, -np.inf)
+        if sims.max() < self.threshold:
+            return [1] * m
         self.calls += 1
         t0 = time.perf_counter()
         self.members = group_by_similarity(self.embeddings[prompt_ids], cfg)
