@@ -12,17 +12,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from sage_core.adaptive import (
     DepthSchedule,
     GroupNode,
     flat_plan,
+    floor_depths,
     hierarchical_groups,
     leaf_of,
     levels,
     plan_evaluations,
 )
 from sage_core.grouping import GroupingConfig, group_by_similarity
+from sage_core.latent_cache import CacheSettings, LatentCache
+from sage_core.sampler import BranchPoint
 
 POLICY_MODES = ("flat", "adaptive")
 
@@ -73,22 +77,61 @@ class StreamCount:
         return 1.0 - self.steps_used / self.steps_independent if self.steps_independent else 0.0
 
 
-def count_stream(embeddings: np.ndarray, policy: SharingPolicy, window: int, steps: int) -> StreamCount:
-    """Plan a stream window by window (consecutive blocks of `window` prompts) and count its steps."""
+def count_stream(
+    embeddings: np.ndarray,
+    policy: SharingPolicy,
+    window: int,
+    steps: int,
+    cache: LatentCache | None = None,
+    latent_shape: tuple[int, ...] = (1, 4, 64, 64),
+) -> StreamCount:
+    """Plan a stream window by window (consecutive blocks of `window` prompts) and count its steps; with a
+    cache, each root group first looks for a cached latent as the edge worker does (stand-in latents of
+    `latent_shape` that hold no memory, so the cache's byte bound counts as for real ones)."""
     if window < 1 or steps < 1:
         raise ValueError("window and steps must be >= 1")
+    settings = CacheSettings("count", steps, latent_shape[-2], latent_shape[-1], 0.0, None, "ddim")
     out = StreamCount()
-    for lo in range(0, len(embeddings), window):
-        roots = plan_window(embeddings[lo : lo + window], policy, steps)
-        add_plan(out, roots, steps)
+    for w, lo in enumerate(range(0, len(embeddings), window)):
+        chunk = embeddings[lo : lo + window]
+        roots = plan_window(chunk, policy, steps)
+        cached = 0
+        if cache is not None:
+            cached = reuse_cached(cache, settings, roots, chunk, seed=w, latent_shape=latent_shape)
+        add_plan(out, roots, steps, cached)
     return out
 
 
-def add_plan(count: StreamCount, roots: Sequence[GroupNode], steps: int) -> None:
-    """Add one window's plan to a running count."""
+def reuse_cached(
+    cache: LatentCache,
+    settings: CacheSettings,
+    roots: Sequence[GroupNode],
+    embeddings: np.ndarray,
+    seed: int,
+    latent_shape: tuple[int, ...],
+) -> int:
+    """Start each root from the deepest cached latent its similarity allows (raising its plan's depths), then
+    file every group's latent; returns the steps taken from the cache."""
+    saved = 0
+    for root in roots:
+        hit = cache.lookup(settings, embeddings[root.members].mean(axis=0), None, root.depth) if root.depth else None
+        if hit is not None:
+            floor_depths(root, hit.point.step)
+            saved += hit.point.step
+    stand_in = torch.zeros(1).expand(*latent_shape)
+    for level in levels(roots):
+        for node in level:
+            if node.depth > 0:
+                point = BranchPoint(stand_in, node.depth)
+                cache.insert(settings, embeddings[node.members].mean(axis=0), seed, {node.depth: point})
+    return saved
+
+
+def add_plan(count: StreamCount, roots: Sequence[GroupNode], steps: int, cached_steps: int = 0) -> None:
+    """Add one window's plan to a running count (`cached_steps` of it came from the cache, free)."""
     leaves = leaf_of(roots)
     count.prompts += len(leaves)
-    count.steps_used += plan_evaluations(roots, steps)
+    count.steps_used += plan_evaluations(roots, steps) - cached_steps
     count.steps_independent += len(leaves) * steps
     count.groups += len(roots)
     count.group_sizes += [len(r.members) for r in roots]

@@ -69,3 +69,20 @@ def test_plan_window_covers_every_prompt_once():
     for policy in (SharingPolicy(), SharingPolicy(mode="adaptive")):
         roots = plan_window(emb, policy, steps=20)
         assert sorted(m for r in roots for m in r.members) == list(range(len(emb)))
+
+
+def test_cache_reuses_latents_of_earlier_windows_within_its_byte_budget():
+    from sage_core.latent_cache import LatentCache
+
+    emb = clusters(6, 1, noise=0.0)  # six unrelated prompts
+    stream = np.concatenate([emb, emb + 1e-4])  # the same six again, in a later window
+    policy = SharingPolicy(mode="adaptive", schedule=DepthSchedule(((0.5, 0.2), (0.99, 0.5))))
+    plain = count_stream(stream, policy, window=6, steps=20)
+    cache = LatentCache(1 << 30, policy.schedule)
+    cached = count_stream(stream, policy, window=6, steps=20, cache=cache)
+    # each prompt of the second window starts 10 steps in, from its own earlier trajectory
+    assert plain.steps_used - cached.steps_used == 6 * 10
+    assert cache.stats.hits == 6
+    tiny = LatentCache(4 * 64 * 64 * 4, policy.schedule)  # room for one stand-in latent
+    count_stream(stream, policy, window=6, steps=20, cache=tiny)
+    assert len(tiny) == 1 and tiny.stats.evictions >= 5
