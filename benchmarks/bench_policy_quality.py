@@ -1,0 +1,123 @@
+"""Image quality and steps saved of each sharing policy, through the real edge worker and device code paths.
+
+    python -m benchmarks.bench_policy_quality --n 192 --window 64 --json docs/results/policies/world_quality.json
+
+A stream of held-out captions of the default model's world, in random order, is cut into windows. For each
+policy an in-process EdgeWorker (the Ray actor's class: planning, cross-window cache, shared phase, codec) serves
+every window; each request's branch phase then runs as a device runs it (sage_core.sampler.branch_phase from the
+decoded latent), and the images are judged: oracle prompt fidelity, FID on oracle features against real renders
+of the same captions. Independent sampling (nothing shared) is the reference row, same seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+import time
+
+import numpy as np
+import torch
+
+POLICIES = {
+    "independent": {"sharing": "flat", "max_group_size": 1, "share": 0.0, "cache_mb": 0.0},
+    "flat tau 0.9 beta 0.4": {"sharing": "flat", "tau": 0.9, "share": 0.4, "cache_mb": 0.0},
+    "adaptive": {"sharing": "adaptive", "share": 1.0, "cache_mb": 0.0},
+    "adaptive + cache": {"sharing": "adaptive", "share": 1.0, "cache_mb": 64.0},
+}
+
+
+def serve_stream(policy: dict, prompts: list[str], window: int, steps: int, model: str) -> tuple[np.ndarray, dict]:
+    """Final images of every prompt served under `policy`, and the steps the server and devices ran."""
+    from edge_server.config import ServerConfig
+    from edge_server.worker import BucketJob, BucketSettings, EdgeWorker, MemberSpec
+    from sage_core.codec import CodecSpec, LatentCodec
+    from sage_core.generate import decode_latents, encode_prompts
+    from sage_core.sampler import BranchPoint, SamplingConfig, branch_phase
+
+    config = ServerConfig(
+        model=model,
+        sharing=policy["sharing"],
+        tau=policy.get("tau", 0.8),
+        max_group_size=policy.get("max_group_size", 5),
+        cache_mb=policy["cache_mb"],
+    )
+    worker = EdgeWorker(config)
+    info = worker.info()
+    pipe, codec = worker.pipe, LatentCodec(CodecSpec("fp32"))
+    sampling = SamplingConfig(steps=steps, guidance=7.5, share=0.0)
+    settings = BucketSettings(steps, 7.5, "ddim", info.default_height, info.default_width)
+    images, server_steps, device_steps, cached = [], 0, 0, 0
+    for lo in range(0, len(prompts), window):
+        chunk = prompts[lo : lo + window]
+        members = tuple(MemberSpec(p, 5000 + lo + i, policy["share"], "fp32", False) for i, p in enumerate(chunk))
+        groups = worker._run_bucket(BucketJob(settings, members), threading.Event())
+        cond, uncond = encode_prompts(pipe, chunk)
+        points, order = [], []
+        for g in groups:
+            latent = codec.decode(g.payloads["fp32"].data[: g.payloads["fp32"].frame_sizes[0]])
+            for m in g.members:
+                points.append(BranchPoint(latent, g.branch_step))
+                order.append(m)
+            server_steps += g.server_steps
+            device_steps += len(g.members) * (steps - g.branch_step)
+            cached += g.cached_steps
+        final = branch_phase(
+            pipe.unet, pipe.scheduler.config, points, [cond[m : m + 1] for m in order], uncond, sampling
+        )
+        latents = torch.empty_like(final)
+        latents[order] = final
+        images.append(decode_latents(pipe, latents))
+    counts = {"server_steps": server_steps, "device_steps": device_steps, "cached_steps_reused": cached}
+    return np.concatenate(images), counts
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Serve the stream under each policy and judge the images."""
+    from training import judges, world
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=192)
+    parser.add_argument("--window", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--policies", default=",".join(POLICIES))
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    examples = world.make_examples(args.n, seed=args.seed, split="test")
+    prompts = [e.caption for e in examples]
+    oracle = judges.load_oracle()
+    _, real_feats = judges.oracle_outputs(oracle, world.render_examples(examples))
+    rows = []
+    for name in args.policies.split(","):
+        start = time.perf_counter()
+        images, counts = serve_stream(POLICIES[name], prompts, args.window, args.steps, args.model)
+        preds, feats = judges.oracle_outputs(oracle, images)
+        fidelity = judges.prompt_fidelity(preds, examples)
+        total = counts["server_steps"] + counts["device_steps"]
+        row = {
+            "policy": name,
+            "step_saving": 1.0 - total / (args.n * args.steps),
+            "fidelity_mean": fidelity["mean"],
+            "fidelity_all": fidelity["all"],
+            "fid_oracle": judges.frechet_distance(feats, real_feats),
+            **counts,
+            "seconds": time.perf_counter() - start,
+        }
+        rows.append(row)
+        print(
+            f"{name:24s} steps saved {row['step_saving']:6.1%}  fidelity {row['fidelity_mean']:.3f} "
+            f"(all {row['fidelity_all']:.3f})  FID-oracle {row['fid_oracle']:.2f}  ({row['seconds']:.0f} s)",
+            flush=True,
+        )
+    result = {"settings": vars(args), "rows": rows}
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump(result, fh, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()
