@@ -68,6 +68,7 @@ def judges(
     out: Annotated[Path | None, typer.Option(help="Folder for judge weights (default training/assets/judges).")] = None,
     device: Annotated[str, typer.Option()] = "cpu",
     num_threads: Annotated[int, typer.Option()] = 1,
+    only: Annotated[str, typer.Option(help="Comma-separated: oracle, clip.")] = "oracle,clip",
 ) -> None:
     """Train the judges (attribute oracle and the world CLIP) on renders of the world."""
     from training.judges import JudgeTrainConfig, train_judges
@@ -75,7 +76,7 @@ def judges(
     cfg = JudgeTrainConfig(device=device, num_threads=num_threads)
     if out is not None:
         cfg.out_dir = str(out)
-    train_judges(cfg)
+    train_judges(cfg, only=[w.strip() for w in only.split(",") if w.strip()])
 
 
 try:  # the SAGE adapter commands (groups, finetune, replicate) live in their own module

@@ -36,7 +36,14 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from sage_core.models import CLIP_BOS, CLIP_EOS, CLIP_VOCAB_SIZE, SD15_SCHEDULER_CONFIG, build_clip_tokenizer
+from sage_core.models import (
+    CLIP_BOS,
+    CLIP_EOS,
+    CLIP_VOCAB_SIZE,
+    SD15_SCHEDULER_CONFIG,
+    build_clip_tokenizer,
+    write_clip_tokenizer_files,
+)
 from training import world
 
 # ----------------------------------------------------------------------------------------------- config
@@ -268,6 +275,8 @@ def save_pipeline(pipe: StableDiffusionPipeline, out_dir: str | Path, fp16: bool
         pipe = StableDiffusionPipeline(**comps, requires_safety_checker=False)
         pipe.to(torch.float16)
     pipe.save_pretrained(str(out), safe_serialization=True)
+    if not (out / "tokenizer" / "vocab.json").exists():  # also the slow-tokenizer files, as SD v1.5 ships them
+        write_clip_tokenizer_files(out / "tokenizer")
     return out
 
 

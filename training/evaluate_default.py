@@ -7,7 +7,8 @@ two sets of real renders: A, the held-out scenes themselves, and B, other scenes
 
     sage-train evaluate-default --n 1000 --out runs/eval_default
 
-writes runs/eval_default/report.json and grid.png (prompts, generated, real).
+writes runs/eval_default/report.json, grid.png (held-out prompts: generated next to the real render) and
+samples.png (a fixed set of prompts, the README's grid).
 """
 
 from __future__ import annotations
@@ -128,7 +129,7 @@ def save_grid(path: Path, prompts: list[str], generated: np.ndarray, real: np.nd
 
 def run_evaluation(cfg: EvalConfig) -> dict:
     """Generate, judge and write report.json and grid.png to cfg.out; returns the report."""
-    from sage_core.models import DEFAULT_MODEL_DIR, load_pipeline
+    from sage_core.models import DEFAULT_MODEL_DIR, load_pipeline, model_fingerprint
 
     if cfg.n < 10:
         raise ValueError(f"n must be at least 10, got {cfg.n}")
@@ -143,11 +144,19 @@ def run_evaluation(cfg: EvalConfig) -> dict:
     real_b = world.render_examples([world.resample_for_caption(e, rng) for e in examples])
     groups = semantic_groups(examples, cfg.max_group)
     train_captions = {e.caption for e in world.make_examples(20000, 0, "train")}
-    # 2. generate
+    # 2. generate (cached per model fingerprint and settings, so a judge problem never costs the generation)
     pipe = load_pipeline(cfg.model, device=cfg.device)
-    t0 = time.perf_counter()
-    generated = generate(pipe, prompts, cfg)
-    gen_seconds = time.perf_counter() - t0
+    key = f"{model_fingerprint(pipe)}-{cfg.n}-{cfg.seed}-{cfg.steps}-{cfg.guidance}-{cfg.batch_size}"
+    cache = out / f"generated-{key}.npz"
+    if cache.exists():
+        cached = np.load(cache)
+        generated, gen_seconds = cached["images"].astype(np.float32) / 255.0, float(cached["seconds"])
+    else:
+        t0 = time.perf_counter()
+        generated = generate(pipe, prompts, cfg)
+        gen_seconds = time.perf_counter() - t0
+        np.savez(cache, images=(generated * 255).round().astype(np.uint8), seconds=gen_seconds)
+        generated = np.load(cache)["images"].astype(np.float32) / 255.0  # score exactly what is cached
     # 3. judge
     oracle = judges.load_oracle(device="cpu")
     clip = judges.ClipJudge.load()
@@ -157,8 +166,8 @@ def run_evaluation(cfg: EvalConfig) -> dict:
     ref_b, _ = score_set(real_b, examples, groups, oracle, clip, feats_a)
     report = {
         "config": asdict(cfg),
-        "model": str(cfg.model or DEFAULT_MODEL_DIR.relative_to(Path.cwd()) if cfg.model is None and
-                     DEFAULT_MODEL_DIR.is_relative_to(Path.cwd()) else cfg.model or DEFAULT_MODEL_DIR),
+        "model": str(cfg.model or DEFAULT_MODEL_DIR),
+        "model_fingerprint": model_fingerprint(pipe),
         "n_groups_for_diversity": len(groups),
         "heldout_captions_also_in_first_20k_train_captions": float(np.mean([p in train_captions for p in prompts])),
         "generation_seconds": round(gen_seconds, 1),
@@ -168,7 +177,9 @@ def run_evaluation(cfg: EvalConfig) -> dict:
     }
     (out / "report.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
     save_grid(out / "grid.png", prompts, generated, real_a, cfg.grid_rows)
-    np.save(out / "generated_first64.npy", (generated[:64] * 255).round().astype(np.uint8))
+    from training.default_model import sample_grid
+
+    sample_grid(pipe, out / "samples.png", seed=cfg.seed, steps=cfg.steps, guidance=cfg.guidance)
     print(json.dumps({k: report[k] for k in ("generated", "real_heldout_scenes", "real_other_scenes_same_captions")},
                      indent=1))
     return report

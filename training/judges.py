@@ -78,15 +78,17 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 class AttributeOracle(nn.Module):
     """CNN with coordinate channels and one classification head per world attribute."""
 
-    def __init__(self, width: int = 32) -> None:
+    def __init__(self, width: int = 32, stem: bool = True) -> None:
         super().__init__()
         w = width
 
         def block(cin: int, cout: int, stride: int) -> nn.Sequential:
             return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
 
+        # a full-resolution stem keeps the detail that tells small stars, crosses and hearts apart
+        self.stem = block(5, w // 2, 1) if stem else nn.Identity()
         self.body = nn.Sequential(
-            block(5, w, 2),  # 32x32
+            block(w // 2 if stem else 5, w, 2),  # 32x32
             block(w, 2 * w, 2),  # 16x16
             block(2 * w, 2 * w, 1),
             block(2 * w, 4 * w, 2),  # 8x8
@@ -102,7 +104,7 @@ class AttributeOracle(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Penultimate features (N, 256) of images in [0, 1], shape (N, 3, 64, 64)."""
         x = torch.cat([x * 2 - 1, self.coords.expand(x.shape[0], -1, -1, -1)], dim=1)
-        return self.neck(self.body(x))
+        return self.neck(self.body(self.stem(x)))
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Logits per attribute."""
@@ -115,8 +117,9 @@ def load_oracle(path: str | Path | None = None, device: str = "cpu") -> Attribut
     path = Path(path) if path is not None else JUDGES_DIR / ORACLE_FILE
     if not path.exists():
         raise FileNotFoundError(f"no oracle weights at {path}: run `sage-train judges`")
-    model = AttributeOracle()
-    model.load_state_dict(load_file(str(path)))
+    state = load_file(str(path))
+    model = AttributeOracle(stem=any(k.startswith("stem.") for k in state))
+    model.load_state_dict(state)
     return model.to(device).eval()
 
 
@@ -276,7 +279,7 @@ class JudgeTrainConfig:
     device: str = "cpu"
     num_threads: int = 1
     out_dir: str = str(JUDGES_DIR)
-    oracle_steps: int = 1200
+    oracle_steps: int = 2000
     oracle_batch: int = 64
     oracle_lr: float = 2e-3
     clip_steps: int = 1500
@@ -369,19 +372,47 @@ def clip_sanity(judge: ClipJudge, images, examples: Sequence[world.Example]) -> 
     return {"clip_matched": matched, "clip_shuffled": shuffled, "retrieval_top1": top1}
 
 
-def train_judges(cfg: JudgeTrainConfig) -> dict[str, dict[str, float]]:
-    """Train both judges and write their weights, config and a metrics file to cfg.out_dir."""
+def train_judges(cfg: JudgeTrainConfig, only: Sequence[str] = ("oracle", "clip")) -> dict:
+    """Train the judges named in `only` and write weights, config and metrics.json to cfg.out_dir
+    (files are replaced atomically, so readers never see a half-written judge)."""
+    bad = set(only) - {"oracle", "clip"}
+    if bad or not only:
+        raise ValueError(f"only must name oracle and/or clip, got {list(only)}")
     torch.set_num_threads(cfg.num_threads)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    oracle, oracle_acc = train_oracle(cfg)
-    save_file({k: v.contiguous() for k, v in oracle.state_dict().items()}, str(out / ORACLE_FILE))
-    print("oracle accuracy on held-out renders:", json.dumps(oracle_acc))
-    clip, clip_metrics = train_world_clip(cfg)
-    (out / CLIP_CONFIG_FILE).write_text(json.dumps(WORLD_CLIP_CONFIG, indent=1), encoding="utf-8")
-    save_file({k: v.detach().contiguous() for k, v in clip.state_dict().items()}, str(out / CLIP_WEIGHTS_FILE))
-    print("world CLIP on held-out renders:", json.dumps(clip_metrics))
-    metrics = {"oracle": oracle_acc, "clip": clip_metrics, "config": asdict(cfg)}
-    metrics["config"]["out_dir"] = "training/assets/judges"
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1), encoding="utf-8")
+    metrics_path = out / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    metrics.setdefault("config", {})
+    if "oracle" in only:
+        oracle, oracle_acc = train_oracle(cfg)
+        _save_atomic({k: v.contiguous() for k, v in oracle.state_dict().items()}, out / ORACLE_FILE)
+        print("oracle accuracy on held-out renders:", json.dumps(oracle_acc))
+        metrics["oracle"] = oracle_acc
+    if "clip" in only:
+        clip, clip_metrics = train_world_clip(cfg)
+        (out / CLIP_CONFIG_FILE).write_text(json.dumps(WORLD_CLIP_CONFIG, indent=1), encoding="utf-8")
+        _save_atomic({k: v.detach().contiguous() for k, v in clip.state_dict().items()}, out / CLIP_WEIGHTS_FILE)
+        print("world CLIP on held-out renders:", json.dumps(clip_metrics))
+        metrics["clip"] = clip_metrics
+    metrics["config"] |= asdict(cfg) | {"out_dir": "training/assets/judges"}
+    metrics_path.write_text(json.dumps(metrics, indent=1), encoding="utf-8")
+    return metrics
+
+
+def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """save_file to a temporary sibling, then rename over `path`."""
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp))
+    tmp.replace(path)
+
+
+def refresh_metrics(judges_dir: Path = JUDGES_DIR, val_size: int = 1000, seed: int = 0) -> dict:
+    """Recompute metrics.json's held-out numbers from the judge files on disk."""
+    x, ex = _world_batch("judge_val", 0, val_size, seed)
+    path = judges_dir / "metrics.json"
+    metrics = json.loads(path.read_text()) if path.exists() else {}
+    metrics["oracle"] = prompt_fidelity(oracle_outputs(load_oracle(judges_dir / ORACLE_FILE), x)[0], ex)
+    metrics["clip"] = clip_sanity(ClipJudge.load(None, judges_dir / CLIP_WEIGHTS_FILE), x, ex)
+    path.write_text(json.dumps(metrics, indent=1), encoding="utf-8")
     return metrics
