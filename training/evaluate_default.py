@@ -101,7 +101,7 @@ def save_grid(path: Path, prompts: list[str], generated: np.ndarray, real: np.nd
 
     rows = min(rows * 2, len(prompts))
     half = math.ceil(rows / 2)
-    cell, text_w = 128, 330
+    cell, text_w = 128, 270
     canvas = Image.new("RGB", (2 * (text_w + 2 * cell + 20), half * (cell + 6) + 20), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     for c, title in enumerate(("generated", "real render")):
@@ -112,7 +112,7 @@ def save_grid(path: Path, prompts: list[str], generated: np.ndarray, real: np.nd
         x0, y0 = col * (text_w + 2 * cell + 20), 20 + r * (cell + 6)
         words, lines, line = prompts[k].split(), [], ""
         for w in words:
-            if len(line) + len(w) + 1 > 50:
+            if len(line) + len(w) + 1 > 42:
                 lines.append(line)
                 line = w
             else:
