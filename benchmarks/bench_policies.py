@@ -13,11 +13,11 @@ separately.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import numpy as np
 
+from benchmarks.results import write_json
 from sage_core.adaptive import DepthSchedule
 from sage_core.latent_cache import LatentCache
 from sage_core.policy import SharingPolicy, count_stream
@@ -82,10 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"mean branch step {row['mean_branch_step']:.1f}/{args.steps}{hits}"
         )
     result = {"settings": vars(args), "rows": rows}
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump(result, fh, indent=2)
-    return result
+    return write_json(result, args.json)
 
 
 if __name__ == "__main__":

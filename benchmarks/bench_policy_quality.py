@@ -12,12 +12,13 @@ of the same captions. Independent sampling (nothing shared) is the reference row
 from __future__ import annotations
 
 import argparse
-import json
 import threading
 import time
 
 import numpy as np
 import torch
+
+from benchmarks.results import write_json
 
 POLICIES = {
     "independent": {"sharing": "flat", "max_group_size": 1, "share": 0.0, "cache_mb": 0.0},
@@ -113,10 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
             flush=True,
         )
     result = {"settings": vars(args), "rows": rows}
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump(result, fh, indent=2)
-    return result
+    return write_json(result, args.json)
 
 
 if __name__ == "__main__":

@@ -20,13 +20,14 @@ at 512x512, DESIGN.md) come with each row.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
+
+from benchmarks.results import write_json
 
 FLOP_PER_UNET_SAMPLE_512 = 0.84e12  # SD v1.5 UNet forward at 64x64 latents (DESIGN.md)
 
@@ -215,10 +216,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows = [measure(args, worker, int(b)) for b in args.batches.split(",")]
     print_table(rows, env)
     result = {"environment": env, "settings": vars(args), "rows": [asdict(r) for r in rows]}
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump(result, fh, indent=2)
-    return result
+    return write_json(result, args.json)
 
 
 if __name__ == "__main__":

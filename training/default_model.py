@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -41,6 +41,7 @@ from sage_core.models import (
     CLIP_EOS,
     CLIP_VOCAB_SIZE,
     SD15_SCHEDULER_CONFIG,
+    assemble_pipeline,
     build_clip_tokenizer,
     write_clip_tokenizer_files,
 )
@@ -252,18 +253,7 @@ def build_pipeline(
     vae: AutoencoderKL, text_encoder: CLIPTextModel, unet: UNet2DConditionModel, tokenizer: CLIPTokenizer
 ) -> StableDiffusionPipeline:
     """An SD pipeline from the components, DDIM with SD v1.5's config, no safety checker."""
-    pipe = StableDiffusionPipeline(
-        vae=vae.eval(),
-        text_encoder=text_encoder.eval(),
-        tokenizer=tokenizer,
-        unet=unet.eval(),
-        scheduler=DDIMScheduler(**SD15_SCHEDULER_CONFIG),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return assemble_pipeline(unet, vae, text_encoder, tokenizer)
 
 
 def save_pipeline(pipe: StableDiffusionPipeline, out_dir: str | Path, fp16: bool = True) -> Path:
