@@ -10,7 +10,7 @@ import torch
 
 from training import judges, world
 
-N = 300
+N = 200
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,8 @@ from tqdm.auto import tqdm
 
 from training import judges, world
 
+ACCEPTANCE = {"shape": 0.90, "color": 0.90, "position": 0.80}  # oracle accuracy targets of the H100 model
+
 
 @dataclass
 class EvalConfig:
@@ -87,8 +89,8 @@ def score_set(images, examples, groups, oracle, clip, real_feats: np.ndarray | N
         "oracle_accuracy": acc,
         "oracle_accuracy_by_kind": by_kind,
         "clip_score": float((clip_emb * text_emb).sum(-1).mean()),
-        "diversity_clip": judges.diversity(clip_emb.numpy(), groups),
-        "diversity_oracle": judges.diversity(feats, groups),
+        "diversity_clip": judges.diversity(clip_emb.numpy(), groups) if groups else None,
+        "diversity_oracle": judges.diversity(feats, groups) if groups else None,
     }
     if real_feats is not None:
         out["fid_oracle_vs_real"] = judges.frechet_distance(feats, real_feats)
@@ -175,6 +177,9 @@ def run_evaluation(cfg: EvalConfig) -> dict:
         "real_heldout_scenes": ref_a,
         "real_other_scenes_same_captions": ref_b,
     }
+    acc = gen_scores["oracle_accuracy"]
+    report["acceptance"] = {k: {"value": acc.get(k), "target": v, "met": acc.get(k, 0.0) >= v}
+                            for k, v in ACCEPTANCE.items()}
     (out / "report.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
     save_grid(out / "grid.png", prompts, generated, real_a, cfg.grid_rows)
     from training.default_model import sample_grid
