@@ -173,19 +173,24 @@ def environment(worker) -> dict:
     }
 
 
-def print_table(rows: list[Row], env: dict) -> None:
-    """The measured table, one line per batch size."""
+def print_header(env: dict) -> None:
+    """The table's heading: device, versions, columns."""
     print(f"device {env['device']}  dtype {env['dtype']}  torch {env['torch']}  diffusers {env['diffusers']}")
     print(
         "batch  unet ms/sample  floor  indep s  indep GPU-s/img  edge s  edge GPU-s/img  step saving  time saving"
-        "  overhead  bytes/img"
+        "  overhead  bytes/img",
+        flush=True,
     )
-    for r in rows:
-        print(
-            f"{r.batch:5d}  {r.unet_ms_per_sample:14.3f}  {r.floor_fraction:5.1%}  {r.independent_s:7.3f}  "
-            f"{r.independent_gpu_s_per_image:15.4f}  {r.edge_path_s:6.3f}  {r.shared_gpu_s_per_image:14.4f}  "
-            f"{r.step_saving:11.1%}  {r.gpu_time_saving:11.1%}  {r.edge_overhead:8.1%}  {r.bytes_per_image:9.0f}"
-        )
+
+
+def print_row(r: Row) -> None:
+    """One batch size's line, printed as soon as it is measured."""
+    print(
+        f"{r.batch:5d}  {r.unet_ms_per_sample:14.3f}  {r.floor_fraction:5.1%}  {r.independent_s:7.3f}  "
+        f"{r.independent_gpu_s_per_image:15.4f}  {r.edge_path_s:6.3f}  {r.shared_gpu_s_per_image:14.4f}  "
+        f"{r.step_saving:11.1%}  {r.gpu_time_saving:11.1%}  {r.edge_overhead:8.1%}  {r.bytes_per_image:9.0f}",
+        flush=True,
+    )
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -213,10 +218,14 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     worker = make_worker(args.model, args.dtype, tau=0.99)
     env = environment(worker)
-    rows = [measure(args, worker, int(b)) for b in args.batches.split(",")]
-    print_table(rows, env)
-    result = {"environment": env, "settings": vars(args), "rows": [asdict(r) for r in rows]}
-    return write_json(result, args.json)
+    print_header(env)
+    rows = []
+    for b in args.batches.split(","):
+        rows.append(measure(args, worker, int(b)))
+        print_row(rows[-1])
+        result = {"environment": env, "settings": vars(args), "rows": [asdict(r) for r in rows]}
+        write_json(result, args.json)  # after every row, so a run cut short keeps what it measured
+    return result
 
 
 if __name__ == "__main__":

@@ -110,3 +110,21 @@ def test_shipped_default_model_is_an_sd15_class_pipeline_under_64mb():
     img = pipe(["a red circle", "a blue square"], num_inference_steps=4, guidance_scale=7.5, output_type="np",
                generator=torch.Generator().manual_seed(0)).images
     assert img.shape == (2, 64, 64, 3) and np.isfinite(img).all()
+
+
+def test_parallel_rendering_gives_the_same_scenes_and_worker_batches_are_well_formed(tmp_path):
+    serial = dm.render_training_data(_tiny_config(tmp_path), chunk=10)
+    parallel = dm.render_training_data(_tiny_config(tmp_path, data_workers=2), chunk=10)
+    assert torch.equal(serial.images, parallel.images) and len(parallel.examples) == 48
+    assert [e.caption for e in serial.examples] == [e.caption for e in parallel.examples]
+    tok = dm.build_clip_tokenizer()
+    batches = dm.CaptionBatches(serial.examples, tok, batch_size=8, dropout=0.5, seed=0)
+    for workers in (0, 2):
+        loader = dm.caption_loader(batches, workers, pin=False)
+        seen = [next(loader) for _ in range(6)]
+        for idx, ids in seen:
+            assert idx.shape == (8,) and ids.shape == (8, 77) and int(idx.max()) < 48
+            assert (ids[:, 0] == 49406).all()  # every caption starts with BOS, dropped ones too
+        empty = tok([""], padding="max_length", max_length=77, return_tensors="pt").input_ids[0]
+        dropped = sum(int(torch.equal(row, empty)) for _, ids in seen for row in ids)
+        assert 0 < dropped < 48  # caption dropout near one half, not all or nothing

@@ -21,8 +21,10 @@ import copy
 import dataclasses
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -116,6 +118,7 @@ class DefaultModelConfig:
     seed: int = 0
     device: str = "cpu"
     num_threads: int = 1
+    data_workers: int = 0  # processes that render scenes and caption/tokenize UNet batches (0 = in-process)
     n_train_scenes: int = 20000
     output_dir: str = "runs/default_model/pipeline"
     work_dir: str = "runs/default_model"
@@ -186,6 +189,8 @@ def validate_config(cfg: DefaultModelConfig) -> None:
         raise ValueError(f"unknown stages {sorted(bad)}; expected a subset of ['vae', 'unet']")
     if cfg.n_train_scenes < cfg.diffusion.batch_size or cfg.n_train_scenes < cfg.vae.batch_size:
         raise ValueError("n_train_scenes must be at least the batch size")
+    if cfg.data_workers < 0:
+        raise ValueError("data_workers must be >= 0")
 
 
 # ----------------------------------------------------------------------------------------------- components
@@ -284,17 +289,25 @@ class WorldData:
     examples: list[world.Example]
 
 
-def render_training_data(cfg: DefaultModelConfig) -> WorldData:
-    """Render the training split (cached as an .npy file in work_dir)."""
-    cache = Path(cfg.work_dir) / f"train_images_seed{cfg.seed}_n{cfg.n_train_scenes}.npy"
-    examples = [world.make_example(cfg.seed, "train", i)
-                for i in tqdm(range(cfg.n_train_scenes), desc="scenes", mininterval=2)]
-    if cache.exists():
-        images = np.load(cache)
+def _render_chunk(seed: int, start: int, n: int) -> tuple[list[world.Example], np.ndarray]:
+    """Training examples start..start+n and their renders (a worker process's share)."""
+    examples = world.make_examples(n, seed, "train", start)
+    return examples, world.render_examples(examples)
+
+
+def render_training_data(cfg: DefaultModelConfig, chunk: int = 5000) -> WorldData:
+    """Render the training split, in `cfg.data_workers` processes when > 1 (same scenes either way)."""
+    starts = range(0, cfg.n_train_scenes, chunk)
+    sizes = [min(chunk, cfg.n_train_scenes - s) for s in starts]
+    if cfg.data_workers > 1:
+        with ProcessPoolExecutor(cfg.data_workers) as pool:
+            parts = list(tqdm(pool.map(_render_chunk, [cfg.seed] * len(sizes), starts, sizes),
+                              total=len(sizes), desc="scenes", mininterval=2))
     else:
-        images = world.render_examples(examples)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        np.save(cache, images)
+        parts = [_render_chunk(cfg.seed, s, n) for s, n in tqdm(list(zip(starts, sizes, strict=True)),
+                                                                desc="scenes", mininterval=2)]
+    examples = [e for part, _ in parts for e in part]
+    images = np.concatenate([imgs for _, imgs in parts])
     return WorldData(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), examples)
 
 
@@ -330,8 +343,7 @@ def min_snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: fl
 @torch.no_grad()
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     """ema <- decay * ema + (1 - decay) * model, parameter by parameter."""
-    for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
-        pe.lerp_(pm.detach(), 1.0 - decay)
+    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1.0 - decay)
 
 
 class Stopwatch:
@@ -376,6 +388,47 @@ def _batches(n: int, batch_size: int, gen: torch.Generator) -> Iterator[torch.Te
         perm = torch.randperm(n, generator=gen)
         for i in range(0, n - batch_size + 1, batch_size):
             yield perm[i:i + batch_size]
+
+
+class CaptionBatches(torch.utils.data.IterableDataset):
+    """Endless (scene indices, token ids) batches: each drawn scene gets a fresh caption from its templates,
+    replaced by the empty caption with probability `dropout` (for classifier-free guidance).
+
+    Runs in DataLoader worker processes on a GPU run so that captioning and tokenizing overlap the training step;
+    each worker draws its own stream (seeded by seed, first step and worker id)."""
+
+    def __init__(self, examples: list[world.Example], tokenizer: CLIPTokenizer, batch_size: int, dropout: float,
+                 seed: int, start_step: int = 0) -> None:
+        super().__init__()
+        self.examples, self.tokenizer, self.batch_size = examples, tokenizer, batch_size
+        self.dropout, self.seed, self.start_step = dropout, seed, start_step
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info is not None else 0
+        gen = torch.Generator().manual_seed(self.seed * 1000 + 3 + self.start_step + 7919 * worker)
+        rng = np.random.default_rng([self.seed, 7, self.start_step, worker])
+        cache: dict[str, torch.Tensor] = {}
+        for idx in _batches(len(self.examples), self.batch_size, gen):
+            captions = []
+            for i in idx.tolist():
+                caption, _ = world.caption_scene(self.examples[i].scene, rng)
+                captions.append("" if rng.random() < self.dropout else caption)
+            if len(cache) > 200_000:
+                cache.clear()
+            missing = sorted({c for c in captions if c not in cache})
+            if missing:
+                cache.update(zip(missing, tokenize(self.tokenizer, missing), strict=True))
+            yield idx, torch.stack([cache[c] for c in captions])
+
+
+def caption_loader(batches: CaptionBatches, workers: int, pin: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Iterate `batches` in-process (workers=0) or from worker processes with a few batches prefetched."""
+    if workers == 0:
+        return iter(batches)
+    loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=workers, prefetch_factor=4,
+                                         pin_memory=pin, persistent_workers=False)
+    return iter(loader)
 
 
 # ----------------------------------------------------------------------------------------------- stage 2: VAE
@@ -521,12 +574,11 @@ def train_unet(
     autocast = torch.autocast("cuda", dtype=torch.bfloat16,
                               enabled=dc.mixed_precision == "bf16" and device.type == "cuda")
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + 2 + step)
-    rng = np.random.default_rng([cfg.seed, 7, step])
-    batches = _batches(len(mean), dc.batch_size, gen)
+    batches = caption_loader(CaptionBatches(data.examples, tokenizer, dc.batch_size, dc.caption_dropout, cfg.seed,
+                                            step), cfg.data_workers, pin=device.type == "cuda")
     watch = Stopwatch(already)
     last_ckpt = last_sample = watch.seconds()
     limit = dc.max_minutes * 60 if dc.max_minutes > 0 else math.inf
-    token_cache: dict[str, torch.Tensor] = {}
     text_encoder.train()
     unet.train()
     bar = tqdm(total=dc.steps, initial=step, desc="unet", mininterval=5)
@@ -542,17 +594,8 @@ def train_unet(
         for g in opt.param_groups:
             g["lr"] = dc.lr * lr_factor(step, dc.steps, dc.warmup_steps, dc.final_lr_fraction,
                                         watch.seconds() / limit)
-        idx = next(batches)
-        captions = []
-        for i in idx.tolist():  # a fresh caption for the scene every time it is drawn
-            caption, _ = world.caption_scene(data.examples[i].scene, rng)
-            captions.append("" if rng.random() < dc.caption_dropout else caption)
-        if len(token_cache) > 200_000:
-            token_cache.clear()
-        for c in captions:
-            if c not in token_cache:
-                token_cache[c] = tokenize(tokenizer, [c])[0]
-        ids = torch.stack([token_cache[c] for c in captions]).to(device)
+        idx, ids = next(batches)
+        ids = ids.to(device, non_blocking=True)
         idx_d = idx.to(device)
         eps_z = torch.randn(mean[idx_d].shape, generator=gen).to(device)
         z0 = (mean[idx_d].float() + std[idx_d].float() * eps_z) * scale
@@ -648,9 +691,12 @@ def train_default_model(cfg: DefaultModelConfig, log: Callable[[str], None] = pr
     """Run the configured stages and save the pipeline to cfg.output_dir; returns that folder."""
     validate_config(cfg)
     torch.set_num_threads(cfg.num_threads)
+    if cfg.data_workers:  # the tokenizer is used in forked workers: keep its own thread pool out of them
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if cfg.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
     work = Path(cfg.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     (work / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1), encoding="utf-8")

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# One lease on the lent GPU (the `device` tool), everything in one command so that it fits the lease:
+#   1. the serving benchmark at SD v1.5 size (issue 8): stock pipeline vs the edge path, fp16 eager
+#   2. the default model's two training stages (issue 3), the UNet stage given whatever time is left
+#   3. the trained pipeline packed into <= 16 MiB parts, the log, the sample grid and the JSON under $OUT
+# Run on the device machine from the repository root, with the wheels the GPU image lacks in .whl/:
+#   bash scripts/gpu_session.sh            (BUDGET_S, BENCH_S, VAE_MIN override the time split)
+# Locally it runs too (OUT defaults to runs/gpu_session; WHEELS=none PYTHON=.venv/bin/python SESSION_CONFIG=...
+# BENCH_ARGS=... for a smoke test).
+set -uo pipefail
+START=$(date +%s)
+BUDGET_S=${BUDGET_S:-575}
+BENCH_S=${BENCH_S:-100}
+VAE_MIN=${VAE_MIN:-1.25}
+RESERVE_S=${RESERVE_S:-70}
+CONFIG=${SESSION_CONFIG:-training/configs/default_model.yaml}
+OUT=${OUT:-runs/gpu_session}
+mkdir -p "$OUT"
+LOG="$OUT/session.log"
+left() { echo $((BUDGET_S - ($(date +%s) - START))); }
+say() { echo "[gpu_session +$(($(date +%s) - START))s] $*" | tee -a "$LOG"; }
+
+WHEELS=${WHEELS:-.whl}
+if [ -d "$WHEELS" ] && ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        "$WHEELS"/*.whl || exit 1
+    export PYTHONPATH=/tmp/site:$PWD
+else
+    export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
+fi
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+TOK_CACHE="$HOME/.cache/sage-edge/clip-tokenizer"  # build_clip_tokenizer's cache: no open_clip import needed
+if [ ! -f "$TOK_CACHE/vocab.json" ]; then
+    mkdir -p "$TOK_CACHE" && cp sage_core/assets/default_model/tokenizer/{vocab.json,merges.txt} "$TOK_CACHE/"
+fi
+PY=${PYTHON:-python3}
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>/dev/null
+  $PY -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'diffusers', diffusers.__version__,
+'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())"; } 2>&1 | tee -a "$LOG"
+
+say "1/3 serving benchmark (limit ${BENCH_S}s)"
+timeout "$BENCH_S" $PY -m benchmarks.bench_serving ${BENCH_ARGS:---model sd15-random --batches 32,64 --steps 20 \
+    --windows 1 --repeats 3} --json "$OUT/bench_serving.json" 2>&1 | grep -v Warning | tee -a "$LOG"
+
+say "2/3 VAE (${VAE_MIN} min)"
+$PY -m training.cli default-model --config "$CONFIG" --stages vae --set "vae.max_minutes=$VAE_MIN" \
+    ${SESSION_SET:-} 2>&1 | grep -v -E "it/s\]|s/it\]" | tee -a "$LOG"
+
+UNET_MIN=$(python3 -c "print(round(max(0.2, ($(left) - $RESERVE_S) / 60), 2))")
+say "3/3 text encoder + UNet (${UNET_MIN} min)"
+$PY -m training.cli default-model --config "$CONFIG" --stages unet --set "diffusion.max_minutes=$UNET_MIN" \
+    ${SESSION_SET:-} 2>&1 | grep -v -E "it/s\]|s/it\]" | tee -a "$LOG"
+
+WORK=$($PY -c "from training.default_model import load_config; print(load_config('$CONFIG').work_dir)")
+say "packing $WORK/pipeline"
+if [ -d "$WORK/pipeline" ]; then
+    tar -C "$WORK" -cf - --exclude=tokenizer pipeline | split -b 16000000 - "$OUT/pipeline.tar.part-"
+    cat "$WORK/result.json" >>"$LOG" 2>/dev/null
+    cp "$WORK/samples_final.png" "$OUT/samples_final.png" 2>/dev/null
+fi
+say "done; $(left)s of the budget left"
+ls -la "$OUT" | tee -a "$LOG"
