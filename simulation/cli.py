@@ -2,6 +2,7 @@
 
 sage-sim run simulation/configs/coco_h100.yaml --out runs/sim/coco
 sage-sim sweep simulation/configs/sweep_coco.yaml --out runs/sim/sweep
+sage-sim policies simulation/configs/policies_coco.yaml --out runs/sim/policies   # flat vs adaptive vs cache
 sage-sim workload simulation/configs/validation_cpu.yaml --out runs/sim/workload.json
 sage-sim run simulation/configs/validation_cpu.yaml --workload runs/sim/workload.json
 sage-sim embed simulation/configs/coco_h100.yaml      # fill the embedding cache
@@ -92,6 +93,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
         "GPU saving",
         "UNet saving",
         "mean N",
+        "depth",
+        "cache hits",
         "KiB/img",
         "p50 s",
         "p95 s",
@@ -107,6 +110,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
             f"{s['gpu_saving_vs_server']:.1%}" if "gpu_saving_vs_server" in s and name != "device" else "-",
             f"{s['unet_saving']:.1%}",
             f"{s['mean_group_size']:.2f}" if "mean_group_size" in s else "-",
+            f"{s['shared_depth']['mean']:.1f}" if "shared_depth" in s else "-",
+            f"{s['cache']['hit_rate']:.1%}" if s.get("cache", {}).get("hit_rate") is not None else "-",
             f"{s['bytes_down_per_image'] / 1024:.1f}",
             f"{s['latency_s']['p50']:.2f}",
             f"{s['latency_s']['p95']:.2f}",
@@ -206,6 +211,47 @@ def sweep(config: ConfigArg, out: OutOpt = None, requests: RequestsOpt = None, s
         plotting.sweep_figure(rows, title, out / "tradeoffs.png", cfg.sampling.share, cfg.grouping.tau)
         (out / "sweep.md").write_text(sweep_markdown(rows, cfg.sampling.share, cfg.grouping.tau), encoding="utf-8")
         console.print(f"{len(rows)} settings; wrote {out}/sweep.csv and tradeoffs.png")
+
+
+@main.command()
+def policies(
+    config: ConfigArg,
+    out: OutOpt = None,
+    requests: RequestsOpt = None,
+    seed: SeedOpt = None,
+    plots: Annotated[bool, typer.Option(help="write policies.png")] = True,
+) -> None:
+    """Compare the config's sharing policies (`policies:`; default flat, adaptive, adaptive + 64 MiB cache) on one
+    workload: policies.json, policies.csv, policies.md and policies.png."""
+    import shlex
+
+    from simulation import metrics
+    from simulation import plots as plotting
+    from simulation.policies import comparison, grouped_modes, run_policies, table_markdown
+    from simulation.workload import build_workload
+
+    with _clear_errors():
+        cfg = _load(config, requests, seed)
+        grouped_modes(cfg)
+        out = out or Path("runs/sim") / f"{config.stem}-policies"
+        with _progress() as progress:
+            prompts, emb = _prompts_and_embeddings(cfg, progress)
+            task = progress.add_task(f"{len(cfg.policies)} policies x {cfg.requests:,} requests", total=None)
+            results = run_policies(
+                cfg,
+                build_workload(cfg, prompts),
+                emb,
+                lambda name: progress.update(task, description=f"policy {name}: {cfg.requests:,} requests"),
+            )
+        command = "sage-sim " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        report = comparison(results, {"config_file": str(config), "command": command})
+        metrics.write_json(report, out / "policies.json")
+        metrics.write_csv(report["table"], out / "policies.csv")
+        (out / "policies.md").write_text(table_markdown(report), encoding="utf-8")
+        if plots:
+            plotting.policies_figure(results, report, out / "policies.png")
+        out_console.print(table_markdown(report))
+        console.print(f"wrote {out}/")
 
 
 @main.command("workload")

@@ -16,9 +16,13 @@ from typing import Any
 
 import yaml
 
+from edge_server.config import ConfigError as EdgeConfigError
+from edge_server.config import ServerConfig as EdgeServerConfig
+
 MODES = ("sage", "server", "device", "sage_server")
 ARRIVAL_PROCESSES = ("poisson", "bursty", "diurnal")
 PROMPT_ORDERS = ("shuffle", "uniform", "sequential", "zipf")
+CACHE_FILING = ("deliveries", "levels")
 DIST_KINDS = ("constant", "uniform", "lognormal", "choice")
 DEFAULT_DATASETS_DIR = "../shared/datasets"
 DEFAULT_CACHE_DIR = "~/.cache/sage-edge/embeddings"
@@ -131,11 +135,32 @@ class SamplingSettings:
 
 @dataclass(frozen=True)
 class GroupingSettings:
-    """Passed to sage_core.grouping.GroupingConfig."""
+    """The edge server's sharing policy, under edge_server.config.ServerConfig's names and defaults: the worker
+    builds a sage_core.policy.SharingPolicy and, with cache_mb > 0, a LatentCache from them. `flat` is
+    Algorithm 1 (tau, max_group_size, depth round(sampling.share * steps)); `adaptive` nests groups at
+    adaptive_taus (largest adaptive_max_sizes) with depths from depth_schedule, capped by sampling.share."""
 
-    tau: float = 0.8
-    max_group_size: int = 5
-    candidates: int = 64
+    tau: float = EdgeServerConfig.tau
+    max_group_size: int = EdgeServerConfig.max_group_size
+    candidates: int = 64  # only for the offline ideal (sweep); the worker uses sage_core.grouping's default
+    sharing: str = EdgeServerConfig.sharing  # flat | adaptive
+    adaptive_taus: tuple[float, ...] = EdgeServerConfig.adaptive_taus
+    adaptive_max_sizes: tuple[int, ...] = EdgeServerConfig.adaptive_max_sizes
+    depth_schedule: tuple[tuple[float, float], ...] = EdgeServerConfig.depth_schedule
+    cache_mb: float = EdgeServerConfig.cache_mb  # per GPU worker (each edge worker holds its own cache); 0: off
+    cache_files: str = "deliveries"  # deliveries: the edge worker's filing; levels: sage_core.policy.count_stream's
+
+    def edge_config(self) -> EdgeServerConfig:
+        """The edge server settings of this policy (validated there; other settings at their defaults)."""
+        return EdgeServerConfig(
+            tau=self.tau,
+            max_group_size=self.max_group_size,
+            sharing=self.sharing,
+            adaptive_taus=self.adaptive_taus,
+            adaptive_max_sizes=self.adaptive_max_sizes,
+            depth_schedule=self.depth_schedule,
+            cache_mb=self.cache_mb,
+        )
 
 
 @dataclass(frozen=True)
@@ -201,6 +226,25 @@ class SweepConfig:
 
 
 @dataclass(frozen=True)
+class PolicyVariant:
+    """One sharing policy of `sage-sim policies`: the base config with these `grouping` keys and the requests'
+    `sampling.share` (the cap on every group's depth) changed; same workload, so the comparison is paired."""
+
+    name: str = "flat"
+    grouping: dict[str, Any] = field(default_factory=dict)
+    sampling: dict[str, Any] = field(default_factory=dict)
+
+
+def default_policies() -> tuple[PolicyVariant, ...]:
+    """Flat (Algorithm 1), adaptive, and adaptive with a 64 MiB cross-window latent cache."""
+    return (
+        PolicyVariant("flat", {"sharing": "flat", "cache_mb": 0.0}),
+        PolicyVariant("adaptive", {"sharing": "adaptive", "cache_mb": 0.0}),
+        PolicyVariant("adaptive+cache", {"sharing": "adaptive", "cache_mb": 64.0}),
+    )
+
+
+@dataclass(frozen=True)
 class SimConfig:
     """Everything one simulation run needs."""
 
@@ -217,6 +261,7 @@ class SimConfig:
     network: NetworkConfig = field(default_factory=NetworkConfig)
     devices: tuple[DeviceClass, ...] = (DeviceClass(),)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    policies: tuple[PolicyVariant, ...] = field(default_factory=default_policies)
     base_dir: str = "."  # where relative paths resolve: the repository root (set by the loader)
 
     def replace(self, **changes: Any) -> SimConfig:
@@ -304,6 +349,11 @@ def validate(cfg: SimConfig) -> None:
     _require(-1 <= g.tau <= 1, f"grouping.tau must lie in [-1, 1] (a cosine similarity), got {g.tau}")
     _require(g.max_group_size >= 1, f"grouping.max_group_size must be >= 1, got {g.max_group_size}")
     _require(g.candidates >= 1, f"grouping.candidates must be >= 1, got {g.candidates}")
+    check_policy(g, "grouping")
+    _require(
+        g.cache_files in CACHE_FILING,
+        f"grouping.cache_files must be one of {', '.join(CACHE_FILING)}, got {g.cache_files!r}",
+    )
     sv = cfg.server
     _require(sv.window_s >= 0, f"server.window_s must be >= 0, got {sv.window_s}")
     _require(sv.max_window_requests >= 1, f"server.max_window_requests must be >= 1, got {sv.max_window_requests}")
@@ -330,6 +380,38 @@ def validate(cfg: SimConfig) -> None:
     _require(all(0 <= b <= 1 for b in sw.share), "sweep.share values must lie in [0, 1]")
     _require(all(r > 0 for r in sw.rate), "sweep.rate values must be > 0")
     _require(sw.requests >= 1, f"sweep.requests must be >= 1, got {sw.requests}")
+    names = [v.name for v in cfg.policies]
+    _require(all(names) and len(set(names)) == len(names), f"policies need distinct, non-empty names, got {names}")
+    for i in range(len(cfg.policies)):
+        policy_config(cfg, i)
+
+
+def check_policy(g: GroupingSettings, where: str) -> None:
+    """Raise ConfigError unless the edge server accepts this sharing policy (its own checks, one line)."""
+    _require(
+        all(len(pair) == 2 for pair in g.depth_schedule),
+        f"{where}.depth_schedule must be a list of [similarity, share] pairs, got {list(g.depth_schedule)}",
+    )
+    try:
+        g.edge_config()
+    except EdgeConfigError as exc:
+        raise ConfigError(f"{where}.{exc}") from None
+
+
+def policy_config(cfg: SimConfig, index: int) -> SimConfig:
+    """The config of cfg.policies[index]: its grouping and sampling keys over the base ones, validated."""
+    v, where = cfg.policies[index], f"policies[{index}]"
+    _require(isinstance(v.grouping, dict), f"{where}.grouping must be a mapping")
+    _require(isinstance(v.sampling, dict), f"{where}.sampling must be a mapping")
+    _require(set(v.sampling) <= {"share"}, f"{where}.sampling may set only share, got {sorted(v.sampling)}")
+    grouping = _from_dict(GroupingSettings, {**to_dict(cfg.grouping), **v.grouping}, f"{where}.grouping")
+    sampling = _from_dict(SamplingSettings, {**to_dict(cfg.sampling), **v.sampling}, f"{where}.sampling")
+    out = dataclasses.replace(cfg, grouping=grouping, sampling=sampling, policies=())
+    try:
+        validate(out)
+    except ConfigError as exc:
+        raise ConfigError(f"{where} ({v.name}): {exc}") from None
+    return out
 
 
 def config_from_dict(data: dict[str, Any], base_dir: str | Path = ".") -> SimConfig:

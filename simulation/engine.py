@@ -6,15 +6,18 @@ What is an event and what is a vector:
 - The server is a simpy model of edge_server.engine's batch loop: a window opens at the first queued request and
   collects until `window_s` after that request arrived or until `max_window_requests` are queued (a backlog is
   taken at once); the loop then waits for a free GPU worker and hands it the whole window as one job, and
-  collects the next window while the job runs. The worker groups the window with
-  sage_core.grouping.group_by_similarity on its prompts' embeddings, as the edge worker does.
-- A job's duration comes from the measured step-time table: shared steps batched over the window's groups,
-  branch steps over its members (where the server runs them), VAE decode where the server decodes, plus text
-  encoding, latent encoding and a per-window overhead.
+  collects the next window while the job runs. The worker plans the window with the edge worker's sharing
+  policy (sage_core.policy.plan_window: flat Algorithm 1 or adaptive hierarchical groups, depths capped by the
+  requests' share) and, with a cross-window latent cache (one per worker), starts groups from cached latents
+  (sage_core.policy.reuse_cached).
+- A job's duration comes from the measured step-time table: each batched UNet pass of the plan's shared phase
+  (level by level, as sage_core.adaptive.run_shared_plan runs it; cached steps cost nothing), the members'
+  remaining steps where the server runs them, VAE decode where the server decodes, plus text encoding, one
+  latent encoding per delivery and a per-window overhead.
 
 Modes (all from the same workload, so the comparison is paired):
-- sage: shared phase on the server (k = round(beta T) steps per group), latent to every member's device,
-  branch phase (T - k steps) and VAE decode on the device.
+- sage: shared phase on the server (flat: k = round(beta T) steps per group; adaptive: each group's own depth),
+  latent to every member's device, the remaining T - depth steps and VAE decode on the device.
 - server: independent sampling on the server (T steps per request, batched per window), image to the device.
 - device: everything on the device, no server and no network.
 - sage_server: shared sampling entirely on the server (shared + branch + decode), image to the device.
@@ -24,16 +27,23 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import dataclasses
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import simpy
 import torch
 
-from sage_core.grouping import GroupingConfig, group_by_similarity, normalize
+from edge_server.worker import sharing_policy as edge_sharing_policy
+from sage_core.adaptive import DepthSchedule, GroupNode, cap_depths, deliveries, floor_depths, leaf_of, levels
+from sage_core.grouping import normalize
+from sage_core.latent_cache import CacheHit, CacheSettings, LatentCache
+from sage_core.policy import SharingPolicy, plan_window, reuse_cached
+from sage_core.sampler import BranchPoint
 from simulation.config import DEFAULT_STEP_TIMES, CodecSettings, ConfigError, SimConfig, resolve_path
 from simulation.workload import Workload
 
@@ -132,7 +142,8 @@ def latent_payload_bytes(codec: CodecSettings, samples: int = 4) -> tuple[int, s
 # ------------------------------------------------------------------------------------------------------- modes
 @dataclass(frozen=True)
 class ModeSpec:
-    """Where the steps of one request run, and what crosses the network."""
+    """Where the steps of one request run, and what crosses the network. The step counts are those of the flat
+    policy (k = round(beta T)); a window's plan sets each request's own shared depth."""
 
     name: str
     uses_server: bool
@@ -142,6 +153,11 @@ class ModeSpec:
     server_decodes: bool
     device_steps: int  # steps per request on the device
     payload: str  # "latent" | "image" | "none"
+
+    @property
+    def server_branches(self) -> bool:
+        """Whether the server also runs each request's steps after its shared depth (no device sampling)."""
+        return self.uses_server and self.device_steps == 0
 
 
 def mode_spec(mode: str, cfg: SimConfig) -> ModeSpec:
@@ -169,39 +185,220 @@ def single_torch_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-class Grouper:
-    """Groups one window's prompts as the edge worker does: group_by_similarity on the window's embeddings.
-    A window with no pair reaching tau is all singletons under that function (every pair of a group must reach
-    tau), so the call is skipped for it after a small numpy check with a safety margin. `config=None` gives
-    independent sampling: every request its own group."""
+@dataclass(frozen=True)
+class WindowPlan:
+    """One window as the edge worker runs it: its root groups, the shared steps each request gets, and the
+    trajectories of every batched UNet pass of the shared phase."""
 
-    def __init__(self, embeddings: np.ndarray, config: GroupingConfig | None, margin: float = 1e-4) -> None:
-        self.embeddings = embeddings
-        self.config = config
-        self.unit = normalize(embeddings) if config is not None else embeddings
-        self.threshold = config.tau - margin if config is not None else 0.0
+    groups: list[list[int]] | None  # root groups' members (window-local); None: every request alone
+    group_sizes: list[int]
+    depth: np.ndarray  # [m] steps each request's latent has (the depth of its deepest group)
+    shared_passes: np.ndarray  # trajectories in each UNet pass of the shared phase, in order
+    deliveries: int  # distinct latents encoded and sent (one per deepest group)
+    cached_steps: int = 0  # steps the roots took from the latent cache instead of the GPU
+    lookups: int = 0
+    hits: int = 0
+
+
+def level_passes(lengths: np.ndarray) -> np.ndarray:
+    """Trajectories in each UNet pass of one batched sage_core.sampler.advance call over trajectories that run
+    `lengths` steps (denoise: one pass per round over every trajectory still running)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    rounds = np.arange(int(lengths.max(initial=0)))
+    return (lengths[None, :] > rounds[:, None]).sum(axis=1)
+
+
+def singleton_plan(m: int, depth: int) -> WindowPlan:
+    """Every request its own group of `depth` steps: `depth` passes over all m trajectories."""
+    return WindowPlan(None, [1] * m, np.full(m, depth, dtype=np.int64), np.full(depth, m, dtype=np.int64), m)
+
+
+def plan_arrays(roots: Sequence[GroupNode], m: int, starts: Sequence[int]) -> WindowPlan:
+    """A WindowPlan from a sage_core plan whose roots start at `starts` (0, or a cached latent's step); each
+    level runs as one batched advance, as sage_core.adaptive.run_shared_plan does."""
+    leaves = leaf_of(roots)
+    start_of = {id(r): s for r, s in zip(roots, starts, strict=True)}
+    passes = [
+        level_passes(np.array([n.depth - (n.start() if n.parent is not None else start_of[id(n)]) for n in level]))
+        for level in levels(roots)
+    ]
+    return WindowPlan(
+        groups=[r.members for r in roots],
+        group_sizes=[len(r.members) for r in roots],
+        depth=np.fromiter((leaves[i].depth for i in range(m)), dtype=np.int64, count=m),
+        shared_passes=np.concatenate(passes) if passes else np.zeros(0, dtype=np.int64),
+        deliveries=len(deliveries(roots)),
+        cached_steps=int(sum(starts)),
+    )
+
+
+class RecordingCache(LatentCache):
+    """A LatentCache that keeps each lookup's answer: sage_core.policy.reuse_cached returns only the total steps
+    it took from the cache, and the batching of the remaining steps needs each root's start."""
+
+    def __init__(self, max_bytes: int, schedule: DepthSchedule) -> None:
+        super().__init__(max_bytes, schedule)
+        self.answers: list[CacheHit | None] = []
+
+    def lookup(self, *args: Any, **kwargs: Any) -> CacheHit | None:
+        """LatentCache.lookup, remembered."""
+        hit = super().lookup(*args, **kwargs)
+        self.answers.append(hit)
+        return hit
+
+
+class WindowPlanner:
+    """Plans each window as edge_server.worker's _run_bucket does: sage_core.policy.plan_window on the window's
+    embeddings, every group's depth capped by the requests' share (cap_depths), then, with a latent cache (one
+    per GPU worker, as each edge worker holds its own), roots start from cached latents and the window's latents
+    are filed, as stand-in latents of the codec's shape (`cache_files`: "deliveries", each delivery's latent as
+    the edge worker files them; "levels", every group's, as sage_core.policy.reuse_cached does). `policy=None` is
+    independent sampling: every request alone, all steps on the server. Without a cache, a window in which no
+    pair reaches the first grouping tau is all singletons under plan_window (every pair of a group must reach
+    it), so the call is skipped after a small check with a safety margin."""
+
+    def __init__(
+        self,
+        embeddings: np.ndarray,
+        policy: SharingPolicy | None,
+        steps: int,
+        cap: int,
+        cache_bytes: int = 0,
+        latent_shape: tuple[int, ...] = (1, 4, 64, 64),
+        cache_files: str = "deliveries",
+        margin: float = 1e-4,
+    ) -> None:
+        self.embeddings, self.policy, self.steps, self.cap = embeddings, policy, steps, cap
+        self.cache_files = cache_files
+        self.cache_bytes, self.latent_shape = cache_bytes if policy is not None else 0, latent_shape
+        self.unit = normalize(embeddings) if policy is not None else embeddings
+        tau, self.first_size = first_level(policy) if policy is not None else (-1.0, 1)
+        self.threshold = tau - margin
+        self.settings = CacheSettings("sim", steps, latent_shape[-2], latent_shape[-1], 0.0, None, "ddim")
+        self.caches: dict[int, RecordingCache] = {}
+        self.alone = self._singleton_depth()
+        self.windows = 0
         self.calls = 0
-        self.seconds = 0.0  # inside group_by_similarity
-        self.members: list[list[int]] | None = None
+        self.seconds = 0.0  # inside sage_core's planning and cache calls
 
-    def __call__(self, prompt_ids: np.ndarray) -> list[int]:
-        """Group sizes of the window, groups in group_by_similarity's order. `self.members` is left with each
-        group's member indices (window-local) when grouping ran, None when every request is a singleton."""
-        m = prompt_ids.shape[0]
-        self.members = None
-        cfg = self.config
-        if cfg is None or m == 1 or cfg.max_group_size == 1:
-            return [1] * m
+    def _singleton_depth(self) -> int:
+        """The depth a request alone in its window gets (all steps under independent sampling)."""
+        if self.policy is None:
+            return self.steps
+        roots = plan_window(self.embeddings[:1], self.policy, self.steps)
+        cap_depths(roots, [self.cap])
+        return roots[0].depth
+
+    def _all_alone(self, prompt_ids: np.ndarray) -> bool:
+        """Whether plan_window would make every request of the window a singleton (and no cache is asked)."""
+        if self.policy is None:
+            return True
+        if self.cache_bytes:
+            return False
+        if prompt_ids.shape[0] == 1 or self.first_size == 1:
+            return True
         u = torch.from_numpy(self.unit[prompt_ids])  # torch on one thread: numpy's BLAS threads cost more here
         sims = u @ u.T
         sims.fill_diagonal_(-torch.inf)
-        if float(sims.max()) < self.threshold:
-            return [1] * m
+        return float(sims.max()) < self.threshold
+
+    def __call__(self, prompt_ids: np.ndarray, worker: int = 0) -> WindowPlan:
+        """The plan of one window (prompt indices in server-arrival order) run by GPU worker `worker`."""
+        self.windows += 1
+        m = prompt_ids.shape[0]
+        if self._all_alone(prompt_ids):
+            return singleton_plan(m, self.alone)
+        assert self.policy is not None
         self.calls += 1
         t0 = time.perf_counter()
-        self.members = group_by_similarity(self.embeddings[prompt_ids], cfg)
+        emb = self.embeddings[prompt_ids]
+        roots = plan_window(emb, self.policy, self.steps)
+        cap_depths(roots, [self.cap] * m)
+        starts = self._use_cache(roots, emb, worker) if self.cache_bytes else (0, 0, [0] * len(roots))
+        plan = dataclasses.replace(plan_arrays(roots, m, starts[2]), lookups=starts[0], hits=starts[1])
         self.seconds += time.perf_counter() - t0
-        return [len(g) for g in self.members]
+        return plan
+
+    def _use_cache(self, roots: list[GroupNode], emb: np.ndarray, worker: int) -> tuple[int, int, list[int]]:
+        """Start roots from the worker's cache and file the window's latents in it (`cache_files`: "deliveries"
+        as the edge worker does, "levels" as sage_core.policy.reuse_cached does); (lookups, hits, starts)."""
+        assert self.policy is not None
+        cache = self.caches.setdefault(worker, RecordingCache(self.cache_bytes, self.policy.schedule))
+        before = (cache.stats.hits, cache.stats.misses)
+        if self.cache_files == "deliveries":
+            starts = start_roots(cache, self.settings, roots, emb)
+            file_deliveries(cache, self.settings, roots, emb, starts, self.windows, self.latent_shape)
+        else:
+            cache.answers.clear()
+            saved = reuse_cached(cache, self.settings, roots, emb, self.windows, self.latent_shape)
+            answers = iter(cache.answers)
+            starts = [_hit_step(next(answers)) if r.depth else 0 for r in roots]
+            if sum(starts) != saved:
+                raise AssertionError(f"cache starts {sum(starts)} differ from reuse_cached's {saved}")
+        hits = cache.stats.hits - before[0]
+        return hits + cache.stats.misses - before[1], hits, starts
+
+
+def start_roots(cache: LatentCache, settings: CacheSettings, roots: Sequence[GroupNode], emb: np.ndarray) -> list[int]:
+    """Each root starts from the deepest cached latent its similarity allows, up to its own depth (edge_server.
+    worker._run_bucket step 2, seeds left to the server); returns each root's start step."""
+    starts = []
+    for root in roots:
+        hit = cache.lookup(settings, emb[root.members].mean(axis=0), None, root.depth) if root.depth else None
+        if hit is not None:
+            floor_depths(root, hit.point.step)
+        starts.append(_hit_step(hit))
+    return starts
+
+
+def file_deliveries(
+    cache: LatentCache,
+    settings: CacheSettings,
+    roots: Sequence[GroupNode],
+    emb: np.ndarray,
+    starts: Sequence[int],
+    seed: int,
+    latent_shape: tuple[int, ...],
+) -> None:
+    """File each delivery's latent at its depth when the window computed it (edge_server.worker._run_bucket
+    step 4), as stand-in latents that hold no memory but count as real ones against the byte bound."""
+    root_of = {m: r for r, root in enumerate(roots) for m in root.members}
+    stand_in = torch.zeros(1).expand(*latent_shape)
+    for d in deliveries(roots):
+        if d.node.depth > starts[root_of[d.members[0]]]:
+            point = BranchPoint(stand_in, d.node.depth)
+            cache.insert(settings, emb[list(d.node.members)].mean(axis=0), seed, {d.node.depth: point})
+
+
+def _hit_step(hit: CacheHit | None) -> int:
+    return hit.point.step if hit is not None else 0
+
+
+def first_level(policy: SharingPolicy) -> tuple[float, int]:
+    """tau and largest group of a policy's first (loosest) grouping."""
+    if policy.mode == "flat":
+        return policy.tau, policy.max_group_size
+    return policy.taus[0], policy.max_sizes[0]
+
+
+def sharing_policy(cfg: SimConfig) -> SharingPolicy:
+    """The SharingPolicy the edge worker builds from the same settings (edge_server.worker.sharing_policy)."""
+    return edge_sharing_policy(cfg.grouping.edge_config())
+
+
+def window_planner(cfg: SimConfig, spec: ModeSpec, embeddings: np.ndarray) -> WindowPlanner:
+    """The planner of a mode: the config's policy and cache for grouped modes, independent sampling otherwise."""
+    if not spec.grouped:
+        return WindowPlanner(embeddings, None, cfg.sampling.steps, cfg.sampling.steps)
+    return WindowPlanner(
+        embeddings,
+        sharing_policy(cfg),
+        cfg.sampling.steps,
+        cfg.sampling.shared_steps,
+        cache_bytes=int(cfg.grouping.cache_mb * 2**20),
+        latent_shape=(1, *cfg.codec.latent_shape),
+        cache_files=cfg.grouping.cache_files,
+    )
 
 
 @dataclass(frozen=True)
@@ -213,12 +410,19 @@ class ServerTrace:
     dispatch_s: np.ndarray  # [W] a GPU worker takes it
     finish_s: np.ndarray  # [W] its shared phase (or whole job) is done
     duration_s: np.ndarray  # [W]
-    groups: np.ndarray  # [W] groups in the window
-    group_of: np.ndarray  # [n] group id of each sorted request
+    groups: np.ndarray  # [W] root groups in the window
+    group_of: np.ndarray  # [n] root group id of each sorted request
     group_size: np.ndarray  # [G]
+    depth: np.ndarray  # [n] shared steps of each sorted request's latent
+    shared_steps: np.ndarray  # [W] trajectory steps of the window's shared phase (cached steps excluded)
+    shared_passes: np.ndarray  # [W] UNet passes of the window's shared phase
+    deliveries: np.ndarray  # [W] latents the window sends
+    cached_steps: int = 0
+    cache_lookups: int = 0
+    cache_hits: int = 0
 
 
-JobSeconds = Callable[[int, int], float]  # (groups, members) of a window -> GPU seconds of its job
+JobSeconds = Callable[[WindowPlan], float]  # a window's plan -> GPU seconds of its job
 
 
 def run_server(
@@ -227,21 +431,23 @@ def run_server(
     window_s: float,
     max_requests: int,
     workers: int,
-    grouper: Grouper,
+    planner: WindowPlanner,
     job_seconds: JobSeconds,
     progress: ProgressFn | None = None,
 ) -> ServerTrace:
     """simpy model of edge_server.engine's batch loop over sorted server-side arrival times:
     1. wait for a first queued request; 2. collect until window_s after that request arrived or until
     max_requests are queued (a backlog is taken at once, up to max_requests); 3. wait for a free GPU worker
-    (FIFO); 4. the worker groups the window and runs one batched job; meanwhile the loop collects the next window.
+    (FIFO); 4. the worker plans the window and runs one batched job; meanwhile the loop collects the next window.
     """
     n = arrival.shape[0]
     arr = arrival.tolist()
     bounds, close, dispatch, groups = [0], [], [], []
     finish: list[float] = []
     duration: list[float] = []
+    plans: list[WindowPlan] = []
     group_of = np.empty(n, dtype=np.int64)
+    depth = np.empty(n, dtype=np.int64)
     sizes: list[int] = []
     env = simpy.Environment()
     free = simpy.Store(env)
@@ -261,25 +467,26 @@ def run_server(
                 yield env.timeout(end - env.now)
                 now = end
             j = min(i + max_requests, bisect.bisect_right(arr, now, lo=i))
-            window_sizes = grouper(prompt_ids[i:j])
-            first = len(sizes)
-            if grouper.members is None:
-                group_of[i:j] = np.arange(first, first + j - i)
-            else:
-                for g, members in enumerate(grouper.members):
-                    for member in members:
-                        group_of[i + member] = first + g
-            sizes.extend(window_sizes)
-            seconds = job_seconds(len(window_sizes), j - i)
             worker = yield free.get()  # 3. a free worker (the loop waits here while every worker is busy)
             now = max(now, env.now)
+            plan = planner(prompt_ids[i:j], worker)  # 4. the worker plans the window (its cache) and runs it
+            first = len(sizes)
+            if plan.groups is None:
+                group_of[i:j] = np.arange(first, first + j - i)
+            else:
+                for g, members in enumerate(plan.groups):
+                    group_of[i + np.asarray(members)] = first + g
+            depth[i:j] = plan.depth
+            sizes.extend(plan.group_sizes)
+            seconds = job_seconds(plan)
+            plans.append(plan)
             bounds.append(j)
             close.append(end)
             dispatch.append(now)
-            groups.append(len(window_sizes))
+            groups.append(len(plan.group_sizes))
             duration.append(seconds)
             finish.append(now + seconds)
-            done = env.timeout(seconds)  # 4. run it (the worker returns when done); collect the next window
+            done = env.timeout(seconds)  # the worker returns when done; the loop collects the next window
             done.callbacks.append(lambda _event, worker=worker: free.put(worker))
             if progress and (j // report_every != i // report_every or j == n):
                 progress(j, n)
@@ -297,6 +504,13 @@ def run_server(
         groups=np.asarray(groups, dtype=np.int64),
         group_of=group_of,
         group_size=np.asarray(sizes, dtype=np.int64),
+        depth=depth,
+        shared_steps=np.asarray([int(p.shared_passes.sum()) for p in plans], dtype=np.int64),
+        shared_passes=np.asarray([p.shared_passes.shape[0] for p in plans], dtype=np.int64),
+        deliveries=np.asarray([p.deliveries for p in plans], dtype=np.int64),
+        cached_steps=sum(p.cached_steps for p in plans),
+        cache_lookups=sum(p.lookups for p in plans),
+        cache_hits=sum(p.hits for p in plans),
     )
 
 
@@ -343,7 +557,12 @@ class ModeResult:
     window_sizes: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     job_batch_samples: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     grouping_calls: int = 0
-    grouping_s: float = 0.0  # wall time inside group_by_similarity
+    grouping_s: float = 0.0  # wall time inside sage_core's planning (plan_window, cap_depths, the cache)
+    depth: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # shared steps per request
+    deliveries: int = 0  # latents sent by the server (one per deepest group)
+    cached_steps: int = 0  # trajectory steps taken from the latent cache instead of the GPU
+    cache_lookups: int = 0
+    cache_hits: int = 0
 
 
 @dataclass
@@ -426,27 +645,25 @@ def _device_arrays(cfg: SimConfig, workload: Workload) -> dict[str, np.ndarray]:
 
 
 def job_seconds_fn(cfg: SimConfig, spec: ModeSpec, table: StepTable) -> JobSeconds:
-    """GPU seconds of one window's job from (groups, members): the shared steps batched over the groups, the
-    branch steps over the members, the server's VAE decode, text encoding and latent encoding, overheads."""
+    """GPU seconds of one window's job from its plan: each UNet pass of the shared phase at its batch, the
+    members' remaining steps batched where the server runs them, the server's VAE decode, text encoding, one
+    latent encoding per delivery, overheads."""
     per_step = cfg.sampling.unet_samples_per_step
     most = cfg.server.max_window_requests
     passes = table.unet_seconds(np.arange(per_step * most + 1)) + cfg.server.step_delay_ms / 1e3
-    unet = np.where(np.arange(per_step * most + 1) > 0, passes, 0.0).tolist()
+    unet = np.where(np.arange(per_step * most + 1) > 0, passes, 0.0)
     vae = table.vae_seconds(np.arange(most + 1)).tolist() if spec.server_decodes else [0.0] * (most + 1)
     text_s = table.text_encode_ms_per_prompt / 1e3
     encode_s = table.latent_encode_ms_per_group / 1e3 if spec.payload == "latent" else 0.0
     fixed_s = (table.window_overhead_ms + cfg.server.job_overhead_ms) / 1e3
-    k, b = spec.server_shared_steps, spec.server_branch_steps
+    steps = cfg.sampling.steps
 
-    def seconds(groups: int, members: int) -> float:
-        return (
-            k * unet[per_step * groups]
-            + b * unet[per_step * members]
-            + vae[members]
-            + text_s * members
-            + encode_s * groups
-            + fixed_s
-        )
+    def seconds(plan: WindowPlan) -> float:
+        members = plan.depth.shape[0]
+        gpu = float(unet[per_step * plan.shared_passes].sum())
+        if spec.server_branches:
+            gpu += float(unet[per_step * level_passes(steps - plan.depth)].sum())
+        return gpu + vae[members] + text_s * members + encode_s * plan.deliveries + fixed_s
 
     return seconds
 
@@ -464,17 +681,12 @@ def _run_mode(
     progress: ProgressFn | None,
 ) -> ModeResult:
     """One mode over the whole workload."""
-    n = workload.n
+    n, steps = workload.n, cfg.sampling.steps
     per_step = cfg.sampling.unet_samples_per_step
     dev = _device_arrays(cfg, workload)
     zeros = np.zeros(n)
-    # 1. device compute (vectorized)
-    device_compute = spec.device_steps * per_step * dev["unet_s"]
-    decode_on_device = spec.payload != "image"
-    if decode_on_device:
-        device_compute = device_compute + dev["vae_s"]
     if not spec.uses_server:
-        device_s = dev["text_s"] + device_compute
+        device_s = dev["text_s"] + steps * per_step * dev["unet_s"] + dev["vae_s"]
         return ModeResult(
             name=spec.name,
             latency_s=device_s,
@@ -487,14 +699,11 @@ def _run_mode(
             energy_j=device_s * dev["power_w"],
             bytes_down=zeros,
             bytes_up=zeros,
-            unet_evals_device=int(n * spec.device_steps * per_step),
+            unet_evals_device=int(n * steps * per_step),
+            depth=np.zeros(n, dtype=np.int64),
         )
-    # 2. the server (simpy): windows, grouping, GPU workers
-    gcfg = None
-    if spec.grouped:
-        g = cfg.grouping
-        gcfg = GroupingConfig(tau=g.tau, max_group_size=g.max_group_size, candidates=g.candidates)
-    grouper = Grouper(embeddings, gcfg)
+    # 1. the server (simpy): windows, plans, GPU workers
+    planner = window_planner(cfg, spec, embeddings)
     server_arrival = workload.arrival_s + uplink
     trace = run_server(
         server_arrival[order],
@@ -502,28 +711,36 @@ def _run_mode(
         cfg.server.window_s,
         cfg.server.max_window_requests,
         cfg.server.gpu_workers,
-        grouper,
+        planner,
         job_seconds_fn(cfg, spec, table),
         progress,
     )
-    # 3. back to requests in original order
+    # 2. back to requests in original order
     window_sizes = np.diff(trace.bounds)
     window_of = np.empty(n, dtype=np.int64)
     window_of[order] = np.repeat(np.arange(window_sizes.shape[0]), window_sizes)
-    # 4. downlink and the device's part (vectorized)
+    depth = np.empty(n, dtype=np.int64)
+    depth[order] = trace.depth
+    rest = steps - depth  # steps after each request's shared depth: on its device, or on the server
+    # 3. downlink and the device's part (vectorized)
     payload = (latent_bytes if spec.payload == "latent" else cfg.codec.image_bytes) + cfg.codec.overhead_bytes
     downlink = transfer_seconds(payload, workload.rtt_s, goodput)
     received = trace.finish_s[window_of] + downlink
-    if decode_on_device:  # the device encodes its own prompt while it waits for the latent
+    device_steps = np.zeros(n, dtype=np.int64) if spec.server_branches else rest
+    if spec.payload != "image":  # the device encodes its own prompt while it waits for the latent
+        device_compute = device_steps * per_step * dev["unet_s"] + dev["vae_s"]
         done = np.maximum(received, workload.arrival_s + dev["text_s"]) + device_compute
         device_s = dev["text_s"] + device_compute
     else:
         done, device_s = received, zeros
     bytes_down = np.full(n, float(payload))
     bytes_up = np.full(n, float(cfg.codec.request_bytes))
-    n_groups = int(trace.group_size.shape[0])
-    evals_server = per_step * (spec.server_shared_steps * n_groups + spec.server_branch_steps * n)
-    batch_units = trace.groups if spec.server_branch_steps == 0 else window_sizes
+    # 4. counts: the shared phase per window, plus each request's remaining steps where the server runs them
+    branch = branch_passes = np.zeros_like(window_sizes)
+    if spec.server_branches:  # one batched advance over the window's members: as many passes as the longest
+        branch = np.add.reduceat(steps - trace.depth, trace.bounds[:-1])
+        branch_passes = np.maximum.reduceat(steps - trace.depth, trace.bounds[:-1])
+    server_steps = trace.shared_steps + branch
     return ModeResult(
         name=spec.name,
         latency_s=done - workload.arrival_s,
@@ -538,13 +755,18 @@ def _run_mode(
         bytes_up=bytes_up,
         gpu_seconds=float(trace.duration_s.sum()),
         gpu_busy_span_s=float(trace.finish_s.max() - trace.dispatch_s.min()),
-        unet_evals_server=int(evals_server),
-        unet_evals_device=int(n * spec.device_steps * per_step),
+        unet_evals_server=int(per_step * server_steps.sum()),
+        unet_evals_device=int(per_step * device_steps.sum()),
         group_sizes=trace.group_size,
         window_sizes=window_sizes,
-        job_batch_samples=batch_units * per_step,
-        grouping_calls=grouper.calls,
-        grouping_s=grouper.seconds,
+        job_batch_samples=per_step * server_steps / np.maximum(trace.shared_passes + branch_passes, 1),
+        grouping_calls=planner.calls,
+        grouping_s=planner.seconds,
+        depth=depth,
+        deliveries=int(trace.deliveries.sum()),
+        cached_steps=trace.cached_steps,
+        cache_lookups=trace.cache_lookups,
+        cache_hits=trace.cache_hits,
     )
 
 

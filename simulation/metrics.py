@@ -5,7 +5,12 @@ Savings are reported two ways:
   step with CFG): realized `unet_saving`, next to `ideal_saving` = beta * (1 - 1/N) for the realized mean group
   size N (the two agree by construction: the check is that the engine counts what the paper counts) and
   `ideal_saving_full_groups` = beta * (1 - 1/max_group_size).
+  These two are reported for the flat policy without a cache only: under the adaptive policy every group has
+  its own depth and the realized `unet_saving` is the figure.
 - GPU-seconds on the server against the `server` baseline of the same run (batching efficiency included).
+- Per grouped mode, the sharing policy's own figures: trajectory steps per image on the server and on the
+  device, each request's shared depth (mean and histogram), latents sent, and the latent cache's lookups, hit
+  rate and steps taken from it.
 """
 
 from __future__ import annotations
@@ -82,11 +87,36 @@ def mode_summary(result: SimResult, m: ModeResult) -> dict[str, Any]:
                 "mean_group_size": n / groups,
                 "group_size_hist": {str(i + 1): int(c) for i, c in enumerate(hist)},
                 "requests_in_shared_groups": float(m.group_sizes[m.group_sizes > 1].sum() / n),
-                "ideal_saving": ideal_saving(beta, n / groups),
-                "ideal_saving_full_groups": ideal_saving(beta, cfg.grouping.max_group_size),
             }
         )
+        if cfg.grouping.sharing == "flat" and not cfg.grouping.cache_mb:
+            out["ideal_saving"] = ideal_saving(beta, n / groups)
+            out["ideal_saving_full_groups"] = ideal_saving(beta, cfg.grouping.max_group_size)
+        out.update(policy_summary(result, m))
     return out
+
+
+def policy_summary(result: SimResult, m: ModeResult) -> dict[str, Any]:
+    """A grouped mode's sharing figures: steps per image on each side, shared depths, latents sent, the cache."""
+    g, n = result.cfg.grouping, result.n
+    per_step = result.cfg.sampling.unet_samples_per_step
+    lookups = m.cache_lookups
+    return {
+        "sharing": g.sharing,
+        "cache_mb": g.cache_mb,
+        "cache_files": g.cache_files,
+        "server_steps_per_image": m.unet_evals_server / per_step / n,
+        "device_steps_per_image": m.unet_evals_device / per_step / n,
+        "shared_depth": {"mean": float(m.depth.mean()), "min": int(m.depth.min()), "max": int(m.depth.max())},
+        "shared_depth_hist": {str(d): int(c) for d, c in enumerate(np.bincount(m.depth)) if c},
+        "deliveries_per_image": m.deliveries / n,
+        "cache": {
+            "lookups": lookups,
+            "hits": m.cache_hits,
+            "hit_rate": m.cache_hits / lookups if lookups else None,
+            "cached_steps_per_image": m.cached_steps / n,
+        },
+    }
 
 
 def summarize(result: SimResult, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -110,8 +140,14 @@ def summarize(result: SimResult, extra: dict[str, Any] | None = None) -> dict[st
             "rate": cfg.arrivals.rate,
             "window_s": cfg.server.window_s,
             "max_window_requests": cfg.server.max_window_requests,
+            "sharing": cfg.grouping.sharing,
             "tau": cfg.grouping.tau,
             "max_group_size": cfg.grouping.max_group_size,
+            "adaptive_taus": list(cfg.grouping.adaptive_taus),
+            "adaptive_max_sizes": list(cfg.grouping.adaptive_max_sizes),
+            "depth_schedule": [list(p) for p in cfg.grouping.depth_schedule],
+            "cache_mb": cfg.grouping.cache_mb,
+            "cache_files": cfg.grouping.cache_files,
             "share": cfg.sampling.share,
             "shared_steps": cfg.sampling.shared_steps,
             "steps": cfg.sampling.steps,

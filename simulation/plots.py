@@ -85,15 +85,20 @@ def run_dashboard(result: SimResult, summary: dict[str, Any], path: Path) -> Pat
     if grouped:
         hist = s[grouped]["group_size_hist"]
         a.bar(list(hist), list(hist.values()), color=MODE_COLORS[grouped])
+        g = s[grouped]
         offline = summary.get("offline")
-        ceiling = (
-            f"whole stream grouped: {offline['ideal_saving']:.1%} (N {offline['mean_group_size']:.2f})"
-            if offline
-            else f"full groups: {s[grouped]['ideal_saving_full_groups']:.1%}"
-        )
+        if offline:
+            ceiling = f"whole stream grouped: {offline['ideal_saving']:.1%} (N {offline['mean_group_size']:.2f})"
+        elif "ideal_saving_full_groups" in g:
+            ceiling = f"full groups: {g['ideal_saving_full_groups']:.1%}"
+        else:
+            hits = g["cache"]["hit_rate"]
+            cache = f", cache hits {hits:.0%}" if hits is not None else ""
+            ceiling = f"{g['sharing']}, mean depth {g['shared_depth']['mean']:.1f}{cache}"
+        rule = " = beta(1-1/N)" if "ideal_saving" in g else ""
         a.set_title(
-            f"Group sizes: {s[grouped]['groups']:,} groups, mean N {s[grouped]['mean_group_size']:.2f}\n"
-            f"saving {s[grouped]['unet_saving']:.1%} = beta(1-1/N); {ceiling}",
+            f"Group sizes: {g['groups']:,} groups, mean N {g['mean_group_size']:.2f}\n"
+            f"saving {g['unet_saving']:.1%}{rule}; {ceiling}",
             fontsize=10,
         )
         a.set(xlabel="group size", ylabel="groups")
@@ -209,5 +214,67 @@ def validation_figure(
         ax[1].annotate(f"{checks[k]['rel_diff']:+.1%}", (i, ratio[i]), ha="center", va="bottom")
     ax[1].axhline(1.0, color="k", lw=0.8)
     ax[1].set(ylabel="simulated / real", title="Agreement (dotted: tolerance)")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def policies_figure(results: dict[str, SimResult], report: dict[str, Any], path: Path) -> Path:
+    """Four panels, one colour per sharing policy (SAGE mode): latency CDF against the baselines, steps per image
+    on the server and the device, the shared depths requests got, and GPU cost with the cache's hit rate."""
+    names = list(results)
+    labels = [n.replace(" (", "\n(") for n in names]  # long names on two lines under the bars
+    colors = dict(zip(names, plt.get_cmap("Dark2").colors, strict=False))
+    sage = {name: report["policies"][name]["modes"]["sage"] for name in names}
+    st = report["settings"]
+    fig, ax = plt.subplots(2, 2, figsize=(12, 8))
+    fig.suptitle(
+        f"{report['requests']:,} {st['dataset']} requests, {st['rate']:g} req/s, windows <= "
+        f"{st['max_window_requests']} requests / {st['window_s']:g} s, {st['gpu_workers']} GPU ({st['step_table']})",
+        fontsize=11,
+    )
+    # 1. latency CDF of SAGE under each policy, and the baselines
+    a = ax[0, 0]
+    for name in names:
+        lat = np.sort(results[name].modes["sage"].latency_s)
+        a.plot(lat, np.linspace(0, 1, lat.size), color=colors[name], label=f"SAGE, {name}")
+    for mode in report["baselines"]:
+        lat = np.sort(results[names[0]].modes[mode].latency_s)
+        a.plot(lat, np.linspace(0, 1, lat.size), color=MODE_COLORS[mode], ls="--", lw=1, label=MODE_LABELS[mode])
+    a.set(xlabel="end-to-end latency (s)", ylabel="fraction of requests", title="Latency CDF")
+    a.legend(fontsize=8)
+    # 2. trajectory steps per image, server and device
+    a = ax[0, 1]
+    srv = [sage[n]["server_steps_per_image"] for n in names]
+    dev = [sage[n]["device_steps_per_image"] for n in names]
+    a.bar(labels, srv, color="#555555", label="on the server")
+    a.bar(labels, dev, bottom=srv, color="#bbbbbb", label="on the device")
+    for i, n in enumerate(names):
+        a.annotate(f"-{sage[n]['unet_saving']:.1%}", (i, srv[i] + dev[i]), ha="center", va="bottom", fontsize=9)
+    a.set_ylim(0, 1.2 * max(x + y for x, y in zip(srv, dev, strict=True)))
+    a.set(ylabel="sampler steps per image", title="Steps per image (saving vs independent)")
+    a.legend(fontsize=8, loc="lower right")
+    # 3. shared depth per request
+    a = ax[1, 0]
+    width = 0.8 / len(names)
+    for j, n in enumerate(names):
+        hist = sage[n]["shared_depth_hist"]
+        depths = np.asarray([int(d) for d in hist]) + (j - (len(names) - 1) / 2) * width
+        a.bar(depths, np.asarray(list(hist.values())) / report["requests"], width, color=colors[n], label=n)
+    a.set(xlabel="shared steps (from the server)", ylabel="fraction of requests", title="Shared depth per request")
+    a.legend(fontsize=8)
+    # 4. GPU cost and cache hits
+    a = ax[1, 1]
+    gpu = [sage[n]["gpu_seconds_per_image"] for n in names]
+    bars = a.bar(labels, gpu, color=[colors[n] for n in names])
+    for b, n in zip(bars, names, strict=True):
+        hits = sage[n]["cache"]
+        note = f"cache hits {hits['hit_rate']:.0%}" if hits["lookups"] else "no cache"
+        a.annotate(note, (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=9)
+    server = report["baselines"].get("server")
+    if server:
+        a.axhline(server["gpu_seconds_per_image"], color=MODE_COLORS["server"], ls="--", lw=1, label="independent")
+        a.legend(fontsize=8)
+    a.set_ylim(0, 1.2 * max([*gpu, server["gpu_seconds_per_image"] if server else 0.0]))
+    a.set(ylabel="GPU-seconds per image", title="Server GPU cost")
     fig.tight_layout()
     return _save(fig, path)

@@ -20,13 +20,16 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from simulation.config import ConfigError, SimConfig, repo_root
 from simulation.workload import Workload
@@ -52,8 +55,23 @@ def server_args(cfg: SimConfig, model: str) -> list[str]:
         "--default-share", f"{p.share:g}",
         "--codecs", cfg.codec.mode,
         "--worker-step-delay-ms", f"{s.step_delay_ms:g}",
+        "--sharing", g.sharing,
+        "--cache-mb", f"{g.cache_mb:g}",
         "--log-level", "WARNING",
     ]  # fmt: skip
+
+
+def policy_file(cfg: SimConfig, folder: Path) -> Path:
+    """The adaptive policy's levels and depth schedule as an edge server config file (no CLI flags for them)."""
+    g = cfg.grouping
+    path = folder / "policy.yaml"
+    body = {
+        "adaptive_taus": list(g.adaptive_taus),
+        "adaptive_max_sizes": list(g.adaptive_max_sizes),
+        "depth_schedule": [list(pair) for pair in g.depth_schedule],
+    }
+    path.write_text(yaml.safe_dump(body), encoding="utf-8")
+    return path
 
 
 @contextlib.contextmanager
@@ -62,7 +80,13 @@ def running_server(cfg: SimConfig, model: str, start_timeout_s: float = 300.0) -
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(repo_root()), env.get("PYTHONPATH", "")) if p)
     env.update({"RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
-    cmd = [sys.executable, "-m", "edge_server", "serve", *server_args(cfg, model)]
+    with tempfile.TemporaryDirectory(prefix="sage-sim-") as tmp:
+        args = [*server_args(cfg, model), "--config", str(policy_file(cfg, Path(tmp)))]
+        yield from _serve([sys.executable, "-m", "edge_server", "serve", *args], env, start_timeout_s)
+
+
+def _serve(cmd: list[str], env: dict[str, str], start_timeout_s: float) -> Iterator[str]:
+    """Run the server command; yields host:port once it listens; stops it (SIGINT, then kill) afterwards."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     found: queue.Queue[str] = queue.Queue()
     lines: list[str] = []

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from sage_core.grouping import GroupingConfig, group_by_similarity
+from sage_core.policy import SharingPolicy
 from simulation.config import ConfigError, config_from_dict, load_config
-from simulation.engine import Grouper, load_step_table, mode_spec, run_server, simulate
+from simulation.engine import WindowPlanner, load_step_table, mode_spec, run_server, simulate
 from simulation.metrics import flat_row, summarize
 from simulation.workload import (
     arrival_times,
@@ -245,11 +246,11 @@ def test_step_table_interpolation(prompt_file):
 
 
 def constant_job(seconds):
-    return lambda groups, members: seconds
+    return lambda plan: seconds
 
 
 def singles():
-    return Grouper(np.zeros((1, 2), dtype=np.float32), None)
+    return WindowPlanner(np.zeros((1, 2), dtype=np.float32), None, steps=1, cap=1)
 
 
 def test_windows_close_on_time_or_size():
@@ -300,7 +301,9 @@ def test_server_model_matches_a_plain_recurrence():
         return 0.2 + 0.15 * m
 
     for workers, window_s, cap in ((1, 0.5, 4), (3, 2.0, 16), (2, 0.0, 8)):
-        tr = run_server(arr, np.zeros(400, dtype=np.int64), window_s, cap, workers, singles(), lambda g, m: seconds(m))
+        tr = run_server(
+            arr, np.zeros(400, dtype=np.int64), window_s, cap, workers, singles(), lambda p: seconds(p.depth.size)
+        )
         ref = _reference_server(arr, window_s, cap, workers, seconds)
         assert tr.bounds[1:].tolist() == [r[0] for r in ref]
         assert np.allclose(tr.close_s, [r[1] for r in ref]) and np.allclose(tr.dispatch_s, [r[2] for r in ref])
@@ -315,7 +318,7 @@ def test_server_groups_each_window_with_the_project_grouping(tau, dim):
     ids = rng.integers(0, 40, size=300)
     arr = np.cumsum(rng.exponential(0.1, 300))
     gcfg = GroupingConfig(tau=tau, max_group_size=3)
-    grouper = Grouper(emb, gcfg)
+    grouper = WindowPlanner(emb, SharingPolicy(tau=tau, max_group_size=3, share=1.0), steps=30, cap=12)
     tr = run_server(arr, ids, 0.4, 12, 1, grouper, constant_job(0.3))
     assert 0 < grouper.calls < len(tr.close_s) or tau < 0
     for w in range(len(tr.close_s)):
