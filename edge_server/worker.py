@@ -232,11 +232,11 @@ class EdgeWorker:
         from its shared noise or a cached latent, run the plan's shared steps batched, encode each delivery."""
         import torch
 
-        from sage_core.adaptive import cap_depths, deliveries, floor_depths, run_shared_plan
+        from sage_core.adaptive import cap_depths, deliveries, run_shared_plan
         from sage_core.generate import encode_prompts, latent_shape
         from sage_core.grouping import pipeline_text_embeddings
         from sage_core.latent_cache import CacheSettings
-        from sage_core.policy import plan_window
+        from sage_core.policy import cached_starts, file_plan, plan_window
         from sage_core.sampler import BranchPoint, SamplingConfig, initial_noise, make_scheduler
 
         s, pipe = job.settings, self.pipe
@@ -254,15 +254,15 @@ class EdgeWorker:
         shape = latent_shape(pipe, config)
         noise_scheduler = make_scheduler(pipe.scheduler.config, s.scheduler, s.steps)
         settings = CacheSettings(self.fingerprint, s.steps, s.height, s.width, s.guidance, None, s.scheduler)
+        hits: list = [None] * len(roots)
+        if self.cache is not None:
+            leads = [job.members[r.members[0]] for r in roots]
+            named = [m.seed if m.seed_explicit else None for m in leads]
+            hits = cached_starts(self.cache, settings, roots, pooled, named)
         starts, seeds, cached = [], [], []
-        for root in roots:
+        for root, hit in zip(roots, hits, strict=True):
             lead = job.members[root.members[0]]
-            hit = None
-            if self.cache is not None and root.depth > 0:
-                direction = pooled[root.members].mean(axis=0)
-                hit = self.cache.lookup(settings, direction, lead.seed if lead.seed_explicit else None, root.depth)
             if hit is not None:
-                floor_depths(root, hit.point.step)
                 starts.append(hit.point)
                 seeds.append(hit.entry.seed)
                 cached.append(hit.point.step)
@@ -276,12 +276,12 @@ class EdgeWorker:
         with torch.inference_mode():
             points = run_shared_plan(unet, pipe.scheduler.config, roots, starts, cond, uncond, config)
         root_of = {m: r for r, root in enumerate(roots) for m in root.members}
-        # 4. keep what was computed for later windows; encode each delivery once per codec its members took
+        # 4. keep every level's latent for later windows; encode each delivery once per codec its members took
+        if self.cache is not None:
+            file_plan(self.cache, settings, roots, pooled, points, seeds, cached)
         results = []
         for d in deliveries(roots):
             point, r = points[id(d.node)], root_of[d.members[0]]
-            if self.cache is not None and d.node.depth > cached[r]:
-                self.cache.insert(settings, pooled[list(d.node.members)].mean(axis=0), seeds[r], {point.step: point})
             codecs = sorted({job.members[m].codec for m in d.members})
             results.append(
                 GroupResult(

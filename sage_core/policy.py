@@ -8,7 +8,7 @@ the local tools and the simulator all plan windows with `plan_window`, so they c
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,9 +23,10 @@ from sage_core.adaptive import (
     leaf_of,
     levels,
     plan_evaluations,
+    root_index,
 )
 from sage_core.grouping import GroupingConfig, group_by_similarity
-from sage_core.latent_cache import CacheSettings, LatentCache
+from sage_core.latent_cache import CacheHit, CacheSettings, LatentCache
 from sage_core.sampler import BranchPoint
 
 POLICY_MODES = ("flat", "adaptive")
@@ -97,9 +98,49 @@ def count_stream(
         roots = plan_window(chunk, policy, steps)
         cached = 0
         if cache is not None:
-            cached = reuse_cached(cache, settings, roots, chunk, seed=w, latent_shape=latent_shape)
+            cached = sum(reuse_cached(cache, settings, roots, chunk, seed=w, latent_shape=latent_shape))
         add_plan(out, roots, steps, cached)
     return out
+
+
+def cached_starts(
+    cache: LatentCache,
+    settings: CacheSettings,
+    roots: Sequence[GroupNode],
+    embeddings: np.ndarray,
+    seeds: Sequence[int | None] | None = None,
+) -> list[CacheHit | None]:
+    """Each root looks for the deepest cached latent its similarity allows, up to its own depth (`seeds[r]`: the
+    seed root r's requests named, None: any); a hit raises the root's plan to start there (floor_depths)."""
+    hits: list[CacheHit | None] = []
+    for r, root in enumerate(roots):
+        seed = seeds[r] if seeds is not None else None
+        hit = cache.lookup(settings, embeddings[root.members].mean(axis=0), seed, root.depth) if root.depth else None
+        if hit is not None:
+            floor_depths(root, hit.point.step)
+        hits.append(hit)
+    return hits
+
+
+def file_plan(
+    cache: LatentCache,
+    settings: CacheSettings,
+    roots: Sequence[GroupNode],
+    embeddings: np.ndarray,
+    points: Mapping[int, BranchPoint],
+    seeds: Sequence[int],
+    starts: Sequence[int],
+) -> None:
+    """Keep every group's latent of the plan, each level at its own depth (`points`: id(node) -> its point, as
+    run_shared_plan returns them), under its members' mean embedding and its root's seed; a group whose depth
+    its root's cached start (`starts[r]`) already covers computed nothing new and is not filed again."""
+    root_of = root_index(roots)
+    for level in levels(roots):
+        for node in level:
+            r = root_of[id(node)]
+            if node.depth > starts[r]:
+                mean = embeddings[node.members].mean(axis=0)
+                cache.insert(settings, mean, seeds[r], {node.depth: points[id(node)]})
 
 
 def reuse_cached(
@@ -109,22 +150,16 @@ def reuse_cached(
     embeddings: np.ndarray,
     seed: int,
     latent_shape: tuple[int, ...],
-) -> int:
-    """Start each root from the deepest cached latent its similarity allows (raising its plan's depths), then
-    file every group's latent; returns the steps taken from the cache."""
-    saved = 0
-    for root in roots:
-        hit = cache.lookup(settings, embeddings[root.members].mean(axis=0), None, root.depth) if root.depth else None
-        if hit is not None:
-            floor_depths(root, hit.point.step)
-            saved += hit.point.step
+) -> list[int]:
+    """What the edge worker does with its cache around one window (cached_starts, then file_plan), with
+    stand-in latents of `latent_shape` that hold no memory but count against the byte bound as real ones;
+    returns each root's start step (0: from noise)."""
+    hits = cached_starts(cache, settings, roots, embeddings)
+    starts = [hit.point.step if hit is not None else 0 for hit in hits]
     stand_in = torch.zeros(1).expand(*latent_shape)
-    for level in levels(roots):
-        for node in level:
-            if node.depth > 0:
-                point = BranchPoint(stand_in, node.depth)
-                cache.insert(settings, embeddings[node.members].mean(axis=0), seed, {node.depth: point})
-    return saved
+    points = {id(n): BranchPoint(stand_in, n.depth) for level in levels(roots) for n in level}
+    file_plan(cache, settings, roots, embeddings, points, [seed] * len(roots), starts)
+    return starts
 
 
 def add_plan(count: StreamCount, roots: Sequence[GroupNode], steps: int, cached_steps: int = 0) -> None:

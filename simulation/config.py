@@ -22,7 +22,6 @@ from edge_server.config import ServerConfig as EdgeServerConfig
 MODES = ("sage", "server", "device", "sage_server")
 ARRIVAL_PROCESSES = ("poisson", "bursty", "diurnal")
 PROMPT_ORDERS = ("shuffle", "uniform", "sequential", "zipf")
-CACHE_FILING = ("deliveries", "levels")
 DIST_KINDS = ("constant", "uniform", "lognormal", "choice")
 DEFAULT_DATASETS_DIR = "../shared/datasets"
 DEFAULT_CACHE_DIR = "~/.cache/sage-edge/embeddings"
@@ -148,7 +147,6 @@ class GroupingSettings:
     adaptive_max_sizes: tuple[int, ...] = EdgeServerConfig.adaptive_max_sizes
     depth_schedule: tuple[tuple[float, float], ...] = EdgeServerConfig.depth_schedule
     cache_mb: float = EdgeServerConfig.cache_mb  # per GPU worker (each edge worker holds its own cache); 0: off
-    cache_files: str = "deliveries"  # deliveries: the edge worker's filing; levels: sage_core.policy.count_stream's
 
     def edge_config(self) -> EdgeServerConfig:
         """The edge server settings of this policy (validated there; other settings at their defaults)."""
@@ -350,10 +348,6 @@ def validate(cfg: SimConfig) -> None:
     _require(g.max_group_size >= 1, f"grouping.max_group_size must be >= 1, got {g.max_group_size}")
     _require(g.candidates >= 1, f"grouping.candidates must be >= 1, got {g.candidates}")
     check_policy(g, "grouping")
-    _require(
-        g.cache_files in CACHE_FILING,
-        f"grouping.cache_files must be one of {', '.join(CACHE_FILING)}, got {g.cache_files!r}",
-    )
     sv = cfg.server
     _require(sv.window_s >= 0, f"server.window_s must be >= 0, got {sv.window_s}")
     _require(sv.max_window_requests >= 1, f"server.max_window_requests must be >= 1, got {sv.max_window_requests}")

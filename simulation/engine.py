@@ -32,18 +32,16 @@ import json
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import simpy
 import torch
 
 from edge_server.worker import sharing_policy as edge_sharing_policy
-from sage_core.adaptive import DepthSchedule, GroupNode, cap_depths, deliveries, floor_depths, leaf_of, levels
+from sage_core.adaptive import GroupNode, cap_depths, deliveries, leaf_of, levels
 from sage_core.grouping import normalize
-from sage_core.latent_cache import CacheHit, CacheSettings, LatentCache
+from sage_core.latent_cache import CacheSettings, LatentCache
 from sage_core.policy import SharingPolicy, plan_window, reuse_cached
-from sage_core.sampler import BranchPoint
 from simulation.config import DEFAULT_STEP_TIMES, CodecSettings, ConfigError, SimConfig, resolve_path
 from simulation.workload import Workload
 
@@ -232,27 +230,12 @@ def plan_arrays(roots: Sequence[GroupNode], m: int, starts: Sequence[int]) -> Wi
     )
 
 
-class RecordingCache(LatentCache):
-    """A LatentCache that keeps each lookup's answer: sage_core.policy.reuse_cached returns only the total steps
-    it took from the cache, and the batching of the remaining steps needs each root's start."""
-
-    def __init__(self, max_bytes: int, schedule: DepthSchedule) -> None:
-        super().__init__(max_bytes, schedule)
-        self.answers: list[CacheHit | None] = []
-
-    def lookup(self, *args: Any, **kwargs: Any) -> CacheHit | None:
-        """LatentCache.lookup, remembered."""
-        hit = super().lookup(*args, **kwargs)
-        self.answers.append(hit)
-        return hit
-
-
 class WindowPlanner:
     """Plans each window as edge_server.worker's _run_bucket does: sage_core.policy.plan_window on the window's
     embeddings, every group's depth capped by the requests' share (cap_depths), then, with a latent cache (one
     per GPU worker, as each edge worker holds its own), roots start from cached latents and the window's latents
-    are filed, as stand-in latents of the codec's shape (`cache_files`: "deliveries", each delivery's latent as
-    the edge worker files them; "levels", every group's, as sage_core.policy.reuse_cached does). `policy=None` is
+    are filed at every level of the plan, as stand-in latents of the codec's shape (sage_core.policy.reuse_cached:
+    the worker's cached_starts and file_plan). `policy=None` is
     independent sampling: every request alone, all steps on the server. Without a cache, a window in which no
     pair reaches the first grouping tau is all singletons under plan_window (every pair of a group must reach
     it), so the call is skipped after a small check with a safety margin."""
@@ -265,17 +248,15 @@ class WindowPlanner:
         cap: int,
         cache_bytes: int = 0,
         latent_shape: tuple[int, ...] = (1, 4, 64, 64),
-        cache_files: str = "deliveries",
         margin: float = 1e-4,
     ) -> None:
         self.embeddings, self.policy, self.steps, self.cap = embeddings, policy, steps, cap
-        self.cache_files = cache_files
         self.cache_bytes, self.latent_shape = cache_bytes if policy is not None else 0, latent_shape
         self.unit = normalize(embeddings) if policy is not None else embeddings
         tau, self.first_size = first_level(policy) if policy is not None else (-1.0, 1)
         self.threshold = tau - margin
         self.settings = CacheSettings("sim", steps, latent_shape[-2], latent_shape[-1], 0.0, None, "ddim")
-        self.caches: dict[int, RecordingCache] = {}
+        self.caches: dict[int, LatentCache] = {}
         self.alone = self._singleton_depth()
         self.windows = 0
         self.calls = 0
@@ -320,58 +301,14 @@ class WindowPlanner:
         return plan
 
     def _use_cache(self, roots: list[GroupNode], emb: np.ndarray, worker: int) -> tuple[int, int, list[int]]:
-        """Start roots from the worker's cache and file the window's latents in it (`cache_files`: "deliveries"
-        as the edge worker does, "levels" as sage_core.policy.reuse_cached does); (lookups, hits, starts)."""
+        """Start roots from the worker's cache and file the window's latents in it, as the edge worker does
+        (sage_core.policy.reuse_cached); (lookups, hits, each root's start step)."""
         assert self.policy is not None
-        cache = self.caches.setdefault(worker, RecordingCache(self.cache_bytes, self.policy.schedule))
+        cache = self.caches.setdefault(worker, LatentCache(self.cache_bytes, self.policy.schedule))
         before = (cache.stats.hits, cache.stats.misses)
-        if self.cache_files == "deliveries":
-            starts = start_roots(cache, self.settings, roots, emb)
-            file_deliveries(cache, self.settings, roots, emb, starts, self.windows, self.latent_shape)
-        else:
-            cache.answers.clear()
-            saved = reuse_cached(cache, self.settings, roots, emb, self.windows, self.latent_shape)
-            answers = iter(cache.answers)
-            starts = [_hit_step(next(answers)) if r.depth else 0 for r in roots]
-            if sum(starts) != saved:
-                raise AssertionError(f"cache starts {sum(starts)} differ from reuse_cached's {saved}")
+        starts = reuse_cached(cache, self.settings, roots, emb, self.windows, self.latent_shape)
         hits = cache.stats.hits - before[0]
         return hits + cache.stats.misses - before[1], hits, starts
-
-
-def start_roots(cache: LatentCache, settings: CacheSettings, roots: Sequence[GroupNode], emb: np.ndarray) -> list[int]:
-    """Each root starts from the deepest cached latent its similarity allows, up to its own depth (edge_server.
-    worker._run_bucket step 2, seeds left to the server); returns each root's start step."""
-    starts = []
-    for root in roots:
-        hit = cache.lookup(settings, emb[root.members].mean(axis=0), None, root.depth) if root.depth else None
-        if hit is not None:
-            floor_depths(root, hit.point.step)
-        starts.append(_hit_step(hit))
-    return starts
-
-
-def file_deliveries(
-    cache: LatentCache,
-    settings: CacheSettings,
-    roots: Sequence[GroupNode],
-    emb: np.ndarray,
-    starts: Sequence[int],
-    seed: int,
-    latent_shape: tuple[int, ...],
-) -> None:
-    """File each delivery's latent at its depth when the window computed it (edge_server.worker._run_bucket
-    step 4), as stand-in latents that hold no memory but count as real ones against the byte bound."""
-    root_of = {m: r for r, root in enumerate(roots) for m in root.members}
-    stand_in = torch.zeros(1).expand(*latent_shape)
-    for d in deliveries(roots):
-        if d.node.depth > starts[root_of[d.members[0]]]:
-            point = BranchPoint(stand_in, d.node.depth)
-            cache.insert(settings, emb[list(d.node.members)].mean(axis=0), seed, {d.node.depth: point})
-
-
-def _hit_step(hit: CacheHit | None) -> int:
-    return hit.point.step if hit is not None else 0
 
 
 def first_level(policy: SharingPolicy) -> tuple[float, int]:
@@ -397,7 +334,6 @@ def window_planner(cfg: SimConfig, spec: ModeSpec, embeddings: np.ndarray) -> Wi
         cfg.sampling.shared_steps,
         cache_bytes=int(cfg.grouping.cache_mb * 2**20),
         latent_shape=(1, *cfg.codec.latent_shape),
-        cache_files=cfg.grouping.cache_files,
     )
 
 

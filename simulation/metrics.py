@@ -104,7 +104,6 @@ def policy_summary(result: SimResult, m: ModeResult) -> dict[str, Any]:
     return {
         "sharing": g.sharing,
         "cache_mb": g.cache_mb,
-        "cache_files": g.cache_files,
         "server_steps_per_image": m.unet_evals_server / per_step / n,
         "device_steps_per_image": m.unet_evals_device / per_step / n,
         "shared_depth": {"mean": float(m.depth.mean()), "min": int(m.depth.min()), "max": int(m.depth.max())},
@@ -147,7 +146,6 @@ def summarize(result: SimResult, extra: dict[str, Any] | None = None) -> dict[st
             "adaptive_max_sizes": list(cfg.grouping.adaptive_max_sizes),
             "depth_schedule": [list(p) for p in cfg.grouping.depth_schedule],
             "cache_mb": cfg.grouping.cache_mb,
-            "cache_files": cfg.grouping.cache_files,
             "share": cfg.sampling.share,
             "shared_steps": cfg.sampling.shared_steps,
             "steps": cfg.sampling.steps,

@@ -39,7 +39,6 @@ POLICY_SETTINGS = (
     "adaptive_max_sizes",
     "depth_schedule",
     "cache_mb",
-    "cache_files",
     "share",
     "shared_steps",
 )

@@ -108,7 +108,6 @@ def test_defaults_and_policy_are_the_edge_servers():
         ({"depth_schedule": [[0.9, 0.4], [0.8, 0.5]]}, "grouping.depth_schedule must be (similarity, share) pairs"),
         ({"depth_schedule": [[0.9, 0.4, 1.0]]}, "grouping.depth_schedule must be a list of [similarity, share]"),
         ({"cache_mb": -1.0}, "grouping.cache_mb must be >= 0"),
-        ({"cache_files": "all"}, "grouping.cache_files must be one of deliveries, levels, got 'all'"),
     ],
 )
 def test_bad_policy_settings_are_one_line_errors(prompt_file, grouping, message):
@@ -377,8 +376,8 @@ class RecordingUNet:
 def test_planner_matches_the_edge_worker_window_by_window():
     """The real edge worker (tiny model, two-level adaptive policy, 1 MiB cache) and the simulator's planner on the
     same windows and pooled embeddings: the same shared depth for every request, the same server steps, and the
-    same batched UNet calls, including windows that start from the cache (filed per delivery, as the worker
-    does: filing every level, as sage_core.policy.reuse_cached does, would hit in the second window)."""
+    same batched UNet calls, including windows that start from the cache (both file every level of the plan
+    through sage_core.policy's cached_starts and file_plan)."""
     from edge_server.worker import BucketJob, BucketSettings, EdgeWorker, MemberSpec
     from sage_core.grouping import pipeline_text_embeddings
 
@@ -418,9 +417,9 @@ def test_planner_matches_the_edge_worker_window_by_window():
     assert hits > 0 and len(set(plan.depth.tolist())) > 1
 
 
-def test_levels_filing_counts_what_count_stream_counts():
-    """With `cache_files: levels` the planner files latents as sage_core.policy.count_stream does: window by
-    window, the same steps and the same cache hits."""
+def test_planner_counts_what_count_stream_counts():
+    """The planner files latents as sage_core.policy.count_stream does: window by window, the same steps and the
+    same cache hits."""
     from sage_core.latent_cache import LatentCache
     from sage_core.policy import count_stream
 
@@ -431,7 +430,7 @@ def test_levels_filing_counts_what_count_stream_counts():
     policy = SharingPolicy(mode="adaptive", taus=(0.2, 0.5, 0.8), max_sizes=(16, 8, 4), share=1.0)
     cache = LatentCache(2**20, policy.schedule)
     count = count_stream(emb, policy, window=12, steps=30, cache=cache, latent_shape=(1, 4, 8, 8))
-    planner = WindowPlanner(emb, policy, 30, 30, cache_bytes=2**20, latent_shape=(1, 4, 8, 8), cache_files="levels")
+    planner = WindowPlanner(emb, policy, 30, 30, cache_bytes=2**20, latent_shape=(1, 4, 8, 8))
     plans = [planner(np.arange(lo, lo + 12)) for lo in range(0, len(emb), 12)]
     assert sum(int(p.shared_passes.sum()) + int((30 - p.depth).sum()) for p in plans) == count.steps_used
     assert sum(p.hits for p in plans) == cache.stats.hits > 0
