@@ -26,6 +26,15 @@ BREAKDOWN = ("uplink", "window_wait", "queue_wait", "gpu_job", "downlink", "devi
 DPI = 72
 
 
+
+def stacked_steps(a, labels: list[str], server: list[float], device: list[float], savings: list[float]) -> None:
+    """Server and device steps per image as stacked bars, each annotated with its saving (when there is one)."""
+    a.bar(labels, server, color="#555555", label="on the server")
+    a.bar(labels, device, bottom=server, color="#bbbbbb", label="on the device")
+    for i, saving in enumerate(savings):
+        if saving > 0.0005:
+            a.annotate(f"-{saving:.1%}", (i, server[i] + device[i]), ha="center", va="bottom", fontsize=9)
+
 def _save(fig: plt.Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI)
@@ -71,11 +80,7 @@ def run_dashboard(result: SimResult, summary: dict[str, Any], path: Path) -> Pat
     a = ax[0, 2]
     srv = [s[m]["unet_evals_server_per_image"] for m in modes]
     dev = [s[m]["unet_evals_device_per_image"] for m in modes]
-    a.bar(modes, srv, color="#555555", label="on the server")
-    a.bar(modes, dev, bottom=srv, color="#bbbbbb", label="on the device")
-    for i, m in enumerate(modes):
-        if s[m]["unet_saving"] > 0.0005:
-            a.annotate(f"-{s[m]['unet_saving']:.1%}", (i, srv[i] + dev[i]), ha="center", va="bottom", fontsize=9)
+    stacked_steps(a, modes, srv, dev, [s[m]["unet_saving"] for m in modes])
     a.set_ylim(0, 1.25 * max(x + y for x, y in zip(srv, dev, strict=True)))
     a.set(ylabel="UNet evaluations per image", title="UNet evaluations (saving vs independent)")
     a.legend(fontsize=8, loc="upper right", ncol=2)
@@ -246,10 +251,7 @@ def policies_figure(results: dict[str, SimResult], report: dict[str, Any], path:
     a = ax[0, 1]
     srv = [sage[n]["server_steps_per_image"] for n in names]
     dev = [sage[n]["device_steps_per_image"] for n in names]
-    a.bar(labels, srv, color="#555555", label="on the server")
-    a.bar(labels, dev, bottom=srv, color="#bbbbbb", label="on the device")
-    for i, n in enumerate(names):
-        a.annotate(f"-{sage[n]['unet_saving']:.1%}", (i, srv[i] + dev[i]), ha="center", va="bottom", fontsize=9)
+    stacked_steps(a, labels, srv, dev, [sage[n]["unet_saving"] for n in names])
     a.set_ylim(0, 1.2 * max(x + y for x, y in zip(srv, dev, strict=True)))
     a.set(ylabel="sampler steps per image", title="Steps per image (saving vs independent)")
     a.legend(fontsize=8, loc="lower right")
