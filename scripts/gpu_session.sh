@@ -18,6 +18,7 @@ OUT=${OUT:-runs/gpu_session}
 mkdir -p "$OUT"
 LOG="$OUT/session.log"
 left() { echo $((BUDGET_S - ($(date +%s) - START))); }
+without_bars() { tr '\r' '\n' | sed -u -E 's/\](vae|unet) step/]\n\1 step/g' | grep --line-buffered -v -E "^(vae|unet): +[0-9]+%"; }
 say() { echo "[gpu_session +$(($(date +%s) - START))s] $*" | tee -a "$LOG"; }
 
 WHEELS=${WHEELS:-.whl}
@@ -44,12 +45,12 @@ timeout "$BENCH_S" $PY -m benchmarks.bench_serving ${BENCH_ARGS:---model sd15-ra
 
 say "2/3 VAE (${VAE_MIN} min)"
 $PY -m training.cli default-model --config "$CONFIG" --stages vae --set "vae.max_minutes=$VAE_MIN" \
-    ${SESSION_SET:-} 2>&1 | grep -v -E "it/s\]|s/it\]" | tee -a "$LOG"
+    ${SESSION_SET:-} 2>&1 | without_bars | tee -a "$LOG"
 
 UNET_MIN=$(python3 -c "print(round(max(0.2, ($(left) - $RESERVE_S) / 60), 2))")
 say "3/3 text encoder + UNet (${UNET_MIN} min)"
 $PY -m training.cli default-model --config "$CONFIG" --stages unet --set "diffusion.max_minutes=$UNET_MIN" \
-    ${SESSION_SET:-} 2>&1 | grep -v -E "it/s\]|s/it\]" | tee -a "$LOG"
+    ${SESSION_SET:-} 2>&1 | without_bars | tee -a "$LOG"
 
 WORK=$($PY -c "from training.default_model import load_config; print(load_config('$CONFIG').work_dir)")
 say "packing $WORK/pipeline"
