@@ -26,16 +26,16 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from device_client.channel import make_channel
-from device_client.config import ADAPTER_AUTO, ADAPTER_NONE, TINY_MODEL, DeviceConfig
+from device_client.config import TINY_MODEL, DeviceConfig
 from protos.sage_edge.v1 import edge_pb2, edge_pb2_grpc
+from sage_core.adapters import ADAPTER_NONE, load_adapter, resolve_adapter
 from sage_core.codec import CodecError, CodecSpec, LatentCodec
 from sage_core.generate import decode_latents, encode_prompts, generate
 from sage_core.grouping import GroupingConfig
-from sage_core.models import DEFAULT_MODEL_DIR, ModelError, load_pipeline, model_fingerprint, tiny_pipeline
+from sage_core.models import load_pipeline, model_fingerprint, tiny_pipeline
 from sage_core.outputs import to_pil
 from sage_core.sampler import SCHEDULERS, BranchPoint, SamplingConfig, UNetCounter, branch_phase
 
-DEFAULT_ADAPTER_DIR = DEFAULT_MODEL_DIR.parent / "sage_adapter"
 METADATA_KEY = "sage_edge"  # PNG text chunk holding the whole metadata as JSON
 LATENT_FRAME = "latent"
 SOLVER_COUNTERS = ("lower_order_nums",)  # solver-state entries that are integers, sent as float frames
@@ -73,31 +73,11 @@ class DeviceModel:
     def wrap(cls, pipe: Any, config: DeviceConfig) -> DeviceModel:
         """Fingerprint an already-loaded pipeline (before any adapter) and apply the configured adapter."""
         fingerprint = model_fingerprint(pipe)
-        adapter = resolve_adapter(config.adapter)
+        adapter = resolve_adapter(config.adapter, fingerprint)
         if adapter is not None:
             load_adapter(pipe, adapter)
         pipe.to(config.device)
         return cls(pipe, fingerprint, str(adapter) if adapter is not None else ADAPTER_NONE)
-
-
-def resolve_adapter(choice: str) -> Path | None:
-    """ "auto": the shipped SAGE adapter if present, else None; "none": None; otherwise a folder that must exist."""
-    if choice == ADAPTER_NONE:
-        return None
-    if choice == ADAPTER_AUTO:
-        return DEFAULT_ADAPTER_DIR if DEFAULT_ADAPTER_DIR.is_dir() else None
-    path = Path(choice)
-    if not path.is_dir():
-        raise ModelError(f"adapter folder {path} does not exist")
-    return path
-
-
-def load_adapter(pipe: Any, path: Path) -> None:
-    """Apply a diffusers-format LoRA adapter (safetensors only) to the pipeline."""
-    try:
-        pipe.load_lora_weights(str(path), use_safetensors=True, local_files_only=True)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise ModelError(f"could not load the adapter in {path}: {exc}") from exc
 
 
 # ---------------------------------------------------------------------------------------------------- results

@@ -5,11 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from device_client.channel import is_loopback
+from sage_core.adapters import ADAPTER_AUTO, ADAPTER_NONE  # noqa: F401  (re-exported for the CLIs)
 from sage_core.codec import LOSSLESS_MODES, MODES
 from sage_core.sampler import MAX_STEPS, SCHEDULERS
 
-ADAPTER_AUTO = "auto"  # the shipped SAGE adapter if present, else none
-ADAPTER_NONE = "none"
 TINY_MODEL = "tiny"  # sage_core.models.tiny_pipeline(seed=0), what a `--model tiny` server runs
 DEFAULT_PAYLOAD_CAP = 80 * 2**20  # bytes of latent payload a device agrees to buffer
 

@@ -65,6 +65,9 @@ def serve(
     auth_tokens_file: Annotated[
         str | None, typer.Option(help="bearer tokens, one per line ('token' or 'client_id:token')")
     ] = None,
+    adapter: Annotated[
+        str | None, typer.Option(help="SAGE LoRA for the shared phase: 'auto' (the shipped one), 'none' or a folder")
+    ] = None,
     model_sha256: Annotated[
         str | None,
         typer.Option("--model-sha256", help="refuse a model folder whose SHA-256 differs (see model-sha256)"),

@@ -174,6 +174,17 @@ def load_model(config: ServerConfig) -> Any:
     return load_pipeline(path, dtype=dtype, device=device)
 
 
+def apply_adapter(pipe: Any, choice: str, fingerprint: str) -> str:
+    """Apply the configured SAGE LoRA to the pipeline's UNet (sage_core.adapters); returns its folder or "none"."""
+    from sage_core.adapters import ADAPTER_NONE, load_adapter, resolve_adapter
+
+    folder = resolve_adapter(choice, fingerprint)
+    if folder is None:
+        return ADAPTER_NONE
+    load_adapter(pipe, folder)
+    return str(folder)
+
+
 class EdgeWorker:
     """Holds one pipeline; runs windows one at a time (a second thread only serves `cancel` and `info`)."""
 
@@ -184,7 +195,8 @@ class EdgeWorker:
             torch.set_num_threads(max(1, min(os.cpu_count() or 1, config.ray_num_cpus)))
         self.config = config
         self.pipe = load_model(config)
-        self.fingerprint = self.info().fingerprint
+        self.fingerprint = self.info().fingerprint  # of the base weights, as devices compute it
+        self.adapter = apply_adapter(self.pipe, config.adapter, self.fingerprint)
         self.policy = sharing_policy(config)
         self.cache = latent_cache(config, self.policy)
         self._stops: dict[str, threading.Event] = {}

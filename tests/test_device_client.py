@@ -11,6 +11,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from lora_fixtures import make_lora
 
 from device_client.client import (
     DeviceClient,
@@ -227,27 +228,6 @@ def test_config_rejects_bad_values():
     for bad in (dict(server="nohost"), dict(steps=-1), dict(share=2.0), dict(accepted_codecs=("zip",))):
         with pytest.raises(ValueError):
             DeviceConfig(**bad)
-
-
-def make_lora(folder) -> str:
-    """A diffusers-format LoRA for the tiny UNet with non-zero weights (as the training issue will save one)."""
-    from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    from sage_core.models import tiny_pipeline
-
-    pipe = tiny_pipeline(seed=0)
-    pipe.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, param in pipe.unet.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.5)
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
-    StableDiffusionPipeline.save_lora_weights(str(folder), unet_lora_layers=layers, safe_serialization=True)
-    return str(folder)
 
 
 def test_adapter_is_applied_to_the_branch_phase_and_recorded(fake_server, device_model, tmp_path):

@@ -7,9 +7,8 @@
   `unet.<module>.lora.down.weight` / `.lora.up.weight`, the LoraConfig in the safetensors metadata (so alpha
   survives), plus `sage_adapter.json` (base model fingerprint, settings, how it was trained).
   `pipe.load_lora_weights(dir)` loads it.
-- `check_adapter(unet, dir)` / `load_adapter(pipe, dir)`: before touching the pipeline, every LoRA matrix must
-  name a Linear/Conv module of this UNet with matching in/out features; otherwise `AdapterMismatchError` says
-  which module and which shapes (an adapter for another base model), instead of diffusers' long state-dict dump.
+- `check_adapter(unet, dir)` / `load_adapter(pipe, dir)` live in sage_core.adapters (the device client and the
+  edge server load adapters too) and are re-exported here.
 """
 
 from __future__ import annotations
@@ -20,15 +19,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
-ADAPTER_FILE = "pytorch_lora_weights.safetensors"
-INFO_FILE = "sage_adapter.json"
+from sage_core.adapters import (  # noqa: F401  (re-exported: training code and tests import them from here)
+    ADAPTER_FILE,
+    INFO_FILE,
+    AdapterMismatchError,
+    check_adapter,
+    load_adapter,
+    read_adapter_shapes,
+)
+
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-
-
-class AdapterMismatchError(ValueError):
-    """A LoRA folder that does not fit this base model (missing modules or other shapes), or is unreadable."""
 
 
 @dataclass(frozen=True)
@@ -117,71 +118,3 @@ def save_adapter(
     meta = {"format": "diffusers-lora", "weights": ADAPTER_FILE, "lora": asdict(settings)} | (info or {})
     (out / INFO_FILE).write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
     return out
-
-
-def _module_shapes(unet) -> dict[str, tuple[int, int]]:
-    """(in, out) features of every Linear and Conv2d of the UNet, by module name (base layers of a peft-wrapped
-    module under their plain name)."""
-    shapes = {}
-    for name, mod in unet.named_modules():
-        name = name.replace(".base_layer", "")
-        if isinstance(mod, torch.nn.Linear):
-            shapes[name] = (mod.in_features, mod.out_features)
-        elif isinstance(mod, torch.nn.Conv2d):
-            shapes[name] = (mod.in_channels, mod.out_channels)
-    return shapes
-
-
-def read_adapter_shapes(folder: str | Path) -> dict[str, dict[str, tuple[int, ...]]]:
-    """Module name -> {'down': shape, 'up': shape} from a diffusers LoRA file (unet keys only)."""
-    path = Path(folder) / ADAPTER_FILE
-    if not Path(folder).is_dir():
-        raise AdapterMismatchError(f"LoRA folder {folder} does not exist")
-    if not path.is_file():
-        raise AdapterMismatchError(f"{folder} has no {ADAPTER_FILE} (not a diffusers LoRA folder)")
-    out: dict[str, dict[str, tuple[int, ...]]] = {}
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            for key in fh.keys():
-                if not key.startswith("unet.") or ".lora." not in key:
-                    continue
-                module, rest = key[len("unet."):].split(".lora.", 1)
-                out.setdefault(module, {})[rest.split(".")[0]] = tuple(fh.get_slice(key).get_shape())
-    except (OSError, ValueError, RuntimeError) as exc:  # safetensors raises SafetensorError (a ValueError/OSError)
-        raise AdapterMismatchError(f"{path} is not a readable safetensors file: {exc}") from exc
-    if not out:
-        raise AdapterMismatchError(f"{path} holds no UNet LoRA weights (keys 'unet.<module>.lora.down.weight')")
-    return out
-
-
-def check_adapter(unet, folder: str | Path) -> int:
-    """Raise AdapterMismatchError unless every LoRA matrix in `folder` fits a module of `unet`; returns the
-    number of adapted modules."""
-    shapes = _module_shapes(unet)
-    problems = []
-    adapter = read_adapter_shapes(folder)
-    for module, parts in sorted(adapter.items()):
-        if module not in shapes:
-            problems.append(f"{module}: no such layer in this UNet")
-            continue
-        fan_in, fan_out = shapes[module]
-        down, up = parts.get("down"), parts.get("up")
-        if down is None or up is None:
-            problems.append(f"{module}: needs both lora.down and lora.up")
-        elif down[1] != fan_in or up[0] != fan_out:
-            problems.append(f"{module}: adapter maps {down[1]} -> {up[0]} features, the model's layer {fan_in} -> "
-                            f"{fan_out}")
-    if problems:
-        raise AdapterMismatchError(
-            f"the LoRA in {folder} was made for another base model ({len(problems)} of {len(adapter)} layers do not "
-            f"fit): " + "; ".join(problems[:3]) + (" ..." if len(problems) > 3 else "")
-        )
-    return len(adapter)
-
-
-def load_adapter(pipe, folder: str | Path, adapter_name: str = "sage") -> int:
-    """Check the adapter against the pipeline's UNet, then `pipe.load_lora_weights(folder)`; returns the number
-    of adapted modules."""
-    n = check_adapter(pipe.unet, folder)
-    pipe.load_lora_weights(str(folder), adapter_name=adapter_name)
-    return n

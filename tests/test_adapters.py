@@ -1,0 +1,51 @@
+"""SAGE adapters at inference (sage_core.adapters): which folder "auto" picks, and the edge server applying it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lora_fixtures import make_lora, make_shipped_lora
+
+from sage_core.adapters import AdapterMismatchError, resolve_adapter
+from sage_core.models import ModelError, model_fingerprint, tiny_pipeline
+
+
+def test_auto_picks_the_shipped_adapter_only_for_its_base_model(tmp_path):
+    base = model_fingerprint(tiny_pipeline(seed=0))
+    shipped = tmp_path / "sage_adapter"
+    assert resolve_adapter("auto", base, shipped) is None  # nothing shipped
+    make_shipped_lora(shipped, base)
+    assert resolve_adapter("auto", base, shipped) == shipped
+    assert resolve_adapter("auto", "another-model", shipped) is None  # made for another model: not applied
+    assert resolve_adapter("none", base, shipped) is None
+    assert resolve_adapter(str(shipped), "another-model", shipped) == shipped  # named explicitly: the user's call
+    with pytest.raises(ModelError, match="does not exist"):
+        resolve_adapter(str(tmp_path / "nope"), base, shipped)
+
+
+def test_edge_worker_runs_the_shared_phase_with_the_adapter(tmp_path):
+    from edge_server.config import ServerConfig
+    from edge_server.worker import EdgeWorker
+
+    adapter = make_lora(tmp_path / "lora")
+    threads = torch.get_num_threads()
+    plain = EdgeWorker(ServerConfig(model="tiny", dtype="float32", adapter="none", ray_num_cpus=1))
+    adapted = EdgeWorker(ServerConfig(model="tiny", dtype="float32", adapter=adapter, ray_num_cpus=1))
+    torch.set_num_threads(threads)
+    assert plain.adapter == "none" and adapted.adapter == adapter
+    assert adapted.fingerprint == plain.fingerprint  # devices check the base model's identity
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    c = torch.randn(2, 77, plain.pipe.unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([500, 500])
+    with torch.no_grad():
+        assert not torch.allclose(plain.pipe.unet(x, t, c).sample, adapted.pipe.unet(x, t, c).sample)
+
+
+def test_an_adapter_for_another_base_model_is_refused_by_the_server(tmp_path):
+    from edge_server.config import ServerConfig
+    from edge_server.worker import EdgeWorker
+    from sage_core.models import DEFAULT_MODEL_DIR
+
+    adapter = make_lora(tmp_path / "lora")  # made for the tiny UNet
+    with pytest.raises(AdapterMismatchError, match="another base model"):
+        EdgeWorker(ServerConfig(model=str(DEFAULT_MODEL_DIR), dtype="float32", adapter=adapter, ray_num_cpus=1))
