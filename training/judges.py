@@ -159,6 +159,20 @@ def prompt_fidelity(predictions: dict[str, np.ndarray], examples: Sequence[world
     return out
 
 
+def per_image_hits(
+    predictions: dict[str, np.ndarray], examples: Sequence[world.Example]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per image: how many of the attributes its prompt mentions the oracle reads right, and how many it mentions."""
+    labels = world.label_arrays(examples, mentioned_only=True)
+    hits = np.zeros(len(examples))
+    total = np.zeros(len(examples))
+    for k, y in labels.items():
+        mask = y >= 0
+        hits += mask & (predictions[k] == y)
+        total += mask
+    return hits, total
+
+
 # ----------------------------------------------------------------------------------------------- FID
 def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
     """Fréchet distance between Gaussians fitted to two feature sets (numpy only, no scipy)."""

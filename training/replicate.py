@@ -175,13 +175,7 @@ def per_item_scores(images: np.ndarray, es: EvalSet, jd: Judges) -> dict[str, np
     from training import judges
 
     preds, feats = judges.oracle_outputs(jd.oracle, images)
-    labels = world.label_arrays(es.examples, mentioned_only=True)
-    hits = np.zeros(len(images))
-    total = np.zeros(len(images))
-    for k, y in labels.items():
-        mask = y >= 0
-        hits += mask & (preds[k] == y)
-        total += mask
+    hits, total = judges.per_image_hits(preds, es.examples)
     img_emb = jd.clip.image_embeddings(images)
     txt_emb = jd.clip.text_embeddings([e.caption for e in es.examples])
     return {"clip": (img_emb * txt_emb).sum(-1).numpy(), "hits": hits, "total": total, "feats": feats,
