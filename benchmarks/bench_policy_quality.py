@@ -1,6 +1,7 @@
 """Image quality and steps saved of each sharing policy, through the real edge worker and device code paths.
 
     python -m benchmarks.bench_policy_quality --n 192 --window 64 --json docs/results/policies/world_quality.json
+    (--depth-schedule docs/results/policies/depth_calibration.json: adaptive depths from the calibration)
 
 A stream of held-out captions of the default model's world, in random order, is cut into windows. For each
 policy an in-process EdgeWorker (the Ray actor's class: planning, cross-window cache, shared phase, codec) serves
@@ -12,6 +13,7 @@ of the same captions. Independent sampling (nothing shared) is the reference row
 from __future__ import annotations
 
 import argparse
+import json
 import threading
 import time
 
@@ -28,8 +30,11 @@ POLICIES = {
 }
 
 
-def serve_stream(policy: dict, prompts: list[str], window: int, steps: int, model: str) -> tuple[np.ndarray, dict]:
-    """Final images of every prompt served under `policy`, and the steps the server and devices ran."""
+def serve_stream(
+    policy: dict, prompts: list[str], window: int, steps: int, model: str, schedule: tuple | None = None
+) -> tuple[np.ndarray, dict]:
+    """Final images of every prompt served under `policy` (adaptive depths from `schedule` when given, else the
+    server's default), and the steps the server and devices ran."""
     from edge_server.config import ServerConfig
     from edge_server.worker import BucketJob, BucketSettings, EdgeWorker, MemberSpec
     from sage_core.codec import CodecSpec, LatentCodec
@@ -42,6 +47,8 @@ def serve_stream(policy: dict, prompts: list[str], window: int, steps: int, mode
         tau=policy.get("tau", 0.8),
         max_group_size=policy.get("max_group_size", 5),
         cache_mb=policy["cache_mb"],
+        adapter="none",
+        **({"depth_schedule": schedule} if schedule else {}),
     )
     worker = EdgeWorker(config)
     info = worker.info()
@@ -84,8 +91,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model", default="default")
     parser.add_argument("--policies", default=",".join(POLICIES))
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--depth-schedule", default=None, help="JSON of benchmarks.calibrate_depth (its schedule)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
+    schedule = None
+    if args.depth_schedule:
+        with open(args.depth_schedule, encoding="utf-8") as fh:
+            schedule = tuple(tuple(point) for point in json.load(fh)["schedule"])
     torch.set_num_threads(2)
     examples = world.make_examples(args.n, seed=args.seed, split="test")
     prompts = [e.caption for e in examples]
@@ -94,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     for name in args.policies.split(","):
         start = time.perf_counter()
-        images, counts = serve_stream(POLICIES[name], prompts, args.window, args.steps, args.model)
+        images, counts = serve_stream(POLICIES[name], prompts, args.window, args.steps, args.model, schedule)
         preds, feats = judges.oracle_outputs(oracle, images)
         fidelity = judges.prompt_fidelity(preds, examples)
         total = counts["server_steps"] + counts["device_steps"]

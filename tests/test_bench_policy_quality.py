@@ -1,0 +1,21 @@
+"""The policy-quality benchmark runs end to end on the tiny model (no quality assertions: tiny weights are random)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks.bench_policy_quality import main
+
+
+def test_policies_are_served_through_the_worker_and_counted(tmp_path):
+    schedule = tmp_path / "calibration.json"
+    schedule.write_text(json.dumps({"schedule": [[0.5, 0.0], [0.9, 0.5]]}), encoding="utf-8")
+    result = main(["--n", "6", "--window", "3", "--steps", "4", "--model", "tiny", "--policies",
+                   "independent,adaptive", "--depth-schedule", str(schedule), "--json", str(tmp_path / "q.json")])
+    independent, adaptive = result["rows"]
+    assert independent["step_saving"] == 0.0 and independent["server_steps"] == 0
+    assert independent["device_steps"] == 6 * 4
+    assert adaptive["server_steps"] + adaptive["device_steps"] == pytest.approx((1 - adaptive["step_saving"]) * 24)
+    assert (tmp_path / "q.json").is_file()
