@@ -49,3 +49,20 @@ def test_an_adapter_for_another_base_model_is_refused_by_the_server(tmp_path):
     adapter = make_lora(tmp_path / "lora")  # made for the tiny UNet
     with pytest.raises(AdapterMismatchError, match="another base model"):
         EdgeWorker(ServerConfig(model=str(DEFAULT_MODEL_DIR), dtype="float32", adapter=adapter, ray_num_cpus=1))
+
+
+def test_the_shipped_adapter_fits_the_default_model_and_changes_its_unet():
+    from sage_core.adapters import DEFAULT_ADAPTER_DIR, load_adapter
+    from sage_core.models import load_pipeline
+
+    pipe = load_pipeline()
+    folder = resolve_adapter("auto", model_fingerprint(pipe))
+    assert folder == DEFAULT_ADAPTER_DIR, "the shipped SAGE adapter is missing or was made for another model"
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    c = torch.randn(2, 77, pipe.unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([700, 300])
+    with torch.no_grad():
+        before = pipe.unet(x, t, c).sample
+        assert load_adapter(pipe, folder) > 0
+        after = pipe.unet(x, t, c).sample
+    assert not torch.allclose(before, after, atol=1e-5)
