@@ -18,13 +18,14 @@ import signal
 import sys
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from edge_server.config import ServerConfig
+from edge_server.config import ConfigError, ServerConfig
 from edge_server.engine import Delivery, Engine, EngineError, ImageSpec
 from edge_server.metrics import EdgeMetrics
 from edge_server.security import TokenAuthInterceptor, TokenTable, load_token_table, server_credentials
@@ -262,11 +263,40 @@ def _gcs_address() -> str:
 
 async def start_workers(config: ServerConfig) -> tuple[list[Any], list[Any]]:
     """Create the worker actors and wait until each has loaded the model; returns (handles, infos)."""
+    from ray.exceptions import RayActorError
+
     from edge_server.worker import make_worker_actor
 
     workers = [make_worker_actor(config) for _ in range(config.num_workers)]
-    infos = await asyncio.gather(*(asyncio.wrap_future(w.info.remote().future()) for w in workers))
+    try:
+        infos = await asyncio.gather(*(asyncio.wrap_future(w.info.remote().future()) for w in workers))
+    except RayActorError as exc:  # the actor's __init__ raised: a missing model or adapter folder, a bad pin ...
+        raise ConfigError(f"the model worker could not start: {actor_error_reason(exc)}") from exc
     return workers, list(infos)
+
+
+def preflight_files(config: ServerConfig) -> None:
+    """ConfigError when the model or adapter folder the config names cannot be used (checked where they are read)."""
+    from sage_core.adapters import ADAPTER_AUTO, ADAPTER_NONE, read_adapter_shapes
+    from sage_core.models import ModelError, check_pipeline_folder
+
+    try:
+        if config.model not in ("default", "tiny", "sd15-random"):
+            check_pipeline_folder(Path(config.model))
+        if config.adapter not in (ADAPTER_AUTO, ADAPTER_NONE):
+            read_adapter_shapes(config.adapter)
+    except ModelError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def actor_error_reason(exc: BaseException) -> str:
+    """The last 'SomethingError: message' line of a Ray actor error (the worker's own exception), else its text."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in reversed(lines):
+        name, sep, message = line.partition(": ")
+        if sep and name.split(".")[-1].endswith("Error") and " " not in name:
+            return message
+    return lines[-1] if lines else type(exc).__name__
 
 
 # ---- server --------------------------------------------------------------------------------------------------
@@ -276,6 +306,8 @@ async def serve(config: ServerConfig) -> int:
     log.info("config", extra={"fields": {"config": config.to_json()}})
     tokens = load_token_table(config)  # read the secrets first: a bad file fails before Ray starts
     credentials = server_credentials(config)
+    if config.ray_address is None:  # a local Ray reads the files here: say what is wrong before starting it
+        preflight_files(config)
     started_ray = await asyncio.to_thread(init_ray, config)
     log.info("ray_ready", extra={"fields": {"started_local": started_ray, "gcs_address": _gcs_address()}})
     try:

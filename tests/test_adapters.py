@@ -66,3 +66,32 @@ def test_the_shipped_adapter_fits_the_default_model_and_changes_its_unet():
         assert load_adapter(pipe, folder) > 0
         after = pipe.unet(x, t, c).sample
     assert not torch.allclose(before, after, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--adapter", "/nonexistent/lora"], "error: LoRA folder /nonexistent/lora does not exist"),
+        (["--model", "/nonexistent/model"], "error: model folder /nonexistent/model does not exist"),
+    ],
+)
+def test_server_with_a_missing_adapter_or_model_folder_exits_2_with_one_line(args, message):
+    from typer.testing import CliRunner
+
+    from edge_server.cli import app
+
+    result = CliRunner().invoke(app, ["serve", "--port", "0", *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_a_worker_error_from_ray_is_reduced_to_its_message():
+    from edge_server.service import actor_error_reason
+
+    text = (
+        "The actor died because of an error raised in its creation task, ray::EdgeWorker.__init__()\n"
+        '  File "/x/sage_core/adapters.py", line 51, in resolve_adapter\n'
+        "    raise ModelError(f'adapter folder {path} does not exist')\n"
+        "sage_core.models.ModelError: adapter folder /nope does not exist\n"
+    )
+    assert actor_error_reason(RuntimeError(text)) == "adapter folder /nope does not exist"
