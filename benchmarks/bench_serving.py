@@ -71,9 +71,9 @@ def timed(fn: Callable[[], object], device: str, repeats: int) -> float:
     return best
 
 
-def unet_ms_per_sample(pipe, batch: int, device: str, repeats: int) -> float:
-    """A bare UNet forward at `batch` samples, in ms per sample."""
-    unet = pipe.unet
+def unet_ms_per_sample(unet, batch: int, device: str, repeats: int) -> float:
+    """One forward of the UNet the shared phase calls (compiled and bucketed when configured) at `batch` samples,
+    in ms per sample."""
     side = unet.config.sample_size
     x = torch.randn(batch, unet.config.in_channels, side, side, device=device, dtype=unet.dtype)
     t = torch.full((batch,), 500, device=device, dtype=torch.long)
@@ -90,12 +90,16 @@ def workload(batch: int, mean_group: float) -> list[str]:
     return [f"scene number {i % distinct} with a red object" for i in range(batch)]
 
 
-def make_worker(model: str, dtype: str, tau: float):
-    """An edge worker (the Ray actor's class, used in-process) holding the model."""
+def make_worker(model: str, dtype: str, tau: float, compile_mode: str = "none", buckets: str = ""):
+    """An edge worker (the Ray actor's class, used in-process) holding the model, its shared-phase UNet compiled
+    and bucketed as the server would run it."""
     from edge_server.config import ServerConfig
     from edge_server.worker import EdgeWorker
 
-    return EdgeWorker(ServerConfig(model=model, dtype=dtype, tau=tau, max_group_size=5, ray_num_cpus=2))
+    sizes = tuple(int(b) for b in buckets.split(",") if b.strip())
+    config = ServerConfig(model=model, dtype=dtype, tau=tau, max_group_size=5, ray_num_cpus=2,
+                          unet_compile=compile_mode, unet_buckets=sizes)
+    return EdgeWorker(config)
 
 
 def bucket_job(worker, prompts: list[str], steps: int, share: float, guidance: float, codec: str):
@@ -116,7 +120,7 @@ def measure(args: argparse.Namespace, worker, batch: int) -> Row:
 
     pipe, device = worker.pipe, str(worker.pipe.unet.device)
     prompts = workload(batch, args.mean_group)
-    per_sample = unet_ms_per_sample(pipe, 2 * batch, device, args.repeats)
+    per_sample = unet_ms_per_sample(worker.unet, 2 * batch, device, args.repeats)
     stock = StableDiffusionPipeline(**pipe.components)
     stock.set_progress_bar_config(disable=True)
 
@@ -175,7 +179,9 @@ def environment(worker) -> dict:
 
 def print_header(env: dict) -> None:
     """The table's heading: device, versions, columns."""
-    print(f"device {env['device']}  dtype {env['dtype']}  torch {env['torch']}  diffusers {env['diffusers']}")
+    print(f"device {env['device']}  dtype {env['dtype']}  torch {env['torch']}  diffusers {env['diffusers']}  "
+          f"unet_compile {env.get('unet_compile', 'none')}  buckets {env.get('unet_buckets') or '-'}  "
+          f"worker start {env.get('worker_start_s', 0.0):.1f} s")
     print(
         "batch  unet ms/sample  floor  indep s  indep GPU-s/img  edge s  edge GPU-s/img  step saving  time saving"
         "  overhead  bytes/img",
@@ -206,6 +212,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5, help="timed UNet forwards per batch size")
     parser.add_argument("--windows", type=int, default=2, help="timed windows per batch size")
     parser.add_argument("--peak-tflops", type=float, default=800.0, help="dense fp16 peak for the floor")
+    parser.add_argument("--unet-compile", default="none", help="torch.compile mode of the shared-phase UNet")
+    parser.add_argument("--unet-buckets", default="", help="fixed UNet batch sizes (CFG rows), comma-separated")
     parser.add_argument("--json", default=None, help="write the rows and environment here")
     return parser.parse_args(argv)
 
@@ -216,8 +224,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     diffusers.utils.logging.set_verbosity_error()
     args = parse_args(argv)
-    worker = make_worker(args.model, args.dtype, tau=0.99)
-    env = environment(worker)
+    start = time.perf_counter()
+    worker = make_worker(args.model, args.dtype, tau=0.99, compile_mode=args.unet_compile, buckets=args.unet_buckets)
+    env = environment(worker) | {"unet_compile": args.unet_compile, "unet_buckets": args.unet_buckets,
+                                 "worker_start_s": time.perf_counter() - start}
     print_header(env)
     rows = []
     for b in args.batches.split(","):

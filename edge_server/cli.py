@@ -50,6 +50,12 @@ def serve(
     default_steps: Annotated[int | None, typer.Option(help="steps when a request says 0")] = None,
     default_share: Annotated[float | None, typer.Option(help="sharing ratio when a request leaves it unset")] = None,
     codecs: Annotated[str | None, typer.Option(help="codec preference, comma-separated (e.g. fp32,fp16,int8)")] = None,
+    unet_compile: Annotated[
+        str | None, typer.Option(help="torch.compile mode of the shared-phase UNet: none, default, reduce-overhead ...")
+    ] = None,
+    unet_buckets: Annotated[
+        str | None, typer.Option(help="fixed UNet batch sizes, comma-separated (CFG rows), warmed at start")
+    ] = None,
     chunk_size: Annotated[int | None, typer.Option(help="bytes per LatentChunk")] = None,
     max_streams_per_client: Annotated[
         int | None, typer.Option(help="open RequestImage streams per client before RESOURCE_EXHAUSTED")

@@ -20,6 +20,7 @@ import yaml
 KNOWN_SCHEDULERS: tuple[str, ...] = ("ddim", "dpmpp", "euler")
 SHARING_MODES: tuple[str, ...] = ("flat", "adaptive")
 KNOWN_CODECS: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8", "int6", "int5", "int4", "fp8")
+COMPILE_MODES: tuple[str, ...] = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 LOSSLESS_CODECS: tuple[str, ...] = ("fp32", "fp16", "bf16")
 LOG_FORMATS = ("text", "json")
 GRPC_MESSAGE_LIMIT = 4 * 2**20
@@ -71,6 +72,10 @@ class ServerConfig:
     max_deadline_s: float = 600.0  # server-side cap on any request's lifetime (also applies with no deadline)
     # transport
     codecs: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8", "fp8", "int6", "int5", "int4")  # preference
+    # shared-phase UNet: torch.compile mode ("none", "default", "reduce-overhead", ...) and fixed batch buckets
+    # (UNet rows, CFG included) warmed at start, so compilation never lands on a request; () = no padding
+    unet_compile: str = "none"
+    unet_buckets: tuple[int, ...] = ()
     zstd_level: int = 3
     chunk_size: int = 256 * 1024
     # security (docs/deployment.md): TLS when tls_cert + tls_key are set, mutual TLS when tls_client_ca is too;
@@ -91,6 +96,7 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "codecs", tuple(self.codecs))
+        object.__setattr__(self, "unet_buckets", tuple(int(b) for b in self.unet_buckets))
         object.__setattr__(self, "adaptive_taus", tuple(float(t) for t in self.adaptive_taus))
         object.__setattr__(self, "adaptive_max_sizes", tuple(int(n) for n in self.adaptive_max_sizes))
         object.__setattr__(self, "depth_schedule", tuple((float(a), float(b)) for a, b in self.depth_schedule))
@@ -148,6 +154,9 @@ def _problems(c: ServerConfig) -> list[str]:
     need(1 <= c.max_prompt_chars <= 100_000, f"max_prompt_chars must be in [1, 100000], got {c.max_prompt_chars}")
     need(8 <= c.max_image_side <= 4096, f"max_image_side must be in [8, 4096], got {c.max_image_side}")
     need(c.max_deadline_s > 0, f"max_deadline_s must be > 0, got {c.max_deadline_s}")
+    modes = ", ".join(COMPILE_MODES)
+    need(c.unet_compile in COMPILE_MODES, f"unet_compile must be one of {modes}, got {c.unet_compile!r}")
+    need(all(b >= 1 for b in c.unet_buckets), f"unet_buckets must be positive batch sizes, got {list(c.unet_buckets)}")
     need(len(c.codecs) > 0, "codecs must name at least one codec mode")
     unknown = [m for m in c.codecs if m not in KNOWN_CODECS]
     need(not unknown, f"unknown codec modes {unknown}; known: {', '.join(KNOWN_CODECS)}")
@@ -210,6 +219,12 @@ def build_config(file: Path | None = None, overrides: Mapping[str, Any] | None =
     known = {k: v for k, v in values.items() if k in names}
     if isinstance(known.get("codecs"), str):
         known["codecs"] = tuple(m.strip() for m in known["codecs"].split(",") if m.strip())
+    if isinstance(known.get("unet_buckets"), str):
+        try:
+            known["unet_buckets"] = tuple(int(b) for b in known["unet_buckets"].split(",") if b.strip())
+        except ValueError as exc:
+            bad = known["unet_buckets"]
+            raise ConfigError(f"unet_buckets must be comma-separated batch sizes, got {bad!r}") from exc
     if known.get("ray_address") in ("", "local", "none", "None"):
         known["ray_address"] = None
     try:

@@ -185,6 +185,21 @@ def apply_adapter(pipe: Any, choice: str, fingerprint: str) -> str:
     return str(folder)
 
 
+DEFAULT_BUCKETS = (8, 16, 32, 64, 128)  # UNet rows (CFG doubles the trajectories) when compiling without buckets
+
+
+def serving_unet(pipe: Any, config: ServerConfig) -> Any:
+    """The UNet the shared phase calls: the pipeline's own, or compiled (sage_core.unet_buckets) and run at fixed
+    batch buckets, each warmed here at the model's default size so that compiling never lands on a request."""
+    from sage_core.unet_buckets import BucketedUNet, compile_unet, warm_buckets
+
+    if config.unet_compile == "none" and not config.unet_buckets:
+        return pipe.unet
+    unet = BucketedUNet(compile_unet(pipe.unet, config.unet_compile), config.unet_buckets or DEFAULT_BUCKETS)
+    warm_buckets(unet, int(pipe.unet.config.sample_size))
+    return unet
+
+
 class EdgeWorker:
     """Holds one pipeline; runs windows one at a time (a second thread only serves `cancel` and `info`)."""
 
@@ -197,6 +212,7 @@ class EdgeWorker:
         self.pipe = load_model(config)
         self.fingerprint = self.info().fingerprint  # of the base weights, as devices compute it
         self.adapter = apply_adapter(self.pipe, config.adapter, self.fingerprint)
+        self.unet = serving_unet(self.pipe, config)  # the shared phase's UNet: compiled and bucketed if configured
         self.policy = sharing_policy(config)
         self.cache = latent_cache(config, self.policy)
         self._stops: dict[str, threading.Event] = {}
@@ -284,7 +300,7 @@ class EdgeWorker:
                 seeds.append(lead.seed)
                 cached.append(0)
         # 3. the plan's shared steps, each level of groups in one batched UNet call per step (lines 4-8)
-        unet = _PacedUNet(pipe.unet, stop, self.config.worker_step_delay_ms / 1000.0)
+        unet = _PacedUNet(self.unet, stop, self.config.worker_step_delay_ms / 1000.0)
         with torch.inference_mode():
             points = run_shared_plan(unet, pipe.scheduler.config, roots, starts, cond, uncond, config)
         root_of = {m: r for r, root in enumerate(roots) for m in root.members}

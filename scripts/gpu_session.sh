@@ -43,6 +43,16 @@ say "1/3 serving benchmark (limit ${BENCH_S}s)"
 timeout "$BENCH_S" $PY -m benchmarks.bench_serving ${BENCH_ARGS:---model sd15-random --batches 32,64 --steps 20 \
     --windows 1 --repeats 3} --json "$OUT/bench_serving.json" 2>&1 | grep -v Warning | tee -a "$LOG"
 
+if [ -n "${BENCH2_ARGS:-}" ]; then  # e.g. "--model sd15-random --batches 32,64 --unet-compile max-autotune-no-cudagraphs --unet-buckets 64,128"
+    say "1b/3 serving benchmark, second variant (limit ${BENCH_S}s)"
+    timeout "$BENCH_S" $PY -m benchmarks.bench_serving $BENCH2_ARGS --json "$OUT/bench_serving_2.json" 2>&1 \
+        | grep -v Warning | tee -a "$LOG"
+fi
+if [ -n "${GPU_TESTS:-1}" ]; then
+    say "GPU-marked tests"
+    timeout 120 $PY -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tail -3 | tee -a "$LOG"
+fi
+
 say "2/3 VAE (${VAE_MIN} min)"
 $PY -m training.cli default-model --config "$CONFIG" --stages vae --set "vae.max_minutes=$VAE_MIN" \
     ${SESSION_SET:-} 2>&1 | without_bars | tee -a "$LOG"

@@ -1,0 +1,102 @@
+"""Fixed UNet batch shapes for compiled serving: every call's batch is padded up to a bucket (batches beyond the
+largest bucket are cut into largest-bucket pieces) and the output sliced back, so a UNet compiled with
+torch.compile (or captured in CUDA graphs) sees only the bucket shapes, all of them warmed before requests come.
+
+The sampler calls `unet(x, t, encoder_hidden_states=c, return_dict=False)[0]` with per-row timesteps; a
+BucketedUNet takes that call and returns the same rows as the bare UNet (padding rows repeat the last row and
+are dropped; the UNet treats rows independently).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def bucket_for(n: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket that holds n rows (n must not exceed the largest bucket)."""
+    for b in buckets:
+        if b >= n:
+            return b
+    raise ValueError(f"{n} rows exceed the largest bucket {max(buckets)}")
+
+
+def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """x with its last row repeated up to `rows` rows."""
+    if x.shape[0] == rows:
+        return x
+    return torch.cat([x, x[-1:].expand(rows - x.shape[0], *x.shape[1:])])
+
+
+class BucketedUNet:
+    """Wraps a UNet so that every call runs at a bucket batch size; counts the padding rows it added."""
+
+    def __init__(self, unet: Any, buckets: Sequence[int]) -> None:
+        if not buckets or any(int(b) < 1 for b in buckets):
+            raise ValueError(f"buckets must be positive batch sizes, got {list(buckets)}")
+        self.unet = unet
+        self.buckets = tuple(sorted({int(b) for b in buckets}))
+        self.padded_rows = 0
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def config(self) -> Any:
+        return self.unet.config
+
+    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                 return_dict: bool = False, **kwargs: Any) -> tuple[torch.Tensor]:
+        """The bare UNet's `(prediction,)` for these rows, computed in bucket-sized pieces."""
+        if return_dict:
+            raise ValueError("BucketedUNet returns tuples only (call it with return_dict=False)")
+        n, largest = sample.shape[0], self.buckets[-1]
+        per_row_t = torch.is_tensor(timestep) and timestep.ndim > 0 and timestep.shape[0] == n
+        outs = []
+        for lo in range(0, n, largest):
+            hi = min(n, lo + largest)
+            size = bucket_for(hi - lo, self.buckets)
+            self.padded_rows += size - (hi - lo)
+            t = _pad_rows(timestep[lo:hi], size) if per_row_t else timestep
+            pred = self.unet(_pad_rows(sample[lo:hi], size), t,
+                             encoder_hidden_states=_pad_rows(encoder_hidden_states[lo:hi], size),
+                             return_dict=False, **kwargs)[0]
+            outs.append(pred[: hi - lo])
+        return (torch.cat(outs) if len(outs) > 1 else outs[0],)
+
+
+def compile_unet(unet: Any, mode: str) -> Any:
+    """torch.compile the UNet with fixed shapes (`mode` one of COMPILE_MODES; "none" returns it unchanged)."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
+    if mode == "none":
+        return unet
+    return torch.compile(unet, mode=mode, dynamic=False)
+
+
+@torch.no_grad()
+def warm_buckets(unet: BucketedUNet, latent_side: int, tokens: int = 77) -> list[float]:
+    """One call per bucket (compiles each shape before serving); returns the seconds each took."""
+    import time
+
+    cfg = unet.config
+    seconds = []
+    for b in unet.buckets:
+        x = torch.randn(b, cfg.in_channels, latent_side, latent_side, device=unet.device, dtype=unet.dtype)
+        c = torch.randn(b, tokens, cfg.cross_attention_dim, device=unet.device, dtype=unet.dtype)
+        t = torch.full((b,), 500, device=unet.device, dtype=torch.long)
+        start = time.perf_counter()
+        unet(x, t, encoder_hidden_states=c)
+        if unet.device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - start)
+    return seconds

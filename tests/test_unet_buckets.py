@@ -1,0 +1,115 @@
+"""Fixed UNet batch buckets for compiled serving: same rows out as the bare UNet, and the worker uses them."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from sage_core.codec import CodecSpec, LatentCodec
+from sage_core.models import tiny_pipeline
+from sage_core.unet_buckets import COMPILE_MODES, BucketedUNet, bucket_for, warm_buckets
+
+
+def _inputs(pipe, n: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    cfg = pipe.unet.config
+    x = torch.randn(n, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=g)
+    c = torch.randn(n, 77, cfg.cross_attention_dim, generator=g)
+    t = torch.randint(0, 1000, (n,), generator=g)
+    return x, t, c
+
+
+def test_bucket_choice():
+    assert bucket_for(1, (4, 8)) == 4 and bucket_for(5, (4, 8)) == 8 and bucket_for(8, (4, 8)) == 8
+    with pytest.raises(ValueError, match="exceed"):
+        bucket_for(9, (4, 8))
+    with pytest.raises(ValueError, match="positive"):
+        BucketedUNet(None, [])
+
+
+@pytest.mark.parametrize("n", [1, 3, 4, 7, 11])
+def test_padded_and_split_calls_give_the_bare_unets_rows(n):
+    pipe = tiny_pipeline(seed=0)
+    bucketed = BucketedUNet(pipe.unet, (2, 4))  # 11 rows: pieces of 4, 4 and 3 (padded to 4)
+    x, t, c = _inputs(pipe, n)
+    with torch.no_grad():
+        want = pipe.unet(x, t, encoder_hidden_states=c, return_dict=False)[0]
+        got = bucketed(x, t, encoder_hidden_states=c, return_dict=False)[0]
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    expected = {1: 1, 3: 1, 4: 0, 7: 1, 11: 1}  # 1 -> 2, 3 -> 4, 7 -> 4 + 4, 11 -> 4 + 4 + 4
+    assert bucketed.padded_rows == expected[n]
+
+
+def test_warm_calls_each_bucket_once():
+    pipe = tiny_pipeline(seed=0)
+    calls = []
+    unet = pipe.unet
+
+    class Recording:
+        dtype, device, config = unet.dtype, unet.device, unet.config
+
+        def __call__(self, x, *args, **kwargs):
+            calls.append(x.shape[0])
+            return unet(x, *args, **kwargs)
+
+    seconds = warm_buckets(BucketedUNet(Recording(), (4, 2)), int(unet.config.sample_size))
+    assert calls == [2, 4] and len(seconds) == 2
+
+
+def test_worker_with_buckets_serves_the_same_latents():
+    from edge_server.config import COMPILE_MODES as CONFIG_MODES
+    from edge_server.config import ServerConfig
+    from edge_server.worker import BucketJob, BucketSettings, EdgeWorker, MemberSpec
+
+    assert CONFIG_MODES == COMPILE_MODES  # the front end validates what sage_core accepts
+    threads = torch.get_num_threads()
+    plain = EdgeWorker(ServerConfig(model="tiny", dtype="float32", adapter="none", ray_num_cpus=1))
+    padded = EdgeWorker(ServerConfig(model="tiny", dtype="float32", adapter="none", ray_num_cpus=1,
+                                     unet_buckets=(4, 16)))
+    torch.set_num_threads(threads)
+    assert isinstance(padded.unet, BucketedUNet) and plain.unet is plain.pipe.unet
+    prompts = ["a red circle", "a red circle on the left", "a blue square", "two green stars", "a cat"]
+    members = tuple(MemberSpec(p, 10 + i, 0.5, "fp32", True) for i, p in enumerate(prompts))
+    job = BucketJob(BucketSettings(6, 7.5, "ddim", 32, 32), members)
+    a = plain._run_bucket(job, threading.Event())
+    b = padded._run_bucket(job, threading.Event())
+    assert [g.members for g in a] == [g.members for g in b]
+    codec = LatentCodec(CodecSpec("fp32"))
+
+    def latent(group):
+        payload = group.payloads["fp32"]
+        return codec.decode(payload.data[: payload.frame_sizes[0]])
+
+    for ga, gb in zip(a, b, strict=True):
+        assert ga.server_steps == gb.server_steps and ga.branch_step == gb.branch_step
+        torch.testing.assert_close(latent(gb), latent(ga), rtol=1e-4, atol=1e-5)
+    assert padded.unet.padded_rows > 0
+
+
+def test_bad_compile_settings_are_config_errors():
+    from edge_server.config import ConfigError, build_config
+
+    with pytest.raises(ConfigError, match="unet_compile must be one of"):
+        build_config(None, {"unet_compile": "fast"})
+    with pytest.raises(ConfigError, match="unet_buckets must be"):
+        build_config(None, {"unet_buckets": "8,x"})
+    with pytest.raises(ConfigError, match="positive batch sizes"):
+        build_config(None, {"unet_buckets": "0,8"})
+    assert build_config(None, {"unet_buckets": "8,16"}).unet_buckets == (8, 16)
+
+
+@pytest.mark.gpu
+def test_compiled_buckets_match_eager_on_the_gpu():
+    from sage_core.unet_buckets import compile_unet
+
+    pipe = tiny_pipeline(seed=0).to("cuda")
+    compiled = BucketedUNet(compile_unet(pipe.unet, "default"), (4, 8))
+    warm_buckets(compiled, int(pipe.unet.config.sample_size))
+    x, t, c = (v.to("cuda") for v in _inputs(pipe, 6))
+    with torch.no_grad():
+        want = pipe.unet(x, t, encoder_hidden_states=c, return_dict=False)[0]
+        got = compiled(x, t, encoder_hidden_states=c)[0]
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
