@@ -397,8 +397,8 @@ def test_planner_matches_the_edge_worker_window_by_window():
     threads = torch.get_num_threads()
     worker = EdgeWorker(config)  # sets torch's thread count to ray_num_cpus
     torch.set_num_threads(threads)
-    unet = RecordingUNet(worker.pipe.unet)
-    worker.pipe.unet = unet
+    unet = RecordingUNet(worker.unet)
+    worker.unet = unet  # the UNet the shared phase calls
     pooled = pipeline_text_embeddings(worker.pipe, prompts)
     planner = WindowPlanner(pooled, worker.policy, steps=20, cap=20, cache_bytes=2**20, latent_shape=(1, 4, 4, 4))
     settings = BucketSettings(steps=20, guidance=7.5, scheduler="ddim", height=32, width=32)
