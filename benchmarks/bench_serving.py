@@ -93,13 +93,12 @@ def workload(batch: int, mean_group: float) -> list[str]:
 def make_worker(model: str, dtype: str, tau: float, compile_mode: str = "none", buckets: str = ""):
     """An edge worker (the Ray actor's class, used in-process) holding the model, its shared-phase UNet compiled
     and bucketed as the server would run it."""
-    from edge_server.config import ServerConfig
+    from edge_server.config import build_config
     from edge_server.worker import EdgeWorker
 
-    sizes = tuple(int(b) for b in buckets.split(",") if b.strip())
-    config = ServerConfig(model=model, dtype=dtype, tau=tau, max_group_size=5, ray_num_cpus=2,
-                          unet_compile=compile_mode, unet_buckets=sizes)
-    return EdgeWorker(config)
+    settings = {"model": model, "dtype": dtype, "tau": tau, "max_group_size": 5, "ray_num_cpus": 2,
+                "unet_compile": compile_mode, "unet_buckets": buckets}
+    return EdgeWorker(build_config(None, settings))
 
 
 def bucket_job(worker, prompts: list[str], steps: int, share: float, guidance: float, codec: str):

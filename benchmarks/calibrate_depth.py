@@ -46,11 +46,12 @@ def depth_schedule_points(bins: Sequence[Sequence[float]], depths: Sequence[int]
 
 
 def bootstrap_ci(values: np.ndarray, rng: np.random.Generator, n: int = 1000) -> list[float]:
-    """95 % percentile interval of the mean."""
+    """95 % percentile interval of the mean (training.replicate.interval over resampled means)."""
+    from training.replicate import interval
+
     if len(values) == 0:
         return [float("nan"), float("nan")]
-    means = values[rng.integers(0, len(values), size=(n, len(values)))].mean(axis=1)
-    return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+    return interval(values[rng.integers(0, len(values), size=(n, len(values)))].mean(axis=1))
 
 
 def pair_fidelity(pipe, oracle, examples, pairs, k: int, steps: int, seed: int) -> np.ndarray:

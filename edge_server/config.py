@@ -20,6 +20,7 @@ import yaml
 KNOWN_SCHEDULERS: tuple[str, ...] = ("ddim", "dpmpp", "euler")
 SHARING_MODES: tuple[str, ...] = ("flat", "adaptive")
 KNOWN_CODECS: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8", "int6", "int5", "int4", "fp8")
+BUILTIN_MODELS: tuple[str, ...] = ("default", "tiny", "sd15-random")  # model names that are not folders
 COMPILE_MODES: tuple[str, ...] = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 LOSSLESS_CODECS: tuple[str, ...] = ("fp32", "fp16", "bf16")
 LOG_FORMATS = ("text", "json")

@@ -25,7 +25,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from edge_server.config import ConfigError, ServerConfig
+from edge_server.config import BUILTIN_MODELS, ConfigError, ServerConfig
 from edge_server.engine import Delivery, Engine, EngineError, ImageSpec
 from edge_server.metrics import EdgeMetrics
 from edge_server.security import TokenAuthInterceptor, TokenTable, load_token_table, server_credentials
@@ -281,7 +281,7 @@ def preflight_files(config: ServerConfig) -> None:
     from sage_core.models import ModelError, check_pipeline_folder
 
     try:
-        if config.model not in ("default", "tiny", "sd15-random"):
+        if config.model not in BUILTIN_MODELS:
             check_pipeline_folder(Path(config.model))
         if config.adapter not in (ADAPTER_AUTO, ADAPTER_NONE):
             read_adapter_shapes(config.adapter)

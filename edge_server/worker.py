@@ -282,14 +282,13 @@ class EdgeWorker:
         shape = latent_shape(pipe, config)
         noise_scheduler = make_scheduler(pipe.scheduler.config, s.scheduler, s.steps)
         settings = CacheSettings(self.fingerprint, s.steps, s.height, s.width, s.guidance, None, s.scheduler)
+        leads = [job.members[r.members[0]] for r in roots]
         hits: list = [None] * len(roots)
         if self.cache is not None:
-            leads = [job.members[r.members[0]] for r in roots]
             named = [m.seed if m.seed_explicit else None for m in leads]
             hits = cached_starts(self.cache, settings, roots, pooled, named)
         starts, seeds, cached = [], [], []
-        for root, hit in zip(roots, hits, strict=True):
-            lead = job.members[root.members[0]]
+        for lead, hit in zip(leads, hits, strict=True):
             if hit is not None:
                 starts.append(hit.point)
                 seeds.append(hit.entry.seed)

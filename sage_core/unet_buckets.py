@@ -9,6 +9,7 @@ are dropped; the UNet treats rows independently).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -86,8 +87,6 @@ def compile_unet(unet: Any, mode: str) -> Any:
 @torch.no_grad()
 def warm_buckets(unet: BucketedUNet, latent_side: int, tokens: int = 77) -> list[float]:
     """One call per bucket (compiles each shape before serving); returns the seconds each took."""
-    import time
-
     cfg = unet.config
     seconds = []
     for b in unet.buckets:
