@@ -12,6 +12,7 @@ from safetensors import safe_open
 
 from sage_core.models import DEFAULT_MODEL_DIR, SD15_SCHEDULER_CONFIG, load_pipeline
 from training import default_model as dm
+from training import world
 
 TINY = {
     "n_train_scenes": 48,
@@ -71,10 +72,16 @@ def test_config_errors_are_clear(tmp_path):
 
 def test_shipped_configs_load():
     root = Path(dm.__file__).parent / "configs"
-    for name in ("default_model.yaml", "default_model_cpu.yaml"):
+    for name in ("default_model.yaml", "default_model_cpu.yaml", "default_model_finetune.yaml"):
         cfg = dm.load_config(root / name)
         assert cfg.unet.block_out_channels and cfg.text.hidden_size == 128
     assert dm.load_config(root / "default_model.yaml").device == "cuda"
+    # the fine-tune config continues the shipped model: its architecture matches that folder's
+    ft = dm.load_config(root / "default_model_finetune.yaml")
+    assert ft.stages == ("unet",) and ft.train_kind_weights == (0.3, 0.1, 0.6)
+    assert (Path(dm.__file__).parents[1] / ft.diffusion.init_from).resolve() == DEFAULT_MODEL_DIR.resolve()
+    ft.diffusion.init_from = str(DEFAULT_MODEL_DIR)
+    assert dm.init_pipeline_dir(ft) == DEFAULT_MODEL_DIR
 
 
 def test_lr_schedule_and_min_snr():
@@ -128,3 +135,65 @@ def test_parallel_rendering_gives_the_same_scenes_and_worker_batches_are_well_fo
         empty = tok([""], padding="max_length", max_length=77, return_tensors="pt").input_ids[0]
         dropped = sum(int(torch.equal(row, empty)) for _, ids in seen for row in ids)
         assert 0 < dropped < 48  # caption dropout near one half, not all or nothing
+
+
+def test_train_kind_weights_change_the_training_mix_only(tmp_path):
+    pairs = dm.render_training_data(_tiny_config(tmp_path, train_kind_weights=[0, 0, 2]))
+    assert {e.scene.kind for e in pairs.examples} == {"pair"} and len(pairs.examples) == 48
+    mixed = dm.render_training_data(_tiny_config(tmp_path))
+    assert {e.scene.kind for e in mixed.examples} == {"single", "count", "pair"}
+    # unset weights draw exactly the world's own mix, so existing splits (held-out, judges) stay as they were
+    default = world.make_examples(600, 0, "heldout")
+    assert [e.caption for e in default] == [e.caption for e in world.make_examples(600, 0, "heldout",
+                                                                                    kind_weights=world.KIND_WEIGHTS)]
+    share = np.mean([e.scene.kind == "pair" for e in world.make_examples(600, 0, "train", kind_weights=(3, 1, 6))])
+    assert 0.5 < share < 0.7 and 0.2 < np.mean([e.scene.kind == "pair" for e in default]) < 0.4
+    for bad in ([1, 2], [-1, 1, 1], [0, 0, 0], "abc"):
+        with pytest.raises(ValueError, match="train_kind_weights"):
+            _tiny_config(tmp_path, train_kind_weights=bad)
+
+
+def _tiny_pipeline_folder(tmp_path: Path, scaling_factor: float = 0.5) -> Path:
+    """A random pipeline of the TINY architecture saved like a trained one (fp16)."""
+    cfg = _tiny_config(tmp_path)
+    torch.manual_seed(3)
+    vae = dm.build_vae(cfg)
+    vae.register_to_config(scaling_factor=scaling_factor)
+    pipe = dm.build_pipeline(vae, dm.build_text_encoder(cfg), dm.build_unet(cfg), dm.build_clip_tokenizer())
+    return dm.save_pipeline(pipe, tmp_path / "init")
+
+
+def _unet_weights(folder: Path) -> dict[str, torch.Tensor]:
+    with safe_open(str(folder / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def test_init_from_continues_a_pipeline_and_a_checkpoint_wins_on_resume(tmp_path):
+    init = _tiny_pipeline_folder(tmp_path)
+    start = {"stages": ["unet"], "diffusion.init_from": str(init), "diffusion.steps": 0}
+    logs: list[str] = []
+    out = dm.train_default_model(_tiny_config(tmp_path, **start), log=logs.append)
+    assert any("starting from" in m for m in logs) and not any("vae: done" in m for m in logs)
+    assert not (tmp_path / "work" / "vae_final").exists()  # no VAE stage: the VAE is init_from's
+    before, saved = _unet_weights(init), _unet_weights(out)
+    assert before.keys() == saved.keys() and all(torch.equal(before[k], saved[k]) for k in before)
+    logs.clear()
+    out = dm.train_default_model(_tiny_config(tmp_path, **start | {"diffusion.steps": 2}), log=logs.append)
+    assert any("resumed at step 0" in m for m in logs) and any("unet: done at step 2" in m for m in logs)
+    assert not any("starting from" in m for m in logs)
+    after = _unet_weights(out)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    pipe = load_pipeline(out)
+    assert pipe.vae.config.scaling_factor == 0.5 and pipe.vae.config.block_out_channels == [8, 16, 16]
+
+
+def test_init_from_errors_are_clear(tmp_path):
+    init = _tiny_pipeline_folder(tmp_path)
+    with pytest.raises(ValueError, match="not a pipeline folder"):
+        dm.train_default_model(_tiny_config(tmp_path, stages=["unet"], **{"diffusion.init_from": str(tmp_path)}))
+    # same parameter shapes, other attention heads: still another architecture
+    other = _tiny_config(tmp_path, stages=["unet"], **{"diffusion.init_from": str(init), "unet.attention_head_dim": 8})
+    with pytest.raises(ValueError, match="unet in .* another architecture .*attention_head_dim: config 8 vs folder 4"):
+        dm.init_pipeline_dir(other)
+    with pytest.raises(ValueError, match="unet stage only"):
+        _tiny_config(tmp_path, **{"diffusion.init_from": str(init)})

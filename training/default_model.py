@@ -13,6 +13,10 @@ Stages, each resumable from its checkpoint under `work_dir`:
   5. save a diffusers StableDiffusionPipeline folder (fp16 safetensors) and a sample grid
 
 One command: `sage-train default-model --config training/configs/default_model.yaml --device cuda`.
+
+With `diffusion.init_from` (a pipeline folder of the same architecture) stage 4 continues that pipeline instead:
+its VAE replaces stage 2, its text encoder and UNet are the starting weights, and `train_kind_weights` can draw
+the training scenes with another kind mix (training/configs/default_model_finetune.yaml).
 """
 
 from __future__ import annotations
@@ -109,6 +113,7 @@ class DiffusionConfig:
     n_scenes: int = 0  # train on the first n rendered scenes only (0 = all); saves encoding time on a CPU
     mixed_precision: str = "no"  # "bf16" autocasts the forward passes on CUDA
     max_minutes: float = 0.0  # 0 = no time limit
+    init_from: str = ""  # a pipeline folder to continue: its VAE, and its text encoder + UNet unless resuming
 
 
 @dataclass
@@ -120,6 +125,7 @@ class DefaultModelConfig:
     num_threads: int = 1
     data_workers: int = 0  # processes that render scenes and caption/tokenize UNet batches (0 = in-process)
     n_train_scenes: int = 20000
+    train_kind_weights: tuple[float, float, float] | None = None  # (single, count, pair); None: world.KIND_WEIGHTS
     output_dir: str = "runs/default_model/pipeline"
     work_dir: str = "runs/default_model"
     stages: tuple[str, ...] = ("vae", "unet")
@@ -191,6 +197,14 @@ def validate_config(cfg: DefaultModelConfig) -> None:
         raise ValueError("n_train_scenes must be at least the batch size")
     if cfg.data_workers < 0:
         raise ValueError("data_workers must be >= 0")
+    if cfg.train_kind_weights is not None:
+        try:
+            world.kind_probabilities(cfg.train_kind_weights)
+        except ValueError as exc:
+            raise ValueError(f"train_kind_weights: {exc}") from None
+    if cfg.diffusion.init_from and "vae" in cfg.stages:
+        raise ValueError("diffusion.init_from continues a pipeline with its own VAE: train the unet stage only "
+                         "(stages: [unet])")
 
 
 # ----------------------------------------------------------------------------------------------- components
@@ -280,6 +294,51 @@ def pipeline_megabytes(folder: str | Path) -> float:
     return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file()) / 1e6
 
 
+# config keys that do not describe the architecture (versions, dtype, the measured VAE scale, bookkeeping)
+_NON_ARCHITECTURE_KEYS = {"scaling_factor", "transformers_version", "architectures", "dtype", "torch_dtype"}
+
+
+def _architecture_differences(built: dict[str, Any], saved: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Keys both configs hold whose values differ (config value, folder value), bookkeeping keys aside."""
+    built, saved = json.loads(json.dumps(built)), json.loads(json.dumps(saved))  # tuples -> lists
+    return {k: (built[k], saved[k]) for k in sorted(built.keys() & saved.keys())
+            if not k.startswith("_") and k not in _NON_ARCHITECTURE_KEYS and built[k] != saved[k]}
+
+
+def init_pipeline_dir(cfg: DefaultModelConfig) -> Path | None:
+    """The diffusion.init_from pipeline folder (None when unset), checked to hold a VAE, text encoder and UNet of
+    exactly the config's architecture; ValueError otherwise."""
+    if not cfg.diffusion.init_from:
+        return None
+    folder = Path(cfg.diffusion.init_from)
+    built = {"vae": dict(build_vae(cfg).config), "text_encoder": build_text_encoder(cfg).config.to_dict(),
+             "unet": dict(build_unet(cfg).config)}
+    missing = [name for name in built if not (folder / name / "config.json").is_file()]
+    if missing:
+        raise ValueError(f"diffusion.init_from: {folder} is not a pipeline folder (no {', '.join(missing)} "
+                         "config.json)")
+    for name, config in built.items():
+        saved = json.loads((folder / name / "config.json").read_text(encoding="utf-8"))
+        diff = _architecture_differences(config, saved)
+        if diff:
+            details = "; ".join(f"{k}: config {a} vs folder {b}" for k, (a, b) in diff.items())
+            raise ValueError(f"diffusion.init_from: the {name} in {folder} has another architecture than the "
+                             f"config's ({details}); make the config's vae/text/unet sections match it")
+    return folder
+
+
+def load_vae(folder: Path, device: str) -> AutoencoderKL:
+    """A saved AutoencoderKL in fp32 on `device`, in eval mode (its config keeps the scaling_factor)."""
+    return AutoencoderKL.from_pretrained(str(folder), dtype=torch.float32).to(device).eval()
+
+
+def load_text_and_unet(folder: Path, device: str) -> tuple[CLIPTextModel, UNet2DConditionModel]:
+    """The text encoder and UNet of a pipeline folder in fp32 on `device` (to continue training them)."""
+    text_encoder = CLIPTextModel.from_pretrained(str(folder / "text_encoder"), dtype=torch.float32)
+    unet = UNet2DConditionModel.from_pretrained(str(folder / "unet"), dtype=torch.float32)
+    return text_encoder.to(device), unet.to(device)
+
+
 # ----------------------------------------------------------------------------------------------- data
 @dataclass
 class WorldData:
@@ -289,23 +348,26 @@ class WorldData:
     examples: list[world.Example]
 
 
-def _render_chunk(seed: int, start: int, n: int) -> tuple[list[world.Example], np.ndarray]:
+def _render_chunk(seed: int, start: int, n: int, kind_weights: tuple[float, float, float] | None = None
+                  ) -> tuple[list[world.Example], np.ndarray]:
     """Training examples start..start+n and their renders (a worker process's share)."""
-    examples = world.make_examples(n, seed, "train", start)
+    examples = world.make_examples(n, seed, "train", start, kind_weights)
     return examples, world.render_examples(examples)
 
 
 def render_training_data(cfg: DefaultModelConfig, chunk: int = 5000) -> WorldData:
-    """Render the training split, in `cfg.data_workers` processes when > 1 (same scenes either way)."""
+    """Render the training split (scene kinds drawn with cfg.train_kind_weights when set), in `cfg.data_workers`
+    processes when > 1 (same scenes either way)."""
     starts = range(0, cfg.n_train_scenes, chunk)
     sizes = [min(chunk, cfg.n_train_scenes - s) for s in starts]
+    weights = cfg.train_kind_weights
     if cfg.data_workers > 1:
         with ProcessPoolExecutor(cfg.data_workers) as pool:
-            parts = list(tqdm(pool.map(_render_chunk, [cfg.seed] * len(sizes), starts, sizes),
+            parts = list(tqdm(pool.map(_render_chunk, [cfg.seed] * len(sizes), starts, sizes, [weights] * len(sizes)),
                               total=len(sizes), desc="scenes", mininterval=2))
     else:
-        parts = [_render_chunk(cfg.seed, s, n) for s, n in tqdm(list(zip(starts, sizes, strict=True)),
-                                                                desc="scenes", mininterval=2)]
+        parts = [_render_chunk(cfg.seed, s, n, weights) for s, n in tqdm(list(zip(starts, sizes, strict=True)),
+                                                                         desc="scenes", mininterval=2)]
     examples = [e for part, _ in parts for e in part]
     images = np.concatenate([imgs for _, imgs in parts])
     return WorldData(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), examples)
@@ -519,6 +581,8 @@ def encode_posteriors(
     """Posterior mean and std of every training image (fp16, CPU), cached in work_dir."""
     cache = Path(cfg.work_dir) / "posteriors.safetensors"
     fp = f"{cfg.seed}-{len(data.images)}-{vae.config.scaling_factor:.6f}-{len(cfg.vae.block_out_channels)}"
+    if cfg.train_kind_weights is not None:  # other scenes under the same indices
+        fp += f"-kinds{list(cfg.train_kind_weights)}"
     stamp = Path(cfg.work_dir) / "posteriors.txt"
     if cache.exists() and stamp.exists() and stamp.read_text() == fp:
         t = load_file(str(cache))
@@ -540,12 +604,19 @@ def train_unet(
     cfg: DefaultModelConfig, data: WorldData, vae: AutoencoderKL, tokenizer: CLIPTokenizer,
     log: Callable[[str], None] = print,
 ) -> tuple[CLIPTextModel, UNet2DConditionModel]:
-    """Train (or resume) the text encoder and UNet jointly; returns their EMA copies."""
+    """Train (or resume) the text encoder and UNet jointly; returns their EMA copies. Without a checkpoint to
+    resume, both start from diffusion.init_from's weights when that is set (fresh ones otherwise)."""
     device = torch.device(cfg.device)
     dc = cfg.diffusion
     ckpt_dir = Path(cfg.work_dir) / "unet_ckpt"
     torch.manual_seed(cfg.seed + 1)
-    text_encoder, unet = build_text_encoder(cfg).to(device), build_unet(cfg).to(device)
+    state = _load_state(ckpt_dir)
+    init = init_pipeline_dir(cfg) if state is None else None
+    if init is not None:
+        text_encoder, unet = load_text_and_unet(init, cfg.device)
+        log(f"unet: starting from the text encoder and UNet in {init}")
+    else:
+        text_encoder, unet = build_text_encoder(cfg).to(device), build_unet(cfg).to(device)
     ema_text, ema_unet = build_text_encoder(cfg).to(device), build_unet(cfg).to(device)
     ema_text.load_state_dict(text_encoder.state_dict())
     ema_unet.load_state_dict(unet.state_dict())
@@ -556,7 +627,6 @@ def train_unet(
     noise_sched = DDPMScheduler(**{k: v for k, v in SD15_SCHEDULER_CONFIG.items()
                                    if k not in ("set_alpha_to_one", "steps_offset")})
     step, already, history = 0, 0.0, []
-    state = _load_state(ckpt_dir)
     if state is not None:
         tensors, meta, optim = state
         text_encoder.load_state_dict(_unprefixed("text", tensors))
@@ -700,16 +770,18 @@ def train_default_model(cfg: DefaultModelConfig, log: Callable[[str], None] = pr
     work = Path(cfg.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     (work / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1), encoding="utf-8")
+    init = init_pipeline_dir(cfg)  # a bad init_from fails here, before any rendering
     started = time.monotonic()
     data = render_training_data(cfg)
     log(f"rendered {len(data.images)} training scenes in {time.monotonic() - started:.1f}s")
     tokenizer = build_clip_tokenizer()
     vae_dir = work / "vae_final"
-    if "vae" in cfg.stages or not (vae_dir / "config.json").exists():
+    if init is None and ("vae" in cfg.stages or not (vae_dir / "config.json").exists()):
         vae = train_vae(cfg, data, log)
         vae.save_pretrained(str(vae_dir), safe_serialization=True)
     else:
-        vae = AutoencoderKL.from_pretrained(str(vae_dir)).to(cfg.device).eval()
+        vae_dir = vae_dir if init is None else init / "vae"
+        vae = load_vae(vae_dir, cfg.device)
         log(f"vae: loaded from {vae_dir} (scaling_factor {vae.config.scaling_factor:.4f})")
     if "unet" not in cfg.stages:
         return vae_dir

@@ -17,6 +17,7 @@ Everything is deterministic by seed: example `i` of split `s` under seed `k` is 
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -298,9 +299,22 @@ def sample_pair(rng: np.random.Generator, **fixed: str) -> Scene:
     return Scene("pair", (subj, ref), background, bg_rgb, relation=relation)
 
 
-def sample_scene(rng: np.random.Generator, kind: str | None = None) -> Scene:
-    """A random scene of the given kind (or of a kind drawn with KIND_WEIGHTS)."""
-    kind = kind or str(rng.choice(KINDS, p=KIND_WEIGHTS))
+def kind_probabilities(weights: Sequence[float]) -> tuple[float, float, float]:
+    """Scene-kind weights (single, count, pair) normalised to probabilities; ValueError unless they are three
+    finite non-negative numbers with a positive sum."""
+    ok = isinstance(weights, (list, tuple)) and len(weights) == len(KINDS) and all(
+        isinstance(w, numbers.Real) and not isinstance(w, bool) and math.isfinite(w) and w >= 0 for w in weights)
+    if not ok or sum(weights) <= 0:
+        raise ValueError(f"kind weights must be {len(KINDS)} non-negative numbers for {KINDS} with a positive sum, "
+                         f"got {weights!r}")
+    total = float(sum(weights))
+    return tuple(float(w) / total for w in weights)
+
+
+def sample_scene(rng: np.random.Generator, kind: str | None = None,
+                 weights: Sequence[float] = KIND_WEIGHTS) -> Scene:
+    """A random scene of the given kind (or of a kind drawn with `weights`, probabilities over KINDS)."""
+    kind = kind or str(rng.choice(KINDS, p=weights))
     if kind == "single":
         return sample_single(rng)
     if kind == "count":
@@ -359,19 +373,21 @@ def example_rng(seed: int, split: str, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, SPLIT_IDS[split], index])
 
 
-def make_example(seed: int, split: str, index: int) -> Example:
-    """Example `index` of a split: a scene and one caption, deterministic by (seed, split, index)."""
+def make_example(seed: int, split: str, index: int, kind_weights: Sequence[float] | None = None) -> Example:
+    """Example `index` of a split: a scene and one caption, deterministic by (seed, split, index) and the kind
+    weights (None: KIND_WEIGHTS, the world's own mix)."""
     rng = example_rng(seed, split, index)
-    scene = sample_scene(rng)
+    scene = sample_scene(rng, weights=KIND_WEIGHTS if kind_weights is None else kind_probabilities(kind_weights))
     caption, mentioned = caption_scene(scene, rng)
     return Example(scene, caption, mentioned)
 
 
-def make_examples(n: int, seed: int = 0, split: str = "train", start: int = 0) -> list[Example]:
-    """Examples start..start+n-1 of a split."""
+def make_examples(n: int, seed: int = 0, split: str = "train", start: int = 0,
+                  kind_weights: Sequence[float] | None = None) -> list[Example]:
+    """Examples start..start+n-1 of a split, scene kinds drawn with `kind_weights` (None: KIND_WEIGHTS)."""
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
-    return [make_example(seed, split, i) for i in range(start, start + n)]
+    return [make_example(seed, split, i, kind_weights) for i in range(start, start + n)]
 
 
 # ----------------------------------------------------------------------------------------------- semantics
