@@ -11,10 +11,17 @@ CPU fallback (kept working by tests/test_bench_serving.py):
 
 It prints, for each batch size: (1) ms per UNet sample of a bare UNet forward; (a) a stock diffusers
 StableDiffusionPipeline on the batch (independent sampling, CFG); (b) the shared phase as the edge worker runs it
-(sage_core plan + run_shared_plan, one batched UNet call per step for all groups); (c) the whole edge path per
-window (embedding, grouping, shared phase, codec, up to the bytes ready to send) and its overhead over (b)'s UNet
-time. GPU-seconds per image on the server and the fraction of the compute floor (about 0.84 TFLOP per UNet sample
-at 512x512, DESIGN.md) come with each row.
+(sage_core plan + run_shared_plan, one batched UNet call per step for all groups): the time its UNet calls take,
+measured inside the edge path (CUDA events around each call); (c) the whole edge path per window (embedding,
+grouping, shared phase, codec, up to the bytes ready to send) and its overhead over (b). GPU-seconds per image on
+the server and the fraction of the compute floor (about 0.84 TFLOP per UNet sample at 512x512, DESIGN.md) come
+with each row.
+
+With `--stream FILE` (made by `python -m benchmarks.coco_stream`: COCO captions in the simulator's arrival order,
+their MiniLM embeddings and the simulator's sharing policy) it also runs that caption stream window by window:
+the stock pipeline on each window against the edge path grouping by the file's embeddings (random SD weights
+group nothing; a real SD text encoder would be used on a real deployment), and prints the steps saved and the
+server's GPU-seconds per image of both.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from benchmarks.results import write_json
+from sage_core.unet_buckets import UNetProxy
 
 FLOP_PER_UNET_SAMPLE_512 = 0.84e12  # SD v1.5 UNet forward at 64x64 latents (DESIGN.md)
 
@@ -41,7 +49,8 @@ class Row:
     floor_fraction: float
     independent_s: float
     independent_gpu_s_per_image: float
-    shared_s: float
+    edge_unet_s: float
+    edge_unet_rows: float
     shared_gpu_s_per_image: float
     shared_unet_evaluations: int
     independent_server_evaluations: int
@@ -83,6 +92,69 @@ def unet_ms_per_sample(unet, batch: int, device: str, repeats: int) -> float:
     return seconds * 1000.0 / batch
 
 
+class TimedUNet(UNetProxy):
+    """Wraps the worker's shared-phase UNet and adds up how long its calls take: CUDA events around each call
+    (read after the window, no sync inside it), or wall time on a CPU. Also counts the rows it was given."""
+
+    def __init__(self, unet) -> None:
+        super().__init__(unet)
+        self.cuda = str(unet.device).startswith("cuda")
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the calls so far."""
+        self.events: list = []
+        self.cpu_s, self.rows, self.calls = 0.0, 0, 0
+
+    def __call__(self, sample: torch.Tensor, *args, **kwargs):
+        self.rows += sample.shape[0]
+        self.calls += 1
+        if not self.cuda:
+            start = time.perf_counter()
+            out = self.unet(sample, *args, **kwargs)
+            self.cpu_s += time.perf_counter() - start
+            return out
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        out = self.unet(sample, *args, **kwargs)
+        end.record()
+        self.events.append((begin, end))
+        return out
+
+    def seconds(self) -> float:
+        """Time the calls since the last reset took (waits for the GPU)."""
+        if not self.cuda:
+            return self.cpu_s
+        torch.cuda.synchronize()
+        return sum(b.elapsed_time(e) for b, e in self.events) / 1000.0
+
+
+def timed_edge_path(worker, job, repeats: int) -> tuple[float, float, float, tuple]:
+    """Best of `repeats` runs of the worker's edge path on one job, after a warm-up run: (wall s, its UNet s, UNet
+    rows per call, the groups)."""
+    import threading
+
+    device = str(worker.pipe.unet.device)
+    bare = worker.unet
+    timer = TimedUNet(bare)
+    worker.unet = timer
+    try:
+        worker._run_bucket(job, threading.Event())
+        best = (float("inf"), 0.0, 0.0, ())
+        for _ in range(repeats):
+            sync(device)
+            timer.reset()
+            start = time.perf_counter()
+            groups = worker._run_bucket(job, threading.Event())
+            sync(device)
+            wall = time.perf_counter() - start
+            if wall < best[0]:
+                best = (wall, timer.seconds(), timer.rows / max(1, timer.calls), groups)
+        return best
+    finally:
+        worker.unet = bare
+
+
 def workload(batch: int, mean_group: float) -> list[str]:
     """`batch` prompts made of paraphrase-identical repeats, so groups of about `mean_group` form whatever the
     text encoder's weights (random ones included)."""
@@ -113,8 +185,6 @@ def bucket_job(worker, prompts: list[str], steps: int, share: float, guidance: f
 
 def measure(args: argparse.Namespace, worker, batch: int) -> Row:
     """All figures for one batch size."""
-    import threading
-
     from diffusers import StableDiffusionPipeline
 
     pipe, device = worker.pipe, str(worker.pipe.unet.device)
@@ -127,19 +197,10 @@ def measure(args: argparse.Namespace, worker, batch: int) -> Row:
         stock(prompts, num_inference_steps=args.steps, guidance_scale=args.guidance, output_type="latent")
 
     job = bucket_job(worker, prompts, args.steps, args.share, args.guidance, args.codec)
-    stop = threading.Event()
-    counted: dict[str, int] = {}
-
-    def edge_path() -> None:
-        groups = worker._run_bucket(job, stop)
-        counted["server"] = sum(g.server_steps for g in groups)
-        counted["bytes"] = sum(len(g.payloads[args.codec].data) * len(g.members) for g in groups)
-
     independent_s = timed(independent, device, args.windows)
-    edge_s = timed(edge_path, device, args.windows)
+    edge_s, unet_s, rows, groups = timed_edge_path(worker, job, args.windows)
     cfg = 2 if args.guidance > 1.0 else 1
-    shared_evals = counted["server"] * cfg
-    shared_unet_s = shared_evals * per_sample / 1000.0
+    shared_evals = sum(g.server_steps for g in groups) * cfg
     floor_ms = FLOP_PER_UNET_SAMPLE_512 / (args.peak_tflops * 1e12) * 1000.0
     independent_server = batch * args.steps * cfg
     return Row(
@@ -148,17 +209,77 @@ def measure(args: argparse.Namespace, worker, batch: int) -> Row:
         floor_fraction=floor_ms / per_sample,
         independent_s=independent_s,
         independent_gpu_s_per_image=independent_s / batch,
-        shared_s=shared_unet_s,
+        edge_unet_s=unet_s,
+        edge_unet_rows=rows,
         shared_gpu_s_per_image=edge_s / batch,
         shared_unet_evaluations=shared_evals,
         independent_server_evaluations=independent_server,
-        step_saving=1.0
-        - (shared_evals + batch * (args.steps - round(args.share * args.steps)) * cfg) / independent_server,
+        step_saving=1.0 - (shared_evals + device_steps(job, groups) * cfg) / independent_server,
         gpu_time_saving=1.0 - edge_s / independent_s,
         edge_path_s=edge_s,
-        edge_overhead=max(0.0, edge_s - shared_unet_s) / shared_unet_s if shared_unet_s else 0.0,
-        bytes_per_image=counted["bytes"] / batch,
+        edge_overhead=max(0.0, edge_s - unet_s) / unet_s if unet_s else 0.0,
+        bytes_per_image=sum(len(g.payloads[args.codec].data) * len(g.members) for g in groups) / batch,
     )
+
+
+def device_steps(job, groups) -> int:
+    """Trajectory steps the devices run after the branch points (each member from its group's branch step)."""
+    return sum((job.settings.steps - g.branch_step) * len(g.members) for g in groups)
+
+
+def measure_stream(args: argparse.Namespace, worker) -> dict:
+    """The stream file's windows through the stock pipeline and through the edge path (grouping by the file's
+    embeddings under the file's sharing policy): steps saved and server GPU-seconds per image of both."""
+    import json
+
+    import numpy as np
+    from diffusers import StableDiffusionPipeline
+
+    from edge_server.config import build_config
+    from edge_server.worker import sharing_policy
+
+    data = np.load(args.stream)
+    meta = json.loads(str(data["meta"]))
+    prompts, emb = [str(p) for p in data["prompts"]], data["embeddings"].astype(np.float32)
+    table = dict(zip(prompts, emb, strict=True))
+    worker.policy = sharing_policy(build_config(None, meta["policy"]))
+    worker.embed = lambda batch: np.stack([table[p] for p in batch])
+    stock = StableDiffusionPipeline(**worker.pipe.components)
+    stock.set_progress_bar_config(disable=True)
+    device, window, steps, cfg = str(worker.pipe.unet.device), args.stream_window, meta["steps"], 2
+    n = min(len(prompts), window * args.stream_windows)
+    stock(prompts[:window], num_inference_steps=2, guidance_scale=meta["guidance"], output_type="latent")  # warm-up
+    totals = dict.fromkeys(("independent_s", "edge_s", "edge_unet_s", "server_evals", "device_evals"), 0.0)
+    for lo in range(0, n, window):
+        batch = prompts[lo : lo + window]
+        totals["independent_s"] += timed(lambda b=batch: stock(b, num_inference_steps=steps, guidance_scale=meta[
+            "guidance"], output_type="latent"), device, 1)
+        job = bucket_job(worker, batch, steps, meta["share"], meta["guidance"], args.codec)
+        edge_s, unet_s, _, groups = timed_edge_path(worker, job, 1)
+        totals["edge_s"] += edge_s
+        totals["edge_unet_s"] += unet_s
+        totals["server_evals"] += sum(g.server_steps for g in groups) * cfg
+        totals["device_evals"] += device_steps(job, groups) * cfg
+    independent_evals = n * steps * cfg
+    return {
+        "stream": meta | {"file": args.stream, "window": window, "requests": n},
+        "independent_gpu_s_per_image": totals["independent_s"] / n,
+        "edge_gpu_s_per_image": totals["edge_s"] / n,
+        "server_gpu_time_saving": 1.0 - totals["edge_s"] / totals["independent_s"],
+        "step_saving": 1.0 - (totals["server_evals"] + totals["device_evals"]) / independent_evals,
+        "server_step_saving": 1.0 - totals["server_evals"] / independent_evals,
+        "edge_overhead": max(0.0, totals["edge_s"] - totals["edge_unet_s"]) / max(1e-9, totals["edge_unet_s"]),
+        "totals": totals,
+    }
+
+
+def print_stream(r: dict) -> None:
+    """The stream's figures."""
+    st = r["stream"]
+    print(f"stream {st['file']}: {st['requests']} requests in windows of {st['window']} ({st['description']})")
+    print(f"  steps saved (server + devices) {r['step_saving']:.1%}; server GPU-s per image: independent "
+          f"{r['independent_gpu_s_per_image']:.4f}, edge path {r['edge_gpu_s_per_image']:.4f} "
+          f"({r['server_gpu_time_saving']:.1%} less); edge overhead {r['edge_overhead']:.1%}", flush=True)
 
 
 def environment(worker) -> dict:
@@ -182,8 +303,8 @@ def print_header(env: dict) -> None:
           f"unet_compile {env.get('unet_compile', 'none')}  buckets {env.get('unet_buckets') or '-'}  "
           f"worker start {env.get('worker_start_s', 0.0):.1f} s")
     print(
-        "batch  unet ms/sample  floor  indep s  indep GPU-s/img  edge s  edge GPU-s/img  step saving  time saving"
-        "  overhead  bytes/img",
+        "batch  unet ms/sample  floor  indep s  indep GPU-s/img  edge s  edge UNet s  rows/call  edge GPU-s/img"
+        "  step saving  time saving  overhead  bytes/img",
         flush=True,
     )
 
@@ -192,7 +313,8 @@ def print_row(r: Row) -> None:
     """One batch size's line, printed as soon as it is measured."""
     print(
         f"{r.batch:5d}  {r.unet_ms_per_sample:14.3f}  {r.floor_fraction:5.1%}  {r.independent_s:7.3f}  "
-        f"{r.independent_gpu_s_per_image:15.4f}  {r.edge_path_s:6.3f}  {r.shared_gpu_s_per_image:14.4f}  "
+        f"{r.independent_gpu_s_per_image:15.4f}  {r.edge_path_s:6.3f}  {r.edge_unet_s:11.3f}  {r.edge_unet_rows:9.1f}  "
+        f"{r.shared_gpu_s_per_image:14.4f}  "
         f"{r.step_saving:11.1%}  {r.gpu_time_saving:11.1%}  {r.edge_overhead:8.1%}  {r.bytes_per_image:9.0f}",
         flush=True,
     )
@@ -213,6 +335,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--peak-tflops", type=float, default=800.0, help="dense fp16 peak for the floor")
     parser.add_argument("--unet-compile", default="none", help="torch.compile mode of the shared-phase UNet")
     parser.add_argument("--unet-buckets", default="", help="fixed UNet batch sizes (CFG rows), comma-separated")
+    parser.add_argument("--stream", default=None, help="also run this caption stream (benchmarks.coco_stream)")
+    parser.add_argument("--stream-window", type=int, default=64, help="requests per window of the stream")
+    parser.add_argument("--stream-windows", type=int, default=2, help="windows of the stream to run")
     parser.add_argument("--json", default=None, help="write the rows and environment here")
     return parser.parse_args(argv)
 
@@ -228,12 +353,16 @@ def main(argv: list[str] | None = None) -> dict:
     env = environment(worker) | {"unet_compile": args.unet_compile, "unet_buckets": args.unet_buckets,
                                  "worker_start_s": time.perf_counter() - start}
     print_header(env)
-    rows = []
-    for b in args.batches.split(","):
-        rows.append(measure(args, worker, int(b)))
-        print_row(rows[-1])
-        result = {"environment": env, "settings": vars(args), "rows": [asdict(r) for r in rows]}
+    result: dict = {"environment": env, "settings": vars(args), "rows": []}
+    for b in (b for b in args.batches.split(",") if b.strip()):
+        row = measure(args, worker, int(b))
+        print_row(row)
+        result["rows"].append(asdict(row))
         write_json(result, args.json)  # after every row, so a run cut short keeps what it measured
+    if args.stream:
+        result["stream"] = measure_stream(args, worker)
+        print_stream(result["stream"])
+        write_json(result, args.json)
     return result
 
 

@@ -175,13 +175,16 @@ def load_model(config: ServerConfig) -> Any:
 
 
 def apply_adapter(pipe: Any, choice: str, fingerprint: str) -> str:
-    """Apply the configured SAGE LoRA to the pipeline's UNet (sage_core.adapters); returns its folder or "none"."""
+    """Apply the configured SAGE LoRA to the pipeline's UNet (sage_core.adapters), merged into its weights (the
+    server never switches adapters, and a merged UNet costs no extra matmuls); returns its folder or "none"."""
     from sage_core.adapters import ADAPTER_NONE, load_adapter, resolve_adapter
 
     folder = resolve_adapter(choice, fingerprint)
     if folder is None:
         return ADAPTER_NONE
     load_adapter(pipe, folder)
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
     return str(folder)
 
 
@@ -191,11 +194,12 @@ DEFAULT_BUCKETS = (8, 16, 32, 64, 128)  # UNet rows (CFG doubles the trajectorie
 def serving_unet(pipe: Any, config: ServerConfig) -> Any:
     """The UNet the shared phase calls: the pipeline's own, or compiled (sage_core.unet_buckets) and run at fixed
     batch buckets, each warmed here at the model's default size so that compiling never lands on a request."""
-    from sage_core.unet_buckets import BucketedUNet, compile_unet, warm_buckets
+    from sage_core.unet_buckets import CUDAGRAPH_MODES, BucketedUNet, compile_unet, warm_buckets
 
     if config.unet_compile == "none" and not config.unet_buckets:
         return pipe.unet
-    unet = BucketedUNet(compile_unet(pipe.unet, config.unet_compile), config.unet_buckets or DEFAULT_BUCKETS)
+    unet = BucketedUNet(compile_unet(pipe.unet, config.unet_compile), config.unet_buckets or DEFAULT_BUCKETS,
+                        graphs=config.unet_compile in CUDAGRAPH_MODES)
     warm_buckets(unet, int(pipe.unet.config.sample_size))
     return unet
 
@@ -233,6 +237,12 @@ class EdgeWorker:
             device=str(self.pipe.unet.device),
         )
 
+    def embed(self, prompts: list[str]) -> Any:
+        """The pooled text embeddings [M, D] the grouping compares: the pipeline's own text encoder's."""
+        from sage_core.grouping import pipeline_text_embeddings
+
+        return pipeline_text_embeddings(self.pipe, prompts)
+
     def cancel(self, window_id: str) -> bool:
         """Ask the running window `window_id` to stop at its next UNet call; False if it is not running."""
         with self._lock:
@@ -262,7 +272,6 @@ class EdgeWorker:
 
         from sage_core.adaptive import cap_depths, deliveries, run_shared_plan
         from sage_core.generate import encode_prompts, latent_shape
-        from sage_core.grouping import pipeline_text_embeddings
         from sage_core.latent_cache import CacheSettings
         from sage_core.policy import cached_starts, file_plan, plan_window
         from sage_core.sampler import BranchPoint, SamplingConfig, initial_noise, make_scheduler
@@ -274,7 +283,7 @@ class EdgeWorker:
         prompts = [m.prompt for m in job.members]
         # 1. encode and plan the groups (lines 1-2); no group shares more than any member asked for
         cond, uncond = encode_prompts(pipe, prompts)
-        pooled = pipeline_text_embeddings(pipe, prompts)
+        pooled = self.embed(prompts)
         roots = plan_window(pooled, self.policy, s.steps)
         cap_depths(roots, [round(m.share * s.steps) for m in job.members])
         # 2. each root starts from a cached latent of a close enough earlier group, or from its shared noise

@@ -41,10 +41,10 @@ def check_prompts(prompts: Sequence[str]) -> None:
 def encode_prompts(pipe, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Token-level text embeddings c^m [M, L, D] and the unconditional (empty prompt) embedding [1, L, D],
     computed exactly as StableDiffusionPipeline computes them."""
-    cond, uncond = pipe.encode_prompt(
-        list(prompts), pipe.text_encoder.device, 1, do_classifier_free_guidance=True, negative_prompt=None
-    )
-    return cond, uncond[:1]
+    device = pipe.text_encoder.device
+    cond, _ = pipe.encode_prompt(list(prompts), device, 1, do_classifier_free_guidance=False)
+    uncond, _ = pipe.encode_prompt([""], device, 1, do_classifier_free_guidance=False)  # once, not once per prompt
+    return cond, uncond
 
 
 def latent_shape(pipe, config: SamplingConfig) -> tuple[int, int, int, int]:

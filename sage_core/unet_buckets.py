@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that replay CUDA graphs
 
 
 def bucket_for(n: int, buckets: Sequence[int]) -> int:
@@ -33,15 +34,11 @@ def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([x, x[-1:].expand(rows - x.shape[0], *x.shape[1:])])
 
 
-class BucketedUNet:
-    """Wraps a UNet so that every call runs at a bucket batch size; counts the padding rows it added."""
+class UNetProxy:
+    """Base of the UNet wrappers: holds `unet` and answers the attributes the sampler reads from it."""
 
-    def __init__(self, unet: Any, buckets: Sequence[int]) -> None:
-        if not buckets or any(int(b) < 1 for b in buckets):
-            raise ValueError(f"buckets must be positive batch sizes, got {list(buckets)}")
+    def __init__(self, unet: Any) -> None:
         self.unet = unet
-        self.buckets = tuple(sorted({int(b) for b in buckets}))
-        self.padded_rows = 0
 
     @property
     def dtype(self) -> torch.dtype:
@@ -54,6 +51,18 @@ class BucketedUNet:
     @property
     def config(self) -> Any:
         return self.unet.config
+
+
+class BucketedUNet(UNetProxy):
+    """Wraps a UNet so that every call runs at a bucket batch size; counts the padding rows it added."""
+
+    def __init__(self, unet: Any, buckets: Sequence[int], graphs: bool = False) -> None:
+        if not buckets or any(int(b) < 1 for b in buckets):
+            raise ValueError(f"buckets must be positive batch sizes, got {list(buckets)}")
+        super().__init__(unet)
+        self.buckets = tuple(sorted({int(b) for b in buckets}))
+        self.graphs = graphs  # CUDA-graph replays reuse their output memory: copy each output out before the next
+        self.padded_rows = 0
 
     def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                  return_dict: bool = False, **kwargs: Any) -> tuple[torch.Tensor]:
@@ -68,23 +77,37 @@ class BucketedUNet:
             size = bucket_for(hi - lo, self.buckets)
             self.padded_rows += size - (hi - lo)
             t = _pad_rows(timestep[lo:hi], size) if per_row_t else timestep
+            if self.graphs:
+                torch.compiler.cudagraph_mark_step_begin()
             pred = self.unet(_pad_rows(sample[lo:hi], size), t,
                              encoder_hidden_states=_pad_rows(encoder_hidden_states[lo:hi], size),
                              return_dict=False, **kwargs)[0]
-            outs.append(pred[: hi - lo])
+            outs.append(pred[: hi - lo].clone() if self.graphs else pred[: hi - lo])
         return (torch.cat(outs) if len(outs) > 1 else outs[0],)
 
 
 def compile_unet(unet: Any, mode: str) -> Any:
-    """torch.compile the UNet with fixed shapes (`mode` one of COMPILE_MODES; "none" returns it unchanged)."""
+    """torch.compile the UNet with fixed shapes (`mode` one of COMPILE_MODES; "none" returns it unchanged).
+    Compiling first fuses each attention's q/k/v projections into one matmul and stores the weights
+    channels-last (both in place; the UNet's outputs stay the same up to rounding). A UNet with unmerged
+    LoRA layers is refused: fusing would drop them (merge the adapter first)."""
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
     if mode == "none":
         return unet
-    return torch.compile(unet, mode=mode, dynamic=False)
+    return torch.compile(fuse_layout(unet), mode=mode, dynamic=False)
 
 
-@torch.no_grad()
+def fuse_layout(unet: Any) -> Any:
+    """Fuse each attention's q/k/v (self-attention) or k/v (cross-attention) projections and store the weights
+    channels-last, in place; returns the UNet. Refuses a UNet with unmerged LoRA layers."""
+    if getattr(unet, "peft_config", None):
+        raise ValueError("compile_unet needs a UNet without unmerged LoRA layers (fuse_lora + unload_lora_weights)")
+    unet.fuse_qkv_projections()
+    return unet.to(memory_format=torch.channels_last)
+
+
+@torch.inference_mode()
 def warm_buckets(unet: BucketedUNet, latent_side: int, tokens: int = 77) -> list[float]:
     """One call per bucket (compiles each shape before serving); returns the seconds each took."""
     cfg = unet.config

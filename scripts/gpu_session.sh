@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
-# One lease on the lent GPU (the `device` tool), everything in one command so that it fits the lease:
-#   1. the serving benchmark at SD v1.5 size (issue 8): stock pipeline vs the edge path, fp16 eager
-#   2. the default model's two training stages (issue 3), the UNet stage given whatever time is left
+# One lease on the lent GPU (the `device` tool), in one or two commands so that it fits the lease:
+#   1. the serving benchmark at SD v1.5 size (issue 8): stock pipeline vs the edge path, fp16 eager, and a second
+#      variant (BENCH2_ARGS, e.g. compiled); then the GPU-marked tests
+#   2. the default model's training stages (issue 3; TRAIN_STAGES "vae unet" from scratch, or "unet" with a config
+#      that starts from the shipped model), the UNet stage given whatever time is left (or UNET_MIN minutes)
 #   3. the trained pipeline packed into <= 16 MiB parts, the log, the sample grid and the JSON under $OUT
 # Run on the device machine from the repository root, with the wheels the GPU image lacks in .whl/:
 #   bash scripts/gpu_session.sh            (BUDGET_S, BENCH_S, VAE_MIN override the time split)
+#   STAGES=bench bash scripts/gpu_session.sh; STAGES=train TRAIN_STAGES=unet \
+#     SESSION_CONFIG=training/configs/default_model_finetune.yaml bash scripts/gpu_session.sh     (two commands)
+# With STAGES=train the GPU-marked tests run beside the training (GPU_TESTS=1 by default).
 # Locally it runs too (OUT defaults to runs/gpu_session; WHEELS=none PYTHON=.venv/bin/python SESSION_CONFIG=...
 # BENCH_ARGS=... for a smoke test).
 set -uo pipefail
@@ -39,25 +44,39 @@ PY=${PYTHON:-python3}
   $PY -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'diffusers', diffusers.__version__,
 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())"; } 2>&1 | tee -a "$LOG"
 
+STAGES=${STAGES:-bench train}
+TRAIN_STAGES=${TRAIN_STAGES:-vae unet}
+run_gpu_tests() { timeout 300 $PY -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tail -5 >"$OUT/gpu_tests.txt"; }
+
+if [[ " $STAGES " == *" bench "* ]]; then
 say "1/3 serving benchmark (limit ${BENCH_S}s)"
 timeout "$BENCH_S" $PY -m benchmarks.bench_serving ${BENCH_ARGS:---model sd15-random --batches 32,64 --steps 20 \
     --windows 1 --repeats 3} --json "$OUT/bench_serving.json" 2>&1 | grep -v Warning | tee -a "$LOG"
 
 if [ -n "${BENCH2_ARGS:-}" ]; then  # e.g. "--model sd15-random --batches 32,64 --unet-compile max-autotune-no-cudagraphs --unet-buckets 64,128"
-    say "1b/3 serving benchmark, second variant (limit ${BENCH_S}s)"
-    timeout "$BENCH_S" $PY -m benchmarks.bench_serving $BENCH2_ARGS --json "$OUT/bench_serving_2.json" 2>&1 \
+    say "1b/3 serving benchmark, second variant (limit ${BENCH2_S:-$BENCH_S}s)"
+    timeout "${BENCH2_S:-$BENCH_S}" $PY -m benchmarks.bench_serving $BENCH2_ARGS --json "$OUT/bench_serving_2.json" 2>&1 \
         | grep -v Warning | tee -a "$LOG"
 fi
-if [ -n "${GPU_TESTS:-1}" ]; then
+if [ -n "${GPU_TESTS:-1}" ] && [[ " $STAGES " != *" train "* ]]; then
     say "GPU-marked tests"
-    timeout 120 $PY -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tail -3 | tee -a "$LOG"
+    run_gpu_tests; cat "$OUT/gpu_tests.txt" | tee -a "$LOG"
+fi
+fi
+[[ " $STAGES " == *" train "* ]] || { say "done; $(left)s of the budget left"; exit 0; }
+TESTS_PID=
+if [ -n "${GPU_TESTS:-1}" ]; then
+    say "GPU-marked tests, beside the training"
+    run_gpu_tests & TESTS_PID=$!
 fi
 
+if [[ " $TRAIN_STAGES " == *" vae "* ]]; then
 say "2/3 VAE (${VAE_MIN} min)"
 $PY -m training.cli default-model --config "$CONFIG" --stages vae --set "vae.max_minutes=$VAE_MIN" \
     ${SESSION_SET:-} 2>&1 | without_bars | tee -a "$LOG"
+fi
 
-UNET_MIN=$(python3 -c "print(round(max(0.2, ($(left) - $RESERVE_S) / 60), 2))")
+UNET_MIN=${UNET_MIN:-$(python3 -c "print(round(max(0.2, ($(left) - $RESERVE_S) / 60), 2))")}
 say "3/3 text encoder + UNet (${UNET_MIN} min)"
 $PY -m training.cli default-model --config "$CONFIG" --stages unet --set "diffusion.max_minutes=$UNET_MIN" \
     ${SESSION_SET:-} 2>&1 | without_bars | tee -a "$LOG"
@@ -68,6 +87,9 @@ if [ -d "$WORK/pipeline" ]; then
     tar -C "$WORK" -cf - --exclude=tokenizer pipeline | split -b 16000000 - "$OUT/pipeline.tar.part-"
     cat "$WORK/result.json" >>"$LOG" 2>/dev/null
     cp "$WORK/samples_final.png" "$OUT/samples_final.png" 2>/dev/null
+fi
+if [ -n "$TESTS_PID" ]; then
+    wait "$TESTS_PID"; say "GPU-marked tests:"; cat "$OUT/gpu_tests.txt" | tee -a "$LOG"
 fi
 say "done; $(left)s of the budget left"
 ls -la "$OUT" | tee -a "$LOG"

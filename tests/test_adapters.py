@@ -6,7 +6,7 @@ import pytest
 import torch
 from lora_fixtures import make_lora, make_shipped_lora
 
-from sage_core.adapters import AdapterMismatchError, resolve_adapter
+from sage_core.adapters import AdapterMismatchError, load_adapter, resolve_adapter
 from sage_core.models import ModelError, model_fingerprint, tiny_pipeline
 
 
@@ -39,6 +39,13 @@ def test_edge_worker_runs_the_shared_phase_with_the_adapter(tmp_path):
     t = torch.tensor([500, 500])
     with torch.no_grad():
         assert not torch.allclose(plain.pipe.unet(x, t, c).sample, adapted.pipe.unet(x, t, c).sample)
+        merged = adapted.pipe.unet(x, t, c).sample
+    # the server merges the LoRA into the weights: same output as the pipeline with the adapter loaded as layers
+    assert not getattr(adapted.pipe.unet, "peft_config", None)
+    layered = tiny_pipeline(seed=0)
+    load_adapter(layered, adapter)
+    with torch.no_grad():
+        torch.testing.assert_close(merged, layered.unet(x, t, c).sample, rtol=1e-4, atol=1e-5)
 
 
 def test_an_adapter_for_another_base_model_is_refused_by_the_server(tmp_path):

@@ -34,3 +34,33 @@ def test_cpu_fallback_reports_every_batch(tmp_path):
     assert row["shared_unet_evaluations"] == 2 * 2
     assert row["step_saving"] == pytest.approx(1 - (2 + 3 * 3) / (3 * 5))
     assert row["bytes_per_image"] > 0
+
+
+def test_a_caption_stream_runs_through_both_paths(tmp_path):
+    import yaml
+
+    from benchmarks.coco_stream import make_stream
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(["a red bus on a street", "a red bus in a city street", "a cat on a sofa",
+                                  "a dog in the park", "two dogs in a park", "a plate of pasta"]), encoding="utf-8")
+    config = tmp_path / "sim.yaml"
+    config.write_text(yaml.safe_dump({
+        "requests": 8, "prompts": {"dataset": str(prompts), "embedder": "hashed"},
+        "sampling": {"steps": 4, "share": 0.5, "guidance": 7.5},
+        "grouping": {"sharing": "flat", "tau": 0.3, "max_group_size": 4},
+        "policies": [{"name": "flat", "grouping": {"sharing": "flat"}}],
+    }), encoding="utf-8")
+    stream = tmp_path / "stream.npz"
+    meta = make_stream(str(config), "flat", 8, str(stream))
+    assert meta["steps"] == 4 and meta["policy"]["tau"] == 0.3
+    result = main(["--model", "tiny", "--batches", "", "--codec", "fp32", "--stream", str(stream),
+                   "--stream-window", "4", "--stream-windows", "2"])
+    s = result["stream"]
+    assert s["stream"]["requests"] == 8
+    totals = s["totals"]
+    # with sharing, the server runs fewer than all steps and the devices the rest of each trajectory
+    assert 0 < totals["server_evals"] < 8 * 4 * 2
+    assert totals["server_evals"] + totals["device_evals"] <= 8 * 4 * 2
+    assert s["step_saving"] == pytest.approx(1 - (totals["server_evals"] + totals["device_evals"]) / 64)
+    assert s["independent_gpu_s_per_image"] > 0 and s["edge_gpu_s_per_image"] > 0

@@ -9,7 +9,7 @@ import torch
 
 from sage_core.codec import CodecSpec, LatentCodec
 from sage_core.models import tiny_pipeline
-from sage_core.unet_buckets import COMPILE_MODES, BucketedUNet, bucket_for, warm_buckets
+from sage_core.unet_buckets import COMPILE_MODES, BucketedUNet, bucket_for, fuse_layout, warm_buckets
 
 
 def _inputs(pipe, n: int, seed: int = 0):
@@ -101,15 +101,43 @@ def test_bad_compile_settings_are_config_errors():
     assert build_config(None, {"unet_buckets": "8,16"}).unet_buckets == (8, 16)
 
 
+def test_fused_projections_and_channels_last_keep_the_outputs():
+    pipe = tiny_pipeline(seed=0)
+    x, t, c = _inputs(pipe, 3)
+    with torch.no_grad():
+        want = pipe.unet(x, t, encoder_hidden_states=c, return_dict=False)[0]
+        fused = fuse_layout(pipe.unet)
+        got = fused(x, t, encoder_hidden_states=c, return_dict=False)[0]
+    assert any(getattr(m, "fused_projections", False) for m in fused.modules())
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_unet_with_unmerged_lora_layers_is_not_fused(tmp_path):
+    from lora_fixtures import make_lora
+
+    from sage_core.adapters import load_adapter
+
+    pipe = tiny_pipeline(seed=0)
+    load_adapter(pipe, make_lora(tmp_path / "lora"))
+    with pytest.raises(ValueError, match="LoRA"):
+        fuse_layout(pipe.unet)
+
+
 @pytest.mark.gpu
-def test_compiled_buckets_match_eager_on_the_gpu():
+@pytest.mark.parametrize(("mode", "graphs"), [("default", False), ("reduce-overhead", True)])
+def test_compiled_buckets_match_eager_on_the_gpu(mode, graphs):
     from sage_core.unet_buckets import compile_unet
 
     pipe = tiny_pipeline(seed=0).to("cuda")
-    compiled = BucketedUNet(compile_unet(pipe.unet, "default"), (4, 8))
-    warm_buckets(compiled, int(pipe.unet.config.sample_size))
     x, t, c = (v.to("cuda") for v in _inputs(pipe, 6))
-    with torch.no_grad():
+    x2 = torch.randn_like(x)
+    with torch.inference_mode():
         want = pipe.unet(x, t, encoder_hidden_states=c, return_dict=False)[0]
+        want2 = pipe.unet(x2, t, encoder_hidden_states=c, return_dict=False)[0]
+    compiled = BucketedUNet(compile_unet(pipe.unet, mode), (4, 8), graphs=graphs)
+    warm_buckets(compiled, int(pipe.unet.config.sample_size))
+    with torch.inference_mode():
         got = compiled(x, t, encoder_hidden_states=c)[0]
+        got2 = compiled(x2, t, encoder_hidden_states=c)[0]  # a replay must not overwrite the first output
     torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(got2, want2, rtol=1e-3, atol=1e-3)
