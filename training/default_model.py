@@ -681,7 +681,8 @@ def train_unet(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, dc.grad_clip)
         opt.step()
-        decay = min(dc.ema_decay, (1 + step) / (10 + step))
+        # a model continued from trained weights keeps its EMA at full decay; a fresh one warms it up
+        decay = dc.ema_decay if dc.init_from else min(dc.ema_decay, (1 + step) / (10 + step))
         ema_update(ema_text, text_encoder, decay)
         ema_update(ema_unet, unet, decay)
         step += 1
