@@ -155,6 +155,40 @@ def timed_edge_path(worker, job, repeats: int) -> tuple[float, float, float, tup
         worker.unet = bare
 
 
+def profile_edge_path(worker, job, path: str) -> None:
+    """One edge-path window under cProfile (host time by function, cumulative and own) and, on CUDA, the number
+    of host-device synchronisations it makes (torch.cuda sync debug mode); written as text to `path`."""
+    import cProfile
+    import io
+    import pstats
+    import threading
+    import warnings
+
+    worker._run_bucket(job, threading.Event())  # warm
+    sync(str(worker.pipe.unet.device))
+    cuda = str(worker.pipe.unet.device).startswith("cuda")
+    profiler = cProfile.Profile()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if cuda:
+            torch.cuda.set_sync_debug_mode("warn")
+        profiler.enable()
+        worker._run_bucket(job, threading.Event())
+        sync(str(worker.pipe.unet.device))
+        profiler.disable()
+        if cuda:
+            torch.cuda.set_sync_debug_mode(0)
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    out = io.StringIO()
+    out.write(f"edge path, {len(job.members)} prompts: {len(syncs)} host-device synchronisations"
+              f"{' (CUDA)' if cuda else ' (not counted on a CPU)'}\n")
+    for key in ("cumulative", "tottime"):
+        out.write(f"\n--- sorted by {key} ---\n")
+        pstats.Stats(profiler, stream=out).sort_stats(key).print_stats(40)
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(out.getvalue())
+
+
 def workload(batch: int, mean_group: float) -> list[str]:
     """`batch` prompts made of paraphrase-identical repeats, so groups of about `mean_group` form whatever the
     text encoder's weights (random ones included)."""
@@ -338,6 +372,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--stream", default=None, help="also run this caption stream (benchmarks.coco_stream)")
     parser.add_argument("--stream-window", type=int, default=64, help="requests per window of the stream")
     parser.add_argument("--stream-windows", type=int, default=2, help="windows of the stream to run")
+    parser.add_argument("--profile", default=None, help="write a host profile of one edge-path window (last batch)")
     parser.add_argument("--json", default=None, help="write the rows and environment here")
     return parser.parse_args(argv)
 
@@ -359,6 +394,11 @@ def main(argv: list[str] | None = None) -> dict:
         print_row(row)
         result["rows"].append(asdict(row))
         write_json(result, args.json)  # after every row, so a run cut short keeps what it measured
+    if args.profile and result["rows"]:
+        last = result["rows"][-1]["batch"]
+        job = bucket_job(worker, workload(last, args.mean_group), args.steps, args.share, args.guidance, args.codec)
+        profile_edge_path(worker, job, args.profile)
+        print(f"wrote a profile of one {last}-prompt edge-path window to {args.profile}", flush=True)
     if args.stream:
         result["stream"] = measure_stream(args, worker)
         print_stream(result["stream"])

@@ -25,9 +25,13 @@ def test_cpu_fallback_reports_every_batch(tmp_path):
             "fp32",
             "--json",
             str(out),
+            "--profile",
+            str(tmp_path / "profile.txt"),
         ]
     )
     assert out.is_file()
+    profile = (tmp_path / "profile.txt").read_text()
+    assert "edge path, 3 prompts" in profile and "_run_bucket" in profile
     (row,) = result["rows"]
     assert row["batch"] == 3 and row["unet_ms_per_sample"] > 0
     # 3 prompts of one paraphrase-identical group (mean group 2.8 -> 1 distinct prompt): k = 2 shared steps once
