@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from device_client.config import ADAPTER_AUTO, DeviceConfig
+from device_client.config import DEFAULT_ADAPTER_CHOICE, DeviceConfig
 
 main = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
 
@@ -38,8 +38,8 @@ def generate_cmd(
         typer.Option("--model", help="pipeline folder or 'tiny'; default: the shipped model (tiny until it exists)"),
     ] = None,
     adapter: Annotated[
-        str, typer.Option("--adapter", help="SAGE LoRA folder, 'auto' (shipped if present), 'none'")
-    ] = ADAPTER_AUTO,
+        str, typer.Option("--adapter", help="SAGE LoRA folder, 'auto' (the shipped one if made for this model), 'none'")
+    ] = DEFAULT_ADAPTER_CHOICE,
     fallback_local: Annotated[
         bool, typer.Option("--fallback-local", help="sample locally if the server is unreachable")
     ] = False,
@@ -116,7 +116,9 @@ def demo_cmd(
         str | None,
         typer.Option("--model", help="pipeline folder or 'tiny'; default: the shipped model (tiny until it exists)"),
     ] = None,
-    adapter: Annotated[str, typer.Option("--adapter", help="SAGE LoRA folder, 'auto' or 'none'")] = ADAPTER_AUTO,
+    adapter: Annotated[
+        str, typer.Option("--adapter", help="SAGE LoRA folder, 'auto' or 'none'")
+    ] = DEFAULT_ADAPTER_CHOICE,
     steps: Annotated[int, typer.Option("--steps", min=0, help="sampler steps; 0: server default")] = 0,
     seed: Annotated[int, typer.Option("--seed", min=0, help="base seed: prompt i asks for seed + i")] = 0,
     max_wait_ms: Annotated[float, typer.Option("--max-wait-ms", help="server batching window")] = 500.0,

@@ -5,7 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from device_client.channel import is_loopback
-from sage_core.adapters import ADAPTER_AUTO, ADAPTER_NONE  # noqa: F401  (re-exported for the CLIs)
+from sage_core.adapters import (  # noqa: F401  (re-exported for the CLIs)
+    ADAPTER_AUTO,
+    ADAPTER_NONE,
+    DEFAULT_ADAPTER_CHOICE,
+)
 from sage_core.codec import LOSSLESS_MODES, MODES
 from sage_core.sampler import MAX_STEPS, SCHEDULERS
 
@@ -19,7 +23,7 @@ class DeviceConfig:
 
     server: str | None = None  # "host:port" of the edge server; None: local sampling only
     model: str | None = None  # pipeline folder, "tiny", or None for the shipped default model
-    adapter: str = ADAPTER_AUTO  # SAGE LoRA folder, "auto" or "none"
+    adapter: str = DEFAULT_ADAPTER_CHOICE  # SAGE LoRA folder, "auto" (the shipped one if made for this model) or "none"
     device: str = "cpu"  # where the branch phase and the VAE run
     steps: int = 0
     guidance: float | None = None

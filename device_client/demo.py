@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from device_client.config import ADAPTER_AUTO, TINY_MODEL, DeviceConfig
+from device_client.config import DEFAULT_ADAPTER_CHOICE, TINY_MODEL, DeviceConfig
 from device_client.server_process import EdgeServerProcess, ServerStartError
 from sage_core.outputs import atomic_output_dir
 
@@ -39,7 +39,7 @@ class DemoConfig:
     out_dir: Path
     n_clients: int = 8
     model: str | None = None  # None: the shipped default model if present, else the tiny random pipeline
-    adapter: str = ADAPTER_AUTO
+    adapter: str = DEFAULT_ADAPTER_CHOICE
     steps: int = 0  # 0: server default
     seed: int = 0  # prompt i asks for seed + i
     max_wait_ms: float = 500.0  # server batching window: long enough for the clients' first requests to meet

@@ -72,7 +72,8 @@ def serve(
         str | None, typer.Option(help="bearer tokens, one per line ('token' or 'client_id:token')")
     ] = None,
     adapter: Annotated[
-        str | None, typer.Option(help="SAGE LoRA for the shared phase: 'auto' (the shipped one), 'none' or a folder")
+        str | None,
+        typer.Option(help="SAGE LoRA for the shared phase: 'none' (default), 'auto' (the shipped one) or a folder"),
     ] = None,
     model_sha256: Annotated[
         str | None,

@@ -40,7 +40,8 @@ class ServerConfig:
     port: int = 50051  # 0: pick a free port (printed as `SAGE_EDGE_LISTENING port=N`)
     # model and workers
     model: str = "default"  # "default": the shipped model; "tiny": a tiny random pipeline (tests); or a folder
-    adapter: str = "auto"  # SAGE LoRA: "auto" (the shipped one when made for this model), "none" or a folder
+    adapter: str = "none"  # SAGE LoRA: "none" (sage_core.adapters.DEFAULT_ADAPTER_CHOICE), "auto" (the shipped one
+    # when made for this model) or a folder
     dtype: str = "auto"  # "auto": float16 on CUDA, float32 on CPU; or "float32" / "float16" / "bfloat16"
     ray_address: str | None = None  # None: start a local Ray; "auto" or "host:port": join that cluster
     ray_num_cpus: int = 2  # CPUs of a local Ray (ignored when joining a cluster)

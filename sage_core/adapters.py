@@ -22,6 +22,10 @@ INFO_FILE = "sage_adapter.json"
 DEFAULT_ADAPTER_DIR = DEFAULT_MODEL_DIR.parent / "sage_adapter"
 ADAPTER_AUTO = "auto"
 ADAPTER_NONE = "none"
+# What devices and the server apply unless told otherwise. "none": on the shipped default model the shipped SAGE
+# adapter lowers prompt fidelity (position 97 % -> 62 % with independent sampling, 62 % -> 31 % with shared
+# sampling; docs/results/sage_training/README.md), so it is opt-in (`--adapter auto` or a folder).
+DEFAULT_ADAPTER_CHOICE = ADAPTER_NONE
 
 
 class AdapterMismatchError(ModelError):

@@ -102,3 +102,12 @@ def test_a_worker_error_from_ray_is_reduced_to_its_message():
         "sage_core.models.ModelError: adapter folder /nope does not exist\n"
     )
     assert actor_error_reason(RuntimeError(text)) == "adapter folder /nope does not exist"
+
+
+def test_devices_and_server_apply_no_adapter_unless_asked():
+    from device_client.config import DeviceConfig
+    from edge_server.config import ServerConfig
+    from sage_core.adapters import ADAPTER_NONE, DEFAULT_ADAPTER_CHOICE
+
+    assert DEFAULT_ADAPTER_CHOICE == ADAPTER_NONE  # measured: the shipped adapter lowers fidelity on this model
+    assert ServerConfig().adapter == DeviceConfig(server="127.0.0.1:1").adapter == DEFAULT_ADAPTER_CHOICE
