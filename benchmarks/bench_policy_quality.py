@@ -31,7 +31,8 @@ POLICIES = {
 
 
 def serve_stream(
-    policy: dict, prompts: list[str], window: int, steps: int, model: str, schedule: tuple | None = None
+    policy: dict, prompts: list[str], window: int, steps: int, model: str, schedule: tuple | None = None,
+    shared_condition: str = "mean",
 ) -> tuple[np.ndarray, dict]:
     """Final images of every prompt served under `policy` (adaptive depths from `schedule` when given, else the
     server's default), and the steps the server and devices ran."""
@@ -48,6 +49,7 @@ def serve_stream(
         max_group_size=policy.get("max_group_size", 5),
         cache_mb=policy["cache_mb"],
         adapter="none",
+        shared_condition=shared_condition,
         **({"depth_schedule": schedule} if schedule else {}),
     )
     worker = EdgeWorker(config)
@@ -92,6 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--policies", default=",".join(POLICIES))
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--depth-schedule", default=None, help="JSON of benchmarks.calibrate_depth (its schedule)")
+    parser.add_argument("--shared-condition", default="mean", help="what shared steps run on: mean or medoid")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     schedule = None
@@ -106,7 +109,8 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     for name in args.policies.split(","):
         start = time.perf_counter()
-        images, counts = serve_stream(POLICIES[name], prompts, args.window, args.steps, args.model, schedule)
+        images, counts = serve_stream(POLICIES[name], prompts, args.window, args.steps, args.model, schedule,
+                                      args.shared_condition)
         preds, feats = judges.oracle_outputs(oracle, images)
         fidelity = judges.prompt_fidelity(preds, examples)
         total = counts["server_steps"] + counts["device_steps"]

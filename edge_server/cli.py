@@ -47,6 +47,9 @@ def serve(
     max_group_size: Annotated[int | None, typer.Option(help="grouping: largest group")] = None,
     sharing: Annotated[str | None, typer.Option(help="'flat' (Algorithm 1) or 'adaptive' (hierarchical depth)")] = None,
     cache_mb: Annotated[float | None, typer.Option(help="cross-window latent cache size in MiB (0: off)")] = None,
+    shared_condition: Annotated[
+        str | None, typer.Option(help="a group's shared steps run on its 'medoid' member (default) or the 'mean'")
+    ] = None,
     default_steps: Annotated[int | None, typer.Option(help="steps when a request says 0")] = None,
     default_share: Annotated[float | None, typer.Option(help="sharing ratio when a request leaves it unset")] = None,
     codecs: Annotated[str | None, typer.Option(help="codec preference, comma-separated (e.g. fp32,fp16,int8)")] = None,

@@ -19,6 +19,7 @@ import yaml
 # Mirrors of sage_core.sampler.SCHEDULERS and sage_core.codec.{MODES, LOSSLESS_MODES} (checked by a test).
 KNOWN_SCHEDULERS: tuple[str, ...] = ("ddim", "dpmpp", "euler")
 SHARING_MODES: tuple[str, ...] = ("flat", "adaptive")
+SHARED_CONDITIONS: tuple[str, ...] = ("mean", "medoid")  # sage_core.sampler.SHARED_CONDITIONS (no torch import here)
 KNOWN_CODECS: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8", "int6", "int5", "int4", "fp8")
 BUILTIN_MODELS: tuple[str, ...] = ("default", "tiny", "sd15-random")  # model names that are not folders
 COMPILE_MODES: tuple[str, ...] = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -62,6 +63,9 @@ class ServerConfig:
     adaptive_max_sizes: tuple[int, ...] = (16, 8, 5)
     depth_schedule: tuple[tuple[float, float], ...] = ((0.70, 0.0), (0.80, 0.2), (0.90, 0.4), (0.97, 0.5))
     cache_mb: float = 0.0  # cross-window latent cache (sage_core.latent_cache); 0: off
+    # what a group's shared steps run on: "medoid" (the member closest to the others; measured better on the
+    # shipped model) or "mean" (the paper's mean of the members' token embeddings)
+    shared_condition: str = "medoid"
     # sampling defaults (used when a request leaves a field unset)
     default_steps: int = 30
     default_guidance: float = 7.5
@@ -136,6 +140,8 @@ def _problems(c: ServerConfig) -> list[str]:
     need(-1.0 <= c.tau <= 1.0, f"tau must be a cosine similarity in [-1, 1], got {c.tau}")
     need(c.max_group_size >= 1, f"max_group_size must be >= 1, got {c.max_group_size}")
     need(c.sharing in SHARING_MODES, f"sharing must be one of {', '.join(SHARING_MODES)}, got {c.sharing!r}")
+    need(c.shared_condition in SHARED_CONDITIONS,
+         f"shared_condition must be one of {', '.join(SHARED_CONDITIONS)}, got {c.shared_condition!r}")
     need(
         len(c.adaptive_taus) == len(c.adaptive_max_sizes) > 0 and list(c.adaptive_taus) == sorted(c.adaptive_taus),
         "adaptive_taus must go from loose to tight, one adaptive_max_sizes entry each",

@@ -278,7 +278,8 @@ class EdgeWorker:
 
         s, pipe = job.settings, self.pipe
         config = SamplingConfig(
-            steps=s.steps, guidance=s.guidance, share=0.0, scheduler=s.scheduler, height=s.height, width=s.width
+            steps=s.steps, guidance=s.guidance, share=0.0, scheduler=s.scheduler, height=s.height, width=s.width,
+            shared_condition=self.config.shared_condition,
         )
         prompts = [m.prompt for m in job.members]
         # 1. encode and plan the groups (lines 1-2); no group shares more than any member asked for

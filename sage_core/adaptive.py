@@ -194,6 +194,19 @@ def deliveries(roots: Sequence[GroupNode]) -> list[Delivery]:
     return [Delivery(nodes[k], tuple(ms), owned.get(k, 0)) for k, ms in by_node.items()]
 
 
+def group_condition(cond: torch.Tensor, members: Sequence[int], mode: str) -> torch.Tensor:
+    """What a group's shared steps are conditioned on, [1, L, D]: "mean" of its members' token embeddings, or
+    "medoid": the embeddings of the member with the highest summed cosine similarity (over the flattened token
+    embeddings) to the members, the first such member on a tie."""
+    group = cond[list(members)]
+    if mode == "mean":
+        return group.mean(dim=0, keepdim=True)
+    if mode != "medoid":
+        raise ValueError(f"unknown shared condition {mode!r}; expected 'mean' or 'medoid'")
+    flat = torch.nn.functional.normalize(group.flatten(1).float(), dim=1)
+    return group[int((flat @ flat.T).sum(dim=1).argmax())].unsqueeze(0)
+
+
 def run_shared_plan(
     unet,
     scheduler_config: dict,
@@ -211,7 +224,7 @@ def run_shared_plan(
     points: dict[int, BranchPoint] = {}
     for depth, level in enumerate(levels(roots)):
         begin = [starts[root_of[id(n)]] if depth == 0 else points[id(n.parent)] for n in level]
-        means = [cond[n.members].mean(dim=0, keepdim=True) for n in level]
+        means = [group_condition(cond, n.members, config.shared_condition) for n in level]
         stops = [n.depth for n in level]
         labels = [root_of[id(n)] for n in level]
         ends = advance(unet, scheduler_config, begin, means, uncond, config, stops, counter, labels)

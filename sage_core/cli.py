@@ -51,6 +51,9 @@ def generate(
     tau: Annotated[float, typer.Option(help="cosine similarity every pair of a group must reach")] = 0.8,
     max_group: Annotated[int, typer.Option(help="largest group")] = 5,
     scheduler: Annotated[str, typer.Option(help="ddim, dpmpp or euler")] = "ddim",
+    shared_condition: Annotated[
+        str, typer.Option(help="a group's shared steps run on its 'medoid' member or the 'mean' (the paper)")
+    ] = "medoid",
     seed: Annotated[int, typer.Option(help="base seed: a group's noise uses seed + its first prompt's index")] = 0,
     model: Annotated[Path | None, typer.Option(help="diffusers SD pipeline folder (default: shipped model)")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace a non-empty output folder")] = False,
@@ -64,7 +67,8 @@ def generate(
     from sage_core.sampler import SamplingConfig
 
     try:
-        config = SamplingConfig(steps=steps, guidance=guidance, share=share, scheduler=scheduler)
+        config = SamplingConfig(steps=steps, guidance=guidance, share=share, scheduler=scheduler,
+                                shared_condition=shared_condition)
         grouping = GroupingConfig(tau=tau, max_group_size=max_group)
         texts = read_prompts(prompts)
         check_prompts(texts)

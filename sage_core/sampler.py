@@ -18,6 +18,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 SCHEDULERS = {"ddim": DDIMScheduler, "dpmpp": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler}
 MAX_STEPS = 1000
+SHARED_CONDITIONS = ("mean", "medoid")  # what a group's shared steps are conditioned on (sage_core.adaptive)
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,8 @@ class SamplingConfig:
     The branch point is given either as a sharing ratio `share` (beta = (T - T*)/T) or as `shared_steps`.
     Guidance omega(t) is `guidance` at the first step, moving linearly to `guidance_end` at the last (constant
     when `guidance_end` is None). Classifier-free guidance is off when omega <= 1 throughout, as in diffusers.
+    A group's shared steps run on `shared_condition`: "mean", the mean of its members' token embeddings (the
+    paper's c-bar), or "medoid", the embeddings of the member closest to all the others.
     """
 
     steps: int = 30
@@ -37,6 +40,7 @@ class SamplingConfig:
     height: int | None = None
     width: int | None = None
     guidance_end: float | None = None
+    shared_condition: str = "mean"
 
     def __post_init__(self) -> None:
         if not 1 <= self.steps <= MAX_STEPS:
@@ -45,6 +49,9 @@ class SamplingConfig:
             raise ValueError(f"share (beta) must be in [0, 1], got {self.share}")
         if self.shared_steps is not None and not 0 <= self.shared_steps <= self.steps:
             raise ValueError(f"shared_steps must be in [0, steps={self.steps}], got {self.shared_steps}")
+        if self.shared_condition not in SHARED_CONDITIONS:
+            raise ValueError(f"shared_condition must be one of {', '.join(SHARED_CONDITIONS)}, "
+                             f"got {self.shared_condition!r}")
         if self.scheduler not in SCHEDULERS:
             raise ValueError(f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
         for g in (self.guidance, self.guidance_end):
