@@ -24,6 +24,7 @@ from device_client.client import DeviceClient, DeviceError, DeviceModel, DeviceR
 from device_client.config import DeviceConfig
 from device_client.demo import run_demo
 from device_client.server_process import EdgeServerProcess
+from edge_server.config import ServerConfig
 from sage_core.generate import generate
 from sage_core.grouping import GroupingConfig
 from sage_core.models import tiny_pipeline
@@ -110,7 +111,8 @@ def test_transparency_server_plus_device_equals_local_sampler(burst, model):
         # the group's noise is its first member's seed; put that member first, as the server's grouping does
         first = next(i for i in idx if 100 + i == meta["seed"])
         order = [first, *[i for i in idx if i != first]]
-        config = SamplingConfig(steps=STEPS, guidance=meta["guidance"], shared_steps=meta["branch_step"])
+        config = SamplingConfig(steps=STEPS, guidance=meta["guidance"], shared_steps=meta["branch_step"],
+                                shared_condition=ServerConfig().shared_condition)  # the server runs its default
         ref = generate(model.pipe, [BURST[i] for i in order], config, GroupingConfig(), seed=meta["seed"],
                        groups=[list(range(len(order)))])  # fmt: skip
         for j, i in enumerate(order):
