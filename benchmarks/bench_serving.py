@@ -196,14 +196,15 @@ def workload(batch: int, mean_group: float) -> list[str]:
     return [f"scene number {i % distinct} with a red object" for i in range(batch)]
 
 
-def make_worker(model: str, dtype: str, tau: float, compile_mode: str = "none", buckets: str = ""):
+def make_worker(model: str, dtype: str, tau: float, compile_mode: str = "none", buckets: str = "",
+                tuned: bool = False):
     """An edge worker (the Ray actor's class, used in-process) holding the model, its shared-phase UNet compiled
     and bucketed as the server would run it."""
     from edge_server.config import build_config
     from edge_server.worker import EdgeWorker
 
     settings = {"model": model, "dtype": dtype, "tau": tau, "max_group_size": 5, "ray_num_cpus": 2,
-                "unet_compile": compile_mode, "unet_buckets": buckets}
+                "unet_compile": compile_mode, "unet_buckets": buckets, "unet_compile_tuning": tuned}
     return EdgeWorker(build_config(None, settings))
 
 
@@ -334,7 +335,8 @@ def environment(worker) -> dict:
 def print_header(env: dict) -> None:
     """The table's heading: device, versions, columns."""
     print(f"device {env['device']}  dtype {env['dtype']}  torch {env['torch']}  diffusers {env['diffusers']}  "
-          f"unet_compile {env.get('unet_compile', 'none')}  buckets {env.get('unet_buckets') or '-'}  "
+          f"unet_compile {env.get('unet_compile', 'none')}{' (tuned)' if env.get('unet_compile_tuning') else ''}  "
+          f"buckets {env.get('unet_buckets') or '-'}  "
           f"worker start {env.get('worker_start_s', 0.0):.1f} s")
     print(
         "batch  unet ms/sample  floor  indep s  indep GPU-s/img  edge s  edge UNet s  rows/call  edge GPU-s/img"
@@ -369,6 +371,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--peak-tflops", type=float, default=800.0, help="dense fp16 peak for the floor")
     parser.add_argument("--unet-compile", default="none", help="torch.compile mode of the shared-phase UNet")
     parser.add_argument("--unet-buckets", default="", help="fixed UNet batch sizes (CFG rows), comma-separated")
+    parser.add_argument("--unet-compile-tuning", action="store_true", help="TorchInductor options for diffusion")
     parser.add_argument("--stream", default=None, help="also run this caption stream (benchmarks.coco_stream)")
     parser.add_argument("--stream-window", type=int, default=64, help="requests per window of the stream")
     parser.add_argument("--stream-windows", type=int, default=2, help="windows of the stream to run")
@@ -384,8 +387,10 @@ def main(argv: list[str] | None = None) -> dict:
     diffusers.utils.logging.set_verbosity_error()
     args = parse_args(argv)
     start = time.perf_counter()
-    worker = make_worker(args.model, args.dtype, tau=0.99, compile_mode=args.unet_compile, buckets=args.unet_buckets)
+    worker = make_worker(args.model, args.dtype, tau=0.99, compile_mode=args.unet_compile, buckets=args.unet_buckets,
+                         tuned=args.unet_compile_tuning)
     env = environment(worker) | {"unet_compile": args.unet_compile, "unet_buckets": args.unet_buckets,
+                                 "unet_compile_tuning": args.unet_compile_tuning,
                                  "worker_start_s": time.perf_counter() - start}
     print_header(env)
     result: dict = {"environment": env, "settings": vars(args), "rows": []}

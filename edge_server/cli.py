@@ -59,6 +59,9 @@ def serve(
     unet_buckets: Annotated[
         str | None, typer.Option(help="fixed UNet batch sizes, comma-separated (CFG rows), warmed at start")
     ] = None,
+    unet_compile_tuning: Annotated[
+        bool | None, typer.Option(help="with --unet-compile: 1x1 convs as matmuls, coordinate-descent tuning")
+    ] = None,
     chunk_size: Annotated[int | None, typer.Option(help="bytes per LatentChunk")] = None,
     max_streams_per_client: Annotated[
         int | None, typer.Option(help="open RequestImage streams per client before RESOURCE_EXHAUSTED")

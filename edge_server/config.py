@@ -82,6 +82,7 @@ class ServerConfig:
     # (UNet rows, CFG included) warmed at start, so compilation never lands on a request; () = no padding
     unet_compile: str = "none"
     unet_buckets: tuple[int, ...] = ()
+    unet_compile_tuning: bool = False  # TorchInductor options for diffusion UNets (sage_core.unet_buckets)
     zstd_level: int = 3
     chunk_size: int = 256 * 1024
     # security (docs/deployment.md): TLS when tls_cert + tls_key are set, mutual TLS when tls_client_ca is too;

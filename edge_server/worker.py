@@ -198,7 +198,8 @@ def serving_unet(pipe: Any, config: ServerConfig) -> Any:
 
     if config.unet_compile == "none" and not config.unet_buckets:
         return pipe.unet
-    unet = BucketedUNet(compile_unet(pipe.unet, config.unet_compile), config.unet_buckets or DEFAULT_BUCKETS,
+    compiled = compile_unet(pipe.unet, config.unet_compile, tuned=config.unet_compile_tuning)
+    unet = BucketedUNet(compiled, config.unet_buckets or DEFAULT_BUCKETS,
                         graphs=config.unet_compile in CUDAGRAPH_MODES)
     warm_buckets(unet, int(pipe.unet.config.sample_size))
     return unet

@@ -86,8 +86,23 @@ class BucketedUNet(UNetProxy):
         return (torch.cat(outs) if len(outs) > 1 else outs[0],)
 
 
-def compile_unet(unet: Any, mode: str) -> Any:
-    """torch.compile the UNet with fixed shapes (`mode` one of COMPILE_MODES; "none" returns it unchanged).
+def inductor_tuning() -> dict[str, Any]:
+    """Set TorchInductor's options for convolution-heavy diffusion UNets (1x1 convolutions as matmuls, coordinate-
+    descent tuning of the generated kernels, no epilogue fusion: the settings of PyTorch's "Accelerating
+    Generative AI III: Diffusion, Fast"); process-wide. Returns the settings it changed, with their old values."""
+    import torch._inductor.config as inductor
+
+    wanted = {"conv_1x1_as_mm": True, "coordinate_descent_tuning": True,
+              "coordinate_descent_check_all_directions": True, "epilogue_fusion": False}
+    old = {name: getattr(inductor, name) for name in wanted}
+    for name, value in wanted.items():
+        setattr(inductor, name, value)
+    return old
+
+
+def compile_unet(unet: Any, mode: str, tuned: bool = False) -> Any:
+    """torch.compile the UNet with fixed shapes (`mode` one of COMPILE_MODES; "none" returns it unchanged), with
+    `inductor_tuning()` first when `tuned`.
     Compiling first fuses each attention's q/k/v projections into one matmul and stores the weights
     channels-last (both in place; the UNet's outputs stay the same up to rounding). A UNet with unmerged
     LoRA layers is refused: fusing would drop them (merge the adapter first)."""
@@ -95,6 +110,8 @@ def compile_unet(unet: Any, mode: str) -> Any:
         raise ValueError(f"compile mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
     if mode == "none":
         return unet
+    if tuned:
+        inductor_tuning()
     return torch.compile(fuse_layout(unet), mode=mode, dynamic=False)
 
 

@@ -141,3 +141,18 @@ def test_compiled_buckets_match_eager_on_the_gpu(mode, graphs):
         got2 = compiled(x2, t, encoder_hidden_states=c)[0]  # a replay must not overwrite the first output
     torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(got2, want2, rtol=1e-3, atol=1e-3)
+
+
+def test_inductor_tuning_sets_the_diffusion_options_and_reports_the_old_ones():
+    import torch._inductor.config as inductor
+
+    from sage_core.unet_buckets import inductor_tuning
+
+    old = inductor_tuning()
+    try:
+        assert set(old) == {"conv_1x1_as_mm", "coordinate_descent_tuning", "coordinate_descent_check_all_directions",
+                            "epilogue_fusion"}
+        assert inductor.conv_1x1_as_mm and inductor.coordinate_descent_tuning and not inductor.epilogue_fusion
+    finally:
+        for name, value in old.items():
+            setattr(inductor, name, value)
