@@ -10,6 +10,10 @@
 #   STAGES=bench bash scripts/gpu_session.sh; STAGES=train TRAIN_STAGES=unet \
 #     SESSION_CONFIG=training/configs/default_model_finetune.yaml bash scripts/gpu_session.sh     (two commands)
 # With STAGES=train the GPU-marked tests run beside the training (GPU_TESTS=1 by default).
+# The `device` tool sends at most 64 MiB (tracked files + carried .whl); the repository with its model, judges and
+# wheels is over that. Before the call, remove what the lease does not read (git restores it afterwards):
+#   rm -f training/assets/judges/*.safetensors sage_core/assets/default_model/tokenizer/tokenizer.json
+#   rm -rf docs sage_core/assets/sage_adapter      # after the call: git checkout -- training/assets docs sage_core/assets
 # Locally it runs too (OUT defaults to runs/gpu_session; WHEELS=none PYTHON=.venv/bin/python SESSION_CONFIG=...
 # BENCH_ARGS=... for a smoke test).
 set -uo pipefail
