@@ -164,9 +164,10 @@ def profile_edge_path(worker, job, path: str) -> None:
     import threading
     import warnings
 
+    device = str(worker.pipe.unet.device)
+    cuda = device.startswith("cuda")
     worker._run_bucket(job, threading.Event())  # warm
-    sync(str(worker.pipe.unet.device))
-    cuda = str(worker.pipe.unet.device).startswith("cuda")
+    sync(device)
     profiler = cProfile.Profile()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -174,7 +175,7 @@ def profile_edge_path(worker, job, path: str) -> None:
             torch.cuda.set_sync_debug_mode("warn")
         profiler.enable()
         worker._run_bucket(job, threading.Event())
-        sync(str(worker.pipe.unet.device))
+        sync(device)
         profiler.disable()
         if cuda:
             torch.cuda.set_sync_debug_mode(0)
@@ -283,7 +284,6 @@ def measure_stream(args: argparse.Namespace, worker) -> dict:
     stock.set_progress_bar_config(disable=True)
     device, window, steps, cfg = str(worker.pipe.unet.device), args.stream_window, meta["steps"], 2
     n = min(len(prompts), window * args.stream_windows)
-    stock(prompts[:window], num_inference_steps=2, guidance_scale=meta["guidance"], output_type="latent")  # warm-up
     totals = dict.fromkeys(("independent_s", "edge_s", "edge_unet_s", "server_evals", "device_evals"), 0.0)
     for lo in range(0, n, window):
         batch = prompts[lo : lo + window]

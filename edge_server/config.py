@@ -16,10 +16,11 @@ from typing import Any
 
 import yaml
 
-# Mirrors of sage_core.sampler.SCHEDULERS and sage_core.codec.{MODES, LOSSLESS_MODES} (checked by a test).
+# Mirrors of sage_core.sampler.{SCHEDULERS, SHARED_CONDITIONS} and sage_core.codec.{MODES, LOSSLESS_MODES} (checked
+# by tests): the front end does not import torch.
 KNOWN_SCHEDULERS: tuple[str, ...] = ("ddim", "dpmpp", "euler")
 SHARING_MODES: tuple[str, ...] = ("flat", "adaptive")
-SHARED_CONDITIONS: tuple[str, ...] = ("mean", "medoid")  # sage_core.sampler.SHARED_CONDITIONS (no torch import here)
+SHARED_CONDITIONS: tuple[str, ...] = ("mean", "medoid")
 KNOWN_CODECS: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8", "int6", "int5", "int4", "fp8")
 BUILTIN_MODELS: tuple[str, ...] = ("default", "tiny", "sd15-random")  # model names that are not folders
 COMPILE_MODES: tuple[str, ...] = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
