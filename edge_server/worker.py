@@ -309,7 +309,7 @@ class EdgeWorker:
                 starts.append(BranchPoint(noise, 0))
                 seeds.append(lead.seed)
                 cached.append(0)
-        # 3. the plan's shared steps, each level of groups in one batched UNet call per step (lines 4-8)
+        # 3. the plan's shared steps, all groups of every level in one batched UNet call per round (lines 4-8)
         unet = _PacedUNet(self.unet, stop, self.config.worker_step_delay_ms / 1000.0)
         with torch.inference_mode():
             points = run_shared_plan(unet, pipe.scheduler.config, roots, starts, cond, uncond, config)

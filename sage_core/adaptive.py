@@ -133,7 +133,7 @@ def leaf_of(roots: Sequence[GroupNode]) -> dict[int, GroupNode]:
 
 
 def levels(roots: Sequence[GroupNode]) -> list[list[GroupNode]]:
-    """Nodes by level, roots first: each level runs as one batched `advance` call."""
+    """Nodes by level, roots first (parents before their children)."""
     out: list[list[GroupNode]] = []
     frontier = list(roots)
     while frontier:
@@ -207,6 +207,13 @@ def group_condition(cond: torch.Tensor, members: Sequence[int], mode: str) -> to
     return group[int((flat @ flat.T).sum(dim=1).argmax())].unsqueeze(0)
 
 
+def plan_nodes(roots: Sequence[GroupNode]) -> tuple[list[GroupNode], list[int | None]]:
+    """Every node of a plan, parents before children, and each node's parent as a position in that list."""
+    nodes = [n for level in levels(roots) for n in level]
+    position = {id(n): i for i, n in enumerate(nodes)}
+    return nodes, [None if n.parent is None else position[id(n.parent)] for n in nodes]
+
+
 def run_shared_plan(
     unet,
     scheduler_config: dict,
@@ -217,19 +224,18 @@ def run_shared_plan(
     config: SamplingConfig,
     counter: UNetCounter | None = None,
 ) -> dict[int, BranchPoint]:
-    """The shared part of a plan, level by level: each level's groups in one batched `advance` on their mean
-    embeddings, the roots from `starts` (noise at step 0, or a cached latent), the others from their parent's
-    point. Evaluations are counted under each node's root index. Returns id(node) -> its point."""
+    """The shared part of a plan in one batched `advance`: every node on its group condition, the roots from
+    `starts` (noise at step 0, or a cached latent), every other node from its parent's end, joining the loop in
+    the round its parent finishes (so the plan takes as many UNet calls as its longest chain of shared steps).
+    Evaluations are counted under each node's root index. Returns id(node) -> its point."""
     root_of = root_index(roots)
-    points: dict[int, BranchPoint] = {}
-    for depth, level in enumerate(levels(roots)):
-        begin = [starts[root_of[id(n)]] if depth == 0 else points[id(n.parent)] for n in level]
-        means = [group_condition(cond, n.members, config.shared_condition) for n in level]
-        stops = [n.depth for n in level]
-        labels = [root_of[id(n)] for n in level]
-        ends = advance(unet, scheduler_config, begin, means, uncond, config, stops, counter, labels)
-        points.update({id(n): p for n, p in zip(level, ends, strict=True)})
-    return points
+    nodes, parents = plan_nodes(roots)
+    begin = [starts[root_of[id(n)]] if n.parent is None else None for n in nodes]
+    conds = [group_condition(cond, n.members, config.shared_condition) for n in nodes]
+    labels = [root_of[id(n)] for n in nodes]
+    ends = advance(unet, scheduler_config, begin, conds, uncond, config, [n.depth for n in nodes], counter, labels,
+                   parents)
+    return {id(n): p for n, p in zip(nodes, ends, strict=True)}
 
 
 def plan_evaluations(roots: Sequence[GroupNode], steps: int) -> int:

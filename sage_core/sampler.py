@@ -2,14 +2,18 @@
 
 Both phases are the same plain function, `denoise`, over a slice of the schedule (k-diffusion style): the edge
 server runs it for the shared slice [0, k) of every group of a window, a device runs it for the branch slice
-[k, T) of its own prompt. Every active trajectory advances one step per UNet call, so all groups (and, on the
-server, all windows' groups) share one batched UNet evaluation per step. Every UNet sample evaluation is counted.
+[k, T) of its own prompt. Every active trajectory advances one step per UNet call, so all groups share one
+batched UNet evaluation per round; a trajectory may start from another's end (a sub-group from its parent group),
+and then joins the loop in the round its parent leaves it, so a whole hierarchy of groups runs in as many rounds
+as its longest chain. With DDIM (the serving default) a round is one fixed set of tensor operations for all
+trajectories, with every per-step number sent to the device before the loop (sage_core.batched_step); other
+schedulers step each trajectory with its own diffusers scheduler. Every UNet sample evaluation is counted.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -92,18 +96,21 @@ class UNetCounter:
 class Trajectory:
     """One latent moving along the schedule from index `start` to `stop` under its own conditioning."""
 
-    latents: torch.Tensor  # [1, C, h, w]
-    cond: torch.Tensor  # [1, L, D] text embedding (a group mean in the shared phase)
+    latents: torch.Tensor | None  # [1, C, h, w]; None for a trajectory that starts from its parent's end
+    cond: torch.Tensor  # [1, L, D] text embedding (a group condition in the shared phase)
     scheduler: object
     start: int
     stop: int
     label: object = None
     generator: torch.Generator | None = None
     index: int = -1
+    parent: int | None = None  # index (in the same denoise call) of the trajectory whose end this one starts from
 
     def __post_init__(self) -> None:
         if not 0 <= self.start <= self.stop <= len(self.scheduler.timesteps):
             raise ValueError(f"bad schedule slice [{self.start}, {self.stop}) of {len(self.scheduler.timesteps)}")
+        if (self.latents is None) == (self.parent is None):
+            raise ValueError("a trajectory starts either from its own latents or from its parent's end, not both")
         self.index = self.start
         if hasattr(self.scheduler, "set_begin_index"):
             self.scheduler.set_begin_index(self.start)
@@ -164,6 +171,118 @@ def initial_noise(
     return noise * scheduler.init_noise_sigma
 
 
+@dataclass(frozen=True)
+class Round:
+    """One batched UNet call of a denoise loop: the trajectories it advances, each at its schedule index, after
+    the forks that start children from their parents' current state."""
+
+    rows: tuple[int, ...]
+    indices: tuple[int, ...]
+    forks: tuple[tuple[int, int], ...] = ()  # (child, source): the child starts from the source row's state
+
+
+@dataclass(frozen=True)
+class Span:
+    """A trajectory's place in a denoise loop: its schedule slice [start, stop) and the index of the earlier
+    trajectory whose end it starts from (None: it has latents of its own)."""
+
+    start: int
+    stop: int
+    parent: int | None = None
+
+
+def plan_rounds(spans: Sequence[Span]) -> list[Round]:
+    """As soon as possible: a trajectory without a parent runs from round 0, a child from the round its parent
+    ends (its start must be its parent's stop), so the loop takes as many rounds as the longest chain. The last
+    round may only fork (children that take no step of their own)."""
+    begin: list[int] = []
+    for i, sp in enumerate(spans):
+        if sp.parent is None:
+            begin.append(0)
+            continue
+        if not 0 <= sp.parent < i:
+            raise ValueError(f"trajectory {i}: its parent must come before it, got {sp.parent}")
+        parent = spans[sp.parent]
+        if parent.stop != sp.start:
+            raise ValueError(f"trajectory {i} starts at step {sp.start}, its parent stops at {parent.stop}")
+        begin.append(begin[sp.parent] + parent.stop - parent.start)
+    ends = [b + sp.stop - sp.start for b, sp in zip(begin, spans, strict=True)]
+    rounds = []
+    for r in range(max(ends, default=0) + 1):
+        rows = tuple(i for i, (b, e) in enumerate(zip(begin, ends, strict=True)) if b <= r < e)
+        forked = {i: sp.parent for i, sp in enumerate(spans) if sp.parent is not None and begin[i] == r}
+        forks = tuple((i, source(forked, p)) for i, p in forked.items())
+        if rows or forks:
+            rounds.append(Round(rows, tuple(spans[i].start + r - begin[i] for i in rows), forks))
+    return rounds
+
+
+def source(forked: dict[int, int], parent: int) -> int:
+    """The row a fork copies: its parent's, or, when the parent is itself forked in the same round (it takes no
+    step of its own), that parent's source: so all forks of a round can copy at once."""
+    while parent in forked:
+        parent = forked[parent]
+    return parent
+
+
+def count_round(counter: UNetCounter | None, trajectories: Sequence[Trajectory], rows: Sequence[int], cfg: bool):
+    """Add one round's UNet sample evaluations (2 per trajectory with CFG) to the counter."""
+    if counter is not None:
+        for i in rows:
+            counter.add(trajectories[i].label, 2 if cfg else 1)
+
+
+@torch.no_grad()
+def denoise(
+    unet,
+    trajectories: Sequence[Trajectory],
+    uncond: torch.Tensor,
+    config: SamplingConfig,
+    counter: UNetCounter | None = None,
+    batched: bool | None = None,
+) -> None:
+    """Advance every trajectory over its own schedule slice, one batched UNet call per round for all active
+    ones (`plan_rounds`); latents are updated in place on the trajectories. `batched` picks the stepper: the
+    batched DDIM step (sage_core.batched_step; the default where it applies) or each trajectory's own diffusers
+    scheduler (False)."""
+    from sage_core.batched_step import batched_denoise, supports_batched
+
+    rounds = plan_rounds([Span(tr.start, tr.stop, tr.parent) for tr in trajectories])
+    use_batched = supports_batched(trajectories) if batched is None else batched
+    if use_batched:
+        batched_denoise(unet, trajectories, rounds, uncond, config, counter)
+    else:
+        stepwise_denoise(unet, trajectories, rounds, uncond, config, counter)
+
+
+def stepwise_denoise(unet, trajectories: Sequence[Trajectory], rounds: Sequence[Round], uncond: torch.Tensor,
+                     config: SamplingConfig, counter: UNetCounter | None) -> None:
+    """The rounds with each trajectory stepped by its own diffusers scheduler (any scheduler; host-side steps)."""
+    cfg = config.uses_cfg()
+    for rd in rounds:
+        for child, parent in rd.forks:
+            src, dst = trajectories[parent], trajectories[child]
+            dst.latents = src.latents.clone()
+            import_solver_state(dst.scheduler, {k: v.clone() for k, v in export_solver_state(src.scheduler).items()})
+        if not rd.rows:
+            continue
+        active = [trajectories[i] for i in rd.rows]
+        x, t, c = _unet_inputs(active, uncond, cfg, unet.dtype)
+        pred = unet(x, t, encoder_hidden_states=c, return_dict=False)[0]
+        count_round(counter, trajectories, rd.rows, cfg)
+        if cfg:
+            pred_uncond, pred_text = pred.chunk(2)
+        for j, tr in enumerate(active):
+            if cfg:
+                w = config.guidance_at(tr.index)
+                noise = pred_uncond[j : j + 1] + w * (pred_text[j : j + 1] - pred_uncond[j : j + 1])
+            else:
+                noise = pred[j : j + 1]
+            step = tr.scheduler.step(noise, tr.scheduler.timesteps[tr.index], tr.latents, generator=tr.generator)
+            tr.latents = step.prev_sample
+            tr.index += 1
+
+
 def _unet_inputs(trajectories: Sequence[Trajectory], uncond: torch.Tensor, cfg: bool, dtype: torch.dtype):
     """Batch [uncond block; cond block] of latents, timesteps and text embeddings, as diffusers orders them."""
     latents = torch.cat(
@@ -178,70 +297,54 @@ def _unet_inputs(trajectories: Sequence[Trajectory], uncond: torch.Tensor, cfg: 
     return latents.to(dtype), timesteps, conds.to(dtype)
 
 
-@torch.no_grad()
-def denoise(
-    unet,
-    trajectories: Sequence[Trajectory],
-    uncond: torch.Tensor,
-    config: SamplingConfig,
-    counter: UNetCounter | None = None,
-    callback: Callable[[int, Sequence[Trajectory]], None] | None = None,
-) -> None:
-    """Advance every trajectory over its own schedule slice, one batched UNet call per step for all active
-    ones. Latents are updated in place on the trajectories."""
-    cfg = config.uses_cfg()
-    rounds = max((tr.stop - tr.start for tr in trajectories), default=0)
-    for r in range(rounds):
-        active = [tr for tr in trajectories if tr.index < tr.stop]
-        x, t, c = _unet_inputs(active, uncond, cfg, unet.dtype)
-        pred = unet(x, t, encoder_hidden_states=c, return_dict=False)[0]
-        if counter is not None:
-            for tr in active:
-                counter.add(tr.label, 2 if cfg else 1)
-        if cfg:
-            pred_uncond, pred_text = pred.chunk(2)
-        for j, tr in enumerate(active):
-            if cfg:
-                w = config.guidance_at(tr.index)
-                noise = pred_uncond[j : j + 1] + w * (pred_text[j : j + 1] - pred_uncond[j : j + 1])
-            else:
-                noise = pred[j : j + 1]
-            step = tr.scheduler.step(noise, tr.scheduler.timesteps[tr.index], tr.latents, generator=tr.generator)
-            tr.latents = step.prev_sample
-            tr.index += 1
-        if callback is not None:
-            callback(r, active)
-
-
 def advance(
     unet,
     scheduler_config: dict,
-    points: Sequence[BranchPoint],
+    points: Sequence[BranchPoint | None],
     conds: Sequence[torch.Tensor],
     uncond: torch.Tensor,
     config: SamplingConfig,
     stops: Sequence[int],
     counter: UNetCounter | None = None,
     labels: Sequence[object] | None = None,
+    parents: Sequence[int | None] | None = None,
 ) -> list[BranchPoint]:
     """Move each point from its step to its stop under its own conditioning, all batched: the one primitive
-    behind the shared phase, hierarchical sub-group phases, cache resumption and the branch phase."""
+    behind the shared phase, hierarchical sub-group phases, cache resumption and the branch phase. Where
+    `parents[m]` is not None, entry m starts from the end of the earlier entry `parents[m]` (its point is then
+    None), in the same loop."""
+    parents = list(parents) if parents is not None else [None] * len(points)
+    own = [p for p in points if p is not None]
+    device = own[0].latents.device if own else "cpu"
+    on_host = supports_batched_config(scheduler_config, config.scheduler)  # its table is read on the host
     trajectories = []
-    for m, (point, cond, stop) in enumerate(zip(points, conds, stops, strict=True)):
-        scheduler = make_scheduler(scheduler_config, config.scheduler, config.steps, point.latents.device)
-        import_solver_state(scheduler, {k: v.clone() for k, v in point.solver_state.items()})
+    for m, (point, cond, stop, parent) in enumerate(zip(points, conds, stops, parents, strict=True)):
+        scheduler = make_scheduler(scheduler_config, config.scheduler, config.steps, "cpu" if on_host else device)
+        if point is not None:
+            import_solver_state(scheduler, {k: v.clone() for k, v in point.solver_state.items()})
+        if point is None and (parent is None or not 0 <= parent < m):
+            raise ValueError(f"entry {m} needs either a start point or an earlier entry as its parent")
+        start = point.step if point is not None else stops[parent]
         trajectories.append(
             Trajectory(
-                latents=point.latents.clone(),
+                latents=point.latents.clone() if point is not None else None,
                 cond=cond,
                 scheduler=scheduler,
-                start=point.step,
+                start=start,
                 stop=stop,
                 label=labels[m] if labels is not None else m,
+                parent=parent,
             )
         )
     denoise(unet, trajectories, uncond, config, counter)
     return [BranchPoint(tr.latents, tr.stop, export_solver_state(tr.scheduler)) for tr in trajectories]
+
+
+def supports_batched_config(scheduler_config: dict, name: str) -> bool:
+    """Whether trajectories of this scheduler kind and config take the batched step (see sage_core.batched_step)."""
+    from sage_core.batched_step import supports_batched_scheduler
+
+    return supports_batched_scheduler(make_scheduler(scheduler_config, name, 1))
 
 
 def shared_phase(

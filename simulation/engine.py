@@ -11,7 +11,7 @@ What is an event and what is a vector:
   requests' share) and, with a cross-window latent cache (one per worker), starts groups from cached latents
   (sage_core.policy.reuse_cached).
 - A job's duration comes from the measured step-time table: each batched UNet pass of the plan's shared phase
-  (level by level, as sage_core.adaptive.run_shared_plan runs it; cached steps cost nothing), the members'
+  (in rounds, as sage_core.adaptive.run_shared_plan runs it; cached steps cost nothing), the members'
   remaining steps where the server runs them, VAE decode where the server decodes, plus text encoding, one
   latent encoding per delivery and a per-window overhead.
 
@@ -38,10 +38,11 @@ import simpy
 import torch
 
 from edge_server.worker import sharing_policy as edge_sharing_policy
-from sage_core.adaptive import GroupNode, cap_depths, deliveries, leaf_of, levels
+from sage_core.adaptive import GroupNode, cap_depths, deliveries, leaf_of, plan_nodes
 from sage_core.grouping import normalize
 from sage_core.latent_cache import CacheSettings, LatentCache
 from sage_core.policy import SharingPolicy, plan_window, reuse_cached
+from sage_core.sampler import Span, plan_rounds
 from simulation.config import DEFAULT_STEP_TIMES, CodecSettings, ConfigError, SimConfig, resolve_path
 from simulation.workload import Workload
 
@@ -212,19 +213,19 @@ def singleton_plan(m: int, depth: int) -> WindowPlan:
 
 
 def plan_arrays(roots: Sequence[GroupNode], m: int, starts: Sequence[int]) -> WindowPlan:
-    """A WindowPlan from a sage_core plan whose roots start at `starts` (0, or a cached latent's step); each
-    level runs as one batched advance, as sage_core.adaptive.run_shared_plan does."""
+    """A WindowPlan from a sage_core plan whose roots start at `starts` (0, or a cached latent's step); all its
+    groups run in one batched loop, each sub-group from the round its parent ends (sage_core.sampler.plan_rounds,
+    as sage_core.adaptive.run_shared_plan runs them)."""
     leaves = leaf_of(roots)
     start_of = {id(r): s for r, s in zip(roots, starts, strict=True)}
-    passes = [
-        level_passes(np.array([n.depth - (n.start() if n.parent is not None else start_of[id(n)]) for n in level]))
-        for level in levels(roots)
-    ]
+    nodes, parents = plan_nodes(roots)
+    spans = [Span(start_of[id(n)] if p is None else n.start(), n.depth, p) for n, p in zip(nodes, parents, strict=True)]
+    passes = [len(rd.rows) for rd in plan_rounds(spans) if rd.rows]
     return WindowPlan(
         groups=[r.members for r in roots],
         group_sizes=[len(r.members) for r in roots],
         depth=np.fromiter((leaves[i].depth for i in range(m)), dtype=np.int64, count=m),
-        shared_passes=np.concatenate(passes) if passes else np.zeros(0, dtype=np.int64),
+        shared_passes=np.array(passes, dtype=np.int64),
         deliveries=len(deliveries(roots)),
         cached_steps=int(sum(starts)),
     )
