@@ -162,27 +162,27 @@ def profile_edge_path(worker, job, path: str) -> None:
     import io
     import pstats
     import threading
-    import warnings
+
+    from benchmarks.bench_step_loop import cuda_syncs
 
     device = str(worker.pipe.unet.device)
     cuda = device.startswith("cuda")
     worker._run_bucket(job, threading.Event())  # warm
     sync(device)
     profiler = cProfile.Profile()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        if cuda:
-            torch.cuda.set_sync_debug_mode("warn")
+
+    def window() -> None:
         profiler.enable()
         worker._run_bucket(job, threading.Event())
         sync(device)
         profiler.disable()
-        if cuda:
-            torch.cuda.set_sync_debug_mode(0)
-    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+
+    syncs = cuda_syncs(window) if cuda else None
+    if not cuda:
+        window()
     out = io.StringIO()
-    out.write(f"edge path, {len(job.members)} prompts: {len(syncs)} host-device synchronisations"
-              f"{' (CUDA)' if cuda else ' (not counted on a CPU)'}\n")
+    counted = f"{syncs} host-device synchronisations (CUDA)" if cuda else "synchronisations not counted on a CPU"
+    out.write(f"edge path, {len(job.members)} prompts: {counted}\n")
     for key in ("cumulative", "tottime"):
         out.write(f"\n--- sorted by {key} ---\n")
         pstats.Stats(profiler, stream=out).sort_stats(key).print_stats(40)

@@ -218,6 +218,7 @@ class EdgeWorker:
         self.fingerprint = self.info().fingerprint  # of the base weights, as devices compute it
         self.adapter = apply_adapter(self.pipe, config.adapter, self.fingerprint)
         self.unet = serving_unet(self.pipe, config)  # the shared phase's UNet: compiled and bucketed if configured
+        self.unet_dtype, self.unet_device = self.pipe.unet.dtype, self.pipe.unet.device  # read once: both walk it
         self.policy = sharing_policy(config)
         self.cache = latent_cache(config, self.policy)
         self._stops: dict[str, threading.Event] = {}
@@ -275,7 +276,7 @@ class EdgeWorker:
         from sage_core.generate import encode_prompts, latent_shape
         from sage_core.latent_cache import CacheSettings
         from sage_core.policy import cached_starts, file_plan, plan_window
-        from sage_core.sampler import BranchPoint, SamplingConfig, initial_noise, make_scheduler
+        from sage_core.sampler import BranchPoint, SamplingConfig, initial_noises, make_scheduler
 
         s, pipe = job.settings, self.pipe
         config = SamplingConfig(
@@ -298,17 +299,11 @@ class EdgeWorker:
         if self.cache is not None:
             named = [m.seed if m.seed_explicit else None for m in leads]
             hits = cached_starts(self.cache, settings, roots, pooled, named)
-        starts, seeds, cached = [], [], []
-        for lead, hit in zip(leads, hits, strict=True):
-            if hit is not None:
-                starts.append(hit.point)
-                seeds.append(hit.entry.seed)
-                cached.append(hit.point.step)
-            else:
-                noise = initial_noise(shape, lead.seed, noise_scheduler, pipe.unet.dtype, pipe.unet.device)
-                starts.append(BranchPoint(noise, 0))
-                seeds.append(lead.seed)
-                cached.append(0)
+        fresh = [lead.seed for lead, hit in zip(leads, hits, strict=True) if hit is None]
+        noises = iter(initial_noises(shape, fresh, noise_scheduler, self.unet_dtype, self.unet_device))
+        starts = [hit.point if hit is not None else BranchPoint(next(noises), 0) for hit in hits]
+        seeds = [hit.entry.seed if hit is not None else lead.seed for lead, hit in zip(leads, hits, strict=True)]
+        cached = [hit.point.step if hit is not None else 0 for hit in hits]
         # 3. the plan's shared steps, all groups of every level in one batched UNet call per round (lines 4-8)
         unet = _PacedUNet(self.unet, stop, self.config.worker_step_delay_ms / 1000.0)
         with torch.inference_mode():
@@ -318,7 +313,9 @@ class EdgeWorker:
         if self.cache is not None:
             file_plan(self.cache, settings, roots, pooled, points, seeds, cached)
         results = []
-        for d in deliveries(roots):
+        plan = deliveries(roots)
+        latents = torch.cat([points[id(d.node)].latents for d in plan]).cpu().split(1)  # one device-host copy
+        for d, host_latent in zip(plan, latents, strict=True):
             point, r = points[id(d.node)], root_of[d.members[0]]
             codecs = sorted({job.members[m].codec for m in d.members})
             results.append(
@@ -328,23 +325,24 @@ class EdgeWorker:
                     branch_step=point.step,
                     min_similarity=d.node.min_similarity,
                     latent_shape=tuple(int(x) for x in point.latents.shape),
-                    payloads={c: self._encode(point, c) for c in codecs},
+                    payloads={c: self._encode(host_latent, point.solver_state, c) for c in codecs},
                     server_steps=d.server_steps - (cached[r] if roots[r].members[0] in d.members else 0),
                     cached_steps=cached[r],
                 )
             )
         return tuple(results)
 
-    def _encode(self, point: Any, mode: str) -> Payload:
-        """The latent, then solver-state tensors, as codec frames. Non-float state goes as lossless fp32."""
+    def _encode(self, latent: Any, solver_state: dict[str, Any], mode: str) -> Payload:
+        """The latent (on the host), then solver-state tensors, as codec frames. Non-float state goes as lossless
+        fp32."""
         import torch
 
         from sage_core.codec import CodecSpec, LatentCodec
 
         codec = LatentCodec(CodecSpec(mode=mode, level=self.config.zstd_level))
         lossless = LatentCodec(CodecSpec(mode="fp32", level=self.config.zstd_level))
-        frames, names = [codec.encode(point.latents.detach().cpu())], ["latent"]
-        for name, tensor in sorted(point.solver_state.items()):
+        frames, names = [codec.encode(latent)], ["latent"]
+        for name, tensor in sorted(solver_state.items()):
             t = tensor.detach().cpu()
             if t.dtype.is_floating_point:
                 frames.append(codec.encode(t))

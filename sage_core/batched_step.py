@@ -133,9 +133,10 @@ def ddim_step(x: torch.Tensor, model_output: torch.Tensor, coefs: torch.Tensor, 
 
 
 @torch.no_grad()
-def batched_denoise(unet, trajectories: Sequence[Trajectory], rounds: Sequence[Round], uncond: torch.Tensor,
-                    config: SamplingConfig, counter: UNetCounter | None) -> None:
-    """Run the rounds on one state tensor [N, C, h, w]; each trajectory ends with its row (a copy) as latents."""
+def batched_denoise(unet, unet_dtype: torch.dtype, trajectories: Sequence[Trajectory], rounds: Sequence[Round],
+                    uncond: torch.Tensor, config: SamplingConfig, counter: UNetCounter | None) -> None:
+    """Run the rounds on one state tensor [N, C, h, w], the UNet called in `unet_dtype`; each trajectory ends with
+    its row (a copy) as latents."""
     own = [tr.latents for tr in trajectories if tr.latents is not None]
     if not own:
         return
@@ -144,8 +145,8 @@ def batched_denoise(unet, trajectories: Sequence[Trajectory], rounds: Sequence[R
     for i, tr in enumerate(trajectories):
         if tr.latents is not None:
             state[i] = tr.latents[0]
-    conds = torch.cat([tr.cond for tr in trajectories]).to(unet.dtype)
-    uncond = uncond.to(unet.dtype)
+    conds = torch.cat([tr.cond for tr in trajectories]).to(unet_dtype)
+    uncond = uncond.to(unet_dtype)
     scheduler = trajectories[0].scheduler
     cfg = config.uses_cfg()
     per_round = round_tensors(rounds, scheduler, config, device)
@@ -161,7 +162,7 @@ def batched_denoise(unet, trajectories: Sequence[Trajectory], rounds: Sequence[R
         if rd.rows not in cond_cache:
             c = conds if whole else conds.index_select(0, rt.rows)
             cond_cache[rd.rows] = torch.cat([uncond.expand(len(rd.rows), -1, -1), c]) if cfg else c
-        x_in = x.to(unet.dtype)
+        x_in = x.to(unet_dtype)
         pred = unet(torch.cat([x_in, x_in]) if cfg else x_in, rt.timesteps,
                     encoder_hidden_states=cond_cache[rd.rows], return_dict=False)[0]
         count_round(counter, trajectories, rd.rows, cfg)

@@ -19,7 +19,7 @@ from sage_core.sampler import (
     SamplingConfig,
     UNetCounter,
     branch_phase,
-    initial_noise,
+    initial_noises,
     make_scheduler,
 )
 
@@ -90,9 +90,8 @@ def group_noises(pipe, groups: Sequence[Sequence[int]], seed: int, config: Sampl
     """One shared noise per group, seeded by `seed` + the index of its first member, and those seeds."""
     shape = latent_shape(pipe, config)
     scheduler = make_scheduler(pipe.scheduler.config, config.scheduler, config.steps)
-    device, dtype = pipe.unet.device, pipe.unet.dtype
     seeds = [seed + g[0] for g in groups]
-    return [initial_noise(shape, s, scheduler, dtype, device) for s in seeds], seeds
+    return initial_noises(shape, seeds, scheduler, pipe.unet.dtype, pipe.unet.device), seeds
 
 
 def run_plan(

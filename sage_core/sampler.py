@@ -166,9 +166,23 @@ def initial_noise(
     shape: Sequence[int], seed: int, scheduler, dtype: torch.dtype, device: torch.device | str = "cpu"
 ) -> torch.Tensor:
     """z_T for one group, drawn exactly as diffusers' StableDiffusionPipeline draws it for `seed`."""
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    noise = randn_tensor(tuple(shape), generator=generator, device=torch.device(device), dtype=dtype)
-    return noise * scheduler.init_noise_sigma
+    return initial_noises(shape, [seed], scheduler, dtype, device)[0]
+
+
+def initial_noises(
+    shape: Sequence[int], seeds: Sequence[int], scheduler, dtype: torch.dtype, device: torch.device | str = "cpu"
+) -> list[torch.Tensor]:
+    """`initial_noise` for each seed, drawn on the host (as diffusers draws with a CPU generator) and sent to the
+    device in one transfer."""
+    if not seeds:
+        return []
+    cpu = torch.device("cpu")
+    host = torch.cat([randn_tensor(tuple(shape), generator=torch.Generator().manual_seed(s), device=cpu, dtype=dtype)
+                      for s in seeds])
+    if torch.device(device).type == "cuda":
+        host = host.pin_memory()
+    noise = host.to(device, non_blocking=True) * scheduler.init_noise_sigma
+    return list(noise.split(shape[0]))
 
 
 @dataclass(frozen=True)
@@ -249,15 +263,14 @@ def denoise(
 
     rounds = plan_rounds([Span(tr.start, tr.stop, tr.parent) for tr in trajectories])
     use_batched = supports_batched(trajectories) if batched is None else batched
-    if use_batched:
-        batched_denoise(unet, trajectories, rounds, uncond, config, counter)
-    else:
-        stepwise_denoise(unet, trajectories, rounds, uncond, config, counter)
+    stepper = batched_denoise if use_batched else stepwise_denoise
+    stepper(unet, unet.dtype, trajectories, rounds, uncond, config, counter)  # diffusers' dtype walks the modules
 
 
-def stepwise_denoise(unet, trajectories: Sequence[Trajectory], rounds: Sequence[Round], uncond: torch.Tensor,
-                     config: SamplingConfig, counter: UNetCounter | None) -> None:
-    """The rounds with each trajectory stepped by its own diffusers scheduler (any scheduler; host-side steps)."""
+def stepwise_denoise(unet, dtype: torch.dtype, trajectories: Sequence[Trajectory], rounds: Sequence[Round],
+                     uncond: torch.Tensor, config: SamplingConfig, counter: UNetCounter | None) -> None:
+    """The rounds with each trajectory stepped by its own diffusers scheduler (any scheduler; host-side steps),
+    the UNet called in `dtype`."""
     cfg = config.uses_cfg()
     for rd in rounds:
         for child, parent in rd.forks:
@@ -267,7 +280,7 @@ def stepwise_denoise(unet, trajectories: Sequence[Trajectory], rounds: Sequence[
         if not rd.rows:
             continue
         active = [trajectories[i] for i in rd.rows]
-        x, t, c = _unet_inputs(active, uncond, cfg, unet.dtype)
+        x, t, c = _unet_inputs(active, uncond, cfg, dtype)
         pred = unet(x, t, encoder_hidden_states=c, return_dict=False)[0]
         count_round(counter, trajectories, rd.rows, cfg)
         if cfg:
@@ -316,10 +329,12 @@ def advance(
     parents = list(parents) if parents is not None else [None] * len(points)
     own = [p for p in points if p is not None]
     device = own[0].latents.device if own else "cpu"
-    on_host = supports_batched_config(scheduler_config, config.scheduler)  # its table is read on the host
+    # the batched step reads one host scheduler's table; diffusers' own steps need one scheduler per trajectory
+    shared = make_scheduler(scheduler_config, config.scheduler, config.steps) if supports_batched_config(
+        scheduler_config, config.scheduler) else None
     trajectories = []
     for m, (point, cond, stop, parent) in enumerate(zip(points, conds, stops, parents, strict=True)):
-        scheduler = make_scheduler(scheduler_config, config.scheduler, config.steps, "cpu" if on_host else device)
+        scheduler = shared or make_scheduler(scheduler_config, config.scheduler, config.steps, device)
         if point is not None:
             import_solver_state(scheduler, {k: v.clone() for k, v in point.solver_state.items()})
         if point is None and (parent is None or not 0 <= parent < m):
@@ -341,10 +356,14 @@ def advance(
 
 
 def supports_batched_config(scheduler_config: dict, name: str) -> bool:
-    """Whether trajectories of this scheduler kind and config take the batched step (see sage_core.batched_step)."""
-    from sage_core.batched_step import supports_batched_scheduler
+    """Whether trajectories of this scheduler kind and config take the batched step (sage_core.batched_step)."""
+    from sage_core.batched_step import PREDICTION_TYPES
 
-    return supports_batched_scheduler(make_scheduler(scheduler_config, name, 1))
+    return (
+        name == "ddim"
+        and not scheduler_config.get("thresholding", False)
+        and scheduler_config.get("prediction_type", "epsilon") in PREDICTION_TYPES
+    )
 
 
 def shared_phase(

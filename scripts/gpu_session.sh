@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One lease on the lent GPU (the `device` tool), in one or two commands so that it fits the lease:
-#   1. the serving benchmark at SD v1.5 size (issue 8): stock pipeline vs the edge path, fp16 eager, and a second
-#      variant (BENCH2_ARGS, e.g. compiled); then the GPU-marked tests
+#   1. the serving benchmark at SD v1.5 size (issue 8): stock pipeline vs the edge path, fp16 eager, the step-loop
+#      benchmark, and a second variant (BENCH2_ARGS, e.g. compiled); then the GPU-marked tests
 #   2. the default model's training stages (issue 3; TRAIN_STAGES "vae unet" from scratch, or "unet" with a config
 #      that starts from the shipped model), the UNet stage given whatever time is left (or UNET_MIN minutes)
 #   3. the trained pipeline packed into <= 16 MiB parts, the log, the sample grid and the JSON under $OUT
@@ -52,13 +52,18 @@ STAGES=${STAGES:-bench train}
 TRAIN_STAGES=${TRAIN_STAGES:-vae unet}
 # the GPU-marked tests only, without tests/conftest.py: it imports the gRPC stubs, which need a newer grpcio than
 # the GPU image has
-run_gpu_tests() { timeout 300 $PY -m pytest -q -m gpu --noconftest -p no:cacheprovider tests/test_unet_buckets.py 2>&1 \
+run_gpu_tests() { timeout 300 $PY -m pytest -q -m gpu --noconftest -p no:cacheprovider tests/test_unet_buckets.py \
+    tests/test_gpu_step_loop.py 2>&1 \
     | tail -5 >"$OUT/gpu_tests.txt"; }
 
 if [[ " $STAGES " == *" bench "* ]]; then
 say "1/3 serving benchmark (limit ${BENCH_S}s)"
 timeout "$BENCH_S" $PY -m benchmarks.bench_serving ${BENCH_ARGS:---model sd15-random --batches 32,64 --steps 20 \
     --windows 1 --repeats 3} --json "$OUT/bench_serving.json" 2>&1 | grep -v Warning | tee -a "$LOG"
+
+say "1a/3 step loop around a zero-cost UNet: per-trajectory diffusers steps vs the batched DDIM step"
+timeout 90 $PY -m benchmarks.bench_step_loop --device cuda --trajectories 8,32,64 --steps 20 \
+    --json "$OUT/step_loop.json" 2>&1 | grep -v Warning | tee -a "$LOG"
 
 if [ -n "${BENCH2_ARGS:-}" ]; then  # e.g. "--model sd15-random --batches 32,64 --unet-compile max-autotune-no-cudagraphs --unet-buckets 64,128"
     say "1b/3 serving benchmark, second variant (limit ${BENCH2_S:-$BENCH_S}s)"

@@ -1,0 +1,47 @@
+"""The batched step loop on a CUDA GPU: no host-device synchronisation from start to end, and the same latents as
+diffusers' per-trajectory steps (run on the lent GPU by scripts/gpu_session.sh; skipped elsewhere). No conftest
+fixtures here: the GPU image runs this file with --noconftest."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks.bench_step_loop import cuda_syncs
+from sage_core.generate import encode_prompts, latent_shape
+from sage_core.models import tiny_pipeline
+from sage_core.sampler import SamplingConfig, Trajectory, denoise, initial_noises, make_scheduler
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def _trajectories(pipe, config, cond, n: int) -> list[Trajectory]:
+    """n trajectories from distinct noises, half of them children that start where their parent stops."""
+    shape = latent_shape(pipe, config)
+    sched = make_scheduler(pipe.scheduler.config, "ddim", config.steps)
+    noises = initial_noises(shape, list(range(n)), sched, pipe.unet.dtype, "cuda")
+    trs = []
+    for i in range(n):
+        s = make_scheduler(pipe.scheduler.config, "ddim", config.steps, "cuda")
+        if i % 2:
+            trs.append(Trajectory(None, cond[i % len(cond)][None], s, 3, config.steps, parent=i - 1))
+        else:
+            trs.append(Trajectory(noises[i], cond[i % len(cond)][None], s, 0, 3))
+    return trs
+
+
+@pytest.mark.parametrize(("dtype", "atol"), [(torch.float32, 1e-5), (torch.float16, 2e-2)])
+def test_batched_loop_makes_no_synchronisation_and_equals_stepwise(dtype, atol):
+    pipe = tiny_pipeline(seed=0).to("cuda", dtype)
+    config = SamplingConfig(steps=8, guidance=7.5, guidance_end=3.0)
+    cond, uncond = encode_prompts(pipe, ["a red circle", "a blue square", "a green star"])
+    batched, stepwise = _trajectories(pipe, config, cond, 6), _trajectories(pipe, config, cond, 6)
+    torch.cuda.synchronize()
+    with torch.inference_mode():
+        syncs = cuda_syncs(lambda: denoise(pipe.unet, batched, uncond, config, batched=True))
+        stepwise_syncs = cuda_syncs(lambda: denoise(pipe.unet, stepwise, uncond, config, batched=False))
+    assert syncs == 0
+    assert stepwise_syncs > 0  # diffusers' DDIM step reads its timestep on the host
+    for a, b in zip(batched, stepwise, strict=True):
+        torch.testing.assert_close(a.latents.float(), b.latents.float(), rtol=0, atol=atol)
