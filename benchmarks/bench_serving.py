@@ -197,16 +197,36 @@ def workload(batch: int, mean_group: float) -> list[str]:
     return [f"scene number {i % distinct} with a red object" for i in range(batch)]
 
 
-def make_worker(model: str, dtype: str, tau: float, compile_mode: str = "none", buckets: str = "",
-                tuned: bool = False):
-    """An edge worker (the Ray actor's class, used in-process) holding the model, its shared-phase UNet compiled
-    and bucketed as the server would run it."""
+def make_worker(args: argparse.Namespace):
+    """An edge worker (the Ray actor's class, used in-process) holding the model, its shared-phase UNet compiled,
+    bucketed and on the attention backend the server would run with these flags."""
     from edge_server.config import build_config
     from edge_server.worker import EdgeWorker
 
-    settings = {"model": model, "dtype": dtype, "tau": tau, "max_group_size": 5, "ray_num_cpus": 2,
-                "unet_compile": compile_mode, "unet_buckets": buckets, "unet_compile_tuning": tuned}
+    settings = {"model": args.model, "dtype": args.dtype, "tau": 0.99, "max_group_size": 5, "ray_num_cpus": 2,
+                "unet_compile": args.unet_compile, "unet_buckets": args.unet_buckets,
+                "unet_compile_tuning": args.unet_compile_tuning, "attention_backend": args.attention_backend}
     return EdgeWorker(build_config(None, settings))
+
+
+def attention_sweep(worker, args: argparse.Namespace) -> dict[str, dict[int, float | str]]:
+    """ms per UNet sample of the pipeline's (eager) UNet with each SDPA backend of --attention-sweep, at each batch
+    (CFG rows: 2 x prompts); a backend that cannot run this shape says why."""
+    from sage_core.unet_buckets import with_attention
+
+    device = str(worker.pipe.unet.device)
+    out: dict[str, dict[int, float | str]] = {}
+    for backend in (b.strip() for b in args.attention_sweep.split(",") if b.strip()):
+        out[backend] = {}
+        for batch in (int(b) for b in args.batches.split(",") if b.strip()):
+            try:
+                ms = unet_ms_per_sample(with_attention(worker.pipe.unet, backend), 2 * batch, device, args.repeats)
+                out[backend][batch] = round(ms, 4)
+            except (RuntimeError, ValueError) as exc:
+                out[backend][batch] = f"unavailable: {str(exc).splitlines()[0][:120]}"
+        cells = "  ".join(f"{b}: {v:.3f}" if isinstance(v, float) else f"{b}: {v}" for b, v in out[backend].items())
+        print(f"attention {backend:9s} eager UNet ms per sample by prompts per window  {cells}", flush=True)
+    return out
 
 
 def bucket_job(worker, prompts: list[str], steps: int, share: float, guidance: float, codec: str):
@@ -336,7 +356,7 @@ def print_header(env: dict) -> None:
     """The table's heading: device, versions, columns."""
     print(f"device {env['device']}  dtype {env['dtype']}  torch {env['torch']}  diffusers {env['diffusers']}  "
           f"unet_compile {env.get('unet_compile', 'none')}{' (tuned)' if env.get('unet_compile_tuning') else ''}  "
-          f"buckets {env.get('unet_buckets') or '-'}  "
+          f"buckets {env.get('unet_buckets') or '-'}  attention {env.get('attention_backend', 'auto')}  "
           f"worker start {env.get('worker_start_s', 0.0):.1f} s")
     print(
         "batch  unet ms/sample  floor  indep s  indep GPU-s/img  edge s  edge UNet s  rows/call  edge GPU-s/img"
@@ -372,6 +392,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--unet-compile", default="none", help="torch.compile mode of the shared-phase UNet")
     parser.add_argument("--unet-buckets", default="", help="fixed UNet batch sizes (CFG rows), comma-separated")
     parser.add_argument("--unet-compile-tuning", action="store_true", help="TorchInductor options for diffusion")
+    parser.add_argument("--attention-backend", default="auto", help="SDPA kernel of the shared-phase UNet: auto, "
+                        "flash, cudnn, efficient, math")
+    parser.add_argument("--attention-sweep", default="", help="first time the eager UNet with each of these SDPA "
+                        "kernels (comma-separated, e.g. auto,flash,cudnn,efficient)")
     parser.add_argument("--stream", default=None, help="also run this caption stream (benchmarks.coco_stream)")
     parser.add_argument("--stream-window", type=int, default=64, help="requests per window of the stream")
     parser.add_argument("--stream-windows", type=int, default=2, help="windows of the stream to run")
@@ -387,13 +411,16 @@ def main(argv: list[str] | None = None) -> dict:
     diffusers.utils.logging.set_verbosity_error()
     args = parse_args(argv)
     start = time.perf_counter()
-    worker = make_worker(args.model, args.dtype, tau=0.99, compile_mode=args.unet_compile, buckets=args.unet_buckets,
-                         tuned=args.unet_compile_tuning)
+    worker = make_worker(args)
     env = environment(worker) | {"unet_compile": args.unet_compile, "unet_buckets": args.unet_buckets,
                                  "unet_compile_tuning": args.unet_compile_tuning,
+                                 "attention_backend": args.attention_backend,
                                  "worker_start_s": time.perf_counter() - start}
-    print_header(env)
     result: dict = {"environment": env, "settings": vars(args), "rows": []}
+    if args.attention_sweep:
+        result["attention_sweep"] = attention_sweep(worker, args)
+        write_json(result, args.json)
+    print_header(env)
     for b in (b for b in args.batches.split(",") if b.strip()):
         row = measure(args, worker, int(b))
         print_row(row)

@@ -62,6 +62,9 @@ def serve(
     unet_compile_tuning: Annotated[
         bool | None, typer.Option(help="with --unet-compile: 1x1 convs as matmuls, coordinate-descent tuning")
     ] = None,
+    attention_backend: Annotated[
+        str | None, typer.Option(help="SDPA kernel of the shared-phase UNet: auto, flash, cudnn, efficient, math")
+    ] = None,
     chunk_size: Annotated[int | None, typer.Option(help="bytes per LatentChunk")] = None,
     max_streams_per_client: Annotated[
         int | None, typer.Option(help="open RequestImage streams per client before RESOURCE_EXHAUSTED")

@@ -24,6 +24,7 @@ SHARED_CONDITIONS: tuple[str, ...] = ("mean", "medoid")
 KNOWN_CODECS: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8", "int6", "int5", "int4", "fp8")
 BUILTIN_MODELS: tuple[str, ...] = ("default", "tiny", "sd15-random")  # model names that are not folders
 COMPILE_MODES: tuple[str, ...] = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+ATTENTION_BACKENDS: tuple[str, ...] = ("auto", "flash", "cudnn", "efficient", "math")
 LOSSLESS_CODECS: tuple[str, ...] = ("fp32", "fp16", "bf16")
 LOG_FORMATS = ("text", "json")
 GRPC_MESSAGE_LIMIT = 4 * 2**20
@@ -84,6 +85,7 @@ class ServerConfig:
     unet_compile: str = "none"
     unet_buckets: tuple[int, ...] = ()
     unet_compile_tuning: bool = False  # TorchInductor options for diffusion UNets (sage_core.unet_buckets)
+    attention_backend: str = "auto"  # the shared-phase UNet's SDPA kernel: auto (PyTorch's choice), flash, cudnn, ...
     zstd_level: int = 3
     chunk_size: int = 256 * 1024
     # security (docs/deployment.md): TLS when tls_cert + tls_key are set, mutual TLS when tls_client_ca is too;
@@ -167,6 +169,8 @@ def _problems(c: ServerConfig) -> list[str]:
     modes = ", ".join(COMPILE_MODES)
     need(c.unet_compile in COMPILE_MODES, f"unet_compile must be one of {modes}, got {c.unet_compile!r}")
     need(all(b >= 1 for b in c.unet_buckets), f"unet_buckets must be positive batch sizes, got {list(c.unet_buckets)}")
+    need(c.attention_backend in ATTENTION_BACKENDS,
+         f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {c.attention_backend!r}")
     need(len(c.codecs) > 0, "codecs must name at least one codec mode")
     unknown = [m for m in c.codecs if m not in KNOWN_CODECS]
     need(not unknown, f"unknown codec modes {unknown}; known: {', '.join(KNOWN_CODECS)}")

@@ -193,13 +193,14 @@ DEFAULT_BUCKETS = (8, 16, 32, 64, 128)  # UNet rows (CFG doubles the trajectorie
 
 def serving_unet(pipe: Any, config: ServerConfig) -> Any:
     """The UNet the shared phase calls: the pipeline's own, or compiled (sage_core.unet_buckets) and run at fixed
-    batch buckets, each warmed here at the model's default size so that compiling never lands on a request."""
-    from sage_core.unet_buckets import CUDAGRAPH_MODES, BucketedUNet, compile_unet, warm_buckets
+    batch buckets, each warmed here at the model's default size so that compiling never lands on a request; its
+    attention on the configured SDPA backend."""
+    from sage_core.unet_buckets import CUDAGRAPH_MODES, BucketedUNet, compile_unet, warm_buckets, with_attention
 
     if config.unet_compile == "none" and not config.unet_buckets:
-        return pipe.unet
+        return with_attention(pipe.unet, config.attention_backend)
     compiled = compile_unet(pipe.unet, config.unet_compile, tuned=config.unet_compile_tuning)
-    unet = BucketedUNet(compiled, config.unet_buckets or DEFAULT_BUCKETS,
+    unet = BucketedUNet(with_attention(compiled, config.attention_backend), config.unet_buckets or DEFAULT_BUCKETS,
                         graphs=config.unet_compile in CUDAGRAPH_MODES)
     warm_buckets(unet, int(pipe.unet.config.sample_size))
     return unet

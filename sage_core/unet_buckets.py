@@ -17,6 +17,7 @@ import torch
 
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that replay CUDA graphs
+ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")  # SDPA kernels; "auto": PyTorch's choice
 
 
 def bucket_for(n: int, buckets: Sequence[int]) -> int:
@@ -84,6 +85,42 @@ class BucketedUNet(UNetProxy):
                              return_dict=False, **kwargs)[0]
             outs.append(pred[: hi - lo].clone() if self.graphs else pred[: hi - lo])
         return (torch.cat(outs) if len(outs) > 1 else outs[0],)
+
+
+class AttentionBackendUNet(UNetProxy):
+    """Wraps a UNet so that its scaled-dot-product attention runs on one backend (torch.nn.attention.sdpa_kernel,
+    entered around every call, compiled calls included: the choice is made when a shape is compiled)."""
+
+    def __init__(self, unet: Any, backend: str) -> None:
+        if backend not in ATTENTION_BACKENDS or backend == "auto":
+            raise ValueError(f"attention backend must be one of {', '.join(ATTENTION_BACKENDS[1:])}, got {backend!r}")
+        super().__init__(unet)
+        self.backend = backend
+        device, dtype = unet.device, unet.dtype
+        q = torch.zeros(1, 1, 16, 64, device=device, dtype=dtype)
+        try:
+            with self.kernel():
+                torch.nn.functional.scaled_dot_product_attention(q, q, q)
+        except RuntimeError as exc:
+            raise ValueError(f"attention backend {backend!r} cannot run on {device} in {dtype}: "
+                             f"{str(exc).splitlines()[0]}") from exc
+
+    def kernel(self) -> Any:
+        """The sdpa_kernel context of this backend."""
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        kernels = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                   "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+        return sdpa_kernel(kernels[self.backend])
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with self.kernel():
+            return self.unet(*args, **kwargs)
+
+
+def with_attention(unet: Any, backend: str) -> Any:
+    """The UNet with its attention pinned to `backend` (one of ATTENTION_BACKENDS; "auto" returns it unchanged)."""
+    return unet if backend == "auto" else AttentionBackendUNet(unet, backend)
 
 
 def inductor_tuning() -> dict[str, Any]:

@@ -98,6 +98,8 @@ def test_bad_compile_settings_are_config_errors():
         build_config(None, {"unet_buckets": "8,x"})
     with pytest.raises(ConfigError, match="positive batch sizes"):
         build_config(None, {"unet_buckets": "0,8"})
+    with pytest.raises(ConfigError, match="attention_backend must be one of"):
+        build_config(None, {"attention_backend": "fastest"})
     assert build_config(None, {"unet_buckets": "8,16"}).unet_buckets == (8, 16)
 
 
@@ -156,3 +158,23 @@ def test_inductor_tuning_sets_the_diffusion_options_and_reports_the_old_ones():
     finally:
         for name, value in old.items():
             setattr(inductor, name, value)
+
+
+def test_attention_backend_keeps_the_output_and_refuses_what_cannot_run():
+    from edge_server.config import ATTENTION_BACKENDS as CONFIG_BACKENDS
+    from sage_core.unet_buckets import ATTENTION_BACKENDS, AttentionBackendUNet, with_attention
+
+    assert CONFIG_BACKENDS == ATTENTION_BACKENDS  # the front end validates what sage_core accepts
+    pipe = tiny_pipeline(seed=0)
+    x, t, c = _inputs(pipe, 3)
+    assert with_attention(pipe.unet, "auto") is pipe.unet
+    pinned = with_attention(pipe.unet, "math")
+    with torch.inference_mode():
+        want = pipe.unet(x, t, encoder_hidden_states=c, return_dict=False)[0]
+        got = pinned(x, t, encoder_hidden_states=c, return_dict=False)[0]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="must be one of"):
+        AttentionBackendUNet(pipe.unet, "fastest")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="cannot run on cpu"):
+            AttentionBackendUNet(pipe.unet, "cudnn")
