@@ -299,7 +299,7 @@ def measure_stream(args: argparse.Namespace, worker) -> dict:
     prompts, emb = [str(p) for p in data["prompts"]], data["embeddings"].astype(np.float32)
     table = dict(zip(prompts, emb, strict=True))
     worker.policy = sharing_policy(build_config(None, meta["policy"]))
-    worker.embed = lambda batch: np.stack([table[p] for p in batch])
+    worker.embedder = lambda batch: np.stack([table[p] for p in batch])
     stock = StableDiffusionPipeline(**worker.pipe.components)
     stock.set_progress_bar_config(disable=True)
     device, window, steps, cfg = str(worker.pipe.unet.device), args.stream_window, meta["steps"], 2

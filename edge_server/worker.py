@@ -212,6 +212,8 @@ class EdgeWorker:
     def __init__(self, config: ServerConfig) -> None:
         import torch
 
+        from sage_core.grouping import text_embeddings
+
         if not torch.cuda.is_available():
             torch.set_num_threads(max(1, min(os.cpu_count() or 1, config.ray_num_cpus)))
         self.config = config
@@ -220,6 +222,8 @@ class EdgeWorker:
         self.adapter = apply_adapter(self.pipe, config.adapter, self.fingerprint)
         self.unet = serving_unet(self.pipe, config)  # the shared phase's UNet: compiled and bucketed if configured
         self.unet_dtype, self.unet_device = self.pipe.unet.dtype, self.pipe.unet.device  # read once: both walk it
+        self.uncond = text_embeddings(self.pipe, [""])[0]  # the empty prompt's embedding, the same for every window
+        self.embedder: Any = None  # prompts -> pooled embeddings [M, D], in place of the text encoder's (benchmarks)
         self.policy = sharing_policy(config)
         self.cache = latent_cache(config, self.policy)
         self._stops: dict[str, threading.Event] = {}
@@ -240,11 +244,13 @@ class EdgeWorker:
             device=str(self.pipe.unet.device),
         )
 
-    def embed(self, prompts: list[str]) -> Any:
-        """The pooled text embeddings [M, D] the grouping compares: the pipeline's own text encoder's."""
-        from sage_core.grouping import pipeline_text_embeddings
+    def encode(self, prompts: list[str]) -> tuple[Any, Any]:
+        """The prompts' token embeddings [M, L, D] and the pooled embeddings [M, D] (numpy) the grouping compares,
+        from one text-encoder pass; `embedder`, when set, gives the pooled ones instead (a benchmark's hook)."""
+        from sage_core.grouping import text_embeddings
 
-        return pipeline_text_embeddings(self.pipe, prompts)
+        cond, pooled = text_embeddings(self.pipe, prompts)
+        return cond, pooled.float().cpu().numpy() if self.embedder is None else self.embedder(prompts)
 
     def cancel(self, window_id: str) -> bool:
         """Ask the running window `window_id` to stop at its next UNet call; False if it is not running."""
@@ -274,7 +280,7 @@ class EdgeWorker:
         import torch
 
         from sage_core.adaptive import cap_depths, deliveries, run_shared_plan
-        from sage_core.generate import encode_prompts, latent_shape
+        from sage_core.generate import latent_shape
         from sage_core.latent_cache import CacheSettings
         from sage_core.policy import cached_starts, file_plan, plan_window
         from sage_core.sampler import BranchPoint, SamplingConfig, initial_noises, make_scheduler
@@ -286,8 +292,8 @@ class EdgeWorker:
         )
         prompts = [m.prompt for m in job.members]
         # 1. encode and plan the groups (lines 1-2); no group shares more than any member asked for
-        cond, uncond = encode_prompts(pipe, prompts)
-        pooled = self.embed(prompts)
+        cond, pooled = self.encode(prompts)
+        uncond = self.uncond
         roots = plan_window(pooled, self.policy, s.steps)
         cap_depths(roots, [round(m.share * s.steps) for m in job.members])
         # 2. each root starts from a cached latent of a close enough earlier group, or from its shared noise

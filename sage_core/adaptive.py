@@ -198,13 +198,18 @@ def group_condition(cond: torch.Tensor, members: Sequence[int], mode: str) -> to
     """What a group's shared steps are conditioned on, [1, L, D]: "mean" of its members' token embeddings, or
     "medoid": the embeddings of the member with the highest summed cosine similarity (over the flattened token
     embeddings) to the members, the first such member on a tie."""
-    group = cond[list(members)]
-    if mode == "mean":
-        return group.mean(dim=0, keepdim=True)
-    if mode != "medoid":
+    return group_conditions(cond, [members], mode)[0]
+
+
+def group_conditions(cond: torch.Tensor, groups: Sequence[Sequence[int]], mode: str) -> list[torch.Tensor]:
+    """`group_condition` for every group, with the medoids picked on the tensors' device and read back once."""
+    if mode not in ("mean", "medoid"):
         raise ValueError(f"unknown shared condition {mode!r}; expected 'mean' or 'medoid'")
-    flat = torch.nn.functional.normalize(group.flatten(1).float(), dim=1)
-    return group[int((flat @ flat.T).sum(dim=1).argmax())].unsqueeze(0)
+    if mode == "mean":
+        return [cond[list(g)].mean(dim=0, keepdim=True) for g in groups]
+    flat = torch.nn.functional.normalize(cond.flatten(1).float(), dim=1)
+    picks = torch.stack([(flat[list(g)] @ flat[list(g)].T).sum(dim=1).argmax() for g in groups]).tolist()
+    return [cond[g[p]].unsqueeze(0) for g, p in zip(groups, picks, strict=True)]
 
 
 def plan_nodes(roots: Sequence[GroupNode]) -> tuple[list[GroupNode], list[int | None]]:
@@ -231,7 +236,7 @@ def run_shared_plan(
     root_of = root_index(roots)
     nodes, parents = plan_nodes(roots)
     begin = [starts[root_of[id(n)]] if n.parent is None else None for n in nodes]
-    conds = [group_condition(cond, n.members, config.shared_condition) for n in nodes]
+    conds = group_conditions(cond, [n.members for n in nodes], config.shared_condition)
     labels = [root_of[id(n)] for n in nodes]
     ends = advance(unet, scheduler_config, begin, conds, uncond, config, [n.depth for n in nodes], counter, labels,
                    parents)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from sage_core.adaptive import GroupNode, flat_plan, leaf_of, root_index, run_shared_plan
-from sage_core.grouping import GroupingConfig, group_by_similarity, pipeline_text_embeddings
+from sage_core.grouping import GroupingConfig, group_by_similarity, text_embeddings
 from sage_core.sampler import (
     BranchPoint,
     SamplingConfig,
@@ -41,10 +41,7 @@ def check_prompts(prompts: Sequence[str]) -> None:
 def encode_prompts(pipe, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Token-level text embeddings c^m [M, L, D] and the unconditional (empty prompt) embedding [1, L, D],
     computed exactly as StableDiffusionPipeline computes them."""
-    device = pipe.text_encoder.device
-    cond, _ = pipe.encode_prompt(list(prompts), device, 1, do_classifier_free_guidance=False)
-    uncond, _ = pipe.encode_prompt([""], device, 1, do_classifier_free_guidance=False)  # once, not once per prompt
-    return cond, uncond
+    return text_embeddings(pipe, prompts)[0], text_embeddings(pipe, [""])[0]  # uncond once, not once per prompt
 
 
 def latent_shape(pipe, config: SamplingConfig) -> tuple[int, int, int, int]:
@@ -141,8 +138,9 @@ def generate(
     partition; `plan` gives a hierarchical plan (sage_core.adaptive) instead of one depth for all."""
     # 1. check inputs and encode the prompts (line 1)
     check_prompts(prompts)
-    cond, uncond = encode_prompts(pipe, prompts)
-    pooled = pipeline_text_embeddings(pipe, prompts)
+    cond, pooled_t = text_embeddings(pipe, prompts)
+    uncond = text_embeddings(pipe, [""])[0]
+    pooled = pooled_t.float().cpu().numpy()
     # 2. partition into groups (line 2)
     if plan is None:
         groups = [list(g) for g in groups] if groups is not None else group_by_similarity(pooled, grouping)

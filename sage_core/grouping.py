@@ -99,19 +99,29 @@ def pairwise_similarities(embeddings: np.ndarray | torch.Tensor, members: Sequen
 
 
 @torch.no_grad()
-def pipeline_text_embeddings(pipe, prompts: Sequence[str], batch_size: int = 64) -> np.ndarray:
-    """Pooled CLIP text embeddings from the pipeline's own text encoder (as the paper groups by)."""
+def text_embeddings(pipe, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """From one tokenizer call and one text-encoder pass: the token-level embeddings c^m [M, L, D] in the text
+    encoder's dtype, exactly as StableDiffusionPipeline.encode_prompt computes them (no CLIP skip), and the pooled
+    embeddings [M, D] the grouping compares (the paper groups by CLIP's pooled text embedding)."""
     device = pipe.text_encoder.device
-    chunks = []
-    for lo in range(0, len(prompts), batch_size):
-        ids = pipe.tokenizer(
-            list(prompts[lo : lo + batch_size]),
-            padding="max_length",
-            max_length=pipe.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(device)
-        chunks.append(pipe.text_encoder(ids).pooler_output.float().cpu().numpy())
+    tokens = pipe.tokenizer(
+        list(prompts),
+        padding="max_length",
+        max_length=pipe.tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    )
+    mask = tokens.attention_mask.to(device) if getattr(pipe.text_encoder.config, "use_attention_mask", False) else None
+    out = pipe.text_encoder(tokens.input_ids.to(device), attention_mask=mask)
+    return out[0].to(pipe.text_encoder.dtype), out.pooler_output
+
+
+def pipeline_text_embeddings(pipe, prompts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+    """Pooled CLIP text embeddings [M, D] (float32, on the host) from the pipeline's own text encoder."""
+    chunks = [
+        text_embeddings(pipe, prompts[lo : lo + batch_size])[1].float().cpu().numpy()
+        for lo in range(0, len(prompts), batch_size)
+    ]
     return np.concatenate(chunks) if chunks else np.zeros((0, pipe.text_encoder.config.hidden_size), np.float32)
 
 

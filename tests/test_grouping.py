@@ -7,7 +7,13 @@ import time
 import numpy as np
 import pytest
 
-from sage_core.grouping import GroupingConfig, group_by_similarity, pairwise_similarities, pipeline_text_embeddings
+from sage_core.grouping import (
+    GroupingConfig,
+    group_by_similarity,
+    pairwise_similarities,
+    pipeline_text_embeddings,
+    text_embeddings,
+)
 
 
 def clustered(n_clusters: int, per: int, dim: int = 64, noise: float = 0.3, seed: int = 0) -> np.ndarray:
@@ -56,6 +62,21 @@ def test_pipeline_embeddings_group_paraphrases(tiny_pipe):
     assert emb.shape == (3, tiny_pipe.text_encoder.config.hidden_size)
     groups = group_by_similarity(emb, GroupingConfig(tau=0.999))
     assert [0, 1] in groups
+
+
+def test_one_text_encoder_pass_gives_the_pipelines_own_embeddings(tiny_pipe):
+    """The edge worker encodes once for both conditioning and grouping: the token embeddings are diffusers'
+    encode_prompt's (a prompt past 77 tokens truncated the same way) and the pooled ones CLIP's pooler output."""
+    import torch
+
+    prompts = ["a red circle", "", "a blue square " * 30]
+    cond, pooled = text_embeddings(tiny_pipe, prompts)
+    want, _ = tiny_pipe.encode_prompt(prompts, "cpu", 1, do_classifier_free_guidance=False)
+    assert torch.equal(cond, want)
+    ids = tiny_pipe.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(pooled, tiny_pipe.text_encoder(ids.input_ids).pooler_output)
+    np.testing.assert_array_equal(pipeline_text_embeddings(tiny_pipe, prompts, batch_size=3), pooled.numpy())
 
 
 def test_grouping_scales():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sage_core.adaptive import group_condition
+from sage_core.adaptive import group_condition, group_conditions
 from sage_core.sampler import SHARED_CONDITIONS, SamplingConfig
 
 
@@ -25,6 +25,19 @@ def test_medoid_is_the_member_closest_to_the_others():
     assert torch.equal(group_condition(cond, [0, 1, 2], "medoid"), cond[1:2])
     assert torch.equal(group_condition(cond, [2], "medoid"), cond[2:3])  # a group of one runs on itself
     assert group_condition(cond, [0, 1, 2, 3], "medoid").shape == (1, 4, 8)
+
+
+@pytest.mark.parametrize("mode", ["mean", "medoid"])
+def test_all_groups_at_once_pick_what_each_group_alone_would(mode):
+    cond = _cond()
+    groups = [[0, 1, 2], [3], [2, 0], [1, 3, 0, 2]]
+    for got, g in zip(group_conditions(cond, groups, mode), groups, strict=True):
+        if mode == "mean":
+            want = cond[g].mean(dim=0, keepdim=True)
+        else:
+            unit = torch.nn.functional.normalize(cond[g].flatten(1), dim=1)
+            want = cond[g[int((unit @ unit.T).sum(dim=1).argmax())]].unsqueeze(0)
+        assert torch.equal(got, want), f"group {g}"
 
 
 def test_unknown_conditions_are_refused():
