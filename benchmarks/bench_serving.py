@@ -205,7 +205,8 @@ def make_worker(args: argparse.Namespace):
 
     settings = {"model": args.model, "dtype": args.dtype, "tau": 0.99, "max_group_size": 5, "ray_num_cpus": 2,
                 "unet_compile": args.unet_compile, "unet_buckets": args.unet_buckets,
-                "unet_compile_tuning": args.unet_compile_tuning, "attention_backend": args.attention_backend}
+                "unet_compile_tuning": args.unet_compile_tuning, "attention_backend": args.attention_backend,
+                "cudnn_benchmark": args.cudnn_benchmark}
     return EdgeWorker(build_config(None, settings))
 
 
@@ -357,6 +358,7 @@ def print_header(env: dict) -> None:
     print(f"device {env['device']}  dtype {env['dtype']}  torch {env['torch']}  diffusers {env['diffusers']}  "
           f"unet_compile {env.get('unet_compile', 'none')}{' (tuned)' if env.get('unet_compile_tuning') else ''}  "
           f"buckets {env.get('unet_buckets') or '-'}  attention {env.get('attention_backend', 'auto')}  "
+          f"{'cudnn benchmark  ' if env.get('cudnn_benchmark') else ''}"
           f"worker start {env.get('worker_start_s', 0.0):.1f} s")
     print(
         "batch  unet ms/sample  floor  indep s  indep GPU-s/img  edge s  edge UNet s  rows/call  edge GPU-s/img"
@@ -394,6 +396,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--unet-compile-tuning", action="store_true", help="TorchInductor options for diffusion")
     parser.add_argument("--attention-backend", default="auto", help="SDPA kernel of the shared-phase UNet: auto, "
                         "flash, cudnn, efficient, math")
+    parser.add_argument("--cudnn-benchmark", action="store_true", help="cuDNN times its convolution algorithms per "
+                        "shape (process-wide: the stock pipeline gets it too); needs --unet-buckets")
     parser.add_argument("--attention-sweep", default="", help="first time the eager UNet with each of these SDPA "
                         "kernels (comma-separated, e.g. auto,flash,cudnn,efficient)")
     parser.add_argument("--stream", default=None, help="also run this caption stream (benchmarks.coco_stream)")
@@ -411,10 +415,16 @@ def main(argv: list[str] | None = None) -> dict:
     diffusers.utils.logging.set_verbosity_error()
     args = parse_args(argv)
     start = time.perf_counter()
-    worker = make_worker(args)
+    from edge_server.config import ConfigError
+
+    try:
+        worker = make_worker(args)
+    except ConfigError as exc:
+        raise SystemExit(f"error: {exc}") from None
     env = environment(worker) | {"unet_compile": args.unet_compile, "unet_buckets": args.unet_buckets,
                                  "unet_compile_tuning": args.unet_compile_tuning,
                                  "attention_backend": args.attention_backend,
+                                 "cudnn_benchmark": args.cudnn_benchmark,
                                  "worker_start_s": time.perf_counter() - start}
     result: dict = {"environment": env, "settings": vars(args), "rows": []}
     if args.attention_sweep:

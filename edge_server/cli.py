@@ -65,6 +65,9 @@ def serve(
     attention_backend: Annotated[
         str | None, typer.Option(help="SDPA kernel of the shared-phase UNet: auto, flash, cudnn, efficient, math")
     ] = None,
+    cudnn_benchmark: Annotated[
+        bool | None, typer.Option(help="with --unet-buckets: cuDNN times its convolution algorithms at warm-up")
+    ] = None,
     chunk_size: Annotated[int | None, typer.Option(help="bytes per LatentChunk")] = None,
     max_streams_per_client: Annotated[
         int | None, typer.Option(help="open RequestImage streams per client before RESOURCE_EXHAUSTED")

@@ -86,6 +86,7 @@ class ServerConfig:
     unet_buckets: tuple[int, ...] = ()
     unet_compile_tuning: bool = False  # TorchInductor options for diffusion UNets (sage_core.unet_buckets)
     attention_backend: str = "auto"  # the shared-phase UNet's SDPA kernel: auto (PyTorch's choice), flash, cudnn, ...
+    cudnn_benchmark: bool = False  # let cuDNN time its convolution algorithms per shape (needs unet_buckets)
     zstd_level: int = 3
     chunk_size: int = 256 * 1024
     # security (docs/deployment.md): TLS when tls_cert + tls_key are set, mutual TLS when tls_client_ca is too;
@@ -169,6 +170,9 @@ def _problems(c: ServerConfig) -> list[str]:
     modes = ", ".join(COMPILE_MODES)
     need(c.unet_compile in COMPILE_MODES, f"unet_compile must be one of {modes}, got {c.unet_compile!r}")
     need(all(b >= 1 for b in c.unet_buckets), f"unet_buckets must be positive batch sizes, got {list(c.unet_buckets)}")
+    need(not c.cudnn_benchmark or bool(c.unet_buckets),
+         "cudnn_benchmark needs unet_buckets: cuDNN times its algorithms on each new shape's first call, which "
+         "must happen at warm-up, not on a request")
     need(c.attention_backend in ATTENTION_BACKENDS,
          f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {c.attention_backend!r}")
     need(len(c.codecs) > 0, "codecs must name at least one codec mode")

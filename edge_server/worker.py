@@ -220,6 +220,7 @@ class EdgeWorker:
         self.pipe = load_model(config)
         self.fingerprint = self.info().fingerprint  # of the base weights, as devices compute it
         self.adapter = apply_adapter(self.pipe, config.adapter, self.fingerprint)
+        torch.backends.cudnn.benchmark = config.cudnn_benchmark  # process-wide: this process holds one model
         self.unet = serving_unet(self.pipe, config)  # the shared phase's UNet: compiled and bucketed if configured
         self.unet_dtype, self.unet_device = self.pipe.unet.dtype, self.pipe.unet.device  # read once: both walk it
         self.uncond = text_embeddings(self.pipe, [""])[0]  # the empty prompt's embedding, the same for every window

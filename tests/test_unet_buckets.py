@@ -100,6 +100,9 @@ def test_bad_compile_settings_are_config_errors():
         build_config(None, {"unet_buckets": "0,8"})
     with pytest.raises(ConfigError, match="attention_backend must be one of"):
         build_config(None, {"attention_backend": "fastest"})
+    with pytest.raises(ConfigError, match="cudnn_benchmark needs unet_buckets"):
+        build_config(None, {"cudnn_benchmark": True})
+    assert build_config(None, {"cudnn_benchmark": True, "unet_buckets": "64"}).cudnn_benchmark
     assert build_config(None, {"unet_buckets": "8,16"}).unet_buckets == (8, 16)
 
 
