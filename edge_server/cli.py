@@ -38,6 +38,9 @@ def serve(
     ] = None,
     ray_num_cpus: Annotated[int | None, typer.Option(help="CPUs of a local Ray")] = None,
     num_workers: Annotated[int | None, typer.Option(help="model-holding Ray actors")] = None,
+    worker_pipeline: Annotated[
+        int | None, typer.Option(help="windows in flight per worker (the next shares while one encodes)")
+    ] = None,
     max_wait_ms: Annotated[float | None, typer.Option(help="batching window: longest wait for more requests")] = None,
     max_batch: Annotated[int | None, typer.Option(help="batching window: most requests per window")] = None,
     max_queue: Annotated[

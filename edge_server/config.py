@@ -49,6 +49,7 @@ class ServerConfig:
     ray_address: str | None = None  # None: start a local Ray; "auto" or "host:port": join that cluster
     ray_num_cpus: int = 2  # CPUs of a local Ray (ignored when joining a cluster)
     num_workers: int = 1  # Ray actors holding the model (num_gpus=1 each on a GPU machine)
+    worker_pipeline: int = 2  # windows in flight per worker: the next one's shared phase runs while one encodes
     worker_max_restarts: int = 3
     worker_step_delay_ms: float = 0.0  # test/demo hook: sleep this long per UNet call (a slower accelerator)
     # batching and grouping
@@ -136,6 +137,7 @@ def _problems(c: ServerConfig) -> list[str]:
     )
     need(c.ray_num_cpus >= 1, f"ray_num_cpus must be >= 1, got {c.ray_num_cpus}")
     need(c.num_workers >= 1, f"num_workers must be >= 1, got {c.num_workers}")
+    need(1 <= c.worker_pipeline <= 4, f"worker_pipeline must be in [1, 4], got {c.worker_pipeline}")
     need(c.worker_max_restarts >= 0, f"worker_max_restarts must be >= 0, got {c.worker_max_restarts}")
     need(c.worker_step_delay_ms >= 0, f"worker_step_delay_ms must be >= 0, got {c.worker_step_delay_ms}")
     need(c.max_wait_ms >= 0, f"max_wait_ms must be >= 0, got {c.max_wait_ms}")

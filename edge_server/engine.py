@@ -5,7 +5,9 @@ Life of a request (all on one asyncio loop, no locks):
    (-> RESOURCE_EXHAUSTED at once); it returns a Ticket and queues it.
 2. The batch loop waits for the first queued ticket, then up to `max_wait_ms` or until `max_batch` are queued,
    takes the window, drops tickets that already left, splits the rest into buckets of compatible settings
-   (steps, size, guidance, scheduler) and sends the whole window to a free worker (one actor call).
+   (steps, size, guidance, scheduler) and sends the whole window to a free worker (one actor call; a worker takes
+   up to `worker_pipeline` windows at once and runs their shared phases one after the other, so that the next
+   one runs while the last one's latents are encoded).
 3. The worker groups each bucket by pooled-embedding similarity and runs every group's shared phase batched.
 4. Each group's encoded branch point is handed to the members still waiting (`wait` returns a Delivery).
 5. `release` forgets a ticket, whatever happened; when every member of a window left, its work is skipped
@@ -202,9 +204,11 @@ class Engine:
         self._workers = list(workers)
         self._worker_factory = worker_factory  # () -> new actor handle, used when an actor is dead for good
         self._worker_pids = [i.pid for i in infos]
-        self._free_workers: asyncio.Queue[int] = asyncio.Queue()
-        for i in range(len(workers)):
-            self._free_workers.put_nowait(i)
+        self._free_workers: asyncio.Queue[int] = asyncio.Queue()  # a worker's index once per window it can take
+        for _ in range(config.worker_pipeline):
+            for i in range(len(workers)):
+                self._free_workers.put_nowait(i)
+        self._revivals: dict[int, asyncio.Task] = {}  # one revival per worker, awaited by each window it failed
         self._queue: deque[Ticket] = deque()
         self._queued_event = asyncio.Event()
         self._tickets: dict[str, Ticket] = {}
@@ -407,7 +411,7 @@ class Engine:
             for t in tickets:
                 t.window_id = None
             if worker_lost:
-                self._spawn(self._revive(worker_index))  # gives the worker back once it answers again
+                self._spawn(self._return_after_revival(worker_index))
             else:
                 self._free_workers.put_nowait(worker_index)
 
@@ -464,9 +468,21 @@ class Engine:
         log.exception("worker error", exc_info=exc)
         return EngineError("INTERNAL", f"shared phase failed: {type(exc).__name__}: {str(exc)[:500]}")
 
+    async def _return_after_revival(self, worker_index: int) -> None:
+        """Give a failed window's slot back once its worker answers again; windows that failed together on one
+        worker share one revival (so a worker dead for good is replaced once)."""
+        revival = self._revivals.get(worker_index)
+        if revival is None or revival.done():
+            revival = asyncio.get_running_loop().create_task(self._revive(worker_index))
+            self._revivals[worker_index] = revival
+            self._tasks.add(revival)
+            revival.add_done_callback(self._tasks.discard)
+        await asyncio.shield(revival)
+        self._free_workers.put_nowait(worker_index)
+
     async def _revive(self, worker_index: int, timeout_s: float = 300.0) -> None:
-        """After an actor died: wait for Ray's restart (or make a new actor once restarts are used up), then give
-        the worker back to the dispatcher. Windows wait in the queue meanwhile instead of failing."""
+        """After an actor died: wait for Ray's restart (or make a new actor once restarts are used up). Windows
+        wait in the queue meanwhile instead of failing."""
         import ray.exceptions
 
         end = time.monotonic() + timeout_s
@@ -488,7 +504,6 @@ class Engine:
                 break
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
-        self._free_workers.put_nowait(worker_index)
 
     def _fail(self, ticket: Ticket, error: EngineError) -> None:
         """Complete a waiting ticket with an error (its stream then ends with that status)."""

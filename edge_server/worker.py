@@ -12,7 +12,7 @@ import json
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from edge_server.config import ServerConfig
@@ -90,6 +90,17 @@ class WindowResult:
 
     buckets: tuple[tuple[GroupResult, ...], ...]
     shared_phase_ms: float
+
+
+@dataclass(frozen=True)
+class Encodable:
+    """A delivery after the shared phase: its GroupResult (no payloads yet), its latent and solver state on the
+    host, and the codecs its members took."""
+
+    result: GroupResult
+    latent: Any
+    solver_state: dict[str, Any]
+    codecs: tuple[str, ...]
 
 
 class WindowCancelled(RuntimeError):
@@ -229,6 +240,7 @@ class EdgeWorker:
         self.cache = latent_cache(config, self.policy)
         self._stops: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
+        self._model = threading.Lock()  # one window's shared phase at a time
 
     def info(self) -> ModelInfo:
         """Fingerprint, scheduler config and default image size of the model; this process's pid."""
@@ -263,21 +275,32 @@ class EdgeWorker:
         return True
 
     def run_window(self, window_id: str, jobs: list[BucketJob]) -> WindowResult:
-        """Group each bucket's prompts and run the shared phase of every group of the window."""
+        """Group each bucket's prompts and run the shared phase of every group of the window, then encode the
+        deliveries. Only the first part holds the model: with `worker_pipeline` windows in flight, the next
+        window's shared phase runs while this one's latents go through the codec."""
         stop = threading.Event()
         with self._lock:
             self._stops[window_id] = stop
         try:
-            start = time.perf_counter()
-            buckets = tuple(self._run_bucket(job, stop) for job in jobs)
+            with self._model:
+                start = time.perf_counter()
+                if stop.is_set():
+                    raise WindowCancelled("window cancelled: all of its requests left")
+                ready = [self._shared_bucket(job, stop) for job in jobs]
+            buckets = tuple(self._encode_bucket(items) for items in ready)
             return WindowResult(buckets, (time.perf_counter() - start) * 1000.0)
         finally:
             with self._lock:
                 self._stops.pop(window_id, None)
 
     def _run_bucket(self, job: BucketJob, stop: threading.Event) -> tuple[GroupResult, ...]:
+        """One bucket's whole edge path: its shared phase, then its deliveries encoded."""
+        return self._encode_bucket(self._shared_bucket(job, stop))
+
+    def _shared_bucket(self, job: BucketJob, stop: threading.Event) -> tuple[Encodable, ...]:
         """Algorithm 1 lines 1-8 for one bucket: encode, plan the groups (sage_core.policy), start each root group
-        from its shared noise or a cached latent, run the plan's shared steps batched, encode each delivery."""
+        from its shared noise or a cached latent, run the plan's shared steps batched, and bring each delivery's
+        latent to the host."""
         import torch
 
         from sage_core.adaptive import cap_depths, deliveries, run_shared_plan
@@ -320,25 +343,31 @@ class EdgeWorker:
         # 4. keep every level's latent for later windows; encode each delivery once per codec its members took
         if self.cache is not None:
             file_plan(self.cache, settings, roots, pooled, points, seeds, cached)
-        results = []
+        ready = []
         plan = deliveries(roots)
         latents = torch.cat([points[id(d.node)].latents for d in plan]).cpu().split(1)  # one device-host copy
         for d, host_latent in zip(plan, latents, strict=True):
             point, r = points[id(d.node)], root_of[d.members[0]]
-            codecs = sorted({job.members[m].codec for m in d.members})
-            results.append(
-                GroupResult(
-                    members=d.members,
-                    seed=seeds[r],
-                    branch_step=point.step,
-                    min_similarity=d.node.min_similarity,
-                    latent_shape=tuple(int(x) for x in point.latents.shape),
-                    payloads={c: self._encode(host_latent, point.solver_state, c) for c in codecs},
-                    server_steps=d.server_steps - (cached[r] if roots[r].members[0] in d.members else 0),
-                    cached_steps=cached[r],
-                )
+            result = GroupResult(
+                members=d.members,
+                seed=seeds[r],
+                branch_step=point.step,
+                min_similarity=d.node.min_similarity,
+                latent_shape=tuple(int(x) for x in point.latents.shape),
+                server_steps=d.server_steps - (cached[r] if roots[r].members[0] in d.members else 0),
+                cached_steps=cached[r],
             )
-        return tuple(results)
+            state = {k: v.detach().cpu() for k, v in point.solver_state.items()}
+            codecs = tuple(sorted({job.members[m].codec for m in d.members}))
+            ready.append(Encodable(result, host_latent, state, codecs))
+        return tuple(ready)
+
+    def _encode_bucket(self, ready: tuple[Encodable, ...]) -> tuple[GroupResult, ...]:
+        """Each delivery with its payload in every codec its members took (host only: no model, no GPU)."""
+        return tuple(
+            replace(e.result, payloads={c: self._encode(e.latent, e.solver_state, c) for c in e.codecs})
+            for e in ready
+        )
 
     def _encode(self, latent: Any, solver_state: dict[str, Any], mode: str) -> Payload:
         """The latent (on the host), then solver-state tensors, as codec frames. Non-float state goes as lossless
@@ -350,8 +379,7 @@ class EdgeWorker:
         codec = LatentCodec(CodecSpec(mode=mode, level=self.config.zstd_level))
         lossless = LatentCodec(CodecSpec(mode="fp32", level=self.config.zstd_level))
         frames, names = [codec.encode(latent)], ["latent"]
-        for name, tensor in sorted(solver_state.items()):
-            t = tensor.detach().cpu()
+        for name, t in sorted(solver_state.items()):
             if t.dtype.is_floating_point:
                 frames.append(codec.encode(t))
             else:
@@ -370,7 +398,7 @@ def make_worker_actor(config: ServerConfig) -> Any:
         num_cpus=0 if use_gpu else 1,
         max_restarts=config.worker_max_restarts,
         max_task_retries=0,
-        max_concurrency=2,
+        max_concurrency=config.worker_pipeline + 1,  # the windows in flight, and `cancel` / `info`
     )
     return actor_cls.remote(config)
 
