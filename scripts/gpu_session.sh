@@ -9,7 +9,8 @@
 #   bash scripts/gpu_session.sh            (BUDGET_S, BENCH_S, VAE_MIN override the time split)
 #   STAGES=bench bash scripts/gpu_session.sh; STAGES=train TRAIN_STAGES=unet \
 #     SESSION_CONFIG=training/configs/default_model_finetune.yaml bash scripts/gpu_session.sh     (two commands)
-# With STAGES=train the GPU-marked tests run beside the training (GPU_TESTS=1 by default).
+# With STAGES=train the GPU-marked tests run beside the training. GPU_TESTS= (empty) skips the GPU-marked tests,
+# STEP_LOOP= (empty) the step-loop benchmark: for a second command of a lease that only adds a variant.
 # The `device` tool sends at most 64 MiB (tracked files + carried .whl); the repository with its model, judges and
 # wheels is over that. Before the call, remove what the lease does not read (git restores it afterwards):
 #   rm -f training/assets/judges/*.safetensors sage_core/assets/default_model/tokenizer/tokenizer.json
@@ -61,23 +62,25 @@ say "1/3 serving benchmark (limit ${BENCH_S}s)"
 timeout "$BENCH_S" $PY -m benchmarks.bench_serving ${BENCH_ARGS:---model sd15-random --batches 32,64 --steps 20 \
     --windows 1 --repeats 3} --json "$OUT/bench_serving.json" 2>&1 | grep -v Warning | tee -a "$LOG"
 
-say "1a/3 step loop around a zero-cost UNet: per-trajectory diffusers steps vs the batched DDIM step"
-timeout 90 $PY -m benchmarks.bench_step_loop --device cuda --trajectories 8,32,64 --steps 20 \
-    --json "$OUT/step_loop.json" 2>&1 | grep -v Warning | tee -a "$LOG"
+if [ -n "${STEP_LOOP-1}" ]; then
+    say "1a/3 step loop around a zero-cost UNet: per-trajectory diffusers steps vs the batched DDIM step"
+    timeout 90 $PY -m benchmarks.bench_step_loop --device cuda --trajectories 8,32,64 --steps 20 \
+        --json "$OUT/step_loop.json" 2>&1 | grep -v Warning | tee -a "$LOG"
+fi
 
 if [ -n "${BENCH2_ARGS:-}" ]; then  # e.g. "--model sd15-random --batches 32,64 --unet-compile max-autotune-no-cudagraphs --unet-buckets 64,128"
     say "1b/3 serving benchmark, second variant (limit ${BENCH2_S:-$BENCH_S}s)"
     timeout "${BENCH2_S:-$BENCH_S}" $PY -m benchmarks.bench_serving $BENCH2_ARGS --json "$OUT/bench_serving_2.json" 2>&1 \
         | grep -v Warning | tee -a "$LOG"
 fi
-if [ -n "${GPU_TESTS:-1}" ] && [[ " $STAGES " != *" train "* ]]; then
+if [ -n "${GPU_TESTS-1}" ] && [[ " $STAGES " != *" train "* ]]; then
     say "GPU-marked tests"
     run_gpu_tests; cat "$OUT/gpu_tests.txt" | tee -a "$LOG"
 fi
 fi
 [[ " $STAGES " == *" train "* ]] || { say "done; $(left)s of the budget left"; exit 0; }
 TESTS_PID=
-if [ -n "${GPU_TESTS:-1}" ]; then
+if [ -n "${GPU_TESTS-1}" ]; then
     say "GPU-marked tests, beside the training"
     run_gpu_tests & TESTS_PID=$!
 fi
