@@ -24,6 +24,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from benchmarks.bench_serving import sync
 from benchmarks.results import write_json
 from sage_core.models import SD15_SCHEDULER_CONFIG
 from sage_core.sampler import SamplingConfig, Trajectory, denoise, make_scheduler
@@ -148,12 +149,6 @@ def cuda_syncs(fn: Callable[[], object]) -> int:
         finally:
             torch.cuda.set_sync_debug_mode(0)
     return sum("synchroniz" in str(w.message) for w in caught)
-
-
-def sync(device: str) -> None:
-    """Wait for queued GPU work (no-op on CPU)."""
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,8 @@ from typing import Any
 
 import yaml
 
-# Mirrors of sage_core.sampler.{SCHEDULERS, SHARED_CONDITIONS} and sage_core.codec.{MODES, LOSSLESS_MODES} (checked
-# by tests): the front end does not import torch.
+# Mirrors of sage_core.sampler.{SCHEDULERS, SHARED_CONDITIONS}, sage_core.codec.{MODES, LOSSLESS_MODES} and
+# sage_core.unet_buckets.{COMPILE_MODES, ATTENTION_BACKENDS} (checked by tests): the front end does not import torch.
 KNOWN_SCHEDULERS: tuple[str, ...] = ("ddim", "dpmpp", "euler")
 SHARING_MODES: tuple[str, ...] = ("flat", "adaptive")
 SHARED_CONDITIONS: tuple[str, ...] = ("mean", "medoid")

@@ -223,7 +223,7 @@ class EdgeWorker:
     def __init__(self, config: ServerConfig) -> None:
         import torch
 
-        from sage_core.grouping import text_embeddings
+        from sage_core.generate import empty_prompt_embedding
 
         if not torch.cuda.is_available():
             torch.set_num_threads(max(1, min(os.cpu_count() or 1, config.ray_num_cpus)))
@@ -234,7 +234,7 @@ class EdgeWorker:
         torch.backends.cudnn.benchmark = config.cudnn_benchmark  # process-wide: this process holds one model
         self.unet = serving_unet(self.pipe, config)  # the shared phase's UNet: compiled and bucketed if configured
         self.unet_dtype, self.unet_device = self.pipe.unet.dtype, self.pipe.unet.device  # read once: both walk it
-        self.uncond = text_embeddings(self.pipe, [""])[0]  # the empty prompt's embedding, the same for every window
+        self.uncond = empty_prompt_embedding(self.pipe)  # the same for every window
         self.embedder: Any = None  # prompts -> pooled embeddings [M, D], in place of the text encoder's (benchmarks)
         self.policy = sharing_policy(config)
         self.cache = latent_cache(config, self.policy)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from sage_core.grouping import GroupingConfig, group_by_similarity, normalize
-from sage_core.sampler import BranchPoint, SamplingConfig, UNetCounter, advance
+from sage_core.sampler import SHARED_CONDITIONS, BranchPoint, SamplingConfig, UNetCounter, advance
 
 
 @dataclass(frozen=True)
@@ -203,12 +203,13 @@ def group_condition(cond: torch.Tensor, members: Sequence[int], mode: str) -> to
 
 def group_conditions(cond: torch.Tensor, groups: Sequence[Sequence[int]], mode: str) -> list[torch.Tensor]:
     """`group_condition` for every group, with the medoids picked on the tensors' device and read back once."""
-    if mode not in ("mean", "medoid"):
-        raise ValueError(f"unknown shared condition {mode!r}; expected 'mean' or 'medoid'")
+    if mode not in SHARED_CONDITIONS:
+        raise ValueError(f"unknown shared condition {mode!r}; expected one of {', '.join(SHARED_CONDITIONS)}")
     if mode == "mean":
         return [cond[list(g)].mean(dim=0, keepdim=True) for g in groups]
-    flat = torch.nn.functional.normalize(cond.flatten(1).float(), dim=1)
-    picks = torch.stack([(flat[list(g)] @ flat[list(g)].T).sum(dim=1).argmax() for g in groups]).tolist()
+    unit = torch.nn.functional.normalize(cond.flatten(1).float(), dim=1)
+    members = [unit[list(g)] for g in groups]
+    picks = torch.stack([(m @ m.T).sum(dim=1).argmax() for m in members]).tolist()
     return [cond[g[p]].unsqueeze(0) for g, p in zip(groups, picks, strict=True)]
 
 

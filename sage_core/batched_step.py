@@ -27,11 +27,10 @@ N_COEF = 5  # guidance weight, sqrt(alpha_t), sqrt(1 - alpha_t), sqrt(alpha_prev
 
 def supports_batched_scheduler(scheduler) -> bool:
     """DDIM without dynamic thresholding, with a prediction type this step knows."""
-    cfg = getattr(scheduler, "config", None)
     return (
         isinstance(scheduler, DDIMScheduler)
-        and not cfg.thresholding
-        and cfg.prediction_type in PREDICTION_TYPES
+        and not scheduler.config.thresholding
+        and scheduler.config.prediction_type in PREDICTION_TYPES
     )
 
 
@@ -61,8 +60,7 @@ def ddim_table(scheduler: DDIMScheduler) -> tuple[list[int], list[tuple[float, f
         prev = t - stride
         alpha_prev = scheduler.alphas_cumprod[prev] if prev >= 0 else scheduler.final_alpha_cumprod
         beta = 1 - alpha
-        coefs.append((float(alpha**0.5), float(beta ** (0.5)), float(alpha_prev ** (0.5)),
-                      float((1 - alpha_prev - torch.tensor(0.0) ** 2) ** (0.5))))
+        coefs.append((float(alpha**0.5), float(beta**0.5), float(alpha_prev**0.5), float((1 - alpha_prev) ** 0.5)))
     return timesteps, coefs
 
 
@@ -73,7 +71,7 @@ class RoundTensors:
     rows: torch.Tensor  # [n] int64, indices into the state tensor
     timesteps: torch.Tensor  # [n] or [2n] (CFG) int64, the UNet's timestep per input row
     coefs: torch.Tensor  # [N_COEF, n, 1, 1, 1] float32
-    forks: torch.Tensor  # [2, f] int64: children, then their parents
+    forks: torch.Tensor  # [2, f] int64: children, then the rows they copy
 
 
 def round_tensors(rounds: Sequence[Round], scheduler: DDIMScheduler, config: SamplingConfig,

@@ -41,7 +41,12 @@ def check_prompts(prompts: Sequence[str]) -> None:
 def encode_prompts(pipe, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Token-level text embeddings c^m [M, L, D] and the unconditional (empty prompt) embedding [1, L, D],
     computed exactly as StableDiffusionPipeline computes them."""
-    return text_embeddings(pipe, prompts)[0], text_embeddings(pipe, [""])[0]  # uncond once, not once per prompt
+    return text_embeddings(pipe, prompts)[0], empty_prompt_embedding(pipe)
+
+
+def empty_prompt_embedding(pipe) -> torch.Tensor:
+    """The unconditional (empty prompt) embedding [1, L, D] of classifier-free guidance: once, not per prompt."""
+    return text_embeddings(pipe, [""])[0]
 
 
 def latent_shape(pipe, config: SamplingConfig) -> tuple[int, int, int, int]:
@@ -139,7 +144,7 @@ def generate(
     # 1. check inputs and encode the prompts (line 1)
     check_prompts(prompts)
     cond, pooled_t = text_embeddings(pipe, prompts)
-    uncond = text_embeddings(pipe, [""])[0]
+    uncond = empty_prompt_embedding(pipe)
     pooled = pooled_t.float().cpu().numpy()
     # 2. partition into groups (line 2)
     if plan is None:

@@ -326,12 +326,14 @@ def advance(
     behind the shared phase, hierarchical sub-group phases, cache resumption and the branch phase. Where
     `parents[m]` is not None, entry m starts from the end of the earlier entry `parents[m]` (its point is then
     None), in the same loop."""
+    from sage_core.batched_step import supports_batched_scheduler
+
     parents = list(parents) if parents is not None else [None] * len(points)
     own = [p for p in points if p is not None]
     device = own[0].latents.device if own else "cpu"
     # the batched step reads one host scheduler's table; diffusers' own steps need one scheduler per trajectory
-    shared = make_scheduler(scheduler_config, config.scheduler, config.steps) if supports_batched_config(
-        scheduler_config, config.scheduler) else None
+    host = make_scheduler(scheduler_config, config.scheduler, config.steps)
+    shared = host if supports_batched_scheduler(host) else None
     trajectories = []
     for m, (point, cond, stop, parent) in enumerate(zip(points, conds, stops, parents, strict=True)):
         scheduler = shared or make_scheduler(scheduler_config, config.scheduler, config.steps, device)
@@ -353,17 +355,6 @@ def advance(
         )
     denoise(unet, trajectories, uncond, config, counter)
     return [BranchPoint(tr.latents, tr.stop, export_solver_state(tr.scheduler)) for tr in trajectories]
-
-
-def supports_batched_config(scheduler_config: dict, name: str) -> bool:
-    """Whether trajectories of this scheduler kind and config take the batched step (sage_core.batched_step)."""
-    from sage_core.batched_step import PREDICTION_TYPES
-
-    return (
-        name == "ddim"
-        and not scheduler_config.get("thresholding", False)
-        and scheduler_config.get("prediction_type", "epsilon") in PREDICTION_TYPES
-    )
 
 
 def shared_phase(

@@ -14,10 +14,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that replay CUDA graphs
 ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")  # SDPA kernels; "auto": PyTorch's choice
+SDPA_KERNELS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
 
 
 def bucket_for(n: int, buckets: Sequence[int]) -> int:
@@ -107,11 +110,7 @@ class AttentionBackendUNet(UNetProxy):
 
     def kernel(self) -> Any:
         """The sdpa_kernel context of this backend."""
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        kernels = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
-                   "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
-        return sdpa_kernel(kernels[self.backend])
+        return sdpa_kernel(SDPA_KERNELS[self.backend])
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         with self.kernel():

@@ -602,16 +602,17 @@ def encode_posteriors(
 # ----------------------------------------------------------------------------------------------- stage 4: UNet
 def train_unet(
     cfg: DefaultModelConfig, data: WorldData, vae: AutoencoderKL, tokenizer: CLIPTokenizer,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = print, init_from: Path | None = None,
 ) -> tuple[CLIPTextModel, UNet2DConditionModel]:
     """Train (or resume) the text encoder and UNet jointly; returns their EMA copies. Without a checkpoint to
-    resume, both start from diffusion.init_from's weights when that is set (fresh ones otherwise)."""
+    resume, both start from the weights in `init_from` (diffusion.init_from, as init_pipeline_dir checked it) when
+    given (fresh ones otherwise)."""
     device = torch.device(cfg.device)
     dc = cfg.diffusion
     ckpt_dir = Path(cfg.work_dir) / "unet_ckpt"
     torch.manual_seed(cfg.seed + 1)
     state = _load_state(ckpt_dir)
-    init = init_pipeline_dir(cfg) if state is None else None
+    init = init_from if state is None else None
     if init is not None:
         text_encoder, unet = load_text_and_unet(init, cfg.device)
         log(f"unet: starting from the text encoder and UNet in {init}")
@@ -786,7 +787,7 @@ def train_default_model(cfg: DefaultModelConfig, log: Callable[[str], None] = pr
         log(f"vae: loaded from {vae_dir} (scaling_factor {vae.config.scaling_factor:.4f})")
     if "unet" not in cfg.stages:
         return vae_dir
-    text_encoder, unet = train_unet(cfg, data, vae, tokenizer, log)
+    text_encoder, unet = train_unet(cfg, data, vae, tokenizer, log, init)
     pipe = build_pipeline(vae, text_encoder, unet, tokenizer).to("cpu")
     out = save_pipeline(pipe, cfg.output_dir)
     meta = {"seconds_total": round(time.monotonic() - started, 1), "device": cfg.device,
