@@ -31,8 +31,12 @@ def _trajectories(pipe, config, cond, n: int) -> list[Trajectory]:
     return trs
 
 
-@pytest.mark.parametrize(("dtype", "atol"), [(torch.float32, 1e-5), (torch.float16, 2e-2)])
-def test_batched_loop_makes_no_synchronisation_and_equals_stepwise(dtype, atol):
+# One UNet call for all trajectories against one per trajectory: the GPU picks kernels by batch size, so the two
+# loops agree to the kernels' rounding (fp16: a few units in the last place of the largest latent, ~10), not bit
+# for bit as on the CPU (tests/test_batched_step.py).
+@pytest.mark.parametrize(("dtype", "ulps"), [(torch.float32, 1000), (torch.float16, 4)])
+def test_batched_loop_makes_no_synchronisation_and_equals_stepwise(dtype, ulps, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # TF32 convolutions alone differ by ~1e-3
     pipe = tiny_pipeline(seed=0).to("cuda", dtype)
     config = SamplingConfig(steps=8, guidance=7.5, guidance_end=3.0)
     cond, uncond = encode_prompts(pipe, ["a red circle", "a blue square", "a green star"])
@@ -44,4 +48,5 @@ def test_batched_loop_makes_no_synchronisation_and_equals_stepwise(dtype, atol):
     assert syncs == 0
     assert stepwise_syncs > 0  # diffusers' DDIM step reads its timestep on the host
     for a, b in zip(batched, stepwise, strict=True):
+        atol = ulps * torch.finfo(dtype).eps * b.latents.float().abs().max().item()
         torch.testing.assert_close(a.latents.float(), b.latents.float(), rtol=0, atol=atol)
