@@ -206,8 +206,12 @@ def make_worker(args: argparse.Namespace):
     settings = {"model": args.model, "dtype": args.dtype, "tau": 0.99, "max_group_size": 5, "ray_num_cpus": 2,
                 "unet_compile": args.unet_compile, "unet_buckets": args.unet_buckets,
                 "unet_compile_tuning": args.unet_compile_tuning, "attention_backend": args.attention_backend,
-                "cudnn_benchmark": args.cudnn_benchmark}
-    return EdgeWorker(build_config(None, settings))
+                "cudnn_benchmark": args.cudnn_benchmark,
+                **({"compile_cache": args.compile_cache} if args.compile_cache else {})}
+    worker = EdgeWorker(build_config(None, settings))
+    if worker.unet_warmup:
+        print(f"shared-phase UNet {worker.unet_warmup}")
+    return worker
 
 
 def attention_sweep(worker, args: argparse.Namespace) -> dict[str, dict[int, float | str]]:
@@ -398,6 +402,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "flash, cudnn, efficient, math")
     parser.add_argument("--cudnn-benchmark", action="store_true", help="cuDNN times its convolution algorithms per "
                         "shape (process-wide: the stock pipeline gets it too); needs --unet-buckets")
+    parser.add_argument("--compile-cache", default="", help="with --unet-compile: folder of TorchInductor's caches "
+                        "(default: the server's, ~/.cache/sage-edge/torch-compile)")
     parser.add_argument("--attention-sweep", default="", help="first time the eager UNet with each of these SDPA "
                         "kernels (comma-separated, e.g. auto,flash,cudnn,efficient)")
     parser.add_argument("--stream", default=None, help="also run this caption stream (benchmarks.coco_stream)")
@@ -424,7 +430,7 @@ def main(argv: list[str] | None = None) -> dict:
     env = environment(worker) | {"unet_compile": args.unet_compile, "unet_buckets": args.unet_buckets,
                                  "unet_compile_tuning": args.unet_compile_tuning,
                                  "attention_backend": args.attention_backend,
-                                 "cudnn_benchmark": args.cudnn_benchmark,
+                                 "cudnn_benchmark": args.cudnn_benchmark, "unet_warmup": worker.unet_warmup,
                                  "worker_start_s": time.perf_counter() - start}
     result: dict = {"environment": env, "settings": vars(args), "rows": []}
     if args.attention_sweep:

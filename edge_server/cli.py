@@ -71,6 +71,9 @@ def serve(
     cudnn_benchmark: Annotated[
         bool | None, typer.Option(help="with --unet-buckets: cuDNN times its convolution algorithms at warm-up")
     ] = None,
+    compile_cache: Annotated[
+        str | None, typer.Option(help="with --unet-compile: folder of TorchInductor's caches, reused on restart")
+    ] = None,
     chunk_size: Annotated[int | None, typer.Option(help="bytes per LatentChunk")] = None,
     max_streams_per_client: Annotated[
         int | None, typer.Option(help="open RequestImage streams per client before RESOURCE_EXHAUSTED")

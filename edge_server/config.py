@@ -88,6 +88,8 @@ class ServerConfig:
     unet_compile_tuning: bool = False  # TorchInductor options for diffusion UNets (sage_core.unet_buckets)
     attention_backend: str = "auto"  # the shared-phase UNet's SDPA kernel: auto (PyTorch's choice), flash, cudnn, ...
     cudnn_benchmark: bool = False  # let cuDNN time its convolution algorithms per shape (needs unet_buckets)
+    # TorchInductor's caches when unet_compile is set: a restart loads the compiled kernels instead of compiling
+    compile_cache: str = "~/.cache/sage-edge/torch-compile"
     zstd_level: int = 3
     chunk_size: int = 256 * 1024
     # security (docs/deployment.md): TLS when tls_cert + tls_key are set, mutual TLS when tls_client_ca is too;
@@ -175,6 +177,9 @@ def _problems(c: ServerConfig) -> list[str]:
     need(not c.cudnn_benchmark or bool(c.unet_buckets),
          "cudnn_benchmark needs unet_buckets: cuDNN times its algorithms on each new shape's first call, which "
          "must happen at warm-up, not on a request")
+    cache = Path(c.compile_cache).expanduser()
+    need(bool(c.compile_cache) and not (cache.exists() and not cache.is_dir()),
+         f"compile_cache must be a folder (made if missing), got {c.compile_cache!r}")
     need(c.attention_backend in ATTENTION_BACKENDS,
          f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {c.attention_backend!r}")
     need(len(c.codecs) > 0, "codecs must name at least one codec mode")

@@ -320,7 +320,8 @@ async def serve(config: ServerConfig) -> int:
         for i, info in enumerate(infos):
             log.info(
                 "worker_ready",
-                extra={"fields": {"worker": i, "pid": info.pid, "device": info.device, "model": info.fingerprint}},
+                extra={"fields": {"worker": i, "pid": info.pid, "device": info.device, "model": info.fingerprint,
+                                  **({"unet_warmup": info.unet_warmup} if info.unet_warmup else {})}},
             )
         interceptors = [TokenAuthInterceptor(tokens, metrics.observe_denied)] if tokens is not None else []
         server = grpc.aio.server(

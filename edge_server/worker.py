@@ -28,6 +28,7 @@ class ModelInfo:
     default_width: int
     pid: int
     device: str
+    unet_warmup: str = ""  # how the shared-phase UNet was compiled and warmed at start ("" when it runs eager)
 
 
 @dataclass(frozen=True)
@@ -202,19 +203,35 @@ def apply_adapter(pipe: Any, choice: str, fingerprint: str) -> str:
 DEFAULT_BUCKETS = (8, 16, 32, 64, 128)  # UNet rows (CFG doubles the trajectories) when compiling without buckets
 
 
-def serving_unet(pipe: Any, config: ServerConfig) -> Any:
-    """The UNet the shared phase calls: the pipeline's own, or compiled (sage_core.unet_buckets) and run at fixed
-    batch buckets, each warmed here at the model's default size so that compiling never lands on a request; its
-    attention on the configured SDPA backend."""
-    from sage_core.unet_buckets import CUDAGRAPH_MODES, BucketedUNet, compile_unet, warm_buckets, with_attention
+def serving_unet(pipe: Any, config: ServerConfig) -> tuple[Any, str]:
+    """The UNet the shared phase calls: the pipeline's own, or compiled (sage_core.unet_buckets; TorchInductor's
+    caches in config.compile_cache, so a restart reuses them) and run at fixed batch buckets, each warmed here at
+    the model's default size so that compiling never lands on a request; its attention on the configured SDPA
+    backend. With it, a line saying how long the warm-up took and what the compile cache held ("" when eager)."""
+    from sage_core.unet_buckets import (
+        CUDAGRAPH_MODES,
+        BucketedUNet,
+        CacheCounts,
+        compile_unet,
+        use_compile_cache,
+        warm_buckets,
+        with_attention,
+    )
 
     if config.unet_compile == "none" and not config.unet_buckets:
-        return with_attention(pipe.unet, config.attention_backend)
+        return with_attention(pipe.unet, config.attention_backend), ""
+    cache = use_compile_cache(config.compile_cache) if config.unet_compile != "none" else None
+    before, start = CacheCounts.now(), time.perf_counter()
     compiled = compile_unet(pipe.unet, config.unet_compile, tuned=config.unet_compile_tuning)
     unet = BucketedUNet(with_attention(compiled, config.attention_backend), config.unet_buckets or DEFAULT_BUCKETS,
                         graphs=config.unet_compile in CUDAGRAPH_MODES)
     warm_buckets(unet, int(pipe.unet.config.sample_size))
-    return unet
+    summary = f"{config.unet_compile}, buckets {','.join(map(str, unet.buckets))}: warmed in " \
+              f"{time.perf_counter() - start:.1f} s"
+    if cache is not None:
+        counts = CacheCounts.now().since(before)
+        summary += f"; compile cache {cache}: {counts.hits} graphs loaded, {counts.misses} compiled"
+    return unet, summary
 
 
 class EdgeWorker:
@@ -224,15 +241,16 @@ class EdgeWorker:
         import torch
 
         from sage_core.generate import empty_prompt_embedding
+        from sage_core.models import model_fingerprint
 
         if not torch.cuda.is_available():
             torch.set_num_threads(max(1, min(os.cpu_count() or 1, config.ray_num_cpus)))
         self.config = config
         self.pipe = load_model(config)
-        self.fingerprint = self.info().fingerprint  # of the base weights, as devices compute it
+        self.fingerprint = model_fingerprint(self.pipe)  # of the base weights, as devices compute it
         self.adapter = apply_adapter(self.pipe, config.adapter, self.fingerprint)
         torch.backends.cudnn.benchmark = config.cudnn_benchmark  # process-wide: this process holds one model
-        self.unet = serving_unet(self.pipe, config)  # the shared phase's UNet: compiled and bucketed if configured
+        self.unet, self.unet_warmup = serving_unet(self.pipe, config)  # compiled and bucketed if configured
         self.unet_dtype, self.unet_device = self.pipe.unet.dtype, self.pipe.unet.device  # read once: both walk it
         self.uncond = empty_prompt_embedding(self.pipe)  # the same for every window
         self.embedder: Any = None  # prompts -> pooled embeddings [M, D], in place of the text encoder's (benchmarks)
@@ -255,6 +273,7 @@ class EdgeWorker:
             default_width=side,
             pid=os.getpid(),
             device=str(self.pipe.unet.device),
+            unet_warmup=self.unet_warmup,
         )
 
     def encode(self, prompts: list[str]) -> tuple[Any, Any]:

@@ -9,8 +9,11 @@ are dropped; the UNet treats rows independently).
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -134,6 +137,39 @@ def inductor_tuning() -> dict[str, Any]:
     for name, value in wanted.items():
         setattr(inductor, name, value)
     return old
+
+
+def use_compile_cache(folder: str | Path) -> Path:
+    """Keep TorchInductor's caches (compiled FX graphs, AOTAutograd results, Triton kernels, autotuning choices) in
+    `folder` (created if missing), so that a restarted process loads what an earlier one compiled instead of
+    compiling again. Process-wide, through torch's own switch (TORCHINDUCTOR_CACHE_DIR): call it before the
+    process's first compile. Returns the absolute folder."""
+    path = Path(folder).expanduser().resolve()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"compile cache {str(path)!r} is a file, not a folder")
+    path.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+    return path
+
+
+@dataclass(frozen=True)
+class CacheCounts:
+    """TorchInductor's compiled-graph cache lookups in this process so far (torch._dynamo's counters)."""
+
+    hits: int
+    misses: int
+
+    @staticmethod
+    def now() -> CacheCounts:
+        """The counts at this moment."""
+        from torch._dynamo.utils import counters
+
+        inductor = counters["inductor"]
+        return CacheCounts(int(inductor["fxgraph_cache_hit"]), int(inductor["fxgraph_cache_miss"]))
+
+    def since(self, earlier: CacheCounts) -> CacheCounts:
+        """The lookups between `earlier` and these counts."""
+        return CacheCounts(self.hits - earlier.hits, self.misses - earlier.misses)
 
 
 def compile_unet(unet: Any, mode: str, tuned: bool = False) -> Any:

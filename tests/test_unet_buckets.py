@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -89,8 +93,13 @@ def test_worker_with_buckets_serves_the_same_latents():
     assert padded.unet.padded_rows > 0
 
 
-def test_bad_compile_settings_are_config_errors():
+def test_bad_compile_settings_are_config_errors(tmp_path):
     from edge_server.config import ConfigError, build_config
+
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(ConfigError, match="compile_cache must be a folder"):
+        build_config(None, {"compile_cache": str(tmp_path / "a_file")})
+    assert build_config(None, {"compile_cache": str(tmp_path / "new")}).compile_cache == str(tmp_path / "new")
 
     with pytest.raises(ConfigError, match="unet_compile must be one of"):
         build_config(None, {"unet_compile": "fast"})
@@ -186,3 +195,34 @@ def test_attention_backend_keeps_the_output_and_refuses_what_cannot_run():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="cannot run on cpu"):
             AttentionBackendUNet(pipe.unet, "cudnn")
+
+
+_COMPILE_IN_A_NEW_PROCESS = """
+import json, sys, torch
+from sage_core.unet_buckets import CacheCounts, use_compile_cache
+use_compile_cache(sys.argv[1])
+before = CacheCounts.now()
+net = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(8, 4, 1)).eval()
+with torch.inference_mode():
+    torch.compile(net, dynamic=False)(torch.randn(2, 4, 8, 8))
+print(json.dumps(vars(CacheCounts.now().since(before))))
+"""
+
+
+@pytest.mark.slow
+def test_a_new_process_loads_what_an_earlier_one_compiled_from_the_compile_cache(tmp_path):
+    from sage_core.unet_buckets import use_compile_cache
+
+    cache = tmp_path / "nested" / "cache"
+
+    def compile_once() -> dict:
+        out = subprocess.run([sys.executable, "-c", _COMPILE_IN_A_NEW_PROCESS, str(cache)], capture_output=True,
+                             text=True, timeout=240, cwd=Path(__file__).parents[1], check=True).stdout
+        return json.loads(out.strip().splitlines()[-1])
+
+    assert compile_once() == {"hits": 0, "misses": 1}  # an empty cache: compiled, and stored in the folder
+    assert any(cache.iterdir())
+    assert compile_once() == {"hits": 1, "misses": 0}  # a restart loads it
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        use_compile_cache(tmp_path / "a_file")
