@@ -206,12 +206,27 @@ def make_worker(args: argparse.Namespace):
     settings = {"model": args.model, "dtype": args.dtype, "tau": 0.99, "max_group_size": 5, "ray_num_cpus": 2,
                 "unet_compile": args.unet_compile, "unet_buckets": args.unet_buckets,
                 "unet_compile_tuning": args.unet_compile_tuning, "attention_backend": args.attention_backend,
-                "cudnn_benchmark": args.cudnn_benchmark,
+                "cudnn_benchmark": args.cudnn_benchmark, "unet_quantize": args.unet_quantize,
                 **({"compile_cache": args.compile_cache} if args.compile_cache else {})}
     worker = EdgeWorker(build_config(None, settings))
     if worker.unet_warmup:
         print(f"shared-phase UNet {worker.unet_warmup}")
     return worker
+
+
+def int_list(text: str) -> list[int]:
+    """'32, 64' -> [32, 64]."""
+    return [int(b) for b in text.split(",") if b.strip()]
+
+
+def unet_sweep(worker, args: argparse.Namespace) -> dict[int, float]:
+    """ms per sample of the UNet the shared phase calls (compiled and bucketed when configured) at each UNet batch
+    of --unet-sweep (rows, CFG included): what the simulator's step tables hold (unet_ms_per_sample)."""
+    device = str(worker.pipe.unet.device)
+    out = {rows: round(unet_ms_per_sample(worker.unet, rows, device, args.repeats), 4)
+           for rows in int_list(args.unet_sweep)}
+    print("UNet ms per sample by UNet batch (rows)  " + "  ".join(f"{r}: {v:.3f}" for r, v in out.items()), flush=True)
+    return out
 
 
 def attention_sweep(worker, args: argparse.Namespace) -> dict[str, dict[int, float | str]]:
@@ -223,7 +238,7 @@ def attention_sweep(worker, args: argparse.Namespace) -> dict[str, dict[int, flo
     out: dict[str, dict[int, float | str]] = {}
     for backend in (b.strip() for b in args.attention_sweep.split(",") if b.strip()):
         out[backend] = {}
-        for batch in (int(b) for b in args.batches.split(",") if b.strip()):
+        for batch in int_list(args.batches):
             try:
                 ms = unet_ms_per_sample(with_attention(worker.pipe.unet, backend), 2 * batch, device, args.repeats)
                 out[backend][batch] = round(ms, 4)
@@ -363,6 +378,7 @@ def print_header(env: dict) -> None:
           f"unet_compile {env.get('unet_compile', 'none')}{' (tuned)' if env.get('unet_compile_tuning') else ''}  "
           f"buckets {env.get('unet_buckets') or '-'}  attention {env.get('attention_backend', 'auto')}  "
           f"{'cudnn benchmark  ' if env.get('cudnn_benchmark') else ''}"
+          f"{'quantize ' + env['unet_quantize'] + '  ' if env.get('unet_quantize', 'none') != 'none' else ''}"
           f"worker start {env.get('worker_start_s', 0.0):.1f} s")
     print(
         "batch  unet ms/sample  floor  indep s  indep GPU-s/img  edge s  edge UNet s  rows/call  edge GPU-s/img"
@@ -402,8 +418,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "flash, cudnn, efficient, math")
     parser.add_argument("--cudnn-benchmark", action="store_true", help="cuDNN times its convolution algorithms per "
                         "shape (process-wide: the stock pipeline gets it too); needs --unet-buckets")
+    parser.add_argument("--unet-quantize", default="none", help="with --unet-compile: 'fp8' runs the UNet's linear "
+                        "layers in float8 (torchao; a GPU of compute capability 8.9+)")
     parser.add_argument("--compile-cache", default="", help="with --unet-compile: folder of TorchInductor's caches "
                         "(default: the server's, ~/.cache/sage-edge/torch-compile)")
+    parser.add_argument("--unet-sweep", default="", help="first time the shared-phase UNet at these UNet batches "
+                        "(rows, CFG included; comma-separated, e.g. 2,4,8,16,32,64,128): a simulator step table")
     parser.add_argument("--attention-sweep", default="", help="first time the eager UNet with each of these SDPA "
                         "kernels (comma-separated, e.g. auto,flash,cudnn,efficient)")
     parser.add_argument("--stream", default=None, help="also run this caption stream (benchmarks.coco_stream)")
@@ -411,7 +431,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--stream-windows", type=int, default=2, help="windows of the stream to run")
     parser.add_argument("--profile", default=None, help="write a host profile of one edge-path window (last batch)")
     parser.add_argument("--json", default=None, help="write the rows and environment here")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for flag in ("batches", "unet_sweep"):
+        try:
+            sizes = int_list(getattr(args, flag))
+        except ValueError:
+            sizes = [0]
+        if any(n < 1 for n in sizes):
+            parser.error(f"--{flag.replace('_', '-')} takes positive whole numbers, comma-separated")
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -425,20 +453,24 @@ def main(argv: list[str] | None = None) -> dict:
 
     try:
         worker = make_worker(args)
-    except ConfigError as exc:
+    except (ConfigError, ValueError) as exc:  # ValueError: what the worker's device cannot run (attention, fp8)
         raise SystemExit(f"error: {exc}") from None
     env = environment(worker) | {"unet_compile": args.unet_compile, "unet_buckets": args.unet_buckets,
                                  "unet_compile_tuning": args.unet_compile_tuning,
                                  "attention_backend": args.attention_backend,
-                                 "cudnn_benchmark": args.cudnn_benchmark, "unet_warmup": worker.unet_warmup,
+                                 "cudnn_benchmark": args.cudnn_benchmark, "unet_quantize": args.unet_quantize,
+                                 "unet_warmup": worker.unet_warmup,
                                  "worker_start_s": time.perf_counter() - start}
     result: dict = {"environment": env, "settings": vars(args), "rows": []}
+    if args.unet_sweep:
+        result["unet_sweep"] = unet_sweep(worker, args)
+        write_json(result, args.json)
     if args.attention_sweep:
         result["attention_sweep"] = attention_sweep(worker, args)
         write_json(result, args.json)
     print_header(env)
-    for b in (b for b in args.batches.split(",") if b.strip()):
-        row = measure(args, worker, int(b))
+    for b in int_list(args.batches):
+        row = measure(args, worker, b)
         print_row(row)
         result["rows"].append(asdict(row))
         write_json(result, args.json)  # after every row, so a run cut short keeps what it measured

@@ -71,6 +71,9 @@ def serve(
     cudnn_benchmark: Annotated[
         bool | None, typer.Option(help="with --unet-buckets: cuDNN times its convolution algorithms at warm-up")
     ] = None,
+    unet_quantize: Annotated[
+        str | None, typer.Option(help="with --unet-compile: 'fp8' runs the UNet's linear layers in float8 (torchao)")
+    ] = None,
     compile_cache: Annotated[
         str | None, typer.Option(help="with --unet-compile: folder of TorchInductor's caches, reused on restart")
     ] = None,

@@ -17,7 +17,8 @@ from typing import Any
 import yaml
 
 # Mirrors of sage_core.sampler.{SCHEDULERS, SHARED_CONDITIONS}, sage_core.codec.{MODES, LOSSLESS_MODES} and
-# sage_core.unet_buckets.{COMPILE_MODES, ATTENTION_BACKENDS} (checked by tests): the front end does not import torch.
+# sage_core.unet_buckets.{COMPILE_MODES, ATTENTION_BACKENDS, QUANTIZE_MODES} (checked by tests): the front end does
+# not import torch.
 KNOWN_SCHEDULERS: tuple[str, ...] = ("ddim", "dpmpp", "euler")
 SHARING_MODES: tuple[str, ...] = ("flat", "adaptive")
 SHARED_CONDITIONS: tuple[str, ...] = ("mean", "medoid")
@@ -25,6 +26,7 @@ KNOWN_CODECS: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8", "int6", "int5",
 BUILTIN_MODELS: tuple[str, ...] = ("default", "tiny", "sd15-random")  # model names that are not folders
 COMPILE_MODES: tuple[str, ...] = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 ATTENTION_BACKENDS: tuple[str, ...] = ("auto", "flash", "cudnn", "efficient", "math")
+QUANTIZE_MODES: tuple[str, ...] = ("none", "fp8")
 LOSSLESS_CODECS: tuple[str, ...] = ("fp32", "fp16", "bf16")
 LOG_FORMATS = ("text", "json")
 GRPC_MESSAGE_LIMIT = 4 * 2**20
@@ -88,6 +90,7 @@ class ServerConfig:
     unet_compile_tuning: bool = False  # TorchInductor options for diffusion UNets (sage_core.unet_buckets)
     attention_backend: str = "auto"  # the shared-phase UNet's SDPA kernel: auto (PyTorch's choice), flash, cudnn, ...
     cudnn_benchmark: bool = False  # let cuDNN time its convolution algorithms per shape (needs unet_buckets)
+    unet_quantize: str = "none"  # "fp8": the compiled UNet's linear layers in float8 (torchao; GPU 8.9+, unet_compile)
     # TorchInductor's caches when unet_compile is set: a restart loads the compiled kernels instead of compiling
     compile_cache: str = "~/.cache/sage-edge/torch-compile"
     zstd_level: int = 3
@@ -177,6 +180,10 @@ def _problems(c: ServerConfig) -> list[str]:
     need(not c.cudnn_benchmark or bool(c.unet_buckets),
          "cudnn_benchmark needs unet_buckets: cuDNN times its algorithms on each new shape's first call, which "
          "must happen at warm-up, not on a request")
+    need(c.unet_quantize in QUANTIZE_MODES,
+         f"unet_quantize must be one of {', '.join(QUANTIZE_MODES)}, got {c.unet_quantize!r}")
+    need(c.unet_quantize == "none" or c.unet_compile != "none",
+         "unet_quantize needs unet_compile: eager, float8's scaling kernels cost more than its matmuls save")
     cache = Path(c.compile_cache).expanduser()
     need(bool(c.compile_cache) and not (cache.exists() and not cache.is_dir()),
          f"compile_cache must be a folder (made if missing), got {c.compile_cache!r}")

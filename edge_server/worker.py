@@ -222,11 +222,13 @@ def serving_unet(pipe: Any, config: ServerConfig) -> tuple[Any, str]:
         return with_attention(pipe.unet, config.attention_backend), ""
     cache = use_compile_cache(config.compile_cache) if config.unet_compile != "none" else None
     before, start = CacheCounts.now(), time.perf_counter()
-    compiled = compile_unet(pipe.unet, config.unet_compile, tuned=config.unet_compile_tuning)
+    compiled = compile_unet(pipe.unet, config.unet_compile, tuned=config.unet_compile_tuning,
+                            quantize=config.unet_quantize)
     unet = BucketedUNet(with_attention(compiled, config.attention_backend), config.unet_buckets or DEFAULT_BUCKETS,
                         graphs=config.unet_compile in CUDAGRAPH_MODES)
     warm_buckets(unet, int(pipe.unet.config.sample_size))
-    summary = f"{config.unet_compile}, buckets {','.join(map(str, unet.buckets))}: warmed in " \
+    quantized = f", {config.unet_quantize}" if config.unet_quantize != "none" else ""
+    summary = f"{config.unet_compile}{quantized}, buckets {','.join(map(str, unet.buckets))}: warmed in " \
               f"{time.perf_counter() - start:.1f} s"
     if cache is not None:
         counts = CacheCounts.now().since(before)

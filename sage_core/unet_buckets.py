@@ -22,6 +22,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that replay CUDA graphs
 ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")  # SDPA kernels; "auto": PyTorch's choice
+QUANTIZE_MODES = ("none", "fp8")  # the compiled UNet's linear layers: as they are, or float8 (torchao)
+FP8_CAPABILITY = (8, 9)  # CUDA compute capability with float8 tensor cores (Ada, Hopper and newer)
 SDPA_KERNELS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
                 "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
 
@@ -172,19 +174,52 @@ class CacheCounts:
         return CacheCounts(self.hits - earlier.hits, self.misses - earlier.misses)
 
 
-def compile_unet(unet: Any, mode: str, tuned: bool = False) -> Any:
+def compile_unet(unet: Any, mode: str, tuned: bool = False, quantize: str = "none") -> Any:
     """torch.compile the UNet with fixed shapes (`mode` one of COMPILE_MODES; "none" returns it unchanged), with
     `inductor_tuning()` first when `tuned`.
     Compiling first fuses each attention's q/k/v projections into one matmul and stores the weights
-    channels-last (both in place; the UNet's outputs stay the same up to rounding). A UNet with unmerged
-    LoRA layers is refused: fusing would drop them (merge the adapter first)."""
+    channels-last (both in place; the UNet's outputs stay the same up to rounding), then quantizes the linear
+    layers as `quantize` says (`quantize_unet`). A UNet with unmerged LoRA layers is refused: fusing would drop
+    them (merge the adapter first)."""
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
     if mode == "none":
+        if quantize != "none":
+            raise ValueError(f"quantize {quantize!r} needs a compile mode: eager, the scaling kernels cost more than "
+                             "the float8 matmuls save")
         return unet
     if tuned:
         inductor_tuning()
-    return torch.compile(fuse_layout(unet), mode=mode, dynamic=False)
+    return torch.compile(quantize_unet(fuse_layout(unet), quantize), mode=mode, dynamic=False)
+
+
+def quantize_unet(unet: Any, mode: str) -> Any:
+    """`mode` "fp8": store the UNet's linear layers' weights in float8 e4m3 and quantize their inputs on the fly
+    (torchao's dynamic float8, in place; per-row scales for a bfloat16 UNet, one scale per tensor for float16,
+    whose output cuBLAS's row-wise float8 GEMM lacks); convolutions stay as they are. Needs an NVIDIA GPU of
+    compute capability 8.9 or newer and torchao (`pip install 'sage-edge[fp8]'`). "none" returns it unchanged."""
+    if mode not in QUANTIZE_MODES:
+        raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}, got {mode!r}")
+    if mode == "none":
+        return unet
+    device = unet.device
+    capable = device.type == "cuda" and torch.cuda.get_device_capability(device) >= FP8_CAPABILITY
+    if not capable:
+        where = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+        raise ValueError(f"fp8 needs an NVIDIA GPU of compute capability {FP8_CAPABILITY[0]}.{FP8_CAPABILITY[1]} "
+                         f"or newer (Ada, Hopper); the UNet is on {where}")
+    try:
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, PerTensor, quantize_
+    except ImportError as exc:
+        raise ValueError("fp8 needs torchao: pip install 'sage-edge[fp8]'") from exc
+    granularity = PerRow() if unet.dtype == torch.bfloat16 else PerTensor()
+    quantize_(unet, Float8DynamicActivationFloat8WeightConfig(granularity=granularity), filter_fn=fp8_linear)
+    return unet
+
+
+def fp8_linear(module: torch.nn.Module, name: str = "") -> bool:
+    """A linear layer float8 GEMMs can take: both sides a multiple of 16."""
+    return isinstance(module, torch.nn.Linear) and module.in_features % 16 == 0 and module.out_features % 16 == 0
 
 
 def fuse_layout(unet: Any) -> Any:

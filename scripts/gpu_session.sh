@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One lease on the lent GPU (the `device` tool), in one or two commands so that it fits the lease:
 #   1. the serving benchmark at SD v1.5 size (issue 8): stock pipeline vs the edge path, fp16 eager, the step-loop
-#      benchmark, and a second variant (BENCH2_ARGS, e.g. compiled); then the GPU-marked tests
+#      benchmark, and further variants (BENCH2_ARGS, BENCH3_ARGS, e.g. compiled); then the GPU-marked tests
 #   2. the default model's training stages (issue 3; TRAIN_STAGES "vae unet" from scratch, or "unet" with a config
 #      that starts from the shipped model), the UNet stage given whatever time is left (or UNET_MIN minutes)
 #   3. the trained pipeline packed into <= 16 MiB parts, the log, the sample grid and the JSON under $OUT
@@ -68,11 +68,13 @@ if [ -n "${STEP_LOOP-1}" ]; then
         --json "$OUT/step_loop.json" 2>&1 | grep -v Warning | tee -a "$LOG"
 fi
 
-if [ -n "${BENCH2_ARGS:-}" ]; then  # e.g. "--model sd15-random --batches 32,64 --unet-compile max-autotune-no-cudagraphs --unet-buckets 64,128"
-    say "1b/3 serving benchmark, second variant (limit ${BENCH2_S:-$BENCH_S}s)"
-    timeout "${BENCH2_S:-$BENCH_S}" $PY -m benchmarks.bench_serving $BENCH2_ARGS --json "$OUT/bench_serving_2.json" 2>&1 \
+for N in 2 3; do  # further variants, e.g. BENCH2_ARGS="--model sd15-random --batches 32,64 --unet-compile
+    ARGS_N="BENCH${N}_ARGS" S_N="BENCH${N}_S"  # reduce-overhead --unet-buckets 64", each limited by BENCH<N>_S
+    [ -n "${!ARGS_N:-}" ] || continue
+    say "1b/3 serving benchmark, variant $N (limit ${!S_N:-$BENCH_S}s)"
+    timeout "${!S_N:-$BENCH_S}" $PY -m benchmarks.bench_serving ${!ARGS_N} --json "$OUT/bench_serving_$N.json" 2>&1 \
         | grep -v Warning | tee -a "$LOG"
-fi
+done
 if [ -n "${GPU_TESTS-1}" ] && [[ " $STAGES " != *" train "* ]]; then
     say "GPU-marked tests"
     run_gpu_tests; cat "$OUT/gpu_tests.txt" | tee -a "$LOG"

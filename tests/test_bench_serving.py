@@ -27,9 +27,12 @@ def test_cpu_fallback_reports_every_batch(tmp_path):
             str(out),
             "--profile",
             str(tmp_path / "profile.txt"),
+            "--unet-sweep",
+            "2,4",
         ]
     )
     assert out.is_file()
+    assert set(result["unet_sweep"]) == {2, 4} and all(ms > 0 for ms in result["unet_sweep"].values())
     profile = (tmp_path / "profile.txt").read_text()
     assert "edge path, 3 prompts" in profile and "_run_bucket" in profile
     (row,) = result["rows"]
@@ -38,6 +41,12 @@ def test_cpu_fallback_reports_every_batch(tmp_path):
     assert row["shared_unet_evaluations"] == 2 * 2
     assert row["step_saving"] == pytest.approx(1 - (2 + 3 * 3) / (3 * 5))
     assert row["bytes_per_image"] > 0
+
+
+def test_bad_batch_lists_are_refused_with_a_message(capsys):
+    with pytest.raises(SystemExit):
+        main(["--model", "tiny", "--unet-sweep", "8,0"])
+    assert "--unet-sweep takes positive whole numbers" in capsys.readouterr().err
 
 
 def test_a_caption_stream_runs_through_both_paths(tmp_path):

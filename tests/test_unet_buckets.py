@@ -197,6 +197,51 @@ def test_attention_backend_keeps_the_output_and_refuses_what_cannot_run():
             AttentionBackendUNet(pipe.unet, "cudnn")
 
 
+def test_fp8_is_refused_where_it_cannot_run_and_without_a_compile():
+    from edge_server.config import QUANTIZE_MODES as CONFIG_QUANTIZE
+    from edge_server.config import ConfigError, build_config
+    from sage_core.unet_buckets import QUANTIZE_MODES, compile_unet, fp8_linear, quantize_unet
+
+    assert CONFIG_QUANTIZE == QUANTIZE_MODES  # the front end validates what sage_core accepts
+    with pytest.raises(ConfigError, match="unet_quantize must be one of"):
+        build_config(None, {"unet_quantize": "int3", "unet_compile": "default"})
+    with pytest.raises(ConfigError, match="unet_quantize needs unet_compile"):
+        build_config(None, {"unet_quantize": "fp8"})
+    assert build_config(None, {"unet_quantize": "fp8", "unet_compile": "default"}).unet_quantize == "fp8"
+    pipe = tiny_pipeline(seed=0)
+    assert quantize_unet(pipe.unet, "none") is pipe.unet
+    with pytest.raises(ValueError, match="quantize must be one of"):
+        quantize_unet(pipe.unet, "int3")
+    with pytest.raises(ValueError, match="needs a compile mode"):
+        compile_unet(pipe.unet, "none", quantize="fp8")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="compute capability 8.9 or newer .* on cpu"):
+            quantize_unet(pipe.unet, "fp8")
+    assert fp8_linear(torch.nn.Linear(320, 1280)) and not fp8_linear(torch.nn.Linear(4, 320))
+    assert not fp8_linear(torch.nn.Conv2d(320, 320, 1))
+
+
+@pytest.mark.gpu
+def test_fp8_compiled_unet_stays_close_to_the_half_precision_one():
+    pytest.importorskip("torchao", reason="fp8 needs torchao (pip install 'sage-edge[fp8]')")
+    from sage_core.unet_buckets import FP8_CAPABILITY, compile_unet
+
+    if torch.cuda.get_device_capability() < FP8_CAPABILITY:
+        pytest.skip("needs float8 tensor cores")
+    pipe = tiny_pipeline(seed=0).to("cuda", torch.float16)
+    x, t, c = (v.to("cuda") for v in _inputs(pipe, 8))
+    x, c = x.half(), c.half()
+    with torch.inference_mode():
+        want = pipe.unet(x, t, encoder_hidden_states=c, return_dict=False)[0].float()
+        fp8 = compile_unet(pipe.unet, "default", quantize="fp8")
+        got = fp8(x, t, encoder_hidden_states=c, return_dict=False)[0].float()
+    linears = [m for m in pipe.unet.modules() if isinstance(m, torch.nn.Linear)]
+    assert any("float8" in type(m.weight).__name__.lower() for m in linears)  # torchao's Float8Tensor weights
+    relative = ((got - want).norm() / want.norm()).item()
+    print(f"fp8 against fp16, relative L2 difference of the UNet's output: {relative:.4f}")
+    assert relative < 0.1  # float8 e4m3 keeps 3 mantissa bits: a few per cent, not a different function
+
+
 _COMPILE_IN_A_NEW_PROCESS = """
 import json, sys, torch
 from sage_core.unet_buckets import CacheCounts, use_compile_cache
