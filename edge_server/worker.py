@@ -221,7 +221,7 @@ def serving_unet(pipe: Any, config: ServerConfig) -> tuple[Any, str]:
     if config.unet_compile == "none" and not config.unet_buckets:
         return with_attention(pipe.unet, config.attention_backend), ""
     cache = use_compile_cache(config.compile_cache) if config.unet_compile != "none" else None
-    before, start = CacheCounts.now(), time.perf_counter()
+    before, start = CacheCounts.now() if cache else None, time.perf_counter()
     compiled = compile_unet(pipe.unet, config.unet_compile, tuned=config.unet_compile_tuning,
                             quantize=config.unet_quantize)
     unet = BucketedUNet(with_attention(compiled, config.attention_backend), config.unet_buckets or DEFAULT_BUCKETS,
@@ -230,7 +230,7 @@ def serving_unet(pipe: Any, config: ServerConfig) -> tuple[Any, str]:
     quantized = f", {config.unet_quantize}" if config.unet_quantize != "none" else ""
     summary = f"{config.unet_compile}{quantized}, buckets {','.join(map(str, unet.buckets))}: warmed in " \
               f"{time.perf_counter() - start:.1f} s"
-    if cache is not None:
+    if cache and before:
         counts = CacheCounts.now().since(before)
         summary += f"; compile cache {cache}: {counts.hits} graphs loaded, {counts.misses} compiled"
     return unet, summary

@@ -211,7 +211,7 @@ def quantize_unet(unet: Any, mode: str) -> Any:
     try:
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, PerTensor, quantize_
     except ImportError as exc:
-        raise ValueError("fp8 needs torchao: pip install 'sage-edge[fp8]'") from exc
+        raise ValueError(f"fp8 needs torchao (pip install 'sage-edge[fp8]'): {exc}") from exc
     granularity = PerRow() if unet.dtype == torch.bfloat16 else PerTensor()
     quantize_(unet, Float8DynamicActivationFloat8WeightConfig(granularity=granularity), filter_fn=fp8_linear)
     return unet
