@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -203,6 +204,11 @@ def apply_adapter(pipe: Any, choice: str, fingerprint: str) -> str:
 DEFAULT_BUCKETS = (8, 16, 32, 64, 128)  # UNet rows (CFG doubles the trajectories) when compiling without buckets
 
 
+def worker_says(line: str) -> None:
+    """A progress line from the worker's start, on its stderr (Ray forwards it to the server's console)."""
+    print(f"sage-edge worker {os.getpid()}: {line}", file=sys.stderr, flush=True)
+
+
 def serving_unet(pipe: Any, config: ServerConfig) -> tuple[Any, str]:
     """The UNet the shared phase calls: the pipeline's own, or compiled (sage_core.unet_buckets; TorchInductor's
     caches in config.compile_cache, so a restart reuses them) and run at fixed batch buckets, each warmed here at
@@ -226,7 +232,7 @@ def serving_unet(pipe: Any, config: ServerConfig) -> tuple[Any, str]:
                             quantize=config.unet_quantize)
     unet = BucketedUNet(with_attention(compiled, config.attention_backend), config.unet_buckets or DEFAULT_BUCKETS,
                         graphs=config.unet_compile in CUDAGRAPH_MODES)
-    warm_buckets(unet, int(pipe.unet.config.sample_size))
+    warm_buckets(unet, int(pipe.unet.config.sample_size), report=worker_says)
     quantized = f", {config.unet_quantize}" if config.unet_quantize != "none" else ""
     summary = f"{config.unet_compile}{quantized}, buckets {','.join(map(str, unet.buckets))}: warmed in " \
               f"{time.perf_counter() - start:.1f} s"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -232,11 +232,15 @@ def fuse_layout(unet: Any) -> Any:
 
 
 @torch.inference_mode()
-def warm_buckets(unet: BucketedUNet, latent_side: int, tokens: int = 77) -> list[float]:
-    """One call per bucket (compiles each shape before serving); returns the seconds each took."""
+def warm_buckets(unet: BucketedUNet, latent_side: int, tokens: int = 77,
+                 report: Callable[[str], None] | None = None) -> list[float]:
+    """One call per bucket (compiles each shape before serving); returns the seconds each took. `report` gets a
+    line before and after each bucket (compiling one can take minutes)."""
     cfg = unet.config
     seconds = []
-    for b in unet.buckets:
+    for i, b in enumerate(unet.buckets, 1):
+        if report:
+            report(f"warming UNet bucket {b} ({i}/{len(unet.buckets)})")
         x = torch.randn(b, cfg.in_channels, latent_side, latent_side, device=unet.device, dtype=unet.dtype)
         c = torch.randn(b, tokens, cfg.cross_attention_dim, device=unet.device, dtype=unet.dtype)
         t = torch.full((b,), 500, device=unet.device, dtype=torch.long)
@@ -245,4 +249,6 @@ def warm_buckets(unet: BucketedUNet, latent_side: int, tokens: int = 77) -> list
         if unet.device.type == "cuda":
             torch.cuda.synchronize()
         seconds.append(time.perf_counter() - start)
+        if report:
+            report(f"UNet bucket {b} ready in {seconds[-1]:.1f} s")
     return seconds

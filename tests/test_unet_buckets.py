@@ -59,8 +59,11 @@ def test_warm_calls_each_bucket_once():
             calls.append(x.shape[0])
             return unet(x, *args, **kwargs)
 
-    seconds = warm_buckets(BucketedUNet(Recording(), (4, 2)), int(unet.config.sample_size))
+    lines: list[str] = []
+    seconds = warm_buckets(BucketedUNet(Recording(), (4, 2)), int(unet.config.sample_size), report=lines.append)
     assert calls == [2, 4] and len(seconds) == 2
+    assert lines[0] == "warming UNet bucket 2 (1/2)" and lines[2] == "warming UNet bucket 4 (2/2)"
+    assert lines[3].startswith("UNet bucket 4 ready in ")
 
 
 def test_worker_with_buckets_serves_the_same_latents():
