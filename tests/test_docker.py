@@ -78,6 +78,14 @@ def test_compose_file_structure() -> None:
     for name in devices:
         assert services[name]["networks"] == ["devices"] and "ports" not in services[name]
         assert services[name]["depends_on"]["edge-server"]["condition"] == "service_healthy"
+    # the compile cache's default folder, as the image's user expands it, is a volume owned by that user
+    from edge_server.config import ServerConfig
+
+    assert ServerConfig().compile_cache.startswith("~/.cache/sage-edge/")
+    assert services["ray-gpu-worker"]["volumes"] == ["torch-compile:/home/sage/.cache/sage-edge"]
+    assert "torch-compile" in compose["volumes"]
+    assert "install -d -o 10001 -g 10001 /home/sage/.cache /home/sage/.cache/sage-edge" in (
+        DOCKER / "Dockerfile.edge").read_text()
     ignored = (REPO_ROOT / ".dockerignore").read_text().split()
     assert {".venv", ".git", "*.key", "*.pem"} <= set(ignored)
 
