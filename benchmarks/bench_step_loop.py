@@ -24,7 +24,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from benchmarks.bench_serving import sync
+from benchmarks.bench_serving import int_list, sync
 from benchmarks.results import write_json
 from sage_core.models import SD15_SCHEDULER_CONFIG
 from sage_core.sampler import SamplingConfig, Trajectory, denoise, make_scheduler
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
           "host-to-device transfers per loop (meta device)")
     print("trajectories  stepwise  batched             stepwise  batched  stepwise  batched  batched      stepwise")
     result: dict = {"settings": vars(args), "device": name, "torch": torch.__version__, "rows": []}
-    for n in (int(x) for x in args.trajectories.split(",") if x.strip()):
+    for n in int_list(args.trajectories):
         row = measure(n, args)
         print_row(row)
         result["rows"].append(asdict(row))

@@ -236,7 +236,7 @@ def serving_unet(pipe: Any, config: ServerConfig) -> tuple[Any, str]:
     quantized = f", {config.unet_quantize}" if config.unet_quantize != "none" else ""
     summary = f"{config.unet_compile}{quantized}, buckets {','.join(map(str, unet.buckets))}: warmed in " \
               f"{time.perf_counter() - start:.1f} s"
-    if cache and before:
+    if before is not None:  # compiled into the cache folder
         counts = CacheCounts.now().since(before)
         summary += f"; compile cache {cache}: {counts.hits} graphs loaded, {counts.misses} compiled"
     return unet, summary

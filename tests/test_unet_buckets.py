@@ -142,25 +142,21 @@ def test_a_unet_with_unmerged_lora_layers_is_not_fused(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(("mode", "graphs"), [("default", False), ("reduce-overhead", True)])
-def test_compiled_buckets_match_eager_on_the_gpu(mode, graphs):
+def test_compiled_buckets_match_eager_on_the_gpu(mode, graphs, monkeypatch):
     from sage_core.unet_buckets import compile_unet
 
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # TF32 convolutions alone differ by ~1e-3
     pipe = tiny_pipeline(seed=0).to("cuda")
     x, t, c = (v.to("cuda") for v in _inputs(pipe, 6))
     x2 = torch.randn_like(x)
-    tf32 = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False  # cuDNN's TF32 convolutions alone differ by ~1e-3 between two runs
-    try:
-        with torch.inference_mode():
-            want = pipe.unet(x, t, encoder_hidden_states=c, return_dict=False)[0]
-            want2 = pipe.unet(x2, t, encoder_hidden_states=c, return_dict=False)[0]
-        compiled = BucketedUNet(compile_unet(pipe.unet, mode), (4, 8), graphs=graphs)
-        warm_buckets(compiled, int(pipe.unet.config.sample_size))
-        with torch.inference_mode():
-            got = compiled(x, t, encoder_hidden_states=c)[0]
-            got2 = compiled(x2, t, encoder_hidden_states=c)[0]  # a replay must not overwrite the first output
-    finally:
-        torch.backends.cudnn.allow_tf32 = tf32
+    with torch.inference_mode():
+        want = pipe.unet(x, t, encoder_hidden_states=c, return_dict=False)[0]
+        want2 = pipe.unet(x2, t, encoder_hidden_states=c, return_dict=False)[0]
+    compiled = BucketedUNet(compile_unet(pipe.unet, mode), (4, 8), graphs=graphs)
+    warm_buckets(compiled, int(pipe.unet.config.sample_size))
+    with torch.inference_mode():
+        got = compiled(x, t, encoder_hidden_states=c)[0]
+        got2 = compiled(x2, t, encoder_hidden_states=c)[0]  # a replay must not overwrite the first output
     torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(got2, want2, rtol=1e-3, atol=1e-3)
 
