@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from benchmarks.results import write_json
+from benchmarks.stacks import sample_stacks
 from sage_core.unet_buckets import UNetProxy
 
 FLOP_PER_UNET_SAMPLE_512 = 0.84e12  # SD v1.5 UNet forward at 64x64 latents (DESIGN.md)
@@ -205,7 +206,8 @@ def make_worker(args: argparse.Namespace):
 
     settings = {"model": args.model, "dtype": args.dtype, "tau": 0.99, "max_group_size": 5, "ray_num_cpus": 2,
                 "unet_compile": args.unet_compile, "unet_buckets": args.unet_buckets,
-                "unet_compile_tuning": args.unet_compile_tuning, "attention_backend": args.attention_backend,
+                "unet_compile_tuning": args.unet_compile_tuning, "unet_channels_last": args.unet_channels_last,
+                "attention_backend": args.attention_backend,
                 "cudnn_benchmark": args.cudnn_benchmark, "unet_quantize": args.unet_quantize,
                 **({"compile_cache": args.compile_cache} if args.compile_cache else {})}
     worker = EdgeWorker(build_config(None, settings))
@@ -372,10 +374,17 @@ def environment(worker) -> dict:
     }
 
 
+def tuning_note(env: dict) -> str:
+    """' (tuning light, no channels-last)' for a compiled run's heading; '' for the defaults."""
+    notes = [f"tuning {env['unet_compile_tuning']}"] if env["unet_compile_tuning"] != "none" else []
+    notes += ["no channels-last"] if env["unet_compile"] != "none" and not env["unet_channels_last"] else []
+    return f" ({', '.join(notes)})" if notes else ""
+
+
 def print_header(env: dict) -> None:
     """The table's heading: device, versions, columns."""
     print(f"device {env['device']}  dtype {env['dtype']}  torch {env['torch']}  diffusers {env['diffusers']}  "
-          f"unet_compile {env.get('unet_compile', 'none')}{' (tuned)' if env.get('unet_compile_tuning') else ''}  "
+          f"unet_compile {env.get('unet_compile', 'none')}{tuning_note(env)}  "
           f"buckets {env.get('unet_buckets') or '-'}  attention {env.get('attention_backend', 'auto')}  "
           f"{'cudnn benchmark  ' if env.get('cudnn_benchmark') else ''}"
           f"{'quantize ' + env['unet_quantize'] + '  ' if env.get('unet_quantize', 'none') != 'none' else ''}"
@@ -413,7 +422,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--peak-tflops", type=float, default=800.0, help="dense fp16 peak for the floor")
     parser.add_argument("--unet-compile", default="none", help="torch.compile mode of the shared-phase UNet")
     parser.add_argument("--unet-buckets", default="", help="fixed UNet batch sizes (CFG rows), comma-separated")
-    parser.add_argument("--unet-compile-tuning", action="store_true", help="TorchInductor options for diffusion")
+    parser.add_argument("--unet-compile-tuning", default="none", help="TorchInductor options for diffusion UNets: "
+                        "none, light (1x1 convolutions as matmuls), full (and coordinate-descent tuning)")
+    parser.add_argument("--no-unet-channels-last", dest="unet_channels_last", action="store_false",
+                        help="with --unet-compile: keep the UNet's weights in their own memory layout")
     parser.add_argument("--attention-backend", default="auto", help="SDPA kernel of the shared-phase UNet: auto, "
                         "flash, cudnn, efficient, math")
     parser.add_argument("--cudnn-benchmark", action="store_true", help="cuDNN times its convolution algorithms per "
@@ -431,6 +443,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--stream-windows", type=int, default=2, help="windows of the stream to run")
     parser.add_argument("--profile", default=None, help="write a host profile of one edge-path window (last batch)")
     parser.add_argument("--json", default=None, help="write the rows and environment here")
+    parser.add_argument("--stack-dumps-every", type=float, default=0.0, help="print every thread's stack to stderr "
+                        "every this many seconds (benchmarks.stacks): where a long compile spends its time")
     args = parser.parse_args(argv)
     for flag in ("batches", "unet_sweep"):
         try:
@@ -449,6 +463,7 @@ def main(argv: list[str] | None = None) -> dict:
     diffusers.utils.logging.set_verbosity_error()
     args = parse_args(argv)
     start = time.perf_counter()
+    sampling = sample_stacks(args.stack_dumps_every) if args.stack_dumps_every > 0 else None
     from edge_server.config import ConfigError
 
     try:
@@ -457,18 +472,29 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"error: {exc}") from None
     env = environment(worker) | {"unet_compile": args.unet_compile, "unet_buckets": args.unet_buckets,
                                  "unet_compile_tuning": args.unet_compile_tuning,
+                                 "unet_channels_last": args.unet_channels_last,
                                  "attention_backend": args.attention_backend,
                                  "cudnn_benchmark": args.cudnn_benchmark, "unet_quantize": args.unet_quantize,
                                  "unet_warmup": worker.unet_warmup,
                                  "worker_start_s": time.perf_counter() - start}
     result: dict = {"environment": env, "settings": vars(args), "rows": []}
+    write_json(result, args.json)  # the worker's start (its compile, warm-up) even if nothing else follows
+    run_measurements(args, worker, result)
+    if sampling:
+        sampling.set()
+    return result
+
+
+def run_measurements(args: argparse.Namespace, worker, result: dict) -> None:
+    """The sweeps, the windows, the profile and the stream that `args` ask for, into `result` (and --json after
+    each)."""
     if args.unet_sweep:
         result["unet_sweep"] = unet_sweep(worker, args)
         write_json(result, args.json)
     if args.attention_sweep:
         result["attention_sweep"] = attention_sweep(worker, args)
         write_json(result, args.json)
-    print_header(env)
+    print_header(result["environment"])
     for b in int_list(args.batches):
         row = measure(args, worker, b)
         print_row(row)
@@ -483,7 +509,6 @@ def main(argv: list[str] | None = None) -> dict:
         result["stream"] = measure_stream(args, worker)
         print_stream(result["stream"])
         write_json(result, args.json)
-    return result
 
 
 if __name__ == "__main__":

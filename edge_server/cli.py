@@ -63,7 +63,11 @@ def serve(
         str | None, typer.Option(help="fixed UNet batch sizes, comma-separated (CFG rows), warmed at start")
     ] = None,
     unet_compile_tuning: Annotated[
-        bool | None, typer.Option(help="with --unet-compile: 1x1 convs as matmuls, coordinate-descent tuning")
+        str | None, typer.Option(help="with --unet-compile: TorchInductor options: none, light (1x1 convs as "
+                                 "matmuls), full (and coordinate-descent tuning: minutes more compiling)")
+    ] = None,
+    unet_channels_last: Annotated[
+        bool | None, typer.Option(help="with --unet-compile: store the UNet's weights channels-last")
     ] = None,
     attention_backend: Annotated[
         str | None, typer.Option(help="SDPA kernel of the shared-phase UNet: auto, flash, cudnn, efficient, math")

@@ -17,8 +17,8 @@ from typing import Any
 import yaml
 
 # Mirrors of sage_core.sampler.{SCHEDULERS, SHARED_CONDITIONS}, sage_core.codec.{MODES, LOSSLESS_MODES} and
-# sage_core.unet_buckets.{COMPILE_MODES, ATTENTION_BACKENDS, QUANTIZE_MODES} (checked by tests): the front end does
-# not import torch.
+# sage_core.unet_buckets.{COMPILE_MODES, ATTENTION_BACKENDS, QUANTIZE_MODES, TUNING_LEVELS} (checked by tests): the
+# front end does not import torch.
 KNOWN_SCHEDULERS: tuple[str, ...] = ("ddim", "dpmpp", "euler")
 SHARING_MODES: tuple[str, ...] = ("flat", "adaptive")
 SHARED_CONDITIONS: tuple[str, ...] = ("mean", "medoid")
@@ -27,6 +27,7 @@ BUILTIN_MODELS: tuple[str, ...] = ("default", "tiny", "sd15-random")  # model na
 COMPILE_MODES: tuple[str, ...] = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 ATTENTION_BACKENDS: tuple[str, ...] = ("auto", "flash", "cudnn", "efficient", "math")
 QUANTIZE_MODES: tuple[str, ...] = ("none", "fp8")
+TUNING_LEVELS: tuple[str, ...] = ("none", "light", "full")
 LOSSLESS_CODECS: tuple[str, ...] = ("fp32", "fp16", "bf16")
 LOG_FORMATS = ("text", "json")
 GRPC_MESSAGE_LIMIT = 4 * 2**20
@@ -87,7 +88,10 @@ class ServerConfig:
     # (UNet rows, CFG included) warmed at start, so compilation never lands on a request; () = no padding
     unet_compile: str = "none"
     unet_buckets: tuple[int, ...] = ()
-    unet_compile_tuning: bool = False  # TorchInductor options for diffusion UNets (sage_core.unet_buckets)
+    # TorchInductor options for diffusion UNets (sage_core.unet_buckets.TUNING_LEVELS): none, light (1x1
+    # convolutions as matmuls), full (and coordinate-descent tuning: minutes of compiling more)
+    unet_compile_tuning: str = "none"
+    unet_channels_last: bool = True  # with unet_compile: the UNet's weights stored channels-last
     attention_backend: str = "auto"  # the shared-phase UNet's SDPA kernel: auto (PyTorch's choice), flash, cudnn, ...
     cudnn_benchmark: bool = False  # let cuDNN time its convolution algorithms per shape (needs unet_buckets)
     unet_quantize: str = "none"  # "fp8": the compiled UNet's linear layers in float8 (torchao; GPU 8.9+, unet_compile)
@@ -180,6 +184,8 @@ def _problems(c: ServerConfig) -> list[str]:
     need(not c.cudnn_benchmark or bool(c.unet_buckets),
          "cudnn_benchmark needs unet_buckets: cuDNN times its algorithms on each new shape's first call, which "
          "must happen at warm-up, not on a request")
+    need(c.unet_compile_tuning in TUNING_LEVELS,
+         f"unet_compile_tuning must be one of {', '.join(TUNING_LEVELS)}, got {c.unet_compile_tuning!r}")
     need(c.unet_quantize in QUANTIZE_MODES,
          f"unet_quantize must be one of {', '.join(QUANTIZE_MODES)}, got {c.unet_quantize!r}")
     need(c.unet_quantize == "none" or c.unet_compile != "none",
@@ -257,6 +263,8 @@ def build_config(file: Path | None = None, overrides: Mapping[str, Any] | None =
         except ValueError as exc:
             bad = known["unet_buckets"]
             raise ConfigError(f"unet_buckets must be comma-separated batch sizes, got {bad!r}") from exc
+    if isinstance(known.get("unet_compile_tuning"), bool):  # the switch it was before it had levels
+        known["unet_compile_tuning"] = "full" if known["unet_compile_tuning"] else "none"
     if known.get("ray_address") in ("", "local", "none", "None"):
         known["ray_address"] = None
     try:

@@ -228,8 +228,8 @@ def serving_unet(pipe: Any, config: ServerConfig) -> tuple[Any, str]:
         return with_attention(pipe.unet, config.attention_backend), ""
     cache = use_compile_cache(config.compile_cache) if config.unet_compile != "none" else None
     before, start = CacheCounts.now() if cache else None, time.perf_counter()
-    compiled = compile_unet(pipe.unet, config.unet_compile, tuned=config.unet_compile_tuning,
-                            quantize=config.unet_quantize)
+    compiled = compile_unet(pipe.unet, config.unet_compile, tuning=config.unet_compile_tuning,
+                            quantize=config.unet_quantize, channels_last=config.unet_channels_last)
     unet = BucketedUNet(with_attention(compiled, config.attention_backend), config.unet_buckets or DEFAULT_BUCKETS,
                         graphs=config.unet_compile in CUDAGRAPH_MODES)
     warm_buckets(unet, int(pipe.unet.config.sample_size), report=worker_says)

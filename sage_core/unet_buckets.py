@@ -23,6 +23,15 @@ COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-auto
 CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that replay CUDA graphs
 ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")  # SDPA kernels; "auto": PyTorch's choice
 QUANTIZE_MODES = ("none", "fp8")  # the compiled UNet's linear layers: as they are, or float8 (torchao)
+# TorchInductor options for diffusion UNets (PyTorch's "Accelerating Generative AI III: Diffusion, Fast"): "light"
+# computes 1x1 convolutions as matmuls; "full" adds coordinate-descent tuning of every generated kernel (minutes of
+# compiling more) without epilogue fusion
+TUNING_LEVELS = {
+    "none": {},
+    "light": {"conv_1x1_as_mm": True},
+    "full": {"conv_1x1_as_mm": True, "coordinate_descent_tuning": True,
+             "coordinate_descent_check_all_directions": True, "epilogue_fusion": False},
+}
 FP8_CAPABILITY = (8, 9)  # CUDA compute capability with float8 tensor cores (Ada, Hopper and newer)
 SDPA_KERNELS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
                 "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
@@ -127,14 +136,14 @@ def with_attention(unet: Any, backend: str) -> Any:
     return unet if backend == "auto" else AttentionBackendUNet(unet, backend)
 
 
-def inductor_tuning() -> dict[str, Any]:
-    """Set TorchInductor's options for convolution-heavy diffusion UNets (1x1 convolutions as matmuls, coordinate-
-    descent tuning of the generated kernels, no epilogue fusion: the settings of PyTorch's "Accelerating
-    Generative AI III: Diffusion, Fast"); process-wide. Returns the settings it changed, with their old values."""
+def inductor_tuning(level: str = "full") -> dict[str, Any]:
+    """Set the TorchInductor options of TUNING_LEVELS[level], process-wide. Returns the settings it changed, with
+    their old values."""
     import torch._inductor.config as inductor
 
-    wanted = {"conv_1x1_as_mm": True, "coordinate_descent_tuning": True,
-              "coordinate_descent_check_all_directions": True, "epilogue_fusion": False}
+    if level not in TUNING_LEVELS:
+        raise ValueError(f"tuning must be one of {', '.join(TUNING_LEVELS)}, got {level!r}")
+    wanted = TUNING_LEVELS[level]
     old = {name: getattr(inductor, name) for name in wanted}
     for name, value in wanted.items():
         setattr(inductor, name, value)
@@ -174,13 +183,14 @@ class CacheCounts:
         return CacheCounts(self.hits - earlier.hits, self.misses - earlier.misses)
 
 
-def compile_unet(unet: Any, mode: str, tuned: bool = False, quantize: str = "none") -> Any:
+def compile_unet(unet: Any, mode: str, tuning: str = "none", quantize: str = "none",
+                 channels_last: bool = True) -> Any:
     """torch.compile the UNet with fixed shapes (`mode` one of COMPILE_MODES; "none" returns it unchanged), with
-    `inductor_tuning()` first when `tuned`.
+    the TorchInductor options of `inductor_tuning(tuning)` first.
     Compiling first fuses each attention's q/k/v projections into one matmul and stores the weights
-    channels-last (both in place; the UNet's outputs stay the same up to rounding), then quantizes the linear
-    layers as `quantize` says (`quantize_unet`). A UNet with unmerged LoRA layers is refused: fusing would drop
-    them (merge the adapter first)."""
+    channels-last unless `channels_last` is False (both in place; the UNet's outputs stay the same up to rounding),
+    then quantizes the linear layers as `quantize` says (`quantize_unet`). A UNet with unmerged LoRA layers is
+    refused: fusing would drop them (merge the adapter first)."""
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
     if mode == "none":
@@ -188,9 +198,8 @@ def compile_unet(unet: Any, mode: str, tuned: bool = False, quantize: str = "non
             raise ValueError(f"quantize {quantize!r} needs a compile mode: eager, the scaling kernels cost more than "
                              "the float8 matmuls save")
         return unet
-    if tuned:
-        inductor_tuning()
-    return torch.compile(quantize_unet(fuse_layout(unet), quantize), mode=mode, dynamic=False)
+    inductor_tuning(tuning)
+    return torch.compile(quantize_unet(fuse_layout(unet, channels_last), quantize), mode=mode, dynamic=False)
 
 
 def quantize_unet(unet: Any, mode: str) -> Any:
@@ -222,13 +231,14 @@ def fp8_linear(module: torch.nn.Module, name: str = "") -> bool:
     return isinstance(module, torch.nn.Linear) and module.in_features % 16 == 0 and module.out_features % 16 == 0
 
 
-def fuse_layout(unet: Any) -> Any:
-    """Fuse each attention's q/k/v (self-attention) or k/v (cross-attention) projections and store the weights
-    channels-last, in place; returns the UNet. Refuses a UNet with unmerged LoRA layers."""
+def fuse_layout(unet: Any, channels_last: bool = True) -> Any:
+    """Fuse each attention's q/k/v (self-attention) or k/v (cross-attention) projections and, unless
+    `channels_last` is False, store the weights channels-last, in place; returns the UNet. Refuses a UNet with
+    unmerged LoRA layers."""
     if getattr(unet, "peft_config", None):
         raise ValueError("compile_unet needs a UNet without unmerged LoRA layers (fuse_lora + unload_lora_weights)")
     unet.fuse_qkv_projections()
-    return unet.to(memory_format=torch.channels_last)
+    return unet.to(memory_format=torch.channels_last) if channels_last else unet
 
 
 @torch.inference_mode()

@@ -10,7 +10,9 @@
 #   STAGES=bench bash scripts/gpu_session.sh; STAGES=train TRAIN_STAGES=unet \
 #     SESSION_CONFIG=training/configs/default_model_finetune.yaml bash scripts/gpu_session.sh     (two commands)
 # With STAGES=train the GPU-marked tests run beside the training. GPU_TESTS= (empty) skips the GPU-marked tests,
-# STEP_LOOP= (empty) the step-loop benchmark: for a second command of a lease that only adds a variant.
+# STEP_LOOP= (empty) the step-loop benchmark, BENCH_S=0 the serving benchmark. VARIANT_ARGS first times UNet
+# variants side by side (benchmarks.bench_variants, VARIANT_S seconds in all); with BEST_ARGS the fastest one then
+# runs through the serving benchmark (bench_serving $BEST_ARGS <its flags>, BEST_S seconds).
 # The `device` tool sends at most 64 MiB (tracked files + carried .whl); the repository with its model, judges and
 # wheels is over that. Before the call, remove what the lease does not read (git restores it afterwards):
 #   rm -f training/assets/judges/*.safetensors sage_core/assets/default_model/tokenizer/tokenizer.json
@@ -58,9 +60,22 @@ run_gpu_tests() { timeout 300 $PY -m pytest -q -m gpu --noconftest -p no:cachepr
     | tail -5 >"$OUT/gpu_tests.txt"; }
 
 if [[ " $STAGES " == *" bench "* ]]; then
+if [ -n "${VARIANT_ARGS:-}" ]; then  # e.g. VARIANT_ARGS='--parallel 4 --variant "fp8=--unet-compile ..." ...'
+    VARIANT_S=${VARIANT_S:-400}
+    say "0/3 UNet variants side by side (budget ${VARIANT_S}s)"
+    eval "timeout $((VARIANT_S + 60)) $PY -m benchmarks.bench_variants $VARIANT_ARGS --budget-s $VARIANT_S \
+        --json $OUT/variants.json --best-flags $OUT/best_flags.txt" 2>&1 | grep -v Warning | tee -a "$LOG"
+    if [ -n "${BEST_ARGS:-}" ] && [ -s "$OUT/best_flags.txt" ]; then  # the fastest variant through the edge path
+        say "0a/3 serving benchmark with the fastest variant's flags: $(cat "$OUT/best_flags.txt") (limit ${BEST_S:-150}s)"
+        timeout "${BEST_S:-150}" $PY -m benchmarks.bench_serving $BEST_ARGS $(cat "$OUT/best_flags.txt") \
+            --json "$OUT/bench_serving_best.json" 2>&1 | grep -v Warning | tee -a "$LOG"
+    fi
+fi
+if [ "$BENCH_S" != 0 ]; then
 say "1/3 serving benchmark (limit ${BENCH_S}s)"
 timeout "$BENCH_S" $PY -m benchmarks.bench_serving ${BENCH_ARGS:---model sd15-random --batches 32,64 --steps 20 \
     --windows 1 --repeats 3} --json "$OUT/bench_serving.json" 2>&1 | grep -v Warning | tee -a "$LOG"
+fi
 
 if [ -n "${STEP_LOOP-1}" ]; then
     say "1a/3 step loop around a zero-cost UNet: per-trajectory diffusers steps vs the batched DDIM step"

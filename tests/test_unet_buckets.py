@@ -161,19 +161,51 @@ def test_compiled_buckets_match_eager_on_the_gpu(mode, graphs, monkeypatch):
     torch.testing.assert_close(got2, want2, rtol=1e-3, atol=1e-3)
 
 
-def test_inductor_tuning_sets_the_diffusion_options_and_reports_the_old_ones():
+@pytest.mark.parametrize("level", ["light", "full"])
+def test_inductor_tuning_sets_the_diffusion_options_and_reports_the_old_ones(level):
     import torch._inductor.config as inductor
 
     from sage_core.unet_buckets import inductor_tuning
 
-    old = inductor_tuning()
+    before = {name: getattr(inductor, name) for name in ("conv_1x1_as_mm", "coordinate_descent_tuning")}
+    old = inductor_tuning(level)
     try:
-        assert set(old) == {"conv_1x1_as_mm", "coordinate_descent_tuning", "coordinate_descent_check_all_directions",
-                            "epilogue_fusion"}
-        assert inductor.conv_1x1_as_mm and inductor.coordinate_descent_tuning and not inductor.epilogue_fusion
+        assert inductor.conv_1x1_as_mm
+        if level == "light":
+            assert set(old) == {"conv_1x1_as_mm"}
+            assert inductor.coordinate_descent_tuning == before["coordinate_descent_tuning"]
+        else:
+            assert set(old) == {"conv_1x1_as_mm", "coordinate_descent_tuning",
+                                "coordinate_descent_check_all_directions", "epilogue_fusion"}
+            assert inductor.coordinate_descent_tuning and not inductor.epilogue_fusion
+        assert inductor_tuning("none") == {}
     finally:
         for name, value in old.items():
             setattr(inductor, name, value)
+    with pytest.raises(ValueError, match="tuning must be one of none, light, full"):
+        inductor_tuning("fast")
+
+
+def test_tuning_levels_are_validated_by_the_front_end_and_the_old_switch_still_reads():
+    from edge_server.config import TUNING_LEVELS as CONFIG_LEVELS
+    from edge_server.config import ConfigError, build_config
+    from sage_core.unet_buckets import TUNING_LEVELS
+
+    assert CONFIG_LEVELS == tuple(TUNING_LEVELS)  # the front end validates what sage_core accepts
+    assert build_config(None, {"unet_compile_tuning": "light"}).unet_compile_tuning == "light"
+    assert build_config(None, {"unet_compile_tuning": True}).unet_compile_tuning == "full"
+    assert build_config(None, {"unet_compile_tuning": False}).unet_compile_tuning == "none"
+    with pytest.raises(ConfigError, match="unet_compile_tuning must be one of none, light, full, got 'fast'"):
+        build_config(None, {"unet_compile_tuning": "fast"})
+
+
+def test_fuse_layout_leaves_the_memory_layout_when_asked():
+    kept = fuse_layout(tiny_pipeline(seed=0).unet, channels_last=False)
+    assert any(getattr(m, "fused_projections", False) for m in kept.modules())
+    assert kept.conv_in.weight.is_contiguous()
+    assert not kept.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    moved = fuse_layout(tiny_pipeline(seed=0).unet)  # the default: channels-last
+    assert moved.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_attention_backend_keeps_the_output_and_refuses_what_cannot_run():
