@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shlex
 import signal
 import subprocess
@@ -82,13 +83,13 @@ def parse_variant(text: str) -> Variant:
         raise ValueError(f"a variant is NAME=FLAGS or NAME@SECONDS=FLAGS, with a NAME of letters, digits, '_', '.', "
                          f"'+' or '-': {text!r}")
     try:
-        shlex.split(flags)
+        words = shlex.split(flags)
     except ValueError as exc:
         raise ValueError(f"variant {match[1]}: its flags do not parse ({exc}): {flags!r}") from None
     limit = float(match[2]) if match[2] else None
     if limit is not None and limit <= 0:
         raise ValueError(f"variant {match[1]}: its time limit must be positive seconds")
-    return Variant(match[1], flags.strip(), limit)
+    return Variant(match[1], shlex.join(words), limit)  # one space between flags
 
 
 def last_error(log: str) -> str:
@@ -98,6 +99,11 @@ def last_error(log: str) -> str:
         if line.startswith("error:") or re.match(r"^[A-Za-z_.]*(Error|Exception)\b", line):
             return line
     return lines[-1] if lines else "no output"
+
+
+def no_core_dumps() -> None:
+    """In the child before it runs: SIGABRT writes no core file (a GPU process's would be gigabytes)."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
 def command(variant: Variant, args: argparse.Namespace, json_path: Path, timing: bool) -> list[str]:
@@ -118,10 +124,13 @@ class Run:
         self.log_path, self.json_path = logs / f"{stem}.log", logs / f"{stem}.json"
         self.json_path.unlink(missing_ok=True)
         env = os.environ | {"PYTHONFAULTHANDLER": "1", "PYTHONUNBUFFERED": "1"}  # SIGABRT: a last dump
+        if args.parallel > 1 and "TORCHINDUCTOR_COMPILE_THREADS" not in env:  # share the cores, not N x all of them
+            env["TORCHINDUCTOR_COMPILE_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.parallel))
         self.start = time.perf_counter()
         with open(self.log_path, "w", encoding="utf-8") as log:
             self.proc = subprocess.Popen(command(variant, args, self.json_path, timing), stdout=log,
-                                         stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                                         stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                         preexec_fn=no_core_dumps)
         self.aborted_at: float | None = None
 
     def poll(self) -> Outcome | None:

@@ -26,6 +26,7 @@ def test_variants_parse_with_their_own_limits_and_refuse_what_is_not_one():
     assert parse_variant("eager=") == parse_variant("eager=  ")
     assert parse_variant("fp8@400=--unet-compile default --unet-quantize fp8").limit_s == 400.0
     assert parse_variant("eager=").limit_s is None
+    assert parse_variant("x=--a 1 \n   --b 'two words'").flags == "--a 1 --b 'two words'"
     for bad in ("no equals sign", "=--unet-compile default", "a b=--x", "fp8@0=--x", "q=--model 'unclosed"):
         with pytest.raises(ValueError):
             parse_variant(bad)
