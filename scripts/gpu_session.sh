@@ -55,9 +55,9 @@ STAGES=${STAGES:-bench train}
 TRAIN_STAGES=${TRAIN_STAGES:-vae unet}
 # the GPU-marked tests only, without tests/conftest.py: it imports the gRPC stubs, which need a newer grpcio than
 # the GPU image has
-run_gpu_tests() { timeout 300 $PY -m pytest -q -m gpu --noconftest -p no:cacheprovider tests/test_unet_buckets.py \
-    tests/test_gpu_step_loop.py 2>&1 \
-    | tail -5 >"$OUT/gpu_tests.txt"; }
+# (one line per test as it ends, straight into the file: a command cut short keeps what had finished)
+run_gpu_tests() { timeout 300 $PY -m pytest -v -rA -m gpu --noconftest -p no:cacheprovider -p no:logging \
+    tests/test_gpu_step_loop.py tests/test_unet_buckets.py >"$OUT/gpu_tests.txt" 2>&1; }
 
 if [[ " $STAGES " == *" bench "* ]]; then
 if [ -n "${VARIANT_ARGS:-}" ]; then  # e.g. VARIANT_ARGS='--parallel 4 --variant "fp8=--unet-compile ..." ...'

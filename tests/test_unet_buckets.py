@@ -141,18 +141,25 @@ def test_a_unet_with_unmerged_lora_layers_is_not_fused(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(("mode", "graphs"), [("default", False), ("reduce-overhead", True)])
-def test_compiled_buckets_match_eager_on_the_gpu(mode, graphs, monkeypatch):
-    from sage_core.unet_buckets import compile_unet
+@pytest.mark.parametrize(("mode", "graphs", "tuning", "channels_last"),
+                         [("default", False, "none", True), ("reduce-overhead", True, "none", True),
+                          ("reduce-overhead", True, "light", False)])
+def test_compiled_buckets_match_eager_on_the_gpu(mode, graphs, tuning, channels_last, monkeypatch):
+    import torch._inductor.config as inductor
+
+    from sage_core.unet_buckets import TUNING_LEVELS, compile_unet
 
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # TF32 convolutions alone differ by ~1e-3
+    for name in TUNING_LEVELS[tuning]:  # restored after the test: compile_unet sets them process-wide
+        monkeypatch.setattr(inductor, name, getattr(inductor, name))
     pipe = tiny_pipeline(seed=0).to("cuda")
     x, t, c = (v.to("cuda") for v in _inputs(pipe, 6))
     x2 = torch.randn_like(x)
     with torch.inference_mode():
         want = pipe.unet(x, t, encoder_hidden_states=c, return_dict=False)[0]
         want2 = pipe.unet(x2, t, encoder_hidden_states=c, return_dict=False)[0]
-    compiled = BucketedUNet(compile_unet(pipe.unet, mode), (4, 8), graphs=graphs)
+    compiled = BucketedUNet(compile_unet(pipe.unet, mode, tuning, channels_last=channels_last), (4, 8),
+                            graphs=graphs)
     warm_buckets(compiled, int(pipe.unet.config.sample_size))
     with torch.inference_mode():
         got = compiled(x, t, encoder_hidden_states=c)[0]
