@@ -186,6 +186,8 @@ def _problems(c: ServerConfig) -> list[str]:
          "must happen at warm-up, not on a request")
     need(c.unet_compile_tuning in TUNING_LEVELS,
          f"unet_compile_tuning must be one of {', '.join(TUNING_LEVELS)}, got {c.unet_compile_tuning!r}")
+    need(c.unet_compile != "none" or (c.unet_compile_tuning == "none" and c.unet_channels_last),
+         "unet_compile_tuning and unet_channels_last shape the compiled UNet: they need unet_compile")
     need(c.unet_quantize in QUANTIZE_MODES,
          f"unet_quantize must be one of {', '.join(QUANTIZE_MODES)}, got {c.unet_quantize!r}")
     need(c.unet_quantize == "none" or c.unet_compile != "none",

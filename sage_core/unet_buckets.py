@@ -136,7 +136,7 @@ def with_attention(unet: Any, backend: str) -> Any:
     return unet if backend == "auto" else AttentionBackendUNet(unet, backend)
 
 
-def inductor_tuning(level: str = "full") -> dict[str, Any]:
+def inductor_tuning(level: str) -> dict[str, Any]:
     """Set the TorchInductor options of TUNING_LEVELS[level], process-wide. Returns the settings it changed, with
     their old values."""
     import torch._inductor.config as inductor
@@ -197,6 +197,8 @@ def compile_unet(unet: Any, mode: str, tuning: str = "none", quantize: str = "no
         if quantize != "none":
             raise ValueError(f"quantize {quantize!r} needs a compile mode: eager, the scaling kernels cost more than "
                              "the float8 matmuls save")
+        if tuning != "none" or not channels_last:
+            raise ValueError("tuning and channels_last shape the compiled UNet: they need a compile mode")
         return unet
     inductor_tuning(tuning)
     return torch.compile(quantize_unet(fuse_layout(unet, channels_last), quantize), mode=mode, dynamic=False)

@@ -196,14 +196,24 @@ def test_inductor_tuning_sets_the_diffusion_options_and_reports_the_old_ones(lev
 def test_tuning_levels_are_validated_by_the_front_end_and_the_old_switch_still_reads():
     from edge_server.config import TUNING_LEVELS as CONFIG_LEVELS
     from edge_server.config import ConfigError, build_config
-    from sage_core.unet_buckets import TUNING_LEVELS
+    from sage_core.unet_buckets import TUNING_LEVELS, compile_unet
 
     assert CONFIG_LEVELS == tuple(TUNING_LEVELS)  # the front end validates what sage_core accepts
-    assert build_config(None, {"unet_compile_tuning": "light"}).unet_compile_tuning == "light"
-    assert build_config(None, {"unet_compile_tuning": True}).unet_compile_tuning == "full"
+    compiled = {"unet_compile": "default"}
+    assert build_config(None, {**compiled, "unet_compile_tuning": "light"}).unet_compile_tuning == "light"
+    assert build_config(None, {**compiled, "unet_compile_tuning": True}).unet_compile_tuning == "full"
     assert build_config(None, {"unet_compile_tuning": False}).unet_compile_tuning == "none"
     with pytest.raises(ConfigError, match="unet_compile_tuning must be one of none, light, full, got 'fast'"):
-        build_config(None, {"unet_compile_tuning": "fast"})
+        build_config(None, {**compiled, "unet_compile_tuning": "fast"})
+    for eager_only in ({"unet_compile_tuning": "light"}, {"unet_channels_last": False}):  # would change nothing
+        with pytest.raises(ConfigError, match="they need unet_compile"):
+            build_config(None, eager_only)
+    assert not build_config(None, {**compiled, "unet_channels_last": False}).unet_channels_last
+    unet = tiny_pipeline(seed=0).unet
+    assert compile_unet(unet, "none") is unet
+    for eager_only in ({"tuning": "light"}, {"channels_last": False}):
+        with pytest.raises(ValueError, match="they need a compile mode"):
+            compile_unet(unet, "none", **eager_only)
 
 
 def test_fuse_layout_leaves_the_memory_layout_when_asked():
