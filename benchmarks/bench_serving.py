@@ -198,6 +198,15 @@ def workload(batch: int, mean_group: float) -> list[str]:
     return [f"scene number {i % distinct} with a red object" for i in range(batch)]
 
 
+SERVER_FLAGS = ("unet_compile", "unet_buckets", "unet_compile_tuning", "unet_channels_last", "attention_backend",
+                "cudnn_benchmark", "unet_quantize")  # the shared-phase UNet's settings, as ServerConfig names them
+
+
+def server_flags(args: argparse.Namespace) -> dict:
+    """The edge-server settings these flags give the worker (and the JSON's environment records)."""
+    return {name: getattr(args, name) for name in SERVER_FLAGS}
+
+
 def make_worker(args: argparse.Namespace):
     """An edge worker (the Ray actor's class, used in-process) holding the model, its shared-phase UNet compiled,
     bucketed and on the attention backend the server would run with these flags."""
@@ -205,11 +214,7 @@ def make_worker(args: argparse.Namespace):
     from edge_server.worker import EdgeWorker
 
     settings = {"model": args.model, "dtype": args.dtype, "tau": 0.99, "max_group_size": 5, "ray_num_cpus": 2,
-                "unet_compile": args.unet_compile, "unet_buckets": args.unet_buckets,
-                "unet_compile_tuning": args.unet_compile_tuning, "unet_channels_last": args.unet_channels_last,
-                "attention_backend": args.attention_backend,
-                "cudnn_benchmark": args.cudnn_benchmark, "unet_quantize": args.unet_quantize,
-                **({"compile_cache": args.compile_cache} if args.compile_cache else {})}
+                **server_flags(args), **({"compile_cache": args.compile_cache} if args.compile_cache else {})}
     worker = EdgeWorker(build_config(None, settings))
     if worker.unet_warmup:
         print(f"shared-phase UNet {worker.unet_warmup}")
@@ -375,9 +380,10 @@ def environment(worker) -> dict:
 
 
 def tuning_note(env: dict) -> str:
-    """' (tuning light, no channels-last)' for a compiled run's heading; '' for the defaults."""
+    """' (tuning light, no channels-last)' for a compiled run's heading; '' for the defaults (which an eager run
+    must keep: the server refuses both without a compile)."""
     notes = [f"tuning {env['unet_compile_tuning']}"] if env["unet_compile_tuning"] != "none" else []
-    notes += ["no channels-last"] if env["unet_compile"] != "none" and not env["unet_channels_last"] else []
+    notes += [] if env["unet_channels_last"] else ["no channels-last"]
     return f" ({', '.join(notes)})" if notes else ""
 
 
@@ -470,13 +476,8 @@ def main(argv: list[str] | None = None) -> dict:
         worker = make_worker(args)
     except (ConfigError, ValueError) as exc:  # ValueError: what the worker's device cannot run (attention, fp8)
         raise SystemExit(f"error: {exc}") from None
-    env = environment(worker) | {"unet_compile": args.unet_compile, "unet_buckets": args.unet_buckets,
-                                 "unet_compile_tuning": args.unet_compile_tuning,
-                                 "unet_channels_last": args.unet_channels_last,
-                                 "attention_backend": args.attention_backend,
-                                 "cudnn_benchmark": args.cudnn_benchmark, "unet_quantize": args.unet_quantize,
-                                 "unet_warmup": worker.unet_warmup,
-                                 "worker_start_s": time.perf_counter() - start}
+    env = environment(worker) | server_flags(args) | {"unet_warmup": worker.unet_warmup,
+                                                      "worker_start_s": time.perf_counter() - start}
     result: dict = {"environment": env, "settings": vars(args), "rows": []}
     write_json(result, args.json)  # the worker's start (its compile, warm-up) even if nothing else follows
     run_measurements(args, worker, result)

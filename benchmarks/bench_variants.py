@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> dict:
         compiled = run_all(args.variants, args, logs, deadline, args.parallel, timing=False)
         result["compiled"] = [asdict(o) for o in compiled.values()]
         write_json(result, args.json)  # a lease cut short keeps the compile phase's findings
-    to_time = [v for v in args.variants if compiled.get(v.name, Outcome("", "", "ok", 0, 0)).status == "ok"]
+    to_time = [v for v in args.variants if v.name not in compiled or compiled[v.name].status == "ok"]
     print(f"{'variant':<16} {'ms':>8} {'vs 1st ok':>9} {'run s':>8}  outcome", flush=True)
     timed = run_all(to_time, args, logs, deadline, 1, timing=True)
     outcomes = []
