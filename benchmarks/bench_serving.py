@@ -437,7 +437,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cudnn-benchmark", action="store_true", help="cuDNN times its convolution algorithms per "
                         "shape (process-wide: the stock pipeline gets it too); needs --unet-buckets")
     parser.add_argument("--unet-quantize", default="none", help="with --unet-compile: 'fp8' runs the UNet's linear "
-                        "layers in float8 (torchao; a GPU of compute capability 8.9+)")
+                        "layers in float8 (torchao; a GPU of compute capability 8.9+); 'fp8-rowwise' its linear layers "
+                        "and 1x1 convolutions with row-wise scales (torch._scaled_mm)")
     parser.add_argument("--compile-cache", default="", help="with --unet-compile: folder of TorchInductor's caches "
                         "(default: the server's, ~/.cache/sage-edge/torch-compile)")
     parser.add_argument("--unet-sweep", default="", help="first time the shared-phase UNet at these UNet batches "

@@ -76,7 +76,8 @@ def serve(
         bool | None, typer.Option(help="with --unet-buckets: cuDNN times its convolution algorithms at warm-up")
     ] = None,
     unet_quantize: Annotated[
-        str | None, typer.Option(help="with --unet-compile: 'fp8' runs the UNet's linear layers in float8 (torchao)")
+        str | None, typer.Option(help="with --unet-compile: 'fp8' runs the UNet's linear layers in float8 "
+                                  "(torchao); 'fp8-rowwise' its linear layers and 1x1 convolutions, row-wise scales")
     ] = None,
     compile_cache: Annotated[
         str | None, typer.Option(help="with --unet-compile: folder of TorchInductor's caches, reused on restart")

@@ -22,7 +22,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that replay CUDA graphs
 ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")  # SDPA kernels; "auto": PyTorch's choice
-QUANTIZE_MODES = ("none", "fp8")  # the compiled UNet's linear layers: as they are, or float8 (torchao)
+# the compiled UNet's matmuls: as they are; float8 linear layers (torchao); float8 linear layers and 1x1 convolutions
+# with row-wise scales (sage_core.fp8, torch._scaled_mm alone)
+QUANTIZE_MODES = ("none", "fp8", "fp8-rowwise")
 # TorchInductor options for diffusion UNets (PyTorch's "Accelerating Generative AI III: Diffusion, Fast"): "light"
 # computes 1x1 convolutions as matmuls; "full" adds coordinate-descent tuning of every generated kernel (minutes of
 # compiling more) without epilogue fusion
@@ -32,6 +34,11 @@ TUNING_LEVELS = {
     "full": {"conv_1x1_as_mm": True, "coordinate_descent_tuning": True,
              "coordinate_descent_check_all_directions": True, "epilogue_fusion": False},
 }
+# float8 GEMMs on ATen's kernels (cuBLAS, CUTLASS) alone: Inductor otherwise lists its Triton float8 GEMM templates for
+# every torch._scaled_mm shape even outside max-autotune (torch/_inductor/kernel/mm.py, tuned_scaled_mm:
+# check_max_autotune=False), compiling and benchmarking each of their configurations at the first call
+FLOAT8_GEMMS_ON_ATEN = {"max_autotune_gemm_backends": "ATEN"}
+AUTOTUNE_MODES = ("max-autotune", "max-autotune-no-cudagraphs")  # where GEMM autotuning is what was asked for
 FP8_CAPABILITY = (8, 9)  # CUDA compute capability with float8 tensor cores (Ada, Hopper and newer)
 SDPA_KERNELS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
                 "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
@@ -139,13 +146,17 @@ def with_attention(unet: Any, backend: str) -> Any:
 def inductor_tuning(level: str) -> dict[str, Any]:
     """Set the TorchInductor options of TUNING_LEVELS[level], process-wide. Returns the settings it changed, with
     their old values."""
-    import torch._inductor.config as inductor
-
     if level not in TUNING_LEVELS:
         raise ValueError(f"tuning must be one of {', '.join(TUNING_LEVELS)}, got {level!r}")
-    wanted = TUNING_LEVELS[level]
-    old = {name: getattr(inductor, name) for name in wanted}
-    for name, value in wanted.items():
+    return set_inductor(TUNING_LEVELS[level])
+
+
+def set_inductor(options: dict[str, Any]) -> dict[str, Any]:
+    """Set these TorchInductor options, process-wide; returns their old values."""
+    import torch._inductor.config as inductor
+
+    old = {name: getattr(inductor, name) for name in options}
+    for name, value in options.items():
         setattr(inductor, name, value)
     return old
 
@@ -189,7 +200,8 @@ def compile_unet(unet: Any, mode: str, tuning: str = "none", quantize: str = "no
     the TorchInductor options of `inductor_tuning(tuning)` first.
     Compiling first fuses each attention's q/k/v projections into one matmul and stores the weights
     channels-last unless `channels_last` is False (both in place; the UNet's outputs stay the same up to rounding),
-    then quantizes the linear layers as `quantize` says (`quantize_unet`). A UNet with unmerged LoRA layers is
+    then quantizes the linear layers as `quantize` says (`quantize_unet`), their float8 GEMMs left to ATen's kernels
+    outside the max-autotune modes (FLOAT8_GEMMS_ON_ATEN, process-wide). A UNet with unmerged LoRA layers is
     refused: fusing would drop them (merge the adapter first)."""
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
@@ -201,6 +213,8 @@ def compile_unet(unet: Any, mode: str, tuning: str = "none", quantize: str = "no
             raise ValueError("tuning and channels_last shape the compiled UNet: they need a compile mode")
         return unet
     inductor_tuning(tuning)
+    if quantize != "none" and mode not in AUTOTUNE_MODES:
+        set_inductor(FLOAT8_GEMMS_ON_ATEN)
     return torch.compile(quantize_unet(fuse_layout(unet, channels_last), quantize), mode=mode, dynamic=False)
 
 
@@ -208,10 +222,18 @@ def quantize_unet(unet: Any, mode: str) -> Any:
     """`mode` "fp8": store the UNet's linear layers' weights in float8 e4m3 and quantize their inputs on the fly
     (torchao's dynamic float8, in place; per-row scales for a bfloat16 UNet, one scale per tensor for float16,
     whose output cuBLAS's row-wise float8 GEMM lacks); convolutions stay as they are. Needs an NVIDIA GPU of
-    compute capability 8.9 or newer and torchao (`pip install 'sage-edge[fp8]'`). "none" returns it unchanged."""
+    compute capability 8.9 or newer and torchao (`pip install 'sage-edge[fp8]'`). "fp8-rowwise": float8 with
+    per-row scales in any dtype, for the linear layers and the 1x1 convolutions alike, without torchao
+    (`sage_core.fp8.to_float8_rowwise`, in place); needs float8 GEMMs with row-wise scales on the UNet's device.
+    "none" returns it unchanged."""
     if mode not in QUANTIZE_MODES:
         raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}, got {mode!r}")
     if mode == "none":
+        return unet
+    if mode == "fp8-rowwise":
+        from sage_core.fp8 import to_float8_rowwise
+
+        to_float8_rowwise(unet)
         return unet
     device = unet.device
     capable = device.type == "cuda" and torch.cuda.get_device_capability(device) >= FP8_CAPABILITY

@@ -150,17 +150,17 @@ def test_compiled_buckets_match_eager_on_the_gpu(mode, graphs, tuning, channels_
     from sage_core.unet_buckets import TUNING_LEVELS, compile_unet
 
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # TF32 convolutions alone differ by ~1e-3
-    for name in TUNING_LEVELS[tuning]:  # restored after the test: compile_unet sets them process-wide
-        monkeypatch.setattr(inductor, name, getattr(inductor, name))
     pipe = tiny_pipeline(seed=0).to("cuda")
     x, t, c = (v.to("cuda") for v in _inputs(pipe, 6))
     x2 = torch.randn_like(x)
     with torch.inference_mode():
         want = pipe.unet(x, t, encoder_hidden_states=c, return_dict=False)[0]
         want2 = pipe.unet(x2, t, encoder_hidden_states=c, return_dict=False)[0]
-    compiled = BucketedUNet(compile_unet(pipe.unet, mode, tuning, channels_last=channels_last), (4, 8),
-                            graphs=graphs)
-    warm_buckets(compiled, int(pipe.unet.config.sample_size))
+    # compile_unet sets the tuning options process-wide: restored after the test (monkeypatch would delete them)
+    with inductor.patch({name: getattr(inductor, name) for name in TUNING_LEVELS[tuning]}):
+        compiled = BucketedUNet(compile_unet(pipe.unet, mode, tuning, channels_last=channels_last), (4, 8),
+                                graphs=graphs)
+        warm_buckets(compiled, int(pipe.unet.config.sample_size))
     with torch.inference_mode():
         got = compiled(x, t, encoder_hidden_states=c)[0]
         got2 = compiled(x2, t, encoder_hidden_states=c)[0]  # a replay must not overwrite the first output
@@ -265,15 +265,24 @@ def test_fp8_is_refused_where_it_cannot_run_and_without_a_compile():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="compute capability 8.9 or newer .* on cpu"):
             quantize_unet(pipe.unet, "fp8")
+    rowwise_config = build_config(None, {"unet_quantize": "fp8-rowwise", "unet_compile": "default"})
+    assert rowwise_config.unet_quantize == "fp8-rowwise"
+    rowwise = quantize_unet(tiny_pipeline(seed=0).unet, "fp8-rowwise")  # this torch has float8 GEMMs on the CPU
+    assert any("Fp8" in type(m).__name__ for m in rowwise.modules())
     assert fp8_linear(torch.nn.Linear(320, 1280)) and not fp8_linear(torch.nn.Linear(4, 320))
     assert not fp8_linear(torch.nn.Conv2d(320, 320, 1))
 
 
 @pytest.mark.gpu
-def test_fp8_compiled_unet_stays_close_to_the_half_precision_one():
-    pytest.importorskip("torchao", reason="fp8 needs torchao (pip install 'sage-edge[fp8]')")
+@pytest.mark.parametrize("quantize", ["fp8", "fp8-rowwise"])
+def test_fp8_compiled_unet_stays_close_to_the_half_precision_one(quantize):
+    import torch._inductor.config as inductor
+
+    from sage_core.fp8 import Fp8Linear
     from sage_core.unet_buckets import FP8_CAPABILITY, compile_unet
 
+    if quantize == "fp8":
+        pytest.importorskip("torchao", reason="fp8 needs torchao (pip install 'sage-edge[fp8]')")
     if torch.cuda.get_device_capability() < FP8_CAPABILITY:
         pytest.skip("needs float8 tensor cores")
     pipe = tiny_pipeline(seed=0).to("cuda", torch.float16)
@@ -281,13 +290,17 @@ def test_fp8_compiled_unet_stays_close_to_the_half_precision_one():
     x, c = x.half(), c.half()
     with torch.inference_mode():
         want = pipe.unet(x, t, encoder_hidden_states=c, return_dict=False)[0].float()
-    fp8 = compile_unet(pipe.unet, "default", quantize="fp8")  # as the worker does it, outside inference mode
-    with torch.inference_mode():
-        got = fp8(x, t, encoder_hidden_states=c, return_dict=False)[0].float()
-    linears = [m for m in pipe.unet.modules() if isinstance(m, torch.nn.Linear)]
-    assert any("float8" in type(m.weight).__name__.lower() for m in linears)  # torchao's Float8Tensor weights
+    with inductor.patch(max_autotune_gemm_backends=inductor.max_autotune_gemm_backends):  # compile_unet sets it
+        fp8 = compile_unet(pipe.unet, "default", quantize=quantize)  # as the worker does it, outside inference mode
+        with torch.inference_mode():
+            got = fp8(x, t, encoder_hidden_states=c, return_dict=False)[0].float()
+    if quantize == "fp8":
+        linears = [m for m in pipe.unet.modules() if isinstance(m, torch.nn.Linear)]
+        assert any("float8" in type(m.weight).__name__.lower() for m in linears)  # torchao's Float8Tensor weights
+    else:
+        assert any(isinstance(m, Fp8Linear) for m in pipe.unet.modules())
     relative = ((got - want).norm() / want.norm()).item()
-    print(f"fp8 against fp16, relative L2 difference of the UNet's output: {relative:.4f}")
+    print(f"{quantize} against fp16, relative L2 difference of the UNet's output: {relative:.4f}")
     # float8 e4m3 keeps 3 mantissa bits: a few per cent per layer, not a different function (which would be ~1.4)
     assert relative < 0.2
 

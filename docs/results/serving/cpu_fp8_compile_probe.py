@@ -1,5 +1,6 @@
 """Where does float8's compile time go? On the CPU (no float8 GEMMs to run fast, but the same tracing and much of the
-same lowering), the compile of a UNet with and without torchao's dynamic float8 linears, side by side.
+same lowering), the compile of a UNet with and without torchao's dynamic float8 linears, and with the project's own
+row-wise float8 layers (sage_core.fp8, `--unet-quantize fp8-rowwise`), side by side.
 
     PYTHONPATH=/tmp/tao:. python docs/results/serving/cpu_fp8_compile_probe.py --unet sd15 --backend aot_eager
     PYTHONPATH=/tmp/tao:. python docs/results/serving/cpu_fp8_compile_probe.py --unet narrow --backend inductor
@@ -52,6 +53,10 @@ def one(unet: str, backend: str, quantize: str) -> None:
 
         qa._check_hardware_support = lambda granularity: None  # this probe only: float8 on a CPU
         quantize_(net, Float8DynamicActivationFloat8WeightConfig(granularity=PerTensor()), filter_fn=fp8_linear)
+    elif quantize == "fp8-rowwise":
+        from sage_core.fp8 import to_float8_rowwise
+
+        to_float8_rowwise(net)
     side, channels = net.config.sample_size, net.config.cross_attention_dim
     x = torch.randn(1, 4, side, side, dtype=torch.bfloat16)
     c = torch.randn(1, 77, channels, dtype=torch.bfloat16)
@@ -71,12 +76,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--unet", choices=("sd15", "narrow"), default="narrow")
     parser.add_argument("--backend", choices=("aot_eager", "inductor"), default="inductor")
-    parser.add_argument("--quantize", choices=("none", "fp8", "both"), default="both")
+    parser.add_argument("--quantize", choices=("none", "fp8", "fp8-rowwise", "all"), default="all")
     args = parser.parse_args()
-    if args.quantize != "both":
+    if args.quantize != "all":
         one(args.unet, args.backend, args.quantize)
         return
-    for q in ("none", "fp8"):  # each in a fresh process with an empty compile cache
+    for q in ("none", "fp8", "fp8-rowwise"):  # each in a fresh process with an empty compile cache
         with tempfile.TemporaryDirectory() as cache:
             subprocess.run([sys.executable, __file__, "--unet", args.unet, "--backend", args.backend, "--quantize", q],
                            check=True, env=os.environ | {"TORCHINDUCTOR_CACHE_DIR": cache})

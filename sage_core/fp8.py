@@ -1,0 +1,120 @@
+"""Row-wise float8 layers for a compiled UNet, on torch._scaled_mm alone (no torchao).
+
+Each layer keeps its weight in float8 e4m3 with one scale per output channel and quantizes its input on the fly
+with one scale per row (per token), then runs one float8 GEMM (cuBLAS on the GPU) with both scale vectors. Under
+torch.compile the input's absmax, scaling and cast fuse into one kernel per layer, which is why a UNet with these
+layers is only served compiled. Besides the linear layers of the transformer blocks, the 1x1 convolutions (the
+transformer blocks' proj_in / proj_out, the resnets' channel-changing shortcuts) become float8 GEMMs over their
+pixels: a channels-last 1x1 convolution is a matmul. The time-embedding layers, which see one row per sample, stay
+as they are. torchao's float8 (QUANTIZE_MODES' "fp8") does the linear layers only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8).max)  # 448
+_TINY = 1e-12  # an all-zero row's scale: its codes are zeros whatever the scale
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A 2-D tensor as float8 codes and one float32 scale per row (shape (rows, 1)): x ~= codes * scale."""
+    scale = x.abs().amax(dim=1, keepdim=True).float().clamp(min=_TINY) / FP8_MAX
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+class Fp8Linear(torch.nn.Module):
+    """y = x @ W.T + b with W in float8 (one scale per output channel) and x quantized per row on each call."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        if weight.ndim != 2 or weight.shape[0] % 16 or weight.shape[1] % 16:
+            raise ValueError(f"float8 GEMMs need both sides of the weight a multiple of 16, got {tuple(weight.shape)}")
+        codes, scale = quantize_rows(weight.detach())
+        self.register_buffer("weight_fp8", codes)  # (out, in); .t() is the column-major operand _scaled_mm takes
+        self.register_buffer("weight_scale", scale.t().contiguous())  # (1, out)
+        self.bias = None if bias is None else torch.nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+
+    @staticmethod
+    def from_linear(layer: torch.nn.Linear) -> Fp8Linear:
+        """The float8 version of a linear layer."""
+        return Fp8Linear(layer.weight, layer.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer on x (..., in_features), in x's dtype."""
+        # row-major, as float8 GEMMs need (a permuted view, e.g. a batch-1 NCHW tensor's pixels, can be column-major;
+        # elementwise ops, compiled or not, keep the layout they are given)
+        rows = x.reshape(-1, self.in_features).contiguous()
+        codes, scale = quantize_rows(rows)
+        # row-wise scales need a bfloat16 output; the cast back fuses into whatever reads it. Fast accumulation, as
+        # torchao's inference float8 uses it: Hopper's float8 MMA accumulates in fewer bits between promotions
+        y = torch._scaled_mm(codes, self.weight_fp8.t(), scale_a=scale, scale_b=self.weight_scale,
+                             out_dtype=torch.bfloat16, use_fast_accum=True).to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+class Fp8Conv1x1(torch.nn.Module):
+    """A 1x1 convolution (stride 1, no groups) as a float8 GEMM over the pixels; channels-last in and out."""
+
+    def __init__(self, conv: torch.nn.Conv2d) -> None:
+        super().__init__()
+        if not is_pointwise_conv(conv):
+            raise ValueError(f"not a plain 1x1 convolution: {conv}")
+        self.linear = Fp8Linear(conv.weight.flatten(1), conv.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The convolution on x (batch, channels, height, width)."""
+        pixels = x.permute(0, 2, 3, 1)  # a view when x is channels-last
+        return self.linear(pixels).permute(0, 3, 1, 2)
+
+
+def is_pointwise_conv(conv: torch.nn.Module) -> bool:
+    """A Conv2d that is a matmul over channels: kernel 1x1, stride 1, no padding, no groups, no dilation."""
+    return (isinstance(conv, torch.nn.Conv2d) and conv.kernel_size == (1, 1) and conv.stride == (1, 1)
+            and conv.padding == (0, 0) and conv.groups == 1 and conv.dilation == (1, 1)
+            and conv.padding_mode == "zeros")
+
+
+def _fits(weight: torch.Tensor) -> bool:
+    """Both GEMM sides a multiple of 16, as float8 GEMMs need."""
+    return weight.shape[0] % 16 == 0 and weight.shape[1] % 16 == 0
+
+
+def float8_layer(name: str, module: torch.nn.Module) -> torch.nn.Module | None:
+    """The float8 replacement of one UNet layer, or None where it stays: linear layers outside the time embedding
+    (which sees one row per sample) and 1x1 convolutions, both sides a multiple of 16."""
+    if isinstance(module, torch.nn.Linear) and "time_emb" not in name and _fits(module.weight):
+        return Fp8Linear.from_linear(module)
+    if is_pointwise_conv(module) and _fits(module.weight.flatten(1)):
+        return Fp8Conv1x1(module)
+    return None
+
+
+def check_scaled_mm(device: torch.device) -> None:
+    """Raise ValueError where torch._scaled_mm with row-wise scales cannot run on `device`."""
+    codes = torch.zeros(16, 16, device=device, dtype=FP8)
+    try:
+        torch._scaled_mm(codes, codes.t(), scale_a=torch.ones(16, 1, device=device),
+                         scale_b=torch.ones(1, 16, device=device), out_dtype=torch.bfloat16, use_fast_accum=True)
+    except (RuntimeError, NotImplementedError) as exc:
+        where = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+        raise ValueError(f"fp8-rowwise needs float8 GEMMs with row-wise scales (torch._scaled_mm), which {where} "
+                         f"lacks: {str(exc).splitlines()[0]}") from exc
+
+
+def to_float8_rowwise(model: Any) -> int:
+    """Replace `model`'s linear layers and 1x1 convolutions by their float8 versions, in place (`float8_layer`
+    says which); returns how many were replaced."""
+    check_scaled_mm(next(model.parameters()).device)
+    swaps = [(name, new) for name, module in model.named_modules()
+             if (new := float8_layer(name, module)) is not None]
+    for name, new in swaps:
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, new)
+    return len(swaps)
