@@ -165,13 +165,25 @@ def use_compile_cache(folder: str | Path) -> Path:
     """Keep TorchInductor's caches (compiled FX graphs, AOTAutograd results, Triton kernels, autotuning choices) in
     `folder` (created if missing), so that a restarted process loads what an earlier one compiled instead of
     compiling again. Process-wide, through torch's own switch (TORCHINDUCTOR_CACHE_DIR): call it before the
-    process's first compile. Returns the absolute folder."""
+    process's first compile. Empty compiled libraries in it are removed first (`prune_empty_libraries`). Returns the
+    absolute folder."""
     path = Path(folder).expanduser().resolve()
     if path.exists() and not path.is_dir():
         raise ValueError(f"compile cache {str(path)!r} is a file, not a folder")
     path.mkdir(parents=True, exist_ok=True)
+    prune_empty_libraries(path)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
     return path
+
+
+def prune_empty_libraries(folder: Path) -> list[Path]:
+    """Remove the empty shared libraries (`*.so` of 0 bytes) under a compile cache and return them. A process
+    stopped while TorchInductor's C++ compile was writing one leaves it empty; Inductor would load it as it stands
+    and fail ("file too short") where, missing, it compiles it again from the source beside it."""
+    empty = [p for p in folder.rglob("*.so") if p.is_file() and p.stat().st_size == 0]
+    for p in empty:
+        p.unlink()
+    return empty
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,8 @@
 #   STAGES=bench bash scripts/gpu_session.sh; STAGES=train TRAIN_STAGES=unet \
 #     SESSION_CONFIG=training/configs/default_model_finetune.yaml bash scripts/gpu_session.sh     (two commands)
 # With STAGES=train the GPU-marked tests run beside the training. GPU_TESTS= (empty) skips the GPU-marked tests,
-# STEP_LOOP= (empty) the step-loop benchmark, BENCH_S=0 the serving benchmark. VARIANT_ARGS first times UNet
+# STEP_LOOP= (empty) the step-loop benchmark, BENCH_S=0 the serving benchmark; FIRST_TESTS="-k fp8" runs those
+# GPU-marked tests before everything else (FIRST_TESTS_S seconds). VARIANT_ARGS first times UNet
 # variants side by side (benchmarks.bench_variants, VARIANT_S seconds in all); with BEST_ARGS the fastest one then
 # runs through the serving benchmark (bench_serving $BEST_ARGS <its flags>, BEST_S seconds).
 # The `device` tool sends at most 64 MiB (tracked files + carried .whl); the repository with its model, judges and
@@ -56,9 +57,16 @@ TRAIN_STAGES=${TRAIN_STAGES:-vae unet}
 # the GPU-marked tests only, without tests/conftest.py: it imports the gRPC stubs, which need a newer grpcio than
 # the GPU image has
 # (one line per test as it ends, straight into the file: a command cut short keeps what had finished)
-run_gpu_tests() { timeout 300 $PY -m pytest -v -rA -m gpu --noconftest -p no:cacheprovider -p no:logging \
-    tests/test_gpu_step_loop.py tests/test_unet_buckets.py >"$OUT/gpu_tests.txt" 2>&1; }
+# run_gpu_tests FILE SECONDS [PYTEST ARGS...]
+run_gpu_tests() { local out=$1 limit=$2; shift 2; timeout "$limit" $PY -m pytest -v -rA -m gpu --noconftest \
+    -p no:cacheprovider -p no:logging "$@" tests/test_gpu_step_loop.py tests/test_unet_buckets.py tests/test_fp8.py \
+    >"$out" 2>&1; }
 
+if [ -n "${FIRST_TESTS:-}" ]; then  # e.g. FIRST_TESTS="-k fp8": those GPU-marked tests before anything else
+    say "GPU-marked tests first ($FIRST_TESTS, limit ${FIRST_TESTS_S:-120}s)"
+    run_gpu_tests "$OUT/gpu_tests_first.txt" "${FIRST_TESTS_S:-120}" $FIRST_TESTS
+    cat "$OUT/gpu_tests_first.txt" | tee -a "$LOG"
+fi
 if [[ " $STAGES " == *" bench "* ]]; then
 if [ -n "${VARIANT_ARGS:-}" ]; then  # e.g. VARIANT_ARGS='--parallel 4 --variant "fp8=--unet-compile ..." ...'
     VARIANT_S=${VARIANT_S:-400}
@@ -92,14 +100,14 @@ for N in 2 3; do  # further variants, e.g. BENCH2_ARGS="--model sd15-random --ba
 done
 if [ -n "${GPU_TESTS-1}" ] && [[ " $STAGES " != *" train "* ]]; then
     say "GPU-marked tests"
-    run_gpu_tests; cat "$OUT/gpu_tests.txt" | tee -a "$LOG"
+    run_gpu_tests "$OUT/gpu_tests.txt" 300; cat "$OUT/gpu_tests.txt" | tee -a "$LOG"
 fi
 fi
 [[ " $STAGES " == *" train "* ]] || { say "done; $(left)s of the budget left"; exit 0; }
 TESTS_PID=
 if [ -n "${GPU_TESTS-1}" ]; then
     say "GPU-marked tests, beside the training"
-    run_gpu_tests & TESTS_PID=$!
+    run_gpu_tests "$OUT/gpu_tests.txt" 300 & TESTS_PID=$!
 fi
 
 if [[ " $TRAIN_STAGES " == *" vae "* ]]; then

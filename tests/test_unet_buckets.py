@@ -331,6 +331,12 @@ def test_a_new_process_loads_what_an_earlier_one_compiled_from_the_compile_cache
     assert compile_once() == {"hits": 0, "misses": 1}  # an empty cache: compiled, and stored in the folder
     assert any(cache.iterdir())
     assert compile_once() == {"hits": 1, "misses": 0}  # a restart loads it
+    libraries = list(cache.rglob("*.so"))
+    assert libraries  # the compiled kernels of this CPU graph
+    for library in libraries:  # as a process stopped mid-compile leaves them
+        library.write_bytes(b"")
+    assert compile_once() == {"hits": 1, "misses": 0}  # removed at start, built again from their sources
+    assert all(library.stat().st_size > 0 for library in libraries)
     (tmp_path / "a_file").write_text("x")
     with pytest.raises(ValueError, match="is a file"):
         use_compile_cache(tmp_path / "a_file")
