@@ -27,7 +27,15 @@ POLICIES = {
     "flat tau 0.9 beta 0.4": {"sharing": "flat", "tau": 0.9, "share": 0.4, "cache_mb": 0.0},
     "adaptive": {"sharing": "adaptive", "share": 1.0, "cache_mb": 0.0},
     "adaptive + cache": {"sharing": "adaptive", "share": 1.0, "cache_mb": 64.0},
+    # the same plans with the shared phase's UNet compiled, and compiled in row-wise float8 (its linear layers and
+    # 1x1 convolutions): how far the images move from "adaptive"'s with the same seeds, by compiling alone (kernels
+    # that round in another order) and with float8 rounding
+    "adaptive + compiled": {"sharing": "adaptive", "share": 1.0, "cache_mb": 0.0, "reference": "adaptive",
+                            "server": {"unet_compile": "default"}},
+    "adaptive + fp8-rowwise": {"sharing": "adaptive", "share": 1.0, "cache_mb": 0.0, "reference": "adaptive",
+                               "server": {"unet_compile": "default", "unet_quantize": "fp8-rowwise"}},
 }
+DEFAULT_POLICIES = ("independent", "flat tau 0.9 beta 0.4", "adaptive", "adaptive + cache")
 
 
 def serve_stream(
@@ -51,6 +59,7 @@ def serve_stream(
         adapter="none",
         shared_condition=shared_condition,
         **({"depth_schedule": schedule} if schedule else {}),
+        **policy.get("server", {}),
     )
     worker = EdgeWorker(config)
     info = worker.info()
@@ -82,6 +91,13 @@ def serve_stream(
     return np.concatenate(images), counts
 
 
+def psnr(images: np.ndarray, reference: np.ndarray) -> float:
+    """Peak signal-to-noise ratio in dB of `images` against `reference` (uint8 or [0, 1] floats alike)."""
+    scale = 255.0 if reference.dtype == np.uint8 else 1.0
+    mse = float(np.mean((images.astype(np.float64) - reference.astype(np.float64)) ** 2)) / scale**2
+    return float("inf") if mse == 0 else 10.0 * np.log10(1.0 / mse)
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Serve the stream under each policy and judge the images."""
     from training import judges, world
@@ -91,12 +107,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--window", type=int, default=64)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--model", default="default")
-    parser.add_argument("--policies", default=",".join(POLICIES))
+    parser.add_argument("--policies", default=",".join(DEFAULT_POLICIES), help=f"of: {', '.join(POLICIES)}")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--depth-schedule", default=None, help="JSON of benchmarks.calibrate_depth (its schedule)")
     parser.add_argument("--shared-condition", default="mean", help="what shared steps run on: mean or medoid")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
+    names = args.policies.split(",")
+    unknown = [n for n in names if n not in POLICIES]
+    if unknown:
+        parser.error(f"unknown policies {unknown}; known: {', '.join(POLICIES)}")
     schedule = None
     if args.depth_schedule:
         with open(args.depth_schedule, encoding="utf-8") as fh:
@@ -106,8 +126,8 @@ def main(argv: list[str] | None = None) -> dict:
     prompts = [e.caption for e in examples]
     oracle = judges.load_oracle()
     _, real_feats = judges.oracle_outputs(oracle, world.render_examples(examples))
-    rows = []
-    for name in args.policies.split(","):
+    rows, served = [], {}
+    for name in names:
         start = time.perf_counter()
         images, counts = serve_stream(POLICIES[name], prompts, args.window, args.steps, args.model, schedule,
                                       args.shared_condition)
@@ -123,10 +143,15 @@ def main(argv: list[str] | None = None) -> dict:
             **counts,
             "seconds": time.perf_counter() - start,
         }
+        served[name] = images
+        reference = POLICIES[name].get("reference")
+        if reference in served:  # same seeds and plans: how far the images moved
+            row[f"psnr_vs_{reference}"] = psnr(images, served[reference])
         rows.append(row)
+        moved = f"  PSNR vs {reference} {row[f'psnr_vs_{reference}']:.1f} dB" if reference in served else ""
         print(
             f"{name:24s} steps saved {row['step_saving']:6.1%}  fidelity {row['fidelity_mean']:.3f} "
-            f"(all {row['fidelity_all']:.3f})  FID-oracle {row['fid_oracle']:.2f}  ({row['seconds']:.0f} s)",
+            f"(all {row['fidelity_all']:.3f})  FID-oracle {row['fid_oracle']:.2f}{moved}  ({row['seconds']:.0f} s)",
             flush=True,
         )
     result = {"settings": vars(args), "rows": rows}

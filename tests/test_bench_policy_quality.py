@@ -19,3 +19,16 @@ def test_policies_are_served_through_the_worker_and_counted(tmp_path):
     assert independent["device_steps"] == 6 * 4
     assert adaptive["server_steps"] + adaptive["device_steps"] == pytest.approx((1 - adaptive["step_saving"]) * 24)
     assert (tmp_path / "q.json").is_file()
+
+
+def test_psnr_and_unknown_policies():
+    import numpy as np
+
+    from benchmarks.bench_policy_quality import psnr
+
+    a = np.zeros((2, 4, 4, 3))
+    assert psnr(a, a) == float("inf")
+    assert psnr(a + 0.1, a) == pytest.approx(20.0)  # mse 0.01 of a unit peak
+    assert psnr(np.full((1, 2), 255, np.uint8), np.zeros((1, 2), np.uint8)) == pytest.approx(0.0)
+    with pytest.raises(SystemExit):
+        main(["--policies", "adaptive,greedy"])
