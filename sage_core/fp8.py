@@ -1,12 +1,13 @@
 """Row-wise float8 layers for a compiled UNet, on torch._scaled_mm alone (no torchao).
 
 Each layer keeps its weight in float8 e4m3 with one scale per output channel and quantizes its input on the fly
-with one scale per row (per token), then runs one float8 GEMM (cuBLAS on the GPU) with both scale vectors. Under
-torch.compile the input's absmax, scaling and cast fuse into one kernel per layer, which is why a UNet with these
-layers is only served compiled. Besides the linear layers of the transformer blocks, the 1x1 convolutions (the
-transformer blocks' proj_in / proj_out, the resnets' channel-changing shortcuts) become float8 GEMMs over their
-pixels: a channels-last 1x1 convolution is a matmul. The time-embedding layers, which see one row per sample, stay
-as they are. torchao's float8 (QUANTIZE_MODES' "fp8") does the linear layers only.
+with one scale per row (per token or pixel), then runs one float8 GEMM (cuBLAS or CUTLASS on the GPU) with both
+scale vectors. Under torch.compile the input's absmax, scaling and cast fuse into the kernel that makes the input,
+which is why a UNet with these layers is only served compiled. Besides the linear layers of the transformer
+blocks, the 1x1 convolutions (the transformer blocks' proj_in / proj_out, the resnets' channel-changing shortcuts)
+become float8 GEMMs over their pixels: a channels-last 1x1 convolution is a matmul. The time-embedding layers,
+which see one row per sample, stay as they are. torchao's float8 (QUANTIZE_MODES' "fp8") does the linear layers
+only.
 """
 
 from __future__ import annotations
