@@ -395,6 +395,10 @@ def print_header(env: dict) -> None:
           f"{'cudnn benchmark  ' if env.get('cudnn_benchmark') else ''}"
           f"{'quantize ' + env['unet_quantize'] + '  ' if env.get('unet_quantize', 'none') != 'none' else ''}"
           f"worker start {env.get('worker_start_s', 0.0):.1f} s")
+    if env.get("unet_compile", "none") != "none":
+        changed = "fused and quantized" if env.get("unet_quantize", "none") != "none" else "fused"
+        print(f"note: the stock pipeline shares the worker's UNet, which its compile {changed} in place; the indep "
+              "columns run that UNet eagerly: take them from an eager run", flush=True)
     print(
         "batch  unet ms/sample  floor  indep s  indep GPU-s/img  edge s  edge UNet s  rows/call  edge GPU-s/img"
         "  step saving  time saving  overhead  bytes/img",

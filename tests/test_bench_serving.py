@@ -77,3 +77,15 @@ def test_a_caption_stream_runs_through_both_paths(tmp_path):
     assert totals["server_evals"] + totals["device_evals"] <= 8 * 4 * 2
     assert s["step_saving"] == pytest.approx(1 - (totals["server_evals"] + totals["device_evals"]) / 64)
     assert s["independent_gpu_s_per_image"] > 0 and s["edge_gpu_s_per_image"] > 0
+
+
+def test_the_header_warns_that_a_compiled_run_s_stock_column_runs_the_modified_unet(capsys):
+    from benchmarks.bench_serving import print_header
+
+    env = {"device": "cpu", "dtype": "float32", "torch": "x", "diffusers": "y", "unet_compile_tuning": "none",
+           "unet_channels_last": True}
+    print_header({**env, "unet_compile": "none"})
+    assert "note:" not in capsys.readouterr().out
+    print_header({**env, "unet_compile": "reduce-overhead", "unet_quantize": "fp8-rowwise"})
+    out = capsys.readouterr().out
+    assert "fused and quantized in place" in out and "take them from an eager run" in out
