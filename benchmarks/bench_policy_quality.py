@@ -144,11 +144,11 @@ def main(argv: list[str] | None = None) -> dict:
             "seconds": time.perf_counter() - start,
         }
         served[name] = images
-        reference = POLICIES[name].get("reference")
+        reference, moved = POLICIES[name].get("reference"), ""
         if reference in served:  # same seeds and plans: how far the images moved
             row[f"psnr_vs_{reference}"] = psnr(images, served[reference])
+            moved = f"  PSNR vs {reference} {row[f'psnr_vs_{reference}']:.1f} dB"
         rows.append(row)
-        moved = f"  PSNR vs {reference} {row[f'psnr_vs_{reference}']:.1f} dB" if reference in served else ""
         print(
             f"{name:24s} steps saved {row['step_saving']:6.1%}  fidelity {row['fidelity_mean']:.3f} "
             f"(all {row['fidelity_all']:.3f})  FID-oracle {row['fid_oracle']:.2f}{moved}  ({row['seconds']:.0f} s)",

@@ -215,11 +215,11 @@ def serving_unet(pipe: Any, config: ServerConfig) -> tuple[Any, str]:
     the model's default size so that compiling never lands on a request; its attention on the configured SDPA
     backend. With it, a line saying how long the warm-up took and what the compile cache held ("" when eager)."""
     from sage_core.unet_buckets import (
-        AUTOTUNE_MODES,
         CUDAGRAPH_MODES,
         BucketedUNet,
         CacheCounts,
         compile_unet,
+        float8_gemms_on_aten,
         use_compile_cache,
         warm_buckets,
         with_attention,
@@ -234,8 +234,7 @@ def serving_unet(pipe: Any, config: ServerConfig) -> tuple[Any, str]:
     unet = BucketedUNet(with_attention(compiled, config.attention_backend), config.unet_buckets or DEFAULT_BUCKETS,
                         graphs=config.unet_compile in CUDAGRAPH_MODES)
     warm_buckets(unet, int(pipe.unet.config.sample_size), report=worker_says)
-    # compile_unet leaves float8 GEMMs to ATen's kernels outside the max-autotune modes
-    aten = " (float8 GEMMs on ATen kernels)" if config.unet_compile not in AUTOTUNE_MODES else ""
+    aten = " (float8 GEMMs on ATen kernels)" if float8_gemms_on_aten(config.unet_compile, config.unet_quantize) else ""
     quantized = f", {config.unet_quantize}{aten}" if config.unet_quantize != "none" else ""
     summary = f"{config.unet_compile}{quantized}, buckets {','.join(map(str, unet.buckets))}: warmed in " \
               f"{time.perf_counter() - start:.1f} s"

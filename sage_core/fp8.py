@@ -32,7 +32,7 @@ class Fp8Linear(torch.nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
-        if weight.ndim != 2 or weight.shape[0] % 16 or weight.shape[1] % 16:
+        if weight.ndim != 2 or not fits_float8_gemm(weight):
             raise ValueError(f"float8 GEMMs need both sides of the weight a multiple of 16, got {tuple(weight.shape)}")
         codes, scale = quantize_rows(weight.detach())
         self.register_buffer("weight_fp8", codes)  # (out, in); .t() is the column-major operand _scaled_mm takes
@@ -82,17 +82,22 @@ def is_pointwise_conv(conv: torch.nn.Module) -> bool:
             and conv.padding_mode == "zeros")
 
 
-def _fits(weight: torch.Tensor) -> bool:
-    """Both GEMM sides a multiple of 16, as float8 GEMMs need."""
+def fits_float8_gemm(weight: torch.Tensor) -> bool:
+    """A 2-D weight whose GEMM sides are both a multiple of 16, as float8 GEMMs need."""
     return weight.shape[0] % 16 == 0 and weight.shape[1] % 16 == 0
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name for a CUDA device, else the device as torch writes it."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
 
 
 def float8_layer(name: str, module: torch.nn.Module) -> torch.nn.Module | None:
     """The float8 replacement of one UNet layer, or None where it stays: linear layers outside the time embedding
     (which sees one row per sample) and 1x1 convolutions, both sides a multiple of 16."""
-    if isinstance(module, torch.nn.Linear) and "time_emb" not in name and _fits(module.weight):
+    if isinstance(module, torch.nn.Linear) and "time_emb" not in name and fits_float8_gemm(module.weight):
         return Fp8Linear.from_linear(module)
-    if is_pointwise_conv(module) and _fits(module.weight.flatten(1)):
+    if is_pointwise_conv(module) and fits_float8_gemm(module.weight.flatten(1)):
         return Fp8Conv1x1(module)
     return None
 
@@ -104,8 +109,8 @@ def check_scaled_mm(device: torch.device) -> None:
         torch._scaled_mm(codes, codes.t(), scale_a=torch.ones(16, 1, device=device),
                          scale_b=torch.ones(1, 16, device=device), out_dtype=torch.bfloat16, use_fast_accum=True)
     except (RuntimeError, NotImplementedError) as exc:
-        where = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
-        raise ValueError(f"fp8-rowwise needs float8 GEMMs with row-wise scales (torch._scaled_mm), which {where} "
+        raise ValueError(f"fp8-rowwise needs float8 GEMMs with row-wise scales (torch._scaled_mm), which "
+                         f"{device_name(device)} "
                          f"lacks: {str(exc).splitlines()[0]}") from exc
 
 

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from sage_core.fp8 import device_name, fits_float8_gemm, to_float8_rowwise
+
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that replay CUDA graphs
 ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")  # SDPA kernels; "auto": PyTorch's choice
@@ -225,9 +227,15 @@ def compile_unet(unet: Any, mode: str, tuning: str = "none", quantize: str = "no
             raise ValueError("tuning and channels_last shape the compiled UNet: they need a compile mode")
         return unet
     inductor_tuning(tuning)
-    if quantize != "none" and mode not in AUTOTUNE_MODES:
+    if float8_gemms_on_aten(mode, quantize):
         set_inductor(FLOAT8_GEMMS_ON_ATEN)
     return torch.compile(quantize_unet(fuse_layout(unet, channels_last), quantize), mode=mode, dynamic=False)
+
+
+def float8_gemms_on_aten(mode: str, quantize: str) -> bool:
+    """Whether `compile_unet` leaves this compile's float8 GEMMs to ATen's kernels (FLOAT8_GEMMS_ON_ATEN): float8
+    outside the max-autotune modes."""
+    return quantize != "none" and mode not in AUTOTUNE_MODES
 
 
 def quantize_unet(unet: Any, mode: str) -> Any:
@@ -243,16 +251,13 @@ def quantize_unet(unet: Any, mode: str) -> Any:
     if mode == "none":
         return unet
     if mode == "fp8-rowwise":
-        from sage_core.fp8 import to_float8_rowwise
-
         to_float8_rowwise(unet)
         return unet
     device = unet.device
     capable = device.type == "cuda" and torch.cuda.get_device_capability(device) >= FP8_CAPABILITY
     if not capable:
-        where = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
         raise ValueError(f"fp8 needs an NVIDIA GPU of compute capability {FP8_CAPABILITY[0]}.{FP8_CAPABILITY[1]} "
-                         f"or newer (Ada, Hopper); the UNet is on {where}")
+                         f"or newer (Ada, Hopper); the UNet is on {device_name(device)}")
     try:
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, PerTensor, quantize_
     except ImportError as exc:
@@ -264,7 +269,7 @@ def quantize_unet(unet: Any, mode: str) -> Any:
 
 def fp8_linear(module: torch.nn.Module, name: str = "") -> bool:
     """A linear layer float8 GEMMs can take: both sides a multiple of 16."""
-    return isinstance(module, torch.nn.Linear) and module.in_features % 16 == 0 and module.out_features % 16 == 0
+    return isinstance(module, torch.nn.Linear) and fits_float8_gemm(module.weight)
 
 
 def fuse_layout(unet: Any, channels_last: bool = True) -> Any:
