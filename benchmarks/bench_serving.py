@@ -81,13 +81,19 @@ def timed(fn: Callable[[], object], device: str, repeats: int) -> float:
     return best
 
 
-def unet_ms_per_sample(unet, batch: int, device: str, repeats: int) -> float:
-    """One forward of the UNet the shared phase calls (compiled and bucketed when configured) at `batch` samples,
-    in ms per sample."""
+def unet_inputs(unet, batch: int, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random (sample, timestep, encoder_hidden_states) of `batch` rows at the model's default size."""
     side = unet.config.sample_size
     x = torch.randn(batch, unet.config.in_channels, side, side, device=device, dtype=unet.dtype)
     t = torch.full((batch,), 500, device=device, dtype=torch.long)
     c = torch.randn(batch, 77, unet.config.cross_attention_dim, device=device, dtype=unet.dtype)
+    return x, t, c
+
+
+def unet_ms_per_sample(unet, batch: int, device: str, repeats: int) -> float:
+    """One forward of the UNet the shared phase calls (compiled and bucketed when configured) at `batch` samples,
+    in ms per sample."""
+    x, t, c = unet_inputs(unet, batch, device)
     with torch.inference_mode():
         seconds = timed(lambda: unet(x, t, encoder_hidden_states=c), device, repeats)
     return seconds * 1000.0 / batch
@@ -234,6 +240,31 @@ def unet_sweep(worker, args: argparse.Namespace) -> dict[int, float]:
            for rows in int_list(args.unet_sweep)}
     print("UNet ms per sample by UNet batch (rows)  " + "  ".join(f"{r}: {v:.3f}" for r, v in out.items()), flush=True)
     return out
+
+
+def profile_rows(args: argparse.Namespace) -> int:
+    """The UNet batch --kernel-profile profiles: the largest of --unet-sweep, else the CFG rows of the largest
+    --batches, else 2."""
+    sweep, batches = int_list(args.unet_sweep), int_list(args.batches)
+    return max(sweep) if sweep else 2 * max(batches) if batches else 2
+
+
+def kernel_profile(worker, args: argparse.Namespace) -> dict:
+    """Profile the shared-phase UNet (as the sweep times it) at profile_rows(args) rows; write the table to
+    --kernel-profile and return it for the JSON."""
+    from benchmarks.kernel_profile import one_line, profile_unet, render
+
+    rows = profile_rows(args)
+    try:
+        profile = profile_unet(worker.unet, unet_inputs(worker.unet, rows, str(worker.pipe.unet.device)))
+    except RuntimeError as exc:  # the profiler's own failure: the timings before it stand
+        print(f"no kernel profile: {str(exc).splitlines()[0][:200]}", flush=True)
+        return {"error": str(exc)[:500]}
+    with open(args.kernel_profile, "w", encoding="utf-8") as fh:
+        fh.write(render(profile))
+    print(f"kernel time at {rows} rows, ms per sample by kind: {one_line(profile.kinds)} "
+          f"(table in {args.kernel_profile})", flush=True)
+    return profile.as_dict()
 
 
 def attention_sweep(worker, args: argparse.Namespace) -> dict[str, dict[int, float | str]]:
@@ -453,6 +484,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--stream-window", type=int, default=64, help="requests per window of the stream")
     parser.add_argument("--stream-windows", type=int, default=2, help="windows of the stream to run")
     parser.add_argument("--profile", default=None, help="write a host profile of one edge-path window (last batch)")
+    parser.add_argument("--kernel-profile", default=None, help="write where the shared-phase UNet's time goes, by "
+                        "kernel and kind (torch.profiler), at the largest --unet-sweep batch (else 2 x --batches)")
     parser.add_argument("--json", default=None, help="write the rows and environment here")
     parser.add_argument("--stack-dumps-every", type=float, default=0.0, help="print every thread's stack to stderr "
                         "every this many seconds (benchmarks.stacks): where a long compile spends its time")
@@ -492,10 +525,13 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def run_measurements(args: argparse.Namespace, worker, result: dict) -> None:
-    """The sweeps, the windows, the profile and the stream that `args` ask for, into `result` (and --json after
-    each)."""
+    """The sweeps, the kernel profile, the windows, the host profile and the stream that `args` ask for, into
+    `result` (and --json after each)."""
     if args.unet_sweep:
         result["unet_sweep"] = unet_sweep(worker, args)
+        write_json(result, args.json)
+    if args.kernel_profile:
+        result["kernel_profile"] = kernel_profile(worker, args)
         write_json(result, args.json)
     if args.attention_sweep:
         result["attention_sweep"] = attention_sweep(worker, args)

@@ -72,6 +72,7 @@ class Outcome:
     # the telling frame of each periodic stack dump (--stack-dumps-every apart) and of the last one: where the run
     # spent its time, sampled
     samples: list[str] = field(default_factory=list)
+    kinds: dict[str, float] = field(default_factory=dict)  # --kernel-profiles: ms per sample by kind of kernel
 
 
 def parse_variant(text: str) -> Variant:
@@ -108,10 +109,13 @@ def no_core_dumps() -> None:
 
 def command(variant: Variant, args: argparse.Namespace, json_path: Path, timing: bool) -> list[str]:
     """bench_serving starting the variant's worker (compiling, warming its buckets) and, when `timing`, timing
-    its UNet at --rows rows; it runs no window."""
+    its UNet at --rows rows (and, with --kernel-profiles, profiling it there); it runs no window."""
+    profile = ["--kernel-profile", str(json_path.with_suffix(".kernels.txt"))] if timing and args.kernel_profiles \
+        else []
     return [sys.executable, "-m", "benchmarks.bench_serving", "--model", args.model, "--dtype", args.dtype,
             "--batches", "", "--repeats", str(args.repeats), "--unet-sweep", str(args.rows) if timing else "",
-            "--stack-dumps-every", str(args.stack_dumps_every), "--json", str(json_path), *shlex.split(variant.flags)]
+            *profile, "--stack-dumps-every", str(args.stack_dumps_every), "--json", str(json_path),
+            *shlex.split(variant.flags)]
 
 
 class Run:
@@ -167,6 +171,7 @@ class Run:
             out.worker_start_s = round(float(env["environment"]["worker_start_s"]), 1)
             out.unet_warmup = env["environment"].get("unet_warmup", "")
             out.ms_per_sample = float(env["unet_sweep"][str(self.rows)]) if self.timing else None
+            out.kinds = env.get("kernel_profile", {}).get("kinds_ms_per_sample", {})
         return out
 
 
@@ -225,6 +230,13 @@ def describe_compile(o: Outcome) -> str:
     return f"{o.name:<16} {o.status}: {why}"
 
 
+def kernel_lines(outcomes: list[Outcome]) -> list[str]:
+    """'compiled: convolution 0.812, attention 0.501, ...' for each variant with a kernel profile."""
+    from benchmarks.kernel_profile import one_line
+
+    return [f"{o.name:<16} {one_line(o.kinds)}" for o in outcomes if o.kinds]
+
+
 def where_time_went(o: Outcome) -> str:
     """'  stack samples: 5 x File "torch/_inductor/...", ...' (the most frequent first), or '' without samples."""
     if not o.samples:
@@ -252,6 +264,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", default=None, help="write the outcomes here")
     parser.add_argument("--verbose", action="store_true", help="print every variant's stack samples (by default "
                         "only those of one stopped at its limit)")
+    parser.add_argument("--kernel-profiles", action="store_true", help="also profile each timed variant's UNet by "
+                        "kernel (benchmarks.kernel_profile): a table beside its log, ms per sample by kind in the JSON")
     parser.add_argument("--best-flags", default=None, help="write the fastest finished variant's flags here")
     args = parser.parse_args(argv)
     if not args.variant:
@@ -298,6 +312,9 @@ def main(argv: list[str] | None = None) -> dict:
     print("\nside by side:", flush=True)
     for o in outcomes:
         print(describe(o, reference), flush=True)
+    if any(o.kinds for o in outcomes):
+        print(f"\nkernel time by kind, ms per sample at {args.rows} rows (variant_NAME.kernels.txt):", flush=True)
+        print("\n".join(kernel_lines(outcomes)), flush=True)
     winner = best(outcomes)
     result["best"] = winner.name if winner else None
     if winner:

@@ -29,9 +29,14 @@ def test_cpu_fallback_reports_every_batch(tmp_path):
             str(tmp_path / "profile.txt"),
             "--unet-sweep",
             "2,4",
+            "--kernel-profile",
+            str(tmp_path / "kernels.txt"),
         ]
     )
     assert out.is_file()
+    kernels = result["kernel_profile"]  # at the sweep's largest batch
+    assert kernels["rows"] == 4 and "convolution" in kernels["kinds_ms_per_sample"]
+    assert "UNet forward at 4 rows on cpu" in (tmp_path / "kernels.txt").read_text()
     assert set(result["unet_sweep"]) == {2, 4} and all(ms > 0 for ms in result["unet_sweep"].values())
     profile = (tmp_path / "profile.txt").read_text()
     assert "edge path, 3 prompts" in profile and "_run_bucket" in profile
