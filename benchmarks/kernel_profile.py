@@ -26,7 +26,7 @@ import torch
 KINDS: tuple[tuple[str, str], ...] = (
     ("GEMM", r"^triton_tem"),  # Inductor's Triton GEMM templates (max-autotune)
     ("normalization", r"^(triton_|cpp_fused).*norm"),
-    ("fused elementwise", r"^(triton_|cpp_fused)"),
+    ("fused elementwise", r"^(triton_|cpp_fused|## call compiledfxgraph)"),  # on a CPU: Inductor's C++ kernels
     ("float8 GEMM", r"nvjet_qq|e4m3|e5m2|f8f8|fp8|scaled_mm"),
     ("attention", r"fmha|flash|attention|attn|sdpa|softmax"),
     ("layout conversion", r"nchwtonhwc|nhwctonchw"),

@@ -34,6 +34,7 @@ NAMES = {  # kernel names as torch.profiler reports them on an H100 (cuDNN, cuBL
     "aten::_scaled_mm": "float8 GEMM",
     "aten::native_group_norm": "normalization",
     "aten::silu": "other",
+    "## Call CompiledFxGraph fcwdk2wnskbj5fxya4q7zutni34 ##": "fused elementwise",  # a CPU graph's own C++ kernels
     "convert_fp16_to_fp32_kernel": "other",
 }
 
