@@ -266,6 +266,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "only those of one stopped at its limit)")
     parser.add_argument("--kernel-profiles", action="store_true", help="also profile each timed variant's UNet by "
                         "kernel (benchmarks.kernel_profile): a table beside its log, ms per sample by kind in the JSON")
+    parser.add_argument("--plot", default=None, help="with --kernel-profiles: a PNG of every variant's kernel time "
+                        "by kind beside its timed ms per sample")
+    parser.add_argument("--goal-ms", type=float, default=None, help="draw this ms per sample on the plot")
     parser.add_argument("--best-flags", default=None, help="write the fastest finished variant's flags here")
     args = parser.parse_args(argv)
     if not args.variant:
@@ -315,6 +318,11 @@ def main(argv: list[str] | None = None) -> dict:
     if any(o.kinds for o in outcomes):
         print(f"\nkernel time by kind, ms per sample at {args.rows} rows (variant_NAME.kernels.txt):", flush=True)
         print("\n".join(kernel_lines(outcomes)), flush=True)
+        if args.plot:
+            from benchmarks.kernel_profile import plot_kinds
+
+            profiled = {o.name: (o.ms_per_sample, o.kinds) for o in outcomes if o.kinds and o.ms_per_sample}
+            print(f"plot: {plot_kinds(profiled, args.plot, args.goal_ms, args.rows)}", flush=True)
     winner = best(outcomes)
     result["best"] = winner.name if winner else None
     if winner:

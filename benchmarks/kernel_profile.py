@@ -198,3 +198,47 @@ def render(p: KernelProfile) -> str:
 def one_line(kinds: dict[str, float]) -> str:
     """'convolution 0.812, attention 0.501, ...' (ms per sample by kind, largest first)."""
     return ", ".join(f"{kind} {ms:.3f}" for kind, ms in kinds.items())
+
+
+KIND_COLOURS = {"convolution": "#4c72b0", "GEMM": "#dd8452", "float8 GEMM": "#c44e52", "attention": "#55a868",
+                "normalization": "#8172b3", "fused elementwise": "#937860", "layout conversion": "#da8bc3",
+                "copy / fill": "#8c8c8c", "other": "#cccccc"}
+
+
+def plot_kinds(variants: dict[str, tuple[float, dict[str, float]]], path: str, goal_ms: float | None = None,
+               rows: int | None = None) -> str:
+    """Horizontal stacked bars, one per variant: its kernel time by kind (ms per sample), with its timed ms per
+    sample as a black tick and the goal, if any, as a dashed line. `variants`: name -> (timed ms, kinds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(variants)
+    fig, ax = plt.subplots(figsize=(9, 0.6 * len(names) + 1.8))
+    labelled: set[str] = set()
+    for y, name in enumerate(names):
+        timed, kinds = variants[name]
+        left = 0.0
+        for kind in KIND_COLOURS:
+            width = kinds.get(kind, 0.0)
+            if width <= 0:
+                continue
+            ax.barh(y, width, left=left, color=KIND_COLOURS[kind], label=None if kind in labelled else kind)
+            labelled.add(kind)
+            left += width
+        ax.plot([timed, timed], [y - 0.4, y + 0.4], color="black", linewidth=2)
+        ax.annotate(f"{timed:.3f}", (max(timed, left), y), xytext=(4, 0), textcoords="offset points",
+                    va="center", fontsize=8)
+    if goal_ms:
+        ax.axvline(goal_ms, color="black", linestyle="--", linewidth=1)
+    ax.set_yticks(range(len(names)), names)
+    ax.invert_yaxis()
+    ax.set_xlabel("ms per UNet sample: kernel time by kind (bars), timed without the profiler (black tick)")
+    goal = f" (dashed: the goal, {goal_ms:g} ms)" if goal_ms else ""
+    ax.set_title(f"Where each variant's UNet time goes{f' at {rows} rows' if rows else ''}{goal}")
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.08), ncol=5, fontsize=8, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path

@@ -80,7 +80,7 @@ def test_cpu_run_times_one_variant_stops_a_slow_one_and_says_why_one_fails(tmp_p
     out, flags = tmp_path / "variants.json", tmp_path / "best.txt"
     cache = tmp_path / "cache"
     result = main(["--model", "tiny", "--rows", "4", "--repeats", "1", "--json", str(out), "--stack-dumps-every", "0.5",
-                   "--parallel", str(parallel), "--kernel-profiles",
+                   "--parallel", str(parallel), "--kernel-profiles", "--plot", str(tmp_path / "kernels.png"),
                    "--best-flags", str(flags),
                    "--variant", f"stuck@8=--unet-compile default --compile-cache {cache}",  # compiling at 8 s
                    "--variant", "eager=",
@@ -95,6 +95,7 @@ def test_cpu_run_times_one_variant_stops_a_slow_one_and_says_why_one_fails(tmp_p
     assert json.loads(out.read_text())["variants"][1]["name"] == "eager"
     assert (tmp_path / "variant_eager.json").is_file()
     assert "convolution" in eager["kinds"] and (tmp_path / "variant_eager.kernels.txt").is_file()
+    assert (tmp_path / "kernels.png").stat().st_size > 0  # the one variant timed, by kind
     if parallel > 1:  # compiled (here: started) side by side first, then timed alone
         assert (tmp_path / "variant_stuck.compile.log").is_file() and eager["compile_s"] > 0
         assert [o["name"] for o in result["compiled"]] != [] and not (tmp_path / "variant_stuck.log").exists()
