@@ -14,8 +14,9 @@ StableDiffusionPipeline on the batch (independent sampling, CFG); (b) the shared
 (sage_core plan + run_shared_plan, one batched UNet call per step for all groups): the time its UNet calls take,
 measured inside the edge path (CUDA events around each call); (c) the whole edge path per window (embedding,
 grouping, shared phase, codec, up to the bytes ready to send) and its overhead over (b). GPU-seconds per image on
-the server and the fraction of the compute floor (about 0.84 TFLOP per UNet sample at 512x512, DESIGN.md) come
-with each row.
+the server, images per second (one GPU; for the edge path: images whose shared phase is done, the devices finish
+them) and the fraction of the compute floor (about 0.84 TFLOP per UNet sample at 512x512, DESIGN.md) come with
+each row.
 
 With `--stream FILE` (made by `python -m benchmarks.coco_stream`: COCO captions in the simulator's arrival order,
 their MiniLM embeddings and the simulator's sharing policy) it also runs that caption stream window by window:
@@ -50,9 +51,11 @@ class Row:
     floor_fraction: float
     independent_s: float
     independent_gpu_s_per_image: float
+    independent_images_per_s: float
     edge_unet_s: float
     edge_unet_rows: float
     shared_gpu_s_per_image: float
+    edge_images_per_s: float  # windows' shared phases the server finishes per second, in images (one GPU)
     shared_unet_evaluations: int
     independent_server_evaluations: int
     step_saving: float
@@ -323,9 +326,11 @@ def measure(args: argparse.Namespace, worker, batch: int) -> Row:
         floor_fraction=floor_ms / per_sample,
         independent_s=independent_s,
         independent_gpu_s_per_image=independent_s / batch,
+        independent_images_per_s=batch / independent_s,
         edge_unet_s=unet_s,
         edge_unet_rows=rows,
         shared_gpu_s_per_image=edge_s / batch,
+        edge_images_per_s=batch / edge_s,
         shared_unet_evaluations=shared_evals,
         independent_server_evaluations=independent_server,
         step_saving=1.0 - (shared_evals + device_steps(job, groups) * cfg) / independent_server,
@@ -431,8 +436,8 @@ def print_header(env: dict) -> None:
         print(f"note: the stock pipeline shares the worker's UNet, which its compile {changed} in place; the indep "
               "columns run that UNet eagerly: take them from an eager run", flush=True)
     print(
-        "batch  unet ms/sample  floor  indep s  indep GPU-s/img  edge s  edge UNet s  rows/call  edge GPU-s/img"
-        "  step saving  time saving  overhead  bytes/img",
+        "batch  unet ms/sample  floor  indep s  indep GPU-s/img  indep img/s  edge s  edge UNet s  rows/call"
+        "  edge GPU-s/img  edge img/s  step saving  time saving  overhead  bytes/img",
         flush=True,
     )
 
@@ -441,9 +446,10 @@ def print_row(r: Row) -> None:
     """One batch size's line, printed as soon as it is measured."""
     print(
         f"{r.batch:5d}  {r.unet_ms_per_sample:14.3f}  {r.floor_fraction:5.1%}  {r.independent_s:7.3f}  "
-        f"{r.independent_gpu_s_per_image:15.4f}  {r.edge_path_s:6.3f}  {r.edge_unet_s:11.3f}  {r.edge_unet_rows:9.1f}  "
-        f"{r.shared_gpu_s_per_image:14.4f}  "
-        f"{r.step_saving:11.1%}  {r.gpu_time_saving:11.1%}  {r.edge_overhead:8.1%}  {r.bytes_per_image:9.0f}",
+        f"{r.independent_gpu_s_per_image:15.4f}  {r.independent_images_per_s:11.1f}  {r.edge_path_s:6.3f}  "
+        f"{r.edge_unet_s:11.3f}  {r.edge_unet_rows:9.1f}  {r.shared_gpu_s_per_image:14.4f}  "
+        f"{r.edge_images_per_s:10.1f}  {r.step_saving:11.1%}  {r.gpu_time_saving:11.1%}  {r.edge_overhead:8.1%}  "
+        f"{r.bytes_per_image:9.0f}",
         flush=True,
     )
 

@@ -46,6 +46,8 @@ def test_cpu_fallback_reports_every_batch(tmp_path):
     assert row["shared_unet_evaluations"] == 2 * 2
     assert row["step_saving"] == pytest.approx(1 - (2 + 3 * 3) / (3 * 5))
     assert row["bytes_per_image"] > 0
+    assert row["independent_images_per_s"] == pytest.approx(3 / row["independent_s"])
+    assert row["edge_images_per_s"] == pytest.approx(1 / row["shared_gpu_s_per_image"])
 
 
 def test_bad_batch_lists_are_refused_with_a_message(capsys):
