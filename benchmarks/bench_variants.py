@@ -166,13 +166,27 @@ class Run:
             out.status, out.stack = "timed out", dumps[-1] if dumps else []
         elif self.proc.returncode != 0 or not self.json_path.is_file():
             out.status, out.reason = "failed", last_error(text)
-        else:
-            env = json.loads(self.json_path.read_text(encoding="utf-8"))
-            out.worker_start_s = round(float(env["environment"]["worker_start_s"]), 1)
-            out.unet_warmup = env["environment"].get("unet_warmup", "")
-            out.ms_per_sample = float(env["unet_sweep"][str(self.rows)]) if self.timing else None
-            out.kinds = env.get("kernel_profile", {}).get("kinds_ms_per_sample", {})
+        read_figures(out, self.json_path, self.rows if self.timing else None)
+        if out.status != "ok" and out.ms_per_sample is not None:  # it ended after its timing (in its profile)
+            where = out.reason or f"it was in {telling_frame(out.stack)}"
+            out.status, out.reason = "ok", f"{out.status} after its timing: {where}"
         return out
+
+
+def read_figures(out: Outcome, json_path: Path, rows: int | None) -> None:
+    """Into `out`: what the run's JSON holds (its worker's start, and with `rows` its UNet time at those rows and
+    its kernel time by kind), as far as the run got; nothing when there is no readable JSON."""
+    try:
+        result = json.loads(json_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    env = result.get("environment", {})
+    if "worker_start_s" in env:
+        out.worker_start_s = round(float(env["worker_start_s"]), 1)
+    out.unet_warmup = env.get("unet_warmup", "")
+    if rows is not None and str(rows) in result.get("unet_sweep", {}):
+        out.ms_per_sample = float(result["unet_sweep"][str(rows)])
+    out.kinds = result.get("kernel_profile", {}).get("kinds_ms_per_sample", {})
 
 
 def run_all(variants: list[Variant], args: argparse.Namespace, logs: Path, deadline: float, parallel: int,
@@ -218,7 +232,8 @@ def describe(o: Outcome, reference: Outcome | None) -> str:
     ratio = f"{o.ms_per_sample / reference.ms_per_sample:.3f}" if reference and reference.ms_per_sample else "-"
     compiled = f"first ready in {o.compile_s:.1f} s beside the others; " if o.compile_s is not None else ""
     return f"{o.name:<16} {o.ms_per_sample:>8.3f} {ratio:>9} {o.seconds:>8.1f}  ok ({compiled}worker start " \
-           f"{o.worker_start_s:.1f} s){': ' + o.unet_warmup if o.unet_warmup else ''}"
+           f"{o.worker_start_s:.1f} s){': ' + o.unet_warmup if o.unet_warmup else ''}" \
+           f"{'; ' + o.reason if o.reason else ''}"
 
 
 def describe_compile(o: Outcome) -> str:

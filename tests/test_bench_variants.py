@@ -109,3 +109,13 @@ def test_bad_arguments_are_refused_before_anything_runs(capsys):
         with pytest.raises(SystemExit):
             main(argv)
     assert "error:" in capsys.readouterr().err
+
+
+def test_a_run_that_fails_after_its_timing_keeps_the_timing(tmp_path):
+    # the variant's own --kernel-profile (last on the command line) names a folder that does not exist: the run
+    # times the UNet, writes its JSON, then fails opening the profile's file
+    result = main(["--model", "tiny", "--rows", "2", "--repeats", "1", "--json", str(tmp_path / "v.json"),
+                   "--variant", f"late=--kernel-profile {tmp_path / 'missing' / 'k.txt'}"])
+    (late,) = result["variants"]
+    assert late["status"] == "ok" and late["ms_per_sample"] > 0 and result["best"] == "late"
+    assert late["reason"].startswith("failed after its timing: ") and "No such file" in late["reason"]
