@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -286,20 +287,55 @@ def fuse_layout(unet: Any, channels_last: bool = True) -> Any:
 def warm_buckets(unet: BucketedUNet, latent_side: int, tokens: int = 77,
                  report: Callable[[str], None] | None = None) -> list[float]:
     """One call per bucket (compiles each shape before serving); returns the seconds each took. `report` gets a
-    line before and after each bucket (compiling one can take minutes)."""
+    line before and after each bucket (compiling one can take minutes). Every bucket compiles, however many there
+    are and however many UNets this process compiled before (`room_for_buckets`)."""
+    with room_for_buckets(len(unet.buckets)):
+        return [_warm_bucket(unet, b, i, latent_side, tokens, report) for i, b in enumerate(unet.buckets, 1)]
+
+
+@contextmanager
+def room_for_buckets(n: int) -> Iterator[None]:
+    """Within: TorchDynamo compiles `n` more shapes of a function whatever its recompile limit. Dynamo compiles at
+    most `recompile_limit` (8) variants of one function, counted over every instance of a class (each UNet of a
+    process shares UNet2DConditionModel.forward), and runs any further shape eagerly, with a log line but no
+    error: a 9th bucket, or a second compiled UNet's buckets, would silently run uncompiled (and without CUDA
+    graphs). After the warm-up every bucket's shape finds its compiled variant; the limit applies only to
+    compiling."""
+    import torch._dynamo
+
+    limit = torch._dynamo.config.recompile_limit
+    with torch._dynamo.config.patch(recompile_limit=limit + n + compiled_variants()):
+        yield
+
+
+def compiled_variants() -> int:
+    """How many compiled variants TorchDynamo holds for UNet2DConditionModel.forward in this process (0 when its
+    debug accessor is missing: the limit then grows by the new buckets only)."""
+    from diffusers import UNet2DConditionModel
+
+    try:
+        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+        return len(_debug_get_cache_entry_list(UNet2DConditionModel.forward.__code__))
+    except (ImportError, TypeError):  # a private accessor: another torch may lack it or take other arguments
+        return 0
+
+
+def _warm_bucket(unet: BucketedUNet, b: int, i: int, latent_side: int, tokens: int,
+                 report: Callable[[str], None] | None) -> float:
+    """The warm-up call of bucket `b` (the i-th); its seconds."""
     cfg = unet.config
-    seconds = []
-    for i, b in enumerate(unet.buckets, 1):
-        if report:
-            report(f"warming UNet bucket {b} ({i}/{len(unet.buckets)})")
-        x = torch.randn(b, cfg.in_channels, latent_side, latent_side, device=unet.device, dtype=unet.dtype)
-        c = torch.randn(b, tokens, cfg.cross_attention_dim, device=unet.device, dtype=unet.dtype)
-        t = torch.full((b,), 500, device=unet.device, dtype=torch.long)
-        start = time.perf_counter()
-        unet(x, t, encoder_hidden_states=c)
-        if unet.device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds.append(time.perf_counter() - start)
-        if report:
-            report(f"UNet bucket {b} ready in {seconds[-1]:.1f} s")
+    if report:
+        report(f"warming UNet bucket {b} ({i}/{len(unet.buckets)})")
+    x = torch.randn(b, cfg.in_channels, latent_side, latent_side, device=unet.device, dtype=unet.dtype)
+    c = torch.randn(b, tokens, cfg.cross_attention_dim, device=unet.device, dtype=unet.dtype)
+    t = torch.full((b,), 500, device=unet.device, dtype=torch.long)
+    start = time.perf_counter()
+    unet(x, t, encoder_hidden_states=c)
+    if unet.device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    if report:
+        report(f"UNet bucket {b} ready in {seconds:.1f} s")
     return seconds
+

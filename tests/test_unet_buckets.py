@@ -66,6 +66,45 @@ def test_warm_calls_each_bucket_once():
     assert lines[3].startswith("UNet bucket 4 ready in ")
 
 
+def test_every_bucket_compiles_past_dynamo_s_recompile_limit():
+    # Dynamo compiles at most 8 shapes of one function and runs the rest eagerly without an error: a warm-up of
+    # 10 buckets must still leave 10 compiled variants (a cheap compiled stand-in for the UNet: the "eager" backend)
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    unet = tiny_pipeline(seed=0).unet
+
+    def forward(x, t, encoder_hidden_states, return_dict=False):
+        return (x * 2.0 + encoder_hidden_states.mean(),)
+
+    class Compiled:
+        dtype, device, config = unet.dtype, unet.device, unet.config
+        __call__ = staticmethod(torch.compile(forward, backend="eager", dynamic=False))
+
+    torch._dynamo.reset()
+    try:
+        warm_buckets(BucketedUNet(Compiled(), range(1, 11)), 4)
+        assert len(_debug_get_cache_entry_list(forward.__code__)) == 10
+        assert torch._dynamo.config.recompile_limit == 8  # raised for the warm-up only
+    finally:
+        torch._dynamo.reset()
+
+
+def test_the_unet_s_compiled_variants_are_counted():
+    from sage_core.unet_buckets import compiled_variants
+
+    unet = tiny_pipeline(seed=0).unet
+    compiled = torch.compile(unet, backend="eager", dynamic=False)
+    torch._dynamo.reset()
+    try:
+        with torch.inference_mode():
+            for rows in (1, 2):
+                x = torch.randn(rows, unet.config.in_channels, 8, 8)
+                compiled(x, 10, encoder_hidden_states=torch.randn(rows, 77, unet.config.cross_attention_dim))
+        assert compiled_variants() == 2
+    finally:
+        torch._dynamo.reset()
+
+
 def test_worker_with_buckets_serves_the_same_latents():
     from edge_server.config import COMPILE_MODES as CONFIG_MODES
     from edge_server.config import ServerConfig
