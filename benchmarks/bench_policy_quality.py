@@ -45,7 +45,7 @@ def serve_stream(
     """Final images of every prompt served under `policy` (adaptive depths from `schedule` when given, else the
     server's default), and the steps the server and devices ran."""
     from edge_server.config import ServerConfig
-    from edge_server.worker import BucketJob, BucketSettings, EdgeWorker, MemberSpec
+    from edge_server.worker import BucketJob, BucketSettings, EdgeWorker, MemberSpec, load_model
     from sage_core.codec import CodecSpec, LatentCodec
     from sage_core.generate import decode_latents, encode_prompts
     from sage_core.sampler import BranchPoint, SamplingConfig, branch_phase
@@ -63,7 +63,9 @@ def serve_stream(
     )
     worker = EdgeWorker(config)
     info = worker.info()
-    pipe, codec = worker.pipe, LatentCodec(CodecSpec("fp32"))
+    # the devices' own model: a compiled worker fuses (and may quantize) its pipeline's UNet in place, for its
+    # shared phase only
+    pipe, codec = load_model(config), LatentCodec(CodecSpec("fp32"))
     sampling = SamplingConfig(steps=steps, guidance=7.5, share=0.0)
     settings = BucketSettings(steps, 7.5, "ddim", info.default_height, info.default_width)
     images, server_steps, device_steps, cached = [], 0, 0, 0

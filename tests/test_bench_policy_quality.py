@@ -32,3 +32,27 @@ def test_psnr_and_unknown_policies():
     assert psnr(np.full((1, 2), 255, np.uint8), np.zeros((1, 2), np.uint8)) == pytest.approx(0.0)
     with pytest.raises(SystemExit):
         main(["--policies", "adaptive,greedy"])
+
+
+def test_the_devices_run_their_own_model_not_the_worker_s_compiled_one(monkeypatch):
+    # a compiled worker changes its pipeline's UNet in place (fused, quantized): stand-in that does so drastically
+    import copy
+
+    import numpy as np
+    import torch
+
+    import edge_server.worker as worker_module
+    from benchmarks.bench_policy_quality import POLICIES, serve_stream
+
+    prompts = ["a red circle", "a blue square", "a green triangle"]
+    clean, _ = serve_stream(POLICIES["independent"], prompts, 3, 2, "tiny")
+
+    def changes_the_pipeline_s_unet(pipe, config):
+        served = copy.deepcopy(pipe.unet)
+        with torch.no_grad():
+            pipe.unet.conv_out.weight.zero_()
+        return served, ""
+
+    monkeypatch.setattr(worker_module, "serving_unet", changes_the_pipeline_s_unet)
+    changed, _ = serve_stream(POLICIES["independent"], prompts, 3, 2, "tiny")
+    np.testing.assert_array_equal(changed, clean)  # nothing shared: every step ran on the devices' own model
