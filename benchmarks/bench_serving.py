@@ -300,15 +300,28 @@ def bucket_job(worker, prompts: list[str], steps: int, share: float, guidance: f
     return BucketJob(settings, members)
 
 
-def measure(args: argparse.Namespace, worker, batch: int) -> Row:
-    """All figures for one batch size."""
-    from diffusers import StableDiffusionPipeline
+def stock_pipeline(worker):
+    """A stock diffusers StableDiffusionPipeline of the worker's model: the independent baseline. A compiled worker
+    has fused (and maybe quantized) its pipeline's UNet in place, so the stock pipeline then gets a UNet of the
+    same architecture of its own, as diffusers builds it, with fresh random weights (speed does not depend on
+    weight values, and only the baseline's time and step counts are used)."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-    pipe, device = worker.pipe, str(worker.pipe.unet.device)
+    components = dict(worker.pipe.components)
+    if worker.config.unet_compile != "none":
+        unet = worker.pipe.unet
+        with torch.device(unet.device):
+            components["unet"] = UNet2DConditionModel.from_config(unet.config).to(dtype=unet.dtype).eval()
+    stock = StableDiffusionPipeline(**components)
+    stock.set_progress_bar_config(disable=True)
+    return stock
+
+
+def measure(args: argparse.Namespace, worker, batch: int, stock) -> Row:
+    """All figures for one batch size (`stock`: the stock pipeline of stock_pipeline(worker))."""
+    device = str(worker.pipe.unet.device)
     prompts = workload(batch, args.mean_group)
     per_sample = unet_ms_per_sample(worker.unet, 2 * batch, device, args.repeats)
-    stock = StableDiffusionPipeline(**pipe.components)
-    stock.set_progress_bar_config(disable=True)
 
     def independent() -> None:
         stock(prompts, num_inference_steps=args.steps, guidance_scale=args.guidance, output_type="latent")
@@ -346,13 +359,12 @@ def device_steps(job, groups) -> int:
     return sum((job.settings.steps - g.branch_step) * len(g.members) for g in groups)
 
 
-def measure_stream(args: argparse.Namespace, worker) -> dict:
+def measure_stream(args: argparse.Namespace, worker, stock) -> dict:
     """The stream file's windows through the stock pipeline and through the edge path (grouping by the file's
     embeddings under the file's sharing policy): steps saved and server GPU-seconds per image of both."""
     import json
 
     import numpy as np
-    from diffusers import StableDiffusionPipeline
 
     from edge_server.config import build_config
     from edge_server.worker import sharing_policy
@@ -363,8 +375,6 @@ def measure_stream(args: argparse.Namespace, worker) -> dict:
     table = dict(zip(prompts, emb, strict=True))
     worker.policy = sharing_policy(build_config(None, meta["policy"]))
     worker.embedder = lambda batch: np.stack([table[p] for p in batch])
-    stock = StableDiffusionPipeline(**worker.pipe.components)
-    stock.set_progress_bar_config(disable=True)
     device, window, steps, cfg = str(worker.pipe.unet.device), args.stream_window, meta["steps"], 2
     n = min(len(prompts), window * args.stream_windows)
     totals = dict.fromkeys(("independent_s", "edge_s", "edge_unet_s", "server_evals", "device_evals"), 0.0)
@@ -433,8 +443,8 @@ def print_header(env: dict) -> None:
           f"worker start {env.get('worker_start_s', 0.0):.1f} s")
     if env.get("unet_compile", "none") != "none":
         changed = "fused and quantized" if env.get("unet_quantize", "none") != "none" else "fused"
-        print(f"note: the stock pipeline shares the worker's UNet, which its compile {changed} in place; the indep "
-              "columns run that UNet eagerly: take them from an eager run", flush=True)
+        print(f"note: the worker's compile {changed} its pipeline's UNet in place; the indep columns run a stock "
+              "eager UNet of the same architecture of their own", flush=True)
     print(
         "batch  unet ms/sample  floor  indep s  indep GPU-s/img  indep img/s  edge s  edge UNet s  rows/call"
         "  edge GPU-s/img  edge img/s  step saving  time saving  overhead  bytes/img",
@@ -543,8 +553,9 @@ def run_measurements(args: argparse.Namespace, worker, result: dict) -> None:
         result["attention_sweep"] = attention_sweep(worker, args)
         write_json(result, args.json)
     print_header(result["environment"])
+    stock = stock_pipeline(worker) if args.batches or args.stream else None
     for b in int_list(args.batches):
-        row = measure(args, worker, b)
+        row = measure(args, worker, b, stock)
         print_row(row)
         result["rows"].append(asdict(row))
         write_json(result, args.json)  # after every row, so a run cut short keeps what it measured
@@ -554,7 +565,7 @@ def run_measurements(args: argparse.Namespace, worker, result: dict) -> None:
         profile_edge_path(worker, job, args.profile)
         print(f"wrote a profile of one {last}-prompt edge-path window to {args.profile}", flush=True)
     if args.stream:
-        result["stream"] = measure_stream(args, worker)
+        result["stream"] = measure_stream(args, worker, stock)
         print_stream(result["stream"])
         write_json(result, args.json)
 

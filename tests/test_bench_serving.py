@@ -86,7 +86,26 @@ def test_a_caption_stream_runs_through_both_paths(tmp_path):
     assert s["independent_gpu_s_per_image"] > 0 and s["edge_gpu_s_per_image"] > 0
 
 
-def test_the_header_warns_that_a_compiled_run_s_stock_column_runs_the_modified_unet(capsys):
+def test_a_compiled_worker_s_stock_baseline_runs_a_stock_unet_of_its_own():
+    from types import SimpleNamespace
+
+    from benchmarks.bench_serving import stock_pipeline
+    from sage_core.models import tiny_pipeline
+    from sage_core.unet_buckets import fuse_layout
+
+    pipe = tiny_pipeline(seed=0)
+    eager = SimpleNamespace(pipe=pipe, config=SimpleNamespace(unet_compile="none"))
+    assert stock_pipeline(eager).unet is pipe.unet  # nothing changed it
+    fuse_layout(pipe.unet)  # what compile_unet does to the worker's pipeline, in place
+    compiled = SimpleNamespace(pipe=pipe, config=SimpleNamespace(unet_compile="default"))
+    stock = stock_pipeline(compiled)
+    assert stock.unet is not pipe.unet and stock.unet.config == pipe.unet.config
+    assert not any(hasattr(m, "to_qkv") for m in stock.unet.modules())  # diffusers' own layout, not fused
+    assert any(hasattr(m, "to_qkv") for m in pipe.unet.modules())
+    assert stock.text_encoder is pipe.text_encoder and stock.unet.dtype == pipe.unet.dtype
+
+
+def test_the_header_says_a_compiled_run_s_stock_column_runs_a_unet_of_its_own(capsys):
     from benchmarks.bench_serving import print_header
 
     env = {"device": "cpu", "dtype": "float32", "torch": "x", "diffusers": "y", "unet_compile_tuning": "none",
@@ -95,4 +114,4 @@ def test_the_header_warns_that_a_compiled_run_s_stock_column_runs_the_modified_u
     assert "note:" not in capsys.readouterr().out
     print_header({**env, "unet_compile": "reduce-overhead", "unet_quantize": "fp8-rowwise"})
     out = capsys.readouterr().out
-    assert "fused and quantized in place" in out and "take them from an eager run" in out
+    assert "fused and quantized its pipeline's UNet in place" in out and "of their own" in out
