@@ -338,4 +338,3 @@ def _warm_bucket(unet: BucketedUNet, b: int, i: int, latent_side: int, tokens: i
     if report:
         report(f"UNet bucket {b} ready in {seconds:.1f} s")
     return seconds
-
