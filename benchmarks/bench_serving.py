@@ -37,7 +37,7 @@ import torch
 
 from benchmarks.results import write_json
 from benchmarks.stacks import sample_stacks
-from sage_core.unet_buckets import UNetProxy
+from sage_core.unet_buckets import UNetProxy, sample_inputs
 
 FLOP_PER_UNET_SAMPLE_512 = 0.84e12  # SD v1.5 UNet forward at 64x64 latents (DESIGN.md)
 
@@ -84,19 +84,10 @@ def timed(fn: Callable[[], object], device: str, repeats: int) -> float:
     return best
 
 
-def unet_inputs(unet, batch: int, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Random (sample, timestep, encoder_hidden_states) of `batch` rows at the model's default size."""
-    side = unet.config.sample_size
-    x = torch.randn(batch, unet.config.in_channels, side, side, device=device, dtype=unet.dtype)
-    t = torch.full((batch,), 500, device=device, dtype=torch.long)
-    c = torch.randn(batch, 77, unet.config.cross_attention_dim, device=device, dtype=unet.dtype)
-    return x, t, c
-
-
 def unet_ms_per_sample(unet, batch: int, device: str, repeats: int) -> float:
     """One forward of the UNet the shared phase calls (compiled and bucketed when configured) at `batch` samples,
     in ms per sample."""
-    x, t, c = unet_inputs(unet, batch, device)
+    x, t, c = sample_inputs(unet, batch)
     with torch.inference_mode():
         seconds = timed(lambda: unet(x, t, encoder_hidden_states=c), device, repeats)
     return seconds * 1000.0 / batch
@@ -259,7 +250,7 @@ def kernel_profile(worker, args: argparse.Namespace) -> dict:
 
     rows = profile_rows(args)
     try:
-        profile = profile_unet(worker.unet, unet_inputs(worker.unet, rows, str(worker.pipe.unet.device)))
+        profile = profile_unet(worker.unet, sample_inputs(worker.unet, rows))
     except RuntimeError as exc:  # the profiler's own failure: the timings before it stand
         print(f"no kernel profile: {str(exc).splitlines()[0][:200]}", flush=True)
         return {"error": str(exc)[:500]}

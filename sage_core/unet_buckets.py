@@ -321,15 +321,23 @@ def compiled_variants() -> int:
         return 0
 
 
+def sample_inputs(unet: Any, rows: int, latent_side: int | None = None,
+                  tokens: int = 77) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random (sample, timestep, encoder_hidden_states) of `rows` rows for `unet`, on its device and in its dtype:
+    latents `latent_side` wide (default: the model's sample size), timestep 500, `tokens` text tokens."""
+    cfg, side = unet.config, latent_side or unet.config.sample_size
+    x = torch.randn(rows, cfg.in_channels, side, side, device=unet.device, dtype=unet.dtype)
+    c = torch.randn(rows, tokens, cfg.cross_attention_dim, device=unet.device, dtype=unet.dtype)
+    t = torch.full((rows,), 500, device=unet.device, dtype=torch.long)
+    return x, t, c
+
+
 def _warm_bucket(unet: BucketedUNet, b: int, i: int, latent_side: int, tokens: int,
                  report: Callable[[str], None] | None) -> float:
     """The warm-up call of bucket `b` (the i-th); its seconds."""
-    cfg = unet.config
     if report:
         report(f"warming UNet bucket {b} ({i}/{len(unet.buckets)})")
-    x = torch.randn(b, cfg.in_channels, latent_side, latent_side, device=unet.device, dtype=unet.dtype)
-    c = torch.randn(b, tokens, cfg.cross_attention_dim, device=unet.device, dtype=unet.dtype)
-    t = torch.full((b,), 500, device=unet.device, dtype=torch.long)
+    x, t, c = sample_inputs(unet, b, latent_side, tokens)
     start = time.perf_counter()
     unet(x, t, encoder_hidden_states=c)
     if unet.device.type == "cuda":
