@@ -116,23 +116,21 @@ def summarize(times: dict[str, tuple[float, int]], rows: int, calls: int, wall_s
         top=[(name, round(us * per_sample, 4), round(n / calls, 2), kind_of(name)) for name, (us, n) in ranked])
 
 
-def profile_calls(fn: Callable[[], object], cuda: bool, calls: int) -> tuple[torch.profiler.profile, float]:
-    """`calls` calls of `fn` (after one unprofiled warm-up call) under torch.profiler; the profiler and the wall
-    seconds the calls took."""
+def profile_calls(fn: Callable[[], object], device: torch.device, calls: int) -> tuple[torch.profiler.profile, float]:
+    """`calls` calls of `fn` (after one unprofiled warm-up call) on `device` under torch.profiler; the profiler
+    and the wall seconds the calls took."""
     from torch.profiler import ProfilerActivity, profile
 
-    def wait() -> None:
-        if cuda:
-            torch.cuda.synchronize()
+    from benchmarks.bench_serving import sync
 
     fn()
-    wait()
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync(str(device))
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         start = time.perf_counter()
         for _ in range(calls):
             fn()
-        wait()
+        sync(str(device))
         wall = time.perf_counter() - start
     return prof, wall
 
@@ -168,11 +166,13 @@ def profile_unet(unet, inputs: tuple, calls: int = 3) -> KernelProfile:
     """Profile `calls` forwards of `unet` on `inputs` (sample, timestep, encoder_hidden_states), with the
     architecture's FLOPs by kind."""
     sample, timestep, context = inputs
-    cuda = sample.device.type == "cuda"
+    from sage_core.fp8 import device_name
+
     with torch.inference_mode():
-        prof, wall = profile_calls(lambda: unet(sample, timestep, encoder_hidden_states=context), cuda, calls)
-    device = torch.cuda.get_device_name(sample.device) if cuda else "cpu"
-    profile = summarize(own_times(prof, cuda), sample.shape[0], calls, wall, device)
+        prof, wall = profile_calls(lambda: unet(sample, timestep, encoder_hidden_states=context), sample.device,
+                                   calls)
+    cuda = sample.device.type == "cuda"
+    profile = summarize(own_times(prof, cuda), sample.shape[0], calls, wall, device_name(sample.device))
     return replace(profile, gflops=architecture_gflops(dict(unet.config)))
 
 

@@ -75,7 +75,8 @@ if [ -n "${VARIANT_ARGS:-}" ]; then  # e.g. VARIANT_ARGS='--parallel 4 --variant
     VARIANT_S=${VARIANT_S:-400}
     say "0/3 UNet variants side by side (budget ${VARIANT_S}s)"
     eval "timeout $((VARIANT_S + 60)) $PY -m benchmarks.bench_variants $VARIANT_ARGS --budget-s $VARIANT_S \
-        --json $OUT/variants.json --plot $OUT/variants_kernels.png --best-flags $OUT/best_flags.txt" 2>&1 | grep -v Warning | tee -a "$LOG"
+        --json $OUT/variants.json --plot $OUT/variants_kernels.png --best-flags $OUT/best_flags.txt" 2>&1 \
+        | grep -v Warning | tee -a "$LOG"
     if [ -n "${BEST_ARGS:-}" ] && [ -s "$OUT/best_flags.txt" ]; then  # the fastest variant through the edge path
         say "0a/3 serving benchmark with the fastest variant's flags: $(cat "$OUT/best_flags.txt") (limit ${BEST_S:-150}s)"
         timeout "${BEST_S:-150}" $PY -m benchmarks.bench_serving $BEST_ARGS $(cat "$OUT/best_flags.txt") \
