@@ -125,7 +125,7 @@ def demo_cmd(
     server_arg: Annotated[
         list[str] | None, typer.Option("--server-arg", help="extra argument for the server (repeat)")
     ] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a non-empty output folder")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a previous run's output folder")] = False,
 ) -> None:
     """Start an edge server (local Ray), run device clients on the prompts file, write images, grids, a report."""
     from device_client.demo import DemoConfig, DemoError, run_demo_config

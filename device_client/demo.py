@@ -47,7 +47,7 @@ class DemoConfig:
     server_args: tuple[str, ...] = ()
     timeout_s: float = 300.0  # per request
     start_timeout_s: float = 240.0
-    overwrite: bool = False  # replace a non-empty out_dir
+    overwrite: bool = False  # replace a previous run's out_dir (sage_core.outputs.check_output_dir)
 
     def __post_init__(self) -> None:
         if self.n_clients < 1:
@@ -264,7 +264,7 @@ def run_demo_config(config: DemoConfig, progress: bool = False) -> dict:
     model_name = resolve_model(config.model)
     if config.model is None and model_name == TINY_MODEL:
         print("note: the shipped default model is not installed yet; the demo runs the tiny random pipeline")
-    with atomic_output_dir(config.out_dir, overwrite=config.overwrite) as work_dir:
+    with atomic_output_dir(config.out_dir, overwrite=config.overwrite, inputs=(config.prompts_file,)) as work_dir:
         report = run_in(work_dir, prompts, model_name, config, progress)
     print_report(report, config.out_dir)
     return report

@@ -56,14 +56,14 @@ def generate(
     ] = "medoid",
     seed: Annotated[int, typer.Option(help="base seed: a group's noise uses seed + its first prompt's index")] = 0,
     model: Annotated[Path | None, typer.Option(help="diffusers SD pipeline folder (default: shipped model)")] = None,
-    overwrite: Annotated[bool, typer.Option(help="replace a non-empty output folder")] = False,
+    overwrite: Annotated[bool, typer.Option(help="replace a previous run's output folder")] = False,
 ) -> None:
     """Group the prompts, run shared + branch sampling, write one PNG per prompt, a grid per group and
     report.json (groups, similarities, UNet evaluations used vs independent sampling, saving)."""
     from sage_core.generate import check_prompts
     from sage_core.grouping import GroupingConfig
     from sage_core.models import ModelError, load_pipeline
-    from sage_core.outputs import atomic_output_dir
+    from sage_core.outputs import atomic_output_dir, check_output_dir
     from sage_core.sampler import SamplingConfig
 
     try:
@@ -72,8 +72,7 @@ def generate(
         grouping = GroupingConfig(tau=tau, max_group_size=max_group)
         texts = read_prompts(prompts)
         check_prompts(texts)
-        if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-            raise ValueError(f"{out} exists and is not empty (pass --overwrite to replace it)")
+        check_output_dir(out, overwrite, inputs=(prompts,))
         pipe = load_pipeline(model)
     except (ValueError, ModelError) as exc:
         fail(str(exc))
@@ -84,7 +83,7 @@ def generate(
         result = run(pipe, texts, config, grouping, seed=seed)
     seconds = time.perf_counter() - started
     report = build_report(result, texts, model_name=str(model or "default"), seconds=seconds)
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+    with atomic_output_dir(out, overwrite=overwrite, inputs=(prompts,)) as tmp:
         write_outputs(tmp, result, texts, report)
     print_summary(report, out)
 

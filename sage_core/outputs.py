@@ -48,12 +48,41 @@ def labelled_grid(images: Sequence[Image.Image], captions: Sequence[str], cell: 
     return grid
 
 
+RUN_MARKER = "report.json"  # every run's output folder holds one; --overwrite replaces only such a folder
+
+
+class OutputDirError(ValueError):
+    """An output folder that a run may not write, or may not replace."""
+
+
+def check_output_dir(out: Path, overwrite: bool = False, inputs: Sequence[Path] = ()) -> None:
+    """Refuse an output folder that a run cannot replace without losing data: a file, the current folder or one
+    above it, a non-empty folder without `overwrite`, and with it one that is not a previous run's output (no
+    report.json) or that holds one of the run's `inputs`."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise OutputDirError(f"{out} is a file, not an output folder")
+    here, target = Path.cwd().resolve(), out.resolve()
+    if target == here or target in here.parents:
+        raise OutputDirError(f"{out} is the current folder or holds it; name a folder of its own for the output")
+    if not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise OutputDirError(f"{out} exists and is not empty (pass --overwrite to replace it)")
+    if not (out / RUN_MARKER).is_file():
+        raise OutputDirError(f"{out} is not a previous run's output (no {RUN_MARKER}); --overwrite replaces only "
+                             "such a folder, so nothing was deleted")
+    for path in inputs:
+        if target in Path(path).resolve().parents:
+            raise OutputDirError(f"{out} holds this run's input {path}; --overwrite would delete it")
+
+
 @contextmanager
-def atomic_output_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
+def atomic_output_dir(out: Path, overwrite: bool = False, inputs: Sequence[Path] = ()) -> Iterator[Path]:
     """Yield a temporary sibling folder to write into; on success it replaces `out`, on error it is removed,
-    so a failed run leaves nothing half-written."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty (pass --overwrite to replace it)")
+    so a failed run leaves nothing half-written. `out` is checked first (check_output_dir)."""
+    check_output_dir(out, overwrite, inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -62,5 +91,5 @@ def atomic_output_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if out.exists():
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
+        shutil.rmtree(out)
     os.replace(tmp, out)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -107,3 +108,58 @@ def test_existing_output_is_not_overwritten(tmp_path, tiny_model_dir):
     res = run_cli("generate", "--prompts", str(prompts), "--out", str(out), "--model", str(tiny_model_dir))
     assert res.returncode != 0 and "--overwrite" in res.stderr
     assert (out / "keep.txt").read_text() == "mine"
+
+
+def run_cli_in(cwd: Path, cli: str, *args: str) -> subprocess.CompletedProcess:
+    """Run the CLI whose typer app is `cli` ("sage_core.cli:main") from another working folder."""
+    root = str(Path(__file__).resolve().parents[1])
+    module, app = cli.split(":")
+    return subprocess.run([sys.executable, "-c", f"from {module} import {app}; {app}()", *args],
+                          capture_output=True, text=True, timeout=300, cwd=cwd, env={**os.environ, "PYTHONPATH": root})
+
+
+@pytest.mark.parametrize("cli, command", [("sage_core.cli:main", "generate"), ("device_client.cli:main", "demo")])
+@pytest.mark.parametrize("out", [".", ".."])
+def test_overwrite_never_deletes_the_current_folder(tmp_path, tiny_model_dir, out, cli, command):
+    here = tmp_path / "work"
+    here.mkdir()
+    write_prompts(here, "a cat\n")
+    (here / "report.json").write_text("{}")  # looks like a run's output: still not to be deleted
+    res = run_cli_in(here, cli, command, "--prompts", "prompts.txt", "--out", out, "--overwrite",
+                     "--model", str(tiny_model_dir), "--steps", "2")
+    assert res.returncode != 0 and "current folder" in res.stderr and "Traceback" not in res.stderr
+    assert sorted(p.name for p in here.iterdir()) == ["prompts.txt", "report.json"]
+
+
+@pytest.mark.parametrize("layout, message", [
+    ("file", "is a file"),
+    ("foreign", "not a previous run's output"),
+    ("input inside", "holds this run's input"),
+])
+def test_overwrite_replaces_only_a_previous_runs_output(tmp_path, tiny_model_dir, layout, message):
+    out = tmp_path / "out"
+    if layout == "file":
+        out.write_text("mine")
+        prompts = write_prompts(tmp_path, "a cat\n")
+    else:
+        out.mkdir()
+        (out / "keep.txt").write_text("mine")
+        if layout == "input inside":
+            (out / "report.json").write_text("{}")
+        prompts = write_prompts(out if layout == "input inside" else tmp_path, "a cat\n")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    res = run_cli("generate", "--prompts", str(prompts), "--out", str(out), "--overwrite",
+                  "--model", str(tiny_model_dir), "--steps", "2")
+    assert res.returncode != 0 and message in res.stderr and "Traceback" not in res.stderr
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_overwrite_replaces_a_previous_run(tmp_path, tiny_model_dir):
+    prompts = write_prompts(tmp_path, "a cat\n")
+    out = tmp_path / "out"
+    args = ("generate", "--prompts", str(prompts), "--out", str(out), "--model", str(tiny_model_dir), "--steps", "2")
+    assert run_cli(*args).returncode == 0
+    (out / "images" / "0000.png").write_bytes(b"stale")
+    res = run_cli(*args, "--overwrite")
+    assert res.returncode == 0, res.stderr
+    assert Image.open(out / "images" / "0000.png").size == (32, 32)
