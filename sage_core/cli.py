@@ -60,7 +60,7 @@ def generate(
 ) -> None:
     """Group the prompts, run shared + branch sampling, write one PNG per prompt, a grid per group and
     report.json (groups, similarities, UNet evaluations used vs independent sampling, saving)."""
-    from sage_core.generate import check_prompts
+    from sage_core.generate import check_prompts, overlong_prompts
     from sage_core.grouping import GroupingConfig
     from sage_core.models import ModelError, load_pipeline
     from sage_core.outputs import atomic_output_dir, check_output_dir
@@ -76,13 +76,18 @@ def generate(
         pipe = load_pipeline(model)
     except (ValueError, ModelError) as exc:
         fail(str(exc))
+    overlong = overlong_prompts(pipe.tokenizer, texts)
+    for i, n in overlong.items():
+        console.print(f"[yellow]note:[/] prompt {i + 1} is too long: the text encoder reads its first "
+                      f"{pipe.tokenizer.model_max_length} tokens and ignores the last {n}, as diffusers does")
     from sage_core.generate import generate as run
 
     started = time.perf_counter()
     with console.status(f"sampling {len(texts)} prompts ({steps} steps, share {share:.0%})"):
         result = run(pipe, texts, config, grouping, seed=seed)
     seconds = time.perf_counter() - started
-    report = build_report(result, texts, model_name=str(model or "default"), seconds=seconds)
+    report = build_report(result, texts, model_name=str(model or "default"), seconds=seconds,
+                          ignored_tokens=overlong)
     with atomic_output_dir(out, overwrite=overwrite, inputs=(prompts,)) as tmp:
         write_outputs(tmp, result, texts, report)
     print_summary(report, out)

@@ -37,6 +37,14 @@ def check_prompts(prompts: Sequence[str]) -> None:
             raise ValueError(f"prompt {i + 1} is {len(p)} characters long; the limit is {MAX_PROMPT_CHARS}")
 
 
+def overlong_prompts(tokenizer, prompts: Sequence[str]) -> dict[int, int]:
+    """The prompts longer than the text encoder reads, as {index: how many of their tokens it ignores}: it reads
+    the first `tokenizer.model_max_length` (start and end tokens included), as StableDiffusionPipeline does."""
+    limit = tokenizer.model_max_length
+    lengths = [len(ids) for ids in tokenizer(list(prompts), truncation=False, verbose=False).input_ids]
+    return {i: n - limit for i, n in enumerate(lengths) if n > limit}
+
+
 @torch.no_grad()
 def encode_prompts(pipe, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Token-level text embeddings c^m [M, L, D] and the unconditional (empty prompt) embedding [1, L, D],

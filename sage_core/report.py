@@ -30,8 +30,18 @@ def group_entry(result: GenerationResult, gi: int, members: list[int]) -> dict:
     }
 
 
-def build_report(result: GenerationResult, prompts: Sequence[str], model_name: str, seconds: float) -> dict:
-    """A JSON-ready dict describing the run."""
+def prompt_entry(index: int, prompt: str, group: int, ignored_tokens: int | None) -> dict:
+    """A prompt's entry in the report; `ignored_tokens`, when the text encoder read only the prompt's start."""
+    entry = {"index": index, "prompt": prompt, "group": group, "image": f"images/{index:04d}.png"}
+    return entry if ignored_tokens is None else {**entry, "ignored_tokens": ignored_tokens}
+
+
+def build_report(
+    result: GenerationResult, prompts: Sequence[str], model_name: str, seconds: float,
+    ignored_tokens: dict[int, int] | None = None,
+) -> dict:
+    """A JSON-ready dict describing the run. `ignored_tokens`: how many tokens the text encoder ignored of each
+    prompt too long for it (sage_core.generate.overlong_prompts); those prompts' entries say so."""
     config = result.config
     groups = [group_entry(result, gi, g) for gi, g in enumerate(result.groups)]
     group_of = {m: g["id"] for g in groups for m in g["members"]}
@@ -45,10 +55,7 @@ def build_report(result: GenerationResult, prompts: Sequence[str], model_name: s
             "guidance": config.guidance,
             "scheduler": config.scheduler,
         },
-        "prompts": [
-            {"index": i, "prompt": p, "group": group_of[i], "image": f"images/{i:04d}.png"}
-            for i, p in enumerate(prompts)
-        ],
+        "prompts": [prompt_entry(i, p, group_of[i], (ignored_tokens or {}).get(i)) for i, p in enumerate(prompts)],
         "groups": groups,
         "totals": {
             "prompts": len(prompts),

@@ -163,3 +163,21 @@ def test_overwrite_replaces_a_previous_run(tmp_path, tiny_model_dir):
     res = run_cli(*args, "--overwrite")
     assert res.returncode == 0, res.stderr
     assert Image.open(out / "images" / "0000.png").size == (32, 32)
+
+
+def test_overlong_prompt_is_noted_in_the_output_and_report(tmp_path, tiny_model_dir):
+    from sage_core.generate import overlong_prompts
+    from sage_core.models import build_clip_tokenizer
+
+    long = " ".join(["a red circle on the left of a blue square"] * 12)  # 12 x 10 words: over 77 tokens
+    ignored = overlong_prompts(build_clip_tokenizer(), ["a cat", long])
+    assert list(ignored) == [1] and ignored[1] > 0
+    prompts = write_prompts(tmp_path, f"a cat\n{long}\n")
+    out = tmp_path / "out"
+    res = run_cli("generate", "--prompts", str(prompts), "--out", str(out), "--model", str(tiny_model_dir),
+                  "--steps", "2")
+    assert res.returncode == 0, res.stderr
+    assert "prompt 2 is too long" in res.stderr and f"ignores the last {ignored[1]}" in res.stderr
+    assert "indexing errors" not in res.stderr  # the tokenizer's own, misleading warning stays quiet
+    entries = json.loads((out / "report.json").read_text())["prompts"]
+    assert "ignored_tokens" not in entries[0] and entries[1]["ignored_tokens"] == ignored[1]
