@@ -23,27 +23,9 @@ def fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
-def read_prompts(path: Path) -> list[str]:
-    """One prompt per line; an empty file, or an empty line between prompts, is an error."""
-    if not path.is_file():
-        raise ValueError(f"prompt file {path} does not exist")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"prompt file {path} is not UTF-8 text: {exc.reason}") from exc
-    while lines and not lines[-1].strip():
-        lines.pop()
-    if not lines:
-        raise ValueError(f"prompt file {path} holds no prompts")
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            raise ValueError(f"{path}:{number}: empty prompt")
-    return [line.strip() for line in lines]
-
-
 @app.command()
 def generate(
-    prompts: Annotated[Path, typer.Option(help="text file, one prompt per line")],
+    prompts: Annotated[Path, typer.Option(help="UTF-8 text file, one prompt per line (blank and # lines skipped)")],
     out: Annotated[Path, typer.Option(help="output folder (created; must be empty unless --overwrite)")],
     share: Annotated[float, typer.Option(help="sharing ratio beta = (T - T*)/T, in [0, 1]")] = 0.4,
     steps: Annotated[int, typer.Option(help="sampler steps T")] = 30,
@@ -60,7 +42,7 @@ def generate(
 ) -> None:
     """Group the prompts, run shared + branch sampling, write one PNG per prompt, a grid per group and
     report.json (groups, similarities, UNet evaluations used vs independent sampling, saving)."""
-    from sage_core.generate import check_prompts, overlong_prompts
+    from sage_core.generate import check_prompts, overlong_prompts, read_prompt_file
     from sage_core.grouping import GroupingConfig
     from sage_core.models import ModelError, load_pipeline
     from sage_core.outputs import atomic_output_dir, check_output_dir
@@ -70,7 +52,7 @@ def generate(
         config = SamplingConfig(steps=steps, guidance=guidance, share=share, scheduler=scheduler,
                                 shared_condition=shared_condition)
         grouping = GroupingConfig(tau=tau, max_group_size=max_group)
-        texts = read_prompts(prompts)
+        texts = read_prompt_file(prompts)
         check_prompts(texts)
         check_output_dir(out, overwrite, inputs=(prompts,))
         pipe = load_pipeline(model)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -35,6 +36,27 @@ def check_prompts(prompts: Sequence[str]) -> None:
             raise ValueError(f"prompt {i + 1} is empty")
         if len(p) > MAX_PROMPT_CHARS:
             raise ValueError(f"prompt {i + 1} is {len(p)} characters long; the limit is {MAX_PROMPT_CHARS}")
+
+
+def read_prompt_file(path: Path) -> list[str]:
+    """The prompts of a UTF-8 text file, one a line, stripped; blank lines and lines starting with '#' are skipped.
+    A missing or empty file, text that is not UTF-8 and an over-long prompt are ValueErrors naming the line."""
+    if path.is_dir():
+        raise ValueError(f"prompt file {path} is a folder, not a text file")
+    if not path.is_file():
+        raise ValueError(f"prompt file {path} does not exist")
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: a byte-order mark is not prompt text
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"prompt file {path} is not UTF-8 text: {exc.reason}") from exc
+    numbered = [(n, line.strip()) for n, line in enumerate(lines, 1) if line.strip() and not line.startswith("#")]
+    if not numbered:
+        raise ValueError(f"prompt file {path} holds no prompts")
+    for n, prompt in numbered:
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise ValueError(f"{path}:{n}: the prompt is {len(prompt)} characters long; "
+                             f"the limit is {MAX_PROMPT_CHARS}")
+    return [prompt for _, prompt in numbered]
 
 
 def overlong_prompts(tokenizer, prompts: Sequence[str]) -> dict[int, int]:

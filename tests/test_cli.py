@@ -61,7 +61,8 @@ def test_generate_writes_images_grids_and_report(tmp_path, tiny_model_dir):
     "text, args, message",
     [
         ("", [], "holds no prompts"),
-        ("a cat\n\na dog\n", [], "empty prompt"),
+        ("# only a comment\n\n", [], "holds no prompts"),
+        ("a cat\n" + "x" * 1001 + "\n", [], "prompts.txt:2: the prompt is 1001 characters long"),
         ("a cat\n", ["--share", "1.5"], "share"),
         ("a cat\n", ["--share", "-0.1"], "share"),
         ("a cat\n", ["--steps", "0"], "steps"),
@@ -82,10 +83,22 @@ def test_bad_input_is_one_line_error(tmp_path, tiny_model_dir, text, args, messa
     assert not list(tmp_path.glob(".out.*"))
 
 
-def test_missing_prompt_file(tmp_path, tiny_model_dir):
-    res = run_cli("generate", "--prompts", str(tmp_path / "none.txt"), "--out", str(tmp_path / "o"),
+@pytest.mark.parametrize("name, message", [("none.txt", "does not exist"), (".", "is a folder")])
+def test_missing_prompt_file(tmp_path, tiny_model_dir, name, message):
+    res = run_cli("generate", "--prompts", str(tmp_path / name), "--out", str(tmp_path / "o"),
                   "--model", str(tiny_model_dir))
-    assert res.returncode != 0 and "does not exist" in res.stderr and "Traceback" not in res.stderr
+    assert res.returncode != 0 and message in res.stderr and "Traceback" not in res.stderr
+
+
+def test_prompt_file_reading(tmp_path):
+    from sage_core.generate import read_prompt_file
+
+    path = tmp_path / "p.txt"
+    path.write_bytes("\ufeff# a comment\r\n  a red circle  \r\n\r\na blue square\r\n\n".encode())
+    assert read_prompt_file(path) == ["a red circle", "a blue square"]  # no byte-order mark in the first prompt
+    path.write_bytes(b"a red \xff circle\n")
+    with pytest.raises(ValueError, match="not UTF-8"):
+        read_prompt_file(path)
 
 
 def test_pickle_only_model_is_refused(tmp_path, tiny_model_dir):
