@@ -1,10 +1,10 @@
 """`sage-sim`: simulate an edge server with shared sampling against its baselines, from a config file.
 
 sage-sim run simulation/configs/coco_h100.yaml --out runs/sim/coco
-sage-sim sweep simulation/configs/sweep_coco.yaml --out runs/sim/sweep
+sage-sim sweep simulation/configs/coco_h100.yaml --out runs/sim/sweep
 sage-sim policies simulation/configs/policies_coco.yaml --out runs/sim/policies   # flat vs adaptive vs cache
-sage-sim workload simulation/configs/validation_cpu.yaml --out runs/sim/workload.json
-sage-sim run simulation/configs/validation_cpu.yaml --workload runs/sim/workload.json
+sage-sim workload simulation/configs/validation_tiny.yaml --out runs/sim/workload.json
+sage-sim run simulation/configs/validation_tiny.yaml --workload runs/sim/workload.json
 sage-sim embed simulation/configs/coco_h100.yaml      # fill the embedding cache
 sage-sim check simulation/configs/coco_h100.yaml      # validate only
 """
@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from simulation.config import ConfigError, SimConfig, load_config
+from simulation.config import ConfigError, SimConfig, load_config, to_dict
 
 main = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
 console = Console(stderr=True)
@@ -40,9 +40,21 @@ def _clear_errors() -> Iterator[None]:
     """Bad input ends the command with a one-line message and exit code 2, no traceback."""
     try:
         yield
-    except ConfigError as exc:
+    except (ConfigError, OSError) as exc:
         console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True, markup=True)
         raise typer.Exit(2) from None
+
+
+def _output(path: Path, folder: bool) -> Path:
+    """An output path checked before any work: not a file where a folder goes (or the reverse), and no file
+    among its parents."""
+    want, other = ("folder", "file") if folder else ("file", "folder")
+    if path.exists() and path.is_dir() != folder:
+        raise ConfigError(f"--out {path} is a {other}; give a {want}")
+    blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise ConfigError(f"--out {path}: {blocker} is a file, not a folder")
+    return path
 
 
 def _progress() -> Progress:
@@ -145,11 +157,10 @@ def run(
 
     with _clear_errors():
         cfg = _load(config, requests, seed)
-        out = out or Path("runs/sim") / config.stem
+        out = _output(out or Path("runs/sim") / config.stem, folder=True)
         with _progress() as progress:
             if workload is not None:
-                wcfg, wl = read_workload_file(workload)
-                cfg = cfg.replace(requests=wl.n)
+                cfg, wl = read_workload_file(workload, to_dict(cfg))
                 prompts = list(wl.prompts)
                 emb = embed_prompts(cfg, prompts, _updater(progress, f"embedding {len(prompts):,} prompts"))
             else:
@@ -186,7 +197,7 @@ def sweep(config: ConfigArg, out: OutOpt = None, requests: RequestsOpt = None, s
         cfg = _load(config, None, seed)
         if requests is not None:
             cfg = cfg.replace(sweep=dataclasses.replace(cfg.sweep, requests=requests))
-        out = out or Path("runs/sim") / config.stem
+        out = _output(out or Path("runs/sim") / config.stem, folder=True)
         with _progress() as progress:
             prompts, emb = _prompts_and_embeddings(cfg, progress)
             task = progress.add_task(
@@ -233,7 +244,7 @@ def policies(
     with _clear_errors():
         cfg = _load(config, requests, seed)
         grouped_modes(cfg)
-        out = out or Path("runs/sim") / f"{config.stem}-policies"
+        out = _output(out or Path("runs/sim") / f"{config.stem}-policies", folder=True)
         with _progress() as progress:
             prompts, emb = _prompts_and_embeddings(cfg, progress)
             task = progress.add_task(f"{len(cfg.policies)} policies x {cfg.requests:,} requests", total=None)
@@ -268,7 +279,7 @@ def workload_cmd(
     with _clear_errors():
         cfg = _load(config, requests, seed)
         wl = build_workload(cfg, load_prompts(cfg))
-        write_workload_file(out, cfg, wl)
+        write_workload_file(_output(out, folder=False), cfg, wl)
         console.print(f"wrote {wl.n:,} requests over {wl.arrival_s[-1]:.1f} s to {out}")
 
 
@@ -305,7 +316,7 @@ def validate(
 
     with _clear_errors():
         cfg, wl = read_workload_file(workload)
-        out = out or Path("runs/sim") / f"validate-{workload.stem}"
+        out = _output(out or Path("runs/sim") / f"validate-{workload.stem}", folder=True)
         seeds = [int(r["seed"]) for r in json.loads(workload.read_text(encoding="utf-8"))["requests"]]
         console.print(f"replaying {wl.n} requests over {wl.arrival_s[-1]:.1f} s through the real system ...")
         if server is None:
@@ -348,6 +359,9 @@ def measure(
             sizes = tuple(int(b) for b in batches.split(","))
         except ValueError:
             raise ConfigError(f"--batches must be comma-separated integers, got {batches!r}") from None
+        if min(sizes) < 1 or threads < 1:
+            raise ConfigError(f"--batches and --threads must be >= 1, got {batches!r} and {threads}")
+        _output(out, folder=False)
         torch.set_num_threads(threads)
         pipe = load_measured_pipeline(model)
         table, device = measure_pipeline(pipe, sizes)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ MODES = ("sage", "server", "device", "sage_server")
 ARRIVAL_PROCESSES = ("poisson", "bursty", "diurnal")
 PROMPT_ORDERS = ("shuffle", "uniform", "sequential", "zipf")
 DIST_KINDS = ("constant", "uniform", "lognormal", "choice")
+EMBEDDERS = ("minilm", "pipeline", "hashed")  # and pipeline:PATH, pipeline:tiny
 DEFAULT_DATASETS_DIR = "../shared/datasets"
 DEFAULT_CACHE_DIR = "~/.cache/sage-edge/embeddings"
 DEFAULT_STEP_TIMES = Path(__file__).resolve().parent / "step_times.json"
@@ -292,6 +294,7 @@ def _convert(tp: Any, value: Any, name: str) -> Any:
         _require(
             isinstance(value, int | float) and not isinstance(value, bool), f"{name} must be a number, got {value!r}"
         )
+        _require(math.isfinite(value), f"{name} must be a finite number, got {value!r}")
         return float(value)
     if tp is int:
         _require(isinstance(value, int) and not isinstance(value, bool), f"{name} must be an integer, got {value!r}")
@@ -306,7 +309,7 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     """A dataclass from a dict; unknown keys are errors (a typo must not pass silently)."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    unknown = sorted(set(data) - names, key=str)
     where = f"{prefix}." if prefix else ""
     if unknown:
         raise ConfigError(f"unknown setting {where}{unknown[0]} (known: {', '.join(sorted(names))})")
@@ -316,6 +319,7 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
 
 def validate(cfg: SimConfig) -> None:
     """Raise ConfigError on the first bad setting."""
+    _require(cfg.seed >= 0, f"seed must be >= 0, got {cfg.seed}")
     _require(cfg.requests >= 1, f"requests must be >= 1, got {cfg.requests}")
     _require(len(cfg.modes) > 0, "modes must name at least one of " + ", ".join(MODES))
     for m in cfg.modes:
@@ -338,7 +342,10 @@ def validate(cfg: SimConfig) -> None:
     _require(p.order in PROMPT_ORDERS, f"prompts.order must be one of {', '.join(PROMPT_ORDERS)}, got {p.order!r}")
     _require(p.zipf_s > 0, f"prompts.zipf_s must be > 0, got {p.zipf_s}")
     _require(p.limit >= 0, f"prompts.limit must be >= 0, got {p.limit}")
-    _require(bool(p.embedder), "prompts.embedder must not be empty")
+    _require(
+        p.embedder in EMBEDDERS or p.embedder.startswith("pipeline:"),
+        f"prompts.embedder must be minilm, pipeline, pipeline:PATH or hashed, got {p.embedder!r}",
+    )
     s = cfg.sampling
     _require(s.steps >= 1, f"sampling.steps must be >= 1, got {s.steps}")
     _require(0 <= s.share <= 1, f"sampling.share (beta) must lie in [0, 1], got {s.share}")
@@ -427,12 +434,21 @@ def load_config(path: str | Path) -> SimConfig:
     """Read a YAML or JSON config file; relative dataset paths resolve against the repository root."""
     p = Path(path)
     _require(p.is_file(), f"config file {p} does not exist")
-    text = p.read_text(encoding="utf-8")
     try:
+        text = p.read_text(encoding="utf-8")
         data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError(f"config file {p} is not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {exc}") from exc
+    except (UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as exc:
+        kind = "JSON" if p.suffix == ".json" else "YAML"
+        raise ConfigError(f"config file {p} is not valid {kind}: {one_line(exc)}") from exc
     return config_from_dict(data or {}, base_dir=repo_root())
+
+
+def one_line(exc: Exception) -> str:
+    """A parser's error on one line (YAML's span several, with a caret under the spot)."""
+    mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
+    if mark is not None and problem:
+        return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    return " ".join(str(exc).split())
 
 
 def resolve_path(cfg: SimConfig, path: str) -> Path:

@@ -99,4 +99,5 @@ def write_table(path: Path, name: str, table: dict[str, Any]) -> None:
     """Add or replace one named table in a step-times JSON file."""
     tables = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     tables[name] = table
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(tables, indent=2) + "\n", encoding="utf-8")

@@ -224,12 +224,15 @@ def validation_figure(
 
 
 def policies_figure(results: dict[str, SimResult], report: dict[str, Any], path: Path) -> Path:
-    """Four panels, one colour per sharing policy (SAGE mode): latency CDF against the baselines, steps per image
-    on the server and the device, the shared depths requests got, and GPU cost with the cache's hit rate."""
+    """Four panels, one colour per sharing policy (its first grouped mode: sage, else sage_server): latency CDF
+    against the baselines, steps per image on the server and the device, the shared depths requests got, and GPU
+    cost with the cache's hit rate."""
     names = list(results)
     labels = [n.replace(" (", "\n(") for n in names]  # long names on two lines under the bars
     colors = dict(zip(names, plt.get_cmap("Dark2").colors, strict=False))
-    sage = {name: report["policies"][name]["modes"]["sage"] for name in names}
+    grouped = next(m for m in ("sage", "sage_server") if m in results[names[0]].modes)
+    short = "SAGE" if grouped == "sage" else "SAGE on server"
+    sage = {name: report["policies"][name]["modes"][grouped] for name in names}
     st = report["settings"]
     fig, ax = plt.subplots(2, 2, figsize=(12, 8))
     fig.suptitle(
@@ -240,8 +243,8 @@ def policies_figure(results: dict[str, SimResult], report: dict[str, Any], path:
     # 1. latency CDF of SAGE under each policy, and the baselines
     a = ax[0, 0]
     for name in names:
-        lat = np.sort(results[name].modes["sage"].latency_s)
-        a.plot(lat, np.linspace(0, 1, lat.size), color=colors[name], label=f"SAGE, {name}")
+        lat = np.sort(results[name].modes[grouped].latency_s)
+        a.plot(lat, np.linspace(0, 1, lat.size), color=colors[name], label=f"{short}, {name}")
     for mode in report["baselines"]:
         lat = np.sort(results[names[0]].modes[mode].latency_s)
         a.plot(lat, np.linspace(0, 1, lat.size), color=MODE_COLORS[mode], ls="--", lw=1, label=MODE_LABELS[mode])

@@ -134,6 +134,8 @@ def read_prompts(path: Path) -> list[str]:
             texts = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
         raise ConfigError(f"could not read prompts from {path}: {exc}") from exc
+    if not all(isinstance(t, str) for t in texts):
+        raise ConfigError(f"{path}: every prompt must be a string")
     prompts = [" ".join(t.split()) for t in texts]
     prompts = [t for t in prompts if t]
     if not prompts:
@@ -377,7 +379,8 @@ def write_workload_file(path: Path, cfg: SimConfig, workload: Workload) -> None:
 
 def read_workload_file(path: Path, overrides: dict[str, Any] | None = None) -> tuple[SimConfig, Workload]:
     """A workload file's config and requests; prompts are pooled (repeated text shares one embedding) and the
-    links are drawn from the config's network as in a synthetic run."""
+    links are drawn from the config's network as in a synthetic run. `overrides` (config data, e.g. another
+    config's) replace the file's settings; requests keep their device class by name."""
     if not path.is_file():
         raise ConfigError(f"workload file {path} does not exist")
     try:
@@ -386,6 +389,8 @@ def read_workload_file(path: Path, overrides: dict[str, Any] | None = None) -> t
         raise ConfigError(f"workload file {path} is not valid JSON: {exc}") from exc
     if not isinstance(body, dict) or body.get("format") != WORKLOAD_FORMAT:
         raise ConfigError(f"workload file {path}: expected format {WORKLOAD_FORMAT!r}")
+    if not isinstance(body.get("config") or {}, dict):
+        raise ConfigError(f"workload file {path}: 'config' must be a mapping")
     data = dict(body.get("config") or {})
     data.update(overrides or {})
     reqs = body.get("requests") or []

@@ -98,6 +98,9 @@ def cfg_path(cfg):
         ({"network": {"loss": {"dist": "constant", "value": 0.9}}}, "network.loss must lie in [0.0, 0.5]"),
         ({"arrivals": {"process": "bursty", "burst": {"factor": 20.0, "on_fraction": 0.1}}}, "factor * on_fraction"),
         ({"devices": []}, "devices must list at least one device class"),
+        ({"seed": -1}, "seed must be >= 0"),
+        ({"server": {"window_s": float("inf")}}, "server.window_s must be a finite number"),
+        ({"prompts": {"embedder": "word2vec"}}, "prompts.embedder must be minilm, pipeline"),
     ],
 )
 def test_bad_configs_get_one_line_errors(prompt_file, override, message):
@@ -121,7 +124,19 @@ def test_missing_files_are_config_errors(prompt_file, tmp_path):
         load_step_table(cfg)
     bad = tmp_path / "bad.yaml"
     bad.write_text("arrivals: [unclosed\n", encoding="utf-8")
-    with pytest.raises(ConfigError, match="not valid YAML"):
+    with pytest.raises(ConfigError, match="not valid YAML") as err:
+        load_config(bad)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(b"\xff\xfe seed: 1\n", "not valid YAML"), (b"1: 2\nfoo: 3\n", "unknown setting 1")],
+)
+def test_unreadable_config_files_are_config_errors(tmp_path, content, message):
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(content)
+    with pytest.raises(ConfigError, match=message):
         load_config(bad)
 
 
@@ -208,6 +223,10 @@ def test_prompt_file_formats(tmp_path):
     bad.write_text("a,b\n1,2\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="'prompt' or 'caption' column"):
         read_prompts(bad)
+    for body in ([{"prompt": None}, "a b"], {"annotations": [{"caption": 5}]}):
+        lst.write_text(json.dumps(body), encoding="utf-8")
+        with pytest.raises(ConfigError, match="every prompt must be a string"):
+            read_prompts(lst)
 
 
 def test_workload_file_round_trip(prompt_file, tmp_path):

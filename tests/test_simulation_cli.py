@@ -72,6 +72,26 @@ def test_bad_config_exits_2_with_one_line(tmp_path, config_file):
     assert res.exit_code == 2 and "gone.txt does not exist" in res.output
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["run", "{config}", "--out", "{file}"], "is a file; give a folder"),
+        (["sweep", "{config}", "--out", "{file}/sub"], "is a file, not a folder"),
+        (["workload", "{config}", "--out", "{tmp}"], "is a folder; give a file"),
+        (["run", "{config}", "--seed", "-1"], "seed must be >= 0"),
+        (["measure", "--name", "t", "--threads", "0", "--out", "{tmp}/t.json"], "--threads must be >= 1"),
+        (["measure", "--name", "t", "--batches", "0,2", "--out", "{tmp}/t.json"], "--threads must be >= 1"),
+    ],
+)
+def test_bad_arguments_exit_2_before_any_work(config_file, tmp_path, args, message):
+    taken = tmp_path / "taken"
+    taken.write_text("", encoding="utf-8")
+    args = [a.format(config=config_file, file=taken, tmp=tmp_path) for a in args]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 2, res.output
+    assert message in res.output and "Traceback" not in res.output
+
+
 def test_workload_file_replays_in_the_simulator(config_file, tmp_path):
     wfile = tmp_path / "w.json"
     res = CliRunner().invoke(main, ["workload", str(config_file), "--out", str(wfile), "-n", "40"])
@@ -82,6 +102,24 @@ def test_workload_file_replays_in_the_simulator(config_file, tmp_path):
     res = CliRunner().invoke(main, ["run", str(config_file), "--workload", str(wfile), "--out", str(out), "--no-plots"])
     assert res.exit_code == 0, res.output
     assert json.loads((out / "summary.json").read_text())["requests"] == 40
+
+
+def test_workload_replay_takes_its_settings_from_the_config(config_file, tmp_path):
+    """--workload keeps the file's arrivals, prompts and device classes (by name); links and classes are CONFIG's."""
+    wfile = tmp_path / "w.json"
+    assert CliRunner().invoke(main, ["workload", str(config_file), "--out", str(wfile), "-n", "20"]).exit_code == 0
+    data = yaml.safe_load(config_file.read_text())
+    const = lambda v: {"dist": "constant", "value": v}  # noqa: E731
+    data["network"] = {"bandwidth_mbps": const(100.0), "rtt_ms": const(3000.0), "loss": const(0.0)}
+    data["devices"] = [{"name": "laptop", "unet_ms_per_sample": 10.0}, {"name": "phone", "unet_ms_per_sample": 1000.0}]
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump(data), encoding="utf-8")
+    out = tmp_path / "replay"
+    res = CliRunner().invoke(main, ["run", str(other), "--workload", str(wfile), "--out", str(out), "--no-plots"])
+    assert res.exit_code == 0, res.output
+    modes = json.loads((out / "summary.json").read_text())["modes"]
+    assert modes["server"]["breakdown_mean_s"]["uplink"] >= 1.5  # half of the config's 3 s round trip
+    assert modes["device"]["latency_s"]["p50"] == pytest.approx(0.02 + 30 * 2 * 1.0 + 0.8)  # the phones' class
 
 
 def test_sweep_writes_rows_and_tradeoff_plot(config_file, tmp_path):

@@ -296,6 +296,16 @@ def test_policies_command_writes_a_paired_comparison(config_file, tmp_path):
     assert (out / "policies.png").stat().st_size < 200_000 and (out / "policies.md").is_file()
 
 
+def test_policies_command_with_sage_on_the_server_only(config_file, tmp_path):
+    data = yaml.safe_load(config_file.read_text())
+    data |= {"requests": 60, "modes": ["sage_server", "server"]}
+    config_file.write_text(yaml.safe_dump(data), encoding="utf-8")
+    out = tmp_path / "out"
+    res = CliRunner().invoke(main, ["policies", str(config_file), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert (out / "policies.png").is_file()
+
+
 def test_run_reports_the_configured_policy(config_file, tmp_path):
     import json
 
