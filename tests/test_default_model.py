@@ -70,6 +70,31 @@ def test_config_errors_are_clear(tmp_path):
         _tiny_config(tmp_path, stages=["vae", "lora"])
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["default-model", "--config", "{tmp}/none.yaml"], "config file {tmp}/none.yaml does not exist"),
+        (["default-model", "--config", "{tmp}/bad.yaml"], "is not valid YAML"),
+        (["evaluate-default", "--n", "0", "--out", "{tmp}/e"], "n must be at least 10"),
+        (["finetune", "--config", "{tmp}/bad.yaml"], "is not valid YAML"),
+        (["finetune", "--num-threads", "0"], "num_threads must be >= 1"),
+        (["replicate", "--num-threads", "0"], "num_threads must be >= 1"),
+        (["groups", "--embedder", "tfidf", "--num-threads", "0"], "--num-threads must be >= 1"),
+        (["groups", "--embedder", "tfidf", "--n", "20", "--out", "{tmp}"], "is a folder; give a file"),
+    ],
+)
+def test_sage_train_bad_input_is_a_one_line_error(tmp_path, args, message):
+    from typer.testing import CliRunner
+
+    from training.cli import app
+
+    (tmp_path / "bad.yaml").write_text("steps: [1\n", encoding="utf-8")
+    res = CliRunner().invoke(app, [a.format(tmp=tmp_path) for a in args])
+    assert res.exit_code == 2, res.output
+    assert res.output.startswith("error: ") and message.format(tmp=tmp_path) in res.output
+    assert len(res.output.strip().splitlines()) == 1
+
+
 def test_shipped_configs_load():
     root = Path(dm.__file__).parent / "configs"
     for name in ("default_model.yaml", "default_model_cpu.yaml", "default_model_finetune.yaml"):

@@ -111,3 +111,16 @@ def test_bad_configs_and_missing_dataset(tmp_path) -> None:
         finetune(FinetuneConfig(dataset=str(tmp_path / "nope.json"), out_dir=str(tmp_path / "o"), progress=False),
                  pipe=tiny_pipeline(0), log=lambda s: None)
 
+
+
+def test_bad_config_files_and_thread_counts_are_value_errors(tmp_path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("steps: [1\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="is not valid YAML") as err:
+        load_config(bad)
+    assert "\n" not in str(err.value)
+    bad.write_text("steps: many\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="wrong type"):
+        load_config(bad)
+    with pytest.raises(ValueError, match="num_threads must be >= 1"):
+        FinetuneConfig(num_threads=0)

@@ -27,6 +27,7 @@ def default_model(
     import yaml
 
     from training.default_model import load_config, train_default_model
+    from training.sage_cli import _fail
 
     extra = {}
     for item in set_ or []:
@@ -34,16 +35,19 @@ def default_model(
             raise typer.BadParameter(f"--set expects key=value, got {item!r}")
         key, value = item.split("=", 1)
         extra[key.strip()] = yaml.safe_load(value)
-    cfg = load_config(
-        config,
-        **extra,
-        device=device,
-        stages=stages.split(",") if stages else None,
-        num_threads=num_threads,
-        work_dir=work_dir,
-        output_dir=output_dir,
-    )
-    train_default_model(cfg)
+    try:
+        cfg = load_config(
+            config,
+            **extra,
+            device=device,
+            stages=stages.split(",") if stages else None,
+            num_threads=num_threads,
+            work_dir=work_dir,
+            output_dir=output_dir,
+        )
+        train_default_model(cfg)
+    except ValueError as exc:
+        _fail(exc)
 
 
 @app.command("evaluate-default")
@@ -58,9 +62,13 @@ def evaluate_default(
 ) -> None:
     """Evaluate a pipeline on held-out captions with the judges (oracle, FID-oracle, CLIP, diversity)."""
     from training.evaluate_default import EvalConfig, run_evaluation
+    from training.sage_cli import _fail
 
-    run_evaluation(EvalConfig(model=model, n=n, out=str(out), device=device, batch_size=batch_size,
-                              num_threads=num_threads, seed=seed))
+    try:
+        run_evaluation(EvalConfig(model=model, n=n, out=str(out), device=device, batch_size=batch_size,
+                                  num_threads=num_threads, seed=seed))
+    except ValueError as exc:
+        _fail(exc)
 
 
 @app.command("judges")

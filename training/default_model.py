@@ -36,7 +36,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
@@ -52,6 +51,7 @@ from sage_core.models import (
     write_clip_tokenizer_files,
 )
 from training import world
+from training.finetune import read_yaml
 
 # ----------------------------------------------------------------------------------------------- config
 
@@ -162,8 +162,10 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> DefaultMode
     """Read a YAML/JSON config (or take the defaults) and apply top-level or dotted overrides."""
     data: dict[str, Any] = {}
     if path is not None:
-        text = Path(path).read_text(encoding="utf-8")
-        data = (json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)) or {}
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config file {path} does not exist")
+        data = (json.loads(path.read_text(encoding="utf-8")) if path.suffix == ".json" else read_yaml(path)) or {}
     for key, value in overrides.items():
         if value is None:
             continue

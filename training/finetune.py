@@ -87,6 +87,8 @@ class FinetuneConfig:
             raise ValueError(f"share must be in [0, 1), got {self.share}")
         if self.checkpoint_every < 1 or self.log_every < 1:
             raise ValueError("checkpoint_every and log_every must be >= 1")
+        if self.num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
 
     def loss_config(self, scheduler_config: dict) -> SageLossConfig:
         """The L_SAGE knobs, with t* from the sampler schedule of this pipeline."""
@@ -108,7 +110,7 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> FinetuneCon
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"config file {path} does not exist")
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = read_yaml(path) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{path} must hold a mapping of config fields")
     data |= {k: v for k, v in overrides.items() if v is not None}
@@ -116,7 +118,18 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> FinetuneCon
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(f"unknown config field(s) {unknown}; known: {sorted(known)}")
-    return FinetuneConfig(**data)
+    try:
+        return FinetuneConfig(**data)
+    except TypeError as exc:  # a value of the wrong type, e.g. steps: many
+        raise ValueError(f"a config value has the wrong type: {exc}") from None
+
+
+def read_yaml(path: Path) -> Any:
+    """A YAML file's data; a syntax error is a one-line ValueError (YAML's messages span several lines)."""
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path} is not valid YAML: {' '.join(str(exc).split())}") from None
 
 
 # ----------------------------------------------------------------------------------------------- data

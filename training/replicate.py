@@ -29,9 +29,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
 from training import world
+from training.finetune import read_yaml
 from training.grouped_dataset import GroupingParams, build_groups, disjoint_groups
 
 MODELS = ("pretrained", "standard", "sage")
@@ -71,6 +71,8 @@ class ReplicateConfig:
             GroupingParams(tau_min=lo, tau_max=hi)
         if self.n_groups < 2:
             raise ValueError(f"n_groups must be >= 2, got {self.n_groups}")
+        if self.num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
         bad = set(self.parts) - {"table", "fig3", "fig4"}
         if bad:
             raise ValueError(f"unknown parts {sorted(bad)}; choose from table, fig3, fig4")
@@ -78,7 +80,7 @@ class ReplicateConfig:
 
 def load_config(path: str | Path | None = None, **overrides: Any) -> ReplicateConfig:
     """A ReplicateConfig from YAML (lists become tuples), with non-None overrides."""
-    data: dict[str, Any] = yaml.safe_load(Path(path).read_text(encoding="utf-8")) if path else {}
+    data: dict[str, Any] = read_yaml(Path(path)) if path else {}
     data = (data or {}) | {k: v for k, v in overrides.items() if v is not None}
     known = {f.name for f in dataclasses.fields(ReplicateConfig)}
     if set(data) - known:

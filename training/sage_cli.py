@@ -42,8 +42,13 @@ def groups(
 
     from training import grouped_dataset as gd
 
-    torch.set_num_threads(num_threads)
     try:
+        if num_threads < 1:
+            raise ValueError(f"--num-threads must be >= 1, got {num_threads}")
+        torch.set_num_threads(num_threads)
+        for path in (out, stats_out):
+            if path is not None and path.is_dir():
+                raise ValueError(f"{path} is a folder; give a file to write")
         params = gd.GroupingParams(tau_min=tau_min, tau_max=tau_max, max_degree=max_degree,
                                    max_cliques_per_node=max_cliques_per_node)
         ranges = gd.parse_ranges(stats) if stats else []
