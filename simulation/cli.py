@@ -156,6 +156,8 @@ def run(
     from simulation.workload import build_workload, embed_prompts, read_workload_file
 
     with _clear_errors():
+        if workload is not None and requests is not None:
+            raise ConfigError("--requests/-n does not apply with --workload: the workload file's requests are run")
         cfg = _load(config, requests, seed)
         out = _output(out or Path("runs/sim") / config.stem, folder=True)
         with _progress() as progress:

@@ -74,7 +74,7 @@ def run_dashboard(result: SimResult, summary: dict[str, Any], path: Path) -> Pat
     for b, m in zip(bars, modes, strict=True):
         sav = s[m].get("gpu_saving_vs_server")
         if sav is not None and m != "server" and s[m]["gpu_seconds_per_image"] > 0:
-            a.annotate(f"-{sav:.0%}", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom")
+            a.annotate(f"{-sav:+.0%}", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom")
     a.set(ylabel="GPU-seconds per image", title="Server GPU cost")
     # 3. UNet evaluations per image, server and device
     a = ax[0, 2]

@@ -122,6 +122,15 @@ def test_workload_replay_takes_its_settings_from_the_config(config_file, tmp_pat
     assert modes["device"]["latency_s"]["p50"] == pytest.approx(0.02 + 30 * 2 * 1.0 + 0.8)  # the phones' class
 
 
+
+def test_workload_replay_refuses_a_request_count(config_file, tmp_path):
+    """-n would be ignored with --workload (the file's requests run), so it is refused, before any work."""
+    wfile = tmp_path / "w.json"
+    assert CliRunner().invoke(main, ["workload", str(config_file), "--out", str(wfile), "-n", "20"]).exit_code == 0
+    out = tmp_path / "replay"
+    res = CliRunner().invoke(main, ["run", str(config_file), "--workload", str(wfile), "-n", "5", "--out", str(out)])
+    assert res.exit_code == 2 and "does not apply with --workload" in res.output and not out.exists()
+
 def test_sweep_writes_rows_and_tradeoff_plot(config_file, tmp_path):
     out = tmp_path / "sweep"
     res = CliRunner().invoke(main, ["sweep", str(config_file), "--out", str(out)])

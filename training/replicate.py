@@ -435,7 +435,7 @@ def replicate(cfg: ReplicateConfig, pipes: dict | None = None, jd: Judges | None
         results["fig3"] = fig3
         plot_sweep(out / "fig3_similarity.png", [f"({lo},{hi})" for lo, hi in cfg.fig3_ranges], series,
                    ("fid", "clip", "fidelity", "diversity"),
-                   f"Fig. 3: shared sampling (beta = {int(cfg.fig3_share * 100)} %) vs similarity range of the groups",
+                   f"Fig. 3: shared sampling (beta = {cfg.fig3_share:.0%}) vs similarity range of the groups",
                    "(tau_min, tau_max)")
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str), encoding="utf-8")
     return results
