@@ -354,7 +354,7 @@ def measure(
     """Measure this machine's step-time table (and a device class) for a model and store it."""
     import torch
 
-    from simulation.measure import load_measured_pipeline, measure_pipeline, write_table
+    from simulation.measure import load_measured_pipeline, measure_pipeline, read_tables, write_table
 
     with _clear_errors():
         try:
@@ -363,7 +363,7 @@ def measure(
             raise ConfigError(f"--batches must be comma-separated integers, got {batches!r}") from None
         if min(sizes) < 1 or threads < 1:
             raise ConfigError(f"--batches and --threads must be >= 1, got {batches!r} and {threads}")
-        _output(out, folder=False)
+        read_tables(_output(out, folder=False))  # one that cannot take the table fails before measuring
         torch.set_num_threads(threads)
         pipe = load_measured_pipeline(model)
         table, device = measure_pipeline(pipe, sizes)

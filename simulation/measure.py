@@ -95,9 +95,22 @@ def measure_pipeline(
     return table, device
 
 
+def read_tables(path: Path) -> dict[str, Any]:
+    """The named tables of a step-times JSON file ({} for none); a file that is not one is a ConfigError."""
+    if not path.is_file():
+        return {}
+    try:
+        tables = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path} is not a step-times JSON file ({exc}); give another --out") from None
+    if not isinstance(tables, dict):
+        raise ConfigError(f"{path} is not a step-times JSON file (no mapping of named tables); give another --out")
+    return tables
+
+
 def write_table(path: Path, name: str, table: dict[str, Any]) -> None:
     """Add or replace one named table in a step-times JSON file."""
-    tables = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    tables = read_tables(path)
     tables[name] = table
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(tables, indent=2) + "\n", encoding="utf-8")

@@ -81,6 +81,7 @@ def test_bad_config_exits_2_with_one_line(tmp_path, config_file):
         (["run", "{config}", "--seed", "-1"], "seed must be >= 0"),
         (["measure", "--name", "t", "--threads", "0", "--out", "{tmp}/t.json"], "--threads must be >= 1"),
         (["measure", "--name", "t", "--batches", "0,2", "--out", "{tmp}/t.json"], "--threads must be >= 1"),
+        (["measure", "--name", "t", "--out", "{file}"], "is not a step-times JSON file"),
     ],
 )
 def test_bad_arguments_exit_2_before_any_work(config_file, tmp_path, args, message):
