@@ -98,6 +98,34 @@ def test_resume_with_another_config_is_refused(dataset_path, tmp_path) -> None:
                  log=lambda s: None)
 
 
+def test_resume_on_a_dataset_rebuilt_at_the_same_path_is_refused(tmp_path) -> None:
+    path = tmp_path / "groups.json"
+    items = world_items(6, seed=0, split="train")
+    save_grouped_dataset(GroupedDataset(items, [[0, 1, 2], [3, 4, 5]], {}), path)
+    finetune(_cfg(path, tmp_path / "r", steps=2), pipe=tiny_pipeline(0), log=lambda s: None)
+    save_grouped_dataset(GroupedDataset(items, [[0, 1], [2, 3], [4, 5]], {}), path)  # rebuilt: same path, other data
+    with pytest.raises(ValueError, match="other data.*dataset sha256.*--no-resume") as err:
+        finetune(_cfg(path, tmp_path / "r", steps=3), pipe=tiny_pipeline(0), log=lambda s: None)
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="other data.*base model fingerprint"):  # base model retrained in place
+        finetune(_cfg(path, tmp_path / "r", steps=3), pipe=tiny_pipeline(1), log=lambda s: None)
+    messages: list[str] = []
+    finetune(_cfg(path, tmp_path / "r", steps=3), pipe=tiny_pipeline(0), resume=False, log=messages.append)
+    assert not any("resumed" in m for m in messages)
+    finetune(_cfg(path, tmp_path / "r", steps=4), pipe=tiny_pipeline(0), log=messages.append)  # now it matches
+    assert any("resumed" in m and "step 3" in m for m in messages)
+
+
+def test_checkpoint_without_data_fingerprint_is_refused(dataset_path, tmp_path) -> None:
+    finetune(_cfg(dataset_path, tmp_path / "old", steps=2), pipe=tiny_pipeline(0), log=lambda s: None)
+    ckpt_path = tmp_path / "old" / "checkpoint.pt"
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    ckpt.pop("identity", None)  # as written before checkpoints recorded what they were trained on
+    torch.save(ckpt, ckpt_path)
+    with pytest.raises(ValueError, match="no record of its training data.*--no-resume"):
+        finetune(_cfg(dataset_path, tmp_path / "old", steps=3), pipe=tiny_pipeline(0), log=lambda s: None)
+
+
 def test_bad_configs_and_missing_dataset(tmp_path) -> None:
     with pytest.raises(ValueError, match="unknown method"):
         FinetuneConfig(method="dreambooth")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -75,3 +76,26 @@ def test_replication_smoke_on_tiny_models(dataset_path, tmp_path) -> None:
     for f in ("table.md", "results.json", "fig3_similarity.png", "fig4_shared_steps.png"):
         assert (tmp_path / "out" / f).is_file(), f
     assert "SAGE FT" in (tmp_path / "out" / "table.md").read_text()
+
+
+def test_row_cache_is_keyed_by_the_model_weights_not_its_path(tmp_path, monkeypatch) -> None:
+    from training import replicate as rep
+
+    generated: list[int] = []
+
+    def fake_row(pipe, es, k, independent, cfg) -> dict:
+        generated.append(k)
+        return {"images": np.zeros((1, 2, 2, 3), np.uint8), "unet_evals": 1, "independent_evals": 1}
+
+    monkeypatch.setattr(rep, "generate_row", fake_row)
+    monkeypatch.setattr(rep, "per_item_scores", lambda images, es, jd: {})
+    cfg = rep.ReplicateConfig(cache=str(tmp_path / "cache"), standard_adapter=str(tmp_path / "none"),
+                              sage_adapter=str(tmp_path / "none"))  # model None: the shipped default, by path
+    es = rep.EvalSet("t", [], [], (0.0, 1.0), 0)
+    specs = [("independent/pretrained", "pretrained", 0, True)]
+    old, retrained = tiny_pipeline(0), tiny_pipeline(1)  # the same path (cfg.model) before and after retraining
+    rep.run_rows(specs, es, {"pretrained": old}, None, cfg, log=lambda s: None)
+    rep.run_rows(specs, es, {"pretrained": old}, None, cfg, log=lambda s: None)
+    assert len(generated) == 1  # same weights: the cached row is reused
+    rep.run_rows(specs, es, {"pretrained": retrained}, None, cfg, log=lambda s: None)
+    assert len(generated) == 2  # other weights at the same path: generated again, not the stale row

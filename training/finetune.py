@@ -9,7 +9,9 @@ so both methods see the same captions and images in the same order for the same 
 Only the LoRA parameters train; the VAE and text encoder are frozen (images are encoded once, captions per step).
 `out_dir` holds `checkpoint.pt` (LoRA, AdamW, RNG states, step, loss log; written atomically every
 `checkpoint_every` steps, on Ctrl-C and at the end), `train_log.json`, and `adapter/` (diffusers LoRA format,
-written at the end). Running again with the same config resumes from the checkpoint and finishes the same steps.
+written at the end). Running again with the same config resumes from the checkpoint and finishes the same steps;
+a checkpoint trained on other data (the dataset file's SHA-256) or another base model (its fingerprint) is refused,
+even when the config's paths are the same.
 
 One command: `sage-train finetune --config training/configs/sage_finetune_default.yaml`.
 """
@@ -183,18 +185,32 @@ class TrainData:
 
 
 def dataset_fingerprint(path: str | Path) -> str:
-    """SHA-256 prefix of the dataset file's bytes."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    """SHA-256 (hex) of the dataset file's bytes. It covers world items (rendered from the seeds the file names),
+    not the bytes of image files that items name by path."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def prepare_data(pipe, cfg: FinetuneConfig, dataset: GroupedDataset, base_fingerprint: str,
+@dataclass(frozen=True)
+class RunIdentity:
+    """What a run trains on, by content rather than by path: stored with every checkpoint and checked on resume."""
+
+    dataset_sha256: str
+    base_model_fingerprint: str
+
+    @classmethod
+    def of(cls, cfg: FinetuneConfig, pipe) -> RunIdentity:
+        """The identity of `cfg.dataset` as it is now and of `pipe` (call before LoRA layers are added)."""
+        return cls(dataset_fingerprint(cfg.dataset), model_fingerprint(pipe))
+
+
+def prepare_data(pipe, cfg: FinetuneConfig, dataset: GroupedDataset, identity: RunIdentity,
                  log: Callable[[str], None]) -> TrainData:
     """Encode every used item's image once (cached in out_dir by dataset file and model) and tokenize captions."""
     used = sorted({i for g in dataset.groups for i in g})
     row_of = {item: r for r, item in enumerate(used)}
     ids = pipe.tokenizer([dataset.items[i]["caption"] for i in used], padding="max_length",
                          max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
-    key = f"{dataset_fingerprint(cfg.dataset)}_{base_fingerprint}"
+    key = f"{identity.dataset_sha256[:16]}_{identity.base_model_fingerprint}"
     cache = Path(cfg.out_dir) / f"latents_{key}.pt"
     if cache.is_file():
         latents = torch.load(cache, weights_only=True)
@@ -239,22 +255,39 @@ class TrainState:
     elapsed_s: float
 
 
-def save_checkpoint(path: Path, cfg: FinetuneConfig, unet, optim, gens: dict[str, torch.Generator],
-                    state: TrainState) -> None:
-    """LoRA tensors, AdamW state, RNG states, step and loss log, atomically."""
+def save_checkpoint(path: Path, cfg: FinetuneConfig, identity: RunIdentity, unet, optim,
+                    gens: dict[str, torch.Generator], state: TrainState) -> None:
+    """LoRA tensors, AdamW state, RNG states, step, loss log and the run's identity, atomically."""
     _atomic_save({
         "step": state.step,
         "lora": lora_state_dict(unet),
         "optimizer": optim.state_dict(),
         "generators": {k: g.get_state() for k, g in gens.items()},
         "signature": json.dumps(resume_signature(cfg), sort_keys=True),
+        "identity": asdict(identity),
         "log": state.log,
         "elapsed_s": state.elapsed_s,
     }, path)
 
 
-def load_checkpoint(path: Path, cfg: FinetuneConfig, unet, optim, gens: dict[str, torch.Generator]) -> TrainState:
-    """Restore a checkpoint written by `save_checkpoint` for the same config."""
+def check_identity(path: Path, stored: dict[str, str] | None, identity: RunIdentity) -> None:
+    """Refuse to resume a checkpoint trained on other data or another base model. Rule for checkpoints written
+    before identities were stored (no "identity" entry): refused as well, since their data cannot be checked and
+    an equal path proves nothing; such a run has to start over."""
+    start_over = "delete the checkpoint, use a new out_dir or pass --no-resume to start over"
+    if stored is None:
+        raise ValueError(f"checkpoint {path} has no record of its training data (an older version wrote it), so "
+                         f"resuming could mix data; {start_over}")
+    diff = [f"{k.replace('_', ' ')} {str(stored.get(k))[:12]} -> {v[:12]}" for k, v in asdict(identity).items()
+            if stored.get(k) != v]
+    if diff:
+        raise ValueError(f"checkpoint {path} was trained on other data or another base model than the config names "
+                         f"now ({'; '.join(diff)}); {start_over}")
+
+
+def load_checkpoint(path: Path, cfg: FinetuneConfig, identity: RunIdentity, unet, optim,
+                    gens: dict[str, torch.Generator]) -> TrainState:
+    """Restore a checkpoint written by `save_checkpoint` for the same config, dataset contents and base model."""
     try:
         ckpt = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same message
@@ -265,6 +298,7 @@ def load_checkpoint(path: Path, cfg: FinetuneConfig, unet, optim, gens: dict[str
         diff = sorted(k for k in new if old.get(k) != new.get(k))
         raise ValueError(f"checkpoint {path} was made with another config (differs in {diff}); use a new out_dir "
                          "or delete the checkpoint")
+    check_identity(path, ckpt.get("identity"), identity)
     set_lora_state_dict(unet, ckpt["lora"])
     optim.load_state_dict(ckpt["optimizer"])
     for k, g in gens.items():
@@ -315,9 +349,9 @@ def finetune(
     out.mkdir(parents=True, exist_ok=True)
     pipe = pipe if pipe is not None else load_base(cfg)
     device = pipe.unet.device
-    base_fingerprint = model_fingerprint(pipe)
+    identity = RunIdentity.of(cfg, pipe)
     params = add_lora(pipe.unet, cfg.lora)
-    data = prepare_data(pipe, cfg, dataset, base_fingerprint, log)
+    data = prepare_data(pipe, cfg, dataset, identity, log)
     loss_cfg = cfg.loss_config(dict(pipe.scheduler.config))
     alphas = pipe.scheduler.alphas_cumprod.to(device)
     optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)  # constant lr, as the paper
@@ -326,7 +360,7 @@ def finetune(
     ckpt_path = out / CHECKPOINT
     state = TrainState(0, [], 0.0)
     if resume and ckpt_path.is_file():
-        state = load_checkpoint(ckpt_path, cfg, pipe.unet, optim, gens)
+        state = load_checkpoint(ckpt_path, cfg, identity, pipe.unet, optim, gens)
         log(f"resumed {ckpt_path} at step {state.step}")
     # 3. the loop
     pipe.unet.train()
@@ -353,23 +387,23 @@ def finetune(
                 bar.set_postfix(loss=f"{np.mean(running):.4f}")
                 running = []
             if state.step % cfg.checkpoint_every == 0:
-                save_checkpoint(ckpt_path, cfg, pipe.unet, optim, gens, state)
+                save_checkpoint(ckpt_path, cfg, identity, pipe.unet, optim, gens, state)
             if step_callback is not None:
                 step_callback(state.step, float(loss.detach()))
             if cfg.max_minutes > 0 and time.monotonic() - started > cfg.max_minutes * 60:
                 log(f"time limit of {cfg.max_minutes} min reached at step {state.step}")
                 break
     except KeyboardInterrupt:
-        save_checkpoint(ckpt_path, cfg, pipe.unet, optim, gens, state)
+        save_checkpoint(ckpt_path, cfg, identity, pipe.unet, optim, gens, state)
         log(f"interrupted: checkpoint at step {state.step} in {ckpt_path}; run again to resume")
         raise
     finally:
         bar.close()
     # 4. save: checkpoint, log, adapter
-    save_checkpoint(ckpt_path, cfg, pipe.unet, optim, gens, state)
-    info = {"base_model_fingerprint": base_fingerprint, "method": cfg.method, "steps_done": state.step,
-            "steps": cfg.steps, "train_seconds": round(state.elapsed_s, 1), "config": resume_signature(cfg),
-            "branch_t": loss_cfg.branch_t}
+    save_checkpoint(ckpt_path, cfg, identity, pipe.unet, optim, gens, state)
+    info = asdict(identity) | {"method": cfg.method, "steps_done": state.step, "steps": cfg.steps,
+                               "train_seconds": round(state.elapsed_s, 1), "config": resume_signature(cfg),
+                               "branch_t": loss_cfg.branch_t}
     (out / "train_log.json").write_text(json.dumps(info | {"log": state.log}, indent=1), encoding="utf-8")
     adapter = save_adapter(pipe.unet, out / "adapter", cfg.lora, info)
     log(f"{cfg.method}: {state.step}/{cfg.steps} steps in {state.elapsed_s:.0f} s; adapter in {adapter}")

@@ -244,8 +244,9 @@ def interval(values: Sequence[float]) -> list[float]:
 
 
 # ----------------------------------------------------------------------------------------------- runs
-def cache_key(cfg: ReplicateConfig) -> str:
-    """Rows are reused only for the same base model, adapters, prompts and sampler settings."""
+def cache_key(cfg: ReplicateConfig, base_fingerprint: str) -> str:
+    """Rows are reused only for the same base model (its weights' fingerprint, so a model retrained at the same path
+    gets new rows), adapters (their bytes), prompts and sampler settings."""
     import hashlib
 
     from training.lora import ADAPTER_FILE
@@ -254,15 +255,17 @@ def cache_key(cfg: ReplicateConfig) -> str:
     for folder in (cfg.standard_adapter, cfg.sage_adapter):
         f = Path(folder) / ADAPTER_FILE
         h.update(f.read_bytes() if f.is_file() else b"-")
-    h.update(json.dumps([cfg.model, cfg.eval_items, cfg.n_groups, cfg.steps, cfg.guidance, cfg.seed,
-                         cfg.chunk_groups]).encode())
+    h.update(json.dumps([cfg.model, base_fingerprint, cfg.eval_items, cfg.n_groups, cfg.steps, cfg.guidance,
+                         cfg.seed, cfg.chunk_groups]).encode())
     return h.hexdigest()[:12]
 
 
 def run_rows(specs: list[tuple[str, str, int, bool]], es: EvalSet, pipes: dict, jd: Judges, cfg: ReplicateConfig,
              log=print) -> dict[str, dict]:
     """Generate and score rows (name, model, shared_steps, independent), reusing cached rows."""
-    cache = Path(cfg.cache) / cache_key(cfg) / es.name
+    from sage_core.models import model_fingerprint
+
+    cache = Path(cfg.cache) / cache_key(cfg, model_fingerprint(pipes["pretrained"])) / es.name
     cache.mkdir(parents=True, exist_ok=True)
     out = {}
     for name, model, k, independent in specs:
