@@ -110,11 +110,25 @@ def hierarchical_groups(
             floor = parent.depth if parent is not None else 0
             node = GroupNode(ids, max(floor, schedule.shared_steps(sim, steps)), sim, parent=parent)
             if len(ids) > 1 and level + 1 < len(taus):
-                node.children = [c for c in build(ids, level + 1, node) if c.depth > node.depth]
+                node.children = fold(build(ids, level + 1, node), node)
             nodes.append(node)
         return nodes
 
     return build(list(range(unit.shape[0])), 0, None)
+
+
+def fold(children: Sequence[GroupNode], parent: GroupNode) -> list[GroupNode]:
+    """The sub-groups of `parent` that add shared steps: one no deeper than `parent` is folded into it, its own
+    (deeper) sub-groups becoming `parent`'s."""
+    out = []
+    for child in children:
+        if child.depth > parent.depth:
+            out.append(child)
+            continue
+        for grandchild in child.children:
+            grandchild.parent = parent
+        out.extend(child.children)
+    return out
 
 
 def leaf_of(roots: Sequence[GroupNode]) -> dict[int, GroupNode]:

@@ -60,6 +60,20 @@ def test_hierarchy_nests_and_depth_grows_with_similarity():
     assert all(leaf.depth >= 1 for leaf in leaf_of(roots).values())
 
 
+def test_a_level_that_adds_no_step_keeps_its_tighter_sub_groups():
+    """Two tight pairs (0.96 inside) 0.78 apart: the 0.75 level regroups all four at the root's depth and is folded
+    into the root, but the pairs it would have split at 0.9 still share their deeper steps."""
+    c, s = 0.99, (1 - 0.99**2) ** 0.5
+    a, b = np.array([1.0, 0, 0, 0]), np.array([0.8, 0.6, 0, 0])
+    e3, e4 = np.eye(4)[2], np.eye(4)[3]
+    emb = np.stack([c * a + s * e3, c * a - s * e3, c * b + s * e4, c * b - s * e4]).astype(np.float32)
+    two = hierarchical_groups(emb, taus=(0.6, 0.9), max_sizes=(16, 5), schedule=DepthSchedule(), steps=20)
+    three = hierarchical_groups(emb, taus=(0.6, 0.75, 0.9), max_sizes=(16, 8, 5), schedule=DepthSchedule(), steps=20)
+    assert [[n.members for n in lv] for lv in levels(three)] == [[[0, 1, 2, 3]], [[0, 1], [2, 3]]]
+    assert {m: n.depth for m, n in leaf_of(three).items()} == {m: n.depth for m, n in leaf_of(two).items()}
+    assert all(leaf.depth == 10 and leaf.parent is three[0] for leaf in leaf_of(three).values())
+
+
 def test_hierarchical_plan_runs_and_counts_exactly(tiny_pipe):
     prompts = [f"a red circle number {i}" for i in range(6)]
     config = SamplingConfig(steps=8, guidance=7.5)
