@@ -11,7 +11,8 @@ Frame layout (all integers little-endian; see docs/codec.md for the table)::
 
 Modes
     lossless: ``fp32``, ``fp16``, ``bf16``  -- byte-shuffled, then zstd. Bit-exact for data already in
-              that dtype; other float inputs are cast (fp16 refuses values outside +-65504).
+              that dtype; other float inputs are cast (fp16 refuses values outside +-65504, every
+              lossless mode a value its cast would turn into Inf).
     lossy:    ``int8``, ``int6``, ``int5``, ``int4`` -- per-channel affine (min/max) uniform quantizer with
               2**bits levels (int4 packs two codes per byte), then zstd, which entropy-codes the codes.
               ``fp8`` -- per-channel absmax scaling to float8 e4m3, then zstd.
@@ -446,11 +447,14 @@ class LatentCodec:
 
     @staticmethod
     def _lossless_payload(x: torch.Tensor, mode: str) -> tuple[np.ndarray, int]:
-        """Cast to the mode's dtype (refusing fp16 overflow) and return its bytes as a flat array."""
+        """Cast to the mode's dtype (refusing fp16 overflow, and any value the cast turns into Inf) and return its
+        bytes as a flat array."""
         target = _TORCH_OUT[mode]
         if target == torch.float16 and x.numel() and float(x.abs().max()) > FP16_MAX:
             raise CodecError(f"latent magnitude {float(x.abs().max()):.4g} overflows fp16 (max {FP16_MAX})")
         y = x.to(target).reshape(-1)
+        if not bool(torch.isfinite(y).all()):
+            raise CodecError(f"latent magnitude {float(x.abs().max()):.4g} overflows {mode}")
         if target == torch.bfloat16:
             y = y.view(torch.int16)
         arr = y.numpy()

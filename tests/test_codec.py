@@ -150,6 +150,13 @@ def test_fp16_refuses_overflow_instead_of_sending_inf():
         LatentCodec(CodecSpec("fp16")).encode(torch.tensor([1.0, 70000.0]))
 
 
+@pytest.mark.parametrize("mode,x", [("fp32", torch.tensor([1.0, 1e300], dtype=torch.float64)),
+                                    ("bf16", torch.tensor([1.0, 3.4e38]))])
+def test_lossless_modes_refuse_a_cast_overflow_instead_of_sending_a_frame_decode_refuses(mode, x):
+    with pytest.raises(CodecError, match=f"overflows {mode}"):
+        LatentCodec(CodecSpec(mode)).encode(x)
+
+
 def test_fp32_mode_casts_float64_and_is_exact_for_float32_values():
     x = latent((3, 5)).double()
     y = LatentCodec(CodecSpec("fp32")).decode(LatentCodec(CodecSpec("fp32")).encode(x))
