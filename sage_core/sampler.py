@@ -127,11 +127,19 @@ class BranchPoint:
 
 def make_scheduler(base_config: dict, name: str, steps: int, device: torch.device | str = "cpu"):
     """A fresh scheduler of kind `name` from a pipeline's scheduler config, with `steps` timesteps set.
-    Never share one between trajectories: diffusers schedulers keep a step counter."""
+    Never share one between trajectories: diffusers schedulers keep a step counter. A ValueError where the
+    schedule reaches past the model's training timesteps (DDIM's "leading" spacing with steps_offset 1 at
+    1000 of 1000 steps), which diffusers' step would only meet as an IndexError."""
     cls = SCHEDULERS[name]
     extra = {"algorithm_type": "dpmsolver++"} if name == "dpmpp" else {}
     scheduler = cls.from_config(base_config, **extra)
-    scheduler.set_timesteps(steps, device=device)
+    scheduler.set_timesteps(steps)  # on the host first: checked without reading the device
+    top, train = float(scheduler.timesteps.max()), scheduler.config.num_train_timesteps
+    if top >= train:
+        raise ValueError(f"{name} with {steps} steps reaches timestep {top:g}, past the model's {train} "
+                         "training timesteps; use fewer steps")
+    if torch.device(device).type != "cpu":
+        scheduler.set_timesteps(steps, device=device)
     return scheduler
 
 

@@ -121,6 +121,15 @@ def test_bad_config_is_refused(kwargs):
         SamplingConfig(**kwargs)
 
 
+def test_a_schedule_past_the_training_timesteps_is_refused(tiny_pipe):
+    """DDIM's leading spacing with steps_offset 1 puts timestep 1000 first at 1000 steps: a ValueError, not an
+    IndexError inside the loop."""
+    with pytest.raises(ValueError, match="past the model's 1000 training timesteps"):
+        make_scheduler(tiny_pipe.scheduler.config, "ddim", 1000)
+    for name, steps in [("ddim", 999), ("dpmpp", 1000), ("euler", 1000)]:
+        assert int(make_scheduler(tiny_pipe.scheduler.config, name, steps).timesteps.max()) < 1000
+
+
 def test_guidance_schedule_interpolates():
     c = SamplingConfig(steps=11, guidance=8.0, guidance_end=3.0)
     assert c.guidance_at(0) == 8.0 and c.guidance_at(10) == 3.0 and c.guidance_at(5) == pytest.approx(5.5)
