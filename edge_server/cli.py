@@ -125,7 +125,7 @@ def serve(
 
     try:
         code = asyncio.run(run_server(cfg))
-    except ConfigError as exc:  # unreadable certificates or token file
+    except ConfigError as exc:  # unreadable certificates or token file, a port that cannot be bound
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
     raise typer.Exit(code)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,16 @@ GRPC_MESSAGE_LIMIT = 4 * 2**20
 
 class ConfigError(ValueError):
     """A configuration value or file that cannot be used; the message names the setting."""
+
+
+# the sequence settings, each as the tuple it is stored as (a file may give them as lists)
+_SEQUENCES: dict[str, Callable[[Any], tuple]] = {
+    "codecs": tuple,
+    "unet_buckets": lambda v: tuple(int(b) for b in v),
+    "adaptive_taus": lambda v: tuple(float(t) for t in v),
+    "adaptive_max_sizes": lambda v: tuple(int(n) for n in v),
+    "depth_schedule": lambda v: tuple((float(a), float(b)) for a, b in v),
+}
 
 
 @dataclass(frozen=True)
@@ -118,11 +128,12 @@ class ServerConfig:
     extra: Mapping[str, Any] = field(default_factory=dict)  # unused keys are refused; kept for forward compat
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "codecs", tuple(self.codecs))
-        object.__setattr__(self, "unet_buckets", tuple(int(b) for b in self.unet_buckets))
-        object.__setattr__(self, "adaptive_taus", tuple(float(t) for t in self.adaptive_taus))
-        object.__setattr__(self, "adaptive_max_sizes", tuple(int(n) for n in self.adaptive_max_sizes))
-        object.__setattr__(self, "depth_schedule", tuple((float(a), float(b)) for a, b in self.depth_schedule))
+        for name, convert in _SEQUENCES.items():
+            value = getattr(self, name)
+            try:
+                object.__setattr__(self, name, convert(value))
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"{name}: cannot read {value!r} ({exc})") from exc
         for problem in _problems(self):
             raise ConfigError(problem)
 
@@ -218,8 +229,8 @@ def _problems(c: ServerConfig) -> list[str]:
         "model_sha256 must be 64 lowercase hex digits (sage-edge-server model-sha256 FOLDER prints it)",
     )
     need(
-        c.model_sha256 is None or c.model not in ("tiny",),
-        "model_sha256 pins a model folder; the in-memory 'tiny' model has none",
+        c.model_sha256 is None or c.model not in ("tiny", "sd15-random"),
+        "model_sha256 pins a model folder; the in-memory 'tiny' and 'sd15-random' models have none",
     )
     need(
         c.metrics_port is None or 0 <= c.metrics_port <= 65535,
@@ -228,7 +239,7 @@ def _problems(c: ServerConfig) -> list[str]:
     need(bool(c.metrics_host), "metrics_host must not be empty")
     need(c.grace_s >= 0, f"grace_s must be >= 0, got {c.grace_s}")
     need(c.log_format in LOG_FORMATS, f"log_format must be one of {LOG_FORMATS}, got {c.log_format!r}")
-    need(c.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), f"bad log_level {c.log_level!r}")
+    need(str(c.log_level).upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), f"bad log_level {c.log_level!r}")
     need(not c.extra, f"unknown settings: {sorted(c.extra)}")
     return out
 
@@ -237,7 +248,10 @@ def read_config_file(path: Path) -> dict[str, Any]:
     """Settings from a YAML (.yaml/.yml) or TOML (.toml) file; a `server:` / `[server]` section is optional."""
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    text = path.read_text()
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from exc
     try:
         if path.suffix == ".toml":
             data = tomllib.loads(text)
@@ -247,9 +261,10 @@ def read_config_file(path: Path) -> dict[str, Any]:
             raise ConfigError(f"config file {path} must end in .yaml, .yml or .toml")
     except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"cannot parse {path}: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of settings")
-    return dict(data.get("server", data))
+    settings = data.get("server", data) if isinstance(data, dict) else None
+    if not isinstance(settings, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of settings (optionally under `server:`)")
+    return dict(settings)
 
 
 def build_config(file: Path | None = None, overrides: Mapping[str, Any] | None = None) -> ServerConfig:

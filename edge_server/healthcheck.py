@@ -36,7 +36,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def _channel(args: argparse.Namespace) -> grpc.Channel:
-    """Plaintext, TLS or mutual-TLS channel as the options say."""
+    """Plaintext, TLS or mutual-TLS channel as the options say; ValueError for half a client key pair."""
+    if bool(args.tls_cert) != bool(args.tls_key):  # grpc would abort the process on a certificate without its key
+        raise ValueError("--tls-cert and --tls-key go together (mutual TLS)")
     if not (args.tls_ca or args.tls_cert):
         return grpc.insecure_channel(args.address)
 
@@ -59,6 +61,8 @@ def check(args: argparse.Namespace) -> tuple[bool, str]:
         return False, f"{exc.code().name}: {exc.details()}"
     except OSError as exc:
         return False, f"cannot read a TLS file: {exc}"
+    except ValueError as exc:
+        return False, str(exc)
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     return reply.status == health_pb2.HealthCheckResponse.SERVING, status
 

@@ -265,8 +265,13 @@ async def start_workers(config: ServerConfig) -> tuple[list[Any], list[Any]]:
     """Create the worker actors and wait until each has loaded the model; returns (handles, infos)."""
     from ray.exceptions import RayActorError
 
-    from edge_server.worker import make_worker_actor
+    from edge_server.worker import make_worker_actor, worker_slots
 
+    if config.ray_address is None and config.num_workers > (slots := worker_slots()):  # would wait forever
+        raise ConfigError(
+            f"num_workers {config.num_workers} needs one GPU (without one: one CPU) per worker and the local Ray has "
+            f"{slots}: lower --num-workers or raise --ray-num-cpus"
+        )
     workers = [make_worker_actor(config) for _ in range(config.num_workers)]
     try:
         infos = await asyncio.gather(*(asyncio.wrap_future(w.info.remote().future()) for w in workers))
@@ -300,6 +305,27 @@ def actor_error_reason(exc: BaseException) -> str:
 
 
 # ---- server --------------------------------------------------------------------------------------------------
+def bind_port(server: grpc.aio.Server, config: ServerConfig, credentials: grpc.ServerCredentials | None) -> int:
+    """Bind the gRPC port (0: a free one) and return it; ConfigError when host:port cannot be bound."""
+    address = f"{config.host}:{config.port}"
+    try:
+        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    except RuntimeError:  # grpc raises where older versions returned 0
+        port = 0
+    if port == 0:
+        raise ConfigError(f"cannot bind {address}: the port is in use or the host is not an address of this machine")
+    return port
+
+
+def serve_metrics(metrics: EdgeMetrics, config: ServerConfig) -> int:
+    """Serve /metrics on metrics_host:metrics_port and return the port; ConfigError when it cannot be bound."""
+    try:
+        http, _ = metrics.serve(config.metrics_host, config.metrics_port or 0)
+    except OSError as exc:
+        raise ConfigError(f"cannot serve metrics on {config.metrics_host}:{config.metrics_port}: {exc}") from exc
+    return int(http.server_port)
+
+
 async def serve(config: ServerConfig) -> int:
     """Run the edge server until SIGTERM/SIGINT; then drain gracefully. Returns the process exit code."""
     setup_logging(config)
@@ -334,13 +360,9 @@ async def serve(config: ServerConfig) -> int:
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-        address = f"{config.host}:{config.port}"
-        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
-        if port == 0:
-            raise RuntimeError(f"cannot bind {config.host}:{config.port}")
+        port = bind_port(server, config, credentials)
         if config.metrics_port is not None:
-            http, _ = metrics.serve(config.metrics_host, config.metrics_port)
-            metrics_port = http.server_port
+            metrics_port = serve_metrics(metrics, config)
             print(f"{METRICS_MARKER} host={config.metrics_host} port={metrics_port}", flush=True)
             log.info("metrics", extra={"fields": {"host": config.metrics_host, "port": metrics_port}})
         log.info(

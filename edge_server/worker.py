@@ -432,6 +432,14 @@ def make_worker_actor(config: ServerConfig) -> Any:
     return actor_cls.remote(config)
 
 
+def worker_slots() -> int:
+    """How many worker actors the Ray cluster's resources hold now: one GPU each, else (no GPU) one CPU each."""
+    import ray
+
+    resources = ray.cluster_resources()
+    return int(resources.get("GPU", 0)) if _cluster_has_gpu() else int(resources.get("CPU", 0))
+
+
 def _cluster_has_gpu() -> bool:
     """Whether the Ray cluster offers a GPU (the actor then takes one)."""
     import ray

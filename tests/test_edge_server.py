@@ -68,6 +68,53 @@ def test_config_file_and_overrides(tmp_path: Path) -> None:
         ServerConfig(codecs=("zip",))
 
 
+def test_malformed_config_file_is_a_one_line_error(tmp_path: Path) -> None:
+    """Settings of the wrong shape or type, an empty `server:` section and a file that is not text are ConfigErrors
+    naming the problem, and `serve` says so in one line (exit 2), never with a traceback."""
+    from typer.testing import CliRunner
+
+    from edge_server.cli import app
+
+    cases = {
+        "adaptive_taus: [x]\n": "adaptive_taus",
+        "depth_schedule: [[0.7]]\n": "depth_schedule",
+        "unet_buckets: [a]\n": "unet_buckets",
+        "codecs: 5\n": "codecs",
+        "log_level: 5\n": "log_level",
+        "server:\n": "mapping of settings",
+    }
+    for i, (text, needle) in enumerate(cases.items()):
+        path = tmp_path / f"bad{i}.yaml"
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=needle):
+            build_config(path)
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        build_config(binary)
+    result = CliRunner().invoke(app, ["serve", "--config", str(tmp_path / "bad0.yaml")])
+    assert result.exit_code == 2 and "error: adaptive_taus" in result.output, result.output
+    assert "Traceback" not in result.output
+
+
+async def test_busy_ports_are_config_errors() -> None:
+    """A gRPC or metrics port that is taken, or a host that is not an address here, is a ConfigError naming the
+    address (the CLI prints it in one line, exit 2), not grpc's RuntimeError or an OSError traceback."""
+    from edge_server.metrics import EdgeMetrics
+    from edge_server.service import bind_port, serve_metrics
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        for config in (ServerConfig(port=busy), ServerConfig(host="999.1.1.1", port=0)):
+            with pytest.raises(ConfigError, match=f"cannot bind {config.host}:{config.port}"):
+                bind_port(server, config, None)
+        with pytest.raises(ConfigError, match=f"cannot serve metrics on 127.0.0.1:{busy}"):
+            serve_metrics(EdgeMetrics(), ServerConfig(metrics_port=busy))
+
+
 def test_resolve_fills_defaults_and_rejects() -> None:
     """Admission rules: defaults are filled in; every malformed field is INVALID_ARGUMENT."""
     cfg = ServerConfig(max_prompt_chars=50, max_steps=60, max_image_side=256)
@@ -101,6 +148,14 @@ def test_resolve_fills_defaults_and_rejects() -> None:
     with pytest.raises(EngineError) as err:
         resolve(ImageSpec(prompt="a", model_fingerprint="other"), cfg, info)
     assert err.value.code == "FAILED_PRECONDITION"
+
+
+def test_more_workers_than_the_local_ray_holds_fail_at_start() -> None:
+    """More workers than the local Ray can place (one GPU each, or one CPU each without a GPU) end the start with
+    the reason in one line, instead of waiting forever for actors Ray never schedules."""
+    with pytest.raises(RuntimeError, match="error: num_workers 64 needs one GPU") as err:
+        start_edge_server("--num-workers", "64", "--ray-num-cpus", "1", timeout=120)
+    assert "Traceback" not in str(err.value)
 
 
 # ---- one shared server --------------------------------------------------------------------------------------------

@@ -237,9 +237,22 @@ def test_security_settings_are_validated(tmp_path: Path) -> None:
         ServerConfig(model="/m", model_sha256="abc")
     with pytest.raises(ConfigError, match="tiny"):
         ServerConfig(model="tiny", model_sha256="0" * 64)
+    with pytest.raises(ConfigError, match="sd15-random"):  # built in memory: a pin would be ignored
+        ServerConfig(model="sd15-random", model_sha256="0" * 64)
     with pytest.raises(ValueError, match="plaintext"):
         DeviceConfig(server="10.0.0.5:50051", token="t" * 20)
     DeviceConfig(server="10.0.0.5:50051", token="t" * 20, tls=True)
+
+
+def test_health_probe_refuses_half_a_client_key_pair(tmp_path: Path) -> None:
+    """A client certificate without its key (or a key alone) is a one-line 'unhealthy' (exit 1), not a crash of
+    grpc's C core (exit 134) nor a silently plaintext probe."""
+    pem = tmp_path / "c.pem"
+    pem.write_text("-----BEGIN CERTIFICATE-----\n")
+    base = [sys.executable, "-m", "edge_server.healthcheck", "--address", "127.0.0.1:9", "--timeout", "1"]
+    for half in (["--tls-cert", str(pem)], ["--tls-key", str(pem)]):
+        out = subprocess.run(base + half, cwd=REPO_ROOT, env=server_env(), capture_output=True, text=True, timeout=60)
+        assert out.returncode == 1 and "unhealthy: --tls-cert and --tls-key go together" in out.stderr, out
 
 
 def test_model_sha256_pin(tiny_pipe, tmp_path: Path) -> None:
