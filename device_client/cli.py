@@ -51,7 +51,7 @@ def generate_cmd(
     tls_cert: Annotated[str | None, typer.Option("--tls-cert", help="PEM client certificate (mutual TLS)")] = None,
     tls_key: Annotated[str | None, typer.Option("--tls-key", help="PEM key of --tls-cert")] = None,
     tls_server_name: Annotated[
-        str | None, typer.Option("--tls-server-name", help="name to check in the server certificate")
+        str | None, typer.Option("--tls-server-name", help="name to check in the server certificate (needs TLS)")
     ] = None,
     token_file: Annotated[
         Path | None, typer.Option("--token-file", help="bearer token file; default: $SAGE_EDGE_TOKEN if set")

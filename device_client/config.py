@@ -15,6 +15,7 @@ from sage_core.sampler import MAX_STEPS, SCHEDULERS
 
 TINY_MODEL = "tiny"  # sage_core.models.tiny_pipeline(seed=0), what a `--model tiny` server runs
 DEFAULT_PAYLOAD_CAP = 80 * 2**20  # bytes of latent payload a device agrees to buffer
+MAX_TIMEOUT_S = 86_400.0  # a day; gRPC turns a deadline past 2^63 ns into DEADLINE_EXCEEDED at once
 
 
 @dataclass(frozen=True)
@@ -63,12 +64,15 @@ class DeviceConfig:
         for side in (self.height, self.width):
             if side and (side < 8 or side % 8):
                 raise ValueError(f"height and width must be multiples of 8 (0: default), got {side}")
-        if self.connect_timeout_s <= 0 or self.timeout_s <= 0:
-            raise ValueError("timeouts must be positive")
+        for name, seconds in (("connect timeout", self.connect_timeout_s), ("timeout", self.timeout_s)):
+            if not 0 < seconds <= MAX_TIMEOUT_S:  # also false for NaN; gRPC ends longer ones at once
+                raise ValueError(f"{name} must be in (0, {MAX_TIMEOUT_S:g}] seconds, got {seconds}")
         if self.max_payload_bytes <= 0:
             raise ValueError("max_payload_bytes must be positive")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert and tls_key go together (mutual TLS)")
+        if self.tls_server_name and not self.uses_tls():
+            raise ValueError("tls_server_name names the server certificate: it needs TLS (tls or tls_ca)")
         if self.token is not None and not self.token.strip():
             raise ValueError("token is empty")
         if self.token is not None and self.server is not None and not self.uses_tls() and not is_loopback(self.server):

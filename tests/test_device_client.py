@@ -4,6 +4,7 @@ runs the real shared phase on the tiny pipeline (no Ray, no subprocess)."""
 from __future__ import annotations
 
 import hashlib
+import math
 import socket
 from concurrent import futures
 
@@ -228,6 +229,17 @@ def test_config_rejects_bad_values():
     for bad in (dict(server="nohost"), dict(steps=-1), dict(share=2.0), dict(accepted_codecs=("zip",))):
         with pytest.raises(ValueError):
             DeviceConfig(**bad)
+
+
+def test_config_rejects_timeouts_grpc_cannot_keep_and_a_server_name_without_tls():
+    """NaN, infinite or huge timeouts would end every request at once with DEADLINE_EXCEEDED (or call the server
+    unreachable); a certificate name without TLS would silently send in plaintext."""
+    for bad in (dict(timeout_s=math.inf), dict(timeout_s=math.nan), dict(timeout_s=1e12), dict(connect_timeout_s=0)):
+        with pytest.raises(ValueError, match="timeout must be in"):
+            DeviceConfig(**bad)
+    with pytest.raises(ValueError, match="needs TLS"):
+        DeviceConfig(server="10.0.0.5:50051", tls_server_name="edge.example")
+    DeviceConfig(server="10.0.0.5:50051", tls_server_name="edge.example", tls=True, timeout_s=3600.0)
 
 
 def test_adapter_is_applied_to_the_branch_phase_and_recorded(fake_server, device_model, tmp_path):
