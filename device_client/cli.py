@@ -66,6 +66,8 @@ def generate_cmd(
 
     if model is None and resolve_model(None) == "tiny":
         typer.echo("note: the shipped default model is not installed yet; using the tiny random pipeline", err=True)
+    if out.is_dir():
+        fail(f"{out} is a folder; give the PNG file to write (-o)")
     try:
         config = DeviceConfig(
             server=server,
@@ -105,11 +107,16 @@ def generate_cmd(
     )
     if m.get("fallback_reason"):
         typer.echo(f"fell back to local sampling: {m['fallback_reason']}")
+    if m.get("ignored_tokens"):
+        typer.echo(f"note: the prompt is too long: the text encoder read its start and ignored the last "
+                   f"{m['ignored_tokens']} tokens, as diffusers does", err=True)
 
 
 @main.command("demo")
 def demo_cmd(
-    prompts: Annotated[Path, typer.Option("--prompts", help="one prompt per line")] = Path("examples/prompts.txt"),
+    prompts: Annotated[
+        Path, typer.Option("--prompts", help="UTF-8 text, one prompt per line (blank and # lines skipped)")
+    ] = Path("examples/prompts.txt"),
     out: Annotated[Path, typer.Option("--out", help="folder for images, grids and report.json")] = Path("demo_out"),
     clients: Annotated[int, typer.Option("--clients", min=1, help="concurrent device clients")] = 8,
     model: Annotated[

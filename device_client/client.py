@@ -30,7 +30,7 @@ from device_client.config import TINY_MODEL, DeviceConfig
 from protos.sage_edge.v1 import edge_pb2, edge_pb2_grpc
 from sage_core.adapters import ADAPTER_NONE, load_adapter, resolve_adapter
 from sage_core.codec import CodecError, CodecSpec, LatentCodec
-from sage_core.generate import decode_latents, encode_prompts, generate
+from sage_core.generate import decode_latents, encode_prompts, generate, overlong_prompts
 from sage_core.grouping import GroupingConfig
 from sage_core.models import load_pipeline, model_fingerprint, tiny_pipeline
 from sage_core.outputs import to_pil
@@ -435,6 +435,9 @@ class DeviceClient:
                 ) from exc
         result.timings_ms["total"] = (time.perf_counter() - t0) * 1e3
         result.metadata["timings_ms"] = {k: round(v, 3) for k, v in result.timings_ms.items()}
+        ignored = overlong_prompts(self.model.pipe.tokenizer, [prompt]).get(0)
+        if ignored:  # the text encoder read only the prompt's start, on the server and here
+            result.metadata["ignored_tokens"] = ignored
         return result
 
     async def generate_async(self, prompt: str, seed: int | None = None) -> DeviceResult:

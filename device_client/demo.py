@@ -68,17 +68,6 @@ class RequestRecord:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
-def read_prompt_lines(path: Path) -> list[str]:
-    """Non-empty lines of a UTF-8 file (lines starting with '#' are comments)."""
-    if not path.is_file():
-        raise DemoError(f"prompts file {path} does not exist")
-    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
-    prompts = [ln for ln in lines if ln and not ln.startswith("#")]
-    if not prompts:
-        raise DemoError(f"prompts file {path} holds no prompts")
-    return prompts
-
-
 def resolve_model(model: str | None) -> str:
     """The model both sides run: the given one, else the shipped default if present, else "tiny"."""
     from sage_core.models import DEFAULT_MODEL_DIR
@@ -259,8 +248,10 @@ def run_demo(
 def run_demo_config(config: DemoConfig, progress: bool = False) -> dict:
     """`run_demo` for a ready DemoConfig."""
 
+    from sage_core.generate import read_prompt_file
+
     # 1. inputs; the output folder is written atomically (a failed run leaves nothing half-written)
-    prompts = read_prompt_lines(config.prompts_file)
+    prompts = read_prompt_file(config.prompts_file)
     model_name = resolve_model(config.model)
     if config.model is None and model_name == TINY_MODEL:
         print("note: the shipped default model is not installed yet; the demo runs the tiny random pipeline")

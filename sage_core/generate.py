@@ -49,7 +49,8 @@ def read_prompt_file(path: Path) -> list[str]:
         lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: a byte-order mark is not prompt text
     except UnicodeDecodeError as exc:
         raise ValueError(f"prompt file {path} is not UTF-8 text: {exc.reason}") from exc
-    numbered = [(n, line.strip()) for n, line in enumerate(lines, 1) if line.strip() and not line.startswith("#")]
+    stripped = [(n, line.strip()) for n, line in enumerate(lines, 1)]
+    numbered = [(n, line) for n, line in stripped if line and not line.startswith("#")]
     if not numbered:
         raise ValueError(f"prompt file {path} holds no prompts")
     for n, prompt in numbered:

@@ -263,6 +263,16 @@ def test_missing_adapter_folder_is_a_clear_error(tmp_path):
         DeviceModel.wrap(tiny_pipeline(seed=0), DeviceConfig(adapter=str(tmp_path / "nope")))
 
 
+
+def test_an_overlong_prompt_is_recorded_with_the_tokens_ignored(fake_server, device_model):
+    from sage_core.generate import overlong_prompts
+
+    long = " ".join(["a red circle on the left of a blue square"] * 12)
+    with client_for(fake_server(""), device_model, steps=STEPS) as client:
+        short_result, long_result = client.generate("a blue square", seed=3), client.generate(long, seed=3)
+    assert "ignored_tokens" not in short_result.metadata
+    assert long_result.metadata["ignored_tokens"] == overlong_prompts(device_model.pipe.tokenizer, [long])[0] > 0
+
 def test_cli_generate_with_fallback_and_clear_errors(tmp_path):
     from typer.testing import CliRunner
 
@@ -280,3 +290,5 @@ def test_cli_generate_with_fallback_and_clear_errors(tmp_path):
     assert meta["mode"] == "local-fallback" and meta["seed"] == 3 and meta["prompt"] == "a red circle"
     res = runner.invoke(main, ["generate", "x", "--server", "nohost", "--model", "tiny"])
     assert res.exit_code == 1 and "host:port" in res.output
+    res = runner.invoke(main, [*base[:3], str(tmp_path), *base[4:], "--fallback-local"])  # -o a folder: refused first
+    assert res.exit_code == 1 and "is a folder" in res.output and "Traceback" not in res.output
