@@ -18,6 +18,12 @@ DEFAULT_PAYLOAD_CAP = 80 * 2**20  # bytes of latent payload a device agrees to b
 MAX_TIMEOUT_S = 86_400.0  # a day; gRPC turns a deadline past 2^63 ns into DEADLINE_EXCEEDED at once
 
 
+def valid_address(address: str) -> bool:
+    """Whether `address` is host:port with a host and a TCP port in [1, 65535]."""
+    host, _, port = address.rpartition(":")
+    return bool(host) and port.isdigit() and 1 <= int(port) <= 65535
+
+
 @dataclass(frozen=True)
 class DeviceConfig:
     """What a device runs and asks for. Zero / None request fields mean "the server's default"."""
@@ -48,8 +54,8 @@ class DeviceConfig:
     token: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        if self.server is not None and (":" not in self.server or not self.server.rsplit(":", 1)[1].isdigit()):
-            raise ValueError(f"server must be host:port, got {self.server!r}")
+        if self.server is not None and not valid_address(self.server):
+            raise ValueError(f"server must be host:port with a port in [1, 65535], got {self.server!r}")
         if not 0 <= self.steps <= MAX_STEPS:
             raise ValueError(f"steps must be in [0, {MAX_STEPS}] (0: server default), got {self.steps}")
         if self.share is not None and not 0.0 <= self.share <= 1.0:

@@ -226,7 +226,8 @@ def test_verify_payload_checks_size_and_frame_table():
 
 
 def test_config_rejects_bad_values():
-    for bad in (dict(server="nohost"), dict(steps=-1), dict(share=2.0), dict(accepted_codecs=("zip",))):
+    for bad in (dict(server="nohost"), dict(server="host:99999"), dict(server="host:0"), dict(server=":50051"),
+                dict(steps=-1), dict(share=2.0), dict(accepted_codecs=("zip",))):
         with pytest.raises(ValueError):
             DeviceConfig(**bad)
 
