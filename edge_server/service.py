@@ -9,6 +9,7 @@ names, and the request's metrics. Any failure ends the call with a gRPC status a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -17,9 +18,9 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -32,6 +33,7 @@ from edge_server.security import TokenAuthInterceptor, TokenTable, load_token_ta
 from protos.sage_edge.v1 import edge_pb2, edge_pb2_grpc
 
 log = logging.getLogger("sage_edge.service")
+T = TypeVar("T")
 SERVICE_NAME = edge_pb2.DESCRIPTOR.services_by_name["EdgeSampler"].full_name
 VERSION = "0.1.0"
 LISTENING_MARKER = "SAGE_EDGE_LISTENING"
@@ -93,11 +95,15 @@ class EdgeSamplerServicer(edge_pb2_grpc.EdgeSamplerServicer):
         self.metrics = metrics
 
     def _spec(self, request: edge_pb2.ImageRequest, context: grpc.aio.ServicerContext) -> ImageSpec:
-        """The engine's view of a request; with token auth its client id is the one the token authenticates."""
+        """The engine's view of a request; with token auth its client id is the one the token authenticates, and
+        without, a request that names none is counted by its connection (`peer:` and the gRPC peer), so that
+        anonymous devices do not share one per-client stream cap."""
         spec = to_spec(request)
         if self.tokens is not None:
             client_id = self.tokens.client_from_metadata(context.invocation_metadata())
             spec = dataclasses.replace(spec, client_id=client_id or "")
+        elif not spec.client_id:
+            spec = dataclasses.replace(spec, client_id=f"peer:{context.peer()}"[:256])
         return spec
 
     async def RequestImage(  # noqa: N802 - gRPC method name
@@ -334,10 +340,15 @@ async def serve(config: ServerConfig) -> int:
     credentials = server_credentials(config)
     if config.ray_address is None:  # a local Ray reads the files here: say what is wrong before starting it
         preflight_files(config)
+    stop = stop_on_signals()  # from here on: a signal during the start stops the server cleanly too
     started_ray = await asyncio.to_thread(init_ray, config)
     log.info("ray_ready", extra={"fields": {"started_local": started_ray, "gcs_address": _gcs_address()}})
     try:
-        workers, infos = await start_workers(config)
+        started = None if stop.is_set() else await unless_stopped(start_workers(config), stop)
+        if started is None:
+            log.info("stopped_during_start", extra={"fields": {"started_local_ray": started_ray}})
+            return 0
+        workers, infos = started
         from edge_server.worker import make_worker_actor
 
         metrics = EdgeMetrics()
@@ -380,7 +391,7 @@ async def serve(config: ServerConfig) -> int:
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         print(f"{LISTENING_MARKER} host={config.host} port={port}", flush=True)
         log.info("listening", extra={"fields": {"host": config.host, "port": port}})
-        await _wait_for_signal()
+        await stop.wait()
         log.info(
             "shutting_down",
             extra={"fields": {"grace_s": config.grace_s, "in_flight": engine.stats()["active_requests"]}},
@@ -399,10 +410,24 @@ async def serve(config: ServerConfig) -> int:
             await asyncio.to_thread(ray.shutdown)
 
 
-async def _wait_for_signal() -> None:
-    """Return on the first SIGTERM or SIGINT."""
+def stop_on_signals() -> asyncio.Event:
+    """An event set on the first SIGTERM or SIGINT (instead of the default handlers, which end the process at once
+    and would leave a local Ray's workers behind)."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    return stop
+
+
+async def unless_stopped(work: Awaitable[T], stop: asyncio.Event) -> T | None:
+    """`work`'s result, or None when `stop` is set first (`work` is then cancelled)."""
+    task, waiter = asyncio.ensure_future(work), asyncio.ensure_future(stop.wait())
+    await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    waiter.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return None

@@ -115,6 +115,56 @@ async def test_busy_ports_are_config_errors() -> None:
             serve_metrics(EdgeMetrics(), ServerConfig(metrics_port=busy))
 
 
+
+def test_anonymous_requests_are_capped_by_connection_not_together() -> None:
+    """Without tokens, requests that name no client_id are counted per gRPC peer (their connection) for the
+    per-client stream cap; a named client_id is kept."""
+    from edge_server.service import EdgeSamplerServicer
+
+    class Context:
+        def __init__(self, peer: str) -> None:
+            self._peer = peer
+
+        def peer(self) -> str:
+            return self._peer
+
+        def invocation_metadata(self) -> tuple:
+            return ()
+
+    servicer = EdgeSamplerServicer(engine=None, config=ServerConfig())
+    anonymous = edge_pb2.ImageRequest(prompt="a cat")
+    a = servicer._spec(anonymous, Context("ipv4:10.0.0.5:40001")).client_id
+    b = servicer._spec(anonymous, Context("ipv4:10.0.0.6:40002")).client_id
+    assert a != b and a.startswith("peer:")
+    assert servicer._spec(anonymous, Context("ipv4:10.0.0.5:40001")).client_id == a
+    named = edge_pb2.ImageRequest(prompt="a cat", client_id="phone-7")
+    assert servicer._spec(named, Context("ipv4:10.0.0.5:40001")).client_id == "phone-7"
+    assert len(servicer._spec(anonymous, Context("unix:" + "x" * 400)).client_id) == 256
+
+
+def test_a_signal_during_the_start_stops_the_server_cleanly(tmp_path: Path) -> None:
+    """SIGTERM while the workers load (a `docker stop` during a long model load or compile) ends the start: the
+    server shuts its local Ray down and exits 0, instead of dying at once and leaving Ray's processes behind."""
+    from server_fixtures import DEFAULT_ARGS, REPO_ROOT
+
+    log_path = tmp_path / "server.log"
+    with log_path.open("w") as log_file:
+        process = subprocess.Popen([sys.executable, "-m", "edge_server", "serve", *DEFAULT_ARGS], cwd=REPO_ROOT,
+                                   env=server_env(), stdout=log_file, stderr=subprocess.STDOUT)
+        try:
+            end = time.monotonic() + 120
+            while "ray_ready" not in log_path.read_text() and process.poll() is None and time.monotonic() < end:
+                time.sleep(0.05)
+            assert "ray_ready" in log_path.read_text(), log_path.read_text()[-2000:]
+            process.send_signal(signal.SIGTERM)  # the worker is still loading: about 10 s on this CPU
+            code = process.wait(timeout=90)
+        finally:
+            if process.poll() is None:
+                process.kill()
+    log = log_path.read_text()
+    assert code == 0, log[-2000:]
+    assert "stopped_during_start" in log and "worker_ready" not in log and "Traceback" not in log
+
 def test_resolve_fills_defaults_and_rejects() -> None:
     """Admission rules: defaults are filled in; every malformed field is INVALID_ARGUMENT."""
     cfg = ServerConfig(max_prompt_chars=50, max_steps=60, max_image_side=256)
