@@ -32,12 +32,13 @@ import torch
 if __package__ in (None, ""):  # `python benchmarks/bench_codec.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sage_core.codec import MODES, RECOMMENDED_LOSSY_MODE, CodecSpec, LatentCodec  # noqa: E402
+from sage_core.codec import MAX_LEVEL, MIN_LEVEL, MODES, RECOMMENDED_LOSSY_MODE, CodecSpec, LatentCodec  # noqa: E402
 from sage_core.models import SD15_SCHEDULER_CONFIG  # noqa: E402
 
 DEFAULT_BETAS = (0.2, 0.3, 0.4)
 BUDGET_BYTES = 8 * 1024  # a quarter of a raw fp16 4x64x64 latent
 TARGET_PSNR_DB = 30.0
+QUICK = {"size": 16, "repeats": 2, "seeds": 1, "image_size": 64, "steps": 4, "prompts": 2, "betas": [0.4]}
 PROMPTS = (
     "a red circle on a blue background",
     "a big red circle on a dark blue background",
@@ -208,14 +209,15 @@ def image_bytes(image: np.ndarray) -> dict[str, int]:
 
 
 def load_model(path: str | None, allow_tiny: bool):
-    """The pipeline for the image part: `path`, else the default model, else (if allowed) the tiny random one."""
+    """The pipeline for the image part: `path`, else the default model, else (if allowed) the tiny random one;
+    exits with a one-line error when none of them loads."""
     from sage_core.models import ModelError, load_pipeline, tiny_pipeline
 
     try:
         return load_pipeline(path), (path or "default model")
     except ModelError as exc:
         if path is not None or not allow_tiny:
-            raise
+            raise SystemExit(f"error: {exc}") from None
         print(f"# NOTE: {exc}\n# NOTE: using tiny_pipeline() (random weights): image numbers only exercise the path")
         return tiny_pipeline(seed=0), "tiny random pipeline"
 
@@ -354,7 +356,7 @@ def print_image_table(rows: Sequence[ImageRow]) -> None:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny sizes and few repeats (CI smoke run)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes and few repeats by default (CI smoke run)")
     p.add_argument("--size", type=int, default=64, help="latent side of the synthetic SD-size latents")
     p.add_argument("--channels", type=int, default=4)
     p.add_argument("--betas", type=float, nargs="+", default=list(DEFAULT_BETAS))
@@ -372,9 +374,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--group-size", type=int, default=2, help="prompts per group in the image part")
     p.add_argument("--json", type=Path, default=None, help="also write all rows as JSON here")
     args = p.parse_args(argv)
-    if args.quick:
-        args.size, args.repeats, args.seeds, args.image_size, args.steps, args.prompts = 16, 2, 1, 64, 4, 2
-        args.betas = args.betas[:1] if args.betas != list(DEFAULT_BETAS) else [0.4]
+    if args.quick:  # its sizes are defaults: what the command line gives stands
+        p.set_defaults(**QUICK)
+        args = p.parse_args(argv)
+    if min(args.size, args.channels, args.steps, args.repeats, args.seeds, args.prompts, args.group_size) < 1 \
+            or args.image_size < 16:
+        p.error("--size, --channels, --steps, --repeats, --seeds, --prompts and --group-size take positive whole "
+                "numbers, --image-size at least 16")
+    if not all(0.0 <= b <= 1.0 for b in args.betas) or not MIN_LEVEL <= args.level <= MAX_LEVEL:
+        p.error(f"--betas take fractions in [0, 1], --level a zstd level in [{MIN_LEVEL}, {MAX_LEVEL}]")
     return args
 
 

@@ -504,7 +504,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             sizes = [0]
         if any(n < 1 for n in sizes):
             parser.error(f"--{flag.replace('_', '-')} takes positive whole numbers, comma-separated")
+    if min(args.steps, args.repeats, args.windows, args.stream_window, args.stream_windows) < 1:
+        parser.error("--steps, --repeats, --windows, --stream-window and --stream-windows take positive whole numbers")
+    if not (args.mean_group > 0 and args.peak_tflops > 0 and 0.0 <= args.share <= 1.0):
+        parser.error("--mean-group and --peak-tflops take positive numbers, --share a fraction in [0, 1]")
+    if args.stream:
+        check_stream(parser, args.stream)
     return args
+
+
+def check_stream(parser: argparse.ArgumentParser, path: str) -> None:
+    """Refuse, before anything runs, a --stream file that does not load or whose policy keeps a latent cache
+    (each window runs twice, a warm-up and then timed: the timed run would be served from the warm-up's latents)."""
+    import json
+
+    import numpy as np
+
+    try:
+        with np.load(path) as data:
+            policy = json.loads(str(data["meta"]))["policy"]
+    except (OSError, KeyError, ValueError) as exc:
+        parser.error(f"--stream {path}: not a stream file of benchmarks.coco_stream ({exc})")
+    if policy.get("cache_mb"):
+        parser.error(f"--stream {path}: its policy keeps a {policy['cache_mb']:g} MiB latent cache, which the "
+                     "timed windows would be served from; make the stream with a policy without one")
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -305,6 +305,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     """Compile (--parallel > 1) and time the variants; returns what it printed as a dict."""
     args = parse_args(argv)
+    if args.best_flags:  # an earlier run's winner must not outlive a run where none finishes (or that is cut short)
+        Path(args.best_flags).unlink(missing_ok=True)
     logs = Path(args.logs or (Path(args.json).parent if args.json else tempfile.mkdtemp(prefix="bench_variants-")))
     logs.mkdir(parents=True, exist_ok=True)
     deadline = time.perf_counter() + args.budget_s

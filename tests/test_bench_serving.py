@@ -115,3 +115,32 @@ def test_the_header_says_a_compiled_run_s_stock_column_runs_a_unet_of_its_own(ca
     print_header({**env, "unet_compile": "reduce-overhead", "unet_quantize": "fp8-rowwise"})
     out = capsys.readouterr().out
     assert "fused and quantized its pipeline's UNet in place" in out and "of their own" in out
+
+
+@pytest.mark.parametrize("argv", [["--windows", "0"], ["--repeats", "0"], ["--stream-window", "0"],
+                                  ["--mean-group", "0"], ["--peak-tflops", "0"], ["--share", "1.5"]])
+def test_settings_that_give_no_figures_are_refused_before_the_model_loads(argv, capsys):
+    # --windows 0 used to print a 100 % step saving from no window at all; --mean-group 0 a ZeroDivisionError
+    from benchmarks.bench_serving import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--model", "tiny", *argv])
+    assert "error:" in capsys.readouterr().err
+
+
+def test_a_stream_file_is_checked_before_the_windows_run(tmp_path, capsys):
+    import json
+
+    import numpy as np
+
+    from benchmarks.bench_serving import parse_args
+
+    with pytest.raises(SystemExit):  # used to fail with a traceback after every batch had been measured
+        parse_args(["--stream", str(tmp_path / "missing.npz")])
+    assert "not a stream file" in capsys.readouterr().err
+    cached = tmp_path / "cached.npz"  # the policy's cache used to be dropped without a word
+    np.savez(cached, prompts=np.array(["a"]), embeddings=np.zeros((1, 4), np.float32),
+             meta=np.array(json.dumps({"policy": {"sharing": "adaptive", "cache_mb": 64}})))
+    with pytest.raises(SystemExit):
+        parse_args(["--stream", str(cached)])
+    assert "64 MiB latent cache" in capsys.readouterr().err

@@ -119,3 +119,14 @@ def test_a_run_that_fails_after_its_timing_keeps_the_timing(tmp_path):
     (late,) = result["variants"]
     assert late["status"] == "ok" and late["ms_per_sample"] > 0 and result["best"] == "late"
     assert late["reason"].startswith("failed after its timing: ") and "No such file" in late["reason"]
+
+
+def test_no_finished_variant_leaves_no_best_flags(tmp_path):
+    # scripts/gpu_session.sh runs bench_serving with the flags file's contents whenever it is not empty: an
+    # earlier run's winner used to stay there when no variant of this run finished
+    flags = tmp_path / "best.txt"
+    flags.write_text("--unet-compile max-autotune\n", encoding="utf-8")
+    result = main(["--model", "tiny", "--rows", "2", "--repeats", "1", "--json", str(tmp_path / "v.json"),
+                   "--best-flags", str(flags), "--variant", "bad=--no-such-flag"])
+    assert result["variants"][0]["status"] == "failed" and result["best"] is None
+    assert not flags.exists()

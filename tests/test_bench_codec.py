@@ -1,0 +1,28 @@
+"""The codec benchmark's command line: --quick's small sizes give way to the options given, and settings it cannot
+run are refused with one line (its figures are checked by tests/test_codec.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.bench_codec import main, parse_args
+
+
+def test_quick_only_changes_the_defaults():
+    args = parse_args(["--quick", "--repeats", "1", "--steps", "6", "--betas", "0.2", "0.3"])
+    assert (args.repeats, args.steps, args.betas) == (1, 6, [0.2, 0.3])  # used to be 2, 4 and [0.2]
+    assert (args.size, args.seeds, args.prompts) == (16, 1, 2)
+    assert parse_args([]).size == 64 and parse_args(["--quick"]).betas == [0.4]
+
+
+@pytest.mark.parametrize("argv", [["--group-size", "0"], ["--repeats", "0"], ["--level", "99"], ["--betas", "1.5"],
+                                  ["--image-size", "4"]])
+def test_settings_it_cannot_run_are_refused_with_one_line(argv, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(argv)
+    assert "error:" in capsys.readouterr().err
+
+
+def test_a_missing_model_folder_is_one_line(tmp_path):
+    with pytest.raises(SystemExit, match="^error: model folder .* does not exist$"):
+        main(["--quick", "--modes", "fp16", "--model", str(tmp_path / "none")])
