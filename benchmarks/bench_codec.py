@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import math
 import statistics
 import sys
@@ -32,6 +31,7 @@ import torch
 if __package__ in (None, ""):  # `python benchmarks/bench_codec.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.results import write_json  # noqa: E402
 from sage_core.codec import MAX_LEVEL, MIN_LEVEL, MODES, RECOMMENDED_LOSSY_MODE, CodecSpec, LatentCodec  # noqa: E402
 from sage_core.models import SD15_SCHEDULER_CONFIG  # noqa: E402
 
@@ -488,9 +488,7 @@ def _run(args: argparse.Namespace) -> dict:
         f"{', '.join(fitting) or 'none'}"
     )
     result["modes_within_budget"] = fitting
-    if args.json is not None:
-        args.json.write_text(json.dumps(result, indent=2, default=str))
-    return result
+    return write_json(result, args.json)
 
 
 if __name__ == "__main__":

@@ -62,6 +62,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--requests", type=int, default=128)
     parser.add_argument("--out", default="runs/coco_stream.npz")
     args = parser.parse_args(argv)
+    if not args.out.endswith(".npz"):  # numpy would add it, and the file would not be where it was asked for
+        parser.error(f"--out must name a .npz file, got {args.out!r}")
+    if args.requests < 1:
+        parser.error(f"--requests must be >= 1, got {args.requests}")
     meta = make_stream(args.config, args.policy, args.requests, args.out)
     print(f"wrote {args.out}: {args.requests} requests ({meta['description']})")
 

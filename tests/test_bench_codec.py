@@ -3,6 +3,8 @@ run are refused with one line (its figures are checked by tests/test_codec.py)."
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from benchmarks.bench_codec import main, parse_args
@@ -26,3 +28,14 @@ def test_settings_it_cannot_run_are_refused_with_one_line(argv, capsys):
 def test_a_missing_model_folder_is_one_line(tmp_path):
     with pytest.raises(SystemExit, match="^error: model folder .* does not exist$"):
         main(["--quick", "--modes", "fp16", "--model", str(tmp_path / "none")])
+
+
+def test_json_results_make_their_folder(tmp_path):
+    """A benchmark's figures are not lost at the end of its run to a --json folder that does not exist yet."""
+    import json
+
+    from benchmarks.results import write_json
+
+    path = tmp_path / "new" / "deeper" / "result.json"
+    assert write_json({"ms": 2.07, "where": Path("x")}, str(path)) == {"ms": 2.07, "where": Path("x")}
+    assert json.loads(path.read_text()) == {"ms": 2.07, "where": "x"}

@@ -144,3 +144,13 @@ def test_a_stream_file_is_checked_before_the_windows_run(tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse_args(["--stream", str(cached)])
     assert "64 MiB latent cache" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [(["--out", "stream"], "must name a .npz file"),
+                                           (["--requests", "0"], "--requests must be >= 1")])
+def test_coco_stream_refuses_an_out_numpy_would_rename(capsys, args, message):
+    from benchmarks.coco_stream import main as coco_stream
+
+    with pytest.raises(SystemExit):
+        coco_stream(args)
+    assert message in capsys.readouterr().err
