@@ -42,7 +42,7 @@ def generate(
 ) -> None:
     """Group the prompts, run shared + branch sampling, write one PNG per prompt, a grid per group and
     report.json (groups, similarities, UNet evaluations used vs independent sampling, saving)."""
-    from sage_core.generate import check_prompts, overlong_prompts, read_prompt_file
+    from sage_core.generate import overlong_prompts, read_prompt_file
     from sage_core.grouping import GroupingConfig
     from sage_core.models import ModelError, load_pipeline
     from sage_core.outputs import atomic_output_dir, check_output_dir
@@ -52,8 +52,7 @@ def generate(
         config = SamplingConfig(steps=steps, guidance=guidance, share=share, scheduler=scheduler,
                                 shared_condition=shared_condition)
         grouping = GroupingConfig(tau=tau, max_group_size=max_group)
-        texts = read_prompt_file(prompts)
-        check_prompts(texts)
+        texts = read_prompt_file(prompts)  # no empty, blank or over-long prompt: check_prompts holds
         check_output_dir(out, overwrite, inputs=(prompts,))
         pipe = load_pipeline(model)
     except (ValueError, ModelError) as exc:
