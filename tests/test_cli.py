@@ -23,13 +23,17 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return path
 
 
+def run_cli_in(cwd: Path | None, cli: str, *args: str) -> subprocess.CompletedProcess:
+    """Run the CLI whose typer app is `cli` ("sage_core.cli:main"), from `cwd` (None: this one)."""
+    root = str(Path(__file__).resolve().parents[1])
+    module, app = cli.split(":")
+    return subprocess.run([sys.executable, "-c", f"from {module} import {app}; {app}()", *args],
+                          capture_output=True, text=True, timeout=300, cwd=cwd, env={**os.environ, "PYTHONPATH": root})
+
+
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-c", "from sage_core.cli import main; main()", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    """`sage-edge` with these arguments."""
+    return run_cli_in(None, "sage_core.cli:main", *args)
 
 
 def write_prompts(tmp_path: Path, text: str) -> Path:
@@ -121,14 +125,6 @@ def test_existing_output_is_not_overwritten(tmp_path, tiny_model_dir):
     res = run_cli("generate", "--prompts", str(prompts), "--out", str(out), "--model", str(tiny_model_dir))
     assert res.returncode != 0 and "--overwrite" in res.stderr
     assert (out / "keep.txt").read_text() == "mine"
-
-
-def run_cli_in(cwd: Path, cli: str, *args: str) -> subprocess.CompletedProcess:
-    """Run the CLI whose typer app is `cli` ("sage_core.cli:main") from another working folder."""
-    root = str(Path(__file__).resolve().parents[1])
-    module, app = cli.split(":")
-    return subprocess.run([sys.executable, "-c", f"from {module} import {app}; {app}()", *args],
-                          capture_output=True, text=True, timeout=300, cwd=cwd, env={**os.environ, "PYTHONPATH": root})
 
 
 @pytest.mark.parametrize("cli, command", [("sage_core.cli:main", "generate"), ("device_client.cli:main", "demo")])
