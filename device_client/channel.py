@@ -13,6 +13,8 @@ from typing import Any
 
 import grpc
 
+from sage_core.auth import parse_token_line
+
 TOKEN_ENV = "SAGE_EDGE_TOKEN"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 
@@ -23,15 +25,17 @@ def is_loopback(address: str) -> bool:
 
 
 def read_token(token_file: str | Path | None = None, env: str = TOKEN_ENV) -> str | None:
-    """A bearer token from `token_file` (its first non-empty line) or else the environment variable `env`."""
+    """A bearer token from `token_file` or else the environment variable `env`. The file's first line that is not
+    blank or a `#` comment holds it, bare or as `client_id:token` (a line copied from the server's token file)."""
     if token_file is not None:
         try:
-            lines = [ln.strip() for ln in Path(token_file).read_text().splitlines() if ln.strip()]
-        except OSError as exc:
+            lines = Path(token_file).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
             raise ValueError(f"cannot read the token file {token_file}: {exc}") from exc
-        if not lines:
-            raise ValueError(f"the token file {token_file} is empty")
-        return lines[0]
+        tokens = [parsed[1] for parsed in map(parse_token_line, lines) if parsed is not None]
+        if not tokens or not tokens[0]:
+            raise ValueError(f"the token file {token_file} holds no token")
+        return tokens[0]
     return os.environ.get(env) or None
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import grpc
 
 from edge_server.config import ConfigError, ServerConfig
+from sage_core.auth import parse_token_line
 
 log = logging.getLogger("sage_edge.security")
 AUTH_HEADER = "authorization"
@@ -71,13 +72,10 @@ class TokenTable:
         except OSError as exc:
             raise ConfigError(f"auth_tokens_file: cannot read {path}: {exc}") from exc
         for number, raw in enumerate(lines, 1):
-            line = raw.strip()
-            if not line or line.startswith("#"):
+            parsed = parse_token_line(raw)
+            if parsed is None:
                 continue
-            client_id, sep, token = line.partition(":")
-            if not sep:
-                client_id, token = "", line
-            client_id, token = client_id.strip(), token.strip()
+            client_id, token = parsed
             if len(token) < MIN_TOKEN_CHARS:
                 raise ConfigError(f"auth_tokens_file {path} line {number}: token shorter than {MIN_TOKEN_CHARS}")
             entries.append((client_id or f"token-{_digest(token).hex()[:8]}", token))

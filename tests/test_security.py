@@ -19,6 +19,7 @@ import pytest
 from server_fixtures import REPO_ROOT, EdgeServerProcess, server_env, start_edge_server
 from tls_certs import PKI, make_pki
 
+from device_client.channel import read_token
 from device_client.client import DeviceClient
 from device_client.config import DeviceConfig
 from edge_server.config import ConfigError, ServerConfig
@@ -133,8 +134,11 @@ async def test_bad_token_is_unauthenticated_on_every_method(server: EdgeServerPr
     assert not any(TOKENS["device-a"] in line or TOKENS["device-b"] in line for line in server.log_lines)
 
 
-async def test_good_certificate_and_token_stream_a_latent(server: EdgeServerProcess, pki: PKI) -> None:
-    """The device client over mutual TLS with a token receives, verifies and decodes its group's latent."""
+async def test_good_certificate_and_token_stream_a_latent(server: EdgeServerProcess, pki: PKI, tmp_path: Path) -> None:
+    """The device client over mutual TLS with a token receives, verifies and decodes its group's latent. Its token
+    file is a line copied from the server's (`client_id:token`)."""
+    token_file = tmp_path / "token.txt"
+    token_file.write_text(f"device-a:{TOKENS['device-a']}\n")
     config = DeviceConfig(
         server=server.address,
         model="tiny",
@@ -144,7 +148,7 @@ async def test_good_certificate_and_token_stream_a_latent(server: EdgeServerProc
         tls_ca=str(pki.ca),
         tls_cert=str(pki.client_cert),
         tls_key=str(pki.client_key),
-        token=TOKENS["device-a"],
+        token=read_token(token_file),
         timeout_s=60,
     )
     assert TOKENS["device-a"] not in repr(config)
@@ -222,6 +226,31 @@ def test_token_table_rules(tmp_path: Path) -> None:
         with pytest.raises(ConfigError, match=needle) as err:
             TokenTable.from_file(bad)
         assert "c" * 8 not in str(err.value) and "d" * 20 not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "token"),
+    [
+        ("abc123abc123abc123\n", "abc123abc123abc123"),
+        ("# my device\n\n  kiosk-12:abc123abc123abc123  \nsecond:line\n", "abc123abc123abc123"),
+        ("kiosk-12: abc123abc123abc123\n", "abc123abc123abc123"),
+    ],
+)
+def test_device_token_file_takes_the_servers_line_format(tmp_path: Path, text: str, token: str) -> None:
+    """A device reads its token file as the server reads its own: comments skipped, `client_id:token` split."""
+    path = tmp_path / "token.txt"
+    path.write_text(text)
+    assert read_token(path) == token
+
+
+@pytest.mark.parametrize("text", ["", "\n# only a comment\n", "kiosk-12:\n"])
+def test_device_token_file_without_a_token_is_refused(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "token.txt"
+    path.write_text(text)
+    with pytest.raises(ValueError, match="holds no token"):
+        read_token(path)
+    with pytest.raises(ValueError, match="cannot read the token file"):
+        read_token(tmp_path / "none.txt")
 
 
 def test_security_settings_are_validated(tmp_path: Path) -> None:
