@@ -1,7 +1,8 @@
 """Semantic grouping (Algorithm 1, line 2): partition prompts so every pair inside a group is similar.
 
 Cost: one similarity pass over row blocks, O(M^2 * D) multiply-adds and O(M * block) memory, then a greedy pass
-over each prompt's `candidates` nearest neighbours, O(M * candidates * max_group_size). On the 2-core CPU
+over each prompt's `candidates` nearest neighbours, O(M * candidates * max_group_size), plus an O(M * D) scan for a
+seed whose neighbour list ran out before its group was full. On the 2-core CPU
 10,000 prompts of 768-dim embeddings take about a second (see tests/test_grouping.py::test_grouping_scales).
 """
 
@@ -63,15 +64,31 @@ def nearest_neighbours(unit: np.ndarray, tau: float, candidates: int, block: int
     return out
 
 
+def remaining_neighbours(unit: np.ndarray, seed: int, tau: float, skip: np.ndarray) -> np.ndarray:
+    """Every row not in `skip` (nor the seed) with similarity >= tau to the seed, most similar first (ties by index):
+    the rest of a seed's neighbour list once its first `candidates` are used up."""
+    sims = unit @ unit[seed]
+    keep = sims >= tau
+    keep[skip] = False
+    keep[seed] = False
+    idx = np.flatnonzero(keep)
+    return idx[np.lexsort((idx, -sims[idx]))]
+
+
 def group_by_similarity(embeddings: np.ndarray | torch.Tensor, config: GroupingConfig) -> list[list[int]]:
     """Greedy, deterministic grouping: in input order, each ungrouped prompt seeds a group and takes its most
     similar ungrouped neighbours that are >= tau to EVERY member, up to max_group_size. Prompts that fit
-    nowhere are singletons. Groups are returned in order of their first member; members ascending."""
+    nowhere are singletons. Groups are returned in order of their first member; members ascending.
+
+    A seed first walks its `candidates` nearest neighbours; if they run out before its group is full and more
+    prompts may be >= tau (the list was cut at `candidates`), it scans the rest, so grouping never gets worse
+    with more prompts (many copies of one prompt in a large window, say)."""
     unit = normalize(embeddings)
     m = unit.shape[0]
     if m == 0:
         return []
     neighbours = nearest_neighbours(unit, config.tau, config.candidates, config.block)
+    cut = min(config.candidates, m - 1)  # a list this long may have been cut short
     assigned = np.zeros(m, dtype=bool)
     groups: list[list[int]] = []
     for seed in range(m):
@@ -79,15 +96,25 @@ def group_by_similarity(embeddings: np.ndarray | torch.Tensor, config: GroupingC
             continue
         members = [seed]
         assigned[seed] = True
-        for j in neighbours[seed]:
-            if len(members) >= config.max_group_size:
-                break
-            if assigned[j] or np.any(unit[members] @ unit[j] < config.tau):
-                continue
-            members.append(int(j))
-            assigned[j] = True
+        extend_group(members, neighbours[seed], unit, assigned, config)
+        if len(members) < config.max_group_size and cut < m - 1 and len(neighbours[seed]) == cut:
+            rest = remaining_neighbours(unit, seed, config.tau, skip=assigned | np.isin(np.arange(m), neighbours[seed]))
+            extend_group(members, rest, unit, assigned, config)
         groups.append(sorted(members))
     return groups
+
+
+def extend_group(
+    members: list[int], candidates: np.ndarray, unit: np.ndarray, assigned: np.ndarray, config: GroupingConfig
+) -> None:
+    """Add candidates, in order, that are ungrouped and >= tau to every member, until the group is full."""
+    for j in candidates:
+        if len(members) >= config.max_group_size:
+            return
+        if assigned[j] or np.any(unit[members] @ unit[j] < config.tau):
+            continue
+        members.append(int(j))
+        assigned[j] = True
 
 
 def pairwise_similarities(embeddings: np.ndarray | torch.Tensor, members: Sequence[int]) -> list[float]:

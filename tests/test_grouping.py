@@ -46,6 +46,23 @@ def test_deterministic_and_order_stable():
     assert group_by_similarity(emb, cfg) == group_by_similarity(emb.copy(), cfg)
 
 
+def test_many_copies_fill_groups_past_the_candidate_list():
+    """100 copies of one prompt in one window: every group is full, though each seed's 64 nearest neighbours
+    include prompts already grouped (before the fix: 35 groups, not 20)."""
+    emb = np.tile(np.random.default_rng(0).normal(size=(1, 32)).astype(np.float32), (100, 1))
+    groups = group_by_similarity(emb, GroupingConfig(tau=0.9, max_group_size=5))
+    assert [len(g) for g in groups] == [5] * 20
+
+
+@pytest.mark.parametrize("candidates", [1, 3, 8])
+def test_a_short_candidate_list_groups_as_well_as_a_full_one(candidates):
+    """The candidate list bounds the work, not the result: a seed that runs out of candidates scans the rest."""
+    emb = np.concatenate([clustered(6, 12, noise=0.2, seed=5), clustered(20, 2, noise=0.5, seed=6)])
+    full = group_by_similarity(emb, GroupingConfig(tau=0.75, max_group_size=5, candidates=len(emb)))
+    short = group_by_similarity(emb, GroupingConfig(tau=0.75, max_group_size=5, candidates=candidates))
+    assert short == full
+
+
 def test_empty_and_bad_input():
     assert group_by_similarity(np.zeros((0, 8), np.float32), GroupingConfig()) == []
     assert group_by_similarity(np.ones((1, 8), np.float32), GroupingConfig()) == [[0]]
