@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from sage_core.config_files import ConfigFileError, read_mapping
 
 # Mirrors of sage_core.sampler.{SCHEDULERS, SHARED_CONDITIONS}, sage_core.codec.{MODES, LOSSLESS_MODES} and
 # sage_core.unet_buckets.{COMPILE_MODES, ATTENTION_BACKENDS, QUANTIZE_MODES, TUNING_LEVELS} (checked by tests): the
@@ -246,22 +245,11 @@ def _problems(c: ServerConfig) -> list[str]:
 
 def read_config_file(path: Path) -> dict[str, Any]:
     """Settings from a YAML (.yaml/.yml) or TOML (.toml) file; a `server:` / `[server]` section is optional."""
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
     try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc}") from exc
-    try:
-        if path.suffix == ".toml":
-            data = tomllib.loads(text)
-        elif path.suffix in (".yaml", ".yml"):
-            data = yaml.safe_load(text) or {}
-        else:
-            raise ConfigError(f"config file {path} must end in .yaml, .yml or .toml")
-    except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"cannot parse {path}: {exc}") from exc
-    settings = data.get("server", data) if isinstance(data, dict) else None
+        data = read_mapping(path, suffixes=(".yaml", ".yml", ".toml"))
+    except ConfigFileError as exc:
+        raise ConfigError(str(exc)) from None
+    settings = data.get("server", data)
     if not isinstance(settings, dict):
         raise ConfigError(f"config file {path} must hold a mapping of settings (optionally under `server:`)")
     return dict(settings)

@@ -15,10 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from edge_server.config import ConfigError as EdgeConfigError
 from edge_server.config import ServerConfig as EdgeServerConfig
+from sage_core.config_files import ConfigFileError, read_mapping
 
 MODES = ("sage", "server", "device", "sage_server")
 ARRIVAL_PROCESSES = ("poisson", "bursty", "diurnal")
@@ -432,23 +431,11 @@ def repo_root() -> Path:
 
 def load_config(path: str | Path) -> SimConfig:
     """Read a YAML or JSON config file; relative dataset paths resolve against the repository root."""
-    p = Path(path)
-    _require(p.is_file(), f"config file {p} does not exist")
     try:
-        text = p.read_text(encoding="utf-8")
-        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
-    except (UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as exc:
-        kind = "JSON" if p.suffix == ".json" else "YAML"
-        raise ConfigError(f"config file {p} is not valid {kind}: {one_line(exc)}") from exc
-    return config_from_dict(data or {}, base_dir=repo_root())
-
-
-def one_line(exc: Exception) -> str:
-    """A parser's error on one line (YAML's span several, with a caret under the spot)."""
-    mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
-    if mark is not None and problem:
-        return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
-    return " ".join(str(exc).split())
+        data = read_mapping(path)
+    except ConfigFileError as exc:
+        raise ConfigError(str(exc)) from None
+    return config_from_dict(data, base_dir=repo_root())
 
 
 def resolve_path(cfg: SimConfig, path: str) -> Path:

@@ -131,7 +131,7 @@ def test_missing_files_are_config_errors(prompt_file, tmp_path):
 
 @pytest.mark.parametrize(
     ("content", "message"),
-    [(b"\xff\xfe seed: 1\n", "not valid YAML"), (b"1: 2\nfoo: 3\n", "unknown setting 1")],
+    [(b"\xff\xfe seed: 1\n", "cannot read config file"), (b"1: 2\nfoo: 3\n", "unknown setting 1")],
 )
 def test_unreadable_config_files_are_config_errors(tmp_path, content, message):
     bad = tmp_path / "bad.yaml"

@@ -41,6 +41,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from sage_core.config_files import read_mapping
 from sage_core.models import (
     CLIP_BOS,
     CLIP_EOS,
@@ -51,7 +52,6 @@ from sage_core.models import (
     write_clip_tokenizer_files,
 )
 from training import world
-from training.finetune import read_yaml
 
 # ----------------------------------------------------------------------------------------------- config
 
@@ -162,10 +162,7 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> DefaultMode
     """Read a YAML/JSON config (or take the defaults) and apply top-level or dotted overrides."""
     data: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"config file {path} does not exist")
-        data = (json.loads(path.read_text(encoding="utf-8")) if path.suffix == ".json" else read_yaml(path)) or {}
+        data = read_mapping(path)
     for key, value in overrides.items():
         if value is None:
             continue

@@ -30,9 +30,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from tqdm.auto import tqdm
 
+from sage_core.config_files import read_mapping
 from sage_core.models import model_fingerprint
 from training.grouped_dataset import GroupedDataset, load_grouped_dataset
 from training.lora import LoraSettings, add_lora, lora_state_dict, save_adapter, set_lora_state_dict
@@ -109,12 +109,7 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> FinetuneCon
     """A FinetuneConfig from YAML/JSON (unknown keys are an error), with non-None overrides applied."""
     data: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"config file {path} does not exist")
-        data = read_yaml(path) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path} must hold a mapping of config fields")
+        data = read_mapping(path)
     data |= {k: v for k, v in overrides.items() if v is not None}
     known = {f.name for f in dataclasses.fields(FinetuneConfig)}
     unknown = sorted(set(data) - known)
@@ -124,14 +119,6 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> FinetuneCon
         return FinetuneConfig(**data)
     except TypeError as exc:  # a value of the wrong type, e.g. steps: many
         raise ValueError(f"a config value has the wrong type: {exc}") from None
-
-
-def read_yaml(path: Path) -> Any:
-    """A YAML file's data; a syntax error is a one-line ValueError (YAML's messages span several lines)."""
-    try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ValueError(f"{path} is not valid YAML: {' '.join(str(exc).split())}") from None
 
 
 # ----------------------------------------------------------------------------------------------- data

@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from sage_core.config_files import read_mapping
 from training import world
-from training.finetune import read_yaml
 from training.grouped_dataset import GroupingParams, build_groups, disjoint_groups
 
 MODELS = ("pretrained", "standard", "sage")
@@ -80,8 +80,7 @@ class ReplicateConfig:
 
 def load_config(path: str | Path | None = None, **overrides: Any) -> ReplicateConfig:
     """A ReplicateConfig from YAML (lists become tuples), with non-None overrides."""
-    data: dict[str, Any] = read_yaml(Path(path)) if path else {}
-    data = (data or {}) | {k: v for k, v in overrides.items() if v is not None}
+    data = (read_mapping(path) if path else {}) | {k: v for k, v in overrides.items() if v is not None}
     known = {f.name for f in dataclasses.fields(ReplicateConfig)}
     if set(data) - known:
         raise ValueError(f"unknown config field(s) {sorted(set(data) - known)}")

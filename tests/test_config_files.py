@@ -1,0 +1,60 @@
+"""sage_core.config_files: one reader for every CLI's config file, each problem one line naming the file."""
+
+from __future__ import annotations
+
+import pytest
+
+from sage_core.config_files import ConfigFileError, read_config_file, read_mapping
+
+
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [("a.yaml", "steps: 4\nname: x\n"), ("a.yml", "steps: 4\nname: x\n"), ("a.json", '{"steps": 4, "name": "x"}'),
+     ("a.toml", 'steps = 4\nname = "x"\n')],
+)
+def test_each_format_by_suffix(tmp_path, name, text):
+    (tmp_path / name).write_text(text)
+    assert read_mapping(tmp_path / name) == {"steps": 4, "name": "x"}
+
+
+@pytest.mark.parametrize("name", ["empty.yaml", "empty.json", "empty.toml"])
+def test_an_empty_file_is_no_settings(tmp_path, name):
+    (tmp_path / name).write_text("\n")
+    assert read_config_file(tmp_path / name) is None
+    assert read_mapping(tmp_path / name) == {}
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("bad.yaml", b"a: [1, 2\nb: 3\n", r"bad.yaml is not valid YAML: line 2, column 2: expected ','"),
+        ("bad.json", b'{"a": 1,}', r"bad.json is not valid JSON: Expecting property name"),
+        ("bad.toml", b"a = \n", r"bad.toml is not valid TOML: Invalid value \(at line 1, column 5\)"),
+        ("bin.yaml", b"\xff\xfe\x00", r"cannot read config file .*bin.yaml: 'utf-8' codec can't decode"),
+        ("list.yaml", b"- 1\n- 2\n", r"list.yaml must hold a mapping of settings, not a list"),
+    ],
+)
+def test_problems_are_one_line_naming_the_file(tmp_path, name, content, message):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(ConfigFileError, match=message) as err:
+        read_mapping(tmp_path / name)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_files_folders_and_suffixes(tmp_path):
+    with pytest.raises(ConfigFileError, match="config file .*none.yaml does not exist"):
+        read_config_file(tmp_path / "none.yaml")
+    with pytest.raises(ConfigFileError, match="is not a file"):
+        read_config_file(tmp_path)
+    (tmp_path / "a.json").write_text("{}")
+    with pytest.raises(ConfigFileError, match=r"a.json must end in .yaml, .toml"):
+        read_config_file(tmp_path / "a.json", suffixes=(".yaml", ".toml"))
+
+
+def test_replicate_config_that_is_not_a_mapping_is_refused(tmp_path):
+    """It was a TypeError traceback (a list | dict) before the shared reader."""
+    from training.replicate import load_config
+
+    (tmp_path / "r.yaml").write_text("- table\n")
+    with pytest.raises(ValueError, match="must hold a mapping"):
+        load_config(tmp_path / "r.yaml")
