@@ -36,7 +36,10 @@ def serve(
     ray_address: Annotated[
         str | None, typer.Option("--ray-address", help="'auto' or host:port to join a cluster; unset: local Ray")
     ] = None,
-    ray_num_cpus: Annotated[int | None, typer.Option(help="CPUs of a local Ray")] = None,
+    ray_num_cpus: Annotated[
+        int | None,
+        typer.Option(help="CPUs of a local Ray; without a GPU, each worker's torch threads (joined clusters too)"),
+    ] = None,
     num_workers: Annotated[int | None, typer.Option(help="model-holding Ray actors")] = None,
     worker_pipeline: Annotated[
         int | None, typer.Option(help="windows in flight per worker (the next shares while one encodes)")

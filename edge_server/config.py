@@ -59,7 +59,7 @@ class ServerConfig:
     # when made for this model) or a folder
     dtype: str = "auto"  # "auto": float16 on CUDA, float32 on CPU; or "float32" / "float16" / "bfloat16"
     ray_address: str | None = None  # None: start a local Ray; "auto" or "host:port": join that cluster
-    ray_num_cpus: int = 2  # CPUs of a local Ray (ignored when joining a cluster)
+    ray_num_cpus: int = 2  # CPUs of a local Ray; on a machine without a GPU also each worker's torch threads
     num_workers: int = 1  # Ray actors holding the model (num_gpus=1 each on a GPU machine)
     worker_pipeline: int = 2  # windows in flight per worker: the next one's shared phase runs while one encodes
     worker_max_restarts: int = 3
