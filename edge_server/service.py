@@ -404,10 +404,11 @@ async def serve(config: ServerConfig) -> int:
         log.info("stopped", extra={"fields": {"drained": drained, **engine.stats()}})
         return 0
     finally:
-        if started_ray:
-            import ray
+        import ray
 
-            await asyncio.to_thread(ray.shutdown)
+        # a local Ray stops; a joined cluster only loses this driver (and its workers), now rather than at exit,
+        # where Ray's teardown after a SIGTERM sometimes aborted the process (exit -6)
+        await asyncio.to_thread(ray.shutdown)
 
 
 def stop_on_signals() -> asyncio.Event:
