@@ -399,8 +399,8 @@ async def serve(config: ServerConfig) -> int:
         await health_servicer.enter_graceful_shutdown()  # every service NOT_SERVING
         engine.stop_accepting()
         drained = await engine.drain(config.grace_s)
-        await server.stop(grace=0.5 if drained else 0.0)
-        await engine.close()
+        await engine.close()  # requests still waiting end UNAVAILABLE with the reason, and are logged so
+        await server.stop(grace=0.5)  # time for those statuses to reach their clients
         log.info("stopped", extra={"fields": {"drained": drained, **engine.stats()}})
         return 0
     finally:

@@ -441,6 +441,26 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
+async def test_requests_cut_at_the_end_of_the_grace_period_end_unavailable() -> None:
+    """SIGTERM with a grace period shorter than the request in flight: the client gets UNAVAILABLE with the reason,
+    the server logs the request as UNAVAILABLE too (what its client saw; it logged CANCELLED), and exits 0."""
+    server = start_edge_server("--worker-step-delay-ms", "100", "--grace-s", "1")
+    try:
+        async with server.aio_channel() as channel:
+            stub = edge_pb2_grpc.EdgeSamplerStub(channel)
+            in_flight = asyncio.create_task(status_of(stub, request("cut short", steps=60, share=1.0)))
+            await asyncio.to_thread(server.wait_stats, lambda s: s.running_windows == 1, 30)
+            server.process.send_signal(signal.SIGTERM)
+            code, details = await asyncio.wait_for(in_flight, 30)
+        assert code == grpc.StatusCode.UNAVAILABLE and "shutting down" in details, (code, details)
+        assert await asyncio.to_thread(server.process.wait, 60) == 0
+        done = [line for line in server.log_lines if "request_done" in line]
+        assert len(done) == 1 and "status=UNAVAILABLE" in done[0], done
+    finally:
+        server.terminate(timeout=30)
+
+
+@pytest.mark.slow
 async def test_join_ray_head_cluster_and_graceful_shutdown() -> None:
     """`ray start --head` on 127.0.0.1 (own temp dir, own process group), `serve --ray-address HOST:PORT` joins it
     and serves; SIGTERM: health NOT_SERVING, new requests UNAVAILABLE, the in-flight stream still finishes, exit 0.
