@@ -142,7 +142,7 @@ class GroupingSettings:
 
     tau: float = EdgeServerConfig.tau
     max_group_size: int = EdgeServerConfig.max_group_size
-    candidates: int = 64  # only for the offline ideal (sweep); the worker uses sage_core.grouping's default
+    candidates: int = 64  # offline ideal only: neighbours walked before a full scan (speed, not the grouping)
     sharing: str = EdgeServerConfig.sharing  # flat | adaptive
     adaptive_taus: tuple[float, ...] = EdgeServerConfig.adaptive_taus
     adaptive_max_sizes: tuple[int, ...] = EdgeServerConfig.adaptive_max_sizes
