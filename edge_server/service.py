@@ -406,8 +406,7 @@ async def serve(config: ServerConfig) -> int:
     finally:
         import ray
 
-        # a local Ray stops; a joined cluster only loses this driver (and its workers), now rather than at exit,
-        # where Ray's teardown after a SIGTERM sometimes aborted the process (exit -6)
+        # a local Ray stops; a joined cluster only loses this driver and its workers
         await asyncio.to_thread(ray.shutdown)
 
 

@@ -81,8 +81,8 @@ def group_by_similarity(embeddings: np.ndarray | torch.Tensor, config: GroupingC
     nowhere are singletons. Groups are returned in order of their first member; members ascending.
 
     A seed first walks its `candidates` nearest neighbours; if they run out before its group is full and more
-    prompts may be >= tau (the list was cut at `candidates`), it scans the rest, so grouping never gets worse
-    with more prompts (many copies of one prompt in a large window, say)."""
+    prompts may be >= tau (the list was cut at `candidates`), it scans the rest: the limit bounds the work, not
+    the groups (many copies of one prompt in a large window fill their groups)."""
     unit = normalize(embeddings)
     m = unit.shape[0]
     if m == 0:
