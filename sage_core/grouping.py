@@ -98,7 +98,9 @@ def group_by_similarity(embeddings: np.ndarray | torch.Tensor, config: GroupingC
         assigned[seed] = True
         extend_group(members, neighbours[seed], unit, assigned, config)
         if len(members) < config.max_group_size and cut < m - 1 and len(neighbours[seed]) == cut:
-            rest = remaining_neighbours(unit, seed, config.tau, skip=assigned | np.isin(np.arange(m), neighbours[seed]))
+            walked = assigned.copy()
+            walked[neighbours[seed]] = True
+            rest = remaining_neighbours(unit, seed, config.tau, skip=walked)
             extend_group(members, rest, unit, assigned, config)
         groups.append(sorted(members))
     return groups
