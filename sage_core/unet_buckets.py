@@ -260,12 +260,22 @@ def quantize_unet(unet: Any, mode: str) -> Any:
         raise ValueError(f"fp8 needs an NVIDIA GPU of compute capability {FP8_CAPABILITY[0]}.{FP8_CAPABILITY[1]} "
                          f"or newer (Ada, Hopper); the UNet is on {device_name(device)}")
     try:
-        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, PerTensor, quantize_
+        from torchao.quantization import quantize_
     except ImportError as exc:
         raise ValueError(f"fp8 needs torchao (pip install 'sage-edge[fp8]'): {exc}") from exc
-    granularity = PerRow() if unet.dtype == torch.bfloat16 else PerTensor()
-    quantize_(unet, Float8DynamicActivationFloat8WeightConfig(granularity=granularity), filter_fn=fp8_linear)
+    quantize_(unet, torchao_float8_config(unet.dtype), filter_fn=fp8_linear)
     return unet
+
+
+def torchao_float8_config(dtype: torch.dtype) -> Any:
+    """torchao's dynamic float8 config for a UNet of `dtype`: per-row scales for bfloat16, one scale per tensor
+    otherwise; it leaves TorchInductor's settings alone. torchao's default (set_inductor_config=True) turns on
+    coordinate-descent tuning of every generated kernel, process-wide and for good: the H100's fp8 variant was
+    still tuning kernels after 200 s (docs/results/serving, fifth lease)."""
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, PerTensor
+
+    granularity = PerRow() if dtype == torch.bfloat16 else PerTensor()
+    return Float8DynamicActivationFloat8WeightConfig(granularity=granularity, set_inductor_config=False)
 
 
 def fp8_linear(module: torch.nn.Module, name: str = "") -> bool:

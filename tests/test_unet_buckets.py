@@ -312,6 +312,24 @@ def test_fp8_is_refused_where_it_cannot_run_and_without_a_compile():
     assert not fp8_linear(torch.nn.Conv2d(320, 320, 1))
 
 
+def test_torchao_float8_config_leaves_inductor_settings_alone(monkeypatch):
+    """torchao's configs change TorchInductor's settings for the whole process unless told not to; a stand-in
+    torchao.quantization records how the config was built (torchao is an optional extra, absent on CI)."""
+    import types
+
+    from sage_core.unet_buckets import torchao_float8_config
+
+    built = []
+    fake = types.ModuleType("torchao.quantization")
+    fake.PerRow, fake.PerTensor = (lambda: "row"), (lambda: "tensor")
+    fake.Float8DynamicActivationFloat8WeightConfig = lambda **kwargs: built.append(kwargs) or kwargs
+    monkeypatch.setitem(sys.modules, "torchao", types.ModuleType("torchao"))
+    monkeypatch.setitem(sys.modules, "torchao.quantization", fake)
+    assert torchao_float8_config(torch.float16) == {"granularity": "tensor", "set_inductor_config": False}
+    assert torchao_float8_config(torch.bfloat16)["granularity"] == "row"
+    assert len(built) == 2
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("quantize", ["fp8", "fp8-rowwise"])
 def test_fp8_compiled_unet_stays_close_to_the_half_precision_one(quantize):
@@ -329,8 +347,10 @@ def test_fp8_compiled_unet_stays_close_to_the_half_precision_one(quantize):
     x, c = x.half(), c.half()
     with torch.inference_mode():
         want = pipe.unet(x, t, encoder_hidden_states=c, return_dict=False)[0].float()
+    tuning = inductor.coordinate_descent_tuning
     with inductor.patch(max_autotune_gemm_backends=inductor.max_autotune_gemm_backends):  # compile_unet sets it
         fp8 = compile_unet(pipe.unet, "default", quantize=quantize)  # as the worker does it, outside inference mode
+        assert inductor.coordinate_descent_tuning == tuning  # torchao's recommended settings stay off
         with torch.inference_mode():
             got = fp8(x, t, encoder_hidden_states=c, return_dict=False)[0].float()
     if quantize == "fp8":
