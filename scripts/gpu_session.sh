@@ -33,6 +33,13 @@ CONFIG=${SESSION_CONFIG:-training/configs/default_model.yaml}
 OUT=${OUT:-runs/gpu_session}
 mkdir -p "$OUT"
 LOG="$OUT/session.log"
+# The device tool brings back at most 8 files from $OUT (the fifth lease lost its variants' kernel profiles and
+# logs that way): on exit every file but the few read first and the model's parts goes into one lease_files.tgz
+KEEP='session\.log|variants\.json|variants_kernels\.png|bench_serving_best\.json|pipeline\.tar\.part-.*'
+pack_out() { (cd "$OUT" && find . -type f | sed 's|^\./||' | grep -v -x -E "$KEEP|lease_files\.tgz|\.pack_list" >.pack_list
+    if [ -s .pack_list ]; then tar -czf lease_files.tgz -T .pack_list && xargs -d '\n' rm -f <.pack_list; fi
+    rm -f .pack_list; find . -mindepth 1 -type d -empty -delete); }
+trap pack_out EXIT
 left() { echo $((BUDGET_S - ($(date +%s) - START))); }
 without_bars() { tr '\r' '\n' | sed -u -E 's/\](vae|unet) step/]\n\1 step/g' | grep --line-buffered -v -E "^(vae|unet): +[0-9]+%"; }
 say() { echo "[gpu_session +$(($(date +%s) - START))s] $*" | tee -a "$LOG"; }
