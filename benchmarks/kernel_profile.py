@@ -27,7 +27,9 @@ KINDS: tuple[tuple[str, str], ...] = (
     ("GEMM", r"^triton_tem"),  # Inductor's Triton GEMM templates (max-autotune)
     ("normalization", r"^(triton_|cpp_fused).*norm"),
     ("fused elementwise", r"^(triton_|cpp_fused|## call compiledfxgraph)"),  # on a CPU: Inductor's C++ kernels
-    ("float8 GEMM", r"nvjet_qq|e4m3|e5m2|f8f8|fp8|scaled_mm"),
+    # cuBLASLt names its GEMMs nvjet_[sm90_]<A><B><out>, q for e4m3 inputs (the fifth lease counted
+    # nvjet_sm90_qq... float8 GEMMs as GEMMs when the pattern was nvjet_qq)
+    ("float8 GEMM", r"nvjet_(sm\d+_)?q|e4m3|e5m2|f8f8|fp8|scaled_mm"),
     ("attention", r"fmha|flash|attention|attn|sdpa|softmax"),
     ("layout conversion", r"nchwtonhwc|nhwctonchw"),
     ("convolution", r"conv(?!ert)|fprop|implicit_gemm|winograd"),
