@@ -28,10 +28,12 @@ server's GPU-seconds per image of both.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -494,6 +496,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--kernel-profile", default=None, help="write where the shared-phase UNet's time goes, by "
                         "kernel and kind (torch.profiler), at the largest --unet-sweep batch (else 2 x --batches)")
     parser.add_argument("--json", default=None, help="write the rows and environment here")
+    parser.add_argument("--wait-for", default=None, help="once the worker has started (compiled, warmed; written to "
+                        "--json), wait until this file exists before measuring: benchmarks.bench_variants compiles "
+                        "variants side by side and times them one at a time")
     parser.add_argument("--stack-dumps-every", type=float, default=0.0, help="print every thread's stack to stderr "
                         "every this many seconds (benchmarks.stacks): where a long compile spends its time")
     args = parser.parse_args(argv)
@@ -536,7 +541,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     diffusers.utils.logging.set_verbosity_error()
     args = parse_args(argv)
-    start = time.perf_counter()
+    start, parent = time.perf_counter(), os.getppid()
     sampling = sample_stacks(args.stack_dumps_every) if args.stack_dumps_every > 0 else None
     from edge_server.config import ConfigError
 
@@ -548,10 +553,22 @@ def main(argv: list[str] | None = None) -> dict:
                                                       "worker_start_s": time.perf_counter() - start}
     result: dict = {"environment": env, "settings": vars(args), "rows": []}
     write_json(result, args.json)  # the worker's start (its compile, warm-up) even if nothing else follows
+    if args.wait_for:
+        wait_for_file(Path(args.wait_for), parent)
     run_measurements(args, worker, result)
     if sampling:
         sampling.set()
     return result
+
+
+def wait_for_file(path: Path, parent: int, every_s: float = 0.1) -> None:
+    """Return once `path` exists (the GPU is idle meanwhile); exit if this process's `parent` (its pid at the
+    start) ends first: a driver stopped by a lease's time limit must not leave workers holding the GPU's memory."""
+    print(f"worker ready; waiting for {path}", flush=True)
+    while not path.exists():
+        if os.getppid() != parent:
+            raise SystemExit(f"error: the process that started this run ended before {path} appeared")
+        time.sleep(every_s)
 
 
 def run_measurements(args: argparse.Namespace, worker, result: dict) -> None:

@@ -6,8 +6,10 @@ Every run also prints its stacks every --stack-dumps-every seconds: the JSON kee
 (which compile step the time went to) and the last dump's innermost frames.
 
 With --parallel N the variants first compile N at a time (each run starts a worker, which compiles and warms its
-buckets into the shared compile cache, and times nothing), then those that compiled are timed one after another,
-alone on the GPU, each loading its kernels from the cache: several compiles fit in the time of the slowest.
+buckets, then waits with the GPU idle), then those that compiled are timed one after another in the processes that
+compiled them, alone on the GPU: several compiles fit in the time of the slowest, and a timing costs seconds, not
+another worker start (the fifth lease's timed runs spent 43 s of their 77 s starting a worker again from the compile
+cache). The waiting processes hold their GPU memory until their turn.
 
 On the H100 (one lease; the variants in order of priority):
 
@@ -63,7 +65,7 @@ class Outcome:
     status: str  # "ok", "timed out", "failed", "not run"
     seconds: float  # the run's wall time, model loading and compiling included
     limit_s: float
-    compile_s: float | None = None  # --parallel: the wall time of its compile-only run (beside the others)
+    compile_s: float | None = None  # --parallel: seconds until its worker was ready (compiled beside the others)
     ms_per_sample: float | None = None
     worker_start_s: float | None = None
     unet_warmup: str = ""
@@ -107,39 +109,49 @@ def no_core_dumps() -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
-def command(variant: Variant, args: argparse.Namespace, json_path: Path, timing: bool) -> list[str]:
-    """bench_serving starting the variant's worker (compiling, warming its buckets) and, when `timing`, timing
-    its UNet at --rows rows (and, with --kernel-profiles, profiling it there); it runs no window."""
-    profile = ["--kernel-profile", str(json_path.with_suffix(".kernels.txt"))] if timing and args.kernel_profiles \
-        else []
+def command(variant: Variant, args: argparse.Namespace, json_path: Path, go_path: Path | None) -> list[str]:
+    """bench_serving starting the variant's worker (compiling, warming its buckets), then timing its UNet at --rows
+    rows (and, with --kernel-profiles, profiling it there); with `go_path` it waits for that file in between. It
+    runs no window."""
+    profile = ["--kernel-profile", str(json_path.with_suffix(".kernels.txt"))] if args.kernel_profiles else []
+    wait = ["--wait-for", str(go_path)] if go_path else []
     return [sys.executable, "-m", "benchmarks.bench_serving", "--model", args.model, "--dtype", args.dtype,
-            "--batches", "", "--repeats", str(args.repeats), "--unet-sweep", str(args.rows) if timing else "",
-            *profile, "--stack-dumps-every", str(args.stack_dumps_every), "--json", str(json_path),
-            *shlex.split(variant.flags)]
+            "--batches", "", "--repeats", str(args.repeats), "--unet-sweep", str(args.rows), *profile, *wait,
+            "--stack-dumps-every", str(args.stack_dumps_every), "--json", str(json_path), *shlex.split(variant.flags)]
 
 
 class Run:
     """One variant's process (its own process group, so that its compile workers go with it), its deadline, and
-    the stop: SIGABRT (faulthandler dumps every thread's stack), SIGKILL to the group after ABORT_GRACE_S."""
+    the stop: SIGABRT (faulthandler dumps every thread's stack), SIGKILL to the group after ABORT_GRACE_S. With
+    `wait` the process stops once its worker is ready (the compile phase's outcome) until `go` lets it time."""
 
-    def __init__(self, variant: Variant, args: argparse.Namespace, limit_s: float, logs: Path, timing: bool) -> None:
-        self.variant, self.rows, self.limit_s, self.timing = variant, args.rows, limit_s, timing
-        stem = f"variant_{variant.name}{'' if timing else '.compile'}"
+    def __init__(self, variant: Variant, args: argparse.Namespace, limit_s: float, logs: Path, wait: bool) -> None:
+        self.variant, self.rows, self.limit_s, self.timing = variant, args.rows, limit_s, not wait
+        stem = f"variant_{variant.name}"
         self.log_path, self.json_path = logs / f"{stem}.log", logs / f"{stem}.json"
-        self.json_path.unlink(missing_ok=True)
+        self.go_path = logs / f"{stem}.go" if wait else None
+        for stale in (self.json_path, self.go_path):
+            if stale:
+                stale.unlink(missing_ok=True)
         env = os.environ | {"PYTHONFAULTHANDLER": "1", "PYTHONUNBUFFERED": "1"}  # SIGABRT: a last dump
         if args.parallel > 1 and "TORCHINDUCTOR_COMPILE_THREADS" not in env:  # share the cores, not N x all of them
             env["TORCHINDUCTOR_COMPILE_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.parallel))
         self.start = time.perf_counter()
         with open(self.log_path, "w", encoding="utf-8") as log:
-            self.proc = subprocess.Popen(command(variant, args, self.json_path, timing), stdout=log,
+            self.proc = subprocess.Popen(command(variant, args, self.json_path, self.go_path), stdout=log,
                                          stderr=subprocess.STDOUT, env=env, start_new_session=True,
                                          preexec_fn=no_core_dumps)
         self.aborted_at: float | None = None
 
     def poll(self) -> Outcome | None:
-        """The outcome once the process has ended (stopping it at its deadline); None while it runs."""
+        """The outcome once the process has ended (stopping it at its deadline), or, before `go`, once its worker
+        is ready (the process waits on); None while it runs."""
         now = time.perf_counter()
+        if not self.timing and self.proc.poll() is None and self.aborted_at is None and self._worker_ready():
+            out = Outcome(self.variant.name, self.variant.flags, "ok", round(now - self.start, 1),
+                          round(self.limit_s, 1))
+            read_figures(out, self.json_path, None)
+            return out
         if self.proc.poll() is None:
             if self.aborted_at is None and now - self.start >= self.limit_s:
                 self.aborted_at = now
@@ -148,6 +160,23 @@ class Run:
                 return None
         self._kill_group()
         return self._outcome(now - self.start)
+
+    def _worker_ready(self) -> bool:
+        """Whether the run's JSON says its worker has started (bench_serving writes it before it waits)."""
+        try:
+            return "worker_start_s" in json.loads(self.json_path.read_text(encoding="utf-8")).get("environment", {})
+        except (OSError, ValueError):
+            return False
+
+    def go(self, limit_s: float) -> None:
+        """Let a ready process time its UNet, within `limit_s` from now."""
+        self.timing, self.limit_s, self.start = True, limit_s, time.perf_counter()
+        if self.go_path:
+            self.go_path.touch()
+
+    def stop(self) -> None:
+        """End the process (a ready one whose turn did not come) and its group."""
+        self._kill_group()
 
     def _kill_group(self) -> None:
         try:
@@ -190,10 +219,12 @@ def read_figures(out: Outcome, json_path: Path, rows: int | None) -> None:
 
 
 def run_all(variants: list[Variant], args: argparse.Namespace, logs: Path, deadline: float, parallel: int,
-            timing: bool) -> dict[str, Outcome]:
+            timing: bool) -> tuple[dict[str, Outcome], dict[str, Run]]:
     """Run `variants` in order, `parallel` at a time, each within its limit and the overall `deadline`
-    (perf_counter); returns their outcomes by name, printing each as it comes."""
+    (perf_counter), printing each outcome as it comes. Returns the outcomes by name and, unless `timing`, the
+    runs whose worker is ready, each waiting for its `go` (a ready run frees its place for the next variant)."""
     done: dict[str, Outcome] = {}
+    ready: dict[str, Run] = {}
     waiting, running = list(variants), []
     while waiting or running:
         while waiting and len(running) < parallel:
@@ -203,17 +234,40 @@ def run_all(variants: list[Variant], args: argparse.Namespace, logs: Path, deadl
                 done[v.name] = Outcome(v.name, v.flags, "not run", 0.0, 0.0, reason="the budget was spent")
                 print(f"{v.name:<16} not run: the budget was spent", flush=True)
                 continue
-            running.append(Run(v, args, min(v.limit_s or args.limit_s, left), logs, timing))
+            running.append(Run(v, args, min(v.limit_s or args.limit_s, left), logs, wait=not timing))
         for run in list(running):
             outcome = run.poll()
             if outcome is None:
                 continue
             running.remove(run)
             done[outcome.name] = outcome
+            if not run.timing and run.proc.poll() is None:
+                ready[outcome.name] = run
             print(describe(outcome, None) if timing else describe_compile(outcome), flush=True)
             if outcome.status == "timed out" or args.verbose:
                 print(where_time_went(outcome), flush=True)
         time.sleep(0.2)
+    return done, ready
+
+
+def time_ready(runs: list[Run], args: argparse.Namespace, deadline: float) -> dict[str, Outcome]:
+    """Let each ready run time its UNet, one after another (alone on the GPU), each within its limit and the
+    overall `deadline`; returns their outcomes by name, printing each as it comes."""
+    done: dict[str, Outcome] = {}
+    for run in runs:
+        v, left = run.variant, deadline - time.perf_counter()
+        if left < 1.0:
+            run.stop()
+            done[v.name] = Outcome(v.name, v.flags, "not run", 0.0, 0.0, reason="the budget was spent")
+            print(f"{v.name:<16} not run: the budget was spent", flush=True)
+            continue
+        run.go(min(v.limit_s or args.limit_s, left))
+        while (outcome := run.poll()) is None:
+            time.sleep(0.1)
+        done[v.name] = outcome
+        print(describe(outcome, None), flush=True)
+        if outcome.status == "timed out" or args.verbose:
+            print(where_time_went(outcome), flush=True)
     return done
 
 
@@ -272,7 +326,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--stack-dumps-every", type=float, default=30.0, help="seconds between a run's stack "
                         "samples (0: only the one at its time limit)")
     parser.add_argument("--parallel", type=int, default=1, help="variants compiled at once (CPU work) before they "
-                        "are timed one after another, each loading its kernels from the compile cache")
+                        "are timed one after another, each in the process that compiled it")
     parser.add_argument("--limit-s", type=float, default=600.0, help="most seconds one variant may take")
     parser.add_argument("--budget-s", type=float, default=3600.0, help="most seconds all variants may take")
     parser.add_argument("--logs", default=None, help="folder of each variant's output (default: beside --json)")
@@ -315,12 +369,18 @@ def main(argv: list[str] | None = None) -> dict:
     compiled: dict[str, Outcome] = {}
     if args.parallel > 1:
         print(f"compiling {len(args.variants)} variants, {args.parallel} at a time", flush=True)
-        compiled = run_all(args.variants, args, logs, deadline, args.parallel, timing=False)
+        compiled, ready = run_all(args.variants, args, logs, deadline, args.parallel, timing=False)
         result["compiled"] = [asdict(o) for o in compiled.values()]
         write_json(result, args.json)  # a lease cut short keeps the compile phase's findings
-    to_time = [v for v in args.variants if v.name not in compiled or compiled[v.name].status == "ok"]
-    print(f"{'variant':<16} {'ms':>8} {'vs 1st ok':>9} {'run s':>8}  outcome", flush=True)
-    timed = run_all(to_time, args, logs, deadline, 1, timing=True)
+        print(f"{'variant':<16} {'ms':>8} {'vs 1st ok':>9} {'run s':>8}  outcome", flush=True)
+        try:
+            timed = time_ready([ready[v.name] for v in args.variants if v.name in ready], args, deadline)
+        finally:
+            for run in ready.values():
+                run.stop()
+    else:
+        print(f"{'variant':<16} {'ms':>8} {'vs 1st ok':>9} {'run s':>8}  outcome", flush=True)
+        timed, _ = run_all(args.variants, args, logs, deadline, 1, timing=True)
     outcomes = []
     for v in args.variants:
         o = timed.get(v.name) or compiled[v.name]

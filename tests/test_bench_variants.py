@@ -96,11 +96,14 @@ def test_cpu_run_times_one_variant_stops_a_slow_one_and_says_why_one_fails(tmp_p
     assert (tmp_path / "variant_eager.json").is_file()
     assert "convolution" in eager["kinds"] and (tmp_path / "variant_eager.kernels.txt").is_file()
     assert (tmp_path / "kernels.png").stat().st_size > 0  # the one variant timed, by kind
-    if parallel > 1:  # compiled (here: started) side by side first, then timed alone
-        assert (tmp_path / "variant_stuck.compile.log").is_file() and eager["compile_s"] > 0
-        assert [o["name"] for o in result["compiled"]] != [] and not (tmp_path / "variant_stuck.log").exists()
+    assert (tmp_path / "variant_stuck.log").is_file()
+    eager_log = (tmp_path / "variant_eager.log").read_text()
+    if parallel > 1:  # compiled (here: started) side by side first, then timed alone by the process that compiled it
+        assert eager["compile_s"] > 0 and sorted(o["name"] for o in result["compiled"]) == ["eager", "fp8", "stuck"]
+        assert eager_log.count("worker ready; waiting for") == 1 and (tmp_path / "variant_eager.go").is_file()
+        assert eager["seconds"] < eager["compile_s"] + 30  # the timing did not start a worker again
     else:
-        assert (tmp_path / "variant_stuck.log").is_file() and eager["compile_s"] is None
+        assert eager["compile_s"] is None and "waiting for" not in eager_log
 
 
 def test_bad_arguments_are_refused_before_anything_runs(capsys):
@@ -130,3 +133,26 @@ def test_no_finished_variant_leaves_no_best_flags(tmp_path):
                    "--best-flags", str(flags), "--variant", "bad=--no-such-flag"])
     assert result["variants"][0]["status"] == "failed" and result["best"] is None
     assert not flags.exists()
+
+
+def test_a_waiting_run_ends_when_its_driver_does(tmp_path):
+    # bench_variants' ready runs wait for their turn in their own session; if the driver is killed (a lease's time
+    # limit), they must not wait for ever holding the GPU's memory
+    import subprocess
+    import time
+
+    ready = tmp_path / "v.json"
+    driver = (f"import subprocess, sys; subprocess.Popen([sys.executable, '-m', 'benchmarks.bench_serving', "
+              f"'--model', 'tiny', '--batches', '', '--json', {str(ready)!r}, '--wait-for', "
+              f"{str(tmp_path / 'never')!r}], start_new_session=True, stdout=open({str(tmp_path / 'log')!r}, 'w'), "
+              f"stderr=subprocess.STDOUT)\n"
+              f"import pathlib, time\n"
+              f"while not pathlib.Path({str(ready)!r}).is_file(): time.sleep(0.1)")
+    subprocess.run([sys.executable, "-c", driver], check=True, timeout=90)  # ends once the run is ready
+    deadline = time.monotonic() + 90
+    log = ""
+    while time.monotonic() < deadline and "ended before" not in log:
+        time.sleep(0.5)
+        log = (tmp_path / "log").read_text()
+    assert ready.is_file() and "worker ready; waiting for" in log
+    assert "error: the process that started this run ended before" in log
