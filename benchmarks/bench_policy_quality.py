@@ -34,6 +34,8 @@ POLICIES = {
                             "server": {"unet_compile": "default"}},
     "adaptive + fp8-rowwise": {"sharing": "adaptive", "share": 1.0, "cache_mb": 0.0, "reference": "adaptive",
                                "server": {"unet_compile": "default", "unet_quantize": "fp8-rowwise"}},
+    "adaptive + fp8-static": {"sharing": "adaptive", "share": 1.0, "cache_mb": 0.0, "reference": "adaptive",
+                              "server": {"unet_compile": "default", "unet_quantize": "fp8-static"}},
 }
 DEFAULT_POLICIES = ("independent", "flat tau 0.9 beta 0.4", "adaptive", "adaptive + cache")
 

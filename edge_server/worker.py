@@ -230,7 +230,8 @@ def serving_unet(pipe: Any, config: ServerConfig) -> tuple[Any, str]:
     cache = use_compile_cache(config.compile_cache) if config.unet_compile != "none" else None
     before, start = CacheCounts.now() if cache else None, time.perf_counter()
     compiled = compile_unet(pipe.unet, config.unet_compile, tuning=config.unet_compile_tuning,
-                            quantize=config.unet_quantize, channels_last=config.unet_channels_last)
+                            quantize=config.unet_quantize, channels_last=config.unet_channels_last,
+                            calibrate=float8_calibration(pipe) if config.unet_quantize == "fp8-static" else None)
     unet = BucketedUNet(with_attention(compiled, config.attention_backend), config.unet_buckets or DEFAULT_BUCKETS,
                         graphs=config.unet_compile in CUDAGRAPH_MODES)
     warm_buckets(unet, int(pipe.unet.config.sample_size), report=worker_says)
@@ -242,6 +243,16 @@ def serving_unet(pipe: Any, config: ServerConfig) -> tuple[Any, str]:
         counts = CacheCounts.now().since(before)
         summary += f"; compile cache {cache}: {counts.hits} graphs loaded, {counts.misses} compiled"
     return unet, summary
+
+
+def float8_calibration(pipe: Any) -> Any:
+    """Static float8's calibration for the pipeline's UNet: CALIBRATION_PROMPTS encoded by its text encoder, at
+    the model's default latent size."""
+    from sage_core.grouping import text_embeddings
+    from sage_core.unet_buckets import CALIBRATION_PROMPTS, unet_calibration
+
+    cond = text_embeddings(pipe, list(CALIBRATION_PROMPTS))[0]
+    return unet_calibration(cond, int(pipe.unet.config.sample_size))
 
 
 class EdgeWorker:

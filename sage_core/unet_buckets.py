@@ -20,14 +20,21 @@ from typing import Any
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from sage_core.fp8 import device_name, fits_float8_gemm, to_float8_rowwise
+from sage_core.fp8 import device_name, fits_float8_gemm, to_float8_rowwise, to_float8_static
 
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that replay CUDA graphs
 ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")  # SDPA kernels; "auto": PyTorch's choice
 # the compiled UNet's matmuls: as they are; float8 linear layers (torchao); float8 linear layers and 1x1 convolutions
-# with row-wise scales (sage_core.fp8, torch._scaled_mm alone)
-QUANTIZE_MODES = ("none", "fp8", "fp8-rowwise")
+# with row-wise scales, or with one scale per tensor, the inputs' calibrated at start (sage_core.fp8,
+# torch._scaled_mm alone)
+QUANTIZE_MODES = ("none", "fp8", "fp8-rowwise", "fp8-static")
+# static float8's calibration (`unet_calibration`): the empty prompt (guidance's unconditional half) and captions of
+# everyday scenes, at timesteps across the schedule
+CALIBRATION_PROMPTS = ("", "a photograph of a dog running on a beach", "a red car parked in front of an old building",
+                       "a bowl of fruit on a wooden table", "a painting of mountains at sunset",
+                       "two people playing tennis on a court")
+CALIBRATION_TIMESTEPS = (999, 800, 600, 400, 200, 1)
 # TorchInductor options for diffusion UNets (PyTorch's "Accelerating Generative AI III: Diffusion, Fast"): "light"
 # computes 1x1 convolutions as matmuls; "full" adds coordinate-descent tuning of every generated kernel (minutes of
 # compiling more) without epilogue fusion
@@ -210,14 +217,14 @@ class CacheCounts:
 
 
 def compile_unet(unet: Any, mode: str, tuning: str = "none", quantize: str = "none",
-                 channels_last: bool = True) -> Any:
+                 channels_last: bool = True, calibrate: Callable[[Any], None] | None = None) -> Any:
     """torch.compile the UNet with fixed shapes (`mode` one of COMPILE_MODES; "none" returns it unchanged), with
     the TorchInductor options of `inductor_tuning(tuning)` first.
     Compiling first fuses each attention's q/k/v projections into one matmul and stores the weights
     channels-last unless `channels_last` is False (both in place; the UNet's outputs stay the same up to rounding),
-    then quantizes the linear layers as `quantize` says (`quantize_unet`), their float8 GEMMs left to ATen's kernels
-    outside the max-autotune modes (FLOAT8_GEMMS_ON_ATEN, process-wide). A UNet with unmerged LoRA layers is
-    refused: fusing would drop them (merge the adapter first)."""
+    then quantizes the linear layers as `quantize` says (`quantize_unet`, with `calibrate`), their float8 GEMMs left
+    to ATen's kernels outside the max-autotune modes (FLOAT8_GEMMS_ON_ATEN, process-wide). A UNet with unmerged
+    LoRA layers is refused: fusing would drop them (merge the adapter first)."""
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
     if mode == "none":
@@ -230,7 +237,8 @@ def compile_unet(unet: Any, mode: str, tuning: str = "none", quantize: str = "no
     inductor_tuning(tuning)
     if float8_gemms_on_aten(mode, quantize):
         set_inductor(FLOAT8_GEMMS_ON_ATEN)
-    return torch.compile(quantize_unet(fuse_layout(unet, channels_last), quantize), mode=mode, dynamic=False)
+    quantized = quantize_unet(fuse_layout(unet, channels_last), quantize, calibrate)
+    return torch.compile(quantized, mode=mode, dynamic=False)
 
 
 def float8_gemms_on_aten(mode: str, quantize: str) -> bool:
@@ -239,20 +247,26 @@ def float8_gemms_on_aten(mode: str, quantize: str) -> bool:
     return quantize != "none" and mode not in AUTOTUNE_MODES
 
 
-def quantize_unet(unet: Any, mode: str) -> Any:
+def quantize_unet(unet: Any, mode: str, calibrate: Callable[[Any], None] | None = None) -> Any:
     """`mode` "fp8": store the UNet's linear layers' weights in float8 e4m3 and quantize their inputs on the fly
     (torchao's dynamic float8, in place; per-row scales for a bfloat16 UNet, one scale per tensor for float16,
     whose output cuBLAS's row-wise float8 GEMM lacks); convolutions stay as they are. Needs an NVIDIA GPU of
     compute capability 8.9 or newer and torchao (`pip install 'sage-edge[fp8]'`). "fp8-rowwise": float8 with
     per-row scales in any dtype, for the linear layers and the 1x1 convolutions alike, without torchao
     (`sage_core.fp8.to_float8_rowwise`, in place); needs float8 GEMMs with row-wise scales on the UNet's device.
-    "none" returns it unchanged."""
+    "fp8-static": the same layers with one scale per tensor, each input's calibrated while `calibrate(unet)` runs
+    the UNet (`unet_calibration`; `sage_core.fp8.to_float8_static`, in place). "none" returns it unchanged."""
     if mode not in QUANTIZE_MODES:
         raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}, got {mode!r}")
     if mode == "none":
         return unet
     if mode == "fp8-rowwise":
         to_float8_rowwise(unet)
+        return unet
+    if mode == "fp8-static":
+        if calibrate is None:
+            raise ValueError("fp8-static needs a calibration run of the UNet (unet_calibration) for its input scales")
+        to_float8_static(unet, calibrate)
         return unet
     device = unet.device
     capable = device.type == "cuda" and torch.cuda.get_device_capability(device) >= FP8_CAPABILITY
@@ -276,6 +290,21 @@ def torchao_float8_config(dtype: torch.dtype) -> Any:
 
     granularity = PerRow() if dtype == torch.bfloat16 else PerTensor()
     return Float8DynamicActivationFloat8WeightConfig(granularity=granularity, set_inductor_config=False)
+
+
+def unet_calibration(cond: torch.Tensor, latent_side: int, timesteps: Sequence[int] = CALIBRATION_TIMESTEPS,
+                     seed: int = 0) -> Callable[[Any], None]:
+    """Static float8's calibration: the UNet once per timestep on seeded random latents `latent_side` wide, a row
+    per text embedding of `cond` [M, L, D] (e.g. CALIBRATION_PROMPTS encoded); latents across the schedule have
+    about unit variance, as the noise does."""
+    def run(unet: Any) -> None:
+        g = torch.Generator().manual_seed(seed)
+        for t in timesteps:
+            x = torch.randn(cond.shape[0], unet.config.in_channels, latent_side, latent_side, generator=g)
+            steps = torch.full((cond.shape[0],), t, dtype=torch.long, device=unet.device)
+            unet(x.to(unet.device, unet.dtype), steps, encoder_hidden_states=cond.to(unet.device, unet.dtype),
+                 return_dict=False)
+    return run
 
 
 def fp8_linear(module: torch.nn.Module, name: str = "") -> bool:

@@ -1,4 +1,5 @@
-"""The row-wise float8 layers (sage_core.fp8): what they compute, which layers they replace, where they refuse."""
+"""The float8 layers (sage_core.fp8), row-wise and static: what they compute, which layers they replace, where they
+refuse."""
 
 from __future__ import annotations
 
@@ -11,10 +12,14 @@ from sage_core.fp8 import (
     FP8_MAX,
     Fp8Conv1x1,
     Fp8Linear,
+    Fp8StaticLinear,
     check_scaled_mm,
     float8_layer,
+    input_absmax,
     quantize_rows,
+    quantize_tensor,
     to_float8_rowwise,
+    to_float8_static,
 )
 from sage_core.models import tiny_pipeline
 
@@ -132,3 +137,114 @@ def test_float8_gemms_are_left_to_aten_unless_autotuning_was_asked_for(mode, qua
     with inductor.patch(max_autotune_gemm_backends="ATEN,TRITON"):  # restored after the test
         compile_unet(tiny_pipeline(seed=0).unet, mode, quantize=quantize)  # compiles lazily: nothing runs here
         assert (inductor.max_autotune_gemm_backends == "ATEN") == aten_only
+
+
+def _static_unet(headroom: float = 2.0):
+    """The tiny UNet, its static float8 copy calibrated on the sampler's kind of inputs, and fresh inputs."""
+    from sage_core.unet_buckets import unet_calibration
+
+    unet = tiny_pipeline(seed=0).unet.eval()
+    g = torch.Generator().manual_seed(1)
+    calibrate = unet_calibration(torch.randn(4, 77, 32, generator=g), 16)
+    fp8 = copy.deepcopy(unet)
+    swapped = to_float8_static(fp8, calibrate, headroom)
+    x, c = torch.randn(3, 4, 16, 16, generator=g), torch.randn(3, 77, 32, generator=g)
+    return unet, fp8, swapped, (x, torch.tensor([10, 500, 990]), c)
+
+
+def test_static_linear_is_the_float8_gemm_of_the_calibrated_operands_and_saturates_beyond():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 48)
+    x = torch.randn(3, 7, 64)
+    amax = float(x.abs().amax())
+    fp8 = Fp8StaticLinear.from_linear(layer, amax, headroom=2.0)
+    got = fp8(x)
+    assert got.shape == (3, 7, 48) and got.dtype == x.dtype
+    scale = amax * 2.0 / FP8_MAX  # the calibrated absmax, with headroom, lands on code 224 of 448
+    xq = (x.reshape(-1, 64) / scale).to(torch.float8_e4m3fn)
+    wq, ws = quantize_tensor(layer.weight.detach())
+    assert ws.ndim == 0 and wq.float().abs().max() == FP8_MAX
+    want = (xq.float() * scale) @ (wq.float() * ws).t() + layer.bias.detach()
+    torch.testing.assert_close(got.reshape(-1, 48), want, rtol=1e-4, atol=1e-4)
+    assert 0 < _relative(got, layer(x).detach()) < 0.08
+    big = x * 10  # five times beyond the headroom: the codes saturate at the top one instead of overflowing
+    clipped = (big.reshape(-1, 64) / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    want_big = (clipped.float() * scale) @ (wq.float() * ws).t() + layer.bias.detach()
+    torch.testing.assert_close(fp8(big).reshape(-1, 48), want_big, rtol=1e-4, atol=1e-4)
+    assert torch.isfinite(fp8(big)).all()
+    half = Fp8StaticLinear.from_linear(layer, amax)(x.half())  # bias in the GEMM's epilogue, half out
+    assert half.dtype == torch.float16 and _relative(half, got) < 0.01
+    for bad in ((-1.0, 2.0), (1.0, 0.5)):
+        with pytest.raises(ValueError, match="absmax >= 0 and a headroom >= 1"):
+            Fp8StaticLinear.from_linear(layer, *bad)
+
+
+def test_calibration_records_each_float8_layers_largest_input():
+    net = torch.nn.Sequential(torch.nn.Linear(32, 16), torch.nn.ReLU(), torch.nn.Linear(16, 48))
+    inputs = [torch.randn(5, 32), 3 * torch.randn(5, 32)]
+
+    def calibrate(model):
+        for x in inputs:
+            model(x)
+
+    seen = input_absmax(net, calibrate)
+    assert seen["0"] == pytest.approx(max(float(x.abs().max()) for x in inputs))
+    with torch.no_grad():
+        hidden = [torch.relu(net[0](x)) for x in inputs]
+    assert seen["2"] == pytest.approx(max(float(h.abs().max()) for h in hidden))
+    assert not net[0]._forward_pre_hooks  # the hooks are gone afterwards
+    skipped = copy.deepcopy(net)  # layers the calibration does not run are not called by the model either
+    assert to_float8_static(skipped, lambda model: model[2](torch.randn(3, 16))) == 1
+    assert type(skipped[0]) is torch.nn.Linear and isinstance(skipped[2], Fp8StaticLinear)
+
+
+def test_unet_in_static_float8_stays_close_and_quantizes_without_a_reduction():
+    from torch._inductor.utils import run_and_get_code
+
+    unet, fp8, swapped, (x, t, c) = _static_unet()
+    statics = [m for m in fp8.modules() if isinstance(m, Fp8StaticLinear)]
+    assert swapped > 0 and len(statics) == swapped
+    assert any(isinstance(m, Fp8Conv1x1) and isinstance(m.linear, Fp8StaticLinear) for m in fp8.modules())
+    assert isinstance(fp8.time_embedding.linear_1, torch.nn.Linear)
+    with torch.inference_mode():
+        want = unet(x, t, encoder_hidden_states=c, return_dict=False)[0]
+        got = fp8(x, t, encoder_hidden_states=c, return_dict=False)[0]
+    relative = _relative(got, want)
+    print(f"static float8 against full precision, relative L2: {relative:.4f}")
+    assert 0 < relative < 0.1  # row-wise measured 0.035 on the same UNet
+    # the point of static scales: compiled, the inputs' quantization is elementwise (no absmax), where the row-wise
+    # layers reduce each row first
+    torch.manual_seed(0)
+    block = [torch.nn.Conv2d(32, 64, 1), torch.nn.SiLU(), torch.nn.Conv2d(64, 32, 1)]
+    x8 = torch.randn(2, 32, 8, 8).to(memory_format=torch.channels_last)
+    rowwise = torch.nn.Sequential(Fp8Conv1x1(block[0]), block[1], Fp8Conv1x1(block[2])).eval()
+    static = torch.nn.Sequential(*copy.deepcopy(block)).eval()
+    to_float8_static(static, lambda model: model(x8))
+    codes = {}
+    for name, net in (("rowwise", rowwise), ("static", static)):
+        torch._dynamo.reset()
+        with torch.inference_mode():
+            _, code = run_and_get_code(torch.compile(net, dynamic=False), x8)
+        codes[name] = "\n".join(code)
+    assert "amax" in codes["rowwise"] and "amax" not in codes["static"]
+
+
+def test_the_worker_s_calibration_reaches_every_layer_the_fused_unet_calls():
+    # compile_unet fuses q/k/v before quantizing; diffusers keeps the unfused projections beside the fused one,
+    # unused, and those stay as they are
+    from edge_server.worker import float8_calibration
+    from sage_core.unet_buckets import fuse_layout, quantize_unet
+
+    pipe = tiny_pipeline(seed=0)
+    reference = copy.deepcopy(pipe.unet).eval()
+    unet = quantize_unet(fuse_layout(pipe.unet.eval()), "fp8-static", float8_calibration(pipe))
+    attn = unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1
+    assert isinstance(attn.to_qkv, Fp8StaticLinear) and type(attn.to_q) is torch.nn.Linear
+    assert isinstance(unet.down_blocks[1].attentions[0].transformer_blocks[0].attn2.to_kv, Fp8StaticLinear)
+    g = torch.Generator().manual_seed(3)
+    x, c = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 77, 32, generator=g)
+    t = torch.tensor([999, 300])
+    with torch.inference_mode():
+        got = unet(x.to(memory_format=torch.channels_last), t, encoder_hidden_states=c, return_dict=False)[0]
+        want = reference(x, t, encoder_hidden_states=c, return_dict=False)[0]
+    assert 0 < _relative(got, want) < 0.1

@@ -308,6 +308,9 @@ def test_fp8_is_refused_where_it_cannot_run_and_without_a_compile():
     assert rowwise_config.unet_quantize == "fp8-rowwise"
     rowwise = quantize_unet(tiny_pipeline(seed=0).unet, "fp8-rowwise")  # this torch has float8 GEMMs on the CPU
     assert any("Fp8" in type(m).__name__ for m in rowwise.modules())
+    with pytest.raises(ValueError, match="fp8-static needs a calibration run"):
+        quantize_unet(tiny_pipeline(seed=0).unet, "fp8-static")
+    assert build_config(None, {"unet_quantize": "fp8-static", "unet_compile": "default"}).unet_quantize == "fp8-static"
     assert fp8_linear(torch.nn.Linear(320, 1280)) and not fp8_linear(torch.nn.Linear(4, 320))
     assert not fp8_linear(torch.nn.Conv2d(320, 320, 1))
 
@@ -331,12 +334,12 @@ def test_torchao_float8_config_leaves_inductor_settings_alone(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("quantize", ["fp8", "fp8-rowwise"])
+@pytest.mark.parametrize("quantize", ["fp8", "fp8-rowwise", "fp8-static"])
 def test_fp8_compiled_unet_stays_close_to_the_half_precision_one(quantize):
     import torch._inductor.config as inductor
 
-    from sage_core.fp8 import Fp8Linear
-    from sage_core.unet_buckets import FP8_CAPABILITY, compile_unet
+    from sage_core.fp8 import Fp8Linear, Fp8StaticLinear
+    from sage_core.unet_buckets import FP8_CAPABILITY, compile_unet, unet_calibration
 
     if quantize == "fp8":
         pytest.importorskip("torchao", reason="fp8 needs torchao (pip install 'sage-edge[fp8]')")
@@ -349,7 +352,10 @@ def test_fp8_compiled_unet_stays_close_to_the_half_precision_one(quantize):
         want = pipe.unet(x, t, encoder_hidden_states=c, return_dict=False)[0].float()
     tuning = inductor.coordinate_descent_tuning
     with inductor.patch(max_autotune_gemm_backends=inductor.max_autotune_gemm_backends):  # compile_unet sets it
-        fp8 = compile_unet(pipe.unet, "default", quantize=quantize)  # as the worker does it, outside inference mode
+        calibrate = unet_calibration(torch.randn(4, 77, c.shape[-1]), x.shape[-1]) if quantize == "fp8-static" \
+            else None
+        fp8 = compile_unet(pipe.unet, "default", quantize=quantize,  # as the worker does it, outside inference mode
+                           calibrate=calibrate)
         assert inductor.coordinate_descent_tuning == tuning  # torchao's recommended settings stay off
         with torch.inference_mode():
             got = fp8(x, t, encoder_hidden_states=c, return_dict=False)[0].float()
@@ -357,7 +363,8 @@ def test_fp8_compiled_unet_stays_close_to_the_half_precision_one(quantize):
         linears = [m for m in pipe.unet.modules() if isinstance(m, torch.nn.Linear)]
         assert any("float8" in type(m.weight).__name__.lower() for m in linears)  # torchao's Float8Tensor weights
     else:
-        assert any(isinstance(m, Fp8Linear) for m in pipe.unet.modules())
+        kind = Fp8StaticLinear if quantize == "fp8-static" else Fp8Linear
+        assert any(isinstance(m, kind) for m in pipe.unet.modules())
     relative = ((got - want).norm() / want.norm()).item()
     print(f"{quantize} against fp16, relative L2 difference of the UNet's output: {relative:.4f}")
     # float8 e4m3 keeps 3 mantissa bits: a few per cent per layer, not a different function (which would be ~1.4)

@@ -1,8 +1,9 @@
 """How many bytes each of Inductor's kernels moves, in theory, for one SD v1.5 top-level transformer block (320
 channels, 8 heads of 40, cross-attention on 77 tokens of 768, fused q/k/v as the served UNet has them), compiled
-with and without the row-wise float8 layers (`sage_core.fp8`). The figures are Inductor's own estimate
-(`GraphLowering.count_bytes`: each buffer a kernel reads or writes, counted once), in units of one pass over the
-block's activation (pixels x 320 channels x 2 bytes): what a kernel should move, not how fast the GPU moves it.
+without float8 and with the row-wise and the static float8 layers (`sage_core.fp8`). The figures are Inductor's own
+estimate (`GraphLowering.count_bytes`: each buffer a kernel reads or writes, counted once), in units of one pass
+over the block's activation (pixels x 320 channels x 2 bytes): what a kernel should move, not how fast the GPU
+moves it.
 
     python docs/results/serving/cpu_fp8_bytes_probe.py float16 1 32 > docs/results/serving/cpu_fp8_bytes_probe.txt
     python docs/results/serving/cpu_fp8_bytes_probe.py bfloat16 1 32 >> docs/results/serving/cpu_fp8_bytes_probe.txt
@@ -19,7 +20,7 @@ import torch
 import torch._inductor.graph as graph_mod
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
-from sage_core.fp8 import to_float8_rowwise
+from sage_core.fp8 import to_float8_rowwise, to_float8_static
 
 CAPTURED: list = []  # each compiled graph's (scheduler node, bytes)
 _orig = graph_mod.GraphLowering.count_bytes
@@ -59,10 +60,12 @@ def main(dtype_name: str, rows: int, side: int) -> None:
     x = torch.randn(rows, 320, side, side, dtype=dtype).to(memory_format=torch.channels_last)
     c = torch.randn(rows, 77, 768, dtype=dtype)
     pixels = rows * side * side
-    for quantize in ("none", "fp8-rowwise"):
+    for quantize in ("none", "fp8-rowwise", "fp8-static"):
         net = copy.deepcopy(block)
-        if quantize != "none":
+        if quantize == "fp8-rowwise":
             to_float8_rowwise(net)
+        elif quantize == "fp8-static":  # calibrated on the inputs it is then compiled for
+            to_float8_static(net, lambda model: model(x, encoder_hidden_states=c, return_dict=False))
         torch._dynamo.reset()
         CAPTURED.clear()
         with torch.inference_mode():
