@@ -227,6 +227,16 @@ def test_unet_in_static_float8_stays_close_and_quantizes_without_a_reduction():
             _, code = run_and_get_code(torch.compile(net, dynamic=False), x8)
         codes[name] = "\n".join(code)
     assert "amax" in codes["rowwise"] and "amax" not in codes["static"]
+    torch._dynamo.reset()  # and none in the whole UNet, q/k/v fused as the worker serves it
+    from sage_core.unet_buckets import fuse_layout
+
+    fused = copy.deepcopy(unet)
+    to_float8_static(fuse_layout(fused), lambda model: model(x, t, encoder_hidden_states=c, return_dict=False))
+    with torch.inference_mode():
+        _, code = run_and_get_code(torch.compile(fused, dynamic=False), x.to(memory_format=torch.channels_last), t,
+                                   encoder_hidden_states=c, return_dict=False)
+    unet_code = "\n".join(code)
+    assert "_scaled_mm" in unet_code and "amax" not in unet_code
 
 
 def test_the_worker_s_calibration_reaches_every_layer_the_fused_unet_calls():
