@@ -41,18 +41,44 @@ def quantize_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
-class Fp8Linear(torch.nn.Module):
-    """y = x @ W.T + b with W in float8 (one scale per output channel) and x quantized per row on each call."""
+class Float8Gemm(torch.nn.Module):
+    """What the float8 linear layers share: the weight's check, its float8 codes and scale (`quantize_weight`, the
+    subclass's), the bias, and the input's rows. y = x @ W.T + b, in x's dtype."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
         if weight.ndim != 2 or not fits_float8_gemm(weight):
             raise ValueError(f"float8 GEMMs need both sides of the weight a multiple of 16, got {tuple(weight.shape)}")
-        codes, scale = quantize_rows(weight.detach())
+        codes, scale = self.quantize_weight(weight.detach())
         self.register_buffer("weight_fp8", codes)  # (out, in); .t() is the column-major operand _scaled_mm takes
-        self.register_buffer("weight_scale", scale.t().contiguous())  # (1, out)
+        self.register_buffer("weight_scale", scale)
         self.bias = None if bias is None else torch.nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+
+    @staticmethod
+    def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weight's float8 codes and the scale _scaled_mm takes for it."""
+        raise NotImplementedError
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., in_features) as a row-major (rows, in_features) matrix, as float8 GEMMs need it (a permuted view,
+        e.g. a batch-1 NCHW tensor's pixels, can be column-major; elementwise ops, compiled or not, keep the layout
+        they are given)."""
+        return x.reshape(-1, self.in_features).contiguous()
+
+    def unrows(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The GEMM's (rows, out_features) output in x's leading shape."""
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+class Fp8Linear(Float8Gemm):
+    """A float8 linear layer with W's scale per output channel and x quantized per row on each call."""
+
+    @staticmethod
+    def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Codes with one scale per output channel, as a (1, out) row."""
+        codes, scale = quantize_rows(weight)
+        return codes, scale.t().contiguous()
 
     @staticmethod
     def from_linear(layer: torch.nn.Linear) -> Fp8Linear:
@@ -61,38 +87,33 @@ class Fp8Linear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The layer on x (..., in_features), in x's dtype."""
-        # row-major, as float8 GEMMs need (a permuted view, e.g. a batch-1 NCHW tensor's pixels, can be column-major;
-        # elementwise ops, compiled or not, keep the layout they are given)
-        rows = x.reshape(-1, self.in_features).contiguous()
-        codes, scale = quantize_rows(rows)
+        codes, scale = quantize_rows(self.rows(x))
         # row-wise scales need a bfloat16 output; the cast back fuses into whatever reads it. Fast accumulation, as
         # torchao's inference float8 uses it: Hopper's float8 MMA accumulates in fewer bits between promotions
         y = torch._scaled_mm(codes, self.weight_fp8.t(), scale_a=scale, scale_b=self.weight_scale,
                              out_dtype=torch.bfloat16, use_fast_accum=True).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return self.unrows(y, x)
 
 
-class Fp8StaticLinear(torch.nn.Module):
-    """y = x @ W.T + b with W in float8 (one scale) and x quantized with a calibrated constant scale: the input's
+class Fp8StaticLinear(Float8Gemm):
+    """A float8 linear layer with one scale for W and x quantized with a calibrated constant scale: the input's
     quantization is elementwise, and the GEMM writes x's dtype with the bias in its epilogue."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, input_amax: float,
                  headroom: float = 2.0) -> None:
-        super().__init__()
-        if weight.ndim != 2 or not fits_float8_gemm(weight):
-            raise ValueError(f"float8 GEMMs need both sides of the weight a multiple of 16, got {tuple(weight.shape)}")
         if not (input_amax >= 0 and headroom >= 1):
             raise ValueError(f"a static float8 layer needs an input absmax >= 0 and a headroom >= 1, got "
                              f"{input_amax} and {headroom}")
-        codes, scale = quantize_tensor(weight.detach())
-        self.register_buffer("weight_fp8", codes)  # (out, in)
-        self.register_buffer("weight_scale", scale)
+        super().__init__(weight, bias)
         self.register_buffer("input_scale", torch.tensor(max(input_amax * headroom, _TINY) / FP8_MAX,
                                                          device=weight.device))
-        self.bias = None if bias is None else torch.nn.Parameter(bias.detach().clone(), requires_grad=False)
-        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+
+    @staticmethod
+    def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Codes with one scale for the whole weight (0-dim)."""
+        return quantize_tensor(weight)
 
     @staticmethod
     def from_linear(layer: torch.nn.Linear, input_amax: float, headroom: float = 2.0) -> Fp8StaticLinear:
@@ -101,15 +122,14 @@ class Fp8StaticLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The layer on x (..., in_features), in x's dtype; inputs beyond the calibrated range saturate."""
-        rows = x.reshape(-1, self.in_features).contiguous()  # row-major, as float8 GEMMs need (see Fp8Linear)
-        codes = (rows.float() / self.input_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        codes = (self.rows(x).float() / self.input_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
         # the bias in the GEMM's epilogue for a half-precision output (cuBLASLt takes none with a float32 one)
         fused = self.bias is not None and x.dtype in (torch.float16, torch.bfloat16)
         y = torch._scaled_mm(codes, self.weight_fp8.t(), scale_a=self.input_scale, scale_b=self.weight_scale,
                              bias=self.bias.to(x.dtype) if fused else None, out_dtype=x.dtype, use_fast_accum=True)
         if self.bias is not None and not fused:
             y = y + self.bias
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return self.unrows(y, x)
 
 
 class Fp8Conv1x1(torch.nn.Module):
