@@ -158,7 +158,7 @@ class Run:
                 self.proc.send_signal(signal.SIGABRT)
             if self.aborted_at is None or now - self.aborted_at < ABORT_GRACE_S:
                 return None
-        self._kill_group()
+        self.stop()
         return self._outcome(now - self.start)
 
     def _worker_ready(self) -> bool:
@@ -175,10 +175,8 @@ class Run:
             self.go_path.touch()
 
     def stop(self) -> None:
-        """End the process (a ready one whose turn did not come) and its group."""
-        self._kill_group()
-
-    def _kill_group(self) -> None:
+        """Kill what is left of the process group (compile workers too): after the run ended or overran its
+        deadline, or for a ready run whose turn did not come."""
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)  # what is left of the group: compile workers
         except (ProcessLookupError, PermissionError):
