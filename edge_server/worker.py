@@ -216,6 +216,7 @@ def serving_unet(pipe: Any, config: ServerConfig) -> tuple[Any, str]:
     backend. With it, a line saying how long the warm-up took and what the compile cache held ("" when eager)."""
     from sage_core.unet_buckets import (
         CUDAGRAPH_MODES,
+        STATIC_MODES,
         BucketedUNet,
         CacheCounts,
         compile_unet,
@@ -231,7 +232,7 @@ def serving_unet(pipe: Any, config: ServerConfig) -> tuple[Any, str]:
     before, start = CacheCounts.now() if cache else None, time.perf_counter()
     compiled = compile_unet(pipe.unet, config.unet_compile, tuning=config.unet_compile_tuning,
                             quantize=config.unet_quantize, channels_last=config.unet_channels_last,
-                            calibrate=float8_calibration(pipe) if config.unet_quantize == "fp8-static" else None)
+                            calibrate=float8_calibration(pipe) if config.unet_quantize in STATIC_MODES else None)
     unet = BucketedUNet(with_attention(compiled, config.attention_backend), config.unet_buckets or DEFAULT_BUCKETS,
                         graphs=config.unet_compile in CUDAGRAPH_MODES)
     warm_buckets(unet, int(pipe.unet.config.sample_size), report=worker_says)

@@ -15,6 +15,11 @@ input's quantization is then elementwise, with no reduction per row at run time,
 makes the input as an epilogue; the GEMM writes the UNet's own dtype with the bias added in its epilogue. On the
 H100 the row-wise layers' quantization kernels cost 0.45 ms per sample, where their GEMMs saved 0.15 ms
 (docs/results/serving, fifth lease).
+
+`Fp8GegluFeedForward` (the "fp8-static-geglu" mode) goes one step further in the transformer blocks' feed-forward:
+one Triton kernel (`sage_core.geglu_kernel`) computes both halves of the GEGLU projection, the GELU and the
+product, and writes only the float8 input of the output projection, where the static layers write the projection's
+2N channels in half precision and read them back.
 """
 
 from __future__ import annotations
@@ -120,16 +125,70 @@ class Fp8StaticLinear(Float8Gemm):
         """The static float8 version of a linear layer whose inputs' absmax was `input_amax`."""
         return Fp8StaticLinear(layer.weight, layer.bias, input_amax, headroom)
 
+    def quantize(self, rows: torch.Tensor) -> torch.Tensor:
+        """The input rows' float8 codes with the calibrated scale; values beyond the calibrated range saturate."""
+        return (rows.float() / self.input_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+
+    def gemm(self, codes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The layer on input codes (rows, in_features) made with `input_scale`: (rows, out_features) in `dtype`."""
+        # the bias in the GEMM's epilogue for a half-precision output (cuBLASLt takes none with a float32 one)
+        fused = self.bias is not None and dtype in (torch.float16, torch.bfloat16)
+        y = torch._scaled_mm(codes, self.weight_fp8.t(), scale_a=self.input_scale, scale_b=self.weight_scale,
+                             bias=self.bias.to(dtype) if fused else None, out_dtype=dtype, use_fast_accum=True)
+        return y + self.bias if self.bias is not None and not fused else y
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The layer on x (..., in_features), in x's dtype; inputs beyond the calibrated range saturate."""
-        codes = (self.rows(x).float() / self.input_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-        # the bias in the GEMM's epilogue for a half-precision output (cuBLASLt takes none with a float32 one)
-        fused = self.bias is not None and x.dtype in (torch.float16, torch.bfloat16)
-        y = torch._scaled_mm(codes, self.weight_fp8.t(), scale_a=self.input_scale, scale_b=self.weight_scale,
-                             bias=self.bias.to(x.dtype) if fused else None, out_dtype=x.dtype, use_fast_accum=True)
-        if self.bias is not None and not fused:
-            y = y + self.bias
-        return self.unrows(y, x)
+        return self.unrows(self.gemm(self.quantize(self.rows(x)), x.dtype), x)
+
+
+def geglu_reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, x_scale: torch.Tensor,
+                    w_scale: torch.Tensor, out_scale: torch.Tensor) -> torch.Tensor:
+    """What the fused GEGLU kernel (`sage_core.geglu_kernel`) computes, in float32 torch ops: x (M, K) and w (2N, K)
+    float8 codes, b (2N,) float32, 0-dim float32 scales; returns the (M, N) float8 codes, with `out_scale`, of
+    h * gelu(g) where [h | g] = x @ w.T * x_scale * w_scale + b."""
+    h, g = ((x.float() @ w.float().t()) * (x_scale * w_scale) + b).chunk(2, dim=-1)
+    return (h * torch.nn.functional.gelu(g) / out_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+
+
+class Fp8GegluFeedForward(torch.nn.Module):
+    """A diffusers GEGLU feed-forward block (`FeedForward`: GEGLU, dropout, linear) in static float8 with the GEGLU
+    fused: the input is quantized with its calibrated scale, one kernel (`sage_core.geglu_kernel` on the GPU,
+    `geglu_reference` elsewhere) makes the float8 input of the output projection, whose GEMM writes the block's
+    dtype. For inference: the dropout is left out."""
+
+    def __init__(self, ff: torch.nn.Module, input_amax: float, inner_amax: float, headroom: float = 2.0) -> None:
+        super().__init__()
+        proj, out = ff.net[0].proj, ff.net[2]
+        self.proj = Fp8StaticLinear(proj.weight, None, input_amax, headroom)
+        bias = proj.bias if proj.bias is not None else torch.zeros(proj.out_features, device=proj.weight.device)
+        self.register_buffer("proj_bias", bias.detach().float().clone())
+        self.out = Fp8StaticLinear.from_linear(out, inner_amax, headroom)
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The block on hidden_states (..., channels), in their dtype."""
+        codes = self.proj.quantize(self.proj.rows(hidden_states))
+        inputs = (codes, self.proj.weight_fp8, self.proj_bias, self.proj.input_scale, self.proj.weight_scale,
+                  self.out.input_scale)
+        if codes.is_cuda:
+            from sage_core.geglu_kernel import geglu_fp8
+
+            inner = geglu_fp8(*inputs)
+        else:
+            inner = geglu_reference(*inputs)
+        return self.out.unrows(self.out.gemm(inner, hidden_states.dtype), hidden_states)
+
+
+def geglu_feed_forwards(model: Any) -> list[str]:
+    """The names of `model`'s diffusers feed-forward blocks that `Fp8GegluFeedForward` takes: GEGLU (exact GELU),
+    dropout, a linear layer, both GEMMs float8-sized."""
+    from diffusers.models.activations import GEGLU
+    from diffusers.models.attention import FeedForward
+
+    return [name for name, m in model.named_modules()
+            if isinstance(m, FeedForward) and len(m.net) in (3, 4) and type(m.net[0]) is GEGLU
+            and isinstance(m.net[2], torch.nn.Linear)
+            and fits_float8_gemm(m.net[0].proj.weight) and fits_float8_gemm(m.net[2].weight)]
 
 
 class Fp8Conv1x1(torch.nn.Module):
@@ -239,13 +298,27 @@ def input_absmax(model: Any, calibrate: Callable[[Any], None]) -> dict[str, floa
     return seen
 
 
-def to_float8_static(model: Any, calibrate: Callable[[Any], None], headroom: float = 2.0) -> int:
+def to_float8_static(model: Any, calibrate: Callable[[Any], None], headroom: float = 2.0,
+                     fuse_geglu: bool = False) -> int:
     """Replace `model`'s float8-bound layers (`takes_float8`) by static float8 ones, in place, their input scales
     from the inputs they see while `calibrate(model)` runs it (each layer's largest absmax times `headroom`);
-    returns how many were replaced. A layer the calibration never ran stays as it is: it has no input scale, and
-    the model's forward does not call it either (e.g. the q/k/v projections that diffusers keeps beside the fused
-    one, `fuse_qkv_projections`)."""
-    check_scaled_mm(next(model.parameters()).device, rowwise=False)
+    returns how many modules were replaced. A layer the calibration never ran stays as it is: it has no input
+    scale, and the model's forward does not call it either (e.g. the q/k/v projections that diffusers keeps beside
+    the fused one, `fuse_qkv_projections`). With `fuse_geglu` each GEGLU feed-forward block whose two GEMMs were
+    calibrated becomes one `Fp8GegluFeedForward` (needs Triton on a GPU)."""
+    device = next(model.parameters()).device
+    check_scaled_mm(device, rowwise=False)
+    if fuse_geglu and device.type == "cuda":
+        try:
+            import sage_core.geglu_kernel  # noqa: F401
+        except ImportError as exc:
+            raise ValueError(f"fp8-static-geglu needs Triton on the GPU: {exc}") from exc
     amax = input_absmax(model, calibrate)
-    return _swap(model, [(name, static_float8_layer(m, amax[name], headroom)) for name, m in model.named_modules()
-                         if takes_float8(name, m) and name in amax])
+    blocks = [name for name in geglu_feed_forwards(model) if fuse_geglu
+              and f"{name}.net.0.proj" in amax and f"{name}.net.2" in amax]
+    fused = [(name, Fp8GegluFeedForward(model.get_submodule(name), amax[f"{name}.net.0.proj"],
+                                        amax[f"{name}.net.2"], headroom)) for name in blocks]
+    inside = tuple(f"{name}." for name in blocks)
+    return _swap(model, fused + [(name, static_float8_layer(m, amax[name], headroom))
+                                 for name, m in model.named_modules()
+                                 if takes_float8(name, m) and name in amax and not name.startswith(inside)])

@@ -27,8 +27,9 @@ CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes tha
 ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")  # SDPA kernels; "auto": PyTorch's choice
 # the compiled UNet's matmuls: as they are; float8 linear layers (torchao); float8 linear layers and 1x1 convolutions
 # with row-wise scales, or with one scale per tensor, the inputs' calibrated at start (sage_core.fp8,
-# torch._scaled_mm alone)
-QUANTIZE_MODES = ("none", "fp8", "fp8-rowwise", "fp8-static")
+# torch._scaled_mm alone); the last, with each transformer feed-forward's GEGLU fused into one kernel
+QUANTIZE_MODES = ("none", "fp8", "fp8-rowwise", "fp8-static", "fp8-static-geglu")
+STATIC_MODES = ("fp8-static", "fp8-static-geglu")  # the modes that need a calibration run
 # static float8's calibration (`unet_calibration`): the empty prompt (guidance's unconditional half) and captions of
 # everyday scenes, at timesteps across the schedule
 CALIBRATION_PROMPTS = ("", "a photograph of a dog running on a beach", "a red car parked in front of an old building",
@@ -255,7 +256,9 @@ def quantize_unet(unet: Any, mode: str, calibrate: Callable[[Any], None] | None 
     per-row scales in any dtype, for the linear layers and the 1x1 convolutions alike, without torchao
     (`sage_core.fp8.to_float8_rowwise`, in place); needs float8 GEMMs with row-wise scales on the UNet's device.
     "fp8-static": the same layers with one scale per tensor, each input's calibrated while `calibrate(unet)` runs
-    the UNet (`unet_calibration`; `sage_core.fp8.to_float8_static`, in place). "none" returns it unchanged."""
+    the UNet (`unet_calibration`; `sage_core.fp8.to_float8_static`, in place). "fp8-static-geglu": that, with each
+    transformer feed-forward block's GEGLU fused into one kernel (`sage_core.fp8.Fp8GegluFeedForward`). "none"
+    returns it unchanged."""
     if mode not in QUANTIZE_MODES:
         raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}, got {mode!r}")
     if mode == "none":
@@ -263,10 +266,10 @@ def quantize_unet(unet: Any, mode: str, calibrate: Callable[[Any], None] | None 
     if mode == "fp8-rowwise":
         to_float8_rowwise(unet)
         return unet
-    if mode == "fp8-static":
+    if mode in STATIC_MODES:
         if calibrate is None:
-            raise ValueError("fp8-static needs a calibration run of the UNet (unet_calibration) for its input scales")
-        to_float8_static(unet, calibrate)
+            raise ValueError(f"{mode} needs a calibration run of the UNet (unet_calibration) for its input scales")
+        to_float8_static(unet, calibrate, fuse_geglu=mode == "fp8-static-geglu")
         return unet
     device = unet.device
     capable = device.type == "cuda" and torch.cuda.get_device_capability(device) >= FP8_CAPABILITY

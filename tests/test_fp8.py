@@ -11,10 +11,12 @@ import torch
 from sage_core.fp8 import (
     FP8_MAX,
     Fp8Conv1x1,
+    Fp8GegluFeedForward,
     Fp8Linear,
     Fp8StaticLinear,
     check_scaled_mm,
     float8_layer,
+    geglu_reference,
     input_absmax,
     quantize_rows,
     quantize_tensor,
@@ -239,7 +241,8 @@ def test_unet_in_static_float8_stays_close_and_quantizes_without_a_reduction():
     assert "_scaled_mm" in unet_code and "amax" not in unet_code
 
 
-def test_the_worker_s_calibration_reaches_every_layer_the_fused_unet_calls():
+@pytest.mark.parametrize("mode", ["fp8-static", "fp8-static-geglu"])
+def test_the_worker_s_calibration_reaches_every_layer_the_fused_unet_calls(mode):
     # compile_unet fuses q/k/v before quantizing; diffusers keeps the unfused projections beside the fused one,
     # unused, and those stay as they are
     from edge_server.worker import float8_calibration
@@ -247,10 +250,13 @@ def test_the_worker_s_calibration_reaches_every_layer_the_fused_unet_calls():
 
     pipe = tiny_pipeline(seed=0)
     reference = copy.deepcopy(pipe.unet).eval()
-    unet = quantize_unet(fuse_layout(pipe.unet.eval()), "fp8-static", float8_calibration(pipe))
-    attn = unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1
-    assert isinstance(attn.to_qkv, Fp8StaticLinear) and type(attn.to_q) is torch.nn.Linear
-    assert isinstance(unet.down_blocks[1].attentions[0].transformer_blocks[0].attn2.to_kv, Fp8StaticLinear)
+    unet = quantize_unet(fuse_layout(pipe.unet.eval()), mode, float8_calibration(pipe))
+    block = unet.down_blocks[1].attentions[0].transformer_blocks[0]
+    assert isinstance(block.attn1.to_qkv, Fp8StaticLinear) and type(block.attn1.to_q) is torch.nn.Linear
+    assert isinstance(block.attn2.to_kv, Fp8StaticLinear)
+    fused = [m for m in unet.modules() if isinstance(m, Fp8GegluFeedForward)]
+    transformer_blocks = [m for m in unet.modules() if type(m).__name__ == "BasicTransformerBlock"]
+    assert len(fused) == (len(transformer_blocks) if mode == "fp8-static-geglu" else 0) > 0 or mode == "fp8-static"
     g = torch.Generator().manual_seed(3)
     x, c = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 77, 32, generator=g)
     t = torch.tensor([999, 300])
@@ -258,3 +264,164 @@ def test_the_worker_s_calibration_reaches_every_layer_the_fused_unet_calls():
         got = unet(x.to(memory_format=torch.channels_last), t, encoder_hidden_states=c, return_dict=False)[0]
         want = reference(x, t, encoder_hidden_states=c, return_dict=False)[0]
     assert 0 < _relative(got, want) < 0.1
+
+
+def test_unet_with_fused_geglu_computes_what_the_static_unet_computes():
+    # the same calibration, the same float8 operands: only the GEGLU's float32 sums' order differs
+    from edge_server.worker import float8_calibration
+    from sage_core.unet_buckets import quantize_unet
+
+    pipe = tiny_pipeline(seed=0)
+    static, fused = (quantize_unet(copy.deepcopy(pipe.unet).eval(), mode, float8_calibration(pipe))
+                     for mode in ("fp8-static", "fp8-static-geglu"))
+    g = torch.Generator().manual_seed(4)
+    x, c, t = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 77, 32, generator=g), torch.tensor([999, 20])
+    with torch.inference_mode():
+        want, got = (unet(x, t, encoder_hidden_states=c, return_dict=False)[0] for unet in (static, fused))
+    assert any(isinstance(m, Fp8GegluFeedForward) for m in fused.modules())
+    assert _relative(got, want) < 1e-3
+
+
+def _feed_forward(dim: int = 64, seed: int = 0):
+    """A diffusers GEGLU feed-forward block (as SD's transformer blocks have it) in a container, and inputs."""
+    from diffusers.models.attention import FeedForward
+
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(FeedForward(dim, activation_fn="geglu")).eval()
+    return net, torch.randn(2, 24, dim), torch.randn(2, 24, dim) * 1.5
+
+
+def test_fused_geglu_block_computes_what_the_static_layers_it_replaces_compute():
+    net, calibration, x = _feed_forward()
+    static, fused = copy.deepcopy(net), copy.deepcopy(net)
+    assert to_float8_static(static, lambda model: model(calibration)) == 2  # the GEGLU's projection, the output
+    assert to_float8_static(fused, lambda model: model(calibration), fuse_geglu=True) == 1
+    assert isinstance(fused[0], Fp8GegluFeedForward)
+    with torch.inference_mode():
+        want, unfused, got = net(x), static(x), fused(x)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    # the same float8 operands and scales, one kernel instead of three: equal up to float32 summation order
+    assert _relative(got, unfused) < 1e-3
+    assert 0 < _relative(got, want) < 0.1
+    inner = fused[0]
+    codes = inner.proj.quantize(inner.proj.rows(x))
+    mid = geglu_reference(codes, inner.proj.weight_fp8, inner.proj_bias, inner.proj.input_scale,
+                          inner.proj.weight_scale, inner.out.input_scale)
+    hidden, gate = torch.nn.functional.linear(codes.float() * inner.proj.input_scale,
+                                              inner.proj.weight_fp8.float() * inner.proj.weight_scale,
+                                              inner.proj_bias).chunk(2, dim=-1)
+    decoded = hidden * torch.nn.functional.gelu(gate)  # GEGLU as diffusers writes it, on the dequantized operands
+    assert _relative(mid.float() * inner.out.input_scale, decoded) < 0.05  # float8 codes of it: 3 mantissa bits
+    unfit = torch.nn.Sequential(_feed_forward(dim=40)[0][0]).eval()  # 40 is no multiple of 16: no float8 GEMM
+    assert to_float8_static(unfit, lambda model: model(torch.randn(2, 3, 40)), fuse_geglu=True) == 0
+
+
+_INTERPRETED_KERNEL = """
+import numpy as np, torch
+import triton.runtime.interpreter as interpreter
+
+DTYPES = {"fp8e4nv": torch.float8_e4m3fn, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+BITS = {8: torch.uint8, 16: torch.int16, 32: torch.int32}
+
+
+def convert(values, input_dtype, output_dtype, rounding_mode):
+    # the interpreter's float conversion drops a rounding carry into the exponent (7.96 -> 4.0 in float8); torch's
+    # conversion, which the GPU's matches, instead
+    raw = torch.from_numpy(values.view(np.dtype(f"uint{input_dtype.primitive_bitwidth}")).copy())
+    if input_dtype.primitive_bitwidth > 8:
+        raw = raw.view(BITS[input_dtype.primitive_bitwidth])
+    out = raw.view(DTYPES[input_dtype.name]).to(DTYPES[output_dtype.name]).view(BITS[output_dtype.primitive_bitwidth])
+    return out.numpy().view(np.dtype(f"uint{output_dtype.primitive_bitwidth}")).reshape(values.shape)
+
+
+interpreter._convert_float = convert
+from sage_core.fp8 import geglu_reference, quantize_tensor
+from sage_core.geglu_kernel import launch
+
+torch.manual_seed(0)
+m, k, n = 50, 80, 48  # none a multiple of its tile: every edge masked
+x, x_scale = quantize_tensor(torch.randn(m, k))
+w, w_scale = quantize_tensor(torch.randn(2 * n, k) / k ** 0.5)
+b = torch.randn(2 * n)
+h, g = ((x.float() @ w.float().t()) * x_scale * w_scale + b).chunk(2, dim=-1)
+out_scale = (h * torch.nn.functional.gelu(g)).abs().max() * 1.1 / 448  # the codes span the range unsaturated
+got = launch(x, w, b, x_scale, w_scale, out_scale, blocks=(32, 32, 32)).float()
+want = geglu_reference(x, w, b, x_scale, w_scale, out_scale).float()
+print(int((got != want).sum()), float((got - want).abs().max()), float(want.abs().max()), float(want.abs().mean()))
+"""
+
+
+def test_geglu_kernel_computes_its_reference_in_triton_s_interpreter():
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-c", _INTERPRETED_KERNEL], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    differ, worst, peak, mean = map(float, done.stdout.split())
+    assert peak < FP8_MAX and mean > 0.5  # codes across the range, none saturated: the test sees each value
+    # float32 sums in another order may round a code the other way at a tie: a few codes, one step (1/8) apart
+    assert differ <= 0.01 * 50 * 48 and worst <= 0.125 * peak
+
+
+def test_geglu_kernel_compiles_for_hopper_to_float8_tensor_core_code_without_spilling():
+    # Triton's own ptxas, no GPU: each tuned tile shape as the launcher specializes it (16-byte aligned tensors,
+    # sizes divisible by 16, as SD's are)
+    triton = pytest.importorskip("triton")
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from sage_core.geglu_kernel import TUNED, geglu_fp8_kernel
+
+    signature = {"x_ptr": "*fp8e4nv", "w_ptr": "*fp8e4nv", "b_ptr": "*fp32", "x_scale_ptr": "*fp32",
+                 "w_scale_ptr": "*fp32", "out_scale_ptr": "*fp32", "out_ptr": "*fp8e4nv", "M": "i32", "N": "i32",
+                 "K": "i32", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
+    aligned = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 6, 7, 8, 9)}
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    for config in TUNED.configs:
+        source = ASTSource(fn=geglu_fp8_kernel, signature=signature, constexprs=config.kwargs, attrs=aligned)
+        kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                                options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+        assert re.search(r"wgmma\.mma_async\S*\.e4m3\.e4m3", kernel.asm["ptx"]), config  # Hopper's float8 MMA
+        assert kernel.metadata.shared <= 227 * 1024, config  # fits an H100's shared memory per block
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+            cubin.write(kernel.asm["cubin"])
+            cubin.flush()
+            usage = subprocess.run([cuobjdump, "-res-usage", cubin.name], capture_output=True, text=True,
+                                   check=True).stdout
+        assert re.search(r"STACK:0\b", usage) and re.search(r"LOCAL:0\b", usage), (config, usage)  # no spills
+
+
+@pytest.mark.gpu
+def test_geglu_kernel_on_the_gpu_computes_its_reference_compiled_and_not():
+    from sage_core.fp8 import check_scaled_mm
+
+    try:
+        check_scaled_mm(torch.device("cuda"), rowwise=False)
+    except ValueError as exc:
+        pytest.skip(str(exc))
+    from sage_core.geglu_kernel import geglu_fp8
+
+    torch.manual_seed(0)
+    m, k, n = 4096 + 100, 320, 1280  # SD v1.5's top-level feed-forward on one latent and a ragged edge
+    x, x_scale = quantize_tensor(torch.randn(m, k, device="cuda"))
+    w, w_scale = quantize_tensor(torch.randn(2 * n, k, device="cuda") / k ** 0.5)
+    b = torch.randn(2 * n, device="cuda")
+    out_scale = torch.tensor(8.0 / 448, device="cuda")
+    want = geglu_reference(x, w, b, x_scale, w_scale, out_scale).float()
+    def fused(*args: torch.Tensor) -> torch.Tensor:  # as a compiled graph calls the op
+        return geglu_fp8(*args)
+
+    for run in (geglu_fp8, torch.compile(fused, dynamic=False)):
+        got = run(x, w, b, x_scale, w_scale, out_scale).float()
+        assert (got != want).float().mean().item() < 0.01
+        assert (got - want).abs().max().item() <= 0.125 * want.abs().max().item()

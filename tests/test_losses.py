@@ -170,7 +170,7 @@ def test_group_mean_and_standard_loss() -> None:
     loss, _ = standard_loss(unet, ALPHAS, batch, SageLossConfig(), noise, t)
     want = torch.stack([((unet(ALPHAS[t[i]].sqrt() * z[i][None] + (1 - ALPHAS[t[i]]).sqrt() * noise[i][None],
                                 t[i : i + 1], c[i][None])[0] - noise[i]) ** 2).mean() for i in range(5)]).mean()
-    assert float(loss) == pytest.approx(float(want), rel=1e-6)
+    assert loss.item() == pytest.approx(want.item(), rel=1e-6)
 
 
 def test_bad_loss_config() -> None:

@@ -334,12 +334,12 @@ def test_torchao_float8_config_leaves_inductor_settings_alone(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("quantize", ["fp8", "fp8-rowwise", "fp8-static"])
+@pytest.mark.parametrize("quantize", ["fp8", "fp8-rowwise", "fp8-static", "fp8-static-geglu"])
 def test_fp8_compiled_unet_stays_close_to_the_half_precision_one(quantize):
     import torch._inductor.config as inductor
 
-    from sage_core.fp8 import Fp8Linear, Fp8StaticLinear
-    from sage_core.unet_buckets import FP8_CAPABILITY, compile_unet, unet_calibration
+    from sage_core.fp8 import Fp8GegluFeedForward, Fp8Linear, Fp8StaticLinear
+    from sage_core.unet_buckets import FP8_CAPABILITY, STATIC_MODES, compile_unet, unet_calibration
 
     if quantize == "fp8":
         pytest.importorskip("torchao", reason="fp8 needs torchao (pip install 'sage-edge[fp8]')")
@@ -352,7 +352,7 @@ def test_fp8_compiled_unet_stays_close_to_the_half_precision_one(quantize):
         want = pipe.unet(x, t, encoder_hidden_states=c, return_dict=False)[0].float()
     tuning = inductor.coordinate_descent_tuning
     with inductor.patch(max_autotune_gemm_backends=inductor.max_autotune_gemm_backends):  # compile_unet sets it
-        calibrate = unet_calibration(torch.randn(4, 77, c.shape[-1]), x.shape[-1]) if quantize == "fp8-static" \
+        calibrate = unet_calibration(torch.randn(4, 77, c.shape[-1]), x.shape[-1]) if quantize in STATIC_MODES \
             else None
         fp8 = compile_unet(pipe.unet, "default", quantize=quantize,  # as the worker does it, outside inference mode
                            calibrate=calibrate)
@@ -363,7 +363,7 @@ def test_fp8_compiled_unet_stays_close_to_the_half_precision_one(quantize):
         linears = [m for m in pipe.unet.modules() if isinstance(m, torch.nn.Linear)]
         assert any("float8" in type(m.weight).__name__.lower() for m in linears)  # torchao's Float8Tensor weights
     else:
-        kind = Fp8StaticLinear if quantize == "fp8-static" else Fp8Linear
+        kind = {"fp8-static": Fp8StaticLinear, "fp8-static-geglu": Fp8GegluFeedForward}.get(quantize, Fp8Linear)
         assert any(isinstance(m, kind) for m in pipe.unet.modules())
     relative = ((got - want).norm() / want.norm()).item()
     print(f"{quantize} against fp16, relative L2 difference of the UNet's output: {relative:.4f}")
