@@ -484,7 +484,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "layers in float8 (torchao; a GPU of compute capability 8.9+); 'fp8-rowwise' its linear layers "
                         "and 1x1 convolutions with row-wise scales (torch._scaled_mm); 'fp8-static' those layers with "
                         "one scale per tensor, the inputs' calibrated at the worker's start; 'fp8-static-geglu' "
-                        "and the feed-forward GEGLU fused into one Triton kernel")
+                        "and the feed-forward GEGLU fused into one Triton kernel; 'fp8-static-conv' and the 3x3 "
+                        "convolutions in float8 (Triton)")
     parser.add_argument("--compile-cache", default="", help="with --unet-compile: folder of TorchInductor's caches "
                         "(default: the server's, ~/.cache/sage-edge/torch-compile)")
     parser.add_argument("--unet-sweep", default="", help="first time the shared-phase UNet at these UNet batches "

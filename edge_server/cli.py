@@ -85,7 +85,8 @@ def serve(
         str | None, typer.Option(help="with --unet-compile: 'fp8' runs the UNet's linear layers in float8 "
                                   "(torchao); 'fp8-rowwise' its linear layers and 1x1 convolutions, row-wise scales; "
                                   "'fp8-static' those layers with one scale per tensor, calibrated at start; "
-                                  "'fp8-static-geglu' and the feed-forward GEGLU fused (a Triton kernel)")
+                                  "'fp8-static-geglu' and the feed-forward GEGLU fused (a Triton kernel); "
+                                  "'fp8-static-conv' and the 3x3 convolutions in float8 (Triton)")
     ] = None,
     compile_cache: Annotated[
         str | None, typer.Option(help="with --unet-compile: folder of TorchInductor's caches, reused on restart")

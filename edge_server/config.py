@@ -25,7 +25,7 @@ KNOWN_CODECS: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8", "int6", "int5",
 BUILTIN_MODELS: tuple[str, ...] = ("default", "tiny", "sd15-random")  # model names that are not folders
 COMPILE_MODES: tuple[str, ...] = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 ATTENTION_BACKENDS: tuple[str, ...] = ("auto", "flash", "cudnn", "efficient", "math")
-QUANTIZE_MODES: tuple[str, ...] = ("none", "fp8", "fp8-rowwise", "fp8-static", "fp8-static-geglu")
+QUANTIZE_MODES: tuple[str, ...] = ("none", "fp8", "fp8-rowwise", "fp8-static", "fp8-static-geglu", "fp8-static-conv")
 TUNING_LEVELS: tuple[str, ...] = ("none", "light", "full")
 LOSSLESS_CODECS: tuple[str, ...] = ("fp32", "fp16", "bf16")
 LOG_FORMATS = ("text", "json")
@@ -106,7 +106,8 @@ class ServerConfig:
     # with unet_compile: "fp8" runs the UNet's linear layers in float8 (torchao; GPU 8.9+); "fp8-rowwise" its linear
     # layers and 1x1 convolutions, with row-wise scales (torch._scaled_mm; Hopper GPUs); "fp8-static" the same
     # layers with one scale per tensor, the inputs' calibrated at start; "fp8-static-geglu" also fuses each
-    # transformer feed-forward's GEGLU into one Triton kernel (sage_core.geglu_kernel)
+    # transformer feed-forward's GEGLU into one Triton kernel, "fp8-static-conv" also runs the 3x3 convolutions in
+    # float8 (Triton; sage_core.fp8_kernels)
     unet_quantize: str = "none"
     # TorchInductor's caches when unet_compile is set: a restart loads the compiled kernels instead of compiling
     compile_cache: str = "~/.cache/sage-edge/torch-compile"

@@ -17,7 +17,7 @@ H100 the row-wise layers' quantization kernels cost 0.45 ms per sample, where th
 (docs/results/serving, fifth lease).
 
 `Fp8GegluFeedForward` (the "fp8-static-geglu" mode) goes one step further in the transformer blocks' feed-forward:
-one Triton kernel (`sage_core.geglu_kernel`) computes both halves of the GEGLU projection, the GELU and the
+one Triton kernel (`sage_core.fp8_kernels`) computes both halves of the GEGLU projection, the GELU and the
 product, and writes only the float8 input of the output projection, where the static layers write the projection's
 2N channels in half precision and read them back.
 """
@@ -144,7 +144,7 @@ class Fp8StaticLinear(Float8Gemm):
 
 def geglu_reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, x_scale: torch.Tensor,
                     w_scale: torch.Tensor, out_scale: torch.Tensor) -> torch.Tensor:
-    """What the fused GEGLU kernel (`sage_core.geglu_kernel`) computes, in float32 torch ops: x (M, K) and w (2N, K)
+    """What the fused GEGLU kernel (`sage_core.fp8_kernels`) computes, in float32 torch ops: x (M, K) and w (2N, K)
     float8 codes, b (2N,) float32, 0-dim float32 scales; returns the (M, N) float8 codes, with `out_scale`, of
     h * gelu(g) where [h | g] = x @ w.T * x_scale * w_scale + b."""
     h, g = ((x.float() @ w.float().t()) * (x_scale * w_scale) + b).chunk(2, dim=-1)
@@ -153,7 +153,7 @@ def geglu_reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, x_scale: 
 
 class Fp8GegluFeedForward(torch.nn.Module):
     """A diffusers GEGLU feed-forward block (`FeedForward`: GEGLU, dropout, linear) in static float8 with the GEGLU
-    fused: the input is quantized with its calibrated scale, one kernel (`sage_core.geglu_kernel` on the GPU,
+    fused: the input is quantized with its calibrated scale, one kernel (`sage_core.fp8_kernels` on the GPU,
     `geglu_reference` elsewhere) makes the float8 input of the output projection, whose GEMM writes the block's
     dtype. For inference: the dropout is left out."""
 
@@ -171,12 +171,70 @@ class Fp8GegluFeedForward(torch.nn.Module):
         inputs = (codes, self.proj.weight_fp8, self.proj_bias, self.proj.input_scale, self.proj.weight_scale,
                   self.out.input_scale)
         if codes.is_cuda:
-            from sage_core.geglu_kernel import geglu_fp8
+            from sage_core.fp8_kernels import geglu_fp8
 
             inner = geglu_fp8(*inputs)
         else:
             inner = geglu_reference(*inputs)
         return self.out.unrows(self.out.gemm(inner, hidden_states.dtype), hidden_states)
+
+
+def conv3x3_reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, x_scale: torch.Tensor,
+                      w_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """What the float8 3x3 convolution kernel (`sage_core.fp8_kernels`) computes, in float32 torch ops:
+    channels-last codes x (N, H, W, C) and w (F, 3, 3, C), b (F,) float32, a 0-dim x_scale and w_scale (F,);
+    returns (N, H, W, F) in `out_dtype`."""
+    weight = (w.float() * w_scale[:, None, None, None]).permute(0, 3, 1, 2)
+    y = torch.nn.functional.conv2d((x.float() * x_scale).permute(0, 3, 1, 2), weight, b, padding=1)
+    return y.permute(0, 2, 3, 1).to(out_dtype)
+
+
+CONV_CHANNELS = 64  # the float8 convolution kernel's reduction chunk: input channels a multiple of it
+
+
+def is_conv3x3(conv: torch.nn.Module) -> bool:
+    """A Conv2d the float8 convolution kernel takes: 3x3, stride 1, padding 1, no groups or dilation, input
+    channels a multiple of CONV_CHANNELS, output channels of 16."""
+    return (isinstance(conv, torch.nn.Conv2d) and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
+            and conv.padding == (1, 1) and conv.groups == 1 and conv.dilation == (1, 1)
+            and conv.padding_mode == "zeros" and conv.in_channels % CONV_CHANNELS == 0
+            and conv.out_channels % 16 == 0)
+
+
+class Fp8StaticConv3x3(torch.nn.Module):
+    """A 3x3 convolution in float8: the input quantized with a calibrated scale (elementwise, so it fuses into the
+    kernel that makes the input, e.g. a GroupNorm and SiLU), the weights with one scale per output channel, one
+    implicit-GEMM kernel (`sage_core.fp8_kernels.conv3x3_fp8` on the GPU, `conv3x3_reference` elsewhere);
+    channels-last in and out, in the input's dtype."""
+
+    def __init__(self, conv: torch.nn.Conv2d, input_amax: float, headroom: float = 2.0) -> None:
+        super().__init__()
+        if not is_conv3x3(conv):
+            raise ValueError(f"not a 3x3 convolution the float8 kernel takes: {conv}")
+        if not (input_amax >= 0 and headroom >= 1):
+            raise ValueError(f"a static float8 layer needs an input absmax >= 0 and a headroom >= 1, got "
+                             f"{input_amax} and {headroom}")
+        weight = conv.weight.detach().permute(0, 2, 3, 1).contiguous()  # (out, 3, 3, in): the reduction innermost
+        codes, scale = quantize_rows(weight.flatten(1))
+        self.register_buffer("weight_fp8", codes.reshape(weight.shape))
+        self.register_buffer("weight_scale", scale.flatten())
+        bias = conv.bias if conv.bias is not None else torch.zeros(conv.out_channels, device=weight.device)
+        self.register_buffer("bias", bias.detach().float().clone())
+        self.register_buffer("input_scale", torch.tensor(max(input_amax * headroom, _TINY) / FP8_MAX,
+                                                         device=weight.device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The convolution on x (batch, channels, height, width)."""
+        pixels = x.permute(0, 2, 3, 1).contiguous()  # a view when x is channels-last
+        codes = (pixels.float() / self.input_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        inputs = (codes, self.weight_fp8, self.bias, self.input_scale, self.weight_scale, x.dtype)
+        if codes.is_cuda:
+            from sage_core.fp8_kernels import conv3x3_fp8
+
+            y = conv3x3_fp8(*inputs)
+        else:
+            y = conv3x3_reference(*inputs)
+        return y.permute(0, 3, 1, 2)
 
 
 def geglu_feed_forwards(model: Any) -> list[str]:
@@ -278,8 +336,10 @@ def _swap(model: Any, swaps: list[tuple[str, torch.nn.Module]]) -> int:
     return len(swaps)
 
 
-def input_absmax(model: Any, calibrate: Callable[[Any], None]) -> dict[str, float]:
-    """Each float8-bound layer's (`takes_float8`) largest input absmax while `calibrate(model)` runs it."""
+def input_absmax(model: Any, calibrate: Callable[[Any], None],
+                 takes: Callable[[str, torch.nn.Module], bool] = takes_float8) -> dict[str, float]:
+    """Each float8-bound layer's (`takes`, by default `takes_float8`) largest input absmax while `calibrate(model)`
+    runs it."""
     seen: dict[str, float] = {}
 
     def record(name: str) -> Callable[..., None]:
@@ -288,7 +348,7 @@ def input_absmax(model: Any, calibrate: Callable[[Any], None]) -> dict[str, floa
         return hook
 
     handles = [module.register_forward_pre_hook(record(name)) for name, module in model.named_modules()
-               if takes_float8(name, module)]
+               if takes(name, module)]
     try:
         with torch.inference_mode():
             calibrate(model)
@@ -299,26 +359,28 @@ def input_absmax(model: Any, calibrate: Callable[[Any], None]) -> dict[str, floa
 
 
 def to_float8_static(model: Any, calibrate: Callable[[Any], None], headroom: float = 2.0,
-                     fuse_geglu: bool = False) -> int:
+                     fuse_geglu: bool = False, convs: bool = False) -> int:
     """Replace `model`'s float8-bound layers (`takes_float8`) by static float8 ones, in place, their input scales
     from the inputs they see while `calibrate(model)` runs it (each layer's largest absmax times `headroom`);
     returns how many modules were replaced. A layer the calibration never ran stays as it is: it has no input
     scale, and the model's forward does not call it either (e.g. the q/k/v projections that diffusers keeps beside
     the fused one, `fuse_qkv_projections`). With `fuse_geglu` each GEGLU feed-forward block whose two GEMMs were
-    calibrated becomes one `Fp8GegluFeedForward` (needs Triton on a GPU)."""
+    calibrated becomes one `Fp8GegluFeedForward`; with `convs` each 3x3 convolution `is_conv3x3` takes becomes a
+    `Fp8StaticConv3x3` (both need Triton on a GPU)."""
     device = next(model.parameters()).device
     check_scaled_mm(device, rowwise=False)
-    if fuse_geglu and device.type == "cuda":
+    if (fuse_geglu or convs) and device.type == "cuda":
         try:
-            import sage_core.geglu_kernel  # noqa: F401
+            import sage_core.fp8_kernels  # noqa: F401
         except ImportError as exc:
-            raise ValueError(f"fp8-static-geglu needs Triton on the GPU: {exc}") from exc
-    amax = input_absmax(model, calibrate)
+            raise ValueError(f"the fused float8 kernels need Triton on the GPU: {exc}") from exc
+    amax = input_absmax(model, calibrate, lambda name, m: takes_float8(name, m) or (convs and is_conv3x3(m)))
     blocks = [name for name in geglu_feed_forwards(model) if fuse_geglu
               and f"{name}.net.0.proj" in amax and f"{name}.net.2" in amax]
     fused = [(name, Fp8GegluFeedForward(model.get_submodule(name), amax[f"{name}.net.0.proj"],
                                         amax[f"{name}.net.2"], headroom)) for name in blocks]
     inside = tuple(f"{name}." for name in blocks)
-    return _swap(model, fused + [(name, static_float8_layer(m, amax[name], headroom))
+    return _swap(model, fused + [(name, Fp8StaticConv3x3(m, amax[name], headroom) if is_conv3x3(m)
+                                  else static_float8_layer(m, amax[name], headroom))
                                  for name, m in model.named_modules()
-                                 if takes_float8(name, m) and name in amax and not name.startswith(inside)])
+                                 if name in amax and not name.startswith(inside)])

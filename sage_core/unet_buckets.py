@@ -27,9 +27,11 @@ CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes tha
 ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")  # SDPA kernels; "auto": PyTorch's choice
 # the compiled UNet's matmuls: as they are; float8 linear layers (torchao); float8 linear layers and 1x1 convolutions
 # with row-wise scales, or with one scale per tensor, the inputs' calibrated at start (sage_core.fp8,
-# torch._scaled_mm alone); the last, with each transformer feed-forward's GEGLU fused into one kernel
-QUANTIZE_MODES = ("none", "fp8", "fp8-rowwise", "fp8-static", "fp8-static-geglu")
-STATIC_MODES = ("fp8-static", "fp8-static-geglu")  # the modes that need a calibration run
+# torch._scaled_mm alone); static with each transformer feed-forward's GEGLU fused into one kernel; and that with
+# the 3x3 convolutions in float8 too (sage_core.fp8_kernels)
+QUANTIZE_MODES = ("none", "fp8", "fp8-rowwise", "fp8-static", "fp8-static-geglu", "fp8-static-conv")
+STATIC_MODES: dict[str, dict[str, bool]] = {  # the modes that need a calibration run: to_float8_static's options
+    "fp8-static": {}, "fp8-static-geglu": {"fuse_geglu": True}, "fp8-static-conv": {"fuse_geglu": True, "convs": True}}
 # static float8's calibration (`unet_calibration`): the empty prompt (guidance's unconditional half) and captions of
 # everyday scenes, at timesteps across the schedule
 CALIBRATION_PROMPTS = ("", "a photograph of a dog running on a beach", "a red car parked in front of an old building",
@@ -257,8 +259,9 @@ def quantize_unet(unet: Any, mode: str, calibrate: Callable[[Any], None] | None 
     (`sage_core.fp8.to_float8_rowwise`, in place); needs float8 GEMMs with row-wise scales on the UNet's device.
     "fp8-static": the same layers with one scale per tensor, each input's calibrated while `calibrate(unet)` runs
     the UNet (`unet_calibration`; `sage_core.fp8.to_float8_static`, in place). "fp8-static-geglu": that, with each
-    transformer feed-forward block's GEGLU fused into one kernel (`sage_core.fp8.Fp8GegluFeedForward`). "none"
-    returns it unchanged."""
+    transformer feed-forward block's GEGLU fused into one kernel (`sage_core.fp8.Fp8GegluFeedForward`).
+    "fp8-static-conv": that, and the 3x3 convolutions in float8 (`sage_core.fp8.Fp8StaticConv3x3`). "none" returns
+    it unchanged."""
     if mode not in QUANTIZE_MODES:
         raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}, got {mode!r}")
     if mode == "none":
@@ -269,7 +272,7 @@ def quantize_unet(unet: Any, mode: str, calibrate: Callable[[Any], None] | None 
     if mode in STATIC_MODES:
         if calibrate is None:
             raise ValueError(f"{mode} needs a calibration run of the UNet (unet_calibration) for its input scales")
-        to_float8_static(unet, calibrate, fuse_geglu=mode == "fp8-static-geglu")
+        to_float8_static(unet, calibrate, **STATIC_MODES[mode])
         return unet
     device = unet.device
     capable = device.type == "cuda" and torch.cuda.get_device_capability(device) >= FP8_CAPABILITY

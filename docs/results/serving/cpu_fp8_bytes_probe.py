@@ -1,15 +1,19 @@
 """How many bytes each of Inductor's kernels moves, in theory, for one SD v1.5 top-level transformer block (320
 channels, 8 heads of 40, cross-attention on 77 tokens of 768, fused q/k/v as the served UNet has them), compiled
-without float8 and with the row-wise and the static float8 layers (`sage_core.fp8`). The figures are Inductor's own
+without float8, with the row-wise and the static float8 layers, and with the static layers and the fused GEGLU
+(`sage_core.fp8`; the fused kernel stands here as one opaque op, as its Triton kernel is on the GPU, since the
+CPU's torch reference would compile to a float32 matmul). The figures are Inductor's own
 estimate (`GraphLowering.count_bytes`: each buffer a kernel reads or writes, counted once), in units of one pass
 over the block's activation (pixels x 320 channels x 2 bytes): what a kernel should move, not how fast the GPU
 moves it.
 
     python docs/results/serving/cpu_fp8_bytes_probe.py float16 1 32 > docs/results/serving/cpu_fp8_bytes_probe.txt
     python docs/results/serving/cpu_fp8_bytes_probe.py bfloat16 1 32 >> docs/results/serving/cpu_fp8_bytes_probe.txt
+    python docs/results/serving/cpu_fp8_bytes_probe.py float16 4 64 >> docs/results/serving/cpu_fp8_bytes_probe.txt
 
 (dtype, rows, latent side; 32 instead of the 64 of a 512-pixel image keeps the CPU's compile short: every figure
-here is per pass, which scales with the pixels)
+here is per pass, which scales with the pixels, except the weights', which weigh less the more rows there are: the
+last run, 4 latents of 64x64, is closer to serving)
 """
 from __future__ import annotations
 
@@ -20,8 +24,10 @@ import torch
 import torch._inductor.graph as graph_mod
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
+from sage_core import fp8
 from sage_core.fp8 import to_float8_rowwise, to_float8_static
 
+REFERENCE = fp8.geglu_reference  # the fused GEGLU's torch reference, before main() swaps in the opaque op
 CAPTURED: list = []  # each compiled graph's (scheduler node, bytes)
 _orig = graph_mod.GraphLowering.count_bytes
 
@@ -43,12 +49,26 @@ def describe(node) -> str:
     return f"{kind}: {','.join(sorted(ops))[:150]}"
 
 
+@torch.library.custom_op("probe::geglu_fp8", mutates_args=())
+def opaque_geglu(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor,
+                 out_scale: torch.Tensor) -> torch.Tensor:
+    """The fused GEGLU as one opaque kernel, as the GPU's Triton kernel is: Inductor counts its inputs and output
+    (on the CPU the module's torch reference would compile to a float32 matmul instead)."""
+    return REFERENCE(x, w, b, x_scale, w_scale, out_scale)
+
+
+@opaque_geglu.register_fake
+def _(x, w, b, x_scale, w_scale, out_scale):
+    return x.new_empty(x.shape[0], w.shape[0] // 2)
+
+
 def main(dtype_name: str, rows: int, side: int) -> None:
     """Print each variant's kernels with the passes they move, and the total."""
     torch.manual_seed(0)
     torch._logging.set_logs(inductor_metrics=True)  # count_bytes runs only with this log on
     torch._inductor.config.fx_graph_cache = False  # a graph loaded from the cache is not counted
     graph_mod.GraphLowering.count_bytes = _count
+    fp8.geglu_reference = opaque_geglu  # what Fp8GegluFeedForward calls off the GPU
     dtype = getattr(torch, dtype_name)
     block = Transformer2DModel(num_attention_heads=8, attention_head_dim=40, in_channels=320,
                                cross_attention_dim=768, norm_num_groups=32).eval().to(dtype)
@@ -60,12 +80,13 @@ def main(dtype_name: str, rows: int, side: int) -> None:
     x = torch.randn(rows, 320, side, side, dtype=dtype).to(memory_format=torch.channels_last)
     c = torch.randn(rows, 77, 768, dtype=dtype)
     pixels = rows * side * side
-    for quantize in ("none", "fp8-rowwise", "fp8-static"):
+    for quantize in ("none", "fp8-rowwise", "fp8-static", "fp8-static-geglu"):
         net = copy.deepcopy(block)
         if quantize == "fp8-rowwise":
             to_float8_rowwise(net)
-        elif quantize == "fp8-static":  # calibrated on the inputs it is then compiled for
-            to_float8_static(net, lambda model: model(x, encoder_hidden_states=c, return_dict=False))
+        elif quantize.startswith("fp8-static"):  # calibrated on the inputs it is then compiled for
+            to_float8_static(net, lambda model: model(x, encoder_hidden_states=c, return_dict=False),
+                             fuse_geglu=quantize == "fp8-static-geglu")
         torch._dynamo.reset()
         CAPTURED.clear()
         with torch.inference_mode():
