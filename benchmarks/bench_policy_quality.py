@@ -36,6 +36,9 @@ POLICIES = {
                                "server": {"unet_compile": "default", "unet_quantize": "fp8-rowwise"}},
     "adaptive + fp8-static": {"sharing": "adaptive", "share": 1.0, "cache_mb": 0.0, "reference": "adaptive",
                               "server": {"unet_compile": "default", "unet_quantize": "fp8-static"}},
+    # and the 3x3 convolutions in float8 as well (the fused GEGLU computes what fp8-static does, in another order)
+    "adaptive + fp8-static-conv": {"sharing": "adaptive", "share": 1.0, "cache_mb": 0.0, "reference": "adaptive",
+                                   "server": {"unet_compile": "default", "unet_quantize": "fp8-static-conv"}},
 }
 DEFAULT_POLICIES = ("independent", "flat tau 0.9 beta 0.4", "adaptive", "adaptive + cache")
 

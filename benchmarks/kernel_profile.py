@@ -29,6 +29,7 @@ KINDS: tuple[tuple[str, str], ...] = (
     ("fused elementwise", r"^(triton_|cpp_fused|## call compiledfxgraph)"),  # on a CPU: Inductor's C++ kernels
     # cuBLASLt names its GEMMs nvjet_[sm90_]<A><B><out>, q for e4m3 inputs (the fifth lease counted
     # nvjet_sm90_qq... float8 GEMMs as GEMMs when the pattern was nvjet_qq)
+    ("convolution", r"conv3x3_fp8"),  # sage_core.fp8_kernels' float8 implicit-GEMM convolution
     ("float8 GEMM", r"nvjet_(sm\d+_)?q|e4m3|e5m2|f8f8|fp8|scaled_mm"),
     ("attention", r"fmha|flash|attention|attn|sdpa|softmax"),
     ("layout conversion", r"nchwtonhwc|nhwctonchw"),

@@ -102,18 +102,24 @@ class Fp8Linear(Float8Gemm):
         return self.unrows(y, x)
 
 
+def static_input_scale(input_amax: float, headroom: float, device: torch.device) -> torch.Tensor:
+    """A static float8 layer's input scale (0-dim float32): the calibrated absmax times the headroom lands on the
+    largest code."""
+    if not (input_amax >= 0 and headroom >= 1):
+        raise ValueError(f"a static float8 layer needs an input absmax >= 0 and a headroom >= 1, got "
+                         f"{input_amax} and {headroom}")
+    return torch.tensor(max(input_amax * headroom, _TINY) / FP8_MAX, device=device)
+
+
 class Fp8StaticLinear(Float8Gemm):
     """A float8 linear layer with one scale for W and x quantized with a calibrated constant scale: the input's
     quantization is elementwise, and the GEMM writes x's dtype with the bias in its epilogue."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, input_amax: float,
                  headroom: float = 2.0) -> None:
-        if not (input_amax >= 0 and headroom >= 1):
-            raise ValueError(f"a static float8 layer needs an input absmax >= 0 and a headroom >= 1, got "
-                             f"{input_amax} and {headroom}")
+        scale = static_input_scale(input_amax, headroom, weight.device)
         super().__init__(weight, bias)
-        self.register_buffer("input_scale", torch.tensor(max(input_amax * headroom, _TINY) / FP8_MAX,
-                                                         device=weight.device))
+        self.register_buffer("input_scale", scale)
 
     @staticmethod
     def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -211,17 +217,13 @@ class Fp8StaticConv3x3(torch.nn.Module):
         super().__init__()
         if not is_conv3x3(conv):
             raise ValueError(f"not a 3x3 convolution the float8 kernel takes: {conv}")
-        if not (input_amax >= 0 and headroom >= 1):
-            raise ValueError(f"a static float8 layer needs an input absmax >= 0 and a headroom >= 1, got "
-                             f"{input_amax} and {headroom}")
         weight = conv.weight.detach().permute(0, 2, 3, 1).contiguous()  # (out, 3, 3, in): the reduction innermost
         codes, scale = quantize_rows(weight.flatten(1))
         self.register_buffer("weight_fp8", codes.reshape(weight.shape))
         self.register_buffer("weight_scale", scale.flatten())
         bias = conv.bias if conv.bias is not None else torch.zeros(conv.out_channels, device=weight.device)
         self.register_buffer("bias", bias.detach().float().clone())
-        self.register_buffer("input_scale", torch.tensor(max(input_amax * headroom, _TINY) / FP8_MAX,
-                                                         device=weight.device))
+        self.register_buffer("input_scale", static_input_scale(input_amax, headroom, weight.device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The convolution on x (batch, channels, height, width)."""

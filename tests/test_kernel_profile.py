@@ -20,6 +20,7 @@ NAMES = {  # kernel names as torch.profiler reports them on an H100 (cuDNN, cuBL
     "nvjet_sm90_qqb_128x256_128x6_2x1_v_bz_TNT": "float8 GEMM",
     "sm90_xmma_gemm_e4m3e4m3_e4m3f32_f32_tn_n_tilesize128x128x128": "float8 GEMM",
     "geglu_fp8_kernel": "float8 GEMM",  # sage_core.fp8_kernels: two float8 GEMMs and the GEGLU in one
+    "conv3x3_fp8_kernel_0": "convolution",  # and its float8 3x3 convolution
     "cudnn_generated_fort_native_sdpa_sm90_knob_7_64x128x64_4x1x1_kernel0_0": "attention",
     "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 128, 4, false>>": "attention",
     "fmha_cutlassF_f16_aligned_64x64_rf_sm80": "attention",
