@@ -200,7 +200,7 @@ CONV_CHANNELS = 64  # the float8 convolution kernel's reduction chunk: input cha
 
 def is_conv3x3(conv: torch.nn.Module) -> bool:
     """A Conv2d the float8 convolution kernel takes: 3x3, stride 1, padding 1, no groups or dilation, input
-    channels a multiple of CONV_CHANNELS, output channels of 16."""
+    channels a multiple of CONV_CHANNELS, output channels a multiple of 16."""
     return (isinstance(conv, torch.nn.Conv2d) and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
             and conv.padding == (1, 1) and conv.groups == 1 and conv.dilation == (1, 1)
             and conv.padding_mode == "zeros" and conv.in_channels % CONV_CHANNELS == 0
