@@ -69,8 +69,8 @@ TRAIN_STAGES=${TRAIN_STAGES:-vae unet}
 # (one line per test as it ends, straight into the file: a command cut short keeps what had finished)
 # run_gpu_tests FILE SECONDS [PYTEST ARGS...]
 run_gpu_tests() { local out=$1 limit=$2; shift 2; timeout "$limit" $PY -m pytest -v -rA -m gpu --noconftest \
-    -p no:cacheprovider -p no:logging "$@" tests/test_gpu_step_loop.py tests/test_unet_buckets.py tests/test_fp8.py \
-    >"$out" 2>&1; }
+    -p no:cacheprovider -p no:logging "$@" tests/test_fp8.py tests/test_gpu_step_loop.py tests/test_unet_buckets.py \
+    >"$out" 2>&1; }  # the float8 kernels' tests first: a time limit cuts the last ones
 
 if [ -n "${FIRST_TESTS:-}" ]; then  # e.g. FIRST_TESTS="-k fp8": those GPU-marked tests before anything else
     say "GPU-marked tests first ($FIRST_TESTS, limit ${FIRST_TESTS_S:-120}s)"
