@@ -148,6 +148,13 @@ class Fp8StaticLinear(Float8Gemm):
         return self.unrows(self.gemm(self.quantize(self.rows(x)), x.dtype), x)
 
 
+def float32_bias(layer: torch.nn.Linear | torch.nn.Conv2d) -> torch.Tensor:
+    """A layer's bias as a float32 copy (zeros where it has none), as the float8 Triton kernels read it."""
+    if layer.bias is None:
+        return torch.zeros(layer.weight.shape[0], device=layer.weight.device)
+    return layer.bias.detach().float().clone()
+
+
 def geglu_reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, x_scale: torch.Tensor,
                     w_scale: torch.Tensor, out_scale: torch.Tensor) -> torch.Tensor:
     """What the fused GEGLU kernel (`sage_core.fp8_kernels`) computes, in float32 torch ops: x (M, K) and w (2N, K)
@@ -167,8 +174,7 @@ class Fp8GegluFeedForward(torch.nn.Module):
         super().__init__()
         proj, out = ff.net[0].proj, ff.net[2]
         self.proj = Fp8StaticLinear(proj.weight, None, input_amax, headroom)
-        bias = proj.bias if proj.bias is not None else torch.zeros(proj.out_features, device=proj.weight.device)
-        self.register_buffer("proj_bias", bias.detach().float().clone())
+        self.register_buffer("proj_bias", float32_bias(proj))
         self.out = Fp8StaticLinear.from_linear(out, inner_amax, headroom)
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -221,8 +227,7 @@ class Fp8StaticConv3x3(torch.nn.Module):
         codes, scale = quantize_rows(weight.flatten(1))
         self.register_buffer("weight_fp8", codes.reshape(weight.shape))
         self.register_buffer("weight_scale", scale.flatten())
-        bias = conv.bias if conv.bias is not None else torch.zeros(conv.out_channels, device=weight.device)
-        self.register_buffer("bias", bias.detach().float().clone())
+        self.register_buffer("bias", float32_bias(conv))
         self.register_buffer("input_scale", static_input_scale(input_amax, headroom, weight.device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -501,14 +501,22 @@ def test_kernel_compiles_for_hopper_to_float8_tensor_core_code_without_spilling(
         assert re.search(r"STACK:0\b", usage) and re.search(r"LOCAL:0\b", usage), (config, usage)  # no spills
 
 
-@pytest.mark.gpu
-def test_kernels_on_the_gpu_compute_their_references_compiled_and_not():
-    from sage_core.fp8 import check_scaled_mm, conv3x3_reference
-
+def _float8_gpu_or_skip() -> None:
+    """Skip the test unless this GPU has float8 GEMMs with one scale per tensor (what the static modes need)."""
     try:
         check_scaled_mm(torch.device("cuda"), rowwise=False)
     except ValueError as exc:
         pytest.skip(str(exc))
+
+
+def _as_compiled(op):
+    """torch.compile of a function calling `op`, as a compiled graph calls the custom op."""
+    return torch.compile(lambda *args: op(*args), dynamic=False)
+
+
+@pytest.mark.gpu
+def test_kernels_on_the_gpu_compute_their_references_compiled_and_not():
+    _float8_gpu_or_skip()
     from sage_core.fp8_kernels import conv3x3_fp8, geglu_fp8
 
     torch.manual_seed(0)
@@ -518,11 +526,7 @@ def test_kernels_on_the_gpu_compute_their_references_compiled_and_not():
     b = torch.randn(2 * n, device="cuda")
     out_scale = torch.tensor(8.0 / 448, device="cuda")
     want = geglu_reference(x, w, b, x_scale, w_scale, out_scale).float()
-
-    def fused(*args: torch.Tensor) -> torch.Tensor:  # as a compiled graph calls the op
-        return geglu_fp8(*args)
-
-    for run in (geglu_fp8, torch.compile(fused, dynamic=False)):
+    for run in (geglu_fp8, _as_compiled(geglu_fp8)):
         got = run(x, w, b, x_scale, w_scale, out_scale).float()
         assert (got != want).float().mean().item() < 0.01
         assert (got - want).abs().max().item() <= 0.125 * want.abs().max().item()
@@ -530,24 +534,16 @@ def test_kernels_on_the_gpu_compute_their_references_compiled_and_not():
     codes, scale = quantize_rows(torch.randn(640, 9 * 320, device="cuda") / 50)
     cw, cw_scale, cb = codes.reshape(640, 3, 3, 320), scale.flatten(), torch.randn(640, device="cuda")
     want = conv3x3_reference(cx, cw, cb, cx_scale, cw_scale, torch.float32)
-
-    def conv(*args):  # as a compiled graph calls the op
-        return conv3x3_fp8(*args)
-
-    for run in (conv3x3_fp8, torch.compile(conv, dynamic=False)):
+    for run in (conv3x3_fp8, _as_compiled(conv3x3_fp8)):
         got = run(cx, cw, cb, cx_scale, cw_scale, torch.float16).float()
         assert _relative(got, want) < 5e-3  # float16 out; Hopper's float8 MMA may accumulate in fewer bits
 
 
 @pytest.mark.gpu
 def test_compiled_unet_with_float8_convolutions_stays_close_to_the_half_precision_one():
-    from sage_core.fp8 import check_scaled_mm
     from sage_core.unet_buckets import compile_unet
 
-    try:
-        check_scaled_mm(torch.device("cuda"), rowwise=False)
-    except ValueError as exc:
-        pytest.skip(str(exc))
+    _float8_gpu_or_skip()
     unet, calibrate = _unet64()
     unet = unet.to("cuda", torch.float16)
     g = torch.Generator().manual_seed(5)
