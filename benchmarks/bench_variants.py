@@ -229,8 +229,7 @@ def run_all(variants: list[Variant], args: argparse.Namespace, logs: Path, deadl
             v = waiting.pop(0)
             left = deadline - time.perf_counter()
             if left < 1.0:
-                done[v.name] = Outcome(v.name, v.flags, "not run", 0.0, 0.0, reason="the budget was spent")
-                print(f"{v.name:<16} not run: the budget was spent", flush=True)
+                done[v.name] = budget_spent(v)
                 continue
             running.append(Run(v, args, min(v.limit_s or args.limit_s, left), logs, wait=not timing))
         for run in list(running):
@@ -241,9 +240,7 @@ def run_all(variants: list[Variant], args: argparse.Namespace, logs: Path, deadl
             done[outcome.name] = outcome
             if not run.timing and run.proc.poll() is None:
                 ready[outcome.name] = run
-            print(describe(outcome, None) if timing else describe_compile(outcome), flush=True)
-            if outcome.status == "timed out" or args.verbose:
-                print(where_time_went(outcome), flush=True)
+            report(outcome, describe(outcome, None) if timing else describe_compile(outcome), args.verbose)
         time.sleep(0.2)
     return done, ready
 
@@ -256,17 +253,27 @@ def time_ready(runs: list[Run], args: argparse.Namespace, deadline: float) -> di
         v, left = run.variant, deadline - time.perf_counter()
         if left < 1.0:
             run.stop()
-            done[v.name] = Outcome(v.name, v.flags, "not run", 0.0, 0.0, reason="the budget was spent")
-            print(f"{v.name:<16} not run: the budget was spent", flush=True)
+            done[v.name] = budget_spent(v)
             continue
         run.go(min(v.limit_s or args.limit_s, left))
         while (outcome := run.poll()) is None:
             time.sleep(0.1)
         done[v.name] = outcome
-        print(describe(outcome, None), flush=True)
-        if outcome.status == "timed out" or args.verbose:
-            print(where_time_went(outcome), flush=True)
+        report(outcome, describe(outcome, None), args.verbose)
     return done
+
+
+def budget_spent(v: Variant) -> Outcome:
+    """A variant the overall budget left no time for, said as it comes."""
+    print(f"{v.name:<16} not run: the budget was spent", flush=True)
+    return Outcome(v.name, v.flags, "not run", 0.0, 0.0, reason="the budget was spent")
+
+
+def report(outcome: Outcome, line: str, verbose: bool) -> None:
+    """Print an outcome's line, and where its time went when it timed out (always with --verbose)."""
+    print(line, flush=True)
+    if outcome.status == "timed out" or verbose:
+        print(where_time_went(outcome), flush=True)
 
 
 def best(outcomes: list[Outcome]) -> Outcome | None:
