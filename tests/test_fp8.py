@@ -560,3 +560,69 @@ def test_compiled_unet_with_float8_convolutions_stays_close_to_the_half_precisio
     relative = _relative(got, want)
     print(f"fp8-static-conv compiled against fp16, relative L2 difference of the UNet's output: {relative:.4f}")
     assert relative < 0.2  # the CPU's float32 run of the same UNet: 0.091
+
+
+class _HopperTarget:
+    """A stand-in for Triton's GPU driver on a machine without one: names an sm90 target, so that torch's tracing
+    of a Triton kernel (its mutation analysis compiles the kernel to Triton IR for that target) runs on the CPU."""
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+
+        return GPUTarget("cuda", 90, 32)
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def get_benchmarker(self):
+        raise AssertionError("nothing is timed while tracing")
+
+    def get_device_interface(self):
+        return torch.cpu
+
+
+def test_compiled_unet_graph_calls_each_float8_kernel_once_per_converted_layer(monkeypatch):
+    # what torch.compile makes of the custom ops before Inductor: one graph (fullgraph: no break), each fused GEGLU
+    # and 3x3 convolution one Triton kernel node, writing only its output. The modules take their CPU reference
+    # off the GPU; here the custom ops stand in for it, so the trace goes the GPU's way. Inductor's own lowering
+    # needs a GPU (the GPU-marked tests above).
+    pytest.importorskip("triton")
+    from torch._functorch.aot_autograd import aot_module_simplified
+    from triton.runtime import driver
+
+    from sage_core import fp8
+    from sage_core.fp8_kernels import conv3x3_fp8, geglu_fp8
+    from sage_core.unet_buckets import fuse_layout, quantize_unet
+
+    unet, calibrate = _unet64()
+    unet = quantize_unet(fuse_layout(unet), "fp8-static-conv", calibrate)
+    fused = sum(isinstance(m, Fp8GegluFeedForward) for m in unet.modules())
+    convs = sum(isinstance(m, Fp8StaticConv3x3) for m in unet.modules())
+    monkeypatch.setattr(driver, "_active", _HopperTarget())
+    monkeypatch.setattr(fp8, "geglu_reference", geglu_fp8)
+    monkeypatch.setattr(fp8, "conv3x3_reference", conv3x3_fp8)
+    graphs = []
+
+    def capture(gm, example_inputs):
+        def forward_compiler(graph, inputs):
+            graphs.append(graph)
+            outputs = len(next(n for n in graph.graph.nodes if n.op == "output").args[0])
+            return lambda *args: [torch.zeros(())] * outputs  # nothing runs: the graph is what is checked
+
+        return aot_module_simplified(gm, example_inputs, fw_compiler=forward_compiler)
+
+    x, c = torch.randn(2, 4, 8, 8).to(memory_format=torch.channels_last), torch.randn(2, 77, 32)
+    t = torch.tensor([999, 20])
+    torch._dynamo.reset()
+    try:
+        with torch.inference_mode():
+            torch.compile(unet, backend=capture, dynamic=False, fullgraph=True)(x, t, encoder_hidden_states=c,
+                                                                                return_dict=False)
+    finally:
+        torch._dynamo.reset()
+    assert len(graphs) == 1
+    launches = [n for n in graphs[0].graph.nodes if n.target is torch.ops.higher_order.triton_kernel_wrapper_functional]
+    kernels = [n.kwargs["kernel_idx"] for n in launches]
+    assert fused > 0 and convs > 0 and len(launches) == fused + convs and len(set(kernels)) == 2
+    assert sorted(kernels.count(k) for k in set(kernels)) == sorted([fused, convs])
+    assert all(n.kwargs["tensors_to_clone"] == ["out_ptr"] for n in launches)  # the kernels write their output only
