@@ -22,6 +22,14 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 
+def require_dense(**tensors: torch.Tensor) -> None:
+    """Refuse operands that are not dense and row-major: the kernels index them by their shapes alone."""
+    strided = [name for name, t in tensors.items() if not t.is_contiguous()]
+    if strided:
+        raise ValueError(f"the float8 kernels take dense row-major operands; {', '.join(strided)} "
+                         "strided (call .contiguous() first)")
+
+
 @triton.jit
 def geglu_fp8_kernel(x_ptr, w_ptr, b_ptr, x_scale_ptr, w_scale_ptr, out_scale_ptr, out_ptr, M, N, K,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -66,6 +74,7 @@ def launch_geglu(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, x_scale: tor
                  out_scale: torch.Tensor, blocks: tuple[int, int, int] | None = None) -> torch.Tensor:
     """Run the kernel on row-major x (M, K) and w (2N, K) codes with float32 b (2N,) and 0-dim float32 scales;
     `blocks` (BLOCK_M, BLOCK_N, BLOCK_K) fixes the tiles (the interpreter's tests), else they are tuned."""
+    require_dense(x=x, w=w, b=b)
     m, k = x.shape
     n = w.shape[0] // 2
     out = torch.empty(m, n, device=x.device, dtype=torch.float8_e4m3fn)
@@ -130,6 +139,7 @@ def launch_conv3x3(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, x_scale: t
     """Run the convolution kernel on channels-last codes x (N, H, W, C) and w (F, 3, 3, C) with float32 b (F,),
     a 0-dim x_scale and w_scale (F,); returns (N, H, W, F) in `out_dtype`. `blocks` (BLOCK_M, BLOCK_N) fixes the
     tiles (the interpreter's tests), else they are tuned."""
+    require_dense(x=x, w=w, b=b, w_scale=w_scale)
     n, h, width, c = x.shape
     f = w.shape[0]
     p = n * h * width

@@ -583,9 +583,9 @@ class _HopperTarget:
 
 def test_compiled_unet_graph_calls_each_float8_kernel_once_per_converted_layer(monkeypatch):
     # what torch.compile makes of the custom ops before Inductor: one graph (fullgraph: no break), each fused GEGLU
-    # and 3x3 convolution one Triton kernel node, writing only its output. The modules take their CPU reference
-    # off the GPU; here the custom ops stand in for it, so the trace goes the GPU's way. Inductor's own lowering
-    # needs a GPU (the GPU-marked tests above).
+    # and 3x3 convolution one Triton kernel node, writing only its output, on dense operands. The modules take
+    # their CPU reference off the GPU; here the custom ops stand in for it, so the trace goes the GPU's way.
+    # Inductor's own lowering needs a GPU (the GPU-marked tests above).
     pytest.importorskip("triton")
     from torch._functorch.aot_autograd import aot_module_simplified
     from triton.runtime import driver
@@ -626,3 +626,23 @@ def test_compiled_unet_graph_calls_each_float8_kernel_once_per_converted_layer(m
     assert fused > 0 and convs > 0 and len(launches) == fused + convs and len(set(kernels)) == 2
     assert sorted(kernels.count(k) for k in set(kernels)) == sorted([fused, convs])
     assert all(n.kwargs["tensors_to_clone"] == ["out_ptr"] for n in launches)  # the kernels write their output only
+    # Inductor gives a Triton kernel its operands with the strides recorded here (eager_input_vals), and the
+    # kernels index them as dense row-major arrays
+    recorded = [v for n in launches for v in n.meta["eager_input_vals"][1]["kwargs"].values()
+                if isinstance(v, torch.Tensor)]
+    assert len(recorded) == 7 * len(launches) - convs and all(v.is_contiguous() for v in recorded)
+
+
+def test_kernels_refuse_strided_operands_rather_than_misread_them():
+    pytest.importorskip("triton")
+    from sage_core.fp8_kernels import launch_conv3x3, launch_geglu
+
+    x, x_scale = quantize_tensor(torch.randn(32, 64))
+    w, w_scale = quantize_tensor(torch.randn(64, 64))
+    with pytest.raises(ValueError, match="dense row-major operands; x strided"):
+        launch_geglu(x.t().contiguous().t(), w, torch.zeros(64), x_scale, w_scale, x_scale)
+    pixels, _ = quantize_tensor(torch.randn(2, 64, 4, 4))  # channels first: the kernel wants them last
+    codes, scale = quantize_rows(torch.randn(16, 9 * 64))
+    with pytest.raises(ValueError, match="dense row-major operands; x strided"):
+        launch_conv3x3(pixels.permute(0, 2, 3, 1), codes.reshape(16, 3, 3, 64), torch.zeros(16), x_scale,
+                       scale.flatten(), torch.float32)
