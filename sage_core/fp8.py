@@ -34,16 +34,21 @@ FP8_MAX = float(torch.finfo(FP8).max)  # 448
 _TINY = 1e-12  # an all-zero row's scale: its codes are zeros whatever the scale
 
 
+def to_codes(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x / scale as float8 codes (computed in float32); values beyond float8's range saturate."""
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+
+
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A 2-D tensor as float8 codes and one float32 scale per row (shape (rows, 1)): x ~= codes * scale."""
     scale = x.abs().amax(dim=1, keepdim=True).float().clamp(min=_TINY) / FP8_MAX
-    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+    return to_codes(x, scale), scale
 
 
 def quantize_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A tensor as float8 codes and one float32 scale (0-dim): x ~= codes * scale."""
     scale = x.abs().amax().float().clamp(min=_TINY) / FP8_MAX
-    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+    return to_codes(x, scale), scale
 
 
 class Float8Gemm(torch.nn.Module):
@@ -133,7 +138,7 @@ class Fp8StaticLinear(Float8Gemm):
 
     def quantize(self, rows: torch.Tensor) -> torch.Tensor:
         """The input rows' float8 codes with the calibrated scale; values beyond the calibrated range saturate."""
-        return (rows.float() / self.input_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        return to_codes(rows, self.input_scale)
 
     def gemm(self, codes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The layer on input codes (rows, in_features) made with `input_scale`: (rows, out_features) in `dtype`."""
@@ -161,7 +166,7 @@ def geglu_reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, x_scale: 
     float8 codes, b (2N,) float32, 0-dim float32 scales; returns the (M, N) float8 codes, with `out_scale`, of
     h * gelu(g) where [h | g] = x @ w.T * x_scale * w_scale + b."""
     h, g = ((x.float() @ w.float().t()) * (x_scale * w_scale) + b).chunk(2, dim=-1)
-    return (h * torch.nn.functional.gelu(g) / out_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return to_codes(h * torch.nn.functional.gelu(g), out_scale)
 
 
 class Fp8GegluFeedForward(torch.nn.Module):
@@ -233,7 +238,7 @@ class Fp8StaticConv3x3(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The convolution on x (batch, channels, height, width)."""
         pixels = x.permute(0, 2, 3, 1).contiguous()  # a view when x is channels-last
-        codes = (pixels.float() / self.input_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        codes = to_codes(pixels, self.input_scale)
         inputs = (codes, self.weight_fp8, self.bias, self.input_scale, self.weight_scale, x.dtype)
         if codes.is_cuda:
             from sage_core.fp8_kernels import conv3x3_fp8
