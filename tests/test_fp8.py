@@ -451,6 +451,13 @@ def test_kernel_computes_its_reference_in_triton_s_interpreter(kernel):
         assert relative < 1e-5
 
 
+def _hopper_target():
+    """Triton's compile target for an H100 (sm90, 32-thread warps)."""
+    from triton.backends.compiler import GPUTarget
+
+    return GPUTarget("cuda", 90, 32)
+
+
 def _hopper_resources(kernel, signature: dict[str, str], config, aligned: tuple[int, ...]) -> tuple[str, int, str]:
     """Compile a Triton kernel for sm90 with Triton's own ptxas (no GPU) as its launcher specializes it (16-byte
     aligned tensors, sizes divisible by 16); its PTX, shared memory and cuobjdump's register line."""
@@ -459,12 +466,11 @@ def _hopper_resources(kernel, signature: dict[str, str], config, aligned: tuple[
     import tempfile
 
     import triton
-    from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     source = ASTSource(fn=kernel, signature=signature, constexprs=config.kwargs,
                        attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+    compiled = triton.compile(source, target=_hopper_target(),
                               options={"num_warps": config.num_warps, "num_stages": config.num_stages})
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
@@ -567,9 +573,7 @@ class _HopperTarget:
     of a Triton kernel (its mutation analysis compiles the kernel to Triton IR for that target) runs on the CPU."""
 
     def get_current_target(self):
-        from triton.backends.compiler import GPUTarget
-
-        return GPUTarget("cuda", 90, 32)
+        return _hopper_target()
 
     def get_current_device(self) -> int:
         return 0
