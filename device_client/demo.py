@@ -215,7 +215,7 @@ def print_report(report: dict, out_dir: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(markup=False)  # prompts print as given
     table = Table(title=f"SAGE edge demo: {report['counts']['requests']} requests, {len(report['groups'])} groups")
     for col in ("group", "size", "k/T", "min sim", "prompts"):
         table.add_column(col, justify="left" if col == "prompts" else "right")
@@ -312,7 +312,7 @@ def run_with_progress(
         return run_clients(prompts, config, device_config, model, work_dir)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    columns = (TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns) as bar:
         task = bar.add_task(f"{config.n_clients} devices", total=len(prompts))
         return run_clients(prompts, config, device_config, model, work_dir, on_done=lambda r: bar.advance(task))

@@ -10,16 +10,17 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from sage_core.report import build_report
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
-console = Console(stderr=True, soft_wrap=True)
+console = Console(stderr=True, soft_wrap=True, markup=False)  # paths and prompts print as given
 
 
 def fail(message: str) -> None:
     """Print a one-line error and exit non-zero (no traceback)."""
-    console.print(f"[bold red]error:[/] {message}")
+    console.print(Text.assemble(("error:", "bold red"), f" {message}"))
     raise typer.Exit(code=2)
 
 
@@ -59,8 +60,9 @@ def generate(
         fail(str(exc))
     overlong = overlong_prompts(pipe.tokenizer, texts)
     for i, n in overlong.items():
-        console.print(f"[yellow]note:[/] prompt {i + 1} is too long: the text encoder reads its first "
-                      f"{pipe.tokenizer.model_max_length} tokens and ignores the last {n}, as diffusers does")
+        console.print(Text.assemble(("note:", "yellow"), f" prompt {i + 1} is too long: the text encoder reads its "
+                                    f"first {pipe.tokenizer.model_max_length} tokens and ignores the last {n}, "
+                                    "as diffusers does"))
     from sage_core.generate import generate as run
 
     started = time.perf_counter()
@@ -104,9 +106,9 @@ def print_summary(report: dict, out: Path) -> None:
             f"{g['saving']:.1%}",
             f"{g['saving_closed_form']:.1%}",
         )
-    Console().print(table)
+    Console(markup=False).print(table)
     t = report["totals"]
-    Console().print(
+    Console(markup=False).print(
         f"UNet evaluations: {t['unet_evaluations']} vs {t['independent_evaluations']} independent "
         f"-> saving {t['saving']:.1%} in {t['seconds']:.1f} s. Wrote {out}/"
     )

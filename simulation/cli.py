@@ -22,17 +22,22 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from simulation.config import ConfigError, SimConfig, load_config, to_dict
 
 main = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
-console = Console(stderr=True)
-out_console = Console() if sys.stdout.isatty() else Console(width=150)
+console = Console(stderr=True, markup=False)  # paths and prompts print as given
+out_console = Console(markup=False) if sys.stdout.isatty() else Console(width=150, markup=False)
 
 ConfigArg = Annotated[Path, typer.Argument(help="YAML or JSON config file")]
 OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="output folder (default runs/sim/<config name>)")]
 RequestsOpt = Annotated[int | None, typer.Option("--requests", "-n", help="override the number of requests")]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="override the seed")]
+EmbedderOpt = Annotated[
+    str | None,
+    typer.Option(help="override prompts.embedder: minilm (needs the [sim] extra), pipeline, pipeline:PATH, hashed"),
+]
 
 
 @contextmanager
@@ -41,7 +46,7 @@ def _clear_errors() -> Iterator[None]:
     try:
         yield
     except (ConfigError, OSError) as exc:
-        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True, markup=True)
+        console.print(Text.assemble(("error:", "red"), f" {exc}"), highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
 
@@ -59,7 +64,7 @@ def _output(path: Path, folder: bool) -> Path:
 
 def _progress() -> Progress:
     return Progress(
-        TextColumn("{task.description}"),
+        TextColumn("{task.description}", markup=False),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
@@ -77,13 +82,16 @@ def _updater(progress: Progress, description: str) -> Callable[[int, int], None]
     return update
 
 
-def _load(config: Path, requests: int | None, seed: int | None) -> SimConfig:
+def _load(config: Path, requests: int | None, seed: int | None, embedder: str | None = None) -> SimConfig:
+    """The config file's settings with the command line's overrides, validated."""
     cfg = load_config(config)
     changes: dict[str, Any] = {}
     if requests is not None:
         changes["requests"] = requests
     if seed is not None:
         changes["seed"] = seed
+    if embedder is not None:
+        changes["prompts"] = dataclasses.replace(cfg.prompts, embedder=embedder)
     return cfg.replace(**changes) if changes else cfg
 
 
@@ -140,6 +148,7 @@ def run(
     out: OutOpt = None,
     requests: RequestsOpt = None,
     seed: SeedOpt = None,
+    embedder: EmbedderOpt = None,
     workload: Annotated[
         Path | None, typer.Option(help="replay a workload file (its arrivals and prompts; settings from CONFIG)")
     ] = None,
@@ -158,7 +167,7 @@ def run(
     with _clear_errors():
         if workload is not None and requests is not None:
             raise ConfigError("--requests/-n does not apply with --workload: the workload file's requests are run")
-        cfg = _load(config, requests, seed)
+        cfg = _load(config, requests, seed, embedder)
         out = _output(out or Path("runs/sim") / config.stem, folder=True)
         with _progress() as progress:
             if workload is not None:
@@ -188,7 +197,13 @@ def run(
 
 
 @main.command()
-def sweep(config: ConfigArg, out: OutOpt = None, requests: RequestsOpt = None, seed: SeedOpt = None) -> None:
+def sweep(
+    config: ConfigArg,
+    out: OutOpt = None,
+    requests: RequestsOpt = None,
+    seed: SeedOpt = None,
+    embedder: EmbedderOpt = None,
+) -> None:
     """Run the config's sweep grid (window x tau x beta x load): sweep.csv, sweep.json, sweep.md (the base tau and
     beta as tables) and tradeoffs.png."""
     from simulation import metrics
@@ -196,7 +211,7 @@ def sweep(config: ConfigArg, out: OutOpt = None, requests: RequestsOpt = None, s
     from simulation.sweep import grid, run_sweep, sweep_markdown
 
     with _clear_errors():
-        cfg = _load(config, None, seed)
+        cfg = _load(config, None, seed, embedder)
         if requests is not None:
             cfg = cfg.replace(sweep=dataclasses.replace(cfg.sweep, requests=requests))
         out = _output(out or Path("runs/sim") / config.stem, folder=True)
@@ -232,6 +247,7 @@ def policies(
     out: OutOpt = None,
     requests: RequestsOpt = None,
     seed: SeedOpt = None,
+    embedder: EmbedderOpt = None,
     plots: Annotated[bool, typer.Option(help="write policies.png")] = True,
 ) -> None:
     """Compare the config's sharing policies (`policies:`; default flat, adaptive, adaptive + 64 MiB cache) on one
@@ -244,7 +260,7 @@ def policies(
     from simulation.workload import build_workload
 
     with _clear_errors():
-        cfg = _load(config, requests, seed)
+        cfg = _load(config, requests, seed, embedder)
         grouped_modes(cfg)
         out = _output(out or Path("runs/sim") / f"{config.stem}-policies", folder=True)
         with _progress() as progress:
@@ -286,12 +302,12 @@ def workload_cmd(
 
 
 @main.command()
-def embed(config: ConfigArg) -> None:
+def embed(config: ConfigArg, embedder: EmbedderOpt = None) -> None:
     """Embed the config's prompt pool into the cache (so later runs start at once)."""
     from simulation.workload import embed_prompts, load_prompts
 
     with _clear_errors():
-        cfg = load_config(config)
+        cfg = _load(config, None, None, embedder)
         prompts = load_prompts(cfg)
         with _progress() as progress:
             emb = embed_prompts(cfg, prompts, _updater(progress, f"embedding {len(prompts):,} prompts"))

