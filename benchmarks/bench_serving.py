@@ -5,7 +5,8 @@ On an H100 (SD v1.5 architectures with random weights: speed does not depend on 
     python -m benchmarks.bench_serving --model sd15-random --batches 8,16,32,64 --steps 30 --share 0.4 \\
         --json $OUT/bench_serving.json
 
-CPU fallback (kept working by tests/test_bench_serving.py):
+Without a CUDA GPU, `--model` defaults to the shipped model (SD v1.5's architectures take hours on a CPU at these
+batches); the CPU fallback kept working by tests/test_bench_serving.py:
 
     python -m benchmarks.bench_serving --model tiny --batches 2,4 --steps 4 --windows 1
 
@@ -15,8 +16,8 @@ StableDiffusionPipeline on the batch (independent sampling, CFG); (b) the shared
 measured inside the edge path (CUDA events around each call); (c) the whole edge path per window (embedding,
 grouping, shared phase, codec, up to the bytes ready to send) and its overhead over (b). GPU-seconds per image on
 the server, images per second (one GPU; for the edge path: images whose shared phase is done, the devices finish
-them) and the fraction of the compute floor (about 0.84 TFLOP per UNet sample at 512x512, DESIGN.md) come with
-each row.
+them) and the fraction of the compute floor (about 0.84 TFLOP per UNet sample at 512x512, DESIGN.md; other UNets
+scaled by torch's FLOP count; at 800 TFLOP/s on a GPU, on a CPU only with --peak-tflops) come with each row.
 
 With `--stream FILE` (made by `python -m benchmarks.coco_stream`: COCO captions in the simulator's arrival order,
 their MiniLM embeddings and the simulator's sharing policy) it also runs that caption stream window by window:
@@ -30,10 +31,12 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -42,6 +45,7 @@ from benchmarks.stacks import sample_stacks
 from sage_core.unet_buckets import UNetProxy, sample_inputs
 
 FLOP_PER_UNET_SAMPLE_512 = 0.84e12  # SD v1.5 UNet forward at 64x64 latents (DESIGN.md)
+CUDA_PEAK_TFLOPS = 800.0  # the floor's dense fp16 peak on a GPU (DESIGN.md's H100 figure)
 
 
 @dataclass(frozen=True)
@@ -50,7 +54,7 @@ class Row:
 
     batch: int
     unet_ms_per_sample: float
-    floor_fraction: float
+    floor_fraction: float | None  # None on a CPU without --peak-tflops
     independent_s: float
     independent_gpu_s_per_image: float
     independent_images_per_s: float
@@ -84,6 +88,39 @@ def timed(fn: Callable[[], object], device: str, repeats: int) -> float:
         sync(device)
         best = min(best, time.perf_counter() - start)
     return best
+
+
+def counted_flops(config: Any) -> float:
+    """torch's FLOP count (matmuls, convolutions, attention) of one sample through a UNet2DConditionModel with
+    this config at its own latent size, built on the meta device (no memory, no weights)."""
+    from diffusers import UNet2DConditionModel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config)
+        x, t, c = sample_inputs(unet, 1)
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        unet(x, t, encoder_hidden_states=c)
+    return float(counter.get_total_flops())
+
+
+def config_settings(config: Any) -> dict[str, Any]:
+    """A model config's settings, lists as tuples and diffusers' bookkeeping ('_name_or_path', ...) left out."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in dict(config).items() if not k.startswith("_")}
+
+
+def unet_flop_per_sample(config: Any) -> float:
+    """The compute floor's FLOPs per UNet sample: DESIGN.md's 0.84 TFLOP for SD v1.5's UNet at 64x64 latents,
+    other architectures and sizes scaled by torch's count relative to SD v1.5's (0.80 TFLOP by that count)."""
+    from diffusers import UNet2DConditionModel
+
+    from sage_core.models import SD15_UNET
+
+    with torch.device("meta"):
+        sd15 = UNet2DConditionModel(**SD15_UNET).config
+    if config_settings(config) == config_settings(sd15):
+        return FLOP_PER_UNET_SAMPLE_512
+    return FLOP_PER_UNET_SAMPLE_512 * counted_flops(config) / counted_flops(sd15)
 
 
 def unet_ms_per_sample(unet, batch: int, device: str, repeats: int) -> float:
@@ -310,8 +347,9 @@ def stock_pipeline(worker):
     return stock
 
 
-def measure(args: argparse.Namespace, worker, batch: int, stock) -> Row:
-    """All figures for one batch size (`stock`: the stock pipeline of stock_pipeline(worker))."""
+def measure(args: argparse.Namespace, worker, batch: int, stock, flop_per_sample: float) -> Row:
+    """All figures for one batch size (`stock`: the stock pipeline of stock_pipeline(worker); `flop_per_sample`:
+    the compute floor's FLOPs per UNet sample)."""
     device = str(worker.pipe.unet.device)
     prompts = workload(batch, args.mean_group)
     per_sample = unet_ms_per_sample(worker.unet, 2 * batch, device, args.repeats)
@@ -324,12 +362,13 @@ def measure(args: argparse.Namespace, worker, batch: int, stock) -> Row:
     edge_s, unet_s, rows, groups = timed_edge_path(worker, job, args.windows)
     cfg = 2 if args.guidance > 1.0 else 1
     shared_evals = sum(g.server_steps for g in groups) * cfg
-    floor_ms = FLOP_PER_UNET_SAMPLE_512 / (args.peak_tflops * 1e12) * 1000.0
+    peak = args.peak_tflops or (CUDA_PEAK_TFLOPS if device.startswith("cuda") else None)
+    floor_ms = flop_per_sample / (peak * 1e12) * 1000.0 if peak else None
     independent_server = batch * args.steps * cfg
     return Row(
         batch=batch,
         unet_ms_per_sample=per_sample,
-        floor_fraction=floor_ms / per_sample,
+        floor_fraction=floor_ms / per_sample if floor_ms else None,
         independent_s=independent_s,
         independent_gpu_s_per_image=independent_s / batch,
         independent_images_per_s=batch / independent_s,
@@ -433,7 +472,9 @@ def print_header(env: dict) -> None:
           f"buckets {env.get('unet_buckets') or '-'}  attention {env.get('attention_backend', 'auto')}  "
           f"{'cudnn benchmark  ' if env.get('cudnn_benchmark') else ''}"
           f"{'quantize ' + env['unet_quantize'] + '  ' if env.get('unet_quantize', 'none') != 'none' else ''}"
-          f"worker start {env.get('worker_start_s', 0.0):.1f} s")
+          f"worker start {env.get('worker_start_s', 0.0):.1f} s"
+          + (f"  floor {env['unet_flop_per_sample'] / 1e9:,.2f} GFLOP per UNet sample"
+             if env.get("unet_flop_per_sample") else ""))
     if env.get("unet_compile", "none") != "none":
         changed = "fused and quantized" if env.get("unet_quantize", "none") != "none" else "fused"
         print(f"note: the worker's compile {changed} its pipeline's UNet in place; the indep columns run a stock "
@@ -445,10 +486,15 @@ def print_header(env: dict) -> None:
     )
 
 
+def floor_text(fraction: float | None) -> str:
+    """'37.5%', or '-' where no floor applies (a CPU without --peak-tflops)."""
+    return "-" if fraction is None else f"{fraction:.1%}"
+
+
 def print_row(r: Row) -> None:
     """One batch size's line, printed as soon as it is measured."""
     print(
-        f"{r.batch:5d}  {r.unet_ms_per_sample:14.3f}  {r.floor_fraction:5.1%}  {r.independent_s:7.3f}  "
+        f"{r.batch:5d}  {r.unet_ms_per_sample:14.3f}  {floor_text(r.floor_fraction):>5}  {r.independent_s:7.3f}  "
         f"{r.independent_gpu_s_per_image:15.4f}  {r.independent_images_per_s:11.1f}  {r.edge_path_s:6.3f}  "
         f"{r.edge_unet_s:11.3f}  {r.edge_unet_rows:9.1f}  {r.shared_gpu_s_per_image:14.4f}  "
         f"{r.edge_images_per_s:10.1f}  {r.step_saving:11.1%}  {r.gpu_time_saving:11.1%}  {r.edge_overhead:8.1%}  "
@@ -459,7 +505,8 @@ def print_row(r: Row) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="sd15-random", help="sd15-random, tiny, default or a pipeline folder")
+    parser.add_argument("--model", default="auto", help="sd15-random, tiny, default or a pipeline folder; auto: "
+                        "sd15-random on a CUDA GPU, else the shipped default model")
     parser.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA), float32, float16, bfloat16")
     parser.add_argument("--batches", default="8,16,32,64", help="comma-separated prompts per window")
     parser.add_argument("--steps", type=int, default=30)
@@ -469,7 +516,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--codec", default="fp16")
     parser.add_argument("--repeats", type=int, default=5, help="timed UNet forwards per batch size")
     parser.add_argument("--windows", type=int, default=2, help="timed windows per batch size")
-    parser.add_argument("--peak-tflops", type=float, default=800.0, help="dense fp16 peak for the floor")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="dense peak for the compute floor (default "
+                        f"{CUDA_PEAK_TFLOPS:g} on a GPU; on a CPU no floor unless given)")
     parser.add_argument("--unet-compile", default="none", help="torch.compile mode of the shared-phase UNet")
     parser.add_argument("--unet-buckets", default="", help="fixed UNet batch sizes (CFG rows), comma-separated")
     parser.add_argument("--unet-compile-tuning", default="none", help="TorchInductor options for diffusion UNets: "
@@ -514,11 +562,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             parser.error(f"--{flag.replace('_', '-')} takes positive whole numbers, comma-separated")
     if min(args.steps, args.repeats, args.windows, args.stream_window, args.stream_windows) < 1:
         parser.error("--steps, --repeats, --windows, --stream-window and --stream-windows take positive whole numbers")
-    if not (args.mean_group > 0 and args.peak_tflops > 0 and 0.0 <= args.share <= 1.0):
+    if not (args.mean_group > 0 and (args.peak_tflops is None or args.peak_tflops > 0) and 0.0 <= args.share <= 1.0):
         parser.error("--mean-group and --peak-tflops take positive numbers, --share a fraction in [0, 1]")
     if args.stream:
         check_stream(parser, args.stream)
+    if args.model == "auto":
+        args.model = auto_model()
     return args
+
+
+def auto_model() -> str:
+    """SD v1.5's architectures on a CUDA GPU; on a CPU, where they take hours at these batches, the shipped model."""
+    if torch.cuda.is_available():
+        return "sd15-random"
+    print("note: no CUDA GPU; timing the shipped default model (--model sd15-random: SD v1.5 size, slow on a CPU)",
+          file=sys.stderr, flush=True)
+    return "default"
 
 
 def check_stream(parser: argparse.ArgumentParser, path: str) -> None:
@@ -552,8 +611,11 @@ def main(argv: list[str] | None = None) -> dict:
         worker = make_worker(args)
     except (ConfigError, ValueError) as exc:  # ValueError: what the worker's device cannot run (attention, fp8)
         raise SystemExit(f"error: {exc}") from None
-    env = environment(worker) | server_flags(args) | {"unet_warmup": worker.unet_warmup,
-                                                      "worker_start_s": time.perf_counter() - start}
+    env = environment(worker) | server_flags(args) | {
+        "unet_warmup": worker.unet_warmup,
+        "worker_start_s": time.perf_counter() - start,
+        "unet_flop_per_sample": unet_flop_per_sample(worker.pipe.unet.config),
+    }
     result: dict = {"environment": env, "settings": vars(args), "rows": []}
     write_json(result, args.json)  # the worker's start (its compile, warm-up) even if nothing else follows
     if args.wait_for:
@@ -589,7 +651,7 @@ def run_measurements(args: argparse.Namespace, worker, result: dict) -> None:
     print_header(result["environment"])
     stock = stock_pipeline(worker) if args.batches or args.stream else None
     for b in int_list(args.batches):
-        row = measure(args, worker, b, stock)
+        row = measure(args, worker, b, stock, result["environment"]["unet_flop_per_sample"])
         print_row(row)
         result["rows"].append(asdict(row))
         write_json(result, args.json)  # after every row, so a run cut short keeps what it measured

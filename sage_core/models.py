@@ -251,6 +251,15 @@ def tiny_pipeline(
     return assemble_pipeline(unet, vae, text_encoder, build_clip_tokenizer(tokenizer_dir))
 
 
+SD15_UNET = {  # Stable Diffusion v1.5's UNet2DConditionModel settings (the others are diffusers' defaults)
+    "sample_size": 64,
+    "cross_attention_dim": 768,
+    "block_out_channels": (320, 640, 1280, 1280),
+    "layers_per_block": 2,
+    "attention_head_dim": 8,
+}
+
+
 def sd15_architecture_pipeline(
     dtype: torch.dtype = torch.float16, device: str | torch.device = "cpu", seed: int = 0
 ) -> StableDiffusionPipeline:
@@ -259,13 +268,7 @@ def sd15_architecture_pipeline(
     so this times SD-1.5-scale serving where no weights can be downloaded."""
     torch.manual_seed(seed)
     with torch.device(device):
-        unet = UNet2DConditionModel(
-            sample_size=64,
-            cross_attention_dim=768,
-            block_out_channels=(320, 640, 1280, 1280),
-            layers_per_block=2,
-            attention_head_dim=8,
-        )
+        unet = UNet2DConditionModel(**SD15_UNET)
         vae = AutoencoderKL(
             block_out_channels=(128, 256, 512, 512),
             down_block_types=("DownEncoderBlock2D",) * 4,

@@ -31,6 +31,8 @@ def test_cpu_fallback_reports_every_batch(tmp_path):
             "2,4",
             "--kernel-profile",
             str(tmp_path / "kernels.txt"),
+            "--peak-tflops",
+            "0.001",  # a CPU has no default peak: the floor is printed only when one is given
         ]
     )
     assert out.is_file()
@@ -42,12 +44,31 @@ def test_cpu_fallback_reports_every_batch(tmp_path):
     assert "edge path, 3 prompts" in profile and "_run_bucket" in profile
     (row,) = result["rows"]
     assert row["batch"] == 3 and row["unet_ms_per_sample"] > 0
+    flop = result["environment"]["unet_flop_per_sample"]
+    assert row["floor_fraction"] == pytest.approx(flop / 1e9 * 1000.0 / row["unet_ms_per_sample"])
     # 3 prompts of one paraphrase-identical group (mean group 2.8 -> 1 distinct prompt): k = 2 shared steps once
     assert row["shared_unet_evaluations"] == 2 * 2
     assert row["step_saving"] == pytest.approx(1 - (2 + 3 * 3) / (3 * 5))
     assert row["bytes_per_image"] > 0
     assert row["independent_images_per_s"] == pytest.approx(3 / row["independent_s"])
     assert row["edge_images_per_s"] == pytest.approx(1 / row["shared_gpu_s_per_image"])
+
+
+def test_the_floor_counts_the_timed_models_flops():
+    # the floor was SD v1.5's 0.84 TFLOP for any model: the shipped model on a CPU read as 17 % of its floor
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from benchmarks.bench_serving import FLOP_PER_UNET_SAMPLE_512, counted_flops, unet_flop_per_sample
+    from sage_core.models import SD15_UNET, tiny_pipeline
+
+    with torch.device("meta"):
+        sd15 = UNet2DConditionModel(**SD15_UNET).config
+    assert unet_flop_per_sample(sd15) == FLOP_PER_UNET_SAMPLE_512  # DESIGN.md's figure, as before
+    assert 0.78e12 < counted_flops(sd15) < 0.84e12  # torch's count: matmuls, convolutions, attention
+    tiny = tiny_pipeline(seed=0).unet.config
+    assert unet_flop_per_sample(tiny) == pytest.approx(0.84e12 * counted_flops(tiny) / counted_flops(sd15))
+    assert unet_flop_per_sample(tiny) < 1e-4 * FLOP_PER_UNET_SAMPLE_512
 
 
 def test_bad_batch_lists_are_refused_with_a_message(capsys):
@@ -126,6 +147,18 @@ def test_settings_that_give_no_figures_are_refused_before_the_model_loads(argv, 
     with pytest.raises(SystemExit):
         parse_args(["--model", "tiny", *argv])
     assert "error:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cuda, model", [(False, "default"), (True, "sd15-random")])
+def test_the_default_model_fits_the_machine(monkeypatch, capsys, cuda, model):
+    # SD v1.5's architectures at batches up to 64 took hours on a 2-core CPU: without a GPU the default is the
+    # shipped model, and the run says so
+    from benchmarks.bench_serving import parse_args
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: cuda)
+    assert parse_args([]).model == model
+    assert ("no CUDA GPU" in capsys.readouterr().err) is not cuda
+    assert parse_args(["--model", "tiny"]).model == "tiny"
 
 
 def test_a_stream_file_is_checked_before_the_windows_run(tmp_path, capsys):
