@@ -7,8 +7,7 @@
 #   3. the trained pipeline packed into <= 16 MiB parts, the log, the sample grid and the JSON under $OUT
 # Run on the device machine from the repository root, with the wheels the GPU image lacks in .whl/ (git-ignored;
 # for Python 3.12: diffusers 0.42.1, open_clip_torch 3.3.0, ftfy 6.3.1, wcwidth 0.9.4, zstandard 0.25.0 cp312,
-# torchao 0.18.0; fetched with `pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp
-# --platform manylinux_2_28_x86_64 ... -d .whl NAME==VERSION`, the platform list as the device tool's README gives it):
+# torchao 0.18.0; `bash scripts/gpu_wheels.sh` fetches them here in seconds):
 #   bash scripts/gpu_session.sh            (BUDGET_S, BENCH_S, VAE_MIN override the time split)
 #   STAGES=bench bash scripts/gpu_session.sh; STAGES=train TRAIN_STAGES=unet \
 #     SESSION_CONFIG=training/configs/default_model_finetune.yaml bash scripts/gpu_session.sh     (two commands)
