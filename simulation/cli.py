@@ -36,7 +36,7 @@ RequestsOpt = Annotated[int | None, typer.Option("--requests", "-n", help="overr
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="override the seed")]
 EmbedderOpt = Annotated[
     str | None,
-    typer.Option(help="override prompts.embedder: minilm (needs the [sim] extra), pipeline, pipeline:PATH, hashed"),
+    typer.Option(help="override prompts.embedder: minilm (needs the 'sim' extra), pipeline, pipeline:PATH, hashed"),
 ]
 
 
