@@ -363,12 +363,11 @@ def measure(args: argparse.Namespace, worker, batch: int, stock, flop_per_sample
     cfg = 2 if args.guidance > 1.0 else 1
     shared_evals = sum(g.server_steps for g in groups) * cfg
     peak = args.peak_tflops or (CUDA_PEAK_TFLOPS if device.startswith("cuda") else None)
-    floor_ms = flop_per_sample / (peak * 1e12) * 1000.0 if peak else None
     independent_server = batch * args.steps * cfg
     return Row(
         batch=batch,
         unet_ms_per_sample=per_sample,
-        floor_fraction=floor_ms / per_sample if floor_ms else None,
+        floor_fraction=flop_per_sample / (peak * 1e12) * 1000.0 / per_sample if peak else None,
         independent_s=independent_s,
         independent_gpu_s_per_image=independent_s / batch,
         independent_images_per_s=batch / independent_s,

@@ -106,9 +106,10 @@ def print_summary(report: dict, out: Path) -> None:
             f"{g['saving']:.1%}",
             f"{g['saving_closed_form']:.1%}",
         )
-    Console(markup=False).print(table)
+    out_console = Console(markup=False)  # stdout; paths print as given
+    out_console.print(table)
     t = report["totals"]
-    Console(markup=False).print(
+    out_console.print(
         f"UNet evaluations: {t['unet_evaluations']} vs {t['independent_evaluations']} independent "
         f"-> saving {t['saving']:.1%} in {t['seconds']:.1f} s. Wrote {out}/"
     )
