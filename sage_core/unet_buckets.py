@@ -224,7 +224,9 @@ def compile_unet(unet: Any, mode: str, tuning: str = "none", quantize: str = "no
     """torch.compile the UNet with fixed shapes (`mode` one of COMPILE_MODES; "none" returns it unchanged), with
     the TorchInductor options of `inductor_tuning(tuning)` first.
     Compiling first fuses each attention's q/k/v projections into one matmul and stores the weights
-    channels-last unless `channels_last` is False (both in place; the UNet's outputs stay the same up to rounding),
+    channels-last unless `channels_last` is False (both in place; the UNet's outputs stay the same up to rounding);
+    channels-last also keeps the up blocks' skip concatenations channels-last in the compiled code
+    (`channels_last_passes`, process-wide),
     then quantizes the linear layers as `quantize` says (`quantize_unet`, with `calibrate`), their float8 GEMMs left
     to ATen's kernels outside the max-autotune modes (FLOAT8_GEMMS_ON_ATEN, process-wide). A UNet with unmerged
     LoRA layers is refused: fusing would drop them (merge the adapter first)."""
@@ -240,8 +242,18 @@ def compile_unet(unet: Any, mode: str, tuning: str = "none", quantize: str = "no
     inductor_tuning(tuning)
     if float8_gemms_on_aten(mode, quantize):
         set_inductor(FLOAT8_GEMMS_ON_ATEN)
+    set_inductor(channels_last_passes(channels_last))
     quantized = quantize_unet(fuse_layout(unet, channels_last), quantize, calibrate)
     return torch.compile(quantized, mode=mode, dynamic=False)
+
+
+def channels_last_passes(channels_last: bool = True) -> dict[str, Any]:
+    """The TorchInductor options of a compile with (or without) channels-last: with it, the up blocks' skip
+    concatenations realized channels-last (`sage_core.layout_pass`), where TorchInductor 2.11 writes them NCHW and
+    transposes them back; without it, no custom pass."""
+    from sage_core.layout_pass import ChannelsLastConcat  # imports TorchInductor (most of a second)
+
+    return {"post_grad_custom_post_pass": ChannelsLastConcat() if channels_last else None}
 
 
 def float8_gemms_on_aten(mode: str, quantize: str) -> bool:
