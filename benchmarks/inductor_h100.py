@@ -2,7 +2,7 @@
 (`benchmarks.fake_h100`): whether each quantize mode lowers at all, how many kernels a call launches, Inductor's
 estimate of the bytes its own kernels move per sample (by kind, as `benchmarks.kernel_profile` names them), the
 elements its transposing kernels move, and the float8 Triton kernels' launches. A check before a lease, not a
-timing: the GPU's time per byte and per launch is what the lease measures.
+timing: the GPU's time per byte and per launch is what the lease measures (`benchmarks.bench_variants`, on the GPU).
 
     python -m benchmarks.inductor_h100 --rows 128 --quantize none fp8-static fp8-static-geglu fp8-static-conv
 
