@@ -522,7 +522,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--unet-compile-tuning", default="none", help="TorchInductor options for diffusion UNets: "
                         "none, light (1x1 convolutions as matmuls), full (and coordinate-descent tuning)")
     parser.add_argument("--no-unet-channels-last", dest="unet_channels_last", action="store_false",
-                        help="with --unet-compile: keep the UNet's weights in their own memory layout")
+                        help="with --unet-compile: keep the UNet's weights in their own memory layout "
+                        "(and the compiled code's skip concatenations as Inductor lays them out)")
     parser.add_argument("--attention-backend", default="auto", help="SDPA kernel of the shared-phase UNet: auto, "
                         "flash, cudnn, efficient, math")
     parser.add_argument("--cudnn-benchmark", action="store_true", help="cuDNN times its convolution algorithms per "

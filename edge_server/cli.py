@@ -73,7 +73,8 @@ def serve(
                                  "matmuls), full (and coordinate-descent tuning: minutes more compiling)")
     ] = None,
     unet_channels_last: Annotated[
-        bool | None, typer.Option(help="with --unet-compile: store the UNet's weights channels-last")
+        bool | None, typer.Option(help="with --unet-compile: store the UNet's weights channels-last and "
+                                  "keep the up blocks' skip concatenations channels-last in the compiled code")
     ] = None,
     attention_backend: Annotated[
         str | None, typer.Option(help="SDPA kernel of the shared-phase UNet: auto, flash, cudnn, efficient, math")

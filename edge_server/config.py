@@ -100,7 +100,7 @@ class ServerConfig:
     # TorchInductor options for diffusion UNets (sage_core.unet_buckets.TUNING_LEVELS): none, light (1x1
     # convolutions as matmuls), full (and coordinate-descent tuning: minutes of compiling more)
     unet_compile_tuning: str = "none"
-    unet_channels_last: bool = True  # with unet_compile: the UNet's weights stored channels-last
+    unet_channels_last: bool = True  # with unet_compile: weights and skip concatenations channels-last
     attention_backend: str = "auto"  # the shared-phase UNet's SDPA kernel: auto (PyTorch's choice), flash, cudnn, ...
     cudnn_benchmark: bool = False  # let cuDNN time its convolution algorithms per shape (needs unet_buckets)
     # with unet_compile: "fp8" runs the UNet's linear layers in float8 (torchao; GPU 8.9+); "fp8-rowwise" its linear
