@@ -19,7 +19,7 @@ import re
 import sys
 import types
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -93,7 +93,7 @@ class Codegen:
     """What Inductor wrote for one graph: the wrapper code and each Triton kernel's source by name."""
 
     wrapper: str = ""
-    kernels: dict[str, str] | None = None
+    kernels: dict[str, str] = field(default_factory=dict)
 
 
 @contextlib.contextmanager
@@ -111,7 +111,7 @@ def stand_in_h100() -> Iterator[Codegen]:
     from torch.utils._triton import has_triton, triton_backend
     from triton.runtime import driver
 
-    out = Codegen(kernels={})
+    out = Codegen()
     codegen = graph.GraphLowering.codegen
 
     def keep_wrapper(self: Any) -> Any:

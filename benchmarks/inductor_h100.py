@@ -102,7 +102,7 @@ def lower(model: str, quantize: str, rows: int, concat_pass: bool = True) -> Low
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from sage_core import fp8
-    from sage_core.unet_buckets import FLOAT8_GEMMS_ON_ATEN, channels_last_passes, float8_gemms_on_aten, set_inductor
+    from sage_core.unet_buckets import compile_options, set_inductor
 
     started = time.perf_counter()
     unet = prepare(build_unet(model), quantize)
@@ -116,10 +116,7 @@ def lower(model: str, quantize: str, rows: int, concat_pass: bool = True) -> Low
                         device="cuda").to(memory_format=torch.channels_last)
         t = torch.zeros(rows, dtype=torch.long, device="cuda")
         c = torch.empty(rows, 77, cfg.cross_attention_dim, dtype=torch.float16, device="cuda")
-    options = {**channels_last_passes(concat_pass)}
-    if float8_gemms_on_aten("reduce-overhead", quantize):
-        options.update(FLOAT8_GEMMS_ON_ATEN)
-    old = set_inductor(options)
+    old = set_inductor(compile_options("reduce-overhead", quantize, concat_pass))  # as the lease compiles
     try:
         out = compile_for_h100(_Call(unet), mode, x, t, c)
     finally:
@@ -130,7 +127,7 @@ def lower(model: str, quantize: str, rows: int, concat_pass: bool = True) -> Low
         if name in out.kernels and not name.startswith(FLOAT8_KERNELS):
             kind = kind_of(name)
             by_kind[kind] = by_kind.get(kind, 0.0) + estimated_bytes(out.kernels[name]) / rows / 1e6
-    transposed = sum(n for name, n in transposing_kernels(out.kernels).items() for _ in range(calls.count(name)))
+    transposed = sum(n * calls.count(name) for name, n in transposing_kernels(out.kernels).items())
     variant = quantize + ("" if concat_pass else ", no concat pass")
     return Lowered(variant, rows, len(calls), extern_calls(out.wrapper),
                    {k: round(v, 1) for k, v in sorted(by_kind.items())}, transposed // rows,

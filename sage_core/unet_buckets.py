@@ -240,11 +240,16 @@ def compile_unet(unet: Any, mode: str, tuning: str = "none", quantize: str = "no
             raise ValueError("tuning and channels_last shape the compiled UNet: they need a compile mode")
         return unet
     inductor_tuning(tuning)
-    if float8_gemms_on_aten(mode, quantize):
-        set_inductor(FLOAT8_GEMMS_ON_ATEN)
-    set_inductor(channels_last_passes(channels_last))
+    set_inductor(compile_options(mode, quantize, channels_last))
     quantized = quantize_unet(fuse_layout(unet, channels_last), quantize, calibrate)
     return torch.compile(quantized, mode=mode, dynamic=False)
+
+
+def compile_options(mode: str, quantize: str = "none", channels_last: bool = True) -> dict[str, Any]:
+    """The TorchInductor options `compile_unet` sets after the tuning level's: float8 GEMMs on ATen's kernels
+    (FLOAT8_GEMMS_ON_ATEN) where `float8_gemms_on_aten` says so, and `channels_last_passes(channels_last)`."""
+    on_aten = FLOAT8_GEMMS_ON_ATEN if float8_gemms_on_aten(mode, quantize) else {}
+    return {**on_aten, **channels_last_passes(channels_last)}
 
 
 def channels_last_passes(channels_last: bool = True) -> dict[str, Any]:
