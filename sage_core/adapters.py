@@ -4,7 +4,14 @@
 a Linear/Conv module of this UNet with matching in/out features; otherwise `AdapterMismatchError` says which
 module and which shapes (an adapter for another base model), instead of diffusers' long state-dict dump.
 `resolve_adapter(choice, fingerprint)`: "none", a folder, or "auto" = the shipped adapter
-(sage_core/assets/sage_adapter) when it was trained on the model with that fingerprint. training.lora writes them.
+(sage_core/assets/sage_adapter) when it was trained on the model with that fingerprint. A folder named explicitly
+whose sage_adapter.json records another base model's fingerprint is refused (`load_adapter` checks it too); a
+folder that records none (a plain diffusers LoRA) is checked by shapes only. training.lora writes them.
+
+Key conventions read (one per file): peft's `unet.<module>.lora_A.weight` / `.lora_B.weight` (what training.lora
+and current diffusers write) and diffusers' older `unet.<module>.lora.down.weight` / `.lora.up.weight` (the shipped
+adapter). A file mixing both is refused: diffusers' loader picks one convention from the first key and silently
+drops the other's layers.
 """
 
 from __future__ import annotations
@@ -43,9 +50,21 @@ def adapter_base_fingerprint(folder: str | Path) -> str | None:
         return None
 
 
+def check_base_model(folder: str | Path, fingerprint: str) -> None:
+    """Raise AdapterMismatchError when the folder's sage_adapter.json records a base model other than
+    `fingerprint` (a folder recording none passes: only the shapes can be checked)."""
+    recorded = adapter_base_fingerprint(folder)
+    if recorded is not None and recorded != fingerprint:
+        raise AdapterMismatchError(
+            f"the adapter in {folder} was trained on base model {recorded}, not on the loaded model {fingerprint}; "
+            f"use an adapter trained on this model (to apply it anyway, remove base_model_fingerprint from its "
+            f"{INFO_FILE})"
+        )
+
+
 def resolve_adapter(choice: str, fingerprint: str, shipped: Path = DEFAULT_ADAPTER_DIR) -> Path | None:
     """ "none": None; "auto": the shipped adapter if it was trained on the model of `fingerprint`, else None;
-    otherwise a folder that must exist."""
+    otherwise a folder that must exist and must not record another base model (`check_base_model`)."""
     if choice == ADAPTER_NONE:
         return None
     if choice == ADAPTER_AUTO:
@@ -53,6 +72,7 @@ def resolve_adapter(choice: str, fingerprint: str, shipped: Path = DEFAULT_ADAPT
     path = Path(choice)
     if not path.is_dir():
         raise ModelError(f"adapter folder {path} does not exist")
+    check_base_model(path, fingerprint)
     return path
 
 
@@ -69,25 +89,54 @@ def _module_shapes(unet) -> dict[str, tuple[int, int]]:
     return shapes
 
 
+# key suffix -> (matrix, convention): peft's names (current diffusers) and diffusers' older ones
+_LORA_SUFFIXES = {
+    ".lora_A.weight": ("down", "peft"),
+    ".lora_B.weight": ("up", "peft"),
+    ".lora.down.weight": ("down", "diffusers"),
+    ".lora.up.weight": ("up", "diffusers"),
+}
+
+
+def split_lora_key(key: str) -> tuple[str, str, str] | None:
+    """`unet.<module><suffix>` -> (module, "down" | "up", convention); None for other keys (text encoder, alphas)."""
+    if not key.startswith("unet."):
+        return None
+    for suffix, (matrix, convention) in _LORA_SUFFIXES.items():
+        if key.endswith(suffix):
+            return key[len("unet."):-len(suffix)], matrix, convention
+    return None
+
+
 def read_adapter_shapes(folder: str | Path) -> dict[str, dict[str, tuple[int, ...]]]:
-    """Module name -> {'down': shape, 'up': shape} from a diffusers LoRA file (unet keys only)."""
+    """Module name -> {'down': shape, 'up': shape} from a diffusers LoRA file (unet keys only, either convention;
+    a file mixing the two is refused)."""
     path = Path(folder) / ADAPTER_FILE
     if not Path(folder).is_dir():
         raise AdapterMismatchError(f"LoRA folder {folder} does not exist")
     if not path.is_file():
         raise AdapterMismatchError(f"{folder} has no {ADAPTER_FILE} (not a diffusers LoRA folder)")
     out: dict[str, dict[str, tuple[int, ...]]] = {}
+    conventions: set[str] = set()
     try:
         with safe_open(str(path), framework="pt") as fh:
             for key in fh.keys():
-                if not key.startswith("unet.") or ".lora." not in key:
-                    continue
-                module, rest = key[len("unet."):].split(".lora.", 1)
-                out.setdefault(module, {})[rest.split(".")[0]] = tuple(fh.get_slice(key).get_shape())
+                parts = split_lora_key(key)
+                if parts is not None:
+                    module, matrix, convention = parts
+                    conventions.add(convention)
+                    out.setdefault(module, {})[matrix] = tuple(fh.get_slice(key).get_shape())
     except (OSError, ValueError, RuntimeError) as exc:  # safetensors raises SafetensorError (a ValueError/OSError)
         raise AdapterMismatchError(f"{path} is not a readable safetensors file: {exc}") from exc
     if not out:
-        raise AdapterMismatchError(f"{path} holds no UNet LoRA weights (keys 'unet.<module>.lora.down.weight')")
+        raise AdapterMismatchError(f"{path} holds no UNet LoRA weights (keys 'unet.<module>.lora_A.weight' or "
+                                   "'unet.<module>.lora.down.weight')")
+    if len(conventions) > 1:
+        raise AdapterMismatchError(
+            f"{path} mixes 'lora_A/lora_B' and 'lora.down/lora.up' keys, so diffusers would load only part of it "
+            "(an older sage-train wrote such files for extra target modules); run the sage-train finetune command "
+            "that made it again: it rewrites the adapter from its checkpoint"
+        )
     return out
 
 
@@ -104,7 +153,7 @@ def check_adapter(unet, folder: str | Path) -> int:
         fan_in, fan_out = shapes[module]
         down, up = parts.get("down"), parts.get("up")
         if down is None or up is None:
-            problems.append(f"{module}: needs both lora.down and lora.up")
+            problems.append(f"{module}: needs both the down (lora_A) and the up (lora_B) matrix")
         elif down[1] != fan_in or up[0] != fan_out:
             problems.append(f"{module}: adapter maps {down[1]} -> {up[0]} features, the model's layer {fan_in} -> "
                             f"{fan_out}")
@@ -117,9 +166,13 @@ def check_adapter(unet, folder: str | Path) -> int:
 
 
 def load_adapter(pipe, folder: str | Path, adapter_name: str = "sage") -> int:
-    """Check the adapter against the pipeline's UNet, then `pipe.load_lora_weights(folder)` (safetensors, local
-    files only); returns the number of adapted modules."""
+    """Check the adapter against the pipeline (its recorded base model, `check_base_model`, and every layer's
+    shape), then `pipe.load_lora_weights(folder)` (safetensors, local files only); returns the number of adapted
+    modules."""
+    from sage_core.models import model_fingerprint
+
     n = check_adapter(pipe.unet, folder)
+    check_base_model(folder, model_fingerprint(pipe))
     try:
         pipe.load_lora_weights(str(folder), adapter_name=adapter_name, use_safetensors=True, local_files_only=True)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:

@@ -7,8 +7,9 @@ import json
 import torch
 
 
-def make_lora(folder) -> str:
-    """A diffusers-format LoRA for the tiny UNet with non-zero weights (as the training issue will save one)."""
+def make_lora(folder, peft_keys: bool = False) -> str:
+    """A diffusers-format LoRA for the tiny UNet with non-zero weights: keys in diffusers' older
+    `.lora.down/.lora.up` convention (as the shipped adapter), or in peft's `.lora_A/.lora_B` (as training writes)."""
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft import LoraConfig
@@ -23,7 +24,8 @@ def make_lora(folder) -> str:
         for name, param in pipe.unet.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.5)
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
+    layers = get_peft_model_state_dict(pipe.unet)
+    layers = layers if peft_keys else convert_state_dict_to_diffusers(layers)
     StableDiffusionPipeline.save_lora_weights(str(folder), unet_lora_layers=layers, safe_serialization=True)
     return str(folder)
 

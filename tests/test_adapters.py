@@ -18,9 +18,48 @@ def test_auto_picks_the_shipped_adapter_only_for_its_base_model(tmp_path):
     assert resolve_adapter("auto", base, shipped) == shipped
     assert resolve_adapter("auto", "another-model", shipped) is None  # made for another model: not applied
     assert resolve_adapter("none", base, shipped) is None
-    assert resolve_adapter(str(shipped), "another-model", shipped) == shipped  # named explicitly: the user's call
+    with pytest.raises(AdapterMismatchError, match=f"trained on base model {base}, not on the loaded model "
+                       "another-model"):  # named explicitly: still refused for another base model
+        resolve_adapter(str(shipped), "another-model", shipped)
+    assert resolve_adapter(str(shipped), base, shipped) == shipped
     with pytest.raises(ModelError, match="does not exist"):
         resolve_adapter(str(tmp_path / "nope"), base, shipped)
+
+
+def test_an_explicit_folder_for_another_base_model_is_refused_by_load_adapter(tmp_path):
+    import json
+
+    from sage_core.adapters import INFO_FILE
+
+    other = model_fingerprint(tiny_pipeline(seed=1))  # same architecture, other weights: the shapes fit
+    folder = tmp_path / "lora"
+    make_shipped_lora(folder, other)
+    pipe = tiny_pipeline(seed=0)
+    with pytest.raises(AdapterMismatchError, match=f"base model {other}, not on the loaded model "
+                       f"{model_fingerprint(pipe)}.*remove base_model_fingerprint"):
+        load_adapter(pipe, folder)
+    assert not getattr(pipe.unet, "peft_config", None)  # refused before anything was loaded
+    # the documented opt-in: a folder that records no base model is checked by its shapes only
+    info = json.loads((folder / INFO_FILE).read_text())
+    info.pop("base_model_fingerprint")
+    (folder / INFO_FILE).write_text(json.dumps(info))
+    assert load_adapter(pipe, folder) > 0
+
+
+def test_peft_key_names_load_and_mixed_key_names_are_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    peft_dir = make_lora(tmp_path / "peft", peft_keys=True)
+    weights = load_file(f"{peft_dir}/pytorch_lora_weights.safetensors")
+    assert all(".lora_A." in k or ".lora_B." in k for k in weights)
+    pipe = tiny_pipeline(seed=0)
+    assert load_adapter(pipe, peft_dir) == len(weights) // 2
+    mixed = {k.replace(".lora_A.", ".lora.down.").replace(".lora_B.", ".lora.up.") if ".attn1." in k else k: v
+             for k, v in weights.items()}
+    (tmp_path / "mixed").mkdir()
+    save_file(mixed, str(tmp_path / "mixed" / "pytorch_lora_weights.safetensors"))
+    with pytest.raises(AdapterMismatchError, match="mixes 'lora_A/lora_B' and 'lora.down/lora.up' keys"):
+        load_adapter(tiny_pipeline(seed=0), tmp_path / "mixed")
 
 
 def test_edge_worker_runs_the_shared_phase_with_the_adapter(tmp_path):

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from sage_core.models import tiny_pipeline
 from training.finetune import FinetuneConfig, finetune, load_config
 from training.grouped_dataset import GroupedDataset, save_grouped_dataset, world_items
-from training.lora import AdapterMismatchError, LoraSettings, check_adapter, load_adapter
+from training.lora import AdapterMismatchError, LoraSettings, add_lora, check_adapter, load_adapter, save_adapter
 
 torch.set_num_threads(1)
 
@@ -43,7 +43,8 @@ def _unet_out(pipe) -> torch.Tensor:
 def test_finetune_writes_a_diffusers_adapter_that_changes_the_unet(dataset_path, tmp_path, method) -> None:
     adapter = finetune(_cfg(dataset_path, tmp_path / method, method=method), pipe=tiny_pipeline(0), log=lambda s: None)
     weights = load_file(str(adapter / "pytorch_lora_weights.safetensors"))
-    assert weights and all(k.startswith("unet.") and ".lora." in k for k in weights)
+    assert weights and all(k.startswith("unet.") and (k.endswith(".lora_A.weight") or k.endswith(".lora_B.weight"))
+                           for k in weights)
     info = json.loads((adapter / "sage_adapter.json").read_text())
     assert info["method"] == method and info["steps_done"] == 4
     log = json.loads((tmp_path / method / "train_log.json").read_text())["log"]
@@ -53,6 +54,63 @@ def test_finetune_writes_a_diffusers_adapter_that_changes_the_unet(dataset_path,
     pipe.load_lora_weights(str(adapter))  # what the device client does
     after = _unet_out(pipe)
     assert (after - before).abs().max() > 1e-5
+
+
+EXTRA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.2")  # docs/training.md §3
+
+
+def _random_lora(settings: LoraSettings):
+    """A tiny pipeline with a LoRA of `settings` whose every matrix is random (non-zero B)."""
+    pipe = tiny_pipeline(0)
+    gen = torch.Generator().manual_seed(1)
+    for p in add_lora(pipe.unet, settings):
+        p.data = torch.randn(p.shape, generator=gen) * 0.1
+    return pipe
+
+
+def _lora_by_module(unet, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """peft state dict of one adapter keyed by '<module>.lora_A' / '.lora_B' (adapter name stripped)."""
+    from peft.utils import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(unet, adapter_name=adapter_name)
+    return {k.removesuffix(".weight"): v.float() for k, v in state.items()}
+
+
+@pytest.mark.parametrize("loader", ["load_adapter", "load_lora_weights"])
+def test_adapter_with_extra_targets_loads_every_trained_layer(tmp_path, loader) -> None:
+    settings = LoraSettings(rank=4, alpha=2.0, target_modules=EXTRA_TARGETS)
+    trained = _lora_by_module(_random_lora(settings).unet)
+    kinds = {k.split(".lora_")[0].rsplit(".", 1)[-1] for k in trained}
+    assert {"to_q", "to_k", "to_v", "0", "proj_in", "proj_out", "2"} <= kinds
+    folder = save_adapter(_random_lora(settings).unet, tmp_path / "a", settings, dtype=torch.float32)
+    keys = load_file(str(folder / "pytorch_lora_weights.safetensors")).keys()
+    assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)  # one convention only
+    assert check_adapter(tiny_pipeline(0).unet, folder) == len(trained) // 2
+    pipe = tiny_pipeline(0)
+    if loader == "load_adapter":
+        load_adapter(pipe, folder)
+    else:
+        pipe.load_lora_weights(str(folder), adapter_name="sage")
+    loaded = _lora_by_module(pipe.unet, "sage")
+    assert loaded.keys() == trained.keys()
+    for k in trained:
+        torch.testing.assert_close(loaded[k], trained[k], msg=k)
+    # the alpha survives as well: the adapted UNet computes what the trained one did
+    source = _random_lora(settings)
+    source.unet.eval()
+    torch.testing.assert_close(_unet_out(pipe), _unet_out(source), rtol=1e-4, atol=1e-5)
+
+
+def test_adapter_file_gets_the_umask_mode(tmp_path) -> None:
+    import os
+
+    old = os.umask(0o022)
+    try:
+        folder = save_adapter(_random_lora(LoraSettings(rank=2)).unet, tmp_path / "m", LoraSettings(rank=2))
+    finally:
+        os.umask(old)
+    assert (folder / "pytorch_lora_weights.safetensors").stat().st_mode & 0o777 == 0o644
+    assert not [p.name for p in folder.iterdir() if p.name.startswith(".")]
 
 
 def test_adapter_for_another_base_model_is_refused_clearly(dataset_path, tmp_path) -> None:

@@ -2,11 +2,13 @@
 
 - `add_lora(unet, cfg)`: peft LoraConfig injected through diffusers' `unet.add_adapter` (rank, alpha, target
   modules from `LoraSettings`); only the LoRA parameters train.
-- `save_adapter(unet, dir, ...)`: `get_peft_model_state_dict` -> `convert_state_dict_to_diffusers` ->
-  `StableDiffusionPipeline.save_lora_weights`, i.e. `dir/pytorch_lora_weights.safetensors` with keys
-  `unet.<module>.lora.down.weight` / `.lora.up.weight`, the LoraConfig in the safetensors metadata (so alpha
-  survives), plus `sage_adapter.json` (base model fingerprint, settings, how it was trained).
-  `pipe.load_lora_weights(dir)` loads it.
+- `save_adapter(unet, dir, ...)`: `get_peft_model_state_dict` -> `StableDiffusionPipeline.save_lora_weights`,
+  i.e. `dir/pytorch_lora_weights.safetensors` with every key in peft's convention,
+  `unet.<module>.lora_A.weight` / `.lora_B.weight` (what current diffusers writes and loads as is), the LoraConfig
+  in the safetensors metadata (so alpha survives), plus `sage_adapter.json` (base model fingerprint, settings, how
+  it was trained). `pipe.load_lora_weights(dir)` loads every layer. (diffusers' `convert_state_dict_to_diffusers`
+  is not used: it renames only the attention projections to `.lora.down/.lora.up`, and the loader, which picks the
+  convention from the first key, then drops one of the two kinds.)
 - `check_adapter(unet, dir)` / `load_adapter(pipe, dir)` live in sage_core.adapters (the device client and the
   edge server load adapters too) and are re-exported here.
 """
@@ -14,6 +16,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -99,22 +102,31 @@ def set_lora_state_dict(unet, state: dict[str, torch.Tensor]) -> None:
         raise AdapterMismatchError(f"checkpoint has LoRA tensors this adapter lacks: {unexpected[:3]}")
 
 
+def _new_file_mode(folder: Path) -> int:
+    """Permission bits a file created in `folder` gets under the process's umask (read without changing it)."""
+    probe = folder / f".mode-probe-{os.getpid()}"
+    probe.touch()
+    try:
+        return probe.stat().st_mode & 0o777
+    finally:
+        probe.unlink()
+
+
 def save_adapter(
     unet, out_dir: str | Path, settings: LoraSettings, info: dict[str, Any] | None = None, dtype=torch.float16
 ) -> Path:
-    """Write the adapter in diffusers' LoRA format (+ sage_adapter.json); returns the folder."""
+    """Write the adapter in diffusers' LoRA format, peft key names (+ sage_adapter.json); returns the folder."""
     from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}
+    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in get_peft_model_state_dict(unet).items()}
     StableDiffusionPipeline.save_lora_weights(
         str(out), unet_lora_layers=state, safe_serialization=True,
         unet_lora_adapter_metadata=lora_config(settings).to_dict(),
     )
+    os.chmod(out / ADAPTER_FILE, _new_file_mode(out))  # safetensors writes 0600; give it the umask's mode
     meta = {"format": "diffusers-lora", "weights": ADAPTER_FILE, "lora": asdict(settings)} | (info or {})
     (out / INFO_FILE).write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
     return out
