@@ -206,7 +206,110 @@ def test_bad_config_files_and_thread_counts_are_value_errors(tmp_path) -> None:
         load_config(bad)
     assert "\n" not in str(err.value)
     bad.write_text("steps: many\n", encoding="utf-8")
-    with pytest.raises(ValueError, match="wrong type"):
+    with pytest.raises(ValueError, match="steps must be an integer, got 'many'"):
         load_config(bad)
     with pytest.raises(ValueError, match="num_threads must be >= 1"):
         FinetuneConfig(num_threads=0)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("soft_target_grad: 'false'", "soft_target_grad must be true or false, got 'false'"),
+        ("weighting: min_snr\nsnr_gamma: 0", "snr_gamma must be > 0, got 0.0"),
+        ("steps: 2.5", "steps must be an integer, got 2.5"),
+        ("lora: 8", "lora must be a mapping of LoraSettings fields, got 8"),
+        ("lora: {rank: 2, bogus: 1}", r"lora: unknown field\(s\) \['bogus'\]"),
+        ("lora: {target_modules: to_q}", "lora: target_modules must be a list of strings, got 'to_q'"),
+        ("batch_groups: 2.5", "batch_groups must be an integer, got 2.5"),
+        ("sampler_steps: 0", "sampler_steps must be >= 1, got 0"),
+        ("encode_batch_size: 0", "encode_batch_size must be >= 1, got 0"),
+        ("lr: fast", "lr must be a number, got 'fast'"),
+        ("grad_clip: -1", "grad_clip must be >= 0, got -1.0"),
+    ],
+)
+def test_config_values_of_the_wrong_type_or_range_are_refused_by_name(tmp_path, text, message) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(text + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=message):
+        load_config(path)
+
+
+def test_numeric_strings_are_read_as_floats_and_lists_as_tuples(tmp_path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 1e-4\nlora: {rank: 4, alpha: 4, target_modules: [to_q, proj_in]}\n", encoding="utf-8")
+    cfg = load_config(path)  # PyYAML reads 1e-4 (no dot) as a string
+    assert cfg.lr == 1e-4 and isinstance(cfg.lora.alpha, float)
+    assert cfg.lora == LoraSettings(rank=4, alpha=4.0, target_modules=("to_q", "proj_in"))
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("n_groups: many", "n_groups must be an integer, got 'many'"),
+        ("shares: 0.3", "shares must be a list of numbers, got 0.3"),
+        ("fig3_ranges: [0.4, 0.6]", r"fig3_ranges\[0\] must be a list of 2 values \(a number, a number\), got 0.4"),
+        ("shares: [0.3, 1.5]", r"shares and fig3_share must be in \[0, 1\)"),
+        ("parts: table", "parts must be a list of strings, got 'table'"),
+    ],
+)
+def test_replicate_config_values_of_the_wrong_type_are_refused_by_name(tmp_path, text, message) -> None:
+    from training.replicate import load_config as load_replicate_config
+
+    path = tmp_path / "r.yaml"
+    path.write_text(text + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=message):
+        load_replicate_config(path)
+    assert load_replicate_config(None, fig3_ranges=[[0.4, 0.6]]).fig3_ranges == ((0.4, 0.6),)
+
+
+def test_ctrl_c_inside_a_step_resumes_to_the_uninterrupted_result(dataset_path, tmp_path) -> None:
+    full = finetune(_cfg(dataset_path, tmp_path / "full", checkpoint_every=100), pipe=tiny_pipeline(0),
+                    log=lambda s: None)
+    cfg = _cfg(dataset_path, tmp_path / "cut", checkpoint_every=100)
+    pipe = tiny_pipeline(0)
+    calls = {"n": 0}
+
+    def ctrl_c(module, args) -> None:
+        calls["n"] += 1
+        if calls["n"] == 5:  # sage: 2 UNet calls per step, so inside step 3, after its random draws
+            raise KeyboardInterrupt
+
+    pipe.unet.register_forward_pre_hook(ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(cfg, pipe=pipe, log=lambda s: None)
+    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["step"] == 2
+    resumed = finetune(cfg, pipe=tiny_pipeline(0), log=lambda s: None)
+    a = load_file(str(full / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(resumed / "pytorch_lora_weights.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_grad_clip_is_checked_on_resume_and_recorded(dataset_path, tmp_path) -> None:
+    adapter = finetune(_cfg(dataset_path, tmp_path / "g", steps=2), pipe=tiny_pipeline(0), log=lambda s: None)
+    assert json.loads((adapter / "sage_adapter.json").read_text())["config"]["grad_clip"] == 1.0
+    assert json.loads((tmp_path / "g" / "train_log.json").read_text())["config"]["grad_clip"] == 1.0
+    with pytest.raises(ValueError, match=r"another config \(grad_clip: 1.0 -> 0.5\)"):
+        finetune(_cfg(dataset_path, tmp_path / "g", steps=3, grad_clip=0.5), pipe=tiny_pipeline(0),
+                 log=lambda s: None)
+    with pytest.raises(ValueError, match=r"another config \(lr: 0.001 -> 0.002; seed: 0 -> 1\)"):
+        finetune(_cfg(dataset_path, tmp_path / "g", steps=3, lr=2e-3, seed=1), pipe=tiny_pipeline(0),
+                 log=lambda s: None)
+
+
+def test_resume_accepts_the_same_dataset_under_another_path(dataset_path, tmp_path, monkeypatch) -> None:
+    finetune(_cfg(dataset_path, tmp_path / "p", steps=2), pipe=tiny_pipeline(0), log=lambda s: None)
+    monkeypatch.chdir(dataset_path.parent)
+    messages: list[str] = []
+    finetune(_cfg(Path(dataset_path.name), tmp_path / "p", steps=3), pipe=tiny_pipeline(0), log=messages.append)
+    assert any("resumed" in m and "step 2" in m for m in messages)
+
+
+def test_steps_below_the_steps_done_are_refused_without_touching_the_adapter(dataset_path, tmp_path) -> None:
+    adapter = finetune(_cfg(dataset_path, tmp_path / "s", steps=3), pipe=tiny_pipeline(0), log=lambda s: None)
+    before = (adapter / "sage_adapter.json").read_bytes(), (adapter / "pytorch_lora_weights.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="at step 3, past steps 2; ask for steps >= 3"):
+        finetune(_cfg(dataset_path, tmp_path / "s", steps=2), pipe=tiny_pipeline(0), log=lambda s: None)
+    after = (adapter / "sage_adapter.json").read_bytes(), (adapter / "pytorch_lora_weights.safetensors").read_bytes()
+    assert after == before

@@ -8,12 +8,13 @@ so both methods see the same captions and images in the same order for the same 
 
 Only the LoRA parameters train; the VAE and text encoder are frozen (images are encoded once, captions per step).
 `out_dir` holds `checkpoint.pt` (LoRA, AdamW, RNG states, step, loss log; written atomically every
-`checkpoint_every` steps, on Ctrl-C and at the end), `train_log.json`, and `adapter/` (diffusers LoRA format,
-written at the end). Running again with the same config resumes from the checkpoint and finishes the same steps;
-a checkpoint trained on other data (the dataset file's SHA-256) or another base model (its fingerprint) is refused,
-even when the config's paths are the same.
+`checkpoint_every` steps, on Ctrl-C (as of the last completed step, with the RNG states from before the
+interrupted step's draws) and at the end), `train_log.json`, and `adapter/` (diffusers LoRA format, written at the
+end). Running again with the same config resumes from the checkpoint and finishes the same steps; a checkpoint of
+other settings (`RESUME_KEYS`, the differing values named), trained on other data (the dataset file's SHA-256,
+whatever path names it) or another base model (its fingerprint), or already past `steps`, is refused.
 
-One command: `sage-train finetune --config training/configs/sage_finetune_default.yaml`.
+One command: `sage-train finetune --config training/configs/sage_finetune_default_cpu.yaml` (or `_h100.yaml`).
 """
 
 from __future__ import annotations
@@ -34,15 +35,19 @@ from tqdm.auto import tqdm
 
 from sage_core.config_files import read_mapping
 from sage_core.models import model_fingerprint
+from training.config_types import check_fields
 from training.grouped_dataset import GroupedDataset, load_grouped_dataset
 from training.lora import LoraSettings, add_lora, lora_state_dict, save_adapter, set_lora_state_dict
 from training.losses import GroupBatch, SageLossConfig, branch_timestep, sage_loss, standard_loss
+from training.run_checks import check_device, writable_dir
 
 METHODS = ("sage", "standard")
 CHECKPOINT = "checkpoint.pt"
-# fields that must match for a checkpoint to be resumed (others, e.g. steps or device, may change)
-RESUME_KEYS = ("method", "dataset", "model", "batch_groups", "lr", "weight_decay", "seed", "share", "sampler_steps",
-               "loss", "lora")
+# fields that must match for a checkpoint to be resumed (others, e.g. steps or device, may change); the dataset is
+# checked by its content (RunIdentity), not by the path that names it
+RESUME_KEYS = ("method", "model", "batch_groups", "lr", "weight_decay", "grad_clip", "seed", "share",
+               "sampler_steps", "loss", "lora")
+LOSS_KEYS = ("lambda1", "lambda2", "weighting", "snr_gamma", "soft_target_grad")
 
 
 @dataclass
@@ -77,8 +82,7 @@ class FinetuneConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.lora, dict):
-            self.lora = LoraSettings(**{k: tuple(v) if k == "target_modules" else v for k, v in self.lora.items()})
+        check_fields(self)
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS}")
         if self.steps < 1 or self.batch_groups < 1:
@@ -91,17 +95,24 @@ class FinetuneConfig:
             raise ValueError("checkpoint_every and log_every must be >= 1")
         if self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
+        for name in ("sampler_steps", "encode_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("weight_decay", "grad_clip", "max_minutes"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        SageLossConfig(**self.loss_knobs())  # the loss knobs' ranges, checked now rather than after loading a model
+
+    def loss_knobs(self) -> dict[str, Any]:
+        """The fields of Eq. 3 this config sets (t* comes from the pipeline's schedule)."""
+        return {k: getattr(self, k) for k in LOSS_KEYS}
 
     def loss_config(self, scheduler_config: dict) -> SageLossConfig:
         """The L_SAGE knobs, with t* from the sampler schedule of this pipeline."""
         return SageLossConfig(
-            lambda1=self.lambda1,
-            lambda2=self.lambda2,
             branch_t=branch_timestep(scheduler_config, self.sampler_steps, self.share),
             num_train_timesteps=int(scheduler_config["num_train_timesteps"]),
-            weighting=self.weighting,
-            snr_gamma=self.snr_gamma,
-            soft_target_grad=self.soft_target_grad,
+            **self.loss_knobs(),
         )
 
 
@@ -150,11 +161,11 @@ def item_images(dataset: GroupedDataset, ids: list[int], size: int) -> np.ndarra
 
 
 @torch.no_grad()
-def encode_latents(pipe, images: np.ndarray, batch_size: int) -> torch.Tensor:
-    """VAE posterior means x scaling_factor, float32 on CPU: [n, C, h, w]."""
+def encode_latents(pipe, images: np.ndarray, batch_size: int, progress: bool = False) -> torch.Tensor:
+    """VAE posterior means x scaling_factor, float32 on CPU: [n, C, h, w] (a tqdm bar when `progress`)."""
     vae, dev = pipe.vae, pipe.vae.device
     chunks = []
-    for lo in range(0, len(images), batch_size):
+    for lo in tqdm(range(0, len(images), batch_size), desc="VAE encoding", unit="batch", disable=not progress):
         x = torch.from_numpy(images[lo : lo + batch_size]).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
         post = vae.encode(x.to(dev, vae.dtype)).latent_dist
         chunks.append((post.mean * vae.config.scaling_factor).float().cpu())
@@ -203,7 +214,8 @@ def prepare_data(pipe, cfg: FinetuneConfig, dataset: GroupedDataset, identity: R
         latents = torch.load(cache, weights_only=True)
     else:
         log(f"encoding {len(used)} images with the VAE")
-        latents = encode_latents(pipe, item_images(dataset, used, model_resolution(pipe)), cfg.encode_batch_size)
+        latents = encode_latents(pipe, item_images(dataset, used, model_resolution(pipe)), cfg.encode_batch_size,
+                                 cfg.progress)
         _atomic_save(latents, cache)
     return TrainData(dataset.groups, latents, ids, row_of)
 
@@ -228,7 +240,7 @@ def _atomic_save(obj: Any, path: Path) -> None:
 def resume_signature(cfg: FinetuneConfig) -> dict[str, Any]:
     """The config fields a checkpoint must agree on."""
     d = asdict(cfg)
-    d["loss"] = {k: d[k] for k in ("lambda1", "lambda2", "weighting", "snr_gamma", "soft_target_grad")}
+    d["loss"] = cfg.loss_knobs()
     d["lora"] = {k: list(v) if isinstance(v, tuple) else v for k, v in d["lora"].items()}
     return {k: d[k] for k in RESUME_KEYS}
 
@@ -242,14 +254,19 @@ class TrainState:
     elapsed_s: float
 
 
+def rng_states(gens: dict[str, torch.Generator]) -> dict[str, torch.Tensor]:
+    """The generators' states now (what a checkpoint stores, and what an interrupted step started from)."""
+    return {k: g.get_state() for k, g in gens.items()}
+
+
 def save_checkpoint(path: Path, cfg: FinetuneConfig, identity: RunIdentity, unet, optim,
-                    gens: dict[str, torch.Generator], state: TrainState) -> None:
+                    rng: dict[str, torch.Tensor], state: TrainState) -> None:
     """LoRA tensors, AdamW state, RNG states, step, loss log and the run's identity, atomically."""
     _atomic_save({
         "step": state.step,
         "lora": lora_state_dict(unet),
         "optimizer": optim.state_dict(),
-        "generators": {k: g.get_state() for k, g in gens.items()},
+        "generators": rng,
         "signature": json.dumps(resume_signature(cfg), sort_keys=True),
         "identity": asdict(identity),
         "log": state.log,
@@ -272,6 +289,18 @@ def check_identity(path: Path, stored: dict[str, str] | None, identity: RunIdent
                          f"now ({'; '.join(diff)}); {start_over}")
 
 
+def check_signature(path: Path, stored: dict[str, Any], wanted: dict[str, Any]) -> None:
+    """Refuse a checkpoint whose stored settings differ from the config's in any of RESUME_KEYS, naming each
+    differing field with the checkpoint's and the config's value (a field an older checkpoint did not record shows
+    as 'not recorded')."""
+    wanted = json.loads(json.dumps(wanted))  # tuples as lists, as stored
+    diff = [f"{k}: {json.dumps(stored[k]) if k in stored else 'not recorded'} -> {json.dumps(wanted[k])}"
+            for k in sorted(wanted) if k not in stored or stored[k] != wanted[k]]
+    if diff:
+        raise ValueError(f"checkpoint {path} was made with another config ({'; '.join(diff)}); use a new out_dir, "
+                         "delete the checkpoint or pass --no-resume")
+
+
 def load_checkpoint(path: Path, cfg: FinetuneConfig, identity: RunIdentity, unet, optim,
                     gens: dict[str, torch.Generator]) -> TrainState:
     """Restore a checkpoint written by `save_checkpoint` for the same config, dataset contents and base model."""
@@ -279,12 +308,7 @@ def load_checkpoint(path: Path, cfg: FinetuneConfig, identity: RunIdentity, unet
         ckpt = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same message
         raise ValueError(f"checkpoint {path} is unreadable ({exc}); delete it to start over") from exc
-    want = json.dumps(resume_signature(cfg), sort_keys=True)
-    if ckpt.get("signature") != want:
-        old, new = json.loads(ckpt.get("signature") or "{}"), json.loads(want)
-        diff = sorted(k for k in new if old.get(k) != new.get(k))
-        raise ValueError(f"checkpoint {path} was made with another config (differs in {diff}); use a new out_dir "
-                         "or delete the checkpoint")
+    check_signature(path, json.loads(ckpt.get("signature") or "{}"), resume_signature(cfg))
     check_identity(path, ckpt.get("identity"), identity)
     set_lora_state_dict(unet, ckpt["lora"])
     optim.load_state_dict(ckpt["optimizer"])
@@ -332,31 +356,37 @@ def finetune(
     if cfg.device == "cpu":
         torch.set_num_threads(cfg.num_threads)
     dataset = load_grouped_dataset(cfg.dataset)  # fail fast, before loading a model
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if pipe is None:
+        check_device(cfg.device)
+    out = writable_dir(cfg.out_dir)
     pipe = pipe if pipe is not None else load_base(cfg)
     device = pipe.unet.device
     identity = RunIdentity.of(cfg, pipe)
     params = add_lora(pipe.unet, cfg.lora)
-    data = prepare_data(pipe, cfg, dataset, identity, log)
-    loss_cfg = cfg.loss_config(dict(pipe.scheduler.config))
-    alphas = pipe.scheduler.alphas_cumprod.to(device)
     optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)  # constant lr, as the paper
     gens = {"data": torch.Generator().manual_seed(cfg.seed), "noise": torch.Generator().manual_seed(cfg.seed + 1)}
-    # 2. resume
+    # 2. resume (before encoding the images: a refused checkpoint costs nothing)
     ckpt_path = out / CHECKPOINT
     state = TrainState(0, [], 0.0)
     if resume and ckpt_path.is_file():
         state = load_checkpoint(ckpt_path, cfg, identity, pipe.unet, optim, gens)
+        if state.step > cfg.steps:
+            raise ValueError(f"checkpoint {ckpt_path} is at step {state.step}, past steps {cfg.steps}; ask for "
+                             f"steps >= {state.step} to finish it, or start over with --no-resume or a new out_dir")
         log(f"resumed {ckpt_path} at step {state.step}")
+    data = prepare_data(pipe, cfg, dataset, identity, log)
+    loss_cfg = cfg.loss_config(dict(pipe.scheduler.config))
+    alphas = pipe.scheduler.alphas_cumprod.to(device)
     # 3. the loop
     pipe.unet.train()
     autocast = device.type == "cuda" and cfg.bf16_autocast
     started, start_elapsed = time.monotonic(), state.elapsed_s
     bar = tqdm(total=cfg.steps, initial=state.step, desc=f"{cfg.method} LoRA", disable=not cfg.progress)
     running: list[float] = []
+    step_start_rng: dict[str, torch.Tensor] | None = None  # set while a step is under way
     try:
         while state.step < cfg.steps:
+            step_start_rng = rng_states(gens)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 loss, terms = train_step(pipe, data, cfg, loss_cfg, gens, alphas, device)
             optim.zero_grad(set_to_none=True)
@@ -365,6 +395,7 @@ def finetune(
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             optim.step()
             state.step += 1
+            step_start_rng = None
             state.elapsed_s = start_elapsed + time.monotonic() - started
             running.append(float(loss.detach()))
             bar.update(1)
@@ -374,22 +405,24 @@ def finetune(
                 bar.set_postfix(loss=f"{np.mean(running):.4f}")
                 running = []
             if state.step % cfg.checkpoint_every == 0:
-                save_checkpoint(ckpt_path, cfg, identity, pipe.unet, optim, gens, state)
+                save_checkpoint(ckpt_path, cfg, identity, pipe.unet, optim, rng_states(gens), state)
             if step_callback is not None:
                 step_callback(state.step, float(loss.detach()))
             if cfg.max_minutes > 0 and time.monotonic() - started > cfg.max_minutes * 60:
                 log(f"time limit of {cfg.max_minutes} min reached at step {state.step}")
                 break
-    except KeyboardInterrupt:
-        save_checkpoint(ckpt_path, cfg, identity, pipe.unet, optim, gens, state)
+    except KeyboardInterrupt:  # mid-step, the generators have made that step's draws: store the states before them
+        rng = step_start_rng if step_start_rng is not None else rng_states(gens)
+        save_checkpoint(ckpt_path, cfg, identity, pipe.unet, optim, rng, state)
         log(f"interrupted: checkpoint at step {state.step} in {ckpt_path}; run again to resume")
         raise
     finally:
         bar.close()
     # 4. save: checkpoint, log, adapter
-    save_checkpoint(ckpt_path, cfg, identity, pipe.unet, optim, gens, state)
+    save_checkpoint(ckpt_path, cfg, identity, pipe.unet, optim, rng_states(gens), state)
     info = asdict(identity) | {"method": cfg.method, "steps_done": state.step, "steps": cfg.steps,
-                               "train_seconds": round(state.elapsed_s, 1), "config": resume_signature(cfg),
+                               "train_seconds": round(state.elapsed_s, 1),
+                               "config": {"dataset": cfg.dataset} | resume_signature(cfg),
                                "branch_t": loss_cfg.branch_t}
     (out / "train_log.json").write_text(json.dumps(info | {"log": state.log}, indent=1), encoding="utf-8")
     adapter = save_adapter(pipe.unet, out / "adapter", cfg.lora, info)

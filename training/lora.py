@@ -31,6 +31,7 @@ from sage_core.adapters import (  # noqa: F401  (re-exported: training code and 
     load_adapter,
     read_adapter_shapes,
 )
+from training.config_types import check_fields
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
@@ -47,6 +48,7 @@ class LoraSettings:
     init_seed: int = 0
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if self.rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
         if self.alpha <= 0:

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler
 
+from training.config_types import check_fields
+
 WEIGHTINGS = ("constant", "min_snr")
 
 
@@ -43,12 +45,15 @@ class SageLossConfig:
     soft_target_grad: bool = False
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if self.lambda1 < 0 or self.lambda2 < 0:
             raise ValueError(f"lambda1 and lambda2 must be >= 0, got {self.lambda1}, {self.lambda2}")
         if not 0 <= self.branch_t < self.num_train_timesteps:
             raise ValueError(f"branch_t must be in [0, {self.num_train_timesteps - 1}], got {self.branch_t}")
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"unknown weighting {self.weighting!r}; choose one of {WEIGHTINGS}")
+        if self.snr_gamma <= 0:
+            raise ValueError(f"snr_gamma must be > 0, got {self.snr_gamma}")
 
 
 @dataclass

@@ -32,6 +32,7 @@ import torch
 
 from sage_core.config_files import read_mapping
 from training import world
+from training.config_types import check_fields
 from training.grouped_dataset import GroupingParams, build_groups, disjoint_groups
 
 MODELS = ("pretrained", "standard", "sage")
@@ -66,29 +67,31 @@ class ReplicateConfig:
     parts: tuple[str, ...] = ("table", "fig3", "fig4")
 
     def __post_init__(self) -> None:
+        check_fields(self)
         GroupingParams(tau_min=self.tau_min, tau_max=self.tau_max)
         for lo, hi in self.fig3_ranges:
             GroupingParams(tau_min=lo, tau_max=hi)
         if self.n_groups < 2:
             raise ValueError(f"n_groups must be >= 2, got {self.n_groups}")
-        if self.num_threads < 1:
-            raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
+        for name in ("num_threads", "steps", "chunk_groups", "bootstrap", "fid_bootstrap", "eval_items"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if any(not 0 <= s < 1 for s in (*self.shares, self.fig3_share)):
+            raise ValueError(f"shares and fig3_share must be in [0, 1), got {list(self.shares)}, {self.fig3_share}")
+        if any(not 0 <= k <= self.steps for k in self.fig4_shared_steps):
+            raise ValueError(f"fig4_shared_steps must be in [0, steps={self.steps}], got "
+                             f"{list(self.fig4_shared_steps)}")
         bad = set(self.parts) - {"table", "fig3", "fig4"}
         if bad:
             raise ValueError(f"unknown parts {sorted(bad)}; choose from table, fig3, fig4")
 
 
 def load_config(path: str | Path | None = None, **overrides: Any) -> ReplicateConfig:
-    """A ReplicateConfig from YAML (lists become tuples), with non-None overrides."""
+    """A ReplicateConfig from YAML (lists become tuples: training.config_types), with non-None overrides."""
     data = (read_mapping(path) if path else {}) | {k: v for k, v in overrides.items() if v is not None}
     known = {f.name for f in dataclasses.fields(ReplicateConfig)}
     if set(data) - known:
         raise ValueError(f"unknown config field(s) {sorted(set(data) - known)}")
-    for k in ("shares", "fig4_shared_steps", "parts"):
-        if k in data:
-            data[k] = tuple(data[k])
-    if "fig3_ranges" in data:
-        data["fig3_ranges"] = tuple(tuple(r) for r in data["fig3_ranges"])
     return ReplicateConfig(**data)
 
 

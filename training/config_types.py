@@ -1,0 +1,102 @@
+"""Type checks of the training configs' dataclasses, driven by their field annotations (one place for all of them).
+
+`check_fields(obj)` (call it first in `__post_init__`) checks every field against its annotation and stores the
+normalized value; a wrong value raises ValueError naming the field and the value. The rules:
+
+- `bool`: true or false only (not the string "false", not 0/1).
+- `int`: an integer (not a bool, not 2.5, not "3").
+- `float`: a finite number; a numeric string is read as the number it spells, because PyYAML reads `1e-4`
+  (no dot) as the string "1e-4", so `lr: 1e-4` means 0.0001.
+- `str`: a string. `X | None`: also null.
+- `tuple[T, ...]` / `tuple[A, B]`: a list (never a bare string or number) of such values; stored as a tuple.
+- a dataclass (e.g. `lora: LoraSettings`): a mapping of its fields (unknown keys are an error) or an instance.
+
+Ranges (steps >= 1, share in [0, 1) ...) stay in each class's `__post_init__`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from typing import Any
+
+
+def describe(tp: Any) -> str:
+    """What a value of annotation `tp` must be, in words."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else describe(a) for a in args)
+    if typing.get_origin(tp) is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            plural = {bool: "booleans", int: "integers", float: "numbers", str: "strings"}.get(args[0])
+            return f"a list of {plural}" if plural else f"a list, each item {describe(args[0])}"
+        return f"a list of {len(args)} values ({', '.join(describe(a) for a in args)})"
+    if dataclasses.is_dataclass(tp):
+        return f"a mapping of {tp.__name__} fields"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _wrong(name: str, value: Any, tp: Any) -> ValueError:
+    return ValueError(f"{name} must be {describe(tp)}, got {value!r}")
+
+
+def _scalar(name: str, value: Any, tp: type) -> Any:
+    """A bool, int, float or str value checked (floats also from numeric strings)."""
+    if tp is float and isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise _wrong(name, value, tp) from None
+    if isinstance(value, bool) != (tp is bool):
+        raise _wrong(name, value, tp)
+    if tp is float and isinstance(value, int | float) and math.isfinite(value):
+        return float(value)
+    if tp is not float and isinstance(value, tp):
+        return value
+    raise _wrong(name, value, tp)
+
+
+def _nested(name: str, value: Any, tp: type) -> Any:
+    """A dataclass field given as an instance or a mapping of its fields."""
+    if isinstance(value, tp):
+        return value
+    if not isinstance(value, dict):
+        raise _wrong(name, value, tp)
+    unknown = sorted(set(value) - {f.name for f in dataclasses.fields(tp)})
+    if unknown:
+        raise ValueError(f"{name}: unknown field(s) {unknown}")
+    try:
+        return tp(**value)
+    except ValueError as exc:
+        raise ValueError(f"{name}: {exc}") from None
+
+
+def convert(name: str, value: Any, tp: Any) -> Any:
+    """`value` checked against annotation `tp` (see the module docstring); raises ValueError naming `name`."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return convert(name, value, inner)
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise _wrong(name, value, tp)
+        kinds = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
+        if len(kinds) != len(value):
+            raise _wrong(name, value, tp)
+        return tuple(convert(f"{name}[{i}]", v, k) for i, (v, k) in enumerate(zip(value, kinds, strict=True)))
+    if dataclasses.is_dataclass(tp):
+        return _nested(name, value, tp)
+    if tp in (bool, int, float, str):
+        return _scalar(name, value, tp)
+    return value
+
+
+def check_fields(obj: Any) -> None:
+    """Check and normalize every field of dataclass instance `obj` (frozen ones too) against its annotation."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        object.__setattr__(obj, f.name, convert(f.name, getattr(obj, f.name), hints[f.name]))
