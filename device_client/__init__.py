@@ -6,7 +6,8 @@ with DeviceClient(DeviceConfig(server="127.0.0.1:50051", model="tiny")) as clien
     result.save("out.png")
 """
 
-from device_client.client import DeviceClient, DeviceError, DeviceModel, DeviceResult, read_metadata
+from device_client.client import DeviceClient, DeviceError, DeviceModel, DeviceResult
 from device_client.config import DeviceConfig
+from sage_core.outputs import read_metadata
 
 __all__ = ["DeviceClient", "DeviceConfig", "DeviceError", "DeviceModel", "DeviceResult", "read_metadata"]

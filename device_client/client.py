@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import secrets
 import threading
 import time
@@ -23,7 +22,6 @@ from typing import Any
 import grpc
 import torch
 from PIL import Image
-from PIL.PngImagePlugin import PngInfo
 
 from device_client.channel import make_channel
 from device_client.config import TINY_MODEL, DeviceConfig
@@ -33,10 +31,9 @@ from sage_core.codec import CodecError, CodecSpec, LatentCodec
 from sage_core.generate import decode_latents, encode_prompts, generate, overlong_prompts
 from sage_core.grouping import GroupingConfig
 from sage_core.models import load_pipeline, model_fingerprint, tiny_pipeline
-from sage_core.outputs import to_pil
+from sage_core.outputs import save_png, to_pil
 from sage_core.sampler import SCHEDULERS, BranchPoint, SamplingConfig, UNetCounter, branch_phase
 
-METADATA_KEY = "sage_edge"  # PNG text chunk holding the whole metadata as JSON
 LATENT_FRAME = "latent"
 SOLVER_COUNTERS = ("lower_order_nums",)  # solver-state entries that are integers, sent as float frames
 MAX_MESSAGE_BYTES = 16 * 2**20
@@ -107,28 +104,7 @@ class DeviceResult:
 
     def save(self, path: str | Path) -> Path:
         """Write the image as PNG with the metadata in text chunks (one per key, plus all of it as JSON)."""
-        return save_png(self.image, self.metadata, path)
-
-
-def save_png(image: Image.Image, metadata: dict[str, Any], path: str | Path) -> Path:
-    """Save `image` to `path` as PNG, metadata in text chunks."""
-    info = PngInfo()
-    for key, value in metadata.items():
-        info.add_text(f"sage.{key}", value if isinstance(value, str) else json.dumps(value))
-    info.add_text(METADATA_KEY, json.dumps(metadata, sort_keys=True))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, format="PNG", pnginfo=info)
-    return path
-
-
-def read_metadata(path: str | Path) -> dict[str, Any]:
-    """The metadata a device wrote into a PNG."""
-    with Image.open(path) as img:
-        text = getattr(img, "text", {}) or {}
-        if METADATA_KEY not in text:
-            raise ValueError(f"{path} carries no SAGE metadata")
-        return json.loads(text[METADATA_KEY])
+        return save_png(self.image, path, self.metadata)
 
 
 # ---------------------------------------------------------------------------------------------------- stream

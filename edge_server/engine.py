@@ -31,7 +31,7 @@ from edge_server.config import KNOWN_CODECS, KNOWN_SCHEDULERS, LOSSLESS_CODECS, 
 from edge_server.worker import BucketJob, BucketSettings, GroupResult, MemberSpec, ModelInfo, Payload, WindowResult
 
 log = logging.getLogger("sage_edge.engine")
-MAX_SEED = 2**63 - 1
+MAX_SEED = 2**63 - 1  # mirrors sage_core.generate.MAX_SEED (checked by tests)
 
 
 class EngineError(Exception):

@@ -37,15 +37,17 @@ def generate(
     shared_condition: Annotated[
         str, typer.Option(help="a group's shared steps run on its 'medoid' member or the 'mean' (the paper)")
     ] = "medoid",
-    seed: Annotated[int, typer.Option(help="base seed: a group's noise uses seed + its first prompt's index")] = 0,
+    seed: Annotated[
+        int, typer.Option(min=0, help="base seed: a group's noise uses seed + its first prompt's index")
+    ] = 0,
     model: Annotated[Path | None, typer.Option(help="diffusers SD pipeline folder (default: shipped model)")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace a previous run's output folder")] = False,
 ) -> None:
     """Group the prompts, run shared + branch sampling, write one PNG per prompt, a grid per group and
     report.json (groups, similarities, UNet evaluations used vs independent sampling, saving)."""
-    from sage_core.generate import overlong_prompts, read_prompt_file
+    from sage_core.generate import check_base_seed, overlong_prompts, read_prompt_file
     from sage_core.grouping import GroupingConfig
-    from sage_core.models import ModelError, load_pipeline
+    from sage_core.models import ModelError, load_pipeline, model_fingerprint
     from sage_core.outputs import atomic_output_dir, check_output_dir
     from sage_core.sampler import SamplingConfig
 
@@ -54,6 +56,7 @@ def generate(
                                 shared_condition=shared_condition)
         grouping = GroupingConfig(tau=tau, max_group_size=max_group)
         texts = read_prompt_file(prompts)  # no empty, blank or over-long prompt: check_prompts holds
+        check_base_seed(seed, len(texts))
         check_output_dir(out, overwrite, inputs=(prompts,))
         pipe = load_pipeline(model)
     except (ValueError, ModelError) as exc:
@@ -69,23 +72,26 @@ def generate(
     with console.status(f"sampling {len(texts)} prompts ({steps} steps, share {share:.0%})"):
         result = run(pipe, texts, config, grouping, seed=seed)
     seconds = time.perf_counter() - started
-    report = build_report(result, texts, model_name=str(model or "default"), seconds=seconds,
-                          ignored_tokens=overlong)
-    with atomic_output_dir(out, overwrite=overwrite, inputs=(prompts,)) as tmp:
-        write_outputs(tmp, result, texts, report)
+    report = build_report(result, texts, model_name=str(model or "default"), seconds=seconds, grouping=grouping,
+                          seed=seed, fingerprint=model_fingerprint(pipe), ignored_tokens=overlong)
+    try:
+        with atomic_output_dir(out, overwrite=overwrite, inputs=(prompts,)) as tmp:
+            write_outputs(tmp, result, texts, report)
+    except OSError as exc:
+        fail(f"could not write {out}: {exc}")
     print_summary(report, out)
 
 
 def write_outputs(folder: Path, result, texts: list[str], report: dict) -> None:
-    """images/NNNN.png (with metadata), groups/group_NNN.png grids, report.json."""
+    """images/NNNN.png (with their metadata, sage_core.report.image_metadata), groups/group_NNN.png grids,
+    report.json."""
     from sage_core.outputs import labelled_grid, save_png, to_pil
+    from sage_core.report import image_metadata
 
-    (folder / "images").mkdir()
     (folder / "groups").mkdir()
     pils = [to_pil(img) for img in result.images]
     for entry in report["prompts"]:
-        i = entry["index"]
-        save_png(pils[i], folder / entry["image"], {"prompt": texts[i], "sage": entry})
+        save_png(pils[entry["index"]], folder / entry["image"], image_metadata(report, entry["index"]))
     for group in report["groups"]:
         members = group["members"]
         grid = labelled_grid([pils[m] for m in members], [texts[m] for m in members])

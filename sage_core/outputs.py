@@ -9,6 +9,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -22,12 +23,29 @@ def to_pil(image: np.ndarray) -> Image.Image:
     return Image.fromarray((np.clip(image, 0.0, 1.0) * 255).round().astype(np.uint8))
 
 
-def save_png(image: Image.Image, path: Path, metadata: dict[str, object] | None = None) -> None:
-    """Save a PNG with `metadata` as text chunks (values JSON-encoded unless they are strings)."""
+METADATA_KEY = "sage_edge"  # PNG text chunk holding an image's whole metadata as JSON (read_metadata)
+
+
+def save_png(image: Image.Image, path: str | Path, metadata: dict[str, Any]) -> Path:
+    """Save `image` to `path` as PNG (its folder created) with `metadata` in text chunks: one `sage.KEY` per key
+    (strings as they are, other values as JSON) for image viewers, plus all of it as JSON under METADATA_KEY."""
     info = PngInfo()
-    for key, value in (metadata or {}).items():
-        info.add_text(key, value if isinstance(value, str) else json.dumps(value))
-    image.save(path, pnginfo=info)
+    for key, value in metadata.items():
+        info.add_text(f"sage.{key}", value if isinstance(value, str) else json.dumps(value))
+    info.add_text(METADATA_KEY, json.dumps(metadata, sort_keys=True))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, format="PNG", pnginfo=info)
+    return path
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The metadata `save_png` wrote into a PNG (by `sage-edge generate` or a device); ValueError if it has none."""
+    with Image.open(path) as img:
+        text = getattr(img, "text", {}) or {}
+        if METADATA_KEY not in text:
+            raise ValueError(f"{path} carries no SAGE metadata")
+        return json.loads(text[METADATA_KEY])
 
 
 def _wrap(text: str, width: int) -> str:
@@ -58,8 +76,10 @@ class OutputDirError(ValueError):
 def check_output_dir(out: Path, overwrite: bool = False, inputs: Sequence[Path] = ()) -> None:
     """Refuse an output folder that a run cannot replace without losing data: a file, the current folder or one
     above it, a non-empty folder without `overwrite`, and with it one that is not a previous run's output (no
-    report.json) or that holds one of the run's `inputs`."""
+    report.json) or that holds one of the run's `inputs`. A folder still to be made must be one this process can
+    make: its nearest existing parent a writable folder."""
     if not out.exists():
+        check_creatable(out)
         return
     if not out.is_dir():
         raise OutputDirError(f"{out} is a file, not an output folder")
@@ -76,6 +96,16 @@ def check_output_dir(out: Path, overwrite: bool = False, inputs: Sequence[Path] 
     for path in inputs:
         if target in Path(path).resolve().parents:
             raise OutputDirError(f"{out} holds this run's input {path}; --overwrite would delete it")
+
+
+def check_creatable(out: Path) -> None:
+    """Refuse a path that does not exist yet and cannot be made: one under a file, or under a folder this process
+    may not write."""
+    parent = next(p for p in out.absolute().parents if p.exists())
+    if not parent.is_dir():
+        raise OutputDirError(f"{out} cannot be made: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputDirError(f"{out} cannot be made: no permission to write in {parent}")
 
 
 @contextmanager

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from sage_core.generate import GenerationResult, saving_closed_form
-from sage_core.grouping import pairwise_similarities
+from sage_core.grouping import GroupingConfig, pairwise_similarities
 
 
 def group_entry(result: GenerationResult, gi: int, members: list[int]) -> dict:
@@ -37,23 +37,29 @@ def prompt_entry(index: int, prompt: str, group: int, ignored_tokens: int | None
 
 
 def build_report(
-    result: GenerationResult, prompts: Sequence[str], model_name: str, seconds: float,
-    ignored_tokens: dict[int, int] | None = None,
+    result: GenerationResult, prompts: Sequence[str], model_name: str, seconds: float, grouping: GroupingConfig,
+    seed: int, fingerprint: str, ignored_tokens: dict[int, int] | None = None,
 ) -> dict:
-    """A JSON-ready dict describing the run. `ignored_tokens`: how many tokens the text encoder ignored of each
-    prompt too long for it (sage_core.generate.overlong_prompts); those prompts' entries say so."""
+    """A JSON-ready dict describing the run, with every setting that made it (`grouping`, the base `seed`, the
+    model's `fingerprint`). `ignored_tokens`: how many tokens the text encoder ignored of each prompt too long for
+    it (sage_core.generate.overlong_prompts); those prompts' entries say so."""
     config = result.config
     groups = [group_entry(result, gi, g) for gi, g in enumerate(result.groups)]
     group_of = {m: g["id"] for g in groups for m in g["members"]}
     independent = result.independent_evaluations()
     return {
         "model": model_name,
+        "model_fingerprint": fingerprint,
         "settings": {
             "steps": config.steps,
             "share": config.share,
             "shared_steps": config.branch_step(),
             "guidance": config.guidance,
             "scheduler": config.scheduler,
+            "shared_condition": config.shared_condition,
+            "tau": grouping.tau,
+            "max_group": grouping.max_group_size,
+            "seed": seed,
         },
         "prompts": [prompt_entry(i, p, group_of[i], (ignored_tokens or {}).get(i)) for i, p in enumerate(prompts)],
         "groups": groups,
@@ -66,4 +72,29 @@ def build_report(
             "saving": 1.0 - result.counter.total / independent,
             "seconds": seconds,
         },
+    }
+
+
+def image_metadata(report: dict, index: int) -> dict:
+    """What `sage-edge generate` writes into prompt `index`'s PNG: its prompt, its group and the settings that made
+    it, keyed as a device's images are (device_client.client), so `read_metadata` reads either."""
+    entry = report["prompts"][index]
+    group = report["groups"][entry["group"]]
+    settings = report["settings"]
+    return {
+        "mode": "local-shared",
+        "prompt": entry["prompt"],
+        "index": index,
+        "seed": group["seed"],
+        "group_id": group["id"],
+        "group_size": len(group["members"]),
+        "min_similarity": round(float(group["min_similarity"]), 6),
+        "branch_step": settings["shared_steps"],
+        "total_steps": settings["steps"],
+        "scheduler": settings["scheduler"],
+        "guidance": settings["guidance"],
+        "shared_condition": settings["shared_condition"],
+        "model": report["model"],
+        "model_fingerprint": report["model_fingerprint"],
+        **({"ignored_tokens": entry["ignored_tokens"]} if "ignored_tokens" in entry else {}),
     }

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from sage_core.generate import saving_closed_form
+from sage_core.outputs import read_metadata
 
 
 @pytest.fixture(scope="module")
@@ -55,9 +56,15 @@ def test_generate_writes_images_grids_and_report(tmp_path, tiny_model_dir):
     assert group["unet_evaluations"] == 2 * (2 + 3 * 3)
     assert group["saving"] == pytest.approx(saving_closed_form(2, 5, 3), abs=1e-12)
     assert report["totals"]["saving"] == pytest.approx(group["saving"])
-    for i in range(3):
-        img = Image.open(out / f"images/{i:04d}.png")
-        assert img.size == (32, 32) and json.loads(img.text["sage"])["group"] == 0
+    assert report["settings"] == {"steps": 5, "share": 0.4, "shared_steps": 2, "guidance": 7.5, "scheduler": "ddim",
+                                  "shared_condition": "medoid", "tau": -1.0, "max_group": 5, "seed": 0}
+    for i, prompt in enumerate(["a red circle", "a red circle", "a blue square on the left"]):
+        with Image.open(out / f"images/{i:04d}.png") as img:
+            assert img.size == (32, 32)
+        meta = read_metadata(out / f"images/{i:04d}.png")  # the reader of a device's images reads these too
+        assert meta["prompt"] == prompt and meta["index"] == i and meta["group_id"] == 0 and meta["group_size"] == 3
+        assert (meta["seed"], meta["branch_step"], meta["total_steps"]) == (group["seed"], 2, 5)
+        assert meta["model_fingerprint"] == report["model_fingerprint"] != ""
     assert (out / "groups/group_000.png").is_file()
 
 
@@ -72,6 +79,8 @@ def test_generate_writes_images_grids_and_report(tmp_path, tiny_model_dir):
         ("a cat\n", ["--steps", "0"], "steps"),
         ("a cat\n", ["--model", "/nonexistent/model"], "does not exist"),
         ("a cat\n", ["--tau", "2"], "tau"),
+        ("a cat\n", ["--seed", "-1"], "--seed"),
+        ("a cat\na dog\n", ["--seed", str(2**63 - 1)], "seed must be in [0, 2^63 - 1 - (prompts - 1)]"),
     ],
 )
 def test_bad_input_is_one_line_error(tmp_path, tiny_model_dir, text, args, message):
@@ -118,6 +127,15 @@ def test_pickle_only_model_is_refused(tmp_path, tiny_model_dir):
     prompts = write_prompts(tmp_path, "a cat\n")
     res = run_cli("generate", "--prompts", str(prompts), "--out", str(tmp_path / "o"), "--model", str(bad))
     assert res.returncode != 0 and "safetensors only" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_output_under_a_file_is_refused(tmp_path, tiny_model_dir):
+    prompts = write_prompts(tmp_path, "a cat\n")
+    (tmp_path / "parent").write_text("mine")
+    res = run_cli("generate", "--prompts", str(prompts), "--out", str(tmp_path / "parent" / "sub" / "out"),
+                  "--model", str(tiny_model_dir))
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert "parent is a file, not a folder" in res.stderr and (tmp_path / "parent").read_text() == "mine"
 
 
 def test_existing_output_is_not_overwritten(tmp_path, tiny_model_dir):

@@ -19,7 +19,6 @@ from device_client.client import (
     DeviceError,
     DeviceModel,
     collect_stream,
-    read_metadata,
     verify_payload,
 )
 from device_client.config import DeviceConfig
@@ -28,6 +27,7 @@ from sage_core.codec import CodecSpec, LatentCodec
 from sage_core.generate import encode_prompts, generate, group_noises
 from sage_core.grouping import GroupingConfig
 from sage_core.models import model_fingerprint
+from sage_core.outputs import read_metadata
 from sage_core.sampler import SamplingConfig, shared_phase
 
 STEPS, SHARE = 4, 0.5

@@ -41,10 +41,13 @@ TIMEOUT = 60.0
 
 # ---- no server --------------------------------------------------------------------------------------------------
 def test_mirrored_names_match_sage_core() -> None:
-    """The front end's copies of scheduler and codec names equal sage_core's (it must not import torch)."""
-    from sage_core import codec, sampler
+    """The front end's copies of scheduler and codec names and the seed limit equal sage_core's (it must not
+    import torch)."""
+    from edge_server.engine import MAX_SEED
+    from sage_core import codec, generate, sampler
 
     assert set(KNOWN_SCHEDULERS) == set(sampler.SCHEDULERS)
+    assert MAX_SEED == generate.MAX_SEED
     assert KNOWN_CODECS == codec.MODES
     assert LOSSLESS_CODECS == codec.LOSSLESS_MODES
     for accepted in (["fp16"], ["int4", "fp32"], ["bogus", "int8"], ["fp8"]):

@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 import torch
 
-from device_client.client import DeviceClient, DeviceError, DeviceModel, DeviceResult, read_metadata
+from device_client import read_metadata
+from device_client.client import DeviceClient, DeviceError, DeviceModel, DeviceResult
 from device_client.config import DeviceConfig
 from device_client.demo import print_report, run_demo
 from device_client.server_process import EdgeServerProcess
