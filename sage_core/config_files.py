@@ -21,9 +21,38 @@ class ConfigFileError(ValueError):
     """A config file that cannot be read or parsed; the message is one line and names the file."""
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a mapping key given twice (safe_load keeps the last one, silently dropping
+    the first, which for a section means every setting in it)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Mark] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden key by key
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, list | dict | set):
+                continue  # unhashable; the base loader reports it
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first on line {seen[key].line + 1})", key_node.start_mark
+                )
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep)
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's pairs as a dict; a key given twice is an error (json.loads keeps the last one)."""
+    keys = [k for k, _ in pairs]
+    twice = next((k for i, k in enumerate(keys) if k in keys[:i]), None)
+    if twice is not None:
+        raise ValueError(f"duplicate key {twice!r}")
+    return dict(pairs)
+
+
 def read_config_file(path: str | Path, suffixes: Sequence[str] | None = None) -> Any:
-    """The data in a YAML, JSON (.json) or TOML (.toml) file; an empty file is None. `suffixes`, if given,
-    are the only file name endings accepted."""
+    """The data in a YAML, JSON (.json) or TOML (.toml) file; an empty file is None. A key given twice in one
+    mapping is an error in every format. `suffixes`, if given, are the only file name endings accepted."""
     p = Path(path)
     if suffixes is not None and p.suffix not in suffixes:
         raise ConfigFileError(f"config file {p} must end in {', '.join(suffixes)}")
@@ -36,11 +65,11 @@ def read_config_file(path: str | Path, suffixes: Sequence[str] | None = None) ->
     kind = FORMATS.get(p.suffix, "YAML")
     try:
         if kind == "JSON":
-            return json.loads(text) if text.strip() else None
+            return json.loads(text, object_pairs_hook=_unique_pairs) if text.strip() else None
         if kind == "TOML":
             return tomllib.loads(text) or None
-        return yaml.safe_load(text)
-    except (json.JSONDecodeError, tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+    except (ValueError, yaml.YAMLError) as exc:  # JSONDecodeError and TOMLDecodeError are ValueErrors
         raise ConfigFileError(f"config file {p} is not valid {kind}: {parse_error(exc)}") from None
 
 

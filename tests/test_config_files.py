@@ -58,3 +58,36 @@ def test_replicate_config_that_is_not_a_mapping_is_refused(tmp_path):
     (tmp_path / "r.yaml").write_text("- table\n")
     with pytest.raises(ValueError, match="must hold a mapping"):
         load_config(tmp_path / "r.yaml")
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("top.yaml", "grouping:\n  tau: 0.5\nseed: 1\ngrouping: {tau: 0.9}\n",
+         r"top.yaml is not valid YAML: line 4, column 1: duplicate key 'grouping' \(first on line 1\)"),
+        ("nested.yaml", "server:\n  window_s: 1\n  window_s: 2\n",
+         r"line 3, column 3: duplicate key 'window_s' \(first on line 2\)"),
+        ("dup.json", '{"seed": 1, "server": {"a": 1}, "server": {"b": 2}}', r"dup.json is not valid JSON: .*'server'"),
+    ],
+)
+def test_a_key_given_twice_is_refused_naming_it(tmp_path, name, text, message):
+    """safe_load and json.loads keep the last of two equal keys, silently dropping a whole section."""
+    (tmp_path / name).write_text(text)
+    with pytest.raises(ConfigFileError, match=message) as err:
+        read_mapping(tmp_path / name)
+    assert "\n" not in str(err.value)
+
+
+def test_merge_keys_may_still_be_overridden(tmp_path):
+    """`<<: *base` then a key of base is an override, not a duplicate."""
+    (tmp_path / "m.yaml").write_text("base: &b {x: 1, y: 2}\nc:\n  <<: *b\n  x: 3\n")
+    assert read_mapping(tmp_path / "m.yaml")["c"] == {"x": 3, "y": 2}
+
+
+def test_the_edge_servers_config_refuses_a_key_given_twice(tmp_path):
+    """It reads through the same function: the second `server:` section replaced the first."""
+    from edge_server.config import ConfigError, read_config_file
+
+    (tmp_path / "s.yaml").write_text("server:\n  tau: 0.9\nserver:\n  num_workers: 2\n")
+    with pytest.raises(ConfigError, match=r"line 3, column 1: duplicate key 'server' \(first on line 1\)"):
+        read_config_file(tmp_path / "s.yaml")
