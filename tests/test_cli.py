@@ -211,3 +211,96 @@ def test_overlong_prompt_is_noted_in_the_output_and_report(tmp_path, tiny_model_
     assert "indexing errors" not in res.stderr  # the tokenizer's own, misleading warning stays quiet
     entries = json.loads((out / "report.json").read_text())["prompts"]
     assert "ignored_tokens" not in entries[0] and entries[1]["ignored_tokens"] == ignored[1]
+
+
+# ---------------------------------------------------------------------------------------------------- sage-train
+def run_train(*args: str):
+    """`sage-train` in this process (typer's runner)."""
+    from typer.testing import CliRunner
+
+    from training.cli import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+def assert_one_line_error(result, message: str) -> None:
+    """Exit code 2, one `error: ...` line containing `message`, no traceback."""
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output, result.output
+    assert result.output.strip().startswith("error: ") and result.output.strip().count("\n") == 0, result.output
+
+
+@pytest.fixture(scope="module")
+def grouped_dataset(tmp_path_factory) -> Path:
+    from training.grouped_dataset import GroupedDataset, save_grouped_dataset, world_items
+
+    path = tmp_path_factory.mktemp("ds") / "groups.json"
+    return save_grouped_dataset(GroupedDataset(world_items(6, 0, "train"), [[0, 1, 2], [3, 4, 5]], {}), path)
+
+
+NO_GPU = pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message of a GPU-less machine")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["finetune", "--out-dir", "{file}"], "output folder {file} is a file"),
+        (["finetune", "--out-dir", "/proc/nope"], "cannot write to output folder /proc/nope"),
+        (["finetune", "--device", "gpu"], "unknown device 'gpu'; use cpu, cuda or cuda:N"),
+        pytest.param(["finetune", "--device", "cuda"], "no CUDA GPU is available", marks=NO_GPU),
+        (["finetune", "--dataset", "{dir}"], "grouped dataset {dir} is a folder"),
+        (["judges", "--only", "bogus"], "only must name oracle and/or clip, got ['bogus']"),
+        pytest.param(["judges", "--device", "cuda"], "no CUDA GPU is available", marks=NO_GPU),
+        (["groups", "--out", "/proc/x.json"], "cannot write output file /proc/x.json"),
+        (["groups", "--n", "0"], "--n must be >= 2"),
+        (["evaluate-default", "--out", "{file}"], "output folder {file} is a file"),
+        (["evaluate-default", "--batch-size", "0"], "batch_size must be >= 1, got 0"),
+        pytest.param(["evaluate-default", "--device", "cuda"], "no CUDA GPU is available", marks=NO_GPU),
+        (["default-model", "--device", "gpu"], "unknown device 'gpu'"),
+    ],
+)
+def test_sage_train_bad_input_is_one_line_error_before_any_work(tmp_path, grouped_dataset, monkeypatch, args,
+                                                                message):
+    import training.grouped_dataset as gd
+    from sage_core import models
+
+    def no_work(*_a, **_k):
+        raise AssertionError("the command started working before checking its input")
+
+    monkeypatch.setattr(models, "load_pipeline", no_work)
+    monkeypatch.setattr(gd, "make_embedder", no_work)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    fill = {"{file}": str(afile), "{dir}": str(tmp_path)}
+    args = [fill.get(a, a) for a in args]
+    for key, value in fill.items():
+        message = message.replace(key, value)
+    if args[0] == "finetune" and "--dataset" not in args:
+        args += ["--dataset", str(grouped_dataset)]
+    if args[0] == "default-model":
+        args += ["--work-dir", str(tmp_path / "work")]
+    assert_one_line_error(run_train(*args), message)
+
+
+def test_default_model_resume_with_other_settings_is_refused_and_config_kept(tmp_path):
+    from test_default_model import TINY
+
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY | {"work_dir": str(tmp_path / "work"), "output_dir": str(tmp_path / "out")}))
+    assert run_train("default-model", "--config", str(config)).exit_code == 0
+    recorded = (tmp_path / "work" / "config.json").read_text()
+    cases = [
+        (["--set", "seed=3"], "seed: 0 -> 3"),
+        (["--set", "diffusion.lr=0.001", "--set", "diffusion.ema_decay=0.9"],
+         "diffusion.ema_decay: 0.999 -> 0.9; diffusion.lr: 0.0005 -> 0.001"),
+        (["--stages", "unet", "--set", "unet.block_out_channels=[16, 16]"], "unet.block_out_channels: [16, 32] -> "),
+        (["--stages", "vae", "--set", "vae.lr=0.01"], "vae.lr: 0.001 -> 0.01"),
+    ]
+    for extra, message in cases:
+        result = run_train("default-model", "--config", str(config), *extra)
+        assert_one_line_error(result, message)
+        assert "was made with other settings" in result.output
+        assert (tmp_path / "work" / "config.json").read_text() == recorded
+    result = run_train("default-model", "--config", str(config), "--stages", "unet", "--set", "diffusion.steps=3")
+    assert result.exit_code == 0, result.output  # more steps: allowed, and said
+    assert "resuming with another step count (diffusion.steps: 2 -> 3)" in result.output

@@ -80,11 +80,15 @@ def judges(
 ) -> None:
     """Train the judges (attribute oracle and the world CLIP) on renders of the world."""
     from training.judges import JudgeTrainConfig, train_judges
+    from training.sage_cli import _fail
 
     cfg = JudgeTrainConfig(device=device, num_threads=num_threads)
     if out is not None:
         cfg.out_dir = str(out)
-    train_judges(cfg, only=[w.strip() for w in only.split(",") if w.strip()])
+    try:
+        train_judges(cfg, only=[w.strip() for w in only.split(",") if w.strip()])
+    except ValueError as exc:
+        _fail(exc)
 
 
 try:  # the SAGE adapter commands (groups, finetune, replicate) live in their own module

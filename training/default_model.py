@@ -52,6 +52,7 @@ from sage_core.models import (
     write_clip_tokenizer_files,
 )
 from training import world
+from training.run_checks import check_device, writable_dir
 
 # ----------------------------------------------------------------------------------------------- config
 
@@ -204,6 +205,62 @@ def validate_config(cfg: DefaultModelConfig) -> None:
     if cfg.diffusion.init_from and "vae" in cfg.stages:
         raise ValueError("diffusion.init_from continues a pipeline with its own VAE: train the unet stage only "
                          "(stages: [unet])")
+
+
+# ----------------------------------------------------------------------------------------------- resume
+# settings that change how a run goes, not what it computes: they may differ when a stage resumes
+OPERATIONAL_KEYS = frozenset({"device", "num_threads", "data_workers", "output_dir", "work_dir", "stages",
+                              "checkpoint_minutes", "sample_every_minutes", "log_every", "encode_batch_size",
+                              "vae.max_minutes", "diffusion.max_minutes", "diffusion.mixed_precision"})
+# a stage may be resumed with another step count (its learning-rate schedule then follows the new total; logged)
+EXTENDABLE_KEYS = frozenset({"vae.steps", "diffusion.steps"})
+# the top-level sections a stage's checkpoint depends on ("unet": all but the VAE's, which vae_final settles)
+STAGE_SECTIONS = {"vae": ("seed", "n_train_scenes", "train_kind_weights", "vae")}
+
+
+def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"vae": {"lr": 1}} -> {"vae.lr": 1}."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out |= _flat(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def stage_signature(config: dict[str, Any], stage: str) -> dict[str, Any]:
+    """The settings (flattened, JSON values) of `config` (asdict form) a checkpoint of `stage` must agree on."""
+    sections = STAGE_SECTIONS.get(stage, tuple(k for k in config if k != "vae"))
+    flat = _flat(json.loads(json.dumps({k: config[k] for k in sections if k in config})))
+    return {k: v for k, v in flat.items() if k not in OPERATIONAL_KEYS}
+
+
+def check_resume(cfg: DefaultModelConfig, stage: str, log: Callable[[str], None] = print) -> None:
+    """Refuse to resume the stage's checkpoint in work_dir when it was made with other settings, naming each
+    differing setting with both values (a changed step count is allowed and logged). A checkpoint from before
+    signatures were stored is compared with the work_dir/config.json its run wrote."""
+    work = Path(cfg.work_dir)
+    meta_path = work / f"{stage}_ckpt" / "meta.json"
+    if not meta_path.is_file():
+        return
+    stored = json.loads(meta_path.read_text(encoding="utf-8")).get("signature")
+    if stored is None and (work / "config.json").is_file():
+        stored = stage_signature(json.loads((work / "config.json").read_text(encoding="utf-8")), stage)
+    if stored is None:
+        raise ValueError(f"checkpoint {meta_path.parent} has no record of its settings; delete it or use a new "
+                         "work_dir to start over")
+    wanted = stage_signature(dataclasses.asdict(cfg), stage)
+    diff = [f"{k}: {json.dumps(stored[k]) if k in stored else 'not recorded'} -> {json.dumps(wanted[k])}"
+            for k in sorted(wanted) if k not in stored or stored[k] != wanted[k]]
+    extended = [d for d in diff if d.split(":")[0] in EXTENDABLE_KEYS]
+    diff = [d for d in diff if d not in extended]
+    if diff:
+        raise ValueError(f"checkpoint {meta_path.parent} was made with other settings ({'; '.join(diff)}); resume "
+                         "with those, or delete the checkpoint or use a new work_dir to start over")
+    if extended:
+        log(f"{stage}: resuming with another step count ({'; '.join(extended)}); the learning-rate schedule "
+            "follows the new total from here")
 
 
 # ----------------------------------------------------------------------------------------------- components
@@ -519,8 +576,8 @@ def train_vae(cfg: DefaultModelConfig, data: WorldData, log: Callable[[str], Non
     running = []
 
     def checkpoint() -> None:
-        _save_state(ckpt_dir, _prefixed("vae", vae), {"step": step, "seconds": watch.seconds(), "history": history},
-                    opt.state_dict())
+        _save_state(ckpt_dir, _prefixed("vae", vae), {"step": step, "seconds": watch.seconds(), "history": history,
+                    "signature": stage_signature(dataclasses.asdict(cfg), "vae")}, opt.state_dict())
 
     while step < vc.steps and watch.seconds() < limit:
         for g in opt.param_groups:
@@ -657,8 +714,8 @@ def train_unet(
     def checkpoint() -> None:
         tensors = _prefixed("text", text_encoder) | _prefixed("unet", unet)
         tensors |= _prefixed("ema_text", ema_text) | _prefixed("ema_unet", ema_unet)
-        _save_state(ckpt_dir, tensors, {"step": step, "seconds": watch.seconds(), "history": history},
-                    opt.state_dict())
+        _save_state(ckpt_dir, tensors, {"step": step, "seconds": watch.seconds(), "history": history,
+                    "signature": stage_signature(dataclasses.asdict(cfg), "unet")}, opt.state_dict())
 
     while step < dc.steps and watch.seconds() < limit:
         for g in opt.param_groups:
@@ -761,6 +818,7 @@ def sample_grid(pipe: StableDiffusionPipeline, out: str | Path, prompts: tuple[s
 def train_default_model(cfg: DefaultModelConfig, log: Callable[[str], None] = print) -> Path:
     """Run the configured stages and save the pipeline to cfg.output_dir; returns that folder."""
     validate_config(cfg)
+    check_device(cfg.device)
     torch.set_num_threads(cfg.num_threads)
     if cfg.data_workers:  # the tokenizer is used in forked workers: keep its own thread pool out of them
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -768,16 +826,19 @@ def train_default_model(cfg: DefaultModelConfig, log: Callable[[str], None] = pr
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
-    work = Path(cfg.work_dir)
-    work.mkdir(parents=True, exist_ok=True)
-    (work / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1), encoding="utf-8")
+    work = writable_dir(cfg.work_dir)
     init = init_pipeline_dir(cfg)  # a bad init_from fails here, before any rendering
+    vae_dir = work / "vae_final"
+    train_vae_stage = init is None and ("vae" in cfg.stages or not (vae_dir / "config.json").exists())
+    for stage, runs in (("vae", train_vae_stage), ("unet", "unet" in cfg.stages)):
+        if runs:
+            check_resume(cfg, stage, log)  # before config.json records this run's settings
+    (work / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1), encoding="utf-8")
     started = time.monotonic()
     data = render_training_data(cfg)
     log(f"rendered {len(data.images)} training scenes in {time.monotonic() - started:.1f}s")
     tokenizer = build_clip_tokenizer()
-    vae_dir = work / "vae_final"
-    if init is None and ("vae" in cfg.stages or not (vae_dir / "config.json").exists()):
+    if train_vae_stage:
         vae = train_vae(cfg, data, log)
         vae.save_pretrained(str(vae_dir), safe_serialization=True)
     else:

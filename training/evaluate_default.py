@@ -25,6 +25,8 @@ import torch
 from tqdm.auto import tqdm
 
 from training import judges, world
+from training.config_types import check_fields
+from training.run_checks import check_device, writable_dir
 
 ACCEPTANCE = {"shape": 0.90, "color": 0.90, "position": 0.80}  # oracle accuracy targets of the H100 model
 
@@ -44,6 +46,14 @@ class EvalConfig:
     out: str = "runs/eval_default"
     max_group: int = 5
     grid_rows: int = 12
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.n < 10:
+            raise ValueError(f"n must be at least 10, got {self.n}")
+        for name in ("batch_size", "steps", "num_threads", "max_group", "grid_rows"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 def semantic_groups(examples: list[world.Example], max_group: int = 5) -> list[list[int]]:
@@ -133,11 +143,9 @@ def run_evaluation(cfg: EvalConfig) -> dict:
     """Generate, judge and write report.json and grid.png to cfg.out; returns the report."""
     from sage_core.models import DEFAULT_MODEL_DIR, load_pipeline, model_fingerprint
 
-    if cfg.n < 10:
-        raise ValueError(f"n must be at least 10, got {cfg.n}")
+    check_device(cfg.device)
     torch.set_num_threads(cfg.num_threads)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = writable_dir(cfg.out)
     # 1. held-out captions and two real render sets
     examples = world.make_examples(cfg.n, cfg.seed, "heldout")
     prompts = [e.caption for e in examples]

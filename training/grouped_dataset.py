@@ -339,6 +339,8 @@ def parse_grouped_dataset(data: Any, source: str = "<memory>") -> GroupedDataset
 def load_grouped_dataset(path: str | Path) -> GroupedDataset:
     """Read and check a grouped dataset file."""
     path = Path(path)
+    if path.is_dir():
+        raise DatasetError(f"grouped dataset {path} is a folder; give the dataset's JSON file")
     if not path.is_file():
         raise DatasetError(f"grouped dataset {path} does not exist (build one with `sage-train groups`)")
     try:

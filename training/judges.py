@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from training import world
+from training.run_checks import check_device, writable_dir
 
 JUDGES_DIR = Path(__file__).resolve().parent / "assets" / "judges"
 ORACLE_FILE = "oracle.safetensors"
@@ -392,9 +393,9 @@ def train_judges(cfg: JudgeTrainConfig, only: Sequence[str] = ("oracle", "clip")
     bad = set(only) - {"oracle", "clip"}
     if bad or not only:
         raise ValueError(f"only must name oracle and/or clip, got {list(only)}")
+    check_device(cfg.device)
     torch.set_num_threads(cfg.num_threads)
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = writable_dir(cfg.out_dir)
     metrics_path = out / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
     metrics.setdefault("config", {})

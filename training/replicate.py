@@ -34,6 +34,7 @@ from sage_core.config_files import read_mapping
 from training import world
 from training.config_types import check_fields
 from training.grouped_dataset import GroupingParams, build_groups, disjoint_groups
+from training.run_checks import check_device, writable_dir
 
 MODELS = ("pretrained", "standard", "sage")
 MODEL_LABELS = {"pretrained": "Pre-trained", "standard": "Standard FT", "sage": "SAGE FT"}
@@ -387,10 +388,11 @@ def replicate(cfg: ReplicateConfig, pipes: dict | None = None, jd: Judges | None
         torch.set_num_threads(cfg.num_threads)
     from sage_core.grouping import pipeline_text_embeddings
 
+    if pipes is None:
+        check_device(cfg.device)
+    out = writable_dir(cfg.out)
     pipes = pipes or load_models(cfg)
     jd = jd or Judges.load()
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     pool = world.make_examples(cfg.eval_items, cfg.seed, "heldout")
     pooled = pipeline_text_embeddings(pipes["pretrained"], [e.caption for e in pool])
     from training import judges

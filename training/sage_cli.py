@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 
 from training.grouped_dataset import DatasetError
+from training.run_checks import writable_file
 
 
 def _fail(exc: Exception) -> None:
@@ -45,10 +46,12 @@ def groups(
     try:
         if num_threads < 1:
             raise ValueError(f"--num-threads must be >= 1, got {num_threads}")
+        if source == "world" and n < 2:
+            raise ValueError(f"--n must be >= 2 (captions to group), got {n}")
         torch.set_num_threads(num_threads)
-        for path in (out, stats_out):
-            if path is not None and path.is_dir():
-                raise ValueError(f"{path} is a folder; give a file to write")
+        for path in (out, stats_out):  # before the embedding work
+            if path is not None:
+                writable_file(path)
         params = gd.GroupingParams(tau_min=tau_min, tau_max=tau_max, max_degree=max_degree,
                                    max_cliques_per_node=max_cliques_per_node)
         ranges = gd.parse_ranges(stats) if stats else []
