@@ -12,8 +12,9 @@ sage-sim check simulation/configs/coco_h100.yaml      # validate only
 from __future__ import annotations
 
 import dataclasses
+import shlex
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
@@ -24,6 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from sage_core.outputs import RUN_MARKER, OutputDirError, atomic_output_dir, check_output_dir
 from simulation.config import ConfigError, SimConfig, load_config, to_dict
 
 main = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
@@ -34,6 +36,9 @@ ConfigArg = Annotated[Path, typer.Argument(help="YAML or JSON config file")]
 OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="output folder (default runs/sim/<config name>)")]
 RequestsOpt = Annotated[int | None, typer.Option("--requests", "-n", help="override the number of requests")]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="override the seed")]
+OverwriteOpt = Annotated[
+    bool, typer.Option(help="replace a previous output (a folder with report.json; for workload, a workload file)")
+]
 EmbedderOpt = Annotated[
     str | None,
     typer.Option(help="override prompts.embedder: minilm (needs the 'sim' extra), pipeline, pipeline:PATH, hashed"),
@@ -41,11 +46,12 @@ EmbedderOpt = Annotated[
 
 
 @contextmanager
-def _clear_errors() -> Iterator[None]:
-    """Bad input ends the command with a one-line message and exit code 2, no traceback."""
+def _clear_errors(*more: type[Exception]) -> Iterator[None]:
+    """Bad input ends the command with a one-line message and exit code 2, no traceback; `more` are further
+    exception types that mean the same (a device client's DeviceError, for one)."""
     try:
         yield
-    except (ConfigError, OSError) as exc:
+    except (ConfigError, OSError, OutputDirError, *more) as exc:
         console.print(Text.assemble(("error:", "red"), f" {exc}"), highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
@@ -60,6 +66,42 @@ def _output(path: Path, folder: bool) -> Path:
     if blocker is not None:
         raise ConfigError(f"--out {path}: {blocker} is a file, not a folder")
     return path
+
+
+def _output_folder(path: Path, overwrite: bool, inputs: Sequence[Path]) -> Path:
+    """An output folder checked before any work (_output), and by sage_core.outputs' rule: an existing non-empty
+    folder only with --overwrite, and then only a previous run's output that holds none of the `inputs`."""
+    check_output_dir(_output(path, folder=True), overwrite, inputs)
+    return path
+
+
+@contextmanager
+def _writing(out: Path, overwrite: bool, inputs: Sequence[Path]) -> Iterator[Path]:
+    """A temporary folder for a command's files that replaces `out` once all are written (on error nothing is
+    left), with report.json naming the command and its files: the mark of a previous run's folder."""
+    from simulation.metrics import write_json
+
+    with atomic_output_dir(out, overwrite, inputs) as tmp:
+        yield tmp
+        files = sorted(p.name for p in tmp.iterdir())
+        write_json({"command": _command(), "files": [*files, RUN_MARKER]}, tmp / RUN_MARKER)
+
+
+def _command() -> str:
+    """This process's command line, quoted for a shell."""
+    return "sage-sim " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def _inputs(config: Path, cfg: SimConfig, *more: Path | None) -> tuple[Path, ...]:
+    """The files a command reads, which --overwrite must not delete with the output folder."""
+    from simulation.workload import dataset_path
+
+    return (config, dataset_path(cfg), *(p for p in more if p is not None))
+
+
+def _note(line: str) -> None:
+    """A note on stderr about what the command changed or assumed."""
+    console.print(f"note: {line}", highlight=False, soft_wrap=True)
 
 
 def _progress() -> Progress:
@@ -98,7 +140,7 @@ def _load(config: Path, requests: int | None, seed: int | None, embedder: str | 
 def _prompts_and_embeddings(cfg: SimConfig, progress: Progress) -> tuple[list[str], Any]:
     from simulation.workload import embed_prompts, load_prompts
 
-    prompts = load_prompts(cfg)
+    prompts = load_prompts(cfg, _note)
     emb = embed_prompts(
         cfg, prompts, _updater(progress, f"embedding {len(prompts):,} prompts ({cfg.prompts.embedder})")
     )
@@ -155,12 +197,13 @@ def run(
     per_request: Annotated[bool, typer.Option(help="also write requests.csv (per-request timings)")] = False,
     plots: Annotated[bool, typer.Option(help="write dashboard.png")] = True,
     offline_ideal: Annotated[bool, typer.Option(help="also group the whole prompt pool at once (the ceiling)")] = False,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Simulate one configuration (all its modes on one workload) and write summary.json, summary.csv and a
     dashboard plot."""
     from simulation import metrics
     from simulation import plots as plotting
-    from simulation.engine import simulate
+    from simulation.engine import server_mode_names, simulate
     from simulation.sweep import offline_mean_group_size
     from simulation.workload import build_workload, embed_prompts, read_workload_file
 
@@ -168,7 +211,8 @@ def run(
         if workload is not None and requests is not None:
             raise ConfigError("--requests/-n does not apply with --workload: the workload file's requests are run")
         cfg = _load(config, requests, seed, embedder)
-        out = _output(out or Path("runs/sim") / config.stem, folder=True)
+        inputs = _inputs(config, cfg, workload)
+        out = _output_folder(out or Path("runs/sim") / config.stem, overwrite, inputs)
         with _progress() as progress:
             if workload is not None:
                 cfg, wl = read_workload_file(workload, to_dict(cfg))
@@ -177,7 +221,9 @@ def run(
             else:
                 prompts, emb = _prompts_and_embeddings(cfg, progress)
                 wl = build_workload(cfg, prompts)
-            result = simulate(cfg, wl, emb, _updater(progress, f"grouping {cfg.requests:,} requests"))
+            servers = len(server_mode_names(cfg))
+            label = f"server model: {wl.n:,} requests x {servers} mode{'s' if servers > 1 else ''}"
+            result = simulate(cfg, wl, emb, _updater(progress, label))
         extra: dict[str, Any] = {"config_file": str(config)}
         if workload is not None:
             extra["workload_file"] = str(workload)
@@ -186,12 +232,14 @@ def run(
             beta = cfg.sampling.shared_steps / cfg.sampling.steps
             extra["offline"] = {"mean_group_size": n_off, "ideal_saving": metrics.ideal_saving(beta, n_off)}
         summary = metrics.summarize(result, extra)
-        metrics.write_json(summary, out / "summary.json")
-        metrics.write_csv([metrics.flat_row(summary, m) | {"mode": m} for m in summary["modes"]], out / "summary.csv")
-        if per_request:
-            metrics.write_requests_csv(result, out / "requests.csv")
-        if plots:
-            plotting.run_dashboard(result, summary, out / "dashboard.png")
+        with _writing(out, overwrite, inputs) as tmp:
+            metrics.write_json(summary, tmp / "summary.json")
+            rows = [metrics.flat_row(summary, m) | {"mode": m} for m in summary["modes"]]
+            metrics.write_csv(rows, tmp / "summary.csv")
+            if per_request:
+                metrics.write_requests_csv(result, tmp / "requests.csv")
+            if plots:
+                plotting.run_dashboard(result, summary, tmp / "dashboard.png")
         _print_summary(summary)
         console.print(f"simulated in {result.wall_s:.1f} s; wrote {out}/")
 
@@ -203,18 +251,22 @@ def sweep(
     requests: RequestsOpt = None,
     seed: SeedOpt = None,
     embedder: EmbedderOpt = None,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Run the config's sweep grid (window x tau x beta x load): sweep.csv, sweep.json, sweep.md (the base tau and
     beta as tables) and tradeoffs.png."""
     from simulation import metrics
     from simulation import plots as plotting
+    from simulation.config import grouped_modes
     from simulation.sweep import grid, run_sweep, sweep_markdown
 
     with _clear_errors():
         cfg = _load(config, None, seed, embedder)
+        grouped_modes(cfg, "to sweep sharing settings")
         if requests is not None:
             cfg = cfg.replace(sweep=dataclasses.replace(cfg.sweep, requests=requests))
-        out = _output(out or Path("runs/sim") / config.stem, folder=True)
+        inputs = _inputs(config, cfg)
+        out = _output_folder(out or Path("runs/sim") / f"{config.stem}-sweep", overwrite, inputs)
         with _progress() as progress:
             prompts, emb = _prompts_and_embeddings(cfg, progress)
             task = progress.add_task(
@@ -230,14 +282,16 @@ def sweep(
                     )
 
             rows = run_sweep(cfg, prompts, emb, on_point)
-        metrics.write_csv(rows, out / "sweep.csv")
-        metrics.write_json(rows, out / "sweep.json")
         title = (
             f"{cfg.prompts.dataset} prompts ({cfg.prompts.embedder}), {cfg.sweep.requests:,} requests per point, "
             f"{cfg.server.gpu_workers} GPU ({cfg.server.step_table})"
         )
-        plotting.sweep_figure(rows, title, out / "tradeoffs.png", cfg.sampling.share, cfg.grouping.tau)
-        (out / "sweep.md").write_text(sweep_markdown(rows, cfg.sampling.share, cfg.grouping.tau), encoding="utf-8")
+        with _writing(out, overwrite, inputs) as tmp:
+            metrics.write_csv(rows, tmp / "sweep.csv")
+            metrics.write_json(rows, tmp / "sweep.json")
+            plotting.sweep_figure(rows, title, tmp / "tradeoffs.png", cfg.sampling.share, cfg.grouping.tau)
+            markdown = sweep_markdown(rows, cfg.sampling.share, cfg.grouping.tau)
+            (tmp / "sweep.md").write_text(markdown, encoding="utf-8")
         console.print(f"{len(rows)} settings; wrote {out}/sweep.csv and tradeoffs.png")
 
 
@@ -249,36 +303,37 @@ def policies(
     seed: SeedOpt = None,
     embedder: EmbedderOpt = None,
     plots: Annotated[bool, typer.Option(help="write policies.png")] = True,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Compare the config's sharing policies (`policies:`; default flat, adaptive, adaptive + 64 MiB cache) on one
     workload: policies.json, policies.csv, policies.md and policies.png."""
-    import shlex
-
     from simulation import metrics
     from simulation import plots as plotting
-    from simulation.policies import comparison, grouped_modes, run_policies, table_markdown
+    from simulation.config import grouped_modes
+    from simulation.policies import comparison, run_policies, table_markdown
     from simulation.workload import build_workload
 
     with _clear_errors():
         cfg = _load(config, requests, seed, embedder)
-        grouped_modes(cfg)
-        out = _output(out or Path("runs/sim") / f"{config.stem}-policies", folder=True)
+        grouped_modes(cfg, "to compare sharing policies")
+        inputs = _inputs(config, cfg)
+        out = _output_folder(out or Path("runs/sim") / f"{config.stem}-policies", overwrite, inputs)
         with _progress() as progress:
             prompts, emb = _prompts_and_embeddings(cfg, progress)
             task = progress.add_task(f"{len(cfg.policies)} policies x {cfg.requests:,} requests", total=None)
-            results = run_policies(
-                cfg,
-                build_workload(cfg, prompts),
-                emb,
-                lambda name: progress.update(task, description=f"policy {name}: {cfg.requests:,} requests"),
-            )
-        command = "sage-sim " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-        report = comparison(results, {"config_file": str(config), "command": command})
-        metrics.write_json(report, out / "policies.json")
-        metrics.write_csv(report["table"], out / "policies.csv")
-        (out / "policies.md").write_text(table_markdown(report), encoding="utf-8")
-        if plots:
-            plotting.policies_figure(results, report, out / "policies.png")
+
+            def on_progress(done: int, total: int, name: str) -> None:
+                label = f"policy {name}: {len(cfg.policies)} policies x {cfg.requests:,} requests"
+                progress.update(task, completed=done, total=total, description=label)
+
+            results = run_policies(cfg, build_workload(cfg, prompts), emb, on_progress)
+        report = comparison(results, {"config_file": str(config), "command": _command()})
+        with _writing(out, overwrite, inputs) as tmp:
+            metrics.write_json(report, tmp / "policies.json")
+            metrics.write_csv(report["table"], tmp / "policies.csv")
+            (tmp / "policies.md").write_text(table_markdown(report), encoding="utf-8")
+            if plots:
+                plotting.policies_figure(results, report, tmp / "policies.png")
         out_console.print(table_markdown(report))
         console.print(f"wrote {out}/")
 
@@ -289,15 +344,17 @@ def workload_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="workload JSON file to write")],
     requests: RequestsOpt = None,
     seed: SeedOpt = None,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Write a workload file (settings, and per request: arrival time, prompt, device class, seed) for the
     simulator and the real-system runner."""
-    from simulation.workload import build_workload, load_prompts, write_workload_file
+    from simulation.workload import build_workload, check_workload_out, load_prompts, write_workload_file
 
     with _clear_errors():
         cfg = _load(config, requests, seed)
-        wl = build_workload(cfg, load_prompts(cfg))
-        write_workload_file(_output(out, folder=False), cfg, wl)
+        check_workload_out(_output(out, folder=False), overwrite)
+        wl = build_workload(cfg, load_prompts(cfg, _note))
+        write_workload_file(out, cfg, wl)
         console.print(f"wrote {wl.n:,} requests over {wl.arrival_s[-1]:.1f} s to {out}")
 
 
@@ -308,7 +365,7 @@ def embed(config: ConfigArg, embedder: EmbedderOpt = None) -> None:
 
     with _clear_errors():
         cfg = _load(config, None, None, embedder)
-        prompts = load_prompts(cfg)
+        prompts = load_prompts(cfg, _note)
         with _progress() as progress:
             emb = embed_prompts(cfg, prompts, _updater(progress, f"embedding {len(prompts):,} prompts"))
         console.print(f"{emb.shape[0]:,} embeddings of dimension {emb.shape[1]} ({cfg.prompts.embedder})")
@@ -325,14 +382,14 @@ def validate(
     """Replay a workload through a real edge server and device clients on 127.0.0.1 and through the simulator;
     compare UNet evaluations, bytes and median latency (report.md, comparison.json, validation.png)."""
     import json
-    import shlex
 
+    from device_client.client import DeviceError
     from simulation import metrics, validation
     from simulation import plots as plotting
     from simulation.engine import simulate
     from simulation.workload import embed_prompts, read_workload_file
 
-    with _clear_errors():
+    with _clear_errors(DeviceError):
         cfg, wl = read_workload_file(workload)
         out = _output(out or Path("runs/sim") / f"validate-{workload.stem}", folder=True)
         seeds = [int(r["seed"]) for r in json.loads(workload.read_text(encoding="utf-8"))["requests"]]
@@ -347,7 +404,7 @@ def validate(
         result = simulate(cfg.replace(modes=("sage",)), wl, emb)
         sim = validation.sim_totals(result)
         comparison = validation.compare(sim, real)
-        command = "sage-sim " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        command = _command()
         metrics.write_json(records, out / "real_requests.json")
         metrics.write_json({"command": command, "sim": sim, "real": real, **comparison}, out / "comparison.json")
         real_lat = [r["latency_s"] for r in records if "error" not in r]
@@ -366,6 +423,7 @@ def measure(
     out: Annotated[Path, typer.Option(help="step-times JSON to add the table to")] = Path("simulation/step_times.json"),
     batches: Annotated[str, typer.Option(help="groups per measured pass (2 samples each with CFG)")] = "1,2,4,8,16",
     threads: Annotated[int, typer.Option(help="torch threads while measuring")] = 1,
+    replace: Annotated[bool, typer.Option(help="replace a table of this name already in --out")] = False,
 ) -> None:
     """Measure this machine's step-time table (and a device class) for a model and store it."""
     import torch
@@ -379,7 +437,9 @@ def measure(
             raise ConfigError(f"--batches must be comma-separated integers, got {batches!r}") from None
         if min(sizes) < 1 or threads < 1:
             raise ConfigError(f"--batches and --threads must be >= 1, got {batches!r} and {threads}")
-        read_tables(_output(out, folder=False))  # one that cannot take the table fails before measuring
+        tables = read_tables(_output(out, folder=False))  # one that cannot take the table fails before measuring
+        if name in tables and not replace:
+            raise ConfigError(f"{out} already holds a table {name!r}; pass --replace to replace it, or another --name")
         torch.set_num_threads(threads)
         pipe = load_measured_pipeline(model)
         table, device = measure_pipeline(pipe, sizes)
@@ -391,16 +451,22 @@ def measure(
 
 @main.command()
 def check(config: ConfigArg) -> None:
-    """Validate a config file and the files it names, without simulating."""
+    """Validate a config file and what a run needs: the prompt file, the step-time table and the embedder (its
+    package or model folder, or the cached embeddings), without simulating."""
     from simulation.engine import latent_payload_bytes, load_step_table
-    from simulation.workload import dataset_path
+    from simulation.workload import check_embedder, load_prompts
 
     with _clear_errors():
         cfg = load_config(config)
-        dataset_path(cfg)
+        prompts = load_prompts(cfg, _note)
         table = load_step_table(cfg)
+        embedder = f"{cfg.prompts.embedder} {check_embedder(cfg, prompts)}"
         nbytes, source = latent_payload_bytes(cfg.codec)
-        console.print(f"ok: {config} ({table.name}, latent {nbytes:,} B from {source})")
+        console.print(
+            f"ok: {config} ({len(prompts):,} prompts, embedder {embedder}, {table.name}, latent {nbytes:,} B from "
+            f"{source})",
+            soft_wrap=True,
+        )
 
 
 if __name__ == "__main__":

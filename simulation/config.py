@@ -20,9 +20,17 @@ from edge_server.config import ServerConfig as EdgeServerConfig
 from sage_core.config_files import ConfigFileError, read_mapping
 
 MODES = ("sage", "server", "device", "sage_server")
+GROUPED_MODES = ("sage", "sage_server")  # the modes that group requests: what sharing settings change
+GROUPED_NAMES = {"sage": "SAGE", "sage_server": "SAGE on server"}  # short names in tables and plot labels
 ARRIVAL_PROCESSES = ("poisson", "bursty", "diurnal")
 PROMPT_ORDERS = ("shuffle", "uniform", "sequential", "zipf")
 DIST_KINDS = ("constant", "uniform", "lognormal", "choice")
+DIST_KEYS = {  # per kind: (keys it needs, keys it may have); keys of other kinds are errors, not ignored
+    "constant": (("value",), ()),
+    "uniform": (("low", "high"), ()),
+    "lognormal": (("median",), ("sigma",)),
+    "choice": (("values",), ("weights",)),
+}
 EMBEDDERS = ("minilm", "pipeline", "hashed")  # and pipeline:PATH, pipeline:tiny
 DEFAULT_DATASETS_DIR = "../shared/datasets"
 DEFAULT_CACHE_DIR = "~/.cache/sage-edge/embeddings"
@@ -70,6 +78,32 @@ class Dist:
             bounds = list(self.values)
         for b in bounds:
             _require(minimum <= b <= maximum, f"{name} must lie in [{minimum}, {maximum}], got {b}")
+
+
+DIST_FIELDS = frozenset(f.name for f in dataclasses.fields(Dist))
+
+
+def check_dist_keys(data: dict[str, Any], name: str) -> None:
+    """Raise ConfigError when a distribution's data lacks a key its kind needs or has one of another kind
+    (which would be ignored); an unknown kind is left to Dist.check."""
+    kind = data.get("dist", "constant")
+    if kind not in DIST_KEYS:
+        return
+    needed, optional = DIST_KEYS[kind]
+    foreign = sorted(k for k in data if k in DIST_FIELDS and k not in ("dist", *needed, *optional))
+    _require(
+        not foreign,
+        f"{name}: {', '.join(foreign)} {'does' if len(foreign) == 1 else 'do'} not apply to a {kind} distribution "
+        f"(its keys: {', '.join((*needed, *optional))})",
+    )
+    missing = [k for k in needed if k not in data]
+    _require(not missing, f"{name}: a {kind} distribution needs {' and '.join(missing)}")
+
+
+def dist_data(data: dict[str, Any]) -> dict[str, Any]:
+    """A distribution's data with only the keys of its kind (as to_dict writes it)."""
+    needed, optional = DIST_KEYS.get(data.get("dist", "constant"), ((), ()))
+    return {k: v for k, v in data.items() if k in ("dist", *needed, *optional)}
 
 
 @dataclass(frozen=True)
@@ -282,6 +316,8 @@ def _convert(tp: Any, value: Any, name: str) -> Any:
         if isinstance(value, tp):
             return value
         _require(isinstance(value, dict), f"{name} must be a mapping, got {type(value).__name__}")
+        if tp is Dist:
+            check_dist_keys(value, name)
         return _from_dict(tp, value, name)
     if origin is tuple:
         args = typing.get_args(tp)
@@ -386,6 +422,14 @@ def validate(cfg: SimConfig) -> None:
         policy_config(cfg, i)
 
 
+def grouped_modes(cfg: SimConfig, purpose: str) -> tuple[str, ...]:
+    """The config's modes that group requests (sage, sage_server); ConfigError if none, since sweeping or
+    comparing sharing settings (`purpose`) would then report another mode's numbers."""
+    modes = tuple(m for m in cfg.modes if m in GROUPED_MODES)
+    _require(bool(modes), f"modes must include {' or '.join(GROUPED_MODES)} {purpose}, got {', '.join(cfg.modes)}")
+    return modes
+
+
 def check_policy(g: GroupingSettings, where: str) -> None:
     """Raise ConfigError unless the edge server accepts this sharing policy (its own checks, one line)."""
     _require(
@@ -430,11 +474,14 @@ def repo_root() -> Path:
 
 
 def load_config(path: str | Path) -> SimConfig:
-    """Read a YAML or JSON config file; relative dataset paths resolve against the repository root."""
+    """Read a YAML or JSON config file; relative dataset paths resolve against the repository root. A file
+    without settings is refused: it is far more often a mistake than a wish for every default."""
     try:
         data = read_mapping(path)
     except ConfigFileError as exc:
         raise ConfigError(str(exc)) from None
+    _require(bool(data), f"config file {path} holds no settings; an empty config is refused rather than run on "
+             "every default (see simulation/configs/ for examples)")
     return config_from_dict(data, base_dir=repo_root())
 
 
@@ -445,5 +492,11 @@ def resolve_path(cfg: SimConfig, path: str) -> Path:
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    """Plain data (for JSON output and workload files)."""
-    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+    """Plain data (for JSON output and workload files); a distribution keeps only its kind's keys."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg, dict_factory=_plain)))
+
+
+def _plain(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A dataclass's fields as a dict (dataclasses.asdict's dict_factory), a Dist's pruned by dist_data."""
+    data = dict(pairs)
+    return dist_data(data) if data.keys() == DIST_FIELDS else data

@@ -524,6 +524,11 @@ class SimResult:
         return np.zeros(0, dtype=np.int64)
 
 
+def server_mode_names(cfg: SimConfig) -> list[str]:
+    """The modes of cfg.modes that run requests through the server model (what simulate's progress counts)."""
+    return [m for m in cfg.modes if mode_spec(m, cfg).uses_server]
+
+
 def simulate(
     cfg: SimConfig,
     workload: Workload,
@@ -546,7 +551,7 @@ def simulate(
     # 3. the server sees requests in order of arrival at the server
     order = np.argsort(workload.arrival_s + uplink, kind="stable")
     # 4. each mode: server model (simpy), then links and devices (numpy)
-    server_modes = [s.name for s in specs if s.uses_server]
+    server_modes = server_mode_names(cfg)
     results, timings = {}, {}
     for spec in specs:
         t0 = time.perf_counter()

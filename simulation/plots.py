@@ -9,11 +9,14 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
+import matplotlib.colors  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
+from simulation.config import GROUPED_NAMES  # noqa: E402
 from simulation.engine import SimResult  # noqa: E402
+from simulation.sweep import base_slice, mode_name  # noqa: E402
 
 MODE_COLORS = {"sage": "#1b9e77", "server": "#d95f02", "device": "#7570b3", "sage_server": "#e7298a"}
 MODE_LABELS = {
@@ -25,8 +28,6 @@ MODE_LABELS = {
 BREAKDOWN = ("uplink", "window_wait", "queue_wait", "gpu_job", "downlink", "device")
 DPI = 72
 
-
-
 def stacked_steps(a, labels: list[str], server: list[float], device: list[float], savings: list[float]) -> None:
     """Server and device steps per image as stacked bars, each annotated with its saving (when there is one)."""
     a.bar(labels, server, color="#555555", label="on the server")
@@ -34,6 +35,17 @@ def stacked_steps(a, labels: list[str], server: list[float], device: list[float]
     for i, saving in enumerate(savings):
         if saving > 0.0005:
             a.annotate(f"-{saving:.1%}", (i, server[i] + device[i]), ha="center", va="bottom", fontsize=9)
+
+
+def series_colors(n: int) -> list[str]:
+    """`n` distinct colours, none of them a mode's (MODE_COLORS), for series drawn beside the modes."""
+    taken = {c.lower() for c in MODE_COLORS.values()}
+    palette = [matplotlib.colors.to_hex(c) for name in ("Dark2", "tab10") for c in plt.get_cmap(name).colors]
+    free = list(dict.fromkeys(c for c in palette if c not in taken))
+    if n > len(free):  # more series than the palettes hold: spread the rest over a continuous map
+        free += [matplotlib.colors.to_hex(plt.get_cmap("turbo")(i / (n - len(free)))) for i in range(n - len(free))]
+    return free[:n]
+
 
 def _save(fig: plt.Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -143,12 +155,15 @@ def _series(
 
 
 def sweep_figure(rows: Sequence[dict[str, Any]], title: str, path: Path, share: float, tau: float) -> Path:
-    """Trade-off curves from sweep rows (one per setting; `share` and `tau` pick the base slice): saving vs
-    window per load against the ideal, latency vs window per load against the server baseline, saving vs
-    median latency per tau, and saving vs beta per tau."""
+    """Trade-off curves from sweep rows (one per setting; `share` and `tau` pick the base slice, or the nearest
+    swept values, as base_slice says in the titles): saving vs window per load against the ideal, latency vs
+    window per load against the server baseline, saving vs median latency per tau, and saving vs beta per tau."""
+    share, tau, beta_label, tau_label = base_slice(rows, share, tau)
+    label = f"{beta_label}, {tau_label}"
+    name = mode_name(rows)
     fig, ax = plt.subplots(2, 2, figsize=(12, 8))
     fig.suptitle(title, fontsize=11)
-    base = [r for r in rows if r["share"] == share and r["tau"] == tau] or list(rows)
+    base = [r for r in rows if r["share"] == share and r["tau"] == tau]
     loads = sorted({r["rate"] for r in rows})
     cmap = plt.get_cmap("viridis")
     color = {rate: cmap(i / max(1, len(loads) - 1)) for i, rate in enumerate(loads)}
@@ -162,27 +177,28 @@ def sweep_figure(rows: Sequence[dict[str, Any]], title: str, path: Path, share: 
     top = max([r["unet_saving"] for r in base] + offline)
     a.set_ylim(0, 1.25 * top if top > 0 else 1)
     a.set(xscale="log", xlabel="batching window (s)", ylabel="UNet evaluations saved")
-    a.set_title(f"Saving (beta {share:g}, tau {tau:g})")
+    a.set_title(f"Saving\n{label}", fontsize=10)
     a.legend(fontsize=8)
     # 2. latency vs window, per load, with the independent server baseline
     a = ax[0, 1]
     for rate, (xs, ys) in _series(base, "window_s", "latency_s.p50", "rate").items():
-        a.plot(xs, ys, "o-", color=color[rate], label=f"SAGE p50, {rate:g} req/s")
+        a.plot(xs, ys, "o-", color=color[rate], label=f"{name} p50, {rate:g} req/s")
     for rate, (xs, ys) in _series(base, "window_s", "latency_s.p95", "rate").items():
         a.plot(xs, ys, "o--", color=color[rate], alpha=0.5, lw=1)
     if all("server.latency_s.p50" in r for r in base):
         for rate, (xs, ys) in _series(base, "window_s", "server.latency_s.p50", "rate").items():
             a.plot(xs, ys, "x:", color=color[rate], lw=1)
     a.set(xscale="log", yscale="log", xlabel="batching window (s)", ylabel="latency (s)")
-    a.set_title("Latency: SAGE p50 (solid), p95 (dashed); independent on server p50 (dotted)", fontsize=9)
+    server = "; independent on server p50 (dotted)" if all("server.latency_s.p50" in r for r in base) else ""
+    a.set_title(f"Latency, {label}\n{name} p50 (solid), p95 (dashed){server}", fontsize=9)
     a.legend(fontsize=8)
     # 3. saving vs median latency at the top load, one curve per tau (points: windows)
     a = ax[1, 0]
     busiest = [r for r in rows if r["rate"] == loads[-1] and r["share"] == share]
     for t, (lat, ys) in _series(busiest, "window_s", "unet_saving", "tau", x_value="latency_s.p50").items():
         a.plot(lat, ys, "o-", label=f"tau {t:g}")
-    a.set(xscale="log", xlabel="SAGE median latency (s)", ylabel="UNet evaluations saved")
-    a.set_title(f"Trade-off at {loads[-1]:g} req/s, beta {share:g} (points: windows)")
+    a.set(xscale="log", xlabel=f"{name} median latency (s)", ylabel="UNet evaluations saved")
+    a.set_title(f"Trade-off at {loads[-1]:g} req/s, {beta_label}\n(points: windows)", fontsize=10)
     a.legend(fontsize=8)
     # 4. saving vs beta per tau (largest load, largest window)
     a = ax[1, 1]
@@ -229,9 +245,9 @@ def policies_figure(results: dict[str, SimResult], report: dict[str, Any], path:
     cost with the cache's hit rate."""
     names = list(results)
     labels = [n.replace(" (", "\n(") for n in names]  # long names on two lines under the bars
-    colors = dict(zip(names, plt.get_cmap("Dark2").colors, strict=False))
-    grouped = next(m for m in ("sage", "sage_server") if m in results[names[0]].modes)
-    short = "SAGE" if grouped == "sage" else "SAGE on server"
+    colors = dict(zip(names, series_colors(len(names)), strict=True))
+    grouped = next(m for m in GROUPED_NAMES if m in results[names[0]].modes)
+    short = GROUPED_NAMES[grouped]
     sage = {name: report["policies"][name]["modes"][grouped] for name in names}
     st = report["settings"]
     fig, ax = plt.subplots(2, 2, figsize=(12, 8))

@@ -10,12 +10,11 @@ from typing import Any
 
 import numpy as np
 
-from simulation.config import ConfigError, SimConfig, policy_config
+from simulation.config import GROUPED_MODES, SimConfig, grouped_modes, policy_config
 from simulation.engine import SimResult, simulate
 from simulation.metrics import summarize
 from simulation.workload import Workload
 
-GROUPED_MODES = ("sage", "sage_server")
 TABLE_KEYS = (
     ("step saving", "unet_saving"),
     ("server steps/img", "server_steps_per_image"),
@@ -42,29 +41,26 @@ POLICY_SETTINGS = (
     "share",
     "shared_steps",
 )
-StartFn = Callable[[str], None]
-
-
-def grouped_modes(cfg: SimConfig) -> tuple[str, ...]:
-    """The config's modes that a sharing policy changes; at least one is needed."""
-    modes = tuple(m for m in cfg.modes if m in GROUPED_MODES)
-    if not modes:
-        raise ConfigError(f"modes must include {' or '.join(GROUPED_MODES)} to compare sharing policies")
-    return modes
+ProgressFn = Callable[[int, int, str], None]  # (requests done, of all policies, policy now running)
 
 
 def run_policies(
-    cfg: SimConfig, workload: Workload, embeddings: np.ndarray, on_start: StartFn | None = None
+    cfg: SimConfig, workload: Workload, embeddings: np.ndarray, progress: ProgressFn | None = None
 ) -> dict[str, SimResult]:
-    """Per policy name, a SimResult holding its grouped modes and the shared baselines, all on `workload`."""
-    grouped = grouped_modes(cfg)
+    """Per policy name, a SimResult holding its grouped modes and the shared baselines, all on `workload`.
+    `progress` counts requests through the server model over all policies' grouped modes."""
+    grouped = grouped_modes(cfg, "to compare sharing policies")
     baselines = tuple(m for m in cfg.modes if m not in GROUPED_MODES)
     base = simulate(cfg.replace(modes=baselines), workload, embeddings).modes if baselines else {}
     results = {}
+    per_policy = workload.n * len(grouped)
+    total = per_policy * len(cfg.policies)
     for i, variant in enumerate(cfg.policies):
-        if on_start:
-            on_start(variant.name)
-        result = simulate(policy_config(cfg, i).replace(modes=grouped), workload, embeddings)
+        done = i * per_policy
+        if progress:
+            progress(done, total, variant.name)
+        on_step = (lambda d, _t, o=done, v=variant.name: progress(o + d, total, v)) if progress else None
+        result = simulate(policy_config(cfg, i).replace(modes=grouped), workload, embeddings, on_step)
         results[variant.name] = dataclasses.replace(result, modes={**result.modes, **base})
     return results
 
@@ -130,11 +126,14 @@ def _cell_from(summary: dict[str, Any], key: str) -> str:
 
 
 def _format(key: str, value: Any) -> str:
-    """A table cell: percentages for savings and rates, KiB for bytes, two decimals otherwise."""
+    """A table cell: percentages for savings and rates, KiB for bytes, four decimals for GPU-seconds (as `run`
+    prints them), two otherwise."""
     if value is None:
         return "-"
     if "saving" in key or "rate" in key:
         return f"{value:.1%}"
     if key.startswith("bytes"):
         return f"{value / 1024:.1f}"
+    if key.startswith("gpu_seconds"):
+        return f"{value:.4f}"
     return f"{value:.2f}" if isinstance(value, float) else str(value)

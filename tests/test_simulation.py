@@ -242,7 +242,7 @@ def test_prompt_orders(prompt_file):
 def test_prompt_file_formats(tmp_path):
     coco = tmp_path / "c.json"
     coco.write_text(json.dumps({"annotations": [{"caption": " A  dog. "}, {"caption": "a cat"}]}), encoding="utf-8")
-    assert read_prompts(coco) == ["A dog.", "a cat"]
+    assert read_prompts(coco) == ["A  dog.", "a cat"]  # stripped, never otherwise changed
     lst = tmp_path / "l.json"
     lst.write_text(json.dumps(["x", "", "y"]), encoding="utf-8")
     assert read_prompts(lst) == ["x", "y"]
@@ -453,3 +453,56 @@ def test_mode_specs_count_steps(prompt_file):
     assert (sage.server_shared_steps, sage.device_steps) == (12, 18)
     assert (server.server_shared_steps, server.device_steps, server.payload) == (30, 0, "image")
     assert dataclasses.replace(cfg.sampling, guidance=1.0).unet_samples_per_step == 1
+
+
+@pytest.mark.parametrize(
+    ("dist", "message"),
+    [
+        ({"dist": "lognormal", "median": 50.0, "sigma": 0.8, "high": 100.0},
+         "network.bandwidth_mbps: high does not apply to a lognormal distribution (its keys: median, sigma)"),
+        ({"dist": "constant", "value": 30.0, "sigma": 0.5}, "sigma does not apply to a constant distribution"),
+        ({"dist": "uniform", "value": 10.0}, "value does not apply to a uniform distribution (its keys: low, high)"),
+        ({"dist": "uniform", "low": 10.0}, "a uniform distribution needs high"),
+        ({"dist": "choice", "weights": [1.0]}, "a choice distribution needs values"),
+    ],
+)
+def test_distribution_keys_of_another_kind_are_refused(prompt_file, dist, message):
+    """They were ignored: a lognormal with `high` drew values above it, a uniform with `value` drew from [0, 0]."""
+    with pytest.raises(ConfigError) as err:
+        make_cfg(prompt_file, network={"bandwidth_mbps": dist})
+    assert message in str(err.value)
+
+
+def test_workload_files_keep_only_each_distributions_own_keys(prompt_file, tmp_path):
+    """to_dict writes a distribution's own keys; a file from before, with every field, still reads."""
+    cfg = make_cfg(prompt_file, requests=20, network={"rtt_ms": {"dist": "uniform", "low": 5.0, "high": 9.0}})
+    path = tmp_path / "w.json"
+    write_workload_file(path, cfg, build_workload(cfg, PROMPTS))
+    body = json.loads(path.read_text())
+    assert body["config"]["network"]["rtt_ms"] == {"dist": "uniform", "low": 5.0, "high": 9.0}
+    body["config"]["network"]["rtt_ms"] = dataclasses.asdict(cfg.network.rtt_ms)  # as older versions wrote it
+    path.write_text(json.dumps(body))
+    assert read_workload_file(path)[0].network.rtt_ms == cfg.network.rtt_ms
+
+
+def test_text_prompt_files_read_as_sage_edge_generate_reads_them(tmp_path):
+    """'#' lines are comments and blank lines are skipped; inner whitespace is kept, so distinct lines stay
+    distinct (they were collapsed into duplicates)."""
+    path = tmp_path / "p.txt"
+    path.write_text("# my prompts\n  a  red car \n\na red car\n#a comment\n", encoding="utf-8")
+    assert read_prompts(path) == ["a  red car", "a red car"]
+    path.write_text("# only a comment\n\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="holds no prompts"):
+        read_prompts(path)
+
+
+def test_reading_a_prompt_file_says_what_it_dropped_or_changed(tmp_path):
+    from simulation.workload import read_prompt_pool
+
+    path = tmp_path / "p.csv"
+    path.write_text('prompt\n" a cat "\n\n""\na dog\n', encoding="utf-8")
+    pool = read_prompt_pool(path)
+    assert pool.prompts == ["a cat", "a dog"]
+    assert pool.note(path) == (
+        "p.csv: left out 1 empty prompts and stripped surrounding whitespace from 1; 2 prompts kept"
+    )

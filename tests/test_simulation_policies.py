@@ -297,6 +297,30 @@ def test_policies_command_writes_a_paired_comparison(config_file, tmp_path):
     assert (out / "policies.png").stat().st_size < 200_000 and (out / "policies.md").is_file()
 
 
+def test_policies_table_gives_gpu_seconds_four_decimals():
+    """It gave two (0.02 for 0.02346); `run` prints four."""
+    from simulation.policies import _format
+
+    assert _format("gpu_seconds_per_image", 0.02346) == "0.0235"
+
+
+def test_policies_plot_gives_each_series_its_own_colour(config_file, tmp_path, monkeypatch):
+    """policies.png drew the policies in Dark2, whose first colours are the modes': the first policy's curve took
+    the sage colour, the second the server baseline's."""
+    import matplotlib.colors
+
+    from simulation import plots
+
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig))
+    out = tmp_path / "out"
+    res = CliRunner().invoke(main, ["policies", str(config_file), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    lines = figures[0].axes[0].get_lines()  # 3 policies, then server, device
+    colors = [matplotlib.colors.to_hex(line.get_color()) for line in lines]
+    assert len(colors) == 5 and len(set(colors)) == 5
+
+
 def test_policies_command_with_sage_on_the_server_only(config_file, tmp_path):
     data = yaml.safe_load(config_file.read_text())
     data |= {"requests": 60, "modes": ["sage_server", "server"]}
