@@ -134,8 +134,8 @@ def read_adapter_shapes(folder: str | Path) -> dict[str, dict[str, tuple[int, ..
     if len(conventions) > 1:
         raise AdapterMismatchError(
             f"{path} mixes 'lora_A/lora_B' and 'lora.down/lora.up' keys, so diffusers would load only part of it "
-            "(an older sage-train wrote such files for extra target modules); run the sage-train finetune command "
-            "that made it again: it rewrites the adapter from its checkpoint"
+            "(an older sage-train wrote such files for extra target modules); retrain it, or rename its "
+            "'.lora.down.weight'/'.lora.up.weight' keys to '.lora_A.weight'/'.lora_B.weight'"
         )
     return out
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -313,3 +314,19 @@ def test_steps_below_the_steps_done_are_refused_without_touching_the_adapter(dat
         finetune(_cfg(dataset_path, tmp_path / "s", steps=2), pipe=tiny_pipeline(0), log=lambda s: None)
     after = (adapter / "sage_adapter.json").read_bytes(), (adapter / "pytorch_lora_weights.safetensors").read_bytes()
     assert after == before
+
+
+def test_replicate_rows_and_vae_encoding_show_progress(capsys) -> None:
+    from training import world
+    from training.finetune import encode_latents
+    from training.replicate import EvalSet, ReplicateConfig, generate_row
+
+    pipe = tiny_pipeline(0)
+    pipe.set_progress_bar_config(disable=True)
+    examples = world.make_examples(5, 0, "heldout")
+    es = EvalSet("t", examples, [[0, 1], [2, 3, 4]], (0.6, 0.9), 2)
+    cfg = ReplicateConfig(steps=2, fig4_shared_steps=(1,), chunk_groups=1)
+    generate_row(pipe, es, 1, False, cfg)
+    assert "t k=1" in capsys.readouterr().err  # the row's bar over its images
+    encode_latents(pipe, np.zeros((3, 32, 32, 3), np.uint8), batch_size=2, progress=True)
+    assert "VAE encoding" in capsys.readouterr().err

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from sage_core.config_files import read_mapping
 from training import world
@@ -66,6 +67,7 @@ class ReplicateConfig:
     device: str = "cpu"
     num_threads: int = 1
     parts: tuple[str, ...] = ("table", "fig3", "fig4")
+    progress: bool = True  # a tqdm bar over the images of each part's rows
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -135,7 +137,8 @@ def load_models(cfg: ReplicateConfig) -> dict[str, Any]:
 
 
 def generate_row(pipe, es: EvalSet, shared_steps: int, independent: bool, cfg: ReplicateConfig) -> dict[str, Any]:
-    """uint8 images of every prompt and the UNet evaluations used, generated group chunk by chunk."""
+    """uint8 images of every prompt and the UNet evaluations used, generated group chunk by chunk (a tqdm bar over
+    the row's images when cfg.progress)."""
     from sage_core.generate import generate
     from sage_core.grouping import GroupingConfig
     from sage_core.sampler import SamplingConfig
@@ -143,6 +146,8 @@ def generate_row(pipe, es: EvalSet, shared_steps: int, independent: bool, cfg: R
     sampling = SamplingConfig(steps=cfg.steps, guidance=cfg.guidance, share=0.0, shared_steps=shared_steps)
     images: np.ndarray | None = None
     used, independent_evals = 0, 0
+    bar = tqdm(total=len(es.examples), desc=f"{es.name} k={shared_steps}", unit="img", leave=False,
+               disable=not cfg.progress)
     for lo in range(0, len(es.groups), cfg.chunk_groups):
         chunk = es.groups[lo : lo + cfg.chunk_groups]
         members = [i for g in chunk for i in g]
@@ -156,6 +161,8 @@ def generate_row(pipe, es: EvalSet, shared_steps: int, independent: bool, cfg: R
         images[members] = (np.clip(res.images, 0, 1) * 255).round().astype(np.uint8)
         used += res.counter.total
         independent_evals += res.independent_evaluations()
+        bar.update(len(members))
+    bar.close()
     return {"images": images, "unet_evals": used, "independent_evals": independent_evals}
 
 
@@ -271,7 +278,9 @@ def run_rows(specs: list[tuple[str, str, int, bool]], es: EvalSet, pipes: dict, 
     cache = Path(cfg.cache) / cache_key(cfg, model_fingerprint(pipes["pretrained"])) / es.name
     cache.mkdir(parents=True, exist_ok=True)
     out = {}
+    bar = tqdm(total=len(specs), desc=f"{es.name} rows", unit="row", disable=not cfg.progress)
     for name, model, k, independent in specs:
+        bar.set_postfix_str(name)
         path = cache / f"{model}_k{k}_{'independent' if independent else 'shared'}.npz"
         if path.is_file():
             data = dict(np.load(path))
@@ -285,6 +294,8 @@ def run_rows(specs: list[tuple[str, str, int, bool]], es: EvalSet, pipes: dict, 
             np.savez_compressed(path, **data)
             log(f"{es.name} {name}: {float(data['seconds']):.0f} s")
         out[name] = data
+        bar.update(1)
+    bar.close()
     return out
 
 
