@@ -213,27 +213,40 @@ def test_bad_config_files_and_thread_counts_are_value_errors(tmp_path) -> None:
         FinetuneConfig(num_threads=0)
 
 
+def _load_any_config(kind: str, path: Path | None, **overrides):
+    """training.finetune's or training.replicate's load_config."""
+    from training.replicate import load_config as load_replicate_config
+
+    return (load_config if kind == "finetune" else load_replicate_config)(path, **overrides)
+
+
 @pytest.mark.parametrize(
-    ("text", "message"),
+    ("kind", "text", "message"),
     [
-        ("soft_target_grad: 'false'", "soft_target_grad must be true or false, got 'false'"),
-        ("weighting: min_snr\nsnr_gamma: 0", "snr_gamma must be > 0, got 0.0"),
-        ("steps: 2.5", "steps must be an integer, got 2.5"),
-        ("lora: 8", "lora must be a mapping of LoraSettings fields, got 8"),
-        ("lora: {rank: 2, bogus: 1}", r"lora: unknown field\(s\) \['bogus'\]"),
-        ("lora: {target_modules: to_q}", "lora: target_modules must be a list of strings, got 'to_q'"),
-        ("batch_groups: 2.5", "batch_groups must be an integer, got 2.5"),
-        ("sampler_steps: 0", "sampler_steps must be >= 1, got 0"),
-        ("encode_batch_size: 0", "encode_batch_size must be >= 1, got 0"),
-        ("lr: fast", "lr must be a number, got 'fast'"),
-        ("grad_clip: -1", "grad_clip must be >= 0, got -1.0"),
+        ("finetune", "soft_target_grad: 'false'", "soft_target_grad must be true or false, got 'false'"),
+        ("finetune", "weighting: min_snr\nsnr_gamma: 0", "snr_gamma must be > 0, got 0.0"),
+        ("finetune", "steps: 2.5", "steps must be an integer, got 2.5"),
+        ("finetune", "lora: 8", "lora must be a mapping of LoraSettings fields, got 8"),
+        ("finetune", "lora: {rank: 2, bogus: 1}", r"lora: unknown field\(s\) \['bogus'\]"),
+        ("finetune", "lora: {target_modules: to_q}", "lora: target_modules must be a list of strings, got 'to_q'"),
+        ("finetune", "batch_groups: 2.5", "batch_groups must be an integer, got 2.5"),
+        ("finetune", "sampler_steps: 0", "sampler_steps must be >= 1, got 0"),
+        ("finetune", "encode_batch_size: 0", "encode_batch_size must be >= 1, got 0"),
+        ("finetune", "lr: fast", "lr must be a number, got 'fast'"),
+        ("finetune", "grad_clip: -1", "grad_clip must be >= 0, got -1.0"),
+        ("replicate", "n_groups: many", "n_groups must be an integer, got 'many'"),
+        ("replicate", "shares: 0.3", "shares must be a list of numbers, got 0.3"),
+        ("replicate", "fig3_ranges: [0.4, 0.6]",
+         r"fig3_ranges\[0\] must be a list of 2 values \(a number, a number\), got 0.4"),
+        ("replicate", "shares: [0.3, 1.5]", r"shares and fig3_share must be in \[0, 1\)"),
+        ("replicate", "parts: table", "parts must be a list of strings, got 'table'"),
     ],
 )
-def test_config_values_of_the_wrong_type_or_range_are_refused_by_name(tmp_path, text, message) -> None:
+def test_config_values_of_the_wrong_type_or_range_are_refused_by_name(tmp_path, kind, text, message) -> None:
     path = tmp_path / "c.yaml"
     path.write_text(text + "\n", encoding="utf-8")
     with pytest.raises(ValueError, match=message):
-        load_config(path)
+        _load_any_config(kind, path)
 
 
 def test_numeric_strings_are_read_as_floats_and_lists_as_tuples(tmp_path) -> None:
@@ -242,26 +255,7 @@ def test_numeric_strings_are_read_as_floats_and_lists_as_tuples(tmp_path) -> Non
     cfg = load_config(path)  # PyYAML reads 1e-4 (no dot) as a string
     assert cfg.lr == 1e-4 and isinstance(cfg.lora.alpha, float)
     assert cfg.lora == LoraSettings(rank=4, alpha=4.0, target_modules=("to_q", "proj_in"))
-
-
-@pytest.mark.parametrize(
-    ("text", "message"),
-    [
-        ("n_groups: many", "n_groups must be an integer, got 'many'"),
-        ("shares: 0.3", "shares must be a list of numbers, got 0.3"),
-        ("fig3_ranges: [0.4, 0.6]", r"fig3_ranges\[0\] must be a list of 2 values \(a number, a number\), got 0.4"),
-        ("shares: [0.3, 1.5]", r"shares and fig3_share must be in \[0, 1\)"),
-        ("parts: table", "parts must be a list of strings, got 'table'"),
-    ],
-)
-def test_replicate_config_values_of_the_wrong_type_are_refused_by_name(tmp_path, text, message) -> None:
-    from training.replicate import load_config as load_replicate_config
-
-    path = tmp_path / "r.yaml"
-    path.write_text(text + "\n", encoding="utf-8")
-    with pytest.raises(ValueError, match=message):
-        load_replicate_config(path)
-    assert load_replicate_config(None, fig3_ranges=[[0.4, 0.6]]).fig3_ranges == ((0.4, 0.6),)
+    assert _load_any_config("replicate", None, fig3_ranges=[[0.4, 0.6]]).fig3_ranges == ((0.4, 0.6),)
 
 
 def test_ctrl_c_inside_a_step_resumes_to_the_uninterrupted_result(dataset_path, tmp_path) -> None:

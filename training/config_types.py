@@ -17,6 +17,7 @@ Ranges (steps >= 1, share in [0, 1) ...) stay in each class's `__post_init__`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import types
 import typing
@@ -93,6 +94,13 @@ def convert(name: str, value: Any, tp: Any) -> Any:
     if tp in (bool, int, float, str):
         return _scalar(name, value, tp)
     return value
+
+
+def differences(stored: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """'key: stored -> wanted' (JSON values) for each key of `wanted` whose stored value differs or is missing
+    ('not recorded'): what resume checks print."""
+    return [f"{k}: {json.dumps(stored[k]) if k in stored else 'not recorded'} -> {json.dumps(wanted[k])}"
+            for k in sorted(wanted) if k not in stored or stored[k] != wanted[k]]
 
 
 def check_fields(obj: Any) -> None:

@@ -52,6 +52,7 @@ from sage_core.models import (
     write_clip_tokenizer_files,
 )
 from training import world
+from training.config_types import differences
 from training.run_checks import check_device, writable_dir
 
 # ----------------------------------------------------------------------------------------------- config
@@ -251,8 +252,7 @@ def check_resume(cfg: DefaultModelConfig, stage: str, log: Callable[[str], None]
         raise ValueError(f"checkpoint {meta_path.parent} has no record of its settings; delete it or use a new "
                          "work_dir to start over")
     wanted = stage_signature(dataclasses.asdict(cfg), stage)
-    diff = [f"{k}: {json.dumps(stored[k]) if k in stored else 'not recorded'} -> {json.dumps(wanted[k])}"
-            for k in sorted(wanted) if k not in stored or stored[k] != wanted[k]]
+    diff = differences(stored, wanted)
     extended = [d for d in diff if d.split(":")[0] in EXTENDABLE_KEYS]
     diff = [d for d in diff if d not in extended]
     if diff:

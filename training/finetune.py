@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from sage_core.config_files import read_mapping
 from sage_core.models import model_fingerprint
-from training.config_types import check_fields
+from training.config_types import check_fields, differences
 from training.grouped_dataset import GroupedDataset, load_grouped_dataset
 from training.lora import LoraSettings, add_lora, lora_state_dict, save_adapter, set_lora_state_dict
 from training.losses import GroupBatch, SageLossConfig, branch_timestep, sage_loss, standard_loss
@@ -294,8 +294,7 @@ def check_signature(path: Path, stored: dict[str, Any], wanted: dict[str, Any]) 
     differing field with the checkpoint's and the config's value (a field an older checkpoint did not record shows
     as 'not recorded')."""
     wanted = json.loads(json.dumps(wanted))  # tuples as lists, as stored
-    diff = [f"{k}: {json.dumps(stored[k]) if k in stored else 'not recorded'} -> {json.dumps(wanted[k])}"
-            for k in sorted(wanted) if k not in stored or stored[k] != wanted[k]]
+    diff = differences(stored, wanted)
     if diff:
         raise ValueError(f"checkpoint {path} was made with another config ({'; '.join(diff)}); use a new out_dir, "
                          "delete the checkpoint or pass --no-resume")
