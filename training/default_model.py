@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from sage_core.config_files import read_mapping
+from sage_core.config_types import differences
 from sage_core.models import (
     CLIP_BOS,
     CLIP_EOS,
@@ -52,7 +53,6 @@ from sage_core.models import (
     write_clip_tokenizer_files,
 )
 from training import world
-from training.config_types import differences
 from training.run_checks import check_device, writable_dir
 
 # ----------------------------------------------------------------------------------------------- config

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from sage_core.config_types import check_fields
 from training import judges, world
-from training.config_types import check_fields
 from training.run_checks import check_device, writable_dir
 
 ACCEPTANCE = {"shape": 0.90, "color": 0.90, "position": 0.80}  # oracle accuracy targets of the H100 model

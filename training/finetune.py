@@ -34,8 +34,8 @@ import torch
 from tqdm.auto import tqdm
 
 from sage_core.config_files import read_mapping
+from sage_core.config_types import check_fields, differences
 from sage_core.models import model_fingerprint
-from training.config_types import check_fields, differences
 from training.grouped_dataset import GroupedDataset, load_grouped_dataset
 from training.lora import LoraSettings, add_lora, lora_state_dict, save_adapter, set_lora_state_dict
 from training.losses import GroupBatch, SageLossConfig, branch_timestep, sage_loss, standard_loss

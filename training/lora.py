@@ -31,7 +31,7 @@ from sage_core.adapters import (  # noqa: F401  (re-exported: training code and 
     load_adapter,
     read_adapter_shapes,
 )
-from training.config_types import check_fields
+from sage_core.config_types import check_fields
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 

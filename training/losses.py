@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler
 
-from training.config_types import check_fields
+from sage_core.config_types import check_fields
 
 WEIGHTINGS = ("constant", "min_snr")
 

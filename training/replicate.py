@@ -32,8 +32,8 @@ import torch
 from tqdm.auto import tqdm
 
 from sage_core.config_files import read_mapping
+from sage_core.config_types import check_fields
 from training import world
-from training.config_types import check_fields
 from training.grouped_dataset import GroupingParams, build_groups, disjoint_groups
 from training.run_checks import check_device, writable_dir
 
@@ -90,7 +90,7 @@ class ReplicateConfig:
 
 
 def load_config(path: str | Path | None = None, **overrides: Any) -> ReplicateConfig:
-    """A ReplicateConfig from YAML (lists become tuples: training.config_types), with non-None overrides."""
+    """A ReplicateConfig from YAML (lists become tuples: sage_core.config_types), with non-None overrides."""
     data = (read_mapping(path) if path else {}) | {k: v for k, v in overrides.items() if v is not None}
     known = {f.name for f in dataclasses.fields(ReplicateConfig)}
     if set(data) - known:

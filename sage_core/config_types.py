@@ -1,4 +1,4 @@
-"""Type checks of the training configs' dataclasses, driven by their field annotations (one place for all of them).
+"""Type checks of config dataclasses, driven by their field annotations (one place for every process's configs).
 
 `check_fields(obj)` (call it first in `__post_init__`) checks every field against its annotation and stores the
 normalized value; a wrong value raises ValueError naming the field and the value. The rules:
