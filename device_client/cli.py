@@ -12,10 +12,35 @@ from device_client.config import DEFAULT_ADAPTER_CHOICE, DeviceConfig
 main = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
 
 
-def fail(message: str) -> None:
-    """Print a one-line error and exit non-zero."""
+MAX_SEED = 2**63 - 1  # mirrors sage_core.generate.MAX_SEED (this module does not import torch)
+
+
+def fail(message: str, code: int = 1) -> None:
+    """Print a one-line error and exit non-zero (2: the command line is wrong; 1: the run failed)."""
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code=1)
+    raise typer.Exit(code=code)
+
+
+def check_png_out(out: Path, overwrite: bool) -> None:
+    """ValueError for an -o path the image cannot go to, found before any work: a folder, a name that is not .png
+    (the data is PNG), an existing file without `overwrite`, or a file that cannot be made there."""
+    from sage_core.outputs import check_creatable
+
+    if out.is_dir():
+        raise ValueError(f"{out} is a folder; give the PNG file to write (-o)")
+    if out.suffix.lower() != ".png":
+        raise ValueError(f"{out}: the image is written as PNG; give a file name ending in .png (-o)")
+    if out.exists() and not overwrite:
+        raise ValueError(f"{out} exists; pass --overwrite to replace it")
+    check_creatable(out)  # OutputDirError (a ValueError): a parent that is a file, or a folder this user cannot write
+
+
+def check_text(prompt: str) -> None:
+    """ValueError for a prompt that is not valid UTF-8 (the shell passed bytes Python kept as surrogates)."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"the prompt is not valid UTF-8 text (byte {exc.start} onwards)") from exc
 
 
 @main.command("generate")
@@ -24,7 +49,8 @@ def generate_cmd(
     out: Annotated[Path, typer.Option("-o", "--out", help="PNG to write (metadata in text chunks)")] = Path("out.png"),
     server: Annotated[str | None, typer.Option("--server", help="edge server host:port; none: local sampling")] = None,
     seed: Annotated[
-        int | None, typer.Option("--seed", min=0, help="noise seed (the group uses its first member's)")
+        int | None,
+        typer.Option("--seed", min=0, max=MAX_SEED, help="noise seed (the group uses its first member's)"),
     ] = None,
     steps: Annotated[int, typer.Option("--steps", min=0, help="sampler steps; 0: the server's default")] = 0,
     guidance: Annotated[float | None, typer.Option("--guidance", help="CFG scale; unset: the server's default")] = None,
@@ -57,6 +83,7 @@ def generate_cmd(
         Path | None, typer.Option("--token-file", help="bearer token file; default: $SAGE_EDGE_TOKEN if set")
     ] = None,
     client_id: Annotated[str, typer.Option("--client-id", help="this device's id (informational)")] = "",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing -o file")] = False,
 ) -> None:
     """Request a shared latent, run the branch phase here, decode and save the image."""
     from device_client.channel import read_token
@@ -66,8 +93,11 @@ def generate_cmd(
 
     if model is None and resolve_model(None) == "tiny":
         typer.echo("note: the shipped default model is not installed yet; using the tiny random pipeline", err=True)
-    if out.is_dir():
-        fail(f"{out} is a folder; give the PNG file to write (-o)")
+    try:
+        check_text(prompt)
+        check_png_out(out, overwrite)
+    except ValueError as exc:
+        fail(str(exc), code=2)
     try:
         config = DeviceConfig(
             server=server,
@@ -127,7 +157,9 @@ def demo_cmd(
         str, typer.Option("--adapter", help="SAGE LoRA folder, 'auto' or 'none'")
     ] = DEFAULT_ADAPTER_CHOICE,
     steps: Annotated[int, typer.Option("--steps", min=0, help="sampler steps; 0: server default")] = 0,
-    seed: Annotated[int, typer.Option("--seed", min=0, help="base seed: prompt i asks for seed + i")] = 0,
+    seed: Annotated[
+        int, typer.Option("--seed", min=0, max=MAX_SEED, help="base seed: prompt i asks for seed + i")
+    ] = 0,
     max_wait_ms: Annotated[float, typer.Option("--max-wait-ms", help="server batching window")] = 500.0,
     server_arg: Annotated[
         list[str] | None, typer.Option("--server-arg", help="extra argument for the server (repeat)")
@@ -136,8 +168,13 @@ def demo_cmd(
 ) -> None:
     """Start an edge server (local Ray), run device clients on the prompts file, write images, grids, a report."""
     from device_client.demo import DemoConfig, DemoError, run_demo_config
+    from sage_core.generate import check_base_seed, read_prompt_file
     from sage_core.models import ModelError
 
+    try:
+        check_base_seed(seed, len(read_prompt_file(prompts)))  # prompt i asks for seed + i
+    except ValueError as exc:
+        fail(str(exc), code=2)
     try:
         config = DemoConfig(
             prompts_file=prompts,

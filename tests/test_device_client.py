@@ -292,4 +292,33 @@ def test_cli_generate_with_fallback_and_clear_errors(tmp_path):
     res = runner.invoke(main, ["generate", "x", "--server", "nohost", "--model", "tiny"])
     assert res.exit_code == 1 and "host:port" in res.output
     res = runner.invoke(main, [*base[:3], str(tmp_path), *base[4:], "--fallback-local"])  # -o a folder: refused first
-    assert res.exit_code == 1 and "is a folder" in res.output and "Traceback" not in res.output
+    assert res.exit_code == 2 and "is a folder" in res.output and "Traceback" not in res.output
+
+
+def test_cli_generate_refuses_bad_arguments_before_connecting(tmp_path):
+    """An existing -o file without --overwrite, an -o under a file, a name that is not .png, a seed beyond 2^63 - 1
+    and a prompt that is not UTF-8 are one-line errors (exit 2) before any server is asked (none listens here)."""
+    from typer.testing import CliRunner
+
+    from device_client.cli import MAX_SEED, main
+    from sage_core.generate import MAX_SEED as CORE_MAX_SEED
+
+    assert MAX_SEED == CORE_MAX_SEED
+    existing = tmp_path / "old.png"
+    existing.write_bytes(b"keep")
+    base = ["--server", f"127.0.0.1:{free_port()}", "--model", "tiny", "--adapter", "none", "--connect-timeout", "0.5"]
+    cases = {
+        ("a cat", "-o", str(existing)): "exists; pass --overwrite",
+        ("a cat", "-o", str(existing / "x.png")): "is a file, not a folder",
+        ("a cat", "-o", str(tmp_path / "x.jpg")): "ending in .png",
+        ("a cat", "-o", str(tmp_path / "X.PNG"), "--seed", str(2**64)): f"less than or equal to {2**63 - 1}",
+        ("\udcff\udcfe", "-o", str(tmp_path / "y.png")): "the prompt is not valid UTF-8 text",
+    }
+    for args, expected in cases.items():
+        res = CliRunner().invoke(main, ["generate", *args, *base], env={"COLUMNS": "300"})  # no cut in the box
+        assert res.exit_code == 2 and expected in res.output and "Traceback" not in res.output, (args, res.output)
+    assert existing.read_bytes() == b"keep" and not (tmp_path / "x.jpg").exists()
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\na dog\n")  # the demo asks for seed + i: MAX_SEED + 1 for the second
+    res = CliRunner().invoke(main, ["demo", "--prompts", str(prompts), "--seed", str(MAX_SEED), "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "seed must be in" in res.output and "Traceback" not in res.output, res.output
