@@ -22,7 +22,7 @@ import typer
 
 from edge_server.config import ConfigError, build_config
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
 
 
 @app.callback()
@@ -135,9 +135,9 @@ def serve(
 
     try:
         code = asyncio.run(run_server(cfg))
-    except ConfigError as exc:  # unreadable certificates or token file, a port that cannot be bound
+    except ConfigError as exc:  # unreadable certificates or token file, a port that cannot be bound, no Ray there
         typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
+        exit_now(2)  # a Ray call left hanging in a thread must not hold up the exit
     exit_now(code)
 
 

@@ -9,6 +9,7 @@ names, and the request's metrics. Any failure ends the call with a gRPC status a
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import hashlib
@@ -16,9 +17,11 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
+import threading
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -39,6 +42,8 @@ VERSION = "0.1.0"
 LISTENING_MARKER = "SAGE_EDGE_LISTENING"
 METRICS_MARKER = "SAGE_EDGE_METRICS"
 DEADLINE_SLACK_S = 0.1
+RAY_PROBE_TIMEOUT_S = 3.0  # a TCP connect to a cluster's GCS before ray.init (which retries an absent one forever)
+RAY_STOP_WAIT_S = 15.0  # after a signal, how long a ray.init or ray.shutdown still in progress may take
 
 
 def to_spec(request: edge_pb2.ImageRequest) -> ImageSpec:
@@ -239,8 +244,9 @@ def setup_logging(config: ServerConfig) -> None:
 
 # ---- Ray -----------------------------------------------------------------------------------------------------
 def init_ray(config: ServerConfig) -> bool:
-    """Join the cluster at `ray_address` ("auto" or host:port) or start a small local Ray bound to 127.0.0.1.
-    Returns True when this process started Ray (and so must shut it down)."""
+    """Join the cluster at `ray_address` ("auto", host:port or ray://host:port) or start a small local Ray bound to
+    127.0.0.1. Returns True when this process started Ray (and so must shut it down). ConfigError when the cluster
+    cannot be reached (checked with a TCP connect first: ray.init waits forever for an absent GCS)."""
     import ray
 
     repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -256,8 +262,44 @@ def init_ray(config: ServerConfig) -> bool:
             **common,
         )
         return True
-    ray.init(address=config.ray_address, namespace="sage-edge", **common)
+    probe_ray(config.ray_address)
+    try:
+        ray.init(address=config.ray_address, namespace="sage-edge", **common)
+    except (ConnectionError, TimeoutError) as exc:
+        raise ConfigError(f"cannot reach Ray at {config.ray_address} ({first_line(exc)})") from exc
     return False
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message, else its type name."""
+    return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+
+
+def ray_target(address: str) -> tuple[str, int]:
+    """(host, port) that a `ray_address` names; "auto" is resolved as ray.init does (RAY_ADDRESS, then the address
+    the last `ray start` recorded, then a running GCS). ConfigError when there is none or it is not host:port."""
+    target = address.split("://", 1)[1] if "://" in address else address
+    if target == "auto":
+        from ray._private.services import canonicalize_bootstrap_address_or_die
+
+        try:
+            target = canonicalize_bootstrap_address_or_die("auto")
+        except (ConnectionError, ValueError) as exc:
+            raise ConfigError(f"cannot reach Ray at {address} ({first_line(exc)})") from exc
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"ray_address must be 'auto', host:port or ray://host:port, got {address!r}")
+    return host.strip("[]"), int(port)
+
+
+def probe_ray(address: str, timeout_s: float = RAY_PROBE_TIMEOUT_S) -> None:
+    """ConfigError unless a TCP connection to the cluster `address` names opens within `timeout_s`."""
+    host, port = ray_target(address)
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as exc:
+        where = "" if f"{host}:{port}" in address else f"{host}:{port}: "
+        raise ConfigError(f"cannot reach Ray at {address} ({where}{exc.strerror or exc})") from exc
 
 
 def _gcs_address() -> str:
@@ -323,6 +365,28 @@ def bind_port(server: grpc.aio.Server, config: ServerConfig, credentials: grpc.S
     return port
 
 
+def probe_bind(host: str, port: int, what: str) -> None:
+    """ConfigError when `host:port` cannot be bound now (a quick bind with SO_REUSEADDR, as grpc binds, released at
+    once), so that a port in use is found before Ray starts and the model loads; port 0 always can."""
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        raise ConfigError(f"cannot {what} {host}:{port}: {exc.strerror or exc}") from exc
+    errors: list[OSError] = []
+    for family, kind, proto, _, sockaddr in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(sockaddr)
+                return
+            except OSError as exc:
+                errors.append(exc)
+    reason = errors[0].strerror if errors else "no address"
+    raise ConfigError(f"cannot {what} {host}:{port}: {reason}")
+
+
 def serve_metrics(metrics: EdgeMetrics, config: ServerConfig) -> int:
     """Serve /metrics on metrics_host:metrics_port and return the port; ConfigError when it cannot be bound."""
     try:
@@ -340,8 +404,14 @@ async def serve(config: ServerConfig) -> int:
     credentials = server_credentials(config)
     if config.ray_address is None:  # a local Ray reads the files here: say what is wrong before starting it
         preflight_files(config)
+    probe_bind(config.host, config.port, "bind")
+    if config.metrics_port is not None:
+        probe_bind(config.metrics_host, config.metrics_port, "serve metrics on")
     stop = stop_on_signals()  # from here on: a signal during the start stops the server cleanly too
-    started_ray = await asyncio.to_thread(init_ray, config)
+    started_ray = await start_ray(config, stop)
+    if started_ray is None:
+        log.info("stopped_during_start", extra={"fields": {"ray": "not started"}})
+        return 0
     log.info("ray_ready", extra={"fields": {"started_local": started_ray, "gcs_address": _gcs_address()}})
     try:
         started = None if stop.is_set() else await unless_stopped(start_workers(config), stop)
@@ -404,10 +474,50 @@ async def serve(config: ServerConfig) -> int:
         log.info("stopped", extra={"fields": {"drained": drained, **engine.stats()}})
         return 0
     finally:
-        import ray
+        await shutdown_ray()
 
-        # a local Ray stops; a joined cluster only loses this driver and its workers
-        await asyncio.to_thread(ray.shutdown)
+
+async def start_ray(config: ServerConfig, stop: asyncio.Event) -> bool | None:
+    """init_ray in a daemon thread: its result, or None when a signal came first and ray.init then failed or did not
+    return within RAY_STOP_WAIT_S (ray.init cannot be interrupted, and waits forever on a local Ray whose processes
+    a process-group signal killed)."""
+    init = asyncio.ensure_future(in_daemon_thread(lambda: init_ray(config)))
+    if await unless_stopped(asyncio.shield(init), stop) is not None:
+        return init.result()
+    if await finished_within(init, RAY_STOP_WAIT_S) and init.exception() is None:
+        return init.result()  # Ray is up: the caller stops it
+    return None
+
+
+async def shutdown_ray() -> None:
+    """ray.shutdown (a local Ray stops; a joined cluster only loses this driver and its workers), given up after
+    RAY_STOP_WAIT_S: it waits forever on a local Ray whose processes were killed (a process-group signal)."""
+    import ray
+
+    if not await finished_within(asyncio.ensure_future(in_daemon_thread(ray.shutdown)), RAY_STOP_WAIT_S):
+        log.warning("ray_shutdown_abandoned", extra={"fields": {"after_s": RAY_STOP_WAIT_S}})
+
+
+def in_daemon_thread(fn: Callable[[], T]) -> Awaitable[T]:
+    """`fn()` in a new daemon thread. Unlike asyncio.to_thread, whose pool asyncio.run joins at exit, a Ray call
+    that never returns cannot hold up the process's exit."""
+    future: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+    def run() -> None:
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(fn())
+            except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
+                future.set_exception(exc)
+
+    threading.Thread(target=run, name=getattr(fn, "__name__", "ray-call"), daemon=True).start()
+    return asyncio.wrap_future(future)
+
+
+async def finished_within(task: asyncio.Future[Any], timeout_s: float) -> bool:
+    """Whether `task` is done within `timeout_s` (it is not cancelled when not)."""
+    await asyncio.wait({task}, timeout=timeout_s)
+    return task.done()
 
 
 def stop_on_signals() -> asyncio.Event:

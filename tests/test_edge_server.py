@@ -119,6 +119,60 @@ async def test_busy_ports_are_config_errors() -> None:
 
 
 
+def test_config_values_of_the_wrong_type_name_the_setting(tmp_path: Path) -> None:
+    """A quoted number, a number for a string, or a bool for a number is refused naming the setting and the type
+    (it was "'>=' not supported between instances of 'str' and 'int'"); an int where a float goes is fine."""
+    from typer.testing import CliRunner
+
+    from edge_server.cli import app
+
+    cases = {"max_batch": ("8", "an integer"), "tau": ("high", "a number"), "ray_address": (5, "a string or unset"),
+             "metrics_port": ("9", "an integer or unset"), "port": (True, "an integer")}
+    for name, (value, expected) in cases.items():
+        with pytest.raises(ConfigError, match=f"^{name} must be {expected}, got {value!r}"):
+            build_config(overrides={name: value})
+    assert build_config(overrides={"tau": 1, "grace_s": 2}).tau == 1
+    (tmp_path / "c.yaml").write_text('max_batch: "8"\n')
+    result = CliRunner().invoke(app, ["serve", "--config", str(tmp_path / "c.yaml")])
+    assert result.exit_code == 2 and result.output == "error: max_batch must be an integer, got '8' (str)\n"
+
+
+def _serve_fails_fast(*flags: str, env: dict[str, str] | None = None) -> str:
+    """Run `serve --model tiny <flags>` expecting a one-line error and exit 2 within seconds (no Ray start, no model
+    load); returns that line."""
+    from server_fixtures import REPO_ROOT
+
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "edge_server", "serve", "--model", "tiny", *flags], cwd=REPO_ROOT,
+                          env=server_env(env), capture_output=True, text=True, timeout=40)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert done.returncode == 2 and len(errors) == 1, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and "ray_ready" not in done.stderr, done.stderr[-3000:]
+    assert time.monotonic() - started < 20, "took as long as a Ray start"
+    return errors[0]
+
+
+@pytest.mark.parametrize("form", ["{a}", "ray://{a}", "auto"])
+def test_an_unreachable_ray_address_is_a_one_line_error(form: str) -> None:
+    """--ray-address naming no Ray (host:port, ray://host:port, or "auto" resolving to RAY_ADDRESS) ends at once
+    with `error: cannot reach Ray at ...` and exit 2: ray.init would wait forever on host:port (deaf to SIGTERM),
+    print a traceback after 30 s for ray://, and at once for "auto"."""
+    nothing = f"127.0.0.1:{_free_port()}"
+    line = _serve_fails_fast("--port", "0", "--ray-address", form.format(a=nothing), env={"RAY_ADDRESS": nothing})
+    assert line.startswith(f"error: cannot reach Ray at {form.format(a=nothing)} ("), line
+
+
+def test_a_port_in_use_is_found_before_ray_starts() -> None:
+    """A gRPC or metrics port that another socket listens on is refused before Ray starts and the model loads."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        assert _serve_fails_fast("--port", str(busy)).startswith(f"error: cannot bind 127.0.0.1:{busy}")
+        line = _serve_fails_fast("--port", "0", "--metrics-port", str(busy))
+        assert line.startswith(f"error: cannot serve metrics on 127.0.0.1:{busy}"), line
+
+
 def test_anonymous_requests_are_capped_by_connection_not_together() -> None:
     """Without tokens, requests that name no client_id are counted per gRPC peer (their connection) for the
     per-client stream cap; a named client_id is kept."""
