@@ -19,9 +19,8 @@ import os
 import signal
 import socket
 import sys
-import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -408,7 +407,8 @@ async def serve(config: ServerConfig) -> int:
     if config.metrics_port is not None:
         probe_bind(config.metrics_host, config.metrics_port, "serve metrics on")
     stop = stop_on_signals()  # from here on: a signal during the start stops the server cleanly too
-    started_ray = await start_ray(config, stop)
+    thread = ray_thread()
+    started_ray = await start_ray(config, stop, thread)
     if started_ray is None:
         log.info("stopped_during_start", extra={"fields": {"ray": "not started"}})
         return 0
@@ -474,14 +474,16 @@ async def serve(config: ServerConfig) -> int:
         log.info("stopped", extra={"fields": {"drained": drained, **engine.stats()}})
         return 0
     finally:
-        await shutdown_ray()
+        await shutdown_ray(thread)
 
 
-async def start_ray(config: ServerConfig, stop: asyncio.Event) -> bool | None:
-    """init_ray in a daemon thread: its result, or None when a signal came first and ray.init then failed or did not
+async def start_ray(
+    config: ServerConfig, stop: asyncio.Event, thread: concurrent.futures.Executor
+) -> bool | None:
+    """init_ray in `thread`: its result, or None when a signal came first and ray.init then failed or did not
     return within RAY_STOP_WAIT_S (ray.init cannot be interrupted, and waits forever on a local Ray whose processes
     a process-group signal killed)."""
-    init = asyncio.ensure_future(in_daemon_thread(lambda: init_ray(config)))
+    init = asyncio.ensure_future(asyncio.get_running_loop().run_in_executor(thread, init_ray, config))
     if await unless_stopped(asyncio.shield(init), stop) is not None:
         return init.result()
     if await finished_within(init, RAY_STOP_WAIT_S) and init.exception() is None:
@@ -489,29 +491,22 @@ async def start_ray(config: ServerConfig, stop: asyncio.Event) -> bool | None:
     return None
 
 
-async def shutdown_ray() -> None:
+async def shutdown_ray(thread: concurrent.futures.Executor) -> None:
     """ray.shutdown (a local Ray stops; a joined cluster only loses this driver and its workers), given up after
     RAY_STOP_WAIT_S: it waits forever on a local Ray whose processes were killed (a process-group signal)."""
     import ray
 
-    if not await finished_within(asyncio.ensure_future(in_daemon_thread(ray.shutdown)), RAY_STOP_WAIT_S):
+    shutdown = asyncio.ensure_future(asyncio.get_running_loop().run_in_executor(thread, ray.shutdown))
+    if not await finished_within(shutdown, RAY_STOP_WAIT_S):
         log.warning("ray_shutdown_abandoned", extra={"fields": {"after_s": RAY_STOP_WAIT_S}})
 
 
-def in_daemon_thread(fn: Callable[[], T]) -> Awaitable[T]:
-    """`fn()` in a new daemon thread. Unlike asyncio.to_thread, whose pool asyncio.run joins at exit, a Ray call
-    that never returns cannot hold up the process's exit."""
-    future: concurrent.futures.Future[T] = concurrent.futures.Future()
-
-    def run() -> None:
-        if future.set_running_or_notify_cancel():
-            try:
-                future.set_result(fn())
-            except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
-                future.set_exception(exc)
-
-    threading.Thread(target=run, name=getattr(fn, "__name__", "ray-call"), daemon=True).start()
-    return asyncio.wrap_future(future)
+def ray_thread() -> concurrent.futures.ThreadPoolExecutor:
+    """The one thread that calls ray.init and ray.shutdown. It must outlive the local Ray: Ray starts its processes
+    with PR_SET_PDEATHSIG, which fires when the *thread* that started them ends. Never shut down: exit_now ends the
+    process without joining it, so a Ray call that never returns cannot hold up the exit (asyncio.to_thread's pool
+    is joined by asyncio.run)."""
+    return concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ray-calls")
 
 
 async def finished_within(task: asyncio.Future[Any], timeout_s: float) -> bool:
