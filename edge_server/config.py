@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import types
-import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sage_core.config_files import ConfigFileError, read_mapping
+from sage_core.config_types import check_fields
 
 # Mirrors of sage_core.sampler.{SCHEDULERS, SHARED_CONDITIONS}, sage_core.codec.{MODES, LOSSLESS_MODES} and
 # sage_core.unet_buckets.{COMPILE_MODES, ATTENTION_BACKENDS, QUANTIZE_MODES, TUNING_LEVELS} (checked by tests): the
@@ -138,6 +137,10 @@ class ServerConfig:
                 object.__setattr__(self, name, convert(value))
             except (TypeError, ValueError) as exc:
                 raise ConfigError(f"{name}: cannot read {value!r} ({exc})") from exc
+        try:
+            check_fields(self)  # each value of its annotated type (a quoted "8" is no integer), named if not
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
         for problem in _problems(self):
             raise ConfigError(problem)
 
@@ -146,42 +149,8 @@ class ServerConfig:
         return json.dumps(dataclasses.asdict(self), sort_keys=True, default=str)
 
 
-_TYPE_NAMES: dict[Any, str] = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
-                               type(None): "unset"}
-
-
-def _fits(value: Any, expected: Any) -> bool:
-    """Whether `value` is of the annotated type `expected` (a bool is no number; an int is a float)."""
-    if isinstance(expected, types.UnionType) or typing.get_origin(expected) is typing.Union:
-        return any(_fits(value, option) for option in typing.get_args(expected))
-    if expected in (int, float) and isinstance(value, bool):
-        return False
-    if expected is float:
-        return isinstance(value, (int, float))
-    return isinstance(value, typing.get_origin(expected) or expected)
-
-
-def _type_name(expected: Any) -> str:
-    """How a message names an annotated type: 'an integer', 'a string or unset', ..."""
-    options = typing.get_args(expected) if isinstance(expected, types.UnionType) else (expected,)
-    return " or ".join(_TYPE_NAMES.get(o, getattr(typing.get_origin(o), "__name__", str(o))) for o in options)
-
-
-def _type_problems(c: ServerConfig) -> list[str]:
-    """A message for every setting whose value is not of its annotated type (e.g. max_batch: "8", a quoted number)."""
-    hints = typing.get_type_hints(ServerConfig)
-    values = {f.name: getattr(c, f.name) for f in dataclasses.fields(c)}
-    return [
-        f"{name} must be {_type_name(hints[name])}, got {value!r} ({type(value).__name__})"
-        for name, value in values.items()
-        if not _fits(value, hints[name])
-    ]
-
-
 def _problems(c: ServerConfig) -> list[str]:
-    """Every invalid setting of `c`, as clear messages (empty when valid); type errors alone when there are any."""
-    if wrong_types := _type_problems(c):
-        return wrong_types
+    """Every invalid setting of `c`, as clear messages (empty when valid)."""
     out: list[str] = []
 
     def need(ok: bool, message: str) -> None:

@@ -81,7 +81,12 @@ def convert(name: str, value: Any, tp: Any) -> Any:
         if value is None and type(None) in args:
             return None
         (inner,) = [a for a in args if a is not type(None)]
-        return convert(name, value, inner)
+        try:
+            return convert(name, value, inner)
+        except ValueError:
+            if inner in (bool, int, float, str):  # "a number or null", not just "a number"
+                raise _wrong(name, value, tp) from None
+            raise
     if origin is tuple:
         if not isinstance(value, list | tuple):
             raise _wrong(name, value, tp)

@@ -126,15 +126,17 @@ def test_config_values_of_the_wrong_type_name_the_setting(tmp_path: Path) -> Non
 
     from edge_server.cli import app
 
-    cases = {"max_batch": ("8", "an integer"), "tau": ("high", "a number"), "ray_address": (5, "a string or unset"),
-             "metrics_port": ("9", "an integer or unset"), "port": (True, "an integer")}
+    cases = {"max_batch": ("8", "an integer"), "tau": ("high", "a number"), "ray_address": (5, "a string or null"),
+             "metrics_port": ("9", "an integer or null"), "port": (True, "an integer"),
+             "unet_channels_last": ("false", "true or false")}
     for name, (value, expected) in cases.items():
         with pytest.raises(ConfigError, match=f"^{name} must be {expected}, got {value!r}"):
             build_config(overrides={name: value})
     assert build_config(overrides={"tau": 1, "grace_s": 2}).tau == 1
+    assert build_config(overrides={"tau": "0.5"}).tau == 0.5  # YAML reads 1e-4 as a string: numbers are read
     (tmp_path / "c.yaml").write_text('max_batch: "8"\n')
     result = CliRunner().invoke(app, ["serve", "--config", str(tmp_path / "c.yaml")])
-    assert result.exit_code == 2 and result.output == "error: max_batch must be an integer, got '8' (str)\n"
+    assert result.exit_code == 2 and result.output == "error: max_batch must be an integer, got '8'\n"
 
 
 def _serve_fails_fast(*flags: str, env: dict[str, str] | None = None) -> str:
