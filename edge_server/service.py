@@ -521,8 +521,16 @@ def stop_on_signals() -> asyncio.Event:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, stop_requested, stop)
     return stop
+
+
+def stop_requested(stop: asyncio.Event) -> None:
+    """Set `stop`, first cancelling any pending alarm: Ray's failure-signal handler (Abseil's), which sees SIGTERM
+    before Python does, takes it for a crash, dumps a native stack and arms a 3 s alarm whose SIGALRM aborts the
+    process (exit 134) unless it has ended by then, as a drain with requests in flight has not."""
+    signal.alarm(0)
+    stop.set()
 
 
 async def unless_stopped(work: Awaitable[T], stop: asyncio.Event) -> T | None:
