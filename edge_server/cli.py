@@ -131,13 +131,16 @@ def serve(
     except ConfigError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
+    from edge_server.service import ray_thread_started
     from edge_server.service import serve as run_server
 
     try:
         code = asyncio.run(run_server(cfg))
     except ConfigError as exc:  # unreadable certificates or token file, a port that cannot be bound, no Ray there
         typer.echo(f"error: {exc}", err=True)
-        exit_now(2)  # a Ray call left hanging in a thread must not hold up the exit
+        if ray_thread_started():
+            exit_now(2)  # a Ray call left hanging in its thread must not hold up the exit
+        raise typer.Exit(2) from exc  # found before any Ray call: a plain exit (in-process callers live on)
     exit_now(code)
 
 

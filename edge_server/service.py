@@ -19,6 +19,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
@@ -42,6 +43,7 @@ LISTENING_MARKER = "SAGE_EDGE_LISTENING"
 METRICS_MARKER = "SAGE_EDGE_METRICS"
 DEADLINE_SLACK_S = 0.1
 RAY_PROBE_TIMEOUT_S = 3.0  # a TCP connect to a cluster's GCS before ray.init (which retries an absent one forever)
+RAY_THREAD = "ray-calls"  # the name of the one thread that calls ray.init and ray.shutdown (ray_thread)
 RAY_STOP_WAIT_S = 15.0  # after a signal, how long a ray.init or ray.shutdown still in progress may take
 
 
@@ -506,7 +508,13 @@ def ray_thread() -> concurrent.futures.ThreadPoolExecutor:
     with PR_SET_PDEATHSIG, which fires when the *thread* that started them ends. Never shut down: exit_now ends the
     process without joining it, so a Ray call that never returns cannot hold up the exit (asyncio.to_thread's pool
     is joined by asyncio.run)."""
-    return concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ray-calls")
+    return concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=RAY_THREAD)
+
+
+def ray_thread_started() -> bool:
+    """Whether this process has started the `ray_thread` (a call there may hang, and the interpreter's exit joins
+    the thread)."""
+    return any(t.name.startswith(RAY_THREAD) for t in threading.enumerate())
 
 
 async def finished_within(task: asyncio.Future[Any], timeout_s: float) -> bool:
