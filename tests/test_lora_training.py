@@ -281,6 +281,36 @@ def test_ctrl_c_inside_a_step_resumes_to_the_uninterrupted_result(dataset_path, 
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
 
 
+def test_ctrl_c_during_the_optimizer_update_waits_for_it(dataset_path, tmp_path, monkeypatch) -> None:
+    """A SIGINT inside step 3's AdamW update is held until the update and its step count are done: the checkpoint
+    is at step 3, not at step 2 with a half-updated LoRA, and resuming gives the uninterrupted result."""
+    import os
+    import signal
+
+    full = finetune(_cfg(dataset_path, tmp_path / "full", checkpoint_every=100), pipe=tiny_pipeline(0),
+                    log=lambda s: None)
+    real_step, calls = torch.optim.AdamW.step, {"n": 0}
+
+    def interrupted_step(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(self, *args, **kwargs)
+
+    cfg = _cfg(dataset_path, tmp_path / "cut", checkpoint_every=100)
+    monkeypatch.setattr(torch.optim.AdamW, "step", interrupted_step)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(cfg, pipe=tiny_pipeline(0), log=lambda s: None)
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["step"] == 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+    resumed = finetune(cfg, pipe=tiny_pipeline(0), log=lambda s: None)
+    a = load_file(str(full / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(resumed / "pytorch_lora_weights.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
 def test_grad_clip_is_checked_on_resume_and_recorded(dataset_path, tmp_path) -> None:
     adapter = finetune(_cfg(dataset_path, tmp_path / "g", steps=2), pipe=tiny_pipeline(0), log=lambda s: None)
     assert json.loads((adapter / "sage_adapter.json").read_text())["config"]["grad_clip"] == 1.0

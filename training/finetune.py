@@ -23,8 +23,11 @@ import dataclasses
 import hashlib
 import json
 import os
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -254,6 +257,24 @@ class TrainState:
     elapsed_s: float
 
 
+@contextmanager
+def deferred_interrupt() -> Iterator[None]:
+    """Hold a Ctrl-C (SIGINT) that arrives inside the block until the block ends, then raise KeyboardInterrupt, so
+    an optimizer update and the step count that records it happen together or not at all. Off the main thread
+    (where signal handlers cannot be set) the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+
+
 def rng_states(gens: dict[str, torch.Generator]) -> dict[str, torch.Tensor]:
     """The generators' states now (what a checkpoint stores, and what an interrupted step started from)."""
     return {k: g.get_state() for k, g in gens.items()}
@@ -392,9 +413,10 @@ def finetune(
             loss.backward()
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            optim.step()
-            state.step += 1
-            step_start_rng = None
+            with deferred_interrupt():  # a Ctrl-C here waits for the update: never a half-updated LoRA
+                optim.step()
+                state.step += 1
+                step_start_rng = None
             state.elapsed_s = start_elapsed + time.monotonic() - started
             running.append(float(loss.detach()))
             bar.update(1)
