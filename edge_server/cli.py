@@ -145,9 +145,10 @@ def serve(
 
 
 def exit_now(code: int) -> NoReturn:
-    """End the served process with `code`, skipping the interpreter's teardown. By now Ray is shut down and every
-    log line is written; tearing down Ray's, gRPC's and torch's native state at exit sometimes crashed the process
-    (SIGABRT, exit -6, seen after a window was cancelled), which a container runtime reports as a failure."""
+    """End the served process with `code`, skipping the interpreter's teardown. By now Ray is shut down (or given up
+    on) and every log line is written; the teardown would join a Ray call still hanging in its thread, and tearing
+    down Ray's, gRPC's and torch's native state is not needed. (The SIGABRT once seen after a cancelled window was
+    Ray's failure-signal alarm, which `service.stop_requested` now cancels.)"""
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
