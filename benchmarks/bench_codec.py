@@ -31,7 +31,7 @@ import torch
 if __package__ in (None, ""):  # `python benchmarks/bench_codec.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.results import write_json  # noqa: E402
+from benchmarks.results import output_file, write_json  # noqa: E402
 from sage_core.codec import MAX_LEVEL, MIN_LEVEL, MODES, RECOMMENDED_LOSSY_MODE, CodecSpec, LatentCodec  # noqa: E402
 from sage_core.models import SD15_SCHEDULER_CONFIG  # noqa: E402
 
@@ -372,7 +372,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--no-tiny-fallback", action="store_true", help="fail if the default model is missing")
     p.add_argument("--prompts", type=int, default=8, help="prompts for the image part (world test captions)")
     p.add_argument("--group-size", type=int, default=2, help="prompts per group in the image part")
-    p.add_argument("--json", type=Path, default=None, help="also write all rows as JSON here")
+    p.add_argument("--json", type=output_file, default=None, help="also write all rows as JSON here")
     args = p.parse_args(argv)
     if args.quick:  # its sizes are defaults: what the command line gives stands
         p.set_defaults(**QUICK)

@@ -1,6 +1,6 @@
 """Speed of the shipped default model on this machine's CPU: 8 images, 30 DDIM steps, CFG 7.5.
 
-    .venv/bin/python -m benchmarks.bench_default_model [--threads 2] [--repeats 3] [--model PATH]
+    .venv/bin/python -m benchmarks.bench_default_model [--threads 2] [--repeats 5] [--model PATH]
 
 Prints the best and the median wall time of `repeats` runs (after one warm-up). The goal (<= 10 s) is judged on
 the best run: on a CPU shared with other work the median measures the neighbours as much as the model.
@@ -15,6 +15,8 @@ import statistics
 import time
 
 import torch
+
+from benchmarks.results import exit_on, positive_int
 
 GOAL_SECONDS = 10.0
 PROMPTS = (
@@ -31,10 +33,11 @@ PROMPTS = (
 
 def bench(model: str | None, threads: int, repeats: int, steps: int = 30, guidance: float = 7.5) -> dict:
     """Time pipe(8 prompts) end to end (text encoding, denoising loop, VAE decode)."""
-    from sage_core.models import load_pipeline
+    from sage_core.models import ModelError, load_pipeline
 
     torch.set_num_threads(threads)
-    pipe = load_pipeline(model, dtype=torch.float32, device="cpu")
+    with exit_on(ModelError):  # a missing or broken model folder: one line
+        pipe = load_pipeline(model, dtype=torch.float32, device="cpu")
     pipe.set_progress_bar_config(disable=True)
     run = lambda seed: pipe(  # noqa: E731
         list(PROMPTS),
@@ -50,27 +53,34 @@ def bench(model: str | None, threads: int, repeats: int, steps: int = 30, guidan
             t0 = time.perf_counter()
             run(r + 1)
             times.append(time.perf_counter() - t0)
+    return summarize(times, steps, guidance, threads)
+
+
+def summarize(times: list[float], steps: int, guidance: float, threads: int) -> dict:
+    """The figures of a run, times rounded to 10 ms; the goal is judged on the best time as recorded, so the
+    verdict agrees with the number printed beside it."""
+    best = round(min(times), 2)
     return {
         "images": len(PROMPTS),
         "steps": steps,
         "guidance": guidance,
         "threads": threads,
-        "seconds_best": round(min(times), 2),
+        "seconds_best": best,
         "seconds_median": round(statistics.median(times), 2),
         "seconds_all": [round(t, 2) for t in times],
         "load_average_1min": round(os.getloadavg()[0], 2),
         "goal_seconds": GOAL_SECONDS,
-        "meets_goal": min(times) <= GOAL_SECONDS,
+        "meets_goal": best <= GOAL_SECONDS,
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """CLI entry point."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="pipeline folder (default: the shipped default model)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
+    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--repeats", type=positive_int, default=5, help="timed runs after the warm-up")
+    args = parser.parse_args(argv)
     res = bench(args.model, args.threads, args.repeats)
     print(json.dumps(res))
     print(

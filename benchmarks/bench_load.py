@@ -30,6 +30,7 @@ if __package__ in (None, ""):  # `python benchmarks/bench_load.py`
 from device_client.client import DeviceClient, DeviceError, DeviceModel  # noqa: E402
 from device_client.config import DeviceConfig  # noqa: E402
 from device_client.server_process import EdgeServerProcess  # noqa: E402
+from sage_core.generate import read_prompt_file  # noqa: E402
 
 DEFAULT_PROMPTS = Path(__file__).resolve().parents[1] / "examples" / "prompts.txt"
 LOST = "LOST"
@@ -51,9 +52,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def device_config(args: argparse.Namespace, address: str | None = None) -> DeviceConfig:
+    """What every simulated device runs and asks for; ValueError for a setting it refuses (steps, timeout)."""
+    return DeviceConfig(server=address, model=args.model, adapter="none", steps=args.steps, timeout_s=args.timeout)
+
+
+def check_inputs(args: argparse.Namespace) -> list[str]:
+    """The prompts, once the settings are known good; ValueError naming what is wrong, before a server starts."""
+    if args.requests < 1 or args.concurrency < 1:
+        raise ValueError("--requests and --concurrency must be >= 1")
+    if args.max_wait_ms < 0:
+        raise ValueError(f"--max-wait-ms must be >= 0, got {args.max_wait_ms:g}")
+    device_config(args, args.server)
+    return read_prompt_file(args.prompts)
+
+
 def run_load(address: str, model: DeviceModel, args: argparse.Namespace, prompts: list[str]) -> dict:
     """Fire `args.requests` requests from `args.concurrency` devices; return counts and latencies."""
-    config = DeviceConfig(server=address, model=args.model, adapter="none", steps=args.steps, timeout_s=args.timeout)
+    config = device_config(args, address)
     todo: queue.Queue[int] = queue.Queue()
     for i in range(args.requests):
         todo.put(i)
@@ -122,11 +138,12 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     args = parse_args(argv)
-    if args.requests < 1 or args.concurrency < 1:
-        print("error: --requests and --concurrency must be >= 1", file=sys.stderr)
+    try:
+        prompts = check_inputs(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     torch.set_num_threads(1)
-    prompts = [ln.strip() for ln in args.prompts.read_text(encoding="utf-8").splitlines() if ln.strip()]
     server = None
     if args.server is None:
         server = EdgeServerProcess(args.model, ["--max-wait-ms", f"{args.max_wait_ms:g}", *args.server_arg])

@@ -4,7 +4,7 @@
         --json docs/results/policies/coco_w64.json
 
 Prompts are drawn in random order (seeded) from the dataset in ../shared/datasets and embedded as the simulator
-does (`prompts.embedder`, MiniLM by default, cached under ~/.cache/sage-edge/embeddings). Each policy plans the
+does (--embedder, MiniLM by default, cached under ~/.cache/sage-edge/embeddings). Each policy plans the
 stream window by window with sage_core.policy (the edge worker's planner) and counts trajectory steps against
 independent sampling. Step counts only: image quality under each policy is measured on the default model
 separately.
@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from benchmarks.results import write_json
+from benchmarks.results import exit_on, output_file, positive_int, write_json
 from sage_core.adaptive import DepthSchedule
 from sage_core.latent_cache import LatentCache
 from sage_core.policy import SharingPolicy, count_stream
@@ -38,14 +38,18 @@ def policies(cache_mb: float) -> dict[str, tuple[SharingPolicy, float]]:
     }
 
 
-def stream(dataset: str, n: int, seed: int) -> np.ndarray:
-    """Embeddings of `n` prompts of the dataset in a seeded random order."""
-    from simulation.config import config_from_dict, repo_root
+def stream(dataset: str, n: int, seed: int, embedder: str = "minilm") -> np.ndarray:
+    """Embeddings of `n` prompts of the dataset in a seeded random order; a bad embedder, a missing package or
+    data set, or more prompts than the data set holds end the run with one line (exit status 2)."""
+    from simulation.config import ConfigError, config_from_dict, repo_root
     from simulation.workload import embed_prompts, load_prompts
 
-    cfg = config_from_dict({"prompts": {"dataset": dataset, "embedder": "minilm"}}, base_dir=repo_root())
-    prompts = load_prompts(cfg)
-    emb = embed_prompts(cfg, prompts)
+    with exit_on(ConfigError):
+        cfg = config_from_dict({"prompts": {"dataset": dataset, "embedder": embedder}}, base_dir=repo_root())
+        prompts = load_prompts(cfg)
+        if n > len(prompts):
+            raise ConfigError(f"--prompts {n}: the {dataset} data set holds only {len(prompts)} prompts")
+        emb = embed_prompts(cfg, prompts)
     order = np.random.default_rng(seed).permutation(len(prompts))[:n]
     return emb[order]
 
@@ -54,14 +58,17 @@ def main(argv: list[str] | None = None) -> dict:
     """Run every policy on the stream and print one line each."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", default="coco", choices=("coco", "diffusiondb"))
-    parser.add_argument("--prompts", type=int, default=8192)
-    parser.add_argument("--window", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--cache-mb", type=float, default=64.0)
+    parser.add_argument("--embedder", default="minilm", help="minilm | hashed | pipeline | pipeline:PATH")
+    parser.add_argument("--prompts", type=positive_int, default=8192)
+    parser.add_argument("--window", type=positive_int, default=64)
+    parser.add_argument("--steps", type=positive_int, default=30)
+    parser.add_argument("--cache-mb", type=float, default=64.0, help="latent cache of the last policy (0: none)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", default=None)
+    parser.add_argument("--json", type=output_file, default=None)
     args = parser.parse_args(argv)
-    emb = stream(args.dataset, args.prompts, args.seed)
+    if args.cache_mb < 0:
+        parser.error(f"--cache-mb must be >= 0, got {args.cache_mb:g}")
+    emb = stream(args.dataset, args.prompts, args.seed, args.embedder)
     rows = []
     for name, (policy, cache_mb) in policies(args.cache_mb).items():
         start = time.perf_counter()

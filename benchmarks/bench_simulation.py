@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python benchmarks/bench_simulation.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.results import output_file, write_json  # noqa: E402
 from simulation.config import ConfigError, load_config, repo_root  # noqa: E402
 from simulation.engine import simulate  # noqa: E402
 from simulation.metrics import summarize  # noqa: E402
@@ -41,7 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--window", type=float, default=1.0, help="batching window in s")
     p.add_argument("--modes", default="sage,server,device", help="comma-separated modes")
     p.add_argument("--embedder", default=None, help="minilm | hashed | pipeline (default: minilm if cached)")
-    p.add_argument("--json", type=Path, default=None, help="also write the timings here")
+    p.add_argument("--json", type=output_file, default=None, help="also write the timings here")
     return p.parse_args(argv)
 
 
@@ -103,9 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{'PASS' if total < GOAL_S else 'FAIL'}: {cfg.requests:,} requests simulated in {total:.1f} s "
         f"(goal < {GOAL_S:.0f} s)"
     )
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    write_json(report, args.json)
     return 0 if total < GOAL_S else 1
 
 

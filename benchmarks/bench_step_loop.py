@@ -24,10 +24,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from benchmarks.bench_serving import int_list, sync
-from benchmarks.results import write_json
+from benchmarks.bench_serving import sync
+from benchmarks.results import output_file, positive_int, positive_int_list, write_json
 from sage_core.models import SD15_SCHEDULER_CONFIG
-from sage_core.sampler import SamplingConfig, Trajectory, denoise, make_scheduler
+from sage_core.sampler import MAX_STEPS, SamplingConfig, Trajectory, denoise, make_scheduler
 from sage_core.unet_buckets import UNetProxy
 
 
@@ -194,16 +194,27 @@ def print_row(r: Row) -> None:
           f"{fmt(r.batched_transfers):>11}  {fmt(r.stepwise_transfers)}", flush=True)
 
 
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line; settings the loop cannot run are refused here, before any work."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--trajectories", type=positive_int_list, default=[8, 32, 64],
+                        help="comma-separated trajectory counts (default 8,32,64)")
+    parser.add_argument("--steps", type=positive_int, default=20)
+    parser.add_argument("--side", type=positive_int, default=64, help="latent side (64: SD v1.5 at 512x512)")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda / cuda:N where torch sees a GPU")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="loops timed per stepper (best reported)")
+    parser.add_argument("--json", type=output_file, default=None, help="also write the rows here")
+    args = parser.parse_args(argv)
+    if args.steps > MAX_STEPS:
+        parser.error(f"--steps must be <= {MAX_STEPS}, got {args.steps}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: torch sees no CUDA device here")
+    return args
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark; returns what it printed as a dict."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--trajectories", default="8,32,64", help="comma-separated trajectory counts")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--side", type=int, default=64, help="latent side (64: SD v1.5 at 512x512)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--json", default=None)
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu"
     print(f"step loop around a zero-cost UNet: {args.steps} DDIM steps, CFG, latents 4x{args.side}x{args.side}, "
           f"{name}, torch {torch.__version__}, {torch.get_num_threads()} threads")
@@ -211,7 +222,7 @@ def main(argv: list[str] | None = None) -> dict:
           "host-to-device transfers per loop (meta device)")
     print("trajectories  stepwise  batched             stepwise  batched  stepwise  batched  batched      stepwise")
     result: dict = {"settings": vars(args), "device": name, "torch": torch.__version__, "rows": []}
-    for n in int_list(args.trajectories):
+    for n in args.trajectories:
         row = measure(n, args)
         print_row(row)
         result["rows"].append(asdict(row))

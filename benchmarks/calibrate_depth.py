@@ -15,11 +15,12 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Sequence
+from itertools import pairwise
 
 import numpy as np
 import torch
 
-from benchmarks.results import write_json
+from benchmarks.results import output_file, positive_int, write_json
 
 
 def sample_pairs(unit: np.ndarray, lo: float, hi: float, n: int, rng: np.random.Generator) -> list[tuple[int, int]]:
@@ -70,26 +71,46 @@ def pair_fidelity(pipe, oracle, examples, pairs, k: int, steps: int, seed: int) 
     return hits / np.maximum(total, 1)
 
 
+def number_list(text: str, kind: type = float) -> list:
+    """argparse type of comma-separated numbers ('0.5,0.6' or '0,6,12')."""
+    try:
+        return [kind(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line; bins and depths it cannot calibrate are refused here, before the model loads."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pool", type=positive_int, default=2000, help="test-split captions to draw pairs from")
+    parser.add_argument("--pairs", type=positive_int, default=24, help="pairs per similarity bin")
+    parser.add_argument("--bins", type=number_list, default=[0.5, 0.6, 0.7, 0.8, 0.9, 1.01],
+                        help="bin edges of pair similarity, increasing (default 0.5,0.6,0.7,0.8,0.9,1.01)")
+    parser.add_argument("--ks", type=lambda text: number_list(text, int), default=[0, 6, 12, 18],
+                        help="shared steps to try, 0 (independent sampling) always added (default 0,6,12,18)")
+    parser.add_argument("--steps", type=positive_int, default=30)
+    parser.add_argument("--tolerance", type=float, default=0.01, help="largest fidelity drop allowed")
+    parser.add_argument("--seed", type=int, default=11)
+    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--json", type=output_file, default=None)
+    args = parser.parse_args(argv)
+    if len(args.bins) < 2 or any(a >= b for a, b in pairwise(args.bins)):
+        parser.error(f"--bins needs at least two increasing edges, got {args.bins}")
+    if not all(0 <= k <= args.steps for k in args.ks):
+        parser.error(f"--ks must lie in [0, --steps={args.steps}], got {args.ks}")
+    args.ks = sorted(set(args.ks) | {0})
+    return args
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Measure fidelity per (similarity bin, shared steps) and derive the schedule."""
     from sage_core.grouping import normalize, pipeline_text_embeddings
     from sage_core.models import load_pipeline
     from training import judges, world
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--pool", type=int, default=2000, help="test-split captions to draw pairs from")
-    parser.add_argument("--pairs", type=int, default=24, help="pairs per similarity bin")
-    parser.add_argument("--bins", default="0.5,0.6,0.7,0.8,0.9,1.01", help="bin edges of pair similarity")
-    parser.add_argument("--ks", default="0,6,12,18", help="shared steps to try (0 = independent)")
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--tolerance", type=float, default=0.01, help="largest fidelity drop allowed")
-    parser.add_argument("--seed", type=int, default=11)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--json", default=None)
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    edges = [float(x) for x in args.bins.split(",")]
-    ks = sorted({int(k) for k in args.ks.split(",")} | {0})
+    edges, ks = args.bins, args.ks
     pipe = load_pipeline()
     pipe.set_progress_bar_config(disable=True)
     oracle = judges.load_oracle()
@@ -114,6 +135,8 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append(row)
         cells = "  ".join(f"k={k}: {row['fidelity'][str(k)]:.3f}" for k in ks)
         print(f"[{lo:.2f}, {hi:.2f}) {len(pairs):3d} pairs  {cells}  ({row['seconds']:.0f} s)", flush=True)
+    if not rows:
+        raise SystemExit(f"error: no bin of {edges} holds a pair of the {args.pool} captions; nothing calibrated")
     depths = calibrated_steps(ks, [[r["drop"][str(k)] for k in ks] for r in rows], args.tolerance)
     schedule = depth_schedule_points([r["bin"] for r in rows], depths, args.steps)
     print("calibrated depth schedule (similarity, share):", schedule, flush=True)

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.results import exit_on, output_file
+
 
 def stream_meta(cfg, policy: str, config_path: str) -> dict:
     """The edge server settings of the policy (as edge_server.config.build_config takes them), the sampling
@@ -37,16 +39,17 @@ def stream_meta(cfg, policy: str, config_path: str) -> dict:
 
 def make_stream(config_path: str, policy: str, requests: int, out: str) -> dict:
     """Write the stream file; returns its meta."""
-    from simulation.config import load_config, policy_config
+    from simulation.config import ConfigError, load_config, policy_config
     from simulation.workload import build_workload, embed_prompts, load_prompts
 
-    base = load_config(config_path)
-    names = [p.name for p in base.policies]
-    if policy not in names:
-        raise SystemExit(f"error: {config_path} has no policy {policy!r} (it has {', '.join(names)})")
-    cfg = policy_config(base, names.index(policy))
-    pool = load_prompts(cfg)
-    emb = embed_prompts(cfg, pool)
+    with exit_on(ConfigError):  # a missing config, data set or embedder package: one line
+        base = load_config(config_path)
+        names = [p.name for p in base.policies]
+        if policy not in names:
+            raise ConfigError(f"{config_path} has no policy {policy!r} (it has {', '.join(names) or 'none'})")
+        cfg = policy_config(base, names.index(policy))
+        pool = load_prompts(cfg)
+        emb = embed_prompts(cfg, pool)
     ids = build_workload(cfg, pool, requests).prompt_ids
     meta = stream_meta(cfg, policy, config_path)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -66,6 +69,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--out must name a .npz file, got {args.out!r}")
     if args.requests < 1:
         parser.error(f"--requests must be >= 1, got {args.requests}")
+    try:
+        output_file(args.out)
+    except argparse.ArgumentTypeError as exc:
+        parser.error(f"--out: {exc}")
     meta = make_stream(args.config, args.policy, args.requests, args.out)
     print(f"wrote {args.out}: {args.requests} requests ({meta['description']})")
 

@@ -1,18 +1,75 @@
-"""Shared by the benchmarks: writing what a run printed as JSON."""
+"""Shared by the benchmarks: checking their command lines up front and writing what a run printed as JSON."""
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+from sage_core.outputs import OutputDirError, check_creatable
 
 
 def write_json(result: dict, path: str | Path | None) -> dict:
     """Write `result` to `path` (when given) as indented JSON, making its folder if need be (a benchmark's figures
-    must not be lost at the end of its run to a missing folder), replacing it whole; returns it."""
+    must not be lost at the end of its run to a missing folder), replacing it whole; returns it. A failed write
+    leaves neither half a file nor its `.part`."""
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         part = Path(f"{path}.part")  # written whole, then renamed: a reader never sees half a file
-        with open(part, "w", encoding="utf-8") as fh:
-            json.dump(result, fh, indent=2, default=str)
-        part.replace(path)
+        try:
+            with open(part, "w", encoding="utf-8") as fh:
+                json.dump(result, fh, indent=2, default=str)
+            part.replace(path)
+        finally:
+            part.unlink(missing_ok=True)
     return result
+
+
+def output_file(text: str) -> Path:
+    """argparse type of an output file option (--json, --out): refused at once, before any work, when it names a
+    folder or a path this process cannot write, not at the end of the run."""
+    path = Path(text)
+    if text.endswith(("/", "\\")) or path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder; name the file to write")
+    if path.exists():
+        if not path.is_file():
+            raise argparse.ArgumentTypeError(f"{text} is not a regular file")
+        path = path.parent / f"{path.name}.part"  # replaced through a sibling: its folder must be writable
+    try:
+        check_creatable(path)
+    except OutputDirError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return Path(text)
+
+
+def positive_int(text: str) -> int:
+    """argparse type of a count: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def positive_int_list(text: str) -> list[int]:
+    """argparse type of comma-separated counts ('8, 32'): at least one, each >= 1."""
+    values = [positive_int(part.strip()) for part in text.split(",") if part.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}")
+    return values
+
+
+@contextmanager
+def exit_on(*errors: type[Exception]) -> Iterator[None]:
+    """Turn one of `errors` (a bad config, a missing model or package) into one line `error: ...` on stderr and
+    exit status 2, as argparse does for a bad option, instead of a traceback."""
+    try:
+        yield
+    except errors as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
