@@ -31,6 +31,14 @@ class DemoError(RuntimeError):
     """The demo could not run (server did not start, bad prompts file); one-line message."""
 
 
+class DemoIncomplete(DemoError):
+    """The demo ran and wrote its report, but some requests ended without an image; `report` is that report."""
+
+    def __init__(self, message: str, report: dict) -> None:
+        super().__init__(message)
+        self.report = report
+
+
 @dataclass(frozen=True)
 class DemoConfig:
     """What the demo runs."""
@@ -227,13 +235,35 @@ def print_report(report: dict, out_dir: Path) -> None:
     c, u, b, lat = report["counts"], report["unet"], report["bytes"], report["latency_ms"]
     errors = ", ".join(f"{k}={v}" for k, v in sorted(c["errors"].items())) or "none"
     console.print(f"requests: ok={c['ok']} lost={c['lost']} errors: {errors}")
+    for code, message in first_errors(report["requests"]).items():
+        console.print(f"  {code}: {message}")
     console.print(f"UNet evaluations: {u['used']} used vs {u['independent']} independent -> saving {u['saving']:.1%}")
     console.print(f"bytes sent: {b['payload_total']} B latent payload ({b['payload_per_image']:.0f} B per image; "
                   f"raw fp32 latent {b['raw_fp32_latent']} B), {b['wire_total']} B on the wire")  # fmt: skip
     console.print(f"latency ms: total p50 {lat['total']['p50']:.0f} / p95 {lat['total']['p95']:.0f}; "
                   f"wait for Accepted p50 {lat['wait_accepted']['p50']:.0f}; "
                   f"branch phase p50 {lat['branch_phase']['p50']:.0f}")  # fmt: skip
-    console.print(f"wrote {out_dir}/ (images/, grids/, report.json)")
+    written = [f"{name}/" for name in ("images", "grids") if (out_dir / name).is_dir()] + ["report.json"]
+    console.print(f"wrote {out_dir}/ ({', '.join(written)})")
+
+
+def first_errors(requests: list[dict]) -> dict[str, str]:
+    """The first message of each error code among the report's requests (what went wrong, not just its code)."""
+    found: dict[str, str] = {}
+    for r in requests:
+        if r["status"] not in (STATUS_OK, STATUS_LOST):
+            found.setdefault(r["status"], r["error"])
+    return found
+
+
+def check_complete(report: dict, out_dir: Path) -> None:
+    """DemoIncomplete when a request ended without an image: a demo whose every request failed must not exit 0."""
+    c = report["counts"]
+    failed = c["requests"] - c["ok"]
+    if failed:
+        codes = ", ".join(f"{k}={v}" for k, v in sorted({**c["errors"], "LOST": c["lost"]}.items()) if v)
+        raise DemoIncomplete(f"{failed} of {c['requests']} requests ended without an image ({codes}); "
+                             f"see {out_dir / 'report.json'}", report)  # fmt: skip
 
 
 def run_demo(
@@ -241,12 +271,13 @@ def run_demo(
 ) -> dict:
     """Start an edge server subprocess, run `n_clients` device clients over the prompts, write images, grids
     and report.json under `out_dir`, print a summary and stop the server. Returns the report.
-    `options` are further DemoConfig fields (model, adapter, steps, seed, max_wait_ms, server_args, ...)."""
+    `options` are further DemoConfig fields (model, adapter, steps, seed, max_wait_ms, server_args, ...).
+    DemoIncomplete (its `report` attached) when a request ended without an image."""
     return run_demo_config(DemoConfig(Path(prompts_file), Path(out_dir), n_clients, **options), progress)
 
 
 def run_demo_config(config: DemoConfig, progress: bool = False) -> dict:
-    """`run_demo` for a ready DemoConfig."""
+    """`run_demo` for a ready DemoConfig; DemoIncomplete when a request ended without an image."""
 
     from sage_core.generate import read_prompt_file
 
@@ -258,6 +289,7 @@ def run_demo_config(config: DemoConfig, progress: bool = False) -> dict:
     with atomic_output_dir(config.out_dir, overwrite=config.overwrite, inputs=(config.prompts_file,)) as work_dir:
         report = run_in(work_dir, prompts, model_name, config, progress)
     print_report(report, config.out_dir)
+    check_complete(report, config.out_dir)
     return report
 
 
