@@ -56,15 +56,16 @@ def stream(dataset: str, n: int, seed: int, embedder: str = "minilm") -> np.ndar
 
 def main(argv: list[str] | None = None) -> dict:
     """Run every policy on the stream and print one line each."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--dataset", default="coco", choices=("coco", "diffusiondb"))
     parser.add_argument("--embedder", default="minilm", help="minilm | hashed | pipeline | pipeline:PATH")
-    parser.add_argument("--prompts", type=positive_int, default=8192)
-    parser.add_argument("--window", type=positive_int, default=64)
-    parser.add_argument("--steps", type=positive_int, default=30)
+    parser.add_argument("--prompts", type=positive_int, default=8192, help="prompts of the stream")
+    parser.add_argument("--window", type=positive_int, default=64, help="requests per planning window")
+    parser.add_argument("--steps", type=positive_int, default=30, help="sampler steps per trajectory")
     parser.add_argument("--cache-mb", type=float, default=64.0, help="latent cache of the last policy (0: none)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", type=output_file, default=None)
+    parser.add_argument("--seed", type=int, default=0, help="of the prompts' random order")
+    parser.add_argument("--json", type=output_file, default=None, help="also write the rows here")
     args = parser.parse_args(argv)
     if args.cache_mb < 0:
         parser.error(f"--cache-mb must be >= 0, got {args.cache_mb:g}")

@@ -34,13 +34,15 @@ DEFAULT_CONFIG = repo_root() / "simulation" / "configs" / "coco_h100.yaml"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
-    p.add_argument("--requests", type=int, default=1_000_000)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="simulator config")
+    p.add_argument("--requests", type=int, default=1_000_000, help="requests simulated")
     p.add_argument("--rate", type=float, default=8.0, help="requests per second")
     p.add_argument("--window", type=float, default=1.0, help="batching window in s")
     p.add_argument("--modes", default="sage,server,device", help="comma-separated modes")
-    p.add_argument("--embedder", default=None, help="minilm | hashed | pipeline (default: minilm if cached)")
+    p.add_argument("--embedder", default=None,
+                   help="minilm | hashed | pipeline | pipeline:PATH; %(default)s: minilm if cached, else hashed")
     p.add_argument("--json", type=output_file, default=None, help="also write the timings here")
     return p.parse_args(argv)
 

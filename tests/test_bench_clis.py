@@ -137,3 +137,15 @@ def test_codec_refuses_a_json_folder(tmp_path, capsys):
 
     refused(main, ["--quick", "--no-images", "--json", str(tmp_path)], capsys)
 
+
+
+@pytest.mark.parametrize("module, shown", [("bench_simulation", "requests simulated (default: 1000000)"),
+                                           ("bench_policies", "(default: 8192)")])
+def test_help_shows_the_defaults_of_a_long_run(module, shown, capsys):
+    """A bare run simulates a million requests / embeds 8192 prompts; --help used to hide both defaults."""
+    import importlib
+
+    main = importlib.import_module(f"benchmarks.{module}").main
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert shown in " ".join(capsys.readouterr().out.split())
