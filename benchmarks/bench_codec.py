@@ -36,6 +36,7 @@ from sage_core.codec import MAX_LEVEL, MIN_LEVEL, MODES, RECOMMENDED_LOSSY_MODE,
 from sage_core.models import SD15_SCHEDULER_CONFIG  # noqa: E402
 
 DEFAULT_BETAS = (0.2, 0.3, 0.4)
+TINY_MODEL = "tiny"  # --model tiny: sage_core.models.tiny_pipeline(seed=0), as sage-edge and sage-device take it
 BUDGET_BYTES = 8 * 1024  # a quarter of a raw fp16 4x64x64 latent
 TARGET_PSNR_DB = 30.0
 QUICK = {"size": 16, "repeats": 2, "seeds": 1, "image_size": 64, "steps": 4, "prompts": 2, "betas": [0.4]}
@@ -213,6 +214,8 @@ def load_model(path: str | None, allow_tiny: bool):
     exits with a one-line error when none of them loads."""
     from sage_core.models import ModelError, load_pipeline, tiny_pipeline
 
+    if path == TINY_MODEL:
+        return tiny_pipeline(seed=0), "tiny random pipeline"
     try:
         return load_pipeline(path), (path or "default model")
     except ModelError as exc:
@@ -367,7 +370,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=20, help="timing repeats (best of them reported)")
     p.add_argument("--seeds", type=int, default=4, help="synthetic latents per beta (rows are averaged)")
     p.add_argument("--image-size", type=int, default=512, help="side of the PNG/JPEG comparison image")
-    p.add_argument("--model", default=None, help="pipeline folder for the image part (default: the shipped model)")
+    p.add_argument("--model", default=None,
+                   help=f"pipeline folder for the image part, or '{TINY_MODEL}' (default: the shipped model)")
     p.add_argument("--no-images", action="store_true", help="skip the pipeline part")
     p.add_argument("--no-tiny-fallback", action="store_true", help="fail if the default model is missing")
     p.add_argument("--prompts", type=int, default=8, help="prompts for the image part (world test captions)")
@@ -383,7 +387,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                 "numbers, --image-size at least 16")
     if not all(0.0 <= b <= 1.0 for b in args.betas) or not MIN_LEVEL <= args.level <= MAX_LEVEL:
         p.error(f"--betas take fractions in [0, 1], --level a zstd level in [{MIN_LEVEL}, {MAX_LEVEL}]")
+    if args.model not in (None, TINY_MODEL) and not args.no_images:
+        check_model_folder(p, Path(args.model))
     return args
+
+
+def check_model_folder(p: argparse.ArgumentParser, path: Path) -> None:
+    """Refuse a --model that is no pipeline folder before part 1 runs, not after it."""
+    from sage_core.models import ModelError, check_pipeline_folder
+
+    try:
+        check_pipeline_folder(path)
+    except ModelError as exc:
+        p.error(f"--model: {exc}")
 
 
 def average_rows(rows: Sequence[LatentRow]) -> list[LatentRow]:

@@ -25,9 +25,19 @@ def test_settings_it_cannot_run_are_refused_with_one_line(argv, capsys):
     assert "error:" in capsys.readouterr().err
 
 
-def test_a_missing_model_folder_is_one_line(tmp_path):
-    with pytest.raises(SystemExit, match="^error: model folder .* does not exist$"):
+def test_a_missing_model_folder_is_one_line_before_any_work(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
         main(["--quick", "--modes", "fp16", "--model", str(tmp_path / "none")])
+    out, err = capsys.readouterr()
+    assert exit_info.value.code == 2 and err.strip().endswith(f"error: --model: model folder {tmp_path / 'none'} "
+                                                                "does not exist")
+    assert out == ""  # part 1 used to run (and print its table) before the model folder was looked at
+
+
+def test_tiny_model_runs_the_image_part(capsys):
+    """--model tiny, as every other command takes it, used to be 'error: model folder tiny does not exist'."""
+    result = main(["--quick", "--modes", "int8", "--model", "tiny"])
+    assert result["model"] == "tiny random pipeline" and [r["mode"] for r in result["model_latents"]] == ["int8"]
 
 
 def test_json_results_make_their_folder(tmp_path):
