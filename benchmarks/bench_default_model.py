@@ -12,7 +12,9 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -47,13 +49,23 @@ def bench(model: str | None, threads: int, repeats: int, steps: int = 30, guidan
         output_type="np",
     )
     with torch.inference_mode():
-        run(0)  # warm-up
-        times = []
-        for r in range(repeats):
-            t0 = time.perf_counter()
-            run(r + 1)
-            times.append(time.perf_counter() - t0)
+        times = timed_runs(run, repeats)
     return summarize(times, steps, guidance, threads)
+
+
+def timed_runs(run: Callable[[int], object], repeats: int) -> list[float]:
+    """Seconds of `repeats` calls run(1..repeats) after the warm-up run(0), each reported on stderr as it ends
+    (a run of 8 images takes seconds to tens of seconds: the whole bench is minutes)."""
+    times = []
+    for r in range(repeats + 1):
+        t0 = time.perf_counter()
+        run(r)
+        seconds = time.perf_counter() - t0
+        label = "warm-up" if r == 0 else f"run {r}/{repeats}"
+        print(f"{label}: {seconds:.2f} s", file=sys.stderr, flush=True)
+        if r:
+            times.append(seconds)
+    return times
 
 
 def summarize(times: list[float], steps: int, guidance: float, threads: int) -> dict:

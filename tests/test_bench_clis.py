@@ -149,3 +149,13 @@ def test_help_shows_the_defaults_of_a_long_run(module, shown, capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert shown in " ".join(capsys.readouterr().out.split())
+
+
+def test_default_model_bench_reports_each_run_as_it_ends(capsys):
+    """Minutes of runs used to pass in silence until the final summary."""
+    from benchmarks.bench_default_model import timed_runs
+
+    seeds: list[int] = []
+    times = timed_runs(seeds.append, 2)
+    assert seeds == [0, 1, 2] and len(times) == 2  # the warm-up is run but not counted
+    assert [line.split(":")[0] for line in capsys.readouterr().err.splitlines()] == ["warm-up", "run 1/2", "run 2/2"]
