@@ -303,6 +303,7 @@ def run_in(work_dir: Path, prompts: list[str], model_name: str, config: DemoConf
     server_args = ("--max-wait-ms", f"{config.max_wait_ms:g}", *config.server_args)
     server = EdgeServerProcess(model=model_name, args=server_args, start_timeout_s=config.start_timeout_s)
     t_start = time.perf_counter()
+    print(f"starting the edge server ({model_name}) and loading the device model...", flush=True)
     server.launch()
     try:
         if config.n_clients >= (os.cpu_count() or 1):
@@ -320,6 +321,7 @@ def run_in(work_dir: Path, prompts: list[str], model_name: str, config: DemoConf
         except ServerStartError as exc:
             raise DemoError(str(exc)) from None
         t_ready = time.perf_counter()
+        print(f"edge server ready at {address} after {t_ready - t_start:.1f} s", flush=True)
         device_config = replace(device_config, server=address)
         # 3. the device clients
         t0 = time.perf_counter()

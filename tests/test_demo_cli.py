@@ -49,3 +49,36 @@ def test_the_cli_exits_1_when_requests_fail(prompts, tmp_path):
     res = CliRunner().invoke(main, ["demo", "--prompts", str(prompts), "--out", str(tmp_path / "o"), "--model", "tiny"])
     assert res.exit_code == 1, res.output
     assert "error: 2 of 2 requests ended without an image" in res.output
+
+
+class SlowServer:
+    """EdgeServerProcess's stand-in: starts at once, listens on a made-up address."""
+
+    def __init__(self, model: str, args: tuple, start_timeout_s: float) -> None:
+        self.model = model
+
+    def launch(self) -> None:
+        print("(server launched)")
+
+    def wait_listening(self) -> str:
+        return "127.0.0.1:52277"
+
+    def stop(self) -> int:
+        return 0
+
+
+def test_the_server_start_is_announced_before_the_wait(tmp_path, monkeypatch, capsys):
+    """The start of the server (tens of seconds with the shipped model) used to pass without a word."""
+    from types import SimpleNamespace
+
+    import device_client.client
+
+    monkeypatch.setattr(demo, "EdgeServerProcess", SlowServer)
+    monkeypatch.setattr(device_client.client.DeviceModel, "load",
+                        staticmethod(lambda config: SimpleNamespace(fingerprint="f", adapter="none")))
+    monkeypatch.setattr(demo, "run_with_progress", lambda prompts, *rest: [demo.RequestRecord(0, prompts[0])])
+    config = demo.DemoConfig(tmp_path / "p.txt", tmp_path / "out", n_clients=1)
+    demo.run_in(tmp_path, ["a red circle"], "tiny", config, progress=False)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "starting the edge server (tiny) and loading the device model..."
+    assert lines[1] == "(server launched)" and lines[2].startswith("edge server ready at 127.0.0.1:52277 after ")
