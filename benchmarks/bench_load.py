@@ -104,7 +104,8 @@ def run_load(address: str, model: DeviceModel, args: argparse.Namespace, prompts
     threads = [threading.Thread(target=device, args=(d,), daemon=True) for d in range(args.concurrency)]
     for t in threads:
         t.start()
-    deadline = time.monotonic() + args.timeout * (args.requests / args.concurrency + 2)
+    per_request = config.connect_timeout_s + config.timeout_s  # reaching the server is not in --timeout
+    deadline = time.monotonic() + per_request * (args.requests / args.concurrency + 2)
     for t in threads:
         t.join(timeout=max(0.0, deadline - time.monotonic()))
     wall = time.perf_counter() - t0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 
 import pytest
 
@@ -159,3 +160,34 @@ def test_default_model_bench_reports_each_run_as_it_ends(capsys):
     times = timed_runs(seeds.append, 2)
     assert seeds == [0, 1, 2] and len(times) == 2  # the warm-up is run but not counted
     assert [line.split(":")[0] for line in capsys.readouterr().err.splitlines()] == ["warm-up", "run 1/2", "run 2/2"]
+
+
+class UnreachableClient:
+    """DeviceClient's stand-in for a server that never answers: each request fails once its connect timeout
+    (longer than the request's own --timeout) has passed."""
+
+    def __init__(self, config, model) -> None:
+        self.config = config
+
+    def __enter__(self) -> UnreachableClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def request_latent(self, prompt: str, seed: int) -> None:
+        from device_client.client import DeviceError
+
+        time.sleep(0.2)
+        raise DeviceError("UNAVAILABLE", "unreachable within the connect timeout")
+
+
+def test_load_counts_a_request_waiting_to_connect_as_an_error_not_lost(monkeypatch):
+    """The wait for the devices allowed --timeout per request only, so with a server out of reach a request still
+    inside its 10 s connect timeout was reported LOST (and the bench exited 1)."""
+    import benchmarks.bench_load as bench_load
+
+    monkeypatch.setattr(bench_load, "DeviceClient", UnreachableClient)
+    args = bench_load.parse_args(["--requests", "3", "--concurrency", "1", "--timeout", "0.05"])
+    summary = bench_load.run_load("127.0.0.1:52251", None, args, ["a red circle"])
+    assert summary["lost"] == 0 and summary["errors"] == {"UNAVAILABLE": 3}
