@@ -108,6 +108,13 @@ def differences(stored: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
             for k in sorted(wanted) if k not in stored or stored[k] != wanted[k]]
 
 
+def check_at_least(obj: Any, minimum: float, *names: str) -> None:
+    """Raise ValueError for the first of `obj`'s fields `names` below `minimum`, naming it and its value."""
+    for name in names:
+        if getattr(obj, name) < minimum:
+            raise ValueError(f"{name} must be >= {minimum}, got {getattr(obj, name)}")
+
+
 def check_fields(obj: Any) -> None:
     """Check and normalize every field of dataclass instance `obj` (frozen ones too) against its annotation."""
     hints = typing.get_type_hints(type(obj))

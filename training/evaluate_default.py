@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sage_core.config_types import check_fields
+from sage_core.config_types import check_at_least, check_fields
 from training import judges, world
 from training.run_checks import check_device, writable_dir
 
@@ -51,9 +51,7 @@ class EvalConfig:
         check_fields(self)
         if self.n < 10:
             raise ValueError(f"n must be at least 10, got {self.n}")
-        for name in ("batch_size", "steps", "num_threads", "max_group", "grid_rows"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_at_least(self, 1, "batch_size", "steps", "num_threads", "max_group", "grid_rows")
 
 
 def semantic_groups(examples: list[world.Example], max_group: int = 5) -> list[list[int]]:

@@ -37,7 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sage_core.config_files import read_mapping
-from sage_core.config_types import check_fields, differences
+from sage_core.config_types import check_at_least, check_fields, differences
 from sage_core.models import model_fingerprint
 from training.grouped_dataset import GroupedDataset, load_grouped_dataset
 from training.lora import LoraSettings, add_lora, lora_state_dict, save_adapter, set_lora_state_dict
@@ -98,12 +98,8 @@ class FinetuneConfig:
             raise ValueError("checkpoint_every and log_every must be >= 1")
         if self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
-        for name in ("sampler_steps", "encode_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("weight_decay", "grad_clip", "max_minutes"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        check_at_least(self, 1, "sampler_steps", "encode_batch_size")
+        check_at_least(self, 0, "weight_decay", "grad_clip", "max_minutes")
         SageLossConfig(**self.loss_knobs())  # the loss knobs' ranges, checked now rather than after loading a model
 
     def loss_knobs(self) -> dict[str, Any]:

@@ -32,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sage_core.config_files import read_mapping
-from sage_core.config_types import check_fields
+from sage_core.config_types import check_at_least, check_fields
 from training import world
 from training.grouped_dataset import GroupingParams, build_groups, disjoint_groups
 from training.run_checks import check_device, writable_dir
@@ -76,9 +76,7 @@ class ReplicateConfig:
             GroupingParams(tau_min=lo, tau_max=hi)
         if self.n_groups < 2:
             raise ValueError(f"n_groups must be >= 2, got {self.n_groups}")
-        for name in ("num_threads", "steps", "chunk_groups", "bootstrap", "fid_bootstrap", "eval_items"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_at_least(self, 1, "num_threads", "steps", "chunk_groups", "bootstrap", "fid_bootstrap", "eval_items")
         if any(not 0 <= s < 1 for s in (*self.shares, self.fig3_share)):
             raise ValueError(f"shares and fig3_share must be in [0, 1), got {list(self.shares)}, {self.fig3_share}")
         if any(not 0 <= k <= self.steps for k in self.fig4_shared_steps):
