@@ -244,6 +244,12 @@ def minilm_embedder() -> Embedder:
     return embed
 
 
+def pipeline_folder(spec: str) -> str | None:
+    """The model a 'pipeline' embedder spec names: None for the shipped model ('pipeline'), else PATH or 'tiny'
+    ('pipeline:PATH', 'pipeline:tiny')."""
+    return spec.split(":", 1)[1] if ":" in spec else None
+
+
 def pipeline_embedder_for(spec: str) -> tuple[Embedder, str]:
     """The pooled CLIP text embedding of a diffusers pipeline ('pipeline' = the shipped default model,
     'pipeline:PATH' = a model folder, 'pipeline:tiny' = the tiny test pipeline of `--model tiny` servers), as
@@ -251,7 +257,7 @@ def pipeline_embedder_for(spec: str) -> tuple[Embedder, str]:
     from sage_core.grouping import pipeline_embedder
     from sage_core.models import ModelError, load_pipeline, model_fingerprint, tiny_pipeline
 
-    path = spec.split(":", 1)[1] if ":" in spec else None
+    path = pipeline_folder(spec)
     try:
         pipe = tiny_pipeline(seed=0) if path == "tiny" else load_pipeline(path)
     except ModelError as exc:
@@ -267,11 +273,11 @@ def check_embedder(cfg: SimConfig, prompts: Sequence[str]) -> str:
     spec = cfg.prompts.embedder
     if spec == "minilm":
         minilm_modules()
-    elif spec == "pipeline" or (spec.startswith("pipeline:") and spec != "pipeline:tiny"):
+    elif (spec == "pipeline" or spec.startswith("pipeline:")) and (folder := pipeline_folder(spec)) != "tiny":
         from sage_core.models import DEFAULT_MODEL_DIR, ModelError, check_pipeline_folder
 
         try:
-            check_pipeline_folder(Path(spec.split(":", 1)[1]) if ":" in spec else DEFAULT_MODEL_DIR)
+            check_pipeline_folder(DEFAULT_MODEL_DIR if folder is None else Path(folder))
         except ModelError as exc:
             raise ConfigError(f"prompts.embedder {spec!r}: {exc}") from None
     return "available"
