@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from sage_core.outputs import OutputDirError, check_creatable
+from sage_core.outputs import OutputDirError, check_creatable, write_text_atomic
 
 
 def write_json(result: dict, path: str | Path | None) -> dict:
@@ -17,14 +17,7 @@ def write_json(result: dict, path: str | Path | None) -> dict:
     must not be lost at the end of its run to a missing folder), replacing it whole; returns it. A failed write
     leaves neither half a file nor its `.part`."""
     if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        part = Path(f"{path}.part")  # written whole, then renamed: a reader never sees half a file
-        try:
-            with open(part, "w", encoding="utf-8") as fh:
-                json.dump(result, fh, indent=2, default=str)
-            part.replace(path)
-        finally:
-            part.unlink(missing_ok=True)
+        write_text_atomic(path, json.dumps(result, indent=2, default=str))
     return result
 
 

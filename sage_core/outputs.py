@@ -18,6 +18,19 @@ from PIL.PngImagePlugin import PngInfo
 LABEL_HEIGHT = 28
 
 
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write `text` to `path` (its folder made if need be) through the sibling `<name>.part`, renamed over it: a
+    reader never sees half a file, and a failed write leaves neither half a file nor the `.part`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_name(f"{path.name}.part")
+    try:
+        part.write_text(text, encoding="utf-8")
+        part.replace(path)
+    finally:
+        part.unlink(missing_ok=True)
+
+
 def to_pil(image: np.ndarray) -> Image.Image:
     """A float [H, W, 3] image in [0, 1] as an 8-bit PIL image (rounded, as diffusers' numpy_to_pil does)."""
     return Image.fromarray((np.clip(image, 0.0, 1.0) * 255).round().astype(np.uint8))

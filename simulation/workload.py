@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from sage_core.outputs import write_text_atomic
 from simulation.config import (
     DIST_FIELDS,
     ArrivalConfig,
@@ -439,10 +440,7 @@ def write_workload_file(path: Path, cfg: SimConfig, workload: Workload) -> None:
         for i in range(workload.n)
     ]
     body = {"format": WORKLOAD_FORMAT, "config": to_dict(cfg), "requests": requests}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(body, indent=1), encoding="utf-8")
-    tmp.replace(path)  # readers never see half a file
+    write_text_atomic(path, json.dumps(body, indent=1))
 
 
 def check_workload_out(path: Path, overwrite: bool) -> None:
