@@ -8,6 +8,7 @@ latencies p50/p95), prints a short table and stops the server.
 from __future__ import annotations
 
 import json
+import math
 import os
 import queue
 import threading
@@ -15,20 +16,24 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from device_client.config import DEFAULT_ADAPTER_CHOICE, TINY_MODEL, DeviceConfig
+from device_client.config import ADAPTER_AUTO, ADAPTER_NONE, DEFAULT_ADAPTER_CHOICE, TINY_MODEL, DeviceConfig
 from device_client.server_process import EdgeServerProcess, ServerStartError
-from sage_core.outputs import atomic_output_dir
+from sage_core.outputs import atomic_output_dir, check_output_dir
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 STATUS_OK = "OK"
 STATUS_LOST = "LOST"
 
 
 class DemoError(RuntimeError):
-    """The demo could not run (server did not start, bad prompts file); one-line message."""
+    """The demo could not run (the server did not start); one-line message. Bad inputs are ValueErrors instead,
+    raised by `check_inputs` before any work."""
 
 
 class DemoIncomplete(DemoError):
@@ -60,6 +65,10 @@ class DemoConfig:
     def __post_init__(self) -> None:
         if self.n_clients < 1:
             raise ValueError(f"n_clients must be >= 1, got {self.n_clients}")
+        if not (math.isfinite(self.max_wait_ms) and self.max_wait_ms >= 0):
+            raise ValueError(f"max_wait_ms must be a finite number of milliseconds >= 0, got {self.max_wait_ms:g}")
+        if not self.start_timeout_s > 0:  # also false for NaN
+            raise ValueError(f"start_timeout_s must be > 0 seconds, got {self.start_timeout_s:g}")
 
 
 @dataclass
@@ -85,9 +94,40 @@ def resolve_model(model: str | None) -> str:
     return str(DEFAULT_MODEL_DIR) if DEFAULT_MODEL_DIR.is_dir() else TINY_MODEL
 
 
-def percentile(values: list[float], q: float) -> float:
-    """The q-th percentile (0 for no values)."""
-    return float(np.percentile(values, q)) if values else 0.0
+def percentile(values: list[float], q: float) -> float | None:
+    """The q-th percentile; None for no values (no measurement, not 0 ms)."""
+    return float(np.percentile(values, q)) if values else None
+
+
+def make_device_config(config: DemoConfig, model_name: str) -> DeviceConfig:
+    """What every demo device runs and asks for; ValueError for a setting a device refuses (steps, timeout)."""
+    return DeviceConfig(model=model_name, adapter=config.adapter, steps=config.steps,
+                        accepted_codecs=config.accepted_codecs, timeout_s=config.timeout_s)  # fmt: skip
+
+
+def check_model(model_name: str, adapter: str) -> None:
+    """ModelError (a ValueError) for a model that is no pipeline folder or an adapter folder that does not exist:
+    found before the server starts, not once it has loaded."""
+    from sage_core.models import ModelError, check_pipeline_folder
+
+    if model_name != TINY_MODEL:
+        check_pipeline_folder(Path(model_name))
+    if adapter not in (ADAPTER_AUTO, ADAPTER_NONE) and not Path(adapter).is_dir():
+        raise ModelError(f"adapter folder {adapter} does not exist")
+
+
+def check_inputs(config: DemoConfig) -> list[str]:
+    """The prompts, read once, after every input is checked: a ValueError naming what is wrong (prompts file,
+    seed range, output folder, model, adapter, device settings) is raised before the server starts."""
+    from sage_core.generate import check_base_seed, read_prompt_file
+
+    prompts = read_prompt_file(config.prompts_file)
+    check_base_seed(config.seed, len(prompts))  # prompt i asks for seed + i
+    check_output_dir(config.out_dir, config.overwrite, inputs=(config.prompts_file,))
+    model_name = resolve_model(config.model)
+    make_device_config(config, model_name)
+    check_model(model_name, config.adapter)
+    return prompts
 
 
 # ---------------------------------------------------------------------------------------------------- running
@@ -195,7 +235,7 @@ def build_report(records: list[RequestRecord], groups: dict[str, list[int]], con
     used = shared_evals + device_evals
     lat = [r.latency_ms for r in ok]
 
-    def timing(key: str) -> dict[str, float]:
+    def timing(key: str) -> dict[str, float | None]:
         vals = [r.metadata.get("timings_ms", {}).get(key, 0.0) for r in ok]
         return {"p50": percentile(vals, 50), "p95": percentile(vals, 95)}
 
@@ -219,7 +259,7 @@ def build_report(records: list[RequestRecord], groups: dict[str, list[int]], con
 
 
 def print_report(report: dict, out_dir: Path) -> None:
-    """A short table of the groups, then counts, saving, bytes and latencies."""
+    """A short table of the groups, then counts, saving, bytes and latencies (when some request succeeded)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -237,14 +277,22 @@ def print_report(report: dict, out_dir: Path) -> None:
     console.print(f"requests: ok={c['ok']} lost={c['lost']} errors: {errors}")
     for code, message in first_errors(report["requests"]).items():
         console.print(f"  {code}: {message}")
+    if not c["ok"]:
+        console.print("no request succeeded: no UNet saving, bytes or latencies to report")
+    else:
+        print_figures(console, u, b, lat)
+    written = [f"{name}/" for name in ("images", "grids") if (out_dir / name).is_dir()] + ["report.json"]
+    console.print(f"wrote {out_dir}/ ({', '.join(written)})")
+
+
+def print_figures(console: Console, u: dict, b: dict, lat: dict) -> None:
+    """The UNet saving, bytes and latency lines of a run in which some request succeeded."""
     console.print(f"UNet evaluations: {u['used']} used vs {u['independent']} independent -> saving {u['saving']:.1%}")
     console.print(f"bytes sent: {b['payload_total']} B latent payload ({b['payload_per_image']:.0f} B per image; "
                   f"raw fp32 latent {b['raw_fp32_latent']} B), {b['wire_total']} B on the wire")  # fmt: skip
     console.print(f"latency ms: total p50 {lat['total']['p50']:.0f} / p95 {lat['total']['p95']:.0f}; "
                   f"wait for Accepted p50 {lat['wait_accepted']['p50']:.0f}; "
                   f"branch phase p50 {lat['branch_phase']['p50']:.0f}")  # fmt: skip
-    written = [f"{name}/" for name in ("images", "grids") if (out_dir / name).is_dir()] + ["report.json"]
-    console.print(f"wrote {out_dir}/ ({', '.join(written)})")
 
 
 def first_errors(requests: list[dict]) -> dict[str, str]:
@@ -276,13 +324,13 @@ def run_demo(
     return run_demo_config(DemoConfig(Path(prompts_file), Path(out_dir), n_clients, **options), progress)
 
 
-def run_demo_config(config: DemoConfig, progress: bool = False) -> dict:
-    """`run_demo` for a ready DemoConfig; DemoIncomplete when a request ended without an image."""
-
-    from sage_core.generate import read_prompt_file
-
+def run_demo_config(config: DemoConfig, progress: bool = False, prompts: list[str] | None = None) -> dict:
+    """`run_demo` for a ready DemoConfig and the prompts `check_inputs` returned for it (checked and read here
+    when not given): ValueError for a bad input before any work; DemoIncomplete when a request ended without an
+    image."""
     # 1. inputs; the output folder is written atomically (a failed run leaves nothing half-written)
-    prompts = read_prompt_file(config.prompts_file)
+    if prompts is None:
+        prompts = check_inputs(config)
     model_name = resolve_model(config.model)
     if config.model is None and model_name == TINY_MODEL:
         print("note: the shipped default model is not installed yet; the demo runs the tiny random pipeline")
@@ -308,24 +356,18 @@ def run_in(work_dir: Path, prompts: list[str], model_name: str, config: DemoConf
     try:
         if config.n_clients >= (os.cpu_count() or 1):
             torch.set_num_threads(1)
-        device_config = DeviceConfig(
-            model=model_name,
-            adapter=config.adapter,
-            steps=config.steps,
-            accepted_codecs=config.accepted_codecs,
-            timeout_s=config.timeout_s,
-        )
-        model = DeviceModel.load(device_config)
+        devices = make_device_config(config, model_name)
+        model = DeviceModel.load(devices)
         try:
             address = server.wait_listening()
         except ServerStartError as exc:
             raise DemoError(str(exc)) from None
         t_ready = time.perf_counter()
         print(f"edge server ready at {address} after {t_ready - t_start:.1f} s", flush=True)
-        device_config = replace(device_config, server=address)
+        devices = replace(devices, server=address)
         # 3. the device clients
         t0 = time.perf_counter()
-        records = run_with_progress(prompts, config, device_config, model, work_dir, progress)
+        records = run_with_progress(prompts, config, devices, model, work_dir, progress)
         wall = time.perf_counter() - t0
     finally:
         exit_code = server.stop()
