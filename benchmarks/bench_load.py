@@ -7,13 +7,15 @@
 Each of `concurrency` simulated devices (own channel, own client id) takes requests from one queue. By default a
 device only fetches, verifies (sha256, frame table, fingerprint) and decodes the latent, so the load is on the
 server; `--branch` also runs the branch phase and the VAE on the device. Prints the counts (ok, each error code,
-lost = requests that never ended) and latency percentiles; exits 1 if any request was lost.
+lost = requests that never ended) and the latency percentiles of the successful requests; exits 1 if any request
+was lost or none succeeded, 2 for a bad setting or input (before a server starts).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import queue
 import sys
 import threading
@@ -29,17 +31,19 @@ if __package__ in (None, ""):  # `python benchmarks/bench_load.py`
 
 from device_client.client import DeviceClient, DeviceError, DeviceModel  # noqa: E402
 from device_client.config import DeviceConfig  # noqa: E402
-from device_client.server_process import EdgeServerProcess  # noqa: E402
+from device_client.server_process import EdgeServerProcess, ServerStartError  # noqa: E402
 from sage_core.generate import read_prompt_file  # noqa: E402
+from sage_core.models import ModelError, check_pipeline_folder  # noqa: E402
 
 DEFAULT_PROMPTS = Path(__file__).resolve().parents[1] / "examples" / "prompts.txt"
 LOST = "LOST"
+TINY_MODEL = "tiny"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--server", help="host:port of a running edge server; default: start one (local Ray)")
-    p.add_argument("--model", default="tiny", help="model of the started server and the devices")
+    p.add_argument("--model", default=TINY_MODEL, help="model of the started server and the devices")
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--steps", type=int, default=4)
@@ -61,9 +65,11 @@ def check_inputs(args: argparse.Namespace) -> list[str]:
     """The prompts, once the settings are known good; ValueError naming what is wrong, before a server starts."""
     if args.requests < 1 or args.concurrency < 1:
         raise ValueError("--requests and --concurrency must be >= 1")
-    if args.max_wait_ms < 0:
-        raise ValueError(f"--max-wait-ms must be >= 0, got {args.max_wait_ms:g}")
+    if not (math.isfinite(args.max_wait_ms) and args.max_wait_ms >= 0):
+        raise ValueError(f"--max-wait-ms must be a finite number >= 0, got {args.max_wait_ms:g}")
     device_config(args, args.server)
+    if args.model != TINY_MODEL:
+        check_pipeline_folder(Path(args.model))  # ModelError, a ValueError: the devices load it too
     return read_prompt_file(args.prompts)
 
 
@@ -111,7 +117,7 @@ def run_load(address: str, model: DeviceModel, args: argparse.Namespace, prompts
     wall = time.perf_counter() - t0
     counts = Counter(status)
     ok_lat = [latency[i] for i in range(args.requests) if status[i] == "OK"]
-    pct = {f"p{q}": float(np.percentile(ok_lat, q)) if ok_lat else 0.0 for q in (50, 95, 99)}
+    pct = {f"p{q}": float(np.percentile(ok_lat, q)) if ok_lat else None for q in (50, 95, 99)}  # None: no sample
     return {
         "requests": args.requests,
         "concurrency": args.concurrency,
@@ -126,11 +132,13 @@ def run_load(address: str, model: DeviceModel, args: argparse.Namespace, prompts
 
 
 def print_summary(summary: dict) -> None:
+    """The counts, the latencies of the successful requests (or that there were none) and each error's message."""
     errors = " ".join(f"{k}={v}" for k, v in summary["errors"].items())
     print(f"requests={summary['requests']} ok={summary['ok']} {errors + ' ' if errors else ''}lost={summary['lost']}")
     lat = summary["latency_ms"]
-    print(f"latency ms p50={lat['p50']:.0f} p95={lat['p95']:.0f} p99={lat['p99']:.0f}; "
-          f"{summary['throughput_rps']:.2f} requests/s over {summary['wall_s']:.1f} s")  # fmt: skip
+    latency = (f"latency ms p50={lat['p50']:.0f} p95={lat['p95']:.0f} p99={lat['p99']:.0f}" if summary["ok"]
+               else "latency: no request succeeded")  # fmt: skip
+    print(f"{latency}; {summary['throughput_rps']:.2f} requests/s ended over {summary['wall_s']:.1f} s")
     for code, message in summary["error_examples"].items():
         print(f"  {code}: {message}")
 
@@ -145,6 +153,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     torch.set_num_threads(1)
+    try:
+        summary = run_with_server(args, prompts)
+    except (ServerStartError, ModelError) as exc:  # the server did not come up, the weights did not load
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print_summary(summary)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    return 1 if summary["lost"] or not summary["ok"] else 0
+
+
+def run_with_server(args: argparse.Namespace, prompts: list[str]) -> dict:
+    """run_load against `--server`, or against an edge server started here (stopped at the end)."""
     server = None
     if args.server is None:
         server = EdgeServerProcess(args.model, ["--max-wait-ms", f"{args.max_wait_ms:g}", *args.server_arg])
@@ -152,14 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model = DeviceModel.load(DeviceConfig(model=args.model, adapter="none"))
         address = server.wait_listening() if server is not None else args.server
-        summary = run_load(address, model, args, prompts)
+        return run_load(address, model, args, prompts)
     finally:
         if server is not None:
             server.stop()
-    print_summary(summary)
-    if args.json:
-        print(json.dumps(summary, indent=2))
-    return 1 if summary["lost"] else 0
 
 
 if __name__ == "__main__":

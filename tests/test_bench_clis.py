@@ -135,7 +135,9 @@ def test_default_model_verdict_agrees_with_the_best_time_recorded():
 
 @pytest.mark.parametrize("argv, message", [(["--prompts", "/no/such/prompts.txt"], "does not exist"),
                                            (["--steps", "-1"], "steps"), (["--timeout", "0"], "timeout"),
-                                           (["--max-wait-ms", "-1"], "--max-wait-ms")])
+                                           (["--max-wait-ms", "-1"], "--max-wait-ms"),
+                                           (["--max-wait-ms", "nan"], "--max-wait-ms"),
+                                           (["--model", "/no/such/model"], "model folder /no/such/model does not")])
 def test_load_bench_refuses_before_starting_a_server(argv, message, capsys, monkeypatch):
     import benchmarks.bench_load as bench_load
 
@@ -203,3 +205,72 @@ def test_load_counts_a_request_waiting_to_connect_as_an_error_not_lost(monkeypat
     args = bench_load.parse_args(["--requests", "3", "--concurrency", "1", "--timeout", "0.05"])
     summary = bench_load.run_load("127.0.0.1:52251", None, args, ["a red circle"])
     assert summary["lost"] == 0 and summary["errors"] == {"UNAVAILABLE": 3}
+
+
+class RefusingClient(UnreachableClient):
+    """DeviceClient's stand-in for a server that refuses every request at once."""
+
+    def request_latent(self, prompt: str, seed: int) -> None:
+        from device_client.client import DeviceError
+
+        raise DeviceError("RESOURCE_EXHAUSTED", "queue full")
+
+
+def test_load_without_a_success_prints_no_latency_and_exits_1(monkeypatch, capsys):
+    """A run in which every request failed printed 'latency ms p50=0 p95=0 p99=0' (and recorded 0.0) and exited 0."""
+    from types import SimpleNamespace
+
+    import benchmarks.bench_load as bench_load
+
+    monkeypatch.setattr(bench_load, "DeviceClient", RefusingClient)
+    monkeypatch.setattr(bench_load, "DeviceModel", SimpleNamespace(load=lambda config: None))
+    assert bench_load.main(["--server", "127.0.0.1:52251", "--requests", "3", "--concurrency", "2", "--json"]) == 1
+    out = capsys.readouterr().out
+    assert "requests=3 ok=0 RESOURCE_EXHAUSTED=3 lost=0" in out and "latency: no request succeeded;" in out
+    assert "p50=" not in out and '"p50": null' in out
+
+
+def test_load_summary_of_successes_keeps_its_latencies(monkeypatch, capsys):
+    import benchmarks.bench_load as bench_load
+
+    class FastClient(UnreachableClient):
+        def request_latent(self, prompt: str, seed: int) -> None:
+            return None
+
+    monkeypatch.setattr(bench_load, "DeviceClient", FastClient)
+    args = bench_load.parse_args(["--requests", "2", "--concurrency", "1"])
+    summary = bench_load.run_load("127.0.0.1:52251", None, args, ["a red circle"])
+    bench_load.print_summary(summary)
+    assert summary["ok"] == 2 and all(v is not None and v >= 0 for v in summary["latency_ms"].values())
+    assert "latency ms p50=0 p95=0 p99=0;" in capsys.readouterr().out
+
+
+class FailingServer:
+    """EdgeServerProcess's stand-in for a server that exits during its start."""
+
+    def __init__(self, *args: object) -> None:
+        self.stopped = False
+
+    def launch(self) -> None:
+        return None
+
+    def wait_listening(self) -> str:
+        from device_client.server_process import ServerStartError
+
+        raise ServerStartError("edge server exited with code 2: unknown option --bogus")
+
+    def stop(self) -> int:
+        return 2
+
+
+def test_load_reports_a_server_that_did_not_start_in_one_line(monkeypatch, capsys):
+    """A server that failed to start (e.g. a bad --server-arg) ended the bench with a traceback."""
+    from types import SimpleNamespace
+
+    import benchmarks.bench_load as bench_load
+
+    monkeypatch.setattr(bench_load, "EdgeServerProcess", FailingServer)
+    monkeypatch.setattr(bench_load, "DeviceModel", SimpleNamespace(load=lambda config: None))
+    assert bench_load.main(["--server-arg=--bogus"]) == 1
+    err = capsys.readouterr().err
+    assert err == "error: edge server exited with code 2: unknown option --bogus\n"
