@@ -32,6 +32,7 @@ from edge_server.worker import BucketJob, BucketSettings, GroupResult, MemberSpe
 
 log = logging.getLogger("sage_edge.engine")
 MAX_SEED = 2**63 - 1  # mirrors sage_core.generate.MAX_SEED (checked by tests)
+SHOWN_CHARS = 64  # of a client's value echoed in a status message (gRPC drops trailers past 16 KiB)
 
 
 class EngineError(Exception):
@@ -125,6 +126,13 @@ class Window:
     worker_index: int = -1
 
 
+def clip(text: str, limit: int = SHOWN_CHARS) -> str:
+    """`text` (a client's value, for a status message or a log line) cut to `limit` characters, its full length
+    noted: echoed whole it could pass gRPC's 16 KiB limit on trailing metadata, and the client would then see
+    RESOURCE_EXHAUSTED ("metadata size exceeds hard limit") instead of the status the server meant."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def negotiate_codec(accepted: Sequence[str], preferred: Sequence[str]) -> str:
     """First of the server's `preferred` modes the device accepts (empty: any lossless); same rule as
     sage_core.codec.negotiate. Raises EngineError INVALID_ARGUMENT when none matches."""
@@ -133,9 +141,10 @@ def negotiate_codec(accepted: Sequence[str], preferred: Sequence[str]) -> str:
     for mode in preferred:
         if mode in offered:
             return mode
-    hint = f" (unknown: {unknown})" if unknown else ""
+    hint = f" (unknown: {clip(str(unknown))})" if unknown else ""
     raise EngineError(
-        "INVALID_ARGUMENT", f"no common codec: device accepts {sorted(accepted)}{hint}, server offers {list(preferred)}"
+        "INVALID_ARGUMENT",
+        f"no common codec: device accepts {clip(str(sorted(accepted)))}{hint}, server offers {list(preferred)}",
     )
 
 
@@ -161,7 +170,7 @@ def resolve(spec: ImageSpec, config: ServerConfig, info: ModelInfo) -> Resolved:
         raise bad(f"share must be in [0, 1], got {share}")
     scheduler = spec.scheduler or config.default_scheduler
     if scheduler not in KNOWN_SCHEDULERS:
-        raise bad(f"unknown scheduler {scheduler!r}; choose one of {', '.join(KNOWN_SCHEDULERS)}")
+        raise bad(f"unknown scheduler {clip(repr(scheduler))}; choose one of {', '.join(KNOWN_SCHEDULERS)}")
     height = spec.height or info.default_height
     width = spec.width or info.default_width
     for name, side in (("height", height), ("width", width)):
@@ -170,7 +179,7 @@ def resolve(spec: ImageSpec, config: ServerConfig, info: ModelInfo) -> Resolved:
     if spec.model_fingerprint and spec.model_fingerprint != info.fingerprint:
         raise EngineError(
             "FAILED_PRECONDITION",
-            f"model fingerprint mismatch: device has {spec.model_fingerprint}, server runs {info.fingerprint}",
+            f"model fingerprint mismatch: device has {clip(spec.model_fingerprint)}, server runs {info.fingerprint}",
         )
     if len(spec.client_id) > 256:
         raise bad("client_id is longer than 256 characters")
@@ -262,9 +271,7 @@ class Engine:
                     f"client {request.client_id!r} has {self.config.max_streams_per_client} open requests (the cap)",
                 )
         except EngineError as exc:
-            self._counts["rejected"] += 1
-            self._status_counts[exc.code] += 1
-            raise
+            raise self.reject(exc) from None
         now = time.monotonic()
         budget = (
             self.config.max_deadline_s
@@ -280,6 +287,12 @@ class Engine:
         self._queued_event.set()
         self._counts["admitted"] += 1
         return ticket
+
+    def reject(self, error: EngineError) -> EngineError:
+        """Count a request refused before admission (`rejected` and its status); returns `error` to raise."""
+        self._counts["rejected"] += 1
+        self._status_counts[error.code] += 1
+        return error
 
     async def wait(self, ticket: Ticket) -> Delivery:
         """The request's Delivery, or EngineError (UNAVAILABLE, DEADLINE_EXCEEDED, ...)."""

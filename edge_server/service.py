@@ -21,16 +21,18 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from edge_server.config import BUILTIN_MODELS, ConfigError, ServerConfig
-from edge_server.engine import Delivery, Engine, EngineError, ImageSpec
+from edge_server.engine import Delivery, Engine, EngineError, ImageSpec, clip
 from edge_server.metrics import EdgeMetrics
 from edge_server.security import TokenAuthInterceptor, TokenTable, load_token_table, server_credentials
 from protos.sage_edge.v1 import edge_pb2, edge_pb2_grpc
@@ -45,6 +47,62 @@ DEADLINE_SLACK_S = 0.1
 RAY_PROBE_TIMEOUT_S = 3.0  # a TCP connect to a cluster's GCS before ray.init (which retries an absent one forever)
 RAY_THREAD = "ray-calls"  # the name of the one thread that calls ray.init and ray.shutdown (ray_thread)
 RAY_STOP_WAIT_S = 15.0  # after a signal, how long a ray.init or ray.shutdown still in progress may take
+
+
+@dataclass(frozen=True)
+class MalformedRequest:
+    """A request body that does not parse as its method's message (a string field that is not UTF-8, a corrupt
+    wire format): the servicer ends such a call with INVALID_ARGUMENT, where grpc's own parse failure is UNKNOWN
+    with a Python exception in its details."""
+
+    message_type: str
+    reason: str
+
+    def status_message(self) -> str:
+        """The INVALID_ARGUMENT details."""
+        return f"malformed {self.message_type}: {self.reason}"
+
+
+def lenient_parser(message_class: type[Message]) -> Callable[[bytes], Message | MalformedRequest]:
+    """A request deserializer for `message_class` that returns a MalformedRequest instead of raising."""
+
+    def parse(data: bytes) -> Message | MalformedRequest:
+        try:
+            return message_class.FromString(data)
+        except DecodeError as exc:
+            return MalformedRequest(message_class.DESCRIPTOR.full_name, clip(first_line(exc), 200))
+
+    return parse
+
+
+def add_edge_sampler(servicer: edge_pb2_grpc.EdgeSamplerServicer, server: grpc.aio.Server) -> None:
+    """Register `servicer` as edge_pb2_grpc.add_EdgeSamplerServicer_to_server does, with lenient_parser request
+    deserializers (each method's handler must check for a MalformedRequest)."""
+    handlers = {
+        "RequestImage": grpc.unary_stream_rpc_method_handler(
+            servicer.RequestImage,
+            request_deserializer=lenient_parser(edge_pb2.ImageRequest),
+            response_serializer=edge_pb2.ImageResponse.SerializeToString,
+        ),
+        "GetServerInfo": grpc.unary_unary_rpc_method_handler(
+            servicer.GetServerInfo,
+            request_deserializer=lenient_parser(edge_pb2.ServerInfoRequest),
+            response_serializer=edge_pb2.ServerInfo.SerializeToString,
+        ),
+        "GetStats": grpc.unary_unary_rpc_method_handler(
+            servicer.GetStats,
+            request_deserializer=lenient_parser(edge_pb2.StatsRequest),
+            response_serializer=edge_pb2.ServerStats.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
+async def refuse_malformed(request: Message | MalformedRequest, context: grpc.aio.ServicerContext) -> None:
+    """End the call with INVALID_ARGUMENT when its request did not parse."""
+    if isinstance(request, MalformedRequest):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.status_message())
 
 
 def to_spec(request: edge_pb2.ImageRequest) -> ImageSpec:
@@ -118,14 +176,15 @@ class EdgeSamplerServicer(edge_pb2_grpc.EdgeSamplerServicer):
         """Admit, wait for the group's branch point, stream it; errors end the call with a status."""
         started = time.monotonic()
         try:
+            if isinstance(request, MalformedRequest):
+                raise self.engine.reject(EngineError("INVALID_ARGUMENT", request.status_message()))
             ticket = self.engine.admit(self._spec(request, context), context.time_remaining())
         except EngineError as exc:
             if self.metrics is not None:
                 self.metrics.observe_request(exc.code, 0, None)
-            log.info(
-                "request_rejected",
-                extra={"fields": {"client_id": request.client_id, "code": exc.code, "error": exc.message}},
-            )
+            client_id = "" if isinstance(request, MalformedRequest) else clip(request.client_id, 256)
+            fields = {"client_id": client_id, "code": exc.code, "error": exc.message}
+            log.info("request_rejected", extra={"fields": fields})
             await context.abort(grpc.StatusCode[exc.code], exc.message)
         if self.metrics is not None:
             self.metrics.active.inc()
@@ -186,6 +245,7 @@ class EdgeSamplerServicer(edge_pb2_grpc.EdgeSamplerServicer):
         self, request: edge_pb2.ServerInfoRequest, context: grpc.aio.ServicerContext
     ) -> edge_pb2.ServerInfo:
         """Model fingerprint, scheduler config, defaults, codecs and admission limits."""
+        await refuse_malformed(request, context)
         c, info = self.config, self.engine.info
         return edge_pb2.ServerInfo(
             version=VERSION,
@@ -209,6 +269,7 @@ class EdgeSamplerServicer(edge_pb2_grpc.EdgeSamplerServicer):
         self, request: edge_pb2.StatsRequest, context: grpc.aio.ServicerContext
     ) -> edge_pb2.ServerStats:
         """The engine's live counters."""
+        await refuse_malformed(request, context)
         return edge_pb2.ServerStats(**self.engine.stats())
 
 
@@ -439,7 +500,7 @@ async def serve(config: ServerConfig) -> int:
             interceptors=interceptors,
         )
         servicer = EdgeSamplerServicer(engine, config, tokens, metrics)
-        edge_pb2_grpc.add_EdgeSamplerServicer_to_server(servicer, server)
+        add_edge_sampler(servicer, server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)

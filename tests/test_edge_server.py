@@ -259,6 +259,23 @@ def test_resolve_fills_defaults_and_rejects() -> None:
     assert err.value.code == "FAILED_PRECONDITION"
 
 
+def test_rejections_echo_only_the_start_of_a_huge_value() -> None:
+    """A status message quotes at most the start of the client's value (and its length): quoted whole, a 100 kB
+    scheduler, fingerprint or codec name passed gRPC's 16 KiB limit on trailers and the client got
+    RESOURCE_EXHAUSTED instead of the status meant."""
+    cfg, info = ServerConfig(), ModelInfo("abc", "{}", 32, 32, 1, "cpu")
+    huge = "z" * 100_000
+    for spec, code in (
+        (ImageSpec(prompt="a", scheduler=huge), "INVALID_ARGUMENT"),
+        (ImageSpec(prompt="a", model_fingerprint=huge), "FAILED_PRECONDITION"),
+        (ImageSpec(prompt="a", accepted_codecs=(huge, huge + "y")), "INVALID_ARGUMENT"),
+    ):
+        with pytest.raises(EngineError) as err:
+            resolve(spec, cfg, info)
+        assert err.value.code == code and len(err.value.message) < 1000, err.value.message[:300]
+        assert "zzz... (" in err.value.message and " characters)" in err.value.message
+
+
 def test_more_workers_than_the_local_ray_holds_fail_at_start() -> None:
     """More workers than the local Ray can place (one GPU each, or one CPU each without a GPU) end the start with
     the reason in one line, instead of waiting forever for actors Ray never schedules."""
@@ -386,6 +403,47 @@ async def test_malformed_requests_are_invalid_argument(server: EdgeServerProcess
         assert code == grpc.StatusCode.FAILED_PRECONDITION and "fingerprint" in details
         accepted, payload, _ = await collect(stub, request("still serving"))
     assert payload and accepted.group_size >= 1
+
+
+async def test_huge_values_in_a_refused_request_keep_its_status(server: EdgeServerProcess) -> None:
+    """Over the wire, a request refused for a 100 kB scheduler, fingerprint or codec name ends with the refusal's
+    status (not RESOURCE_EXHAUSTED for trailers past gRPC's metadata limit) and a short message."""
+    huge = "z" * 100_000
+    cases = [
+        (request("a", scheduler=huge), grpc.StatusCode.INVALID_ARGUMENT),
+        (request("a", model_fingerprint=huge), grpc.StatusCode.FAILED_PRECONDITION),
+        (request("a", accepted_codecs=[huge, huge]), grpc.StatusCode.INVALID_ARGUMENT),
+    ]
+    async with server.aio_channel() as channel:
+        stub = edge_pb2_grpc.EdgeSamplerStub(channel)
+        results = await asyncio.gather(*(status_of(stub, req, 10) for req, _ in cases))
+    for (_, code), (got, details) in zip(cases, results, strict=True):
+        assert got == code and len(details) < 1000, (got, details[:300])
+
+
+async def test_requests_that_do_not_parse_are_invalid_argument(server: EdgeServerProcess) -> None:
+    """Request bytes that are no valid message (a prompt or client id that is not UTF-8, a corrupt wire format) end
+    with INVALID_ARGUMENT naming the message, on every method, and count as rejected; grpc's own parse failure
+    was UNKNOWN with a Python exception in its details."""
+    good = edge_pb2.ImageRequest(prompt="a cat", client_id="abc", **FAST).SerializeToString()
+    bodies = [good.replace(b"a cat", b"a\xff\xfet"), good.replace(b"abc", b"\xc3\x28c"), b"\xff\xff\xff\xff"]
+    before = server.stats()
+    async with server.aio_channel() as channel:
+        raw_request = channel.unary_stream("/sage_edge.v1.EdgeSampler/RequestImage")
+        for body in bodies:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                _ = [m async for m in raw_request(body, timeout=10)]
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value
+            assert err.value.details().startswith("malformed sage_edge.v1.ImageRequest: ")
+        for method in ("GetStats", "GetServerInfo"):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await channel.unary_unary(f"/sage_edge.v1.EdgeSampler/{method}")(b"\xff\xff", timeout=10)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value
+        accepted, payload, _ = await collect(edge_pb2_grpc.EdgeSamplerStub(channel), request("still serving"))
+    assert payload and accepted.group_size >= 1
+    after = server.stats()
+    assert after.rejected == before.rejected + len(bodies)
+    assert after.status_counts["INVALID_ARGUMENT"] == before.status_counts["INVALID_ARGUMENT"] + len(bodies)
 
 
 async def test_queue_full_is_immediate_resource_exhausted(server: EdgeServerProcess) -> None:
