@@ -5,11 +5,15 @@ normalized value; a wrong value raises ValueError naming the field and the value
 
 - `bool`: true or false only (not the string "false", not 0/1).
 - `int`: an integer (not a bool, not 2.5, not "3").
-- `float`: a finite number; a numeric string is read as the number it spells, because PyYAML reads `1e-4`
-  (no dot) as the string "1e-4", so `lr: 1e-4` means 0.0001.
+- `float`: a finite number (inf and nan are refused as "not a finite number"); a numeric string is read as the
+  number it spells, because PyYAML reads `1e-4` (no dot) as the string "1e-4", so `lr: 1e-4` means 0.0001.
 - `str`: a string. `X | None`: also null.
 - `tuple[T, ...]` / `tuple[A, B]`: a list (never a bare string or number) of such values; stored as a tuple.
-- a dataclass (e.g. `lora: LoraSettings`): a mapping of its fields (unknown keys are an error) or an instance.
+- a dataclass (e.g. `lora: LoraSettings`): an instance, or a mapping of its fields (`from_mapping`): unknown keys
+  and missing required fields are errors, each value is converted by its annotation (so a dataclass that does not
+  call check_fields itself is checked too), and an error inside is prefixed with the field's name
+  (`lora: rank must be an integer, got 'x'`). A dataclass may define `check_keys(values)` (a staticmethod or
+  classmethod raising ValueError) to refuse keys that do not go together; it gets the given keys' converted values.
 
 Ranges (steps >= 1, share in [0, 1) ...) stay in each class's `__post_init__`.
 """
@@ -52,7 +56,9 @@ def _scalar(name: str, value: Any, tp: type) -> Any:
             raise _wrong(name, value, tp) from None
     if isinstance(value, bool) != (tp is bool):
         raise _wrong(name, value, tp)
-    if tp is float and isinstance(value, int | float) and math.isfinite(value):
+    if tp is float and isinstance(value, int | float):
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
         return float(value)
     if tp is not float and isinstance(value, tp):
         return value
@@ -65,13 +71,35 @@ def _nested(name: str, value: Any, tp: type) -> Any:
         return value
     if not isinstance(value, dict):
         raise _wrong(name, value, tp)
-    unknown = sorted(set(value) - {f.name for f in dataclasses.fields(tp)})
+    return from_mapping(tp, value, name)
+
+
+def _field_values(tp: type, data: dict[Any, Any]) -> dict[str, Any]:
+    """`data`'s values converted by `tp`'s annotations (keys checked), then passed to `tp.check_keys` if it has one."""
+    fields = [f for f in dataclasses.fields(tp) if f.init]
+    known = sorted(f.name for f in fields)
+    unknown = sorted(set(data) - set(known), key=str)
     if unknown:
-        raise ValueError(f"{name}: unknown field(s) {unknown}")
+        raise ValueError(f"unknown field(s) {unknown} (known: {', '.join(known)})")
+    missing = [f.name for f in fields if f.name not in data
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ValueError(f"missing field(s) {missing}")
+    hints = typing.get_type_hints(tp)
+    values = {key: convert(key, value, hints[key]) for key, value in data.items()}
+    check_keys = getattr(tp, "check_keys", None)
+    if check_keys is not None:
+        check_keys(values)
+    return values
+
+
+def from_mapping(tp: type, data: dict[Any, Any], name: str = "") -> Any:
+    """Dataclass `tp` built from a mapping of its fields (see the module docstring); a ValueError names the field,
+    prefixed with `name: ` (nothing for a top-level config, name "")."""
     try:
-        return tp(**value)
+        return tp(**_field_values(tp, data))
     except ValueError as exc:
-        raise ValueError(f"{name}: {exc}") from None
+        raise ValueError(f"{name}: {exc}" if name else str(exc)) from None
 
 
 def convert(name: str, value: Any, tp: Any) -> Any:

@@ -2,15 +2,14 @@
 
 One `SimConfig` is built from a file (or a dict), checked once, and passed down explicitly. Every check raises
 `ConfigError` with a one-line message that names the offending key, e.g. `arrivals.rate must be > 0, got -3`.
+Data becomes dataclasses through sage_core.config_types (the project's one annotation walker), so a value of the
+wrong type is refused as in every other config: `arrivals: rate must be a number, got 'fast'`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 from edge_server.config import ConfigError as EdgeConfigError
 from edge_server.config import ServerConfig as EdgeServerConfig
 from sage_core.config_files import ConfigFileError, read_mapping
+from sage_core.config_types import from_mapping
 
 MODES = ("sage", "server", "device", "sage_server")
 GROUPED_MODES = ("sage", "sage_server")  # the modes that group requests: what sharing settings change
@@ -79,25 +79,25 @@ class Dist:
         for b in bounds:
             _require(minimum <= b <= maximum, f"{name} must lie in [{minimum}, {maximum}], got {b}")
 
+    @staticmethod
+    def check_keys(values: dict[str, Any]) -> None:
+        """Raise ConfigError when a distribution's data lacks a key its kind needs or has one of another kind (which
+        would be ignored); an unknown kind is left to check. sage_core.config_types calls it while reading one."""
+        kind = values.get("dist", "constant")
+        if kind not in DIST_KEYS:
+            return
+        needed, optional = DIST_KEYS[kind]
+        foreign = sorted(k for k in values if k not in ("dist", *needed, *optional))
+        _require(
+            not foreign,
+            f"{', '.join(foreign)} {'does' if len(foreign) == 1 else 'do'} not apply to a {kind} distribution "
+            f"(its keys: {', '.join((*needed, *optional))})",
+        )
+        missing = [k for k in needed if k not in values]
+        _require(not missing, f"a {kind} distribution needs {' and '.join(missing)}")
+
 
 DIST_FIELDS = frozenset(f.name for f in dataclasses.fields(Dist))
-
-
-def check_dist_keys(data: dict[str, Any], name: str) -> None:
-    """Raise ConfigError when a distribution's data lacks a key its kind needs or has one of another kind
-    (which would be ignored); an unknown kind is left to Dist.check."""
-    kind = data.get("dist", "constant")
-    if kind not in DIST_KEYS:
-        return
-    needed, optional = DIST_KEYS[kind]
-    foreign = sorted(k for k in data if k in DIST_FIELDS and k not in ("dist", *needed, *optional))
-    _require(
-        not foreign,
-        f"{name}: {', '.join(foreign)} {'does' if len(foreign) == 1 else 'do'} not apply to a {kind} distribution "
-        f"(its keys: {', '.join((*needed, *optional))})",
-    )
-    missing = [k for k in needed if k not in data]
-    _require(not missing, f"{name}: a {kind} distribution needs {' and '.join(missing)}")
 
 
 def dist_data(data: dict[str, Any]) -> dict[str, Any]:
@@ -180,7 +180,8 @@ class GroupingSettings:
     sharing: str = EdgeServerConfig.sharing  # flat | adaptive
     adaptive_taus: tuple[float, ...] = EdgeServerConfig.adaptive_taus
     adaptive_max_sizes: tuple[int, ...] = EdgeServerConfig.adaptive_max_sizes
-    depth_schedule: tuple[tuple[float, float], ...] = EdgeServerConfig.depth_schedule
+    # pairs (similarity, share); any length is read, so check_policy's message can name what a row must hold
+    depth_schedule: tuple[tuple[float, ...], ...] = EdgeServerConfig.depth_schedule
     cache_mb: float = EdgeServerConfig.cache_mb  # per GPU worker (each edge worker holds its own cache); 0: off
 
     def edge_config(self) -> EdgeServerConfig:
@@ -309,47 +310,13 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def _convert(tp: Any, value: Any, name: str) -> Any:
-    """Build a value of type `tp` from plain YAML/JSON data (dicts, lists, scalars)."""
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        _require(isinstance(value, dict), f"{name} must be a mapping, got {type(value).__name__}")
-        if tp is Dist:
-            check_dist_keys(value, name)
-        return _from_dict(tp, value, name)
-    if origin is tuple:
-        args = typing.get_args(tp)
-        _require(isinstance(value, list | tuple), f"{name} must be a list, got {type(value).__name__}")
-        return tuple(_convert(args[0], v, f"{name}[{i}]") for i, v in enumerate(value))
-    if origin in (typing.Union, types.UnionType):
-        return value
-    if tp is float:
-        _require(
-            isinstance(value, int | float) and not isinstance(value, bool), f"{name} must be a number, got {value!r}"
-        )
-        _require(math.isfinite(value), f"{name} must be a finite number, got {value!r}")
-        return float(value)
-    if tp is int:
-        _require(isinstance(value, int) and not isinstance(value, bool), f"{name} must be an integer, got {value!r}")
-        return value
-    if tp is str:
-        _require(isinstance(value, str), f"{name} must be a string, got {value!r}")
-        return value
-    return value
-
-
-def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    """A dataclass from a dict; unknown keys are errors (a typo must not pass silently)."""
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names, key=str)
-    where = f"{prefix}." if prefix else ""
-    if unknown:
-        raise ConfigError(f"unknown setting {where}{unknown[0]} (known: {', '.join(sorted(names))})")
-    kwargs = {k: _convert(hints[k], v, f"{where}{k}") for k, v in data.items()}
-    return cls(**kwargs)
+def _build(cls: type, data: dict[str, Any], name: str = "") -> Any:
+    """Dataclass `cls` from plain YAML/JSON data by sage_core.config_types (unknown keys are errors: a typo must
+    not pass silently); its ValueError becomes a ConfigError."""
+    try:
+        return from_mapping(cls, data, name)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def validate(cfg: SimConfig) -> None:
@@ -448,8 +415,12 @@ def policy_config(cfg: SimConfig, index: int) -> SimConfig:
     _require(isinstance(v.grouping, dict), f"{where}.grouping must be a mapping")
     _require(isinstance(v.sampling, dict), f"{where}.sampling must be a mapping")
     _require(set(v.sampling) <= {"share"}, f"{where}.sampling may set only share, got {sorted(v.sampling)}")
-    grouping = _from_dict(GroupingSettings, {**to_dict(cfg.grouping), **v.grouping}, f"{where}.grouping")
-    sampling = _from_dict(SamplingSettings, {**to_dict(cfg.sampling), **v.sampling}, f"{where}.sampling")
+    known = sorted(f.name for f in dataclasses.fields(GroupingSettings))
+    unknown = sorted(set(v.grouping) - set(known), key=str)
+    if unknown:  # the override's own keys, checked where it is applied (as sampling's above), by their path
+        raise ConfigError(f"unknown setting {where}.grouping.{unknown[0]} (known: {', '.join(known)})")
+    grouping = _build(GroupingSettings, {**to_dict(cfg.grouping), **v.grouping}, f"{where}.grouping")
+    sampling = _build(SamplingSettings, {**to_dict(cfg.sampling), **v.sampling}, f"{where}.sampling")
     out = dataclasses.replace(cfg, grouping=grouping, sampling=sampling, policies=())
     try:
         validate(out)
@@ -463,7 +434,7 @@ def config_from_dict(data: dict[str, Any], base_dir: str | Path = ".") -> SimCon
     _require(isinstance(data, dict), "a simulation config must be a mapping at the top level")
     data = dict(data)
     data.setdefault("base_dir", str(base_dir))
-    cfg = _from_dict(SimConfig, data)
+    cfg = _build(SimConfig, data)
     validate(cfg)
     return cfg
 
