@@ -13,7 +13,7 @@ from benchmarks.bench_codec import main, parse_args
 def test_quick_only_changes_the_defaults():
     args = parse_args(["--quick", "--repeats", "1", "--steps", "6", "--betas", "0.2", "0.3"])
     assert (args.repeats, args.steps, args.betas) == (1, 6, [0.2, 0.3])  # used to be 2, 4 and [0.2]
-    assert (args.size, args.seeds, args.prompts) == (16, 1, 2)
+    assert (args.size, args.seeds, args.prompts) == (64, 1, 2)  # the latents keep the size the budget is about
     assert parse_args([]).size == 64 and parse_args(["--quick"]).betas == [0.4]
 
 
@@ -49,3 +49,21 @@ def test_json_results_make_their_folder(tmp_path):
     path = tmp_path / "new" / "deeper" / "result.json"
     assert write_json({"ms": 2.07, "where": Path("x")}, str(path)) == {"ms": 2.07, "where": Path("x")}
     assert json.loads(path.read_text()) == {"ms": 2.07, "where": "x"}
+
+
+def test_quick_judges_the_byte_budget_on_sd15_size_latents(capsys):
+    """--quick judged the 8 KiB budget (a quarter of a raw fp16 4x64x64 latent) on 4x16x16 latents, on which every
+    mode fits: it reported fp32 (60 KB at 4x64x64) within the budget."""
+    result = main(["--quick", "--no-images", "--repeats", "1", "--modes", "fp32", "int4"])
+    assert result["modes_within_budget"] == ["int4"]
+    assert {tuple(r["shape"]) for r in result["latents"]} == {(1, 4, 64, 64)}
+    out = capsys.readouterr().out
+    assert "within 8192 B on every synthetic 1x4x64x64 latent: int4" in out and "synthetic 1x4x64x64," in out
+
+
+def test_no_budget_verdict_on_latents_of_another_size(capsys):
+    result = main(["--quick", "--no-images", "--repeats", "1", "--modes", "fp32", "--size", "16"])
+    assert result["modes_within_budget"] is None
+    out = capsys.readouterr().out
+    assert "no verdict on the 8192 B budget: it is about 1x4x64x64 latents, these are 1x4x16x16" in out
+    assert "| 1x4x16x16 | fp32 |" in out and " | - | " in out and "| yes |" not in out  # nor does the table
