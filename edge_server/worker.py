@@ -360,7 +360,7 @@ class EdgeWorker:
         cond, pooled = self.encode(prompts)
         uncond = self.uncond
         roots = plan_window(pooled, self.policy, s.steps)
-        cap_depths(roots, [round(m.share * s.steps) for m in job.members])
+        roots = cap_depths(roots, [round(m.share * s.steps) for m in job.members])
         # 2. each root starts from a cached latent of a close enough earlier group, or from its shared noise
         #    (seeded by its first member's seed; a request that named its seed only reuses that seed's noise)
         shape = latent_shape(pipe, config)

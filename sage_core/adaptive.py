@@ -168,9 +168,10 @@ def floor_depths(node: GroupNode, floor: int) -> None:
         floor_depths(child, node.depth)
 
 
-def cap_depths(roots: Sequence[GroupNode], caps: Sequence[int]) -> None:
+def cap_depths(roots: Sequence[GroupNode], caps: Sequence[int]) -> list[GroupNode]:
     """Limit each node's depth to the smallest cap of its members (a request may ask to share less), keeping
-    every node at least as deep as its parent."""
+    every node at least as deep as its parent; returns the plan's roots, those left sharing nothing split up
+    (`unshared_roots`)."""
 
     def visit(node: GroupNode, floor: int) -> None:
         node.depth = max(floor, min(node.depth, min(caps[m] for m in node.members)))
@@ -179,6 +180,26 @@ def cap_depths(roots: Sequence[GroupNode], caps: Sequence[int]) -> None:
 
     for root in roots:
         visit(root, 0)
+    return unshared_roots(roots)
+
+
+def unshared_roots(roots: Sequence[GroupNode]) -> list[GroupNode]:
+    """The plan with every root group that shares no step split up: its sub-groups become roots (split in turn)
+    and its other members singletons, in order of their first member. A group that shares no step must not
+    share its initial noise either: each prompt then starts from its own seed, as independent sampling does."""
+    out: list[GroupNode] = []
+    for root in roots:
+        if root.depth > 0 or len(root.members) == 1:
+            out.append(root)
+            continue
+        parts: list[GroupNode] = []
+        for child in root.children:
+            child.parent = None
+            parts += unshared_roots([child])
+        grouped = {m for child in root.children for m in child.members}
+        parts += [GroupNode([m], 0, 1.0) for m in root.members if m not in grouped]
+        out += sorted(parts, key=lambda n: min(n.members))
+    return out
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sage_core.adaptive import GroupNode, flat_plan, leaf_of, root_index, run_shared_plan
+from sage_core.adaptive import GroupNode, flat_plan, leaf_of, root_index, run_shared_plan, unshared_roots
 from sage_core.grouping import GroupingConfig, group_by_similarity, text_embeddings
 from sage_core.sampler import (
     BranchPoint,
@@ -190,7 +190,7 @@ def generate(
     if plan is None:
         groups = [list(g) for g in groups] if groups is not None else group_by_similarity(pooled, grouping)
         plan = flat_plan(groups, pooled, config.branch_step())
-    roots = list(plan)
+    roots = unshared_roots(plan)
     groups = [sorted(root.members) for root in roots]
     # 3. one shared noise per group (line 4); lines 5-13 run inside run_plan
     noises, seeds = group_noises(pipe, groups, seed, config)

@@ -24,6 +24,7 @@ from sage_core.adaptive import (
     levels,
     plan_evaluations,
     root_index,
+    unshared_roots,
 )
 from sage_core.grouping import GroupingConfig, group_by_similarity
 from sage_core.latent_cache import CacheHit, CacheSettings, LatentCache
@@ -55,11 +56,12 @@ class SharingPolicy:
 
 
 def plan_window(embeddings: np.ndarray, policy: SharingPolicy, steps: int) -> list[GroupNode]:
-    """The grouping plan for one window of prompts (rows of `embeddings`, in arrival order)."""
+    """The grouping plan for one window of prompts (rows of `embeddings`, in arrival order); groups that would
+    share no step are split up (`unshared_roots`)."""
     if policy.mode == "flat":
         groups = group_by_similarity(embeddings, GroupingConfig(tau=policy.tau, max_group_size=policy.max_group_size))
-        return flat_plan(groups, embeddings, round(policy.share * steps))
-    return hierarchical_groups(embeddings, policy.taus, policy.max_sizes, policy.schedule, steps)
+        return unshared_roots(flat_plan(groups, embeddings, round(policy.share * steps)))
+    return unshared_roots(hierarchical_groups(embeddings, policy.taus, policy.max_sizes, policy.schedule, steps))
 
 
 @dataclass

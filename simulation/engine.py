@@ -268,7 +268,7 @@ class WindowPlanner:
         if self.policy is None:
             return self.steps
         roots = plan_window(self.embeddings[:1], self.policy, self.steps)
-        cap_depths(roots, [self.cap])
+        roots = cap_depths(roots, [self.cap])
         return roots[0].depth
 
     def _all_alone(self, prompt_ids: np.ndarray) -> bool:
@@ -295,7 +295,7 @@ class WindowPlanner:
         t0 = time.perf_counter()
         emb = self.embeddings[prompt_ids]
         roots = plan_window(emb, self.policy, self.steps)
-        cap_depths(roots, [self.cap] * m)
+        roots = cap_depths(roots, [self.cap] * m)
         starts = self._use_cache(roots, emb, worker) if self.cache_bytes else (0, 0, [0] * len(roots))
         plan = dataclasses.replace(plan_arrays(roots, m, starts[2]), lookups=starts[0], hits=starts[1])
         self.seconds += time.perf_counter() - t0

@@ -115,3 +115,35 @@ def test_caps_and_deliveries_account_every_step_once():
         for node in level_nodes:
             assert node.depth <= max(min(caps[m] for m in node.members), node.start())
             assert node.depth >= node.start()
+
+
+def test_a_group_that_shares_no_step_shares_no_noise():
+    """Roots left at depth 0 (below the schedule's first similarity, or capped there by a member's share) split:
+    their sub-groups become roots and their other members singletons, each starting from its own seed."""
+    from sage_core.adaptive import GroupNode, cap_depths, unshared_roots
+
+    loose = GroupNode([0, 1, 2, 3], 0, 0.65)
+    tight = GroupNode([1, 3], 6, 0.95, parent=loose)
+    loose.children = [tight]
+    deep = GroupNode([4, 5], 3, 0.9)
+    roots = unshared_roots([loose, deep])
+    assert [(r.members, r.depth, r.parent) for r in roots] == [([0], 0, None), ([1, 3], 6, None), ([2], 0, None),
+                                                              ([4, 5], 3, None)]
+    capped = cap_depths(roots, [30, 0, 30, 30, 30, 30])
+    assert [(r.members, r.depth) for r in capped] == [([0], 0), ([1], 0), ([3], 0), ([2], 0), ([4, 5], 3)]
+
+
+def test_adaptive_plan_below_the_schedule_equals_independent_sampling(tiny_pipe):
+    """Two prompts 0.65 alike: the default schedule gives their group no shared step, so each image is the one
+    independent sampling makes with its own seed (before the fix, prompt 1 started from prompt 0's noise)."""
+    from sage_core.policy import SharingPolicy, plan_window
+
+    emb = np.linalg.cholesky(np.array([[1.0, 0.65], [0.65, 1.0]])).astype(np.float32)
+    roots = plan_window(emb, SharingPolicy(mode="adaptive"), 6)
+    assert [r.members for r in roots] == [[0], [1]]
+    prompts = ["a red circle on the left", "a blue square at the top"]
+    config = SamplingConfig(steps=6, guidance=7.5)
+    shared = generate(tiny_pipe, prompts, config, GroupingConfig(), seed=5, plan=roots)
+    alone = generate(tiny_pipe, prompts, config, GroupingConfig(), seed=5, groups=[[0], [1]])
+    assert shared.seeds == alone.seeds == [5, 6]
+    assert np.array_equal(shared.images, alone.images)

@@ -25,12 +25,16 @@ PROMPTS = ["a red circle on the left", "a blue square at the top", "a green star
 ATOL = 1e-5
 
 
-@pytest.mark.parametrize("scheduler", ["ddim", "dpmpp", "euler"])
-def test_share_zero_equals_stock_pipeline(tiny_pipe, scheduler):
+@pytest.mark.parametrize(("scheduler", "groups"), [("ddim", None), ("dpmpp", None), ("euler", None),
+                                                   ("ddim", [[0, 1, 2]]), ("dpmpp", [[0, 2], [1]])])
+def test_share_zero_equals_stock_pipeline(tiny_pipe, scheduler, groups):
+    """Sharing no step is independent sampling, whether the prompts group (`groups`) or not (tau 0.99): a group
+    that shares no step shares no noise either, so every prompt keeps its own seed."""
     from diffusers import StableDiffusionPipeline
 
     config = SamplingConfig(steps=6, guidance=7.5, share=0.0, scheduler=scheduler)
-    ours = generate(tiny_pipe, PROMPTS, config, GroupingConfig(tau=0.99), seed=11)
+    ours = generate(tiny_pipe, PROMPTS, config, GroupingConfig(tau=0.99), seed=11, groups=groups)
+    assert sorted(zip(ours.groups, ours.seeds, strict=True)) == [([0], 11), ([1], 12), ([2], 13)]
     stock = StableDiffusionPipeline(**tiny_pipe.components)
     stock.scheduler = make_scheduler(tiny_pipe.scheduler.config, scheduler, 6)
     for i, prompt in enumerate(PROMPTS):

@@ -56,3 +56,15 @@ def test_next_window_shares_while_the_last_one_encodes(worker, monkeypatch):
 def test_pipeline_depth_is_checked():
     with pytest.raises(ConfigError, match="worker_pipeline must be in"):
         build_config(None, {"worker_pipeline": 0})
+
+
+def test_a_member_that_shares_nothing_leaves_every_member_its_own_noise(worker):
+    """Two identical prompts group; one asks to share nothing, so the group shares no step, and then it must not
+    share its noise either: each request gets its own seed's noise, as independent sampling would give it."""
+    info = worker.info()
+    settings = BucketSettings(3, 7.5, "ddim", info.default_height, info.default_width)
+    members = (MemberSpec("a red circle", 11, 0.5, "fp16"), MemberSpec("a red circle", 12, 0.0, "fp16"))
+    (groups,) = worker.run_window("w-share0", [BucketJob(settings, members)]).buckets
+    assert sorted((g.members, g.seed, g.branch_step) for g in groups) == [((0,), 11, 0), ((1,), 12, 0)]
+    both = worker.run_window("w-share", [BucketJob(settings, (members[0], members[0]))]).buckets[0]
+    assert [(g.members, g.seed) for g in both] == [((0, 1), 11)]
