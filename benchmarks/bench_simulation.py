@@ -24,7 +24,7 @@ if __package__ in (None, ""):  # `python benchmarks/bench_simulation.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.results import output_file, write_json  # noqa: E402
-from simulation.config import ConfigError, load_config, repo_root  # noqa: E402
+from simulation.config import MODES, ConfigError, load_config, repo_root  # noqa: E402
 from simulation.engine import simulate  # noqa: E402
 from simulation.metrics import summarize  # noqa: E402
 from simulation.workload import build_workload, cached_embeddings, embed_prompts, load_prompts  # noqa: E402
@@ -40,7 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=1_000_000, help="requests simulated")
     p.add_argument("--rate", type=float, default=8.0, help="requests per second")
     p.add_argument("--window", type=float, default=1.0, help="batching window in s")
-    p.add_argument("--modes", default="sage,server,device", help="comma-separated modes")
+    p.add_argument("--modes", default="sage,server,device",
+                   help=f"comma-separated modes, each named once (of {', '.join(MODES)})")
     p.add_argument("--embedder", default=None,
                    help="minilm | hashed | pipeline | pipeline:PATH; %(default)s: minilm if cached, else hashed")
     p.add_argument("--json", type=output_file, default=None, help="also write the timings here")

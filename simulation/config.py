@@ -326,6 +326,7 @@ def validate(cfg: SimConfig) -> None:
     _require(len(cfg.modes) > 0, "modes must name at least one of " + ", ".join(MODES))
     for m in cfg.modes:
         _require(m in MODES, f"modes: unknown mode {m!r} (known: {', '.join(MODES)})")
+    _require(len(set(cfg.modes)) == len(cfg.modes), f"modes must name each mode once, got {', '.join(cfg.modes)}")
     _require(cfg.slo_s > 0, f"slo_s must be > 0, got {cfg.slo_s}")
     a = cfg.arrivals
     _require(a.process in ARRIVAL_PROCESSES, f"arrivals.process must be one of {', '.join(ARRIVAL_PROCESSES)}")

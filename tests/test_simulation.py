@@ -496,6 +496,11 @@ def test_config_types_reads_the_simulator_config_as_it_reads_the_edge_servers(pr
     assert cfg.arrivals.rate == 1000.0 and cfg.sweep.rate == (20.0, 5.0)
 
 
+def test_a_mode_named_twice_is_refused(prompt_file):
+    """It was simulated twice and reported once."""
+    with pytest.raises(ConfigError, match="^modes must name each mode once, got sage, server, sage$"):
+        make_cfg(prompt_file, modes=["sage", "server", "sage"])
+
 
 def test_workload_files_keep_only_each_distributions_own_keys(prompt_file, tmp_path):
     """to_dict writes a distribution's own keys; a file from before, with every field, still reads."""
