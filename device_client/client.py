@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import secrets
 import threading
 import time
@@ -188,6 +189,16 @@ def verify_payload(payload: bytes, done: edge_pb2.Done) -> list[tuple[str, bytes
     return frames
 
 
+def solver_counter(name: str, value: torch.Tensor, total_steps: int) -> torch.Tensor:
+    """A solver-state integer (sent as a one-element float frame, rounded: a lossy codec may blur it) as the
+    scheduler keeps it; DeviceError INTERNAL when the frame holds anything but one number in [0, total_steps]."""
+    number = float(value.reshape(-1)[0]) if value.numel() == 1 else math.nan
+    if not -0.5 < number < total_steps + 0.5:  # also false for NaN
+        shown = f"{number:g}" if value.numel() == 1 else f"{value.numel()} values"
+        raise DeviceError("INTERNAL", f"bad solver state {name!r}: {shown}, expected one count in [0, {total_steps}]")
+    return torch.tensor(int(round(number)))
+
+
 def decode_frames(
     frames: list[tuple[str, bytes]], accepted: edge_pb2.Accepted, device: str, dtype: torch.dtype
 ) -> BranchPoint:
@@ -203,7 +214,7 @@ def decode_frames(
     state: dict[str, torch.Tensor] = {}
     for name, value in tensors[1:]:
         if name in SOLVER_COUNTERS:
-            state[name] = torch.tensor(int(round(float(value.reshape(-1)[0]))))
+            state[name] = solver_counter(name, value, accepted.total_steps)
         else:
             state[name] = value.to(device=device, dtype=dtype)
     return BranchPoint(latent.to(device=device, dtype=dtype), accepted.branch_step, state)

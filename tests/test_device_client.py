@@ -19,6 +19,7 @@ from device_client.client import (
     DeviceError,
     DeviceModel,
     collect_stream,
+    solver_counter,
     verify_payload,
 )
 from device_client.config import DeviceConfig
@@ -56,8 +57,11 @@ class FakeEdge(edge_pb2_grpc.EdgeSamplerServicer):
         point = shared_phase(self.pipe.unet, self.pipe.scheduler.config, [cond], noises, uncond, config)[0]
         mode = request.accepted_codecs[0] if request.accepted_codecs else "fp32"
         codec = LatentCodec(CodecSpec(mode))
-        names = ["latent", *point.solver_state]
-        frames = [codec.encode(point.latents)] + [codec.encode(v.float()) for v in point.solver_state.values()]
+        state = dict(point.solver_state)
+        if self.fault == "counter" and "lower_order_nums" in state:
+            state["lower_order_nums"] = torch.zeros(0)
+        names = ["latent", *state]
+        frames = [codec.encode(point.latents)] + [codec.encode(v.float()) for v in state.values()]
         payload = b"".join(frames)
         fp = "0" * 16 if self.fault == "fingerprint" else self.fingerprint
         yield edge_pb2.ImageResponse(
@@ -145,6 +149,19 @@ def test_dpmpp_solver_state_crosses_the_wire(fake_server, device_model, tiny_pip
     ref = generate(tiny_pipe, ["a green star"], SamplingConfig(steps=STEPS, share=SHARE, scheduler="dpmpp"),
                    GroupingConfig(), seed=9, groups=[[0]])  # fmt: skip
     assert torch.allclose(result.latents, ref.latents, atol=1e-5, rtol=0)
+
+
+def test_a_malformed_solver_counter_is_a_clear_error(fake_server, device_model):
+    """A server whose dpmpp solver counter frame holds no value (checksums fine) gets DeviceError INTERNAL naming
+    the entry; it was a bare IndexError out of generate. A lossy codec's blurred count still rounds."""
+    with client_for(fake_server("counter"), device_model, accepted_codecs=("fp32",), steps=STEPS,
+                    scheduler="dpmpp") as c, pytest.raises(DeviceError) as err:  # fmt: skip
+        c.generate("a green star", seed=9)
+    assert err.value.code == "INTERNAL" and "lower_order_nums" in err.value.message
+    assert int(solver_counter("lower_order_nums", torch.tensor([1.98]), 4)) == 2
+    for bad in (torch.tensor([1e30]), torch.tensor([1.0, 2.0]), torch.tensor([-3.0])):
+        with pytest.raises(DeviceError, match="bad solver state"):
+            solver_counter("lower_order_nums", bad, 4)
 
 
 def test_sha_mismatch_is_data_loss(fake_server, device_model):
