@@ -167,15 +167,10 @@ def demo_cmd(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a previous run's output folder")] = False,
 ) -> None:
     """Start an edge server (local Ray), run device clients on the prompts file, write images, grids, a report."""
-    from device_client.demo import DemoConfig, DemoError, run_demo_config
-    from sage_core.generate import check_base_seed, read_prompt_file
+    from device_client.demo import DemoConfig, DemoError, check_inputs, run_demo_config
     from sage_core.models import ModelError
 
-    try:
-        check_base_seed(seed, len(read_prompt_file(prompts)))  # prompt i asks for seed + i
-    except ValueError as exc:
-        fail(str(exc), code=2)
-    try:
+    try:  # every input is checked before the server starts: a mistake is exit 2
         config = DemoConfig(
             prompts_file=prompts,
             out_dir=out,
@@ -188,7 +183,11 @@ def demo_cmd(
             server_args=tuple(server_arg or ()),
             overwrite=overwrite,
         )
-        run_demo_config(config, progress=True)
+        prompt_list = check_inputs(config)
+    except (ModelError, ValueError, OSError) as exc:
+        fail(str(exc), code=2)
+    try:
+        run_demo_config(config, progress=True, prompts=prompt_list)
     except (DemoError, ModelError, ValueError, OSError) as exc:
         fail(str(exc))
     except Exception as exc:  # noqa: BLE001 - one line, never a traceback

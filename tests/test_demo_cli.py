@@ -147,11 +147,6 @@ def test_check_inputs_reads_the_prompts_once_for_the_whole_run(prompts, tmp_path
     assert reads == [prompts] and checked == ["a red circle", "a blue square"]
 
 
-NEEDS_CLI = pytest.mark.xfail(strict=True, reason="device_client/cli.py's demo command must call demo.check_inputs "
-                              "(exit 2 on its ValueError) and pass its prompts to run_demo_config")
-
-
-@NEEDS_CLI
 def test_the_cli_exits_2_for_a_non_empty_out_folder(prompts, tmp_path):
     """A command-line mistake found before any work: one 'error:' line and exit 2, as the other CLIs do (was 1)."""
     from typer.testing import CliRunner
@@ -166,7 +161,6 @@ def test_the_cli_exits_2_for_a_non_empty_out_folder(prompts, tmp_path):
                                                "to replace it)"]
 
 
-@NEEDS_CLI
 def test_the_cli_reads_the_prompts_once(prompts, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
