@@ -131,7 +131,8 @@ def pairwise_similarities(embeddings: np.ndarray | torch.Tensor, members: Sequen
 def text_embeddings(pipe, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """From one tokenizer call and one text-encoder pass: the token-level embeddings c^m [M, L, D] in the text
     encoder's dtype, exactly as StableDiffusionPipeline.encode_prompt computes them (no CLIP skip), and the pooled
-    embeddings [M, D] the grouping compares (the paper groups by CLIP's pooled text embedding)."""
+    embeddings [M, D] the grouping compares (the text encoder's pooler_output: the paper says "CLIP embeddings",
+    and the pooled one is this project's reading)."""
     device = pipe.text_encoder.device
     tokens = pipe.tokenizer(
         list(prompts),

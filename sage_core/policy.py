@@ -1,6 +1,7 @@
 """Sharing policies for a stream of requests: how one batching window is planned.
 
-`flat` is Algorithm 1 as the paper runs it: greedy groups at one tau, one branch point for all. `adaptive`
+`flat` is Algorithm 1: groups at one tau (partitioned greedily, the project's choice: the paper does not say
+how), one branch point for all. `adaptive`
 nests tighter sub-groups inside looser groups and gives every group the depth its similarity allows
 (sage_core.adaptive). Either may reuse latents of earlier windows (sage_core.latent_cache). The edge server,
 the local tools and the simulator all plan windows with `plan_window`, so they count the same steps.
