@@ -378,10 +378,13 @@ def validate(
     model: Annotated[str, typer.Option(help="model of the server and the devices: tiny, default or a folder")] = "tiny",
     server: Annotated[str | None, typer.Option(help="host:port of a running edge server (default: start one)")] = None,
     concurrency: Annotated[int, typer.Option(help="device clients (the most requests in flight at once)")] = 64,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Replay a workload through a real edge server and device clients on 127.0.0.1 and through the simulator;
-    compare UNet evaluations, bytes and median latency (report.md, comparison.json, validation.png)."""
+    compare UNet evaluations, bytes and median latency (report.md, comparison.json, validation.png, and the
+    workload as workload.json)."""
     import json
+    import shutil
 
     from device_client.client import DeviceError
     from simulation import metrics, validation
@@ -391,7 +394,7 @@ def validate(
 
     with _clear_errors(DeviceError):
         cfg, wl = read_workload_file(workload)
-        out = _output(out or Path("runs/sim") / f"validate-{workload.stem}", folder=True)
+        out = _output_folder(out or Path("runs/sim") / f"validate-{workload.stem}", overwrite, (workload,))
         seeds = [int(r["seed"]) for r in json.loads(workload.read_text(encoding="utf-8"))["requests"]]
         console.print(f"replaying {wl.n} requests over {wl.arrival_s[-1]:.1f} s through the real system ...")
         if server is None:
@@ -405,11 +408,13 @@ def validate(
         sim = validation.sim_totals(result)
         comparison = validation.compare(sim, real)
         command = _command()
-        metrics.write_json(records, out / "real_requests.json")
-        metrics.write_json({"command": command, "sim": sim, "real": real, **comparison}, out / "comparison.json")
-        real_lat = [r["latency_s"] for r in records if "error" not in r]
-        plotting.validation_figure(real_lat, result.modes["sage"].latency_s, comparison, out / "validation.png")
-        (out / "report.md").write_text(validation.report_markdown(cfg, command, sim, real, comparison), "utf-8")
+        with _writing(out, overwrite, (workload,)) as tmp:
+            shutil.copyfile(workload, tmp / "workload.json")
+            metrics.write_json(records, tmp / "real_requests.json")
+            metrics.write_json({"command": command, "sim": sim, "real": real, **comparison}, tmp / "comparison.json")
+            real_lat = [r["latency_s"] for r in records if "error" not in r]
+            plotting.validation_figure(real_lat, result.modes["sage"].latency_s, comparison, tmp / "validation.png")
+            (tmp / "report.md").write_text(validation.report_markdown(cfg, command, sim, real, comparison), "utf-8")
         out_console.print_json(data=comparison)
         console.print(f"{'PASS' if comparison['pass'] else 'FAIL'}; wrote {out}/")
         if not comparison["pass"]:

@@ -3,7 +3,10 @@ real edge server and device clients on 127.0.0.1, and through the simulator; the
 evaluations, bytes and latency.
 
     sage-sim workload simulation/configs/validation_tiny.yaml --out runs/sim/validation/workload.json
-    sage-sim validate runs/sim/validation/workload.json --model tiny --out docs/results/simulation/validation
+    sage-sim validate runs/sim/validation/workload.json --model tiny --out docs/results/simulation/validation \
+        --overwrite
+
+(`--overwrite` replaces only a previous `validate` folder, one with report.json; docs/simulation.md.)
 
 `validate` starts `python -m edge_server serve` with the workload's settings (window -> --max-wait-ms, size cap
 -> --max-batch, tau, group size, workers, steps, share, codec, and server.step_delay_ms -> the server's

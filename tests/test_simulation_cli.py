@@ -270,6 +270,55 @@ def test_validate_reports_an_unreachable_server_in_one_line(config_file, tmp_pat
     assert "error: UNAVAILABLE: edge server 127.0.0.1:1 unreachable" in res.output and "Traceback" not in res.output
 
 
+
+def _fake_replay(cfg, wl, server, model, concurrency, seeds):
+    """validation.replay's records for `wl` without a server: every request its own group."""
+    timings = {"server_queue_wait": 100.0, "server_shared_phase": 900.0, "branch_phase": 500.0}
+    return [
+        {"id": i, "latency_s": 2.0, "start_delay_s": 0.0, "group_id": f"g{i}", "group_size": 1, "branch_step": 12,
+         "total_steps": 30, "guidance": 7.5, "payload_bytes": 30_000, "wire_bytes": 30_200, "device_unet_evals": 36,
+         "timings_ms": timings}
+        for i in range(wl.n)
+    ]
+
+
+def test_validate_follows_the_output_folder_rule(config_file, tmp_path, monkeypatch):
+    """validate wrote into any --out (a folder of someone's files included) without asking; it now refuses a
+    non-empty folder before replaying unless --overwrite, which replaces only a previous run's folder whole, and
+    never one holding the workload it reads. The folder keeps the workload it replayed."""
+    from simulation import validation
+
+    wfile = tmp_path / "w.json"
+    assert _invoke("workload", config_file, "--out", wfile, "-n", "6").exit_code == 0
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me", encoding="utf-8")
+
+    def no_replay(*args, **kwargs):
+        raise AssertionError("replayed although --out must be refused")
+
+    monkeypatch.setattr(validation, "replay", no_replay)
+    res = _invoke("validate", wfile, "--server", "127.0.0.1:1", "--out", mine)
+    assert res.exit_code == 2 and "exists and is not empty (pass --overwrite" in res.output, res.output
+    res = _invoke("validate", wfile, "--server", "127.0.0.1:1", "--out", mine, "--overwrite")
+    assert res.exit_code == 2 and "not a previous run's output" in res.output, res.output
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+
+    monkeypatch.setattr(validation, "replay", _fake_replay)
+    out = tmp_path / "v"
+    res = _invoke("validate", wfile, "--server", "127.0.0.1:1", "--out", out)
+    assert res.exit_code in (0, 1) and "Traceback" not in res.output, res.output  # 1: the comparison FAILed
+    files = {"workload.json", "real_requests.json", "comparison.json", "validation.png", "report.md", "report.json"}
+    assert {p.name for p in out.iterdir()} == files
+    assert (out / "workload.json").read_bytes() == wfile.read_bytes()
+    (out / "stale.txt").write_text("from an earlier run", encoding="utf-8")
+    res = _invoke("validate", wfile, "--server", "127.0.0.1:1", "--out", out)
+    assert res.exit_code == 2 and "pass --overwrite" in res.output, res.output
+    res = _invoke("validate", wfile, "--server", "127.0.0.1:1", "--out", out, "--overwrite")
+    assert res.exit_code in (0, 1) and {p.name for p in out.iterdir()} == files, res.output
+    res = _invoke("validate", out / "workload.json", "--server", "127.0.0.1:1", "--out", out, "--overwrite")
+    assert res.exit_code == 2 and "holds this run's input" in res.output and (out / "workload.json").is_file()
+
 def test_check_needs_the_embedder_a_run_needs(config_file, tmp_path, monkeypatch):
     """check said ok for a config whose minilm embedder is not installed; run then failed."""
     data = yaml.safe_load(config_file.read_text())
