@@ -289,9 +289,18 @@ class _Formatter(logging.Formatter):
             if record.exc_info:
                 entry["exc"] = self.formatException(record.exc_info)
             return json.dumps(entry, default=str)
-        tail = " ".join(f"{k}={v}" for k, v in fields.items())
+        tail = " ".join(f"{k}={one_line(str(v))}" for k, v in fields.items())
         line = f"{self.formatTime(record)} {record.levelname} {record.name} {record.getMessage()} {tail}".rstrip()
         return line + ("\n" + self.formatException(record.exc_info) if record.exc_info else "")
+
+
+def one_line(text: str) -> str:
+    """`text` with every character that is not printable (a newline, a carriage return, an escape ...) written as
+    its Python escape: a text log field may hold a client's value (its client id), which must not be able to end
+    the record's line and forge another."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def setup_logging(config: ServerConfig) -> None:

@@ -446,6 +446,24 @@ async def test_requests_that_do_not_parse_are_invalid_argument(server: EdgeServe
     assert after.status_counts["INVALID_ARGUMENT"] == before.status_counts["INVALID_ARGUMENT"] + len(bodies)
 
 
+async def test_a_client_id_cannot_forge_log_lines(server: EdgeServerProcess) -> None:
+    """A client id with a newline (the request's own value, logged with each request) stays on its record's line
+    in the text log, escaped; it used to end the line, and the rest of it read as a record of its own."""
+    forged = "2026-01-01 00:00:00,000 INFO sage_edge.service forged_event status=OK"
+    async with server.aio_channel() as channel:
+        stub = edge_pb2_grpc.EdgeSamplerStub(channel)
+        await collect(stub, request("a forged log line", client_id=f"served\n{forged}"))
+        code, _ = await status_of(stub, request("", client_id=f"refused\r\n{forged}"), 10)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    end = time.monotonic() + 10
+    while sum("forged_event" in line for line in server.log_lines) < 2 and time.monotonic() < end:
+        await asyncio.sleep(0.05)
+    lines = [line for line in server.log_lines if "forged_event" in line]
+    assert len(lines) == 2 and not any(line.startswith(forged) for line in lines), lines
+    assert any("client_id=served\\n2026" in line and "request_done" in line for line in lines), lines
+    assert any("client_id=refused\\r\\n2026" in line and "request_rejected" in line for line in lines), lines
+
+
 async def test_queue_full_is_immediate_resource_exhausted(server: EdgeServerProcess) -> None:
     """With max_queue requests in flight the next one gets RESOURCE_EXHAUSTED at once; the rest complete."""
     await asyncio.to_thread(server.wait_stats, idle)
