@@ -47,6 +47,7 @@ DEADLINE_SLACK_S = 0.1
 RAY_PROBE_TIMEOUT_S = 3.0  # a TCP connect to a cluster's GCS before ray.init (which retries an absent one forever)
 RAY_THREAD = "ray-calls"  # the name of the one thread that calls ray.init and ray.shutdown (ray_thread)
 RAY_STOP_WAIT_S = 15.0  # after a signal, how long a ray.init or ray.shutdown still in progress may take
+MIN_CLIENT_PING_INTERVAL_MS = 1000  # clients' HTTP/2 keepalive pings at most this often are welcome (see grpc_options)
 
 
 @dataclass(frozen=True)
@@ -424,6 +425,19 @@ def actor_error_reason(exc: BaseException) -> str:
 
 
 # ---- server --------------------------------------------------------------------------------------------------
+def grpc_options() -> list[tuple[str, int]]:
+    """The gRPC server's channel options. Clients may send keepalive pings every MIN_CLIENT_PING_INTERVAL_MS, also
+    without a call open: gRPC's default allows one per 5 minutes while the server sends nothing, and after the
+    third earlier one it closes the connection (GOAWAY too_many_pings), so a device with a keepalive of seconds
+    lost its request as UNAVAILABLE while it waited for a shared phase."""
+    return [
+        ("grpc.max_send_message_length", 8 * 2**20),
+        ("grpc.so_reuseport", 0),
+        ("grpc.http2.min_ping_interval_without_data_ms", MIN_CLIENT_PING_INTERVAL_MS),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+
+
 def bind_port(server: grpc.aio.Server, config: ServerConfig, credentials: grpc.ServerCredentials | None) -> int:
     """Bind the gRPC port (0: a free one) and return it; ConfigError when host:port cannot be bound."""
     address = f"{config.host}:{config.port}"
@@ -504,7 +518,7 @@ async def serve(config: ServerConfig) -> int:
             )
         interceptors = [TokenAuthInterceptor(tokens, metrics.observe_denied)] if tokens is not None else []
         server = grpc.aio.server(
-            options=[("grpc.max_send_message_length", 8 * 2**20), ("grpc.so_reuseport", 0)],
+            options=grpc_options(),
             compression=grpc.Compression.NoCompression,
             interceptors=interceptors,
         )

@@ -464,6 +464,21 @@ async def test_a_client_id_cannot_forge_log_lines(server: EdgeServerProcess) -> 
     assert any("client_id=refused\\r\\n2026" in line and "request_rejected" in line for line in lines), lines
 
 
+async def test_a_client_keepalive_of_seconds_keeps_its_request(server: EdgeServerProcess) -> None:
+    """A client that sends HTTP/2 keepalive pings every 1.5 s (as mobile devices do, to keep NAT mappings) keeps its
+    connection while its request waits about 8 s (its window also runs a 4 s bucket); gRPC's default ping policy
+    (one per 5 minutes while the server sends nothing) closed it with GOAWAY too_many_pings at the fourth ping,
+    and the request ended UNAVAILABLE."""
+    await asyncio.to_thread(server.wait_stats, idle)
+    options = [("grpc.keepalive_time_ms", 1500), ("grpc.keepalive_permit_without_calls", 1),
+               ("grpc.http2.max_pings_without_data", 0)]  # fmt: skip
+    async with server.aio_channel() as plain, grpc.aio.insecure_channel(server.address, options=options) as pinging:
+        other = status_of(edge_pb2_grpc.EdgeSamplerStub(plain), request("the other bucket", steps=200, share=1.0))
+        mine = status_of(edge_pb2_grpc.EdgeSamplerStub(pinging), request("a slow one", steps=199, share=1.0))
+        results = await asyncio.gather(other, mine)
+    assert [code for code, _ in results] == [grpc.StatusCode.OK] * 2, results
+
+
 async def test_queue_full_is_immediate_resource_exhausted(server: EdgeServerProcess) -> None:
     """With max_queue requests in flight the next one gets RESOURCE_EXHAUSTED at once; the rest complete."""
     await asyncio.to_thread(server.wait_stats, idle)
