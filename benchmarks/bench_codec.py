@@ -389,6 +389,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                 "numbers, --image-size at least 16")
     if not all(0.0 <= b <= 1.0 for b in args.betas) or not MIN_LEVEL <= args.level <= MAX_LEVEL:
         p.error(f"--betas take fractions in [0, 1], --level a zstd level in [{MIN_LEVEL}, {MAX_LEVEL}]")
+    for option, values in (("--modes", args.modes), ("--betas", args.betas)):
+        if len(set(values)) != len(values):
+            p.error(f"{option} must name each value once, got {' '.join(map(str, values))}")
     if args.model not in (None, TINY_MODEL) and not args.no_images:
         check_model_folder(p, Path(args.model))
     return args

@@ -18,7 +18,7 @@ def test_quick_only_changes_the_defaults():
 
 
 @pytest.mark.parametrize("argv", [["--group-size", "0"], ["--repeats", "0"], ["--level", "99"], ["--betas", "1.5"],
-                                  ["--image-size", "4"]])
+                                  ["--image-size", "4"], ["--modes", "int4", "int4"], ["--betas", "0.2", "0.2"]])
 def test_settings_it_cannot_run_are_refused_with_one_line(argv, capsys):
     with pytest.raises(SystemExit):
         parse_args(argv)
