@@ -45,10 +45,10 @@ DEFAULT_POLICIES = ("independent", "flat tau 0.9 beta 0.4", "adaptive", "adaptiv
 
 def serve_stream(
     policy: dict, prompts: list[str], window: int, steps: int, model: str, schedule: tuple | None = None,
-    shared_condition: str = "mean",
+    shared_condition: str = "mean", noise_seed: int = 5000,
 ) -> tuple[np.ndarray, dict]:
     """Final images of every prompt served under `policy` (adaptive depths from `schedule` when given, else the
-    server's default), and the steps the server and devices ran."""
+    server's default; prompt i's request seed is `noise_seed` + i), and the steps the server and devices ran."""
     from edge_server.config import ServerConfig
     from edge_server.worker import BucketJob, BucketSettings, EdgeWorker, MemberSpec, load_model
     from sage_core.codec import CodecSpec, LatentCodec
@@ -76,7 +76,7 @@ def serve_stream(
     images, server_steps, device_steps, cached = [], 0, 0, 0
     for lo in range(0, len(prompts), window):
         chunk = prompts[lo : lo + window]
-        members = tuple(MemberSpec(p, 5000 + lo + i, policy["share"], "fp32", False) for i, p in enumerate(chunk))
+        members = tuple(MemberSpec(p, noise_seed + lo + i, policy["share"], "fp32", False) for i, p in enumerate(chunk))
         groups = worker._run_bucket(BucketJob(settings, members), threading.Event())
         cond, uncond = encode_prompts(pipe, chunk)
         points, order = [], []
@@ -118,12 +118,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--depth-schedule", default=None, help="JSON of benchmarks.calibrate_depth (its schedule)")
     parser.add_argument("--shared-condition", default="mean", help="what shared steps run on: mean or medoid")
+    parser.add_argument("--noise-seed", type=int, default=5000,
+                        help="prompt i's request seed is this + i (how far the figures move with the noise draws)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     names = args.policies.split(",")
     unknown = [n for n in names if n not in POLICIES]
     if unknown:
         parser.error(f"unknown policies {unknown}; known: {', '.join(POLICIES)}")
+    if not 0 <= args.noise_seed <= 2**63 - args.n:
+        parser.error(f"--noise-seed must be in [0, 2^63 - n], got {args.noise_seed}")
     schedule = None
     if args.depth_schedule:
         with open(args.depth_schedule, encoding="utf-8") as fh:
@@ -137,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name in names:
         start = time.perf_counter()
         images, counts = serve_stream(POLICIES[name], prompts, args.window, args.steps, args.model, schedule,
-                                      args.shared_condition)
+                                      args.shared_condition, args.noise_seed)
         preds, feats = judges.oracle_outputs(oracle, images)
         fidelity = judges.prompt_fidelity(preds, examples)
         total = counts["server_steps"] + counts["device_steps"]

@@ -56,3 +56,18 @@ def test_the_devices_run_their_own_model_not_the_worker_s_compiled_one(monkeypat
     monkeypatch.setattr(worker_module, "serving_unet", changes_the_pipeline_s_unet)
     changed, _ = serve_stream(POLICIES["independent"], prompts, 3, 2, "tiny")
     np.testing.assert_array_equal(changed, clean)  # nothing shared: every step ran on the devices' own model
+
+
+def test_noise_seed_moves_the_noise_draws_only():
+    import numpy as np
+
+    from benchmarks.bench_policy_quality import POLICIES, serve_stream
+
+    prompts = ["a red circle", "a blue square"]
+    base, counts = serve_stream(POLICIES["independent"], prompts, 2, 2, "tiny")
+    same, _ = serve_stream(POLICIES["independent"], prompts, 2, 2, "tiny", noise_seed=5000)
+    moved, moved_counts = serve_stream(POLICIES["independent"], prompts, 2, 2, "tiny", noise_seed=6000)
+    np.testing.assert_array_equal(same, base)
+    assert not np.array_equal(moved, base) and moved_counts == counts
+    with pytest.raises(SystemExit):
+        main(["--noise-seed", "-1"])
