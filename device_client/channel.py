@@ -6,6 +6,7 @@ A token is never logged and never travels in plaintext except to a loopback addr
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,6 +18,8 @@ from sage_core.auth import parse_token_line
 
 TOKEN_ENV = "SAGE_EDGE_TOKEN"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+MAX_RETRIES = 4  # gRPC caps a retry policy's maxAttempts at 5
+MAX_BACKOFF_S = 8.0
 
 
 def is_loopback(address: str) -> bool:
@@ -79,6 +82,23 @@ class _Details(grpc.ClientCallDetails):
         self.credentials = base.credentials
         self.wait_for_ready = getattr(base, "wait_for_ready", None)
         self.compression = getattr(base, "compression", None)
+
+
+def retry_options(retries: int, backoff_s: float) -> list[tuple[str, Any]]:
+    """Channel options whose service config retries RequestImage `retries` times on RESOURCE_EXHAUSTED (the
+    server's "queue full; retry later", sent before any response, so a retry never repeats part of a stream), the
+    n-th retry after a random wait of up to `backoff_s` x 2^(n-1) seconds (at most MAX_BACKOFF_S); none for 0."""
+    if retries == 0:
+        return []
+    policy = {
+        "maxAttempts": retries + 1,
+        "initialBackoff": f"{backoff_s:g}s",
+        "maxBackoff": f"{MAX_BACKOFF_S:g}s",
+        "backoffMultiplier": 2,
+        "retryableStatusCodes": ["RESOURCE_EXHAUSTED"],
+    }
+    method = {"name": [{"service": "sage_edge.v1.EdgeSampler", "method": "RequestImage"}], "retryPolicy": policy}
+    return [("grpc.enable_retries", 1), ("grpc.service_config", json.dumps({"methodConfig": [method]}))]
 
 
 def make_channel(

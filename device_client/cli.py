@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from device_client.channel import MAX_RETRIES
 from device_client.config import DEFAULT_ADAPTER_CHOICE, DeviceConfig
 
 main = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
@@ -71,6 +72,9 @@ def generate_cmd(
     ] = False,
     timeout: Annotated[float, typer.Option("--timeout", help="request deadline in seconds")] = 300.0,
     connect_timeout: Annotated[float, typer.Option("--connect-timeout", help="seconds to reach the server")] = 10.0,
+    retries: Annotated[
+        int, typer.Option("--retries", min=0, max=MAX_RETRIES, help="tries again on a full queue, with backoff")
+    ] = 3,
     device: Annotated[str, typer.Option("--device", help="torch device for the branch phase and the VAE")] = "cpu",
     tls: Annotated[bool, typer.Option("--tls", help="TLS to the server (system CA roots unless --tls-ca)")] = False,
     tls_ca: Annotated[str | None, typer.Option("--tls-ca", help="PEM CA of the server certificate (TLS)")] = None,
@@ -112,6 +116,7 @@ def generate_cmd(
             fallback_local=fallback_local,
             timeout_s=timeout,
             connect_timeout_s=connect_timeout,
+            retries=retries,
             client_id=client_id,
             tls=tls,
             tls_ca=tls_ca,

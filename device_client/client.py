@@ -24,7 +24,7 @@ import grpc
 import torch
 from PIL import Image
 
-from device_client.channel import make_channel
+from device_client.channel import make_channel, retry_options
 from device_client.config import TINY_MODEL, DeviceConfig
 from protos.sage_edge.v1 import edge_pb2, edge_pb2_grpc
 from sage_core.adapters import ADAPTER_NONE, load_adapter, resolve_adapter
@@ -271,7 +271,8 @@ class DeviceClient:
                     key_file=c.tls_key,
                     server_name=c.tls_server_name,
                     token=c.token,
-                    options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)],
+                    options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                             *retry_options(c.retries, c.retry_backoff_s)],
                 )
             stub = edge_pb2_grpc.EdgeSamplerStub(self._channel)
         if not self._reachable:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from device_client.channel import is_loopback
+from device_client.channel import MAX_BACKOFF_S, MAX_RETRIES, is_loopback
 from sage_core.adapters import (  # noqa: F401  (re-exported for the CLIs)
     ADAPTER_AUTO,
     ADAPTER_NONE,
@@ -44,6 +44,8 @@ class DeviceConfig:
     connect_timeout_s: float = 10.0  # to reach the server
     timeout_s: float = 300.0  # whole request deadline (queueing + shared phase + stream)
     max_payload_bytes: int = DEFAULT_PAYLOAD_CAP
+    retries: int = 3  # RequestImage tries again this often on RESOURCE_EXHAUSTED (queue full), by gRPC's retry policy
+    retry_backoff_s: float = 1.0  # the first retry's backoff cap; it doubles per retry, up to 8 s (gRPC adds jitter)
     # transport security (device_client/channel.py): TLS with a CA file (or the system roots when only `tls`),
     # mutual TLS with a client certificate and key, and a bearer token (never printed: repr=False)
     tls: bool = False
@@ -73,6 +75,10 @@ class DeviceConfig:
         for name, seconds in (("connect timeout", self.connect_timeout_s), ("timeout", self.timeout_s)):
             if not 0 < seconds <= MAX_TIMEOUT_S:  # also false for NaN; gRPC ends longer ones at once
                 raise ValueError(f"{name} must be in (0, {MAX_TIMEOUT_S:g}] seconds, got {seconds}")
+        if not 0 <= self.retries <= MAX_RETRIES:
+            raise ValueError(f"retries must be in [0, {MAX_RETRIES}], got {self.retries}")
+        if not 0 < self.retry_backoff_s <= MAX_BACKOFF_S:  # also false for NaN
+            raise ValueError(f"retry_backoff_s must be in (0, {MAX_BACKOFF_S:g}], got {self.retry_backoff_s}")
         if self.max_payload_bytes <= 0:
             raise ValueError("max_payload_bytes must be positive")
         if bool(self.tls_cert) != bool(self.tls_key):

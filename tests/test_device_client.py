@@ -46,8 +46,12 @@ class FakeEdge(edge_pb2_grpc.EdgeSamplerServicer):
     def __init__(self, pipe, fault: str = ""):
         self.pipe, self.fault = pipe, fault
         self.fingerprint = model_fingerprint(pipe)
+        self.calls = 0
 
     def RequestImage(self, request, context):  # noqa: N802 (gRPC's name)
+        self.calls += 1
+        if self.fault == "busy" and self.calls % 3:  # two of every three calls find the queue full
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full (1 requests); retry later")
         if request.model_fingerprint != self.fingerprint:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "model fingerprint mismatch")
         config = SamplingConfig(steps=request.steps or STEPS, share=SHARE, scheduler=request.scheduler or "ddim")
@@ -162,6 +166,24 @@ def test_a_malformed_solver_counter_is_a_clear_error(fake_server, device_model):
     for bad in (torch.tensor([1e30]), torch.tensor([1.0, 2.0]), torch.tensor([-3.0])):
         with pytest.raises(DeviceError, match="bad solver state"):
             solver_counter("lower_order_nums", bad, 4)
+
+
+def test_a_full_queue_is_retried_with_backoff(fake_server, device_model):
+    """RESOURCE_EXHAUSTED ("queue full; retry later") comes before any response: gRPC's retry policy tries again
+    (here twice) and the image arrives; with retries off the first refusal is the answer."""
+    address = fake_server("busy")
+    with client_for(address, device_model, steps=STEPS, retries=0) as client, pytest.raises(DeviceError) as refused:
+        client.generate("a red circle", seed=5)
+    assert refused.value.code == "RESOURCE_EXHAUSTED"
+    with client_for(address, device_model, steps=STEPS, retries=3, retry_backoff_s=0.01) as client:
+        assert client.generate("a red circle", seed=5).image.size == (32, 32)
+
+
+@pytest.mark.parametrize("bad", [{"retries": 5}, {"retries": -1}, {"retry_backoff_s": 0.0},
+                                 {"retry_backoff_s": float("nan")}])
+def test_retry_settings_are_checked(bad):
+    with pytest.raises(ValueError, match="retr"):
+        DeviceConfig(**bad)
 
 
 def test_sha_mismatch_is_data_loss(fake_server, device_model):
