@@ -76,7 +76,8 @@ LOSSLESS_MODES: tuple[str, ...] = ("fp32", "fp16", "bf16")
 LOSSY_MODES: tuple[str, ...] = ("int8", "int6", "int5", "int4", "fp8")
 MODES: tuple[str, ...] = LOSSLESS_MODES + LOSSY_MODES
 RECOMMENDED_LOSSY_MODE = "int4"
-# A server's default preference: smallest first, lossless last (a device that accepts only lossless gets fp16).
+# `negotiate`'s preference when its caller gives none: smallest first, lossless last (a device that accepts only
+# lossless gets fp16). The edge server passes its own `codecs` setting instead, fp32 first by default.
 DEFAULT_PREFERENCE: tuple[str, ...] = (RECOMMENDED_LOSSY_MODE, "int8", "fp16", "bf16", "fp32")
 
 _MODE_CODE: dict[str, int] = {m: i for i, m in enumerate(MODES)}
