@@ -37,7 +37,8 @@ def serve(
     port: Annotated[int | None, typer.Option(help="gRPC port; 0 picks a free one")] = None,
     model: Annotated[str | None, typer.Option(help="'default', 'tiny' or a diffusers pipeline folder")] = None,
     ray_address: Annotated[
-        str | None, typer.Option("--ray-address", help="'auto' or host:port to join a cluster; unset: local Ray")
+        str | None,
+        typer.Option("--ray-address", help="'auto', host:port or ray://host:port to join a cluster; unset: local Ray"),
     ] = None,
     ray_num_cpus: Annotated[
         int | None,

@@ -338,8 +338,17 @@ def init_ray(config: ServerConfig) -> bool:
     try:
         ray.init(address=config.ray_address, namespace="sage-edge", **common)
     except (ConnectionError, TimeoutError) as exc:
-        raise ConfigError(f"cannot reach Ray at {config.ray_address} ({first_line(exc)})") from exc
+        raise ConfigError(f"cannot reach Ray at {config.ray_address} ({first_line(exc)}){auth_hint()}") from exc
     return False
+
+
+def auth_hint() -> str:
+    """What to add to a failed join whose cluster port answered: Ray sends its token only under
+    RAY_AUTH_MODE=token, and a cluster started with token auth refuses a process without it."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
+        return ""
+    return ("; its port answers, so if the cluster uses token auth set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or "
+            "~/.ray/auth_token) for this server too")
 
 
 def first_line(exc: BaseException) -> str:

@@ -164,6 +164,25 @@ def test_an_unreachable_ray_address_is_a_one_line_error(form: str) -> None:
     assert line.startswith(f"error: cannot reach Ray at {form.format(a=nothing)} ("), line
 
 
+@pytest.mark.parametrize("auth_mode", ["", "token"])
+def test_a_refused_join_names_token_auth(monkeypatch, auth_mode: str) -> None:
+    """A cluster whose port answers but refuses the join (Ray's token auth, the usual cause: a joining process
+    sends its token only under RAY_AUTH_MODE=token) says how to send the token, unless it is already sent."""
+    import ray
+
+    import edge_server.service as service
+
+    def refused(**kwargs):
+        raise ConnectionError("Failed to connect to Ray cluster at 127.0.0.1:6379")
+
+    monkeypatch.setattr(service, "probe_ray", lambda address: None)
+    monkeypatch.setattr(ray, "init", refused)
+    monkeypatch.setenv("RAY_AUTH_MODE", auth_mode)
+    with pytest.raises(ConfigError, match="cannot reach Ray at 127.0.0.1:6379") as refused_join:
+        service.init_ray(ServerConfig(ray_address="127.0.0.1:6379"))
+    assert ("RAY_AUTH_MODE=token" in str(refused_join.value)) == (auth_mode != "token")
+
+
 def test_a_port_in_use_is_found_before_ray_starts() -> None:
     """A gRPC or metrics port that another socket listens on is refused before Ray starts and the model loads."""
     with socket.socket() as taken:
