@@ -100,9 +100,6 @@ def generate_cmd(
     try:
         check_text(prompt)
         check_png_out(out, overwrite)
-    except ValueError as exc:
-        fail(str(exc), code=2)
-    try:
         config = DeviceConfig(
             server=server,
             model=resolve_model(model),
@@ -125,6 +122,10 @@ def generate_cmd(
             tls_server_name=tls_server_name,
             token=read_token(token_file) if server else None,
         )
+    except ValueError as exc:  # a setting out of range or an unreadable token file: the command line is wrong
+        fail(str(exc), code=2)
+        return
+    try:
         with DeviceClient(config) as client:
             result = client.generate(prompt, seed) if server else client.generate_local(prompt, seed)
         path = result.save(out)

@@ -352,6 +352,9 @@ def test_cli_generate_refuses_bad_arguments_before_connecting(tmp_path):
         ("a cat", "-o", str(tmp_path / "x.jpg")): "ending in .png",
         ("a cat", "-o", str(tmp_path / "X.PNG"), "--seed", str(2**64)): f"less than or equal to {2**63 - 1}",
         ("\udcff\udcfe", "-o", str(tmp_path / "y.png")): "the prompt is not valid UTF-8 text",
+        ("a cat", "-o", str(tmp_path / "z.png"), "--timeout", "0"): "timeout must be in (0, 86400]",  # was exit 1
+        ("a cat", "-o", str(tmp_path / "z.png"), "--tls-server-name", "edge"): "tls_server_name names the server",
+        ("a cat", "-o", str(tmp_path / "z.png"), "--token-file", str(tmp_path / "none")): "cannot read the token file",
     }
     for args, expected in cases.items():
         res = CliRunner().invoke(main, ["generate", *args, *base], env={"COLUMNS": "300"})  # no cut in the box
