@@ -329,7 +329,7 @@ def test_cli_generate_with_fallback_and_clear_errors(tmp_path):
     meta = read_metadata(out)
     assert meta["mode"] == "local-fallback" and meta["seed"] == 3 and meta["prompt"] == "a red circle"
     res = runner.invoke(main, ["generate", "x", "--server", "nohost", "--model", "tiny"])
-    assert res.exit_code == 1 and "host:port" in res.output
+    assert res.exit_code == 2 and "host:port" in res.output  # a command-line mistake
     res = runner.invoke(main, [*base[:3], str(tmp_path), *base[4:], "--fallback-local"])  # -o a folder: refused first
     assert res.exit_code == 2 and "is a folder" in res.output and "Traceback" not in res.output
 
