@@ -100,6 +100,10 @@ def serve(
     max_deadline_s: Annotated[
         float | None, typer.Option(help="server-side cap on a request's lifetime, whatever deadline it asks for")
     ] = None,
+    keepalive_s: Annotated[
+        float | None, typer.Option(help="ping a connection quiet this long (s); no answer: its requests end")
+    ] = None,
+    keepalive_timeout_s: Annotated[float | None, typer.Option(help="how long a keepalive ping waits (s)")] = None,
     tls_cert: Annotated[str | None, typer.Option(help="PEM certificate chain: serve TLS only")] = None,
     tls_key: Annotated[str | None, typer.Option(help="PEM private key of --tls-cert")] = None,
     tls_client_ca: Annotated[

@@ -92,6 +92,10 @@ class ServerConfig:
     max_prompt_chars: int = 1000
     max_image_side: int = 1024
     max_deadline_s: float = 600.0  # server-side cap on any request's lifetime (also applies with no deadline)
+    # HTTP/2 keepalive: a connection quiet this long is pinged, and one whose device does not answer within
+    # keepalive_timeout_s is closed, its requests cancelled (a device that left the network frees its queue slots)
+    keepalive_s: float = 30.0
+    keepalive_timeout_s: float = 10.0
     # transport
     codecs: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8", "fp8", "int6", "int5", "int4")  # preference
     # shared-phase UNet: torch.compile mode ("none", "default", "reduce-overhead", ...) and fixed batch buckets
@@ -198,6 +202,8 @@ def _problems(c: ServerConfig) -> list[str]:
     need(1 <= c.max_prompt_chars <= 100_000, f"max_prompt_chars must be in [1, 100000], got {c.max_prompt_chars}")
     need(8 <= c.max_image_side <= 4096, f"max_image_side must be in [8, 4096], got {c.max_image_side}")
     need(c.max_deadline_s > 0, f"max_deadline_s must be > 0, got {c.max_deadline_s}")
+    for name in ("keepalive_s", "keepalive_timeout_s"):
+        need(0.1 <= getattr(c, name) <= 86_400, f"{name} must be in [0.1, 86400] seconds, got {getattr(c, name)}")
     modes = ", ".join(COMPILE_MODES)
     need(c.unet_compile in COMPILE_MODES, f"unet_compile must be one of {modes}, got {c.unet_compile!r}")
     need(all(b >= 1 for b in c.unet_buckets), f"unet_buckets must be positive batch sizes, got {list(c.unet_buckets)}")

@@ -434,16 +434,24 @@ def actor_error_reason(exc: BaseException) -> str:
 
 
 # ---- server --------------------------------------------------------------------------------------------------
-def grpc_options() -> list[tuple[str, int]]:
+def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
     """The gRPC server's channel options. Clients may send keepalive pings every MIN_CLIENT_PING_INTERVAL_MS, also
     without a call open: gRPC's default allows one per 5 minutes while the server sends nothing, and after the
     third earlier one it closes the connection (GOAWAY too_many_pings), so a device with a keepalive of seconds
-    lost its request as UNAVAILABLE while it waited for a shared phase."""
+    lost its request as UNAVAILABLE while it waited for a shared phase. The server pings a connection quiet for
+    `keepalive_s` and closes it when no answer comes within `keepalive_timeout_s`, so a device that vanished
+    without closing its connection gives back its queue slot then, not at its deadline (gRPC's default keepalive
+    is 2 hours; grpcio 1.85 times a keepalive ping out by `grpc.http2.ping_timeout_ms`, not by
+    `grpc.keepalive_timeout_ms` alone, so both are set)."""
+    timeout_ms = round(config.keepalive_timeout_s * 1000)
     return [
         ("grpc.max_send_message_length", 8 * 2**20),
         ("grpc.so_reuseport", 0),
         ("grpc.http2.min_ping_interval_without_data_ms", MIN_CLIENT_PING_INTERVAL_MS),
         ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.keepalive_time_ms", round(config.keepalive_s * 1000)),
+        ("grpc.keepalive_timeout_ms", timeout_ms),
+        ("grpc.http2.ping_timeout_ms", timeout_ms),
     ]
 
 
@@ -527,7 +535,7 @@ async def serve(config: ServerConfig) -> int:
             )
         interceptors = [TokenAuthInterceptor(tokens, metrics.observe_denied)] if tokens is not None else []
         server = grpc.aio.server(
-            options=grpc_options(),
+            options=grpc_options(config),
             compression=grpc.Compression.NoCompression,
             interceptors=interceptors,
         )

@@ -85,6 +85,8 @@ def test_malformed_config_file_is_a_one_line_error(tmp_path: Path) -> None:
         "codecs: 5\n": "codecs",
         "log_level: 5\n": "log_level",
         "server:\n": "mapping of settings",
+        "keepalive_s: 0\n": "keepalive_s must be in",
+        "keepalive_timeout_s: .nan\n": "keepalive_timeout_s must be",
     }
     for i, (text, needle) in enumerate(cases.items()):
         path = tmp_path / f"bad{i}.yaml"
@@ -715,3 +717,34 @@ def _stop_head(head: subprocess.Popen, temp_dir: str) -> None:
         os.killpg(head.pid, signal.SIGKILL)
     head.wait(timeout=10)
     shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+VANISHING_CLIENT = """
+import sys
+import grpc
+from protos.sage_edge.v1 import edge_pb2, edge_pb2_grpc
+channel = grpc.insecure_channel(sys.argv[1])
+stream = edge_pb2_grpc.EdgeSamplerStub(channel).RequestImage(
+    edge_pb2.ImageRequest(prompt="gone", steps=200, share=1.0, client_id="vanishing"), timeout=300)
+print("sent", flush=True)
+next(stream)  # waits here, for the shared phase, until the test stops this process
+"""
+
+
+def test_a_device_that_vanishes_gives_back_its_queue_slot() -> None:
+    """A device that stops answering without closing its connection (it left the network; here: SIGSTOP) is found
+    by the server's keepalive ping and its request cancelled within keepalive_s + keepalive_timeout_s; with gRPC's
+    default keepalive (2 hours) its slot stayed taken until the work ended (200 slow steps: 20 s here)."""
+    server = start_edge_server("--worker-step-delay-ms", "100", "--keepalive-s", "1", "--keepalive-timeout-s", "1")
+    client = subprocess.Popen([sys.executable, "-c", VANISHING_CLIENT, server.address], stdout=subprocess.PIPE,
+                              text=True, env=server_env(), cwd=Path(__file__).resolve().parents[1])
+    try:
+        assert client.stdout is not None and client.stdout.readline().strip() == "sent"
+        server.wait_stats(lambda s: s.active_requests == 1, 10)
+        client.send_signal(signal.SIGSTOP)  # its connection stays open and nothing answers on it
+        stats = server.wait_stats(lambda s: s.active_requests == 0, 10)
+        assert (stats.admitted, stats.failed) == (1, 1), stats
+    finally:
+        client.kill()
+        client.wait()
+        assert server.terminate() == 0
