@@ -345,7 +345,12 @@ class DeviceClient:
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.UNAVAILABLE:
                 self._reachable = False
-            raise rpc_error(exc, self.model.fingerprint) from None
+            error = rpc_error(exc, self.model.fingerprint)
+            waited = time.perf_counter() - t_conn
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and waited >= self.config.timeout_s:
+                limit = f"{self.config.timeout_s:g} s (timeout_s, --timeout)"
+                error = DeviceError(error.code, f"no latent within this device's timeout of {limit}: {error.message}")
+            raise error from None
         except DeviceError:
             call.cancel()
             raise

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import math
 import socket
+import time
 from concurrent import futures
 
 import grpc
@@ -52,6 +53,8 @@ class FakeEdge(edge_pb2_grpc.EdgeSamplerServicer):
         self.calls += 1
         if self.fault == "busy" and self.calls % 3:  # two of every three calls find the queue full
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full (1 requests); retry later")
+        if self.fault == "stall":  # a shared phase longer than the device waits
+            time.sleep(2.0)
         if request.model_fingerprint != self.fingerprint:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "model fingerprint mismatch")
         config = SamplingConfig(steps=request.steps or STEPS, share=SHARE, scheduler=request.scheduler or "ddim")
@@ -177,6 +180,13 @@ def test_a_full_queue_is_retried_with_backoff(fake_server, device_model):
     assert refused.value.code == "RESOURCE_EXHAUSTED"
     with client_for(address, device_model, steps=STEPS, retries=3, retry_backoff_s=0.01) as client:
         assert client.generate("a red circle", seed=5).image.size == (32, 32)
+
+
+def test_the_device_s_own_timeout_is_named(fake_server, device_model):
+    with client_for(fake_server("stall"), device_model, steps=STEPS, timeout_s=0.5) as client:
+        with pytest.raises(DeviceError) as late:
+            client.generate("a red circle", seed=5)
+    assert late.value.code == "DEADLINE_EXCEEDED" and "device's timeout of 0.5 s" in late.value.message
 
 
 @pytest.mark.parametrize("bad", [{"retries": 5}, {"retries": -1}, {"retry_backoff_s": 0.0},
