@@ -9,11 +9,11 @@ import typer
 
 from device_client.channel import MAX_RETRIES
 from device_client.config import DEFAULT_ADAPTER_CHOICE, DeviceConfig
+from sage_core.seeds import MAX_SEED
 
 main = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
 
 
-MAX_SEED = 2**63 - 1  # mirrors sage_core.generate.MAX_SEED (this module does not import torch)
 
 
 def fail(message: str, code: int = 1) -> None:

@@ -29,9 +29,9 @@ from typing import Any
 
 from edge_server.config import KNOWN_CODECS, KNOWN_SCHEDULERS, LOSSLESS_CODECS, ServerConfig
 from edge_server.worker import BucketJob, BucketSettings, GroupResult, MemberSpec, ModelInfo, Payload, WindowResult
+from sage_core.seeds import MAX_SEED
 
 log = logging.getLogger("sage_edge.engine")
-MAX_SEED = 2**63 - 1  # mirrors sage_core.generate.MAX_SEED (checked by tests)
 SHOWN_CHARS = 64  # of a client's value echoed in a status message (gRPC drops trailers past 16 KiB)
 
 

@@ -23,9 +23,9 @@ from sage_core.sampler import (
     initial_noises,
     make_scheduler,
 )
+from sage_core.seeds import MAX_SEED, check_base_seed  # noqa: F401  (re-exported for the CLIs)
 
 MAX_PROMPT_CHARS = 1000
-MAX_SEED = 2**63 - 1  # the largest seed a run may use (mirrored by edge_server.engine, which must not import torch)
 
 
 def check_prompts(prompts: Sequence[str]) -> None:
@@ -118,14 +118,6 @@ class GenerationResult:
         """UNet evaluations independent sampling needs for `members` prompts (all by default)."""
         n = len(self.images) if members is None else members
         return n * self.config.steps * (2 if self.config.uses_cfg() else 1)
-
-
-def check_base_seed(seed: int, prompts: int) -> None:
-    """Raise ValueError unless every seed a run of `prompts` prompts may use, `seed` + a prompt's index, lies in
-    [0, MAX_SEED] (`group_noises`)."""
-    if not 0 <= seed <= MAX_SEED - max(prompts - 1, 0):
-        raise ValueError(f"seed must be in [0, 2^63 - 1 - (prompts - 1)] = [0, {MAX_SEED - max(prompts - 1, 0)}] "
-                         f"for {prompts} prompts, got {seed}")
 
 
 def group_noises(pipe, groups: Sequence[Sequence[int]], seed: int, config: SamplingConfig) -> tuple[list, list]:

@@ -349,10 +349,8 @@ def test_cli_generate_refuses_bad_arguments_before_connecting(tmp_path):
     and a prompt that is not UTF-8 are one-line errors (exit 2) before any server is asked (none listens here)."""
     from typer.testing import CliRunner
 
-    from device_client.cli import MAX_SEED, main
-    from sage_core.generate import MAX_SEED as CORE_MAX_SEED
-
-    assert MAX_SEED == CORE_MAX_SEED
+    from device_client.cli import main
+    from sage_core.seeds import MAX_SEED
     existing = tmp_path / "old.png"
     existing.write_bytes(b"keep")
     base = ["--server", f"127.0.0.1:{free_port()}", "--model", "tiny", "--adapter", "none", "--connect-timeout", "0.5"]
