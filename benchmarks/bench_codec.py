@@ -32,11 +32,11 @@ if __package__ in (None, ""):  # `python benchmarks/bench_codec.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.results import output_file, write_json  # noqa: E402
+from device_client.config import TINY_MODEL  # noqa: E402  (--model tiny, as sage-edge and sage-device take it)
 from sage_core.codec import MAX_LEVEL, MIN_LEVEL, MODES, RECOMMENDED_LOSSY_MODE, CodecSpec, LatentCodec  # noqa: E402
 from sage_core.models import SD15_SCHEDULER_CONFIG  # noqa: E402
 
 DEFAULT_BETAS = (0.2, 0.3, 0.4)
-TINY_MODEL = "tiny"  # --model tiny: sage_core.models.tiny_pipeline(seed=0), as sage-edge and sage-device take it
 BUDGET_SHAPE = (1, 4, 64, 64)  # the SD 1.5 latent (512x512 images) the byte budget is about
 BUDGET_BYTES = 8 * 1024  # a quarter of a raw fp16 BUDGET_SHAPE latent
 TARGET_PSNR_DB = 30.0

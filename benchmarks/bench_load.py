@@ -30,14 +30,13 @@ if __package__ in (None, ""):  # `python benchmarks/bench_load.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from device_client.client import DeviceClient, DeviceError, DeviceModel  # noqa: E402
-from device_client.config import DeviceConfig  # noqa: E402
+from device_client.config import TINY_MODEL, DeviceConfig  # noqa: E402
 from device_client.server_process import EdgeServerProcess, ServerStartError  # noqa: E402
 from sage_core.generate import read_prompt_file  # noqa: E402
 from sage_core.models import ModelError, check_pipeline_folder  # noqa: E402
 
 DEFAULT_PROMPTS = Path(__file__).resolve().parents[1] / "examples" / "prompts.txt"
 LOST = "LOST"
-TINY_MODEL = "tiny"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from benchmarks.results import write_json
+from sage_core.seeds import check_base_seed
 
 POLICIES = {
     "independent": {"sharing": "flat", "max_group_size": 1, "share": 0.0, "cache_mb": 0.0},
@@ -126,8 +127,10 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = [n for n in names if n not in POLICIES]
     if unknown:
         parser.error(f"unknown policies {unknown}; known: {', '.join(POLICIES)}")
-    if not 0 <= args.noise_seed <= 2**63 - args.n:
-        parser.error(f"--noise-seed must be in [0, 2^63 - n], got {args.noise_seed}")
+    try:
+        check_base_seed(args.noise_seed, args.n)  # prompt i asks for noise_seed + i
+    except ValueError as exc:
+        parser.error(f"--noise-seed: {exc}")
     schedule = None
     if args.depth_schedule:
         with open(args.depth_schedule, encoding="utf-8") as fh:
