@@ -181,8 +181,9 @@ def test_compose_recipe_outside_docker(tmp_path: Path) -> None:
         _wait_port(client, head, 90)
         # Ray Client's per-connection server can miss its start-up deadline under load, or exit before its proxy has
         # read its command line (psutil.ZombieProcess in the proxy): either way the handshake fails and a new
-        # connection starts a new one
-        transient = ("Starting Ray client server failed", "ZombieProcess")
+        # connection starts a new one ("Initialization failure from server:" is the header of that failure when the
+        # server's one-line error cuts the detail off)
+        transient = ("Starting Ray client server failed", "ZombieProcess", "Initialization failure from server")
         for attempt in range(3):
             try:
                 server = start_edge_server("--ray-address", f"ray://127.0.0.1:{client}", env=ray_env, timeout=240)
