@@ -69,7 +69,10 @@ class ServerConfig:
     max_wait_ms: float = 50.0
     max_batch: int = 32
     max_queue: int = 256  # admitted, unfinished requests; beyond it: RESOURCE_EXHAUSTED at once
-    max_streams_per_client: int = 16
+    max_streams_per_client: int = 16  # keyed on the token's client id, else on the id the device declares
+    # open streams per peer host (IPv4 address, IPv6 /64, or all unix-socket peers); 0: off, since devices behind
+    # one NAT share an address. Without tokens the only cap a device cannot dodge by declaring new client ids
+    max_streams_per_host: int = 0
     tau: float = 0.8
     max_group_size: int = 5
     # sharing policy (sage_core.policy): "flat" is Algorithm 1 (tau, max_group_size, each request's share);
@@ -177,6 +180,7 @@ def _problems(c: ServerConfig) -> list[str]:
     need(c.max_batch >= 1, f"max_batch must be >= 1, got {c.max_batch}")
     need(c.max_queue >= 1, f"max_queue must be >= 1, got {c.max_queue}")
     need(c.max_streams_per_client >= 1, f"max_streams_per_client must be >= 1, got {c.max_streams_per_client}")
+    need(c.max_streams_per_host >= 0, f"max_streams_per_host must be >= 0 (0: off), got {c.max_streams_per_host}")
     need(-1.0 <= c.tau <= 1.0, f"tau must be a cosine similarity in [-1, 1], got {c.tau}")
     need(c.max_group_size >= 1, f"max_group_size must be >= 1, got {c.max_group_size}")
     need(c.sharing in SHARING_MODES, f"sharing must be one of {', '.join(SHARING_MODES)}, got {c.sharing!r}")
