@@ -128,6 +128,19 @@ def check_accepted(accepted: edge_pb2.Accepted, fingerprint: str, config: Device
         raise DeviceError("INTERNAL", f"bad latent shape {list(accepted.latent_shape)}; expected [1, C, h, w]")
 
 
+def check_next_chunk(chunks: list[bytes], n: int) -> None:
+    """DeviceError INTERNAL unless a chunk of `n` bytes may follow `chunks` (those received so far): no chunk is
+    empty, and every chunk but the last has the server's chunk_size (chunk 0's size). So each chunk brings the
+    payload nearer max_payload_bytes, and a server cannot hold a device with a stream that never ends."""
+    index, size = len(chunks), len(chunks[0]) if chunks else n
+    if n == 0:
+        raise DeviceError("INTERNAL", f"protocol error: chunk {index} is empty")
+    if n > size:
+        raise DeviceError("INTERNAL", f"protocol error: chunk {index} has {n} B, more than chunk 0 ({size} B)")
+    if chunks and len(chunks[-1]) < size:
+        raise DeviceError("INTERNAL", f"protocol error: chunk {index} after a shorter one (only the last is shorter)")
+
+
 def collect_stream(
     responses: Iterable[edge_pb2.ImageResponse], fingerprint: str, config: DeviceConfig
 ) -> tuple[edge_pb2.Accepted, edge_pb2.Done, bytes, int, float]:
@@ -153,6 +166,7 @@ def collect_stream(
         elif kind == "chunk":
             if msg.chunk.index != len(chunks):
                 raise DeviceError("INTERNAL", f"protocol error: chunk {msg.chunk.index} where {len(chunks)} was due")
+            check_next_chunk(chunks, len(msg.chunk.data))
             size += len(msg.chunk.data)
             if size > config.max_payload_bytes:
                 raise DeviceError("RESOURCE_EXHAUSTED", f"latent payload above the cap of {config.max_payload_bytes} B")

@@ -4,6 +4,7 @@ runs the real shared phase on the tiny pipeline (no Ray, no subprocess)."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import socket
 import time
@@ -78,6 +79,10 @@ class FakeEdge(edge_pb2_grpc.EdgeSamplerServicer):
                 latent_shape=list(point.latents.shape), min_similarity=1.0,
             )
         )  # fmt: skip
+        if self.fault == "empty":  # chunks without bytes, in order, without end (until the device leaves)
+            for i in itertools.takewhile(lambda _: context.is_active(), itertools.count()):
+                yield edge_pb2.ImageResponse(chunk=edge_pb2.LatentChunk(index=i, data=b""))
+            return
         chunks = [payload[i : i + 100] for i in range(0, len(payload), 100)]
         for i, c in enumerate(chunks):
             yield edge_pb2.ImageResponse(chunk=edge_pb2.LatentChunk(index=i, data=c))
@@ -189,6 +194,17 @@ def test_the_device_s_own_timeout_is_named(fake_server, device_model):
     assert late.value.code == "DEADLINE_EXCEEDED" and "device's timeout of 0.5 s" in late.value.message
 
 
+def test_a_stream_of_empty_chunks_ends_the_request_at_once(fake_server, device_model):
+    """Chunks without bytes (here: without end) are a protocol violation the device ends at once with INTERNAL; it
+    waited out its whole timeout, since an empty chunk passed the order check and never reached the payload cap."""
+    with client_for(fake_server("empty"), device_model, steps=STEPS, timeout_s=15) as client:
+        start = time.monotonic()
+        with pytest.raises(DeviceError) as err:
+            client.generate("a red circle", seed=5)
+    assert err.value.code == "INTERNAL" and "protocol error: chunk 0 is empty" in err.value.message, err.value
+    assert time.monotonic() - start < 10
+
+
 @pytest.mark.parametrize("bad", [{"retries": 5}, {"retries": -1}, {"retry_backoff_s": 0.0},
                                  {"retry_backoff_s": float("nan")}])
 def test_retry_settings_are_checked(bad):
@@ -242,9 +258,13 @@ def _accepted(fingerprint: str) -> edge_pb2.ImageResponse:
     )  # fmt: skip
 
 
+def piece(index: int, data: bytes) -> edge_pb2.ImageResponse:
+    return edge_pb2.ImageResponse(chunk=edge_pb2.LatentChunk(index=index, data=data))
+
+
 def test_stream_protocol_violations_are_clear_errors():
     config = DeviceConfig()
-    chunk = edge_pb2.ImageResponse(chunk=edge_pb2.LatentChunk(index=0, data=b"abc"))
+    chunk = piece(0, b"abc")
     done = edge_pb2.ImageResponse(
         done=edge_pb2.Done(chunks=1, total_bytes=3, sha256=hashlib.sha256(b"abc").hexdigest())
     )
@@ -254,6 +274,9 @@ def test_stream_protocol_violations_are_clear_errors():
         "ended before Done": [_accepted("f"), chunk],
         "after Done": [_accepted("f"), chunk, done, chunk],
         "a second Accepted": [_accepted("f"), _accepted("f")],
+        "chunk 1 is empty": [_accepted("f"), chunk, piece(1, b"")],
+        "chunk 1 has 4 B, more than chunk 0": [_accepted("f"), chunk, piece(1, b"abcd")],
+        "chunk 2 after a shorter one": [_accepted("f"), chunk, piece(1, b"ab"), piece(2, b"c")],
     }
     for needle, messages in cases.items():
         with pytest.raises(DeviceError, match=needle):
