@@ -97,6 +97,11 @@ def serve(
     max_streams_per_client: Annotated[
         int | None, typer.Option(help="open RequestImage streams per client before RESOURCE_EXHAUSTED")
     ] = None,
+    max_streams_per_host: Annotated[
+        int | None,
+        typer.Option(help="open RequestImage streams per peer host (IPv4 address, IPv6 /64) before "
+                     "RESOURCE_EXHAUSTED; 0 (default): off, as devices behind one NAT share an address"),
+    ] = None,
     max_deadline_s: Annotated[
         float | None, typer.Option(help="server-side cap on a request's lifetime, whatever deadline it asks for")
     ] = None,

@@ -59,6 +59,7 @@ class ImageSpec:
     scheduler: str = ""
     model_fingerprint: str = ""
     client_id: str = ""
+    host: str = ""  # the peer's host (service.peer_host), for max_streams_per_host
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,7 @@ class Resolved:
     scheduler: str
     client_id: str
     seed_explicit: bool = True
+    host: str = ""
 
     def bucket_key(self) -> BucketSettings:
         """Requests share a window's shared_phase call only with equal settings."""
@@ -190,7 +192,8 @@ def resolve(spec: ImageSpec, config: ServerConfig, info: ModelInfo) -> Resolved:
     if not 0 <= seed <= MAX_SEED:
         raise bad(f"seed must be in [0, 2^63 - 1], got {seed}")
     return Resolved(
-        prompt, steps, guidance, seed, share, codec, height, width, scheduler, spec.client_id, spec.seed is not None
+        prompt, steps, guidance, seed, share, codec, height, width, scheduler, spec.client_id, spec.seed is not None,
+        host=spec.host,
     )
 
 
@@ -222,7 +225,8 @@ class Engine:
         self._queued_event = asyncio.Event()
         self._tickets: dict[str, Ticket] = {}
         self._windows: dict[str, Window] = {}
-        self._per_client: Counter[str] = Counter()
+        self._per_client: Counter[str] = Counter()  # open streams per client id
+        self._per_host: Counter[str] = Counter()  # open streams per peer host
         self._counts: Counter[str] = Counter()
         self._status_counts: Counter[str] = Counter()
         self._window_ids = itertools.count()
@@ -265,11 +269,7 @@ class Engine:
             request = resolve(spec, self.config, self.info)
             if len(self._tickets) >= self.config.max_queue:
                 raise EngineError("RESOURCE_EXHAUSTED", f"queue full ({self.config.max_queue} requests); retry later")
-            if self._per_client[request.client_id] >= self.config.max_streams_per_client:
-                raise EngineError(
-                    "RESOURCE_EXHAUSTED",
-                    f"client {request.client_id!r} has {self.config.max_streams_per_client} open requests (the cap)",
-                )
+            self._refuse_over_cap(request)
         except EngineError as exc:
             raise self.reject(exc) from None
         now = time.monotonic()
@@ -283,10 +283,27 @@ class Engine:
         )
         self._tickets[ticket.request_id] = ticket
         self._per_client[request.client_id] += 1
+        self._per_host[request.host] += 1
         self._queue.append(ticket)
         self._queued_event.set()
         self._counts["admitted"] += 1
         return ticket
+
+    def _refuse_over_cap(self, request: Resolved) -> None:
+        """RESOURCE_EXHAUSTED when the request's client, or its peer host (max_streams_per_host > 0), already has
+        its cap of open streams."""
+        c = self.config
+        if self._per_client[request.client_id] >= c.max_streams_per_client:
+            raise EngineError(
+                "RESOURCE_EXHAUSTED",
+                f"client {request.client_id!r} has {c.max_streams_per_client} open requests (the cap)",
+            )
+        if c.max_streams_per_host and self._per_host[request.host] >= c.max_streams_per_host:
+            raise EngineError(
+                "RESOURCE_EXHAUSTED",
+                f"host {request.host} has {c.max_streams_per_host} open requests (the per-host cap, "
+                "max_streams_per_host); retry when one ends",
+            )
 
     def reject(self, error: EngineError) -> EngineError:
         """Count a request refused before admission (`rejected` and its status); returns `error` to raise."""
@@ -308,9 +325,8 @@ class Engine:
             return
         ticket.left = True
         self._tickets.pop(ticket.request_id, None)
-        self._per_client[ticket.request.client_id] -= 1
-        if self._per_client[ticket.request.client_id] <= 0:
-            del self._per_client[ticket.request.client_id]
+        uncount(self._per_client, ticket.request.client_id)
+        uncount(self._per_host, ticket.request.host)
         if not ticket.future.done():
             ticket.future.cancel()
         self._status_counts[status] += 1
@@ -543,6 +559,13 @@ class Engine:
             "status_counts": dict(self._status_counts),
             **{k: self._counts[k] for k in _COUNTERS},
         }
+
+
+def uncount(counter: Counter[str], key: str) -> None:
+    """One open stream fewer for `key`, forgotten at zero (so idle counters hold nothing)."""
+    counter[key] -= 1
+    if counter[key] <= 0:
+        del counter[key]
 
 
 _COUNTERS = (

@@ -13,6 +13,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import hashlib
+import ipaddress
 import json
 import logging
 import os
@@ -123,6 +124,25 @@ def to_spec(request: edge_pb2.ImageRequest) -> ImageSpec:
     )
 
 
+def peer_host(peer: str) -> str:
+    """The host of a gRPC peer, the key of max_streams_per_host: an IPv4 address ('ipv4:10.0.0.5:40001' ->
+    '10.0.0.5'); an IPv6 address's /64 network ('ipv6:[2001:db8::7]:40001' -> '2001:db8::/64': a host is handed a
+    whole /64 and may send from any address in it), an IPv4-mapped one as its IPv4 address; 'unix' for every
+    unix-socket peer (all on this machine); any other form whole (its first 256 characters)."""
+    kind, _, rest = peer.partition(":")
+    if kind.startswith("unix"):
+        return "unix"
+    try:
+        address = ipaddress.ip_address(rest.rpartition(":")[0].strip("[]").split("%")[0])  # no port, no IPv6 zone
+    except ValueError:
+        return peer[:256]
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    if isinstance(address, ipaddress.IPv6Address):
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
+
+
 def accepted_message(d: Delivery) -> edge_pb2.ImageResponse:
     """The first message of a stream: the group the request joined and how to continue."""
     return edge_pb2.ImageResponse(
@@ -162,8 +182,9 @@ class EdgeSamplerServicer(edge_pb2_grpc.EdgeSamplerServicer):
     def _spec(self, request: edge_pb2.ImageRequest, context: grpc.aio.ServicerContext) -> ImageSpec:
         """The engine's view of a request; with token auth its client id is the one the token authenticates, and
         without, a request that names none is counted by its connection (`peer:` and the gRPC peer), so that
-        anonymous devices do not share one per-client stream cap."""
-        spec = to_spec(request)
+        anonymous devices do not share one per-client stream cap. Its host (peer_host) is the key of the per-host
+        cap, which a device cannot choose."""
+        spec = dataclasses.replace(to_spec(request), host=peer_host(context.peer()))
         if self.tokens is not None:
             client_id = self.tokens.client_from_metadata(context.invocation_metadata())
             spec = dataclasses.replace(spec, client_id=client_id or "")
@@ -184,7 +205,7 @@ class EdgeSamplerServicer(edge_pb2_grpc.EdgeSamplerServicer):
             if self.metrics is not None:
                 self.metrics.observe_request(exc.code, 0, None)
             client_id = "" if isinstance(request, MalformedRequest) else clip(request.client_id, 256)
-            fields = {"client_id": client_id, "code": exc.code, "error": exc.message}
+            fields = {"client_id": client_id, "peer": context.peer(), "code": exc.code, "error": exc.message}
             log.info("request_rejected", extra={"fields": fields})
             await context.abort(grpc.StatusCode[exc.code], exc.message)
         if self.metrics is not None:
@@ -200,7 +221,7 @@ class EdgeSamplerServicer(edge_pb2_grpc.EdgeSamplerServicer):
             message.accepted.model_fingerprint = self.engine.info.fingerprint
             yield message
             data = delivery.payload.data
-            chunks = range(0, max(len(data), 1), self.config.chunk_size)
+            chunks = range(0, len(data), self.config.chunk_size)  # no empty chunk: a device refuses one
             for index, lo in enumerate(chunks):
                 piece = data[lo : lo + self.config.chunk_size]
                 yield edge_pb2.ImageResponse(chunk=edge_pb2.LatentChunk(index=index, data=piece))

@@ -29,7 +29,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from server_fixtures import EdgeServerProcess, server_env, start_edge_server
 
 from edge_server.config import KNOWN_CODECS, KNOWN_SCHEDULERS, LOSSLESS_CODECS, ConfigError, ServerConfig, build_config
-from edge_server.engine import EngineError, ImageSpec, negotiate_codec, resolve
+from edge_server.engine import Engine, EngineError, ImageSpec, negotiate_codec, resolve
 from edge_server.worker import ModelInfo
 from protos.sage_edge.v1 import edge_pb2, edge_pb2_grpc
 
@@ -226,6 +226,51 @@ def test_anonymous_requests_are_capped_by_connection_not_together() -> None:
     named = edge_pb2.ImageRequest(prompt="a cat", client_id="phone-7")
     assert servicer._spec(named, Context("ipv4:10.0.0.5:40001")).client_id == "phone-7"
     assert len(servicer._spec(anonymous, Context("unix:" + "x" * 400)).client_id) == 256
+    assert servicer._spec(named, Context("ipv4:10.0.0.5:40001")).host == "10.0.0.5"  # the per-host cap's key
+
+
+def test_peer_host_keys_the_address_not_the_port() -> None:
+    """The per-host cap's key: an IPv4 address, an IPv6 address's /64 (an IPv4-mapped one as IPv4), every unix
+    socket peer as one host; never the port, so a new connection does not make a new host."""
+    from edge_server.service import peer_host
+
+    cases = {
+        "ipv4:10.0.0.5:40001": "10.0.0.5",
+        "ipv4:10.0.0.5:40002": "10.0.0.5",
+        "ipv6:[2001:db8:1:2::7]:40001": "2001:db8:1:2::/64",
+        "ipv6:[2001:db8:1:2:ffff::9]:40002": "2001:db8:1:2::/64",
+        "ipv6:[fe80::1%25eth0]:40001": "fe80::/64",
+        "ipv6:[::ffff:10.0.0.5]:40001": "10.0.0.5",
+        "unix:/run/sage.sock": "unix",
+        "unix:": "unix",
+        "unix-abstract:sage": "unix",
+        "something-else": "something-else",
+    }
+    assert {peer: peer_host(peer) for peer in cases} == cases
+    assert len(peer_host("x" * 400)) == 256
+
+
+async def test_the_per_host_cap_counts_streams_whatever_client_id_they_claim() -> None:
+    """max_streams_per_host: a host's requests count together under whatever client ids they declare (the
+    per-client cap alone was dodged by a new id per request); other hosts are not affected, a released stream frees
+    its slot, and 0 (the default) keeps the cap off."""
+    info = ModelInfo("abc", "{}", 32, 32, 1, "cpu")
+    capped = Engine(ServerConfig(max_streams_per_host=2), [object()], [info], worker_factory=None)
+    spec = lambda client, host: ImageSpec(prompt="a cat", client_id=client, host=host)  # noqa: E731
+    first = capped.admit(spec("a", "10.0.0.5"), None)
+    capped.admit(spec("b", "10.0.0.5"), None)
+    with pytest.raises(EngineError) as refused:
+        capped.admit(spec("c", "10.0.0.5"), None)
+    assert refused.value.code == "RESOURCE_EXHAUSTED" and "host 10.0.0.5 has 2 open requests" in refused.value.message
+    assert "max_streams_per_host" in refused.value.message
+    capped.admit(spec("d", "10.0.0.6"), None)
+    capped.release(first, "OK")
+    capped.admit(spec("c", "10.0.0.5"), None)
+    uncapped = Engine(ServerConfig(), [object()], [info], worker_factory=None)
+    for i in range(5):
+        uncapped.admit(spec(f"id-{i}", "10.0.0.5"), None)
+    with pytest.raises(ConfigError, match="max_streams_per_host must be >= 0"):
+        ServerConfig(max_streams_per_host=-1)
 
 
 def test_a_signal_during_the_start_stops_the_server_cleanly(tmp_path: Path) -> None:
@@ -735,6 +780,30 @@ stream = edge_pb2_grpc.EdgeSamplerStub(channel).RequestImage(
 print("sent", flush=True)
 next(stream)  # waits here, for the shared phase, until the test stops this process
 """
+
+
+async def test_one_host_cannot_dodge_the_stream_cap_with_new_client_ids() -> None:
+    """With --max-streams-per-host 2, a third stream from 127.0.0.1 is RESOURCE_EXHAUSTED at once although each
+    stream declares its own client id (within the per-client cap), with a message naming the host and the setting;
+    the refusal is logged with the peer, and the slot is free again once a stream ends."""
+    server = start_edge_server("--worker-step-delay-ms", str(STEP_DELAY_MS), "--max-streams-per-host", "2")
+    try:
+        async with server.aio_channel() as channel:
+            stub = edge_pb2_grpc.EdgeSamplerStub(channel)
+            slow = [asyncio.create_task(status_of(stub, request(f"slow {i}", steps=40, share=1.0, client_id=f"id-{i}")))
+                    for i in range(2)]  # fmt: skip
+            await asyncio.to_thread(server.wait_stats, lambda s: s.active_requests == 2, 20)
+            start = time.monotonic()
+            code, details = await status_of(stub, request("a third", client_id="id-2"), 10)
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, (code, details)
+            assert "host 127.0.0.1 has 2 open requests" in details and "max_streams_per_host" in details, details
+            assert time.monotonic() - start < 2.0
+            assert [c for c, _ in await asyncio.wait_for(asyncio.gather(*slow), TIMEOUT)] == [grpc.StatusCode.OK] * 2
+            assert (await status_of(stub, request("a third", client_id="id-2")))[0] == grpc.StatusCode.OK
+        rejected = [line for line in server.log_lines if "request_rejected" in line]
+        assert len(rejected) == 1 and "peer=ipv4:127.0.0.1:" in rejected[0], rejected
+    finally:
+        server.terminate()
 
 
 def test_a_device_that_vanishes_gives_back_its_queue_slot() -> None:
