@@ -142,8 +142,8 @@ class ServerConfig:
             value = getattr(self, name)
             try:
                 object.__setattr__(self, name, convert(value))
-            except (TypeError, ValueError) as exc:
-                raise ConfigError(f"{name}: cannot read {value!r} ({exc})") from exc
+            except (TypeError, ValueError, OverflowError):
+                pass  # kept as given: check_fields names the bad item (`adaptive_taus[1] must be a number, got 'x'`)
         try:
             check_fields(self)  # each value of its annotated type (a quoted "8" is no integer), named if not
         except ValueError as exc:

@@ -5,15 +5,20 @@ normalized value; a wrong value raises ValueError naming the field and the value
 
 - `bool`: true or false only (not the string "false", not 0/1).
 - `int`: an integer (not a bool, not 2.5, not "3").
-- `float`: a finite number (inf and nan are refused as "not a finite number"); a numeric string is read as the
-  number it spells, because PyYAML reads `1e-4` (no dot) as the string "1e-4", so `lr: 1e-4` means 0.0001.
-- `str`: a string. `X | None`: also null.
+- `float`: a finite number (inf, nan and integers beyond a float's range are refused as "not a finite number"); a
+  numeric string is read as the number it spells, because PyYAML reads `1e-4` (no dot) as the string "1e-4", so
+  `lr: 1e-4` means 0.0001.
+- `str`: a string. `X | None`: also null (a non-finite number is still refused as such, not as "not a number").
 - `tuple[T, ...]` / `tuple[A, B]`: a list (never a bare string or number) of such values; stored as a tuple.
 - a dataclass (e.g. `lora: LoraSettings`): an instance, or a mapping of its fields (`from_mapping`): unknown keys
   and missing required fields are errors, each value is converted by its annotation (so a dataclass that does not
-  call check_fields itself is checked too), and an error inside is prefixed with the field's name
-  (`lora: rank must be an integer, got 'x'`). A dataclass may define `check_keys(values)` (a staticmethod or
+  call check_fields itself is checked too). A dataclass may define `check_keys(values)` (a staticmethod or
   classmethod raising ValueError) to refuse keys that do not go together; it gets the given keys' converted values.
+
+Every error names the key by its dotted path, as a user finds it in the YAML file: `lora.rank must be an integer,
+got 'x'`, `devices[0].share must be a number ...`, `unknown setting server.windw_s (known: ...)`. A nested
+dataclass's own checks (check_keys, __post_init__) speak of the section as a whole and are prefixed with its path
+and a colon (`network.loss: a choice distribution needs values`). Range checks elsewhere follow the same style.
 
 Ranges (steps >= 1, share in [0, 1) ...) stay in each class's `__post_init__`.
 """
@@ -43,8 +48,23 @@ def describe(tp: Any) -> str:
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
 
 
-def _wrong(name: str, value: Any, tp: Any) -> ValueError:
-    return ValueError(f"{name} must be {describe(tp)}, got {value!r}")
+class WrongType(ValueError):
+    """A value of another type than its annotation's (not one of the right type out of range, such as inf)."""
+
+
+def _wrong(name: str, value: Any, tp: Any) -> WrongType:
+    return WrongType(f"{name} must be {describe(tp)}, got {value!r}")
+
+
+def _finite(name: str, value: int | float) -> float:
+    """`value` as a finite float; inf, nan and an integer beyond a float's range (10**400) are a ValueError."""
+    try:
+        number = float(value)
+    except OverflowError:
+        raise ValueError(f"{name} must be a finite number, got an integer of {len(str(abs(value)))} digits") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return number
 
 
 def _scalar(name: str, value: Any, tp: type) -> Any:
@@ -57,9 +77,7 @@ def _scalar(name: str, value: Any, tp: type) -> Any:
     if isinstance(value, bool) != (tp is bool):
         raise _wrong(name, value, tp)
     if tp is float and isinstance(value, int | float):
-        if not math.isfinite(value):
-            raise ValueError(f"{name} must be a finite number, got {value!r}")
-        return float(value)
+        return _finite(name, value)
     if tp is not float and isinstance(value, tp):
         return value
     raise _wrong(name, value, tp)
@@ -74,30 +92,40 @@ def _nested(name: str, value: Any, tp: type) -> Any:
     return from_mapping(tp, value, name)
 
 
-def _field_values(tp: type, data: dict[Any, Any]) -> dict[str, Any]:
-    """`data`'s values converted by `tp`'s annotations (keys checked), then passed to `tp.check_keys` if it has one."""
+def key_path(section: str, key: Any) -> str:
+    """The dotted path of `key` in the mapping at `section` (`server.window_s`; just the key at the top level)."""
+    return f"{section}.{key}" if section else str(key)
+
+
+def _settings(kind: str, paths: list[str]) -> str:
+    """'KIND setting PATH' or 'KIND settings PATH, PATH ...'."""
+    return f"{kind} setting{'s' if len(paths) > 1 else ''} {', '.join(paths)}"
+
+
+def _field_values(tp: type, data: dict[Any, Any], name: str) -> dict[str, Any]:
+    """`data`'s values converted by `tp`'s annotations (keys checked); errors name each key's path under `name`."""
     fields = [f for f in dataclasses.fields(tp) if f.init]
     known = sorted(f.name for f in fields)
-    unknown = sorted(set(data) - set(known), key=str)
+    unknown = [key_path(name, k) for k in sorted(set(data) - set(known), key=str)]
     if unknown:
-        raise ValueError(f"unknown field(s) {unknown} (known: {', '.join(known)})")
-    missing = [f.name for f in fields if f.name not in data
+        raise ValueError(f"{_settings('unknown', unknown)} (known: {', '.join(known)})")
+    missing = [key_path(name, f.name) for f in fields if f.name not in data
                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if missing:
-        raise ValueError(f"missing field(s) {missing}")
+        raise ValueError(_settings("missing", missing))
     hints = typing.get_type_hints(tp)
-    values = {key: convert(key, value, hints[key]) for key, value in data.items()}
-    check_keys = getattr(tp, "check_keys", None)
-    if check_keys is not None:
-        check_keys(values)
-    return values
+    return {key: convert(key_path(name, key), value, hints[key]) for key, value in data.items()}
 
 
 def from_mapping(tp: type, data: dict[Any, Any], name: str = "") -> Any:
-    """Dataclass `tp` built from a mapping of its fields (see the module docstring); a ValueError names the field,
-    prefixed with `name: ` (nothing for a top-level config, name "")."""
+    """Dataclass `tp` built from a mapping of its fields at path `name` ("" for a top-level config; see the module
+    docstring). Its own checks (`tp.check_keys`, then `tp(...)`) raise ValueErrors prefixed with `name: `."""
+    values = _field_values(tp, data, name)
     try:
-        return tp(**_field_values(tp, data))
+        check_keys = getattr(tp, "check_keys", None)
+        if check_keys is not None:
+            check_keys(values)
+        return tp(**values)
     except ValueError as exc:
         raise ValueError(f"{name}: {exc}" if name else str(exc)) from None
 
@@ -111,7 +139,7 @@ def convert(name: str, value: Any, tp: Any) -> Any:
         (inner,) = [a for a in args if a is not type(None)]
         try:
             return convert(name, value, inner)
-        except ValueError:
+        except WrongType:
             if inner in (bool, int, float, str):  # "a number or null", not just "a number"
                 raise _wrong(name, value, tp) from None
             raise

@@ -91,3 +91,36 @@ def test_the_edge_servers_config_refuses_a_key_given_twice(tmp_path):
     (tmp_path / "s.yaml").write_text("server:\n  tau: 0.9\nserver:\n  num_workers: 2\n")
     with pytest.raises(ConfigError, match=r"line 3, column 1: duplicate key 'server' \(first on line 1\)"):
         read_config_file(tmp_path / "s.yaml")
+
+
+HUGE = "1" + "0" * 400  # an integer to YAML, beyond a float's range
+
+
+def _load(kind: str, path):
+    """The config loader of one process: the edge server, the simulator or training's finetune."""
+    from edge_server.config import build_config
+    from simulation.config import load_config as load_sim_config
+    from training.finetune import load_config as load_finetune_config
+
+    return {"edge": build_config, "sim": load_sim_config, "finetune": load_finetune_config}[kind](path)
+
+
+@pytest.mark.parametrize(
+    ("kind", "text", "message"),
+    [
+        ("edge", f"max_wait_ms: {HUGE}", r"^max_wait_ms must be a finite number, got an integer of 401 digits$"),
+        ("edge", f"adaptive_taus: [0.5, {HUGE}]", r"^adaptive_taus\[1\] must be a finite number, got an integer of 4"),
+        ("edge", "depth_schedule: [[0.9, 0.4, 1.0]]", r"^depth_schedule\[0\] must be a list of 2 values"),
+        ("edge", "unet_buckets: [4, x]", r"^unet_buckets\[1\] must be an integer, got 'x'$"),
+        ("sim", f"arrivals: {{rate: {HUGE}}}", r"^arrivals.rate must be a finite number, got an integer of 401 digit"),
+        ("finetune", f"lr: {HUGE}", r"^lr must be a finite number, got an integer of 401 digits$"),
+    ],
+)
+def test_bad_numbers_are_one_line_errors_naming_the_item(tmp_path, kind, text, message):
+    """An integer beyond a float's range was an OverflowError traceback in every process (float() of it
+    overflows); the edge server read its lists by hand first, so a bad item was 'adaptive_taus: cannot read [...]
+    (...)', the item unnamed, or that traceback."""
+    (tmp_path / "c.yaml").write_text(text + "\n")
+    with pytest.raises(ValueError, match=message) as err:
+        _load(kind, tmp_path / "c.yaml")
+    assert "\n" not in str(err.value)

@@ -62,12 +62,28 @@ def test_training_script_runs_a_few_cpu_steps_and_saves_a_loadable_sd_pipeline(t
 
 
 def test_config_errors_are_clear(tmp_path):
-    with pytest.raises(ValueError, match="unknown DefaultModelConfig keys"):
+    with pytest.raises(ValueError, match=r"^unknown setting bogus \(known: checkpoint_minutes,"):
         _tiny_config(tmp_path, bogus=1)
     with pytest.raises(ValueError, match="same length"):
         _tiny_config(tmp_path, **{"unet.cross_attention_levels": [True]})
     with pytest.raises(ValueError, match="stages"):
         _tiny_config(tmp_path, stages=["vae", "lora"])
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"vae.bogus": 1}, r"^unknown setting vae.bogus \(known: batch_size,"),
+        ({"vae.lr": "fast"}, r"^vae.lr must be a number, got 'fast'$"),
+        ({"unet.layers_per_block": 1.5}, r"^unet.layers_per_block must be an integer, got 1.5$"),
+        ({"text": 3}, r"^text must be a mapping of TextConfig fields, got 3$"),
+    ],
+)
+def test_config_errors_name_the_key_by_its_dotted_path(tmp_path, extra, message):
+    """The default-model config had its own reader: an unknown key was named by its class ('unknown VaeConfig
+    keys'), and a value of the wrong type (vae.lr: fast) passed unchecked into the run."""
+    with pytest.raises(ValueError, match=message):
+        _tiny_config(tmp_path, **extra)
 
 
 @pytest.mark.parametrize(

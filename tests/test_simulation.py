@@ -90,16 +90,16 @@ def cfg_path(cfg):
         ({"arrivals": {"rate": -3.0}}, "arrivals.rate must be > 0"),
         ({"grouping": {"tau": 1.5}}, "grouping.tau must lie in [-1, 1]"),
         ({"sampling": {"share": 1.2}}, "sampling.share (beta) must lie in [0, 1]"),
-        ({"server": {"windw_s": 1.0, "tau": 0.5}}, "server: unknown field(s) ['tau', 'windw_s'] (known: gpu_workers,"),
+        ({"server": {"windw_s": 1.0, "tau": 0.5}}, "unknown settings server.tau, server.windw_s (known: gpu_workers,"),
         ({"server": {"gpu_workers": 0}}, "server.gpu_workers must be >= 1"),
-        ({"arrivals": {"rate": "fast"}}, "arrivals: rate must be a number, got 'fast'"),
+        ({"arrivals": {"rate": "fast"}}, "arrivals.rate must be a number, got 'fast'"),
         ({"modes": ["sage", "cloud"]}, "unknown mode 'cloud'"),
         ({"network": {"bandwidth_mbps": {"dist": "lognormal", "median": -1.0}}}, "network.bandwidth_mbps.median"),
         ({"network": {"loss": {"dist": "constant", "value": 0.9}}}, "network.loss must lie in [0.0, 0.5]"),
         ({"arrivals": {"process": "bursty", "burst": {"factor": 20.0, "on_fraction": 0.1}}}, "factor * on_fraction"),
         ({"devices": []}, "devices must list at least one device class"),
         ({"seed": -1}, "seed must be >= 0"),
-        ({"server": {"window_s": float("inf")}}, "server: window_s must be a finite number, got inf"),
+        ({"server": {"window_s": float("inf")}}, "server.window_s must be a finite number, got inf"),
         ({"prompts": {"embedder": "word2vec"}}, "prompts.embedder must be minilm, pipeline"),
     ],
 )
@@ -131,7 +131,10 @@ def test_missing_files_are_config_errors(prompt_file, tmp_path):
 
 @pytest.mark.parametrize(
     ("content", "message"),
-    [(b"\xff\xfe seed: 1\n", "cannot read config file"), (b"1: 2\nfoo: 3\n", r"unknown field\(s\) \[1, 'foo'\]")],
+    [
+        (b"\xff\xfe seed: 1\n", "cannot read config file"),
+        (b"1: 2\nfoo: 3\n", r"^unknown settings 1, foo \(known: arrivals, base_dir,"),
+    ],
 )
 def test_unreadable_config_files_are_config_errors(tmp_path, content, message):
     bad = tmp_path / "bad.yaml"
@@ -459,7 +462,7 @@ def test_mode_specs_count_steps(prompt_file):
     ("dist", "message"),
     [
         ({"dist": "lognormal", "median": 50.0, "sigma": 0.8, "high": 100.0},
-         "network: bandwidth_mbps: high does not apply to a lognormal distribution (its keys: median, sigma)"),
+         "network.bandwidth_mbps: high does not apply to a lognormal distribution (its keys: median, sigma)"),
         ({"dist": "constant", "value": 30.0, "sigma": 0.5}, "sigma does not apply to a constant distribution"),
         ({"dist": "uniform", "value": 10.0}, "value does not apply to a uniform distribution (its keys: low, high)"),
         ({"dist": "uniform", "low": 10.0}, "a uniform distribution needs high"),
@@ -475,12 +478,12 @@ def test_distribution_keys_of_another_kind_are_refused(prompt_file, dist, messag
 
 def test_a_distribution_kind_that_is_no_string_is_a_config_error(prompt_file):
     """`dist: [lognormal]` ended in a TypeError traceback (an unhashable list looked up among the kinds)."""
-    with pytest.raises(ConfigError, match=r"^network: bandwidth_mbps: dist must be a string, got \['lognormal'\]$"):
+    with pytest.raises(ConfigError, match=r"^network.bandwidth_mbps.dist must be a string, got \['lognormal'\]$"):
         make_cfg(prompt_file, network={"bandwidth_mbps": {"dist": ["lognormal"], "median": 5.0}})
 
 
 def test_config_types_reads_the_simulator_config_as_it_reads_the_edge_servers(prompt_file, tmp_path):
-    """One annotation walker: a wrong type gets the edge server's message under the section's name, and a number
+    """One annotation walker: a wrong type gets the edge server's message under the section's path, and a number
     PyYAML reads as a string (1e3, no dot) is read as the number, as in the training and edge server configs."""
     from edge_server.config import ConfigError as EdgeConfigError
     from edge_server.config import build_config
@@ -489,7 +492,7 @@ def test_config_types_reads_the_simulator_config_as_it_reads_the_edge_servers(pr
         build_config(overrides={"tau": "high"})
     with pytest.raises(ConfigError) as sim:
         make_cfg(prompt_file, grouping={"tau": "high"})
-    assert str(sim.value) == f"grouping: {edge.value}"
+    assert str(sim.value) == f"grouping.{edge.value}"
     path = tmp_path / "c.yaml"
     path.write_text("arrivals: {rate: 1e3}\nsweep: {rate: [2e1, 5]}\n", encoding="utf-8")
     cfg = load_config(path)

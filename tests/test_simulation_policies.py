@@ -349,6 +349,9 @@ def test_run_reports_the_configured_policy(config_file, tmp_path):
         ({"grouping": {"sharing": "tree"}}, "error: grouping.sharing must be one of flat, adaptive"),
         ({"policies": [{"name": "p", "grouping": {"cache_mb": -2}}]}, "error: policies[0] (p): grouping.cache_mb"),
         ({"modes": ["server", "device"]}, "error: modes must include sage or sage_server"),
+        ({"policies": [{"name": "p", "grouping": {"taus": [0.5]}}]},
+         "error: unknown setting policies[0].grouping.taus (known: adaptive_max_sizes, adaptive_taus, cache_mb,"),
+        ({"grouping": {"taus": [0.5]}}, "error: unknown setting grouping.taus (known: adaptive_max_sizes,"),
     ],
 )
 def test_bad_policy_config_exits_2_with_one_line(config_file, tmp_path, change, message):

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from sage_core.config_files import read_mapping
-from sage_core.config_types import differences
+from sage_core.config_types import differences, from_mapping
 from sage_core.models import (
     CLIP_BOS,
     CLIP_EOS,
@@ -142,24 +142,6 @@ class DefaultModelConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
 
 
-def _from_dict(cls: type, data: dict[str, Any]) -> Any:
-    """Build a (nested) dataclass from a dict; unknown keys are an error, lists become tuples."""
-    if not isinstance(data, dict):
-        raise ValueError(f"expected a mapping for {cls.__name__}, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(data) - set(fields)
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} keys: {sorted(unknown)}")
-    kwargs = {}
-    for name, value in data.items():
-        default = fields[name].default_factory() if fields[name].default_factory is not dataclasses.MISSING else None
-        if dataclasses.is_dataclass(default):
-            kwargs[name] = _from_dict(type(default), value)
-        else:
-            kwargs[name] = tuple(value) if isinstance(value, list) else value
-    return cls(**kwargs)
-
-
 def load_config(path: str | Path | None = None, **overrides: Any) -> DefaultModelConfig:
     """Read a YAML/JSON config (or take the defaults) and apply top-level or dotted overrides."""
     data: dict[str, Any] = {}
@@ -173,7 +155,7 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> DefaultMode
         for p in parts[:-1]:
             node = node.setdefault(p, {})
         node[parts[-1]] = value
-    cfg = _from_dict(DefaultModelConfig, data)
+    cfg = from_mapping(DefaultModelConfig, data)  # unknown keys and values of the wrong type are errors
     validate_config(cfg)
     return cfg
 

@@ -19,7 +19,6 @@ One command: `sage-train finetune --config training/configs/sage_finetune_defaul
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -37,7 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sage_core.config_files import read_mapping
-from sage_core.config_types import check_at_least, check_fields, differences
+from sage_core.config_types import check_at_least, check_fields, differences, from_mapping
 from sage_core.models import model_fingerprint
 from training.grouped_dataset import GroupedDataset, load_grouped_dataset
 from training.lora import LoraSettings, add_lora, lora_state_dict, save_adapter, set_lora_state_dict
@@ -121,14 +120,7 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> FinetuneCon
     if path is not None:
         data = read_mapping(path)
     data |= {k: v for k, v in overrides.items() if v is not None}
-    known = {f.name for f in dataclasses.fields(FinetuneConfig)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"unknown config field(s) {unknown}; known: {sorted(known)}")
-    try:
-        return FinetuneConfig(**data)
-    except TypeError as exc:  # a value of the wrong type, e.g. steps: many
-        raise ValueError(f"a config value has the wrong type: {exc}") from None
+    return from_mapping(FinetuneConfig, data)
 
 
 # ----------------------------------------------------------------------------------------------- data

@@ -19,7 +19,6 @@ table's groups. Results, per-row caches and plots go to `out`.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from collections.abc import Sequence
@@ -32,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sage_core.config_files import read_mapping
-from sage_core.config_types import check_at_least, check_fields
+from sage_core.config_types import check_at_least, check_fields, from_mapping
 from training import world
 from training.grouped_dataset import GroupingParams, build_groups, disjoint_groups
 from training.run_checks import check_device, writable_dir
@@ -90,10 +89,7 @@ class ReplicateConfig:
 def load_config(path: str | Path | None = None, **overrides: Any) -> ReplicateConfig:
     """A ReplicateConfig from YAML (lists become tuples: sage_core.config_types), with non-None overrides."""
     data = (read_mapping(path) if path else {}) | {k: v for k, v in overrides.items() if v is not None}
-    known = {f.name for f in dataclasses.fields(ReplicateConfig)}
-    if set(data) - known:
-        raise ValueError(f"unknown config field(s) {sorted(set(data) - known)}")
-    return ReplicateConfig(**data)
+    return from_mapping(ReplicateConfig, data)
 
 
 # ----------------------------------------------------------------------------------------------- prompts
