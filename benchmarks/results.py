@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from sage_core.outputs import OutputDirError, check_creatable, write_text_atomic
+from sage_core.outputs import OutputDirError, check_output_file, write_text_atomic
 
 
 def write_json(result: dict, path: str | Path | None) -> dict:
@@ -22,20 +22,13 @@ def write_json(result: dict, path: str | Path | None) -> dict:
 
 
 def output_file(text: str) -> Path:
-    """argparse type of an output file option (--json, --out): refused at once, before any work, when it names a
-    folder or a path this process cannot write, not at the end of the run."""
-    path = Path(text)
-    if text.endswith(("/", "\\")) or path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text} is a folder; name the file to write")
-    if path.exists():
-        if not path.is_file():
-            raise argparse.ArgumentTypeError(f"{text} is not a regular file")
-        path = path.parent / f"{path.name}.part"  # replaced through a sibling: its folder must be writable
+    """argparse type of an output file option (--json, --out): refused at once, before any work, by
+    sage_core.outputs.check_output_file (a folder, or a path this process cannot write), not at the end of the run.
+    A benchmark replaces its results file whole, so an existing file is taken as with --overwrite."""
     try:
-        check_creatable(path)
+        return check_output_file(text, overwrite=True)
     except OutputDirError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-    return Path(text)
 
 
 def positive_int(text: str) -> int:

@@ -23,17 +23,14 @@ def fail(message: str, code: int = 1) -> None:
 
 
 def check_png_out(out: Path, overwrite: bool) -> None:
-    """ValueError for an -o path the image cannot go to, found before any work: a folder, a name that is not .png
-    (the data is PNG), an existing file without `overwrite`, or a file that cannot be made there."""
-    from sage_core.outputs import check_creatable
+    """ValueError for an -o path the image cannot go to, found before any work: sage_core.outputs'
+    check_output_file rule (not a folder; an existing file only with `overwrite`, and then only an image a SAGE run
+    wrote; a file that can be made there), and a name that is not .png (the data is PNG)."""
+    from sage_core.outputs import check_output_file, is_sage_png
 
-    if out.is_dir():
-        raise ValueError(f"{out} is a folder; give the PNG file to write (-o)")
+    check_output_file(out, overwrite, "an image a SAGE run wrote (a PNG with its metadata)", is_sage_png)
     if out.suffix.lower() != ".png":
         raise ValueError(f"{out}: the image is written as PNG; give a file name ending in .png (-o)")
-    if out.exists() and not overwrite:
-        raise ValueError(f"{out} exists; pass --overwrite to replace it")
-    check_creatable(out)  # OutputDirError (a ValueError): a parent that is a file, or a folder this user cannot write
 
 
 def check_text(prompt: str) -> None:
@@ -87,7 +84,7 @@ def generate_cmd(
         Path | None, typer.Option("--token-file", help="bearer token file; default: $SAGE_EDGE_TOKEN if set")
     ] = None,
     client_id: Annotated[str, typer.Option("--client-id", help="this device's id (informational)")] = "",
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing -o file")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an -o image an earlier run wrote")] = False,
 ) -> None:
     """Request a shared latent, run the branch phase here, decode and save the image."""
     from device_client.channel import read_token

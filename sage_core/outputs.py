@@ -6,7 +6,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -61,6 +61,16 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         return json.loads(text[METADATA_KEY])
 
 
+def is_sage_png(path: Path) -> bool:
+    """Whether `path` is a PNG that `save_png` wrote (a device's image or `sage-edge generate`'s): the only kind of
+    file a device's `--overwrite` replaces."""
+    try:
+        read_metadata(path)
+    except (OSError, ValueError):  # not an image (PIL's UnidentifiedImageError is an OSError), or no metadata
+        return False
+    return True
+
+
 def _wrap(text: str, width: int) -> str:
     """Cut a caption to what fits under a grid cell."""
     return text if len(text) <= width else text[: width - 1] + "…"
@@ -80,29 +90,30 @@ def labelled_grid(images: Sequence[Image.Image], captions: Sequence[str], cell: 
 
 
 RUN_MARKER = "report.json"  # every run's output folder holds one; --overwrite replaces only such a folder
+OVERWRITE_HINT = "pass --overwrite to replace it"
 
 
 class OutputDirError(ValueError):
-    """An output folder that a run may not write, or may not replace."""
+    """An output folder or file that a run may not write, or may not replace (one line, for `error: ...`)."""
 
 
 def check_output_dir(out: Path, overwrite: bool = False, inputs: Sequence[Path] = ()) -> None:
     """Refuse an output folder that a run cannot replace without losing data: a file, the current folder or one
     above it, a non-empty folder without `overwrite`, and with it one that is not a previous run's output (no
     report.json) or that holds one of the run's `inputs`. A folder still to be made must be one this process can
-    make: its nearest existing parent a writable folder."""
+    make (check_creatable)."""
     if not out.exists():
         check_creatable(out)
         return
     if not out.is_dir():
-        raise OutputDirError(f"{out} is a file, not an output folder")
+        raise OutputDirError(f"{out} is a file; give a folder for the output")
     here, target = Path.cwd().resolve(), out.resolve()
     if target == here or target in here.parents:
         raise OutputDirError(f"{out} is the current folder or holds it; name a folder of its own for the output")
     if not any(out.iterdir()):
         return
     if not overwrite:
-        raise OutputDirError(f"{out} exists and is not empty (pass --overwrite to replace it)")
+        raise OutputDirError(f"{out} exists and is not empty; {OVERWRITE_HINT}")
     if not (out / RUN_MARKER).is_file():
         raise OutputDirError(f"{out} is not a previous run's output (no {RUN_MARKER}); --overwrite replaces only "
                              "such a folder, so nothing was deleted")
@@ -111,9 +122,29 @@ def check_output_dir(out: Path, overwrite: bool = False, inputs: Sequence[Path] 
             raise OutputDirError(f"{out} holds this run's input {path}; --overwrite would delete it")
 
 
+def check_output_file(
+    out: str | Path, overwrite: bool = False, kind: str = "", is_kind: Callable[[Path], bool] | None = None
+) -> Path:
+    """`out` as a Path once it is a file a run may write: not a folder (nor a name ending in a separator), not
+    something other than a regular file, an existing file only with `overwrite` and then, given `is_kind`, only
+    one it accepts (described as `kind`: 'a workload file'); its folder one this process can write
+    (check_creatable), as the file is replaced through a sibling `.part`."""
+    path = Path(out)
+    if str(out).endswith(("/", os.sep)) or path.is_dir():
+        raise OutputDirError(f"{out} is a folder; give a file to write")
+    if path.exists() and not path.is_file():
+        raise OutputDirError(f"{out} is not a regular file; give a file to write")
+    if path.exists() and not overwrite:
+        raise OutputDirError(f"{out} exists; {OVERWRITE_HINT}")
+    if path.exists() and is_kind is not None and not is_kind(path):
+        raise OutputDirError(f"{out} is not {kind}; --overwrite replaces only such a file, so nothing was deleted")
+    check_creatable(path)
+    return path
+
+
 def check_creatable(out: Path) -> None:
-    """Refuse a path that does not exist yet and cannot be made: one under a file, or under a folder this process
-    may not write."""
+    """Refuse a path that cannot be made (or replaced) in its folder: one under a file, or under a folder this
+    process may not write."""
     parent = next(p for p in out.absolute().parents if p.exists())
     if not parent.is_dir():
         raise OutputDirError(f"{out} cannot be made: {parent} is a file, not a folder")

@@ -25,7 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from sage_core.outputs import RUN_MARKER, OutputDirError, atomic_output_dir, check_output_dir
+from sage_core.outputs import RUN_MARKER, OutputDirError, atomic_output_dir, check_output_dir, check_output_file
 from simulation.config import ConfigError, SimConfig, load_config, to_dict
 
 main = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
@@ -56,22 +56,11 @@ def _clear_errors(*more: type[Exception]) -> Iterator[None]:
         raise typer.Exit(2) from None
 
 
-def _output(path: Path, folder: bool) -> Path:
-    """An output path checked before any work: not a file where a folder goes (or the reverse), and no file
-    among its parents."""
-    want, other = ("folder", "file") if folder else ("file", "folder")
-    if path.exists() and path.is_dir() != folder:
-        raise ConfigError(f"--out {path} is a {other}; give a {want}")
-    blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
-    if blocker is not None:
-        raise ConfigError(f"--out {path}: {blocker} is a file, not a folder")
-    return path
-
-
 def _output_folder(path: Path, overwrite: bool, inputs: Sequence[Path]) -> Path:
-    """An output folder checked before any work (_output), and by sage_core.outputs' rule: an existing non-empty
-    folder only with --overwrite, and then only a previous run's output that holds none of the `inputs`."""
-    check_output_dir(_output(path, folder=True), overwrite, inputs)
+    """An output folder checked before any work by sage_core.outputs' rule (check_output_dir): not a file, an
+    existing non-empty folder only with --overwrite, and then only a previous run's output that holds none of the
+    `inputs`."""
+    check_output_dir(path, overwrite, inputs)
     return path
 
 
@@ -348,11 +337,11 @@ def workload_cmd(
 ) -> None:
     """Write a workload file (settings, and per request: arrival time, prompt, device class, seed) for the
     simulator and the real-system runner."""
-    from simulation.workload import build_workload, check_workload_out, load_prompts, write_workload_file
+    from simulation.workload import build_workload, is_workload_file, load_prompts, write_workload_file
 
     with _clear_errors():
         cfg = _load(config, requests, seed)
-        check_workload_out(_output(out, folder=False), overwrite)
+        check_output_file(out, overwrite, "a workload file", is_workload_file)
         wl = build_workload(cfg, load_prompts(cfg, _note))
         write_workload_file(out, cfg, wl)
         console.print(f"wrote {wl.n:,} requests over {wl.arrival_s[-1]:.1f} s to {out}")
@@ -383,19 +372,17 @@ def validate(
     """Replay a workload through a real edge server and device clients on 127.0.0.1 and through the simulator;
     compare UNet evaluations, bytes and median latency (report.md, comparison.json, validation.png, and the
     workload as workload.json)."""
-    import json
-    import shutil
-
     from device_client.client import DeviceError
     from simulation import metrics, validation
     from simulation import plots as plotting
     from simulation.engine import simulate
-    from simulation.workload import embed_prompts, read_workload_file
+    from simulation.workload import embed_prompts, read_workload_body, request_seeds, workload_from_body
 
     with _clear_errors(DeviceError):
-        cfg, wl = read_workload_file(workload)
+        raw, body = read_workload_body(workload)  # read once: the folder keeps the very workload replayed
+        cfg, wl = workload_from_body(body, workload)
+        seeds = request_seeds(body, workload)
         out = _output_folder(out or Path("runs/sim") / f"validate-{workload.stem}", overwrite, (workload,))
-        seeds = [int(r["seed"]) for r in json.loads(workload.read_text(encoding="utf-8"))["requests"]]
         console.print(f"replaying {wl.n} requests over {wl.arrival_s[-1]:.1f} s through the real system ...")
         if server is None:
             with validation.running_server(cfg, model) as address:
@@ -409,7 +396,7 @@ def validate(
         comparison = validation.compare(sim, real)
         command = _command()
         with _writing(out, overwrite, (workload,)) as tmp:
-            shutil.copyfile(workload, tmp / "workload.json")
+            (tmp / "workload.json").write_bytes(raw)
             metrics.write_json(records, tmp / "real_requests.json")
             metrics.write_json({"command": command, "sim": sim, "real": real, **comparison}, tmp / "comparison.json")
             real_lat = [r["latency_s"] for r in records if "error" not in r]
@@ -442,7 +429,7 @@ def measure(
             raise ConfigError(f"--batches must be comma-separated integers, got {batches!r}") from None
         if min(sizes) < 1 or threads < 1:
             raise ConfigError(f"--batches and --threads must be >= 1, got {batches!r} and {threads}")
-        tables = read_tables(_output(out, folder=False))  # one that cannot take the table fails before measuring
+        tables = read_tables(check_output_file(out, overwrite=True))  # one that cannot take it fails before measuring
         if name in tables and not replace:
             raise ConfigError(f"{out} already holds a table {name!r}; pass --replace to replace it, or another --name")
         torch.set_num_threads(threads)

@@ -443,18 +443,13 @@ def write_workload_file(path: Path, cfg: SimConfig, workload: Workload) -> None:
     write_text_atomic(path, json.dumps(body, indent=1))
 
 
-def check_workload_out(path: Path, overwrite: bool) -> None:
-    """Refuse to write a workload file over an existing file, unless `overwrite` and it is a workload file."""
-    if not path.exists():
-        return
-    if not overwrite:
-        raise ConfigError(f"{path} exists (pass --overwrite to replace it)")
+def is_workload_file(path: Path) -> bool:
+    """Whether `path` is a workload file (what `sage-sim workload --overwrite` may replace)."""
     try:
-        body = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        body = None
-    if not isinstance(body, dict) or body.get("format") != WORKLOAD_FORMAT:
-        raise ConfigError(f"{path} is not a workload file; --overwrite replaces only one, so nothing was deleted")
+        read_workload_body(path)
+    except (ConfigError, OSError):
+        return False
+    return True
 
 
 def _older_dists(data: dict[str, Any]) -> dict[str, Any]:
@@ -467,18 +462,40 @@ def _older_dists(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-def read_workload_file(path: Path, overrides: dict[str, Any] | None = None) -> tuple[SimConfig, Workload]:
-    """A workload file's config and requests; prompts are pooled (repeated text shares one embedding) and the
-    links are drawn from the config's network as in a synthetic run. `overrides` (config data, e.g. another
-    config's) replace the file's settings; requests keep their device class by name."""
+def read_workload_body(path: Path) -> tuple[bytes, dict[str, Any]]:
+    """A workload file's bytes, read once, and its JSON body (its format checked); ConfigError naming the file."""
     if not path.is_file():
         raise ConfigError(f"workload file {path} does not exist")
+    raw = path.read_bytes()
     try:
-        body = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
+        body = json.loads(raw)
+    except ValueError as exc:  # not JSON, or not UTF-8 text
         raise ConfigError(f"workload file {path} is not valid JSON: {exc}") from exc
     if not isinstance(body, dict) or body.get("format") != WORKLOAD_FORMAT:
         raise ConfigError(f"workload file {path}: expected format {WORKLOAD_FORMAT!r}")
+    return raw, body
+
+
+def read_workload_file(path: Path, overrides: dict[str, Any] | None = None) -> tuple[SimConfig, Workload]:
+    """A workload file's config and requests (read_workload_body, then workload_from_body)."""
+    return workload_from_body(read_workload_body(path)[1], path, overrides)
+
+
+def request_seeds(body: dict[str, Any], path: Path) -> list[int]:
+    """Each request's noise seed in a workload file's body (read_workload_body); ConfigError for one without."""
+    try:
+        return [int(r["seed"]) for r in body.get("requests") or []]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"workload file {path}: each request needs a whole-number seed ({exc!r})") from None
+
+
+def workload_from_body(
+    body: dict[str, Any], path: Path, overrides: dict[str, Any] | None = None
+) -> tuple[SimConfig, Workload]:
+    """The config and requests of a workload file's body (read_workload_body; `path` names it in errors); prompts
+    are pooled (repeated text shares one embedding) and the links are drawn from the config's network as in a
+    synthetic run. `overrides` (config data, e.g. another config's) replace the file's settings; requests keep
+    their device class by name."""
     if not isinstance(body.get("config") or {}, dict):
         raise ConfigError(f"workload file {path}: 'config' must be a mapping")
     data = _older_dists(dict(body.get("config") or {}))

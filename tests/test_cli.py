@@ -184,6 +184,54 @@ def test_overwrite_replaces_only_a_previous_runs_output(tmp_path, tiny_model_dir
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
+def test_device_overwrite_replaces_only_an_image_a_run_wrote(tmp_path):
+    """`sage-device generate -o photo.png --overwrite` replaced any file (a photo of the user's own included), where
+    every other --overwrite replaces only what a run wrote: now only a PNG carrying SAGE metadata, and the refusal
+    is exit 2 before the server is asked (it used to connect, here to fail with exit 1)."""
+    from typer.testing import CliRunner
+
+    from device_client.cli import check_png_out, main
+    from sage_core.outputs import save_png
+
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (4, 4), "red").save(photo)
+    before = photo.read_bytes()
+    args = ["generate", "a cat", "-o", str(photo), "--overwrite", "--server", "127.0.0.1:1", "--model", "tiny",
+            "--adapter", "none", "--connect-timeout", "0.5"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    assert f"error: {photo} is not an image a SAGE run wrote" in res.output and photo.read_bytes() == before
+    ours = save_png(Image.new("RGB", (4, 4)), tmp_path / "ours.png", {"prompt": "a cat"})
+    check_png_out(ours, overwrite=True)  # a previous run's image: replaced
+    with pytest.raises(ValueError, match="ours.png exists; pass --overwrite to replace it$"):
+        check_png_out(ours, overwrite=False)
+
+
+def test_output_checks_say_the_same_thing_for_the_same_mistake(tmp_path):
+    """A file where a folder goes, or the reverse, and an existing output without --overwrite: one wording for
+    every command's folders and files (sage_core.outputs), where sage-sim, the device and the benchmarks each had
+    their own."""
+    from sage_core.outputs import OutputDirError, check_output_dir, check_output_file
+
+    file, folder = tmp_path / "f.json", tmp_path / "d"
+    file.write_text("{}")
+    folder.mkdir()
+    (folder / "x").write_text("")
+    cases = [(lambda: check_output_dir(file), f"{file} is a file; give a folder for the output"),
+             (lambda: check_output_file(folder), f"{folder} is a folder; give a file to write"),
+             (lambda: check_output_file(f"{tmp_path}/new/"), f"{tmp_path}/new/ is a folder; give a file to write"),
+             (lambda: check_output_dir(folder), f"{folder} exists and is not empty; pass --overwrite to replace it"),
+             (lambda: check_output_file(file), f"{file} exists; pass --overwrite to replace it"),
+             (lambda: check_output_file(file, True, "a workload file", lambda p: False),
+              f"{file} is not a workload file; --overwrite replaces only such a file, so nothing was deleted"),
+             (lambda: check_output_file(file / "x.json", True), f"{file / 'x.json'} cannot be made: {file} is a file")]
+    for check, message in cases:
+        with pytest.raises(OutputDirError) as info:
+            check()
+        assert str(info.value).startswith(message)
+    assert check_output_file(str(file), overwrite=True) == file
+
+
 def test_overwrite_replaces_a_previous_run(tmp_path, tiny_model_dir):
     prompts = write_prompts(tmp_path, "a cat\n")
     out = tmp_path / "out"

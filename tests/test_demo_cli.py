@@ -114,7 +114,7 @@ class NoServer:
     ({"seed": 2**63 - 1}, "seed must be in [0, 2^63 - 1 - (prompts - 1)]"),
     ({"max_wait_ms": -1.0}, "max_wait_ms must be a finite number of milliseconds >= 0, got -1"),
     ({"max_wait_ms": float("nan")}, "max_wait_ms must be a finite number"),
-    ({"out": "FULL"}, "exists and is not empty (pass --overwrite to replace it)"),
+    ({"out": "FULL"}, "exists and is not empty; pass --overwrite to replace it"),
 ])  # fmt: skip
 def test_bad_inputs_are_refused_before_the_server_starts(options, message, tmp_path, monkeypatch):
     """--steps 1001, a missing --model or --adapter folder and a negative --max-wait-ms used to start the server
@@ -157,8 +157,8 @@ def test_the_cli_exits_2_for_a_non_empty_out_folder(prompts, tmp_path):
     (tmp_path / "o" / "keep.txt").write_text("x")
     res = CliRunner().invoke(main, ["demo", "--prompts", str(prompts), "--out", str(tmp_path / "o"), "--model", "tiny"])
     assert res.exit_code == 2, res.output
-    assert res.output.strip().splitlines() == [f"error: {tmp_path / 'o'} exists and is not empty (pass --overwrite "
-                                               "to replace it)"]
+    assert res.output.strip().splitlines() == [f"error: {tmp_path / 'o'} exists and is not empty; pass --overwrite "
+                                               "to replace it"]
 
 
 def test_the_cli_reads_the_prompts_once(prompts, tmp_path, monkeypatch):

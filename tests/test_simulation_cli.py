@@ -175,7 +175,7 @@ def test_a_second_run_into_a_folder_needs_overwrite_and_leaves_no_stale_files(co
     assert _invoke("run", config_file, "--out", out, "--per-request").exit_code == 0
     assert {"requests.csv", "dashboard.png", "report.json"} <= {p.name for p in out.iterdir()}
     res = _invoke("run", config_file, "--out", out, "-n", "50", "--no-plots")
-    assert res.exit_code == 2 and "exists and is not empty (pass --overwrite" in res.output
+    assert res.exit_code == 2 and "exists and is not empty; pass --overwrite" in res.output
     assert json.loads((out / "summary.json").read_text())["requests"] == 300  # untouched
     res = _invoke("run", config_file, "--out", out, "-n", "50", "--no-plots", "--overwrite")
     assert res.exit_code == 0, res.output
@@ -197,7 +197,7 @@ def test_workload_refuses_to_replace_a_file_without_overwrite(config_file, tmp_p
     wfile = tmp_path / "w.json"
     assert _invoke("workload", config_file, "--out", wfile, "-n", "20").exit_code == 0
     res = _invoke("workload", config_file, "--out", wfile, "-n", "30")
-    assert res.exit_code == 2 and "exists (pass --overwrite" in res.output
+    assert res.exit_code == 2 and "exists; pass --overwrite" in res.output
     assert len(json.loads(wfile.read_text())["requests"]) == 20
     assert _invoke("workload", config_file, "--out", wfile, "-n", "30", "--overwrite").exit_code == 0
     assert len(json.loads(wfile.read_text())["requests"]) == 30
@@ -299,7 +299,7 @@ def test_validate_follows_the_output_folder_rule(config_file, tmp_path, monkeypa
 
     monkeypatch.setattr(validation, "replay", no_replay)
     res = _invoke("validate", wfile, "--server", "127.0.0.1:1", "--out", mine)
-    assert res.exit_code == 2 and "exists and is not empty (pass --overwrite" in res.output, res.output
+    assert res.exit_code == 2 and "exists and is not empty; pass --overwrite" in res.output, res.output
     res = _invoke("validate", wfile, "--server", "127.0.0.1:1", "--out", mine, "--overwrite")
     assert res.exit_code == 2 and "not a previous run's output" in res.output, res.output
     assert [p.name for p in mine.iterdir()] == ["notes.txt"]
@@ -318,6 +318,42 @@ def test_validate_follows_the_output_folder_rule(config_file, tmp_path, monkeypa
     assert res.exit_code in (0, 1) and {p.name for p in out.iterdir()} == files, res.output
     res = _invoke("validate", out / "workload.json", "--server", "127.0.0.1:1", "--out", out, "--overwrite")
     assert res.exit_code == 2 and "holds this run's input" in res.output and (out / "workload.json").is_file()
+
+def test_validate_reads_the_workload_once_and_keeps_the_one_it_replayed(config_file, tmp_path, monkeypatch):
+    """validate read the workload file three times (its requests, then its seeds, then a copy into the folder): a
+    file rewritten during the replay was kept as the one replayed. It reads it once, replays its seeds and keeps
+    those bytes."""
+    from simulation import validation
+
+    wfile = tmp_path / "w.json"
+    assert _invoke("workload", config_file, "--out", wfile, "-n", "6").exit_code == 0
+    original = wfile.read_bytes()
+    replayed: list[list[int]] = []
+
+    def replay_while_the_file_changes(cfg, wl, server, model, concurrency, seeds):
+        replayed.append(seeds)
+        assert _invoke("workload", config_file, "--out", wfile, "-n", "3", "--seed", "9", "--overwrite").exit_code == 0
+        return _fake_replay(cfg, wl, server, model, concurrency, seeds)
+
+    monkeypatch.setattr(validation, "replay", replay_while_the_file_changes)
+    res = _invoke("validate", wfile, "--server", "127.0.0.1:1", "--out", tmp_path / "v")
+    assert res.exit_code in (0, 1) and "Traceback" not in res.output, res.output
+    assert (tmp_path / "v" / "workload.json").read_bytes() == original != wfile.read_bytes()
+    assert replayed == [[r["seed"] for r in json.loads(original)["requests"]]]
+
+
+def test_validate_refuses_a_workload_without_seeds_in_one_line(config_file, tmp_path):
+    """A request without a seed ended validate with a KeyError traceback."""
+    wfile = tmp_path / "w.json"
+    assert _invoke("workload", config_file, "--out", wfile, "-n", "4").exit_code == 0
+    body = json.loads(wfile.read_text())
+    del body["requests"][2]["seed"]
+    wfile.write_text(json.dumps(body), encoding="utf-8")
+    res = _invoke("validate", wfile, "--server", "127.0.0.1:1", "--out", tmp_path / "v")
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    assert f"error: workload file {wfile}: each request needs a whole-number seed" in res.output
+    assert not (tmp_path / "v").exists()
+
 
 def test_check_needs_the_embedder_a_run_needs(config_file, tmp_path, monkeypatch):
     """check said ok for a config whose minilm embedder is not installed; run then failed."""
