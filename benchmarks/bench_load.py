@@ -3,6 +3,7 @@
     python -m benchmarks.bench_load                               # starts a tiny-model server, 64 requests
     python -m benchmarks.bench_load --requests 200 --concurrency 32 --branch
     python -m benchmarks.bench_load --server 127.0.0.1:50051      # an already running server
+    python -m benchmarks.bench_load --server-arg --max-batch --server-arg 8   # a flag for the started server
 
 Each of `concurrency` simulated devices (own channel, own client id) takes requests from one queue. By default a
 device only fetches, verifies (sha256, frame table, fingerprint) and decodes the latent, so the load is on the
@@ -21,6 +22,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -39,7 +41,22 @@ DEFAULT_PROMPTS = Path(__file__).resolve().parents[1] / "examples" / "prompts.tx
 LOST = "LOST"
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+SERVER_ARG = "--server-arg"
+
+
+def attach_server_args(argv: Sequence[str]) -> list[str]:
+    """`argv` with each `--server-arg VALUE` written `--server-arg=VALUE`: argparse would take a VALUE that starts
+    with '-' (a server flag, `--server-arg --max-batch`) for an option of this command and refuse it."""
+    out: list[str] = []
+    args = iter(argv)
+    for arg in args:
+        value = next(args, None) if arg == SERVER_ARG else None
+        out.append(arg if value is None else f"{SERVER_ARG}={value}")  # a last one without a value: argparse says so
+    return out
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--server", help="host:port of a running edge server; default: start one (local Ray)")
     p.add_argument("--model", default=TINY_MODEL, help="model of the started server and the devices")
@@ -50,9 +67,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=120.0, help="per-request deadline (s)")
     p.add_argument("--prompts", type=Path, default=DEFAULT_PROMPTS)
     p.add_argument("--max-wait-ms", type=float, default=100.0, help="batching window of the started server")
-    p.add_argument("--server-arg", action="append", default=[], help="extra argument for the started server")
+    p.add_argument(SERVER_ARG, action="append", default=[],
+                   help="an argument for the started server (repeat for each: --server-arg --max-batch --server-arg 8)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON too")
-    return p.parse_args(argv)
+    return p.parse_args(attach_server_args(argv))
 
 
 def device_config(args: argparse.Namespace, address: str | None = None) -> DeviceConfig:

@@ -263,6 +263,15 @@ class FailingServer:
         return 2
 
 
+def test_load_takes_server_flags_with_or_without_equals():
+    """`--server-arg --max-batch` was refused (argparse took the server's flag for one of bench_load's): only
+    `--server-arg=--max-batch` worked."""
+    from benchmarks.bench_load import parse_args
+
+    args = parse_args(["--server-arg", "--max-batch", "--server-arg", "8", "--server-arg=--bogus", "--requests", "3"])
+    assert args.server_arg == ["--max-batch", "8", "--bogus"] and args.requests == 3
+
+
 def test_load_reports_a_server_that_did_not_start_in_one_line(monkeypatch, capsys):
     """A server that failed to start (e.g. a bad --server-arg) ended the bench with a traceback."""
     from types import SimpleNamespace
