@@ -31,10 +31,10 @@ import torch
 if __package__ in (None, ""):  # `python benchmarks/bench_codec.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.results import output_file, write_json  # noqa: E402
+from benchmarks.results import exit_on, output_file, write_json  # noqa: E402
 from device_client.config import TINY_MODEL  # noqa: E402  (--model tiny, as sage-edge and sage-device take it)
 from sage_core.codec import MAX_LEVEL, MIN_LEVEL, MODES, RECOMMENDED_LOSSY_MODE, CodecSpec, LatentCodec  # noqa: E402
-from sage_core.models import SD15_SCHEDULER_CONFIG  # noqa: E402
+from sage_core.models import SD15_SCHEDULER_CONFIG, ModelError  # noqa: E402
 
 DEFAULT_BETAS = (0.2, 0.3, 0.4)
 BUDGET_SHAPE = (1, 4, 64, 64)  # the SD 1.5 latent (512x512 images) the byte budget is about
@@ -213,7 +213,7 @@ def image_bytes(image: np.ndarray) -> dict[str, int]:
 
 def load_model(path: str | None, allow_tiny: bool):
     """The pipeline for the image part: `path`, else the default model, else (if allowed) the tiny random one;
-    exits with a one-line error when none of them loads."""
+    ModelError when none of them loads."""
     from sage_core.models import ModelError, load_pipeline, tiny_pipeline
 
     if path == TINY_MODEL:
@@ -222,7 +222,7 @@ def load_model(path: str | None, allow_tiny: bool):
         return load_pipeline(path), (path or "default model")
     except ModelError as exc:
         if path is not None or not allow_tiny:
-            raise SystemExit(f"error: {exc}") from None
+            raise
         print(f"# NOTE: {exc}\n# NOTE: using tiny_pipeline() (random weights): image numbers only exercise the path")
         return tiny_pipeline(seed=0), "tiny random pipeline"
 
@@ -392,19 +392,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     for option, values in (("--modes", args.modes), ("--betas", args.betas)):
         if len(set(values)) != len(values):
             p.error(f"{option} must name each value once, got {' '.join(map(str, values))}")
-    if args.model not in (None, TINY_MODEL) and not args.no_images:
-        check_model_folder(p, Path(args.model))
+    if not args.no_images and args.model != TINY_MODEL and (args.model is not None or args.no_tiny_fallback):
+        check_model_folder(p, args.model)
     return args
 
 
-def check_model_folder(p: argparse.ArgumentParser, path: Path) -> None:
-    """Refuse a --model that is no pipeline folder before part 1 runs, not after it."""
-    from sage_core.models import ModelError, check_pipeline_folder
+def check_model_folder(p: argparse.ArgumentParser, model: str | None) -> None:
+    """Refuse a --model that is no pipeline folder, or (no --model, --no-tiny-fallback) a missing or broken shipped
+    default model, before part 1 runs, not after it."""
+    from sage_core import models
 
     try:
-        check_pipeline_folder(path)
-    except ModelError as exc:
-        p.error(f"--model: {exc}")
+        models.check_pipeline_folder(Path(model) if model else models.DEFAULT_MODEL_DIR)
+    except models.ModelError as exc:
+        p.error(f"--model: {exc}" if model else f"--no-tiny-fallback: the shipped default model: {exc}")
 
 
 def average_rows(rows: Sequence[LatentRow]) -> list[LatentRow]:
@@ -462,7 +463,8 @@ def _run(args: argparse.Namespace) -> dict:
     # 2. the model's own branch latents and final images
     finished = None
     if not args.no_images:
-        pipe, name = load_model(args.model, allow_tiny=not args.no_tiny_fallback)
+        with exit_on(ModelError):  # weights that do not load: one line, exit 2
+            pipe, name = load_model(args.model, allow_tiny=not args.no_tiny_fallback)
         prompts, examples = world_prompts(args.prompts)
         fidelity = load_fidelity_judge() if examples is not None else None
         model_rows, image_rows, finished = measure_images(

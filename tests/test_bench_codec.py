@@ -34,6 +34,20 @@ def test_a_missing_model_folder_is_one_line_before_any_work(tmp_path, capsys):
     assert out == ""  # part 1 used to run (and print its table) before the model folder was looked at
 
 
+def test_no_tiny_fallback_without_the_default_model_is_one_line_exit_2_before_any_work(tmp_path, monkeypatch, capsys):
+    """--no-tiny-fallback with no shipped default model ran part 1, then ended with exit status 1: a missing input
+    is exit 2, found before any work, as for a missing --model folder."""
+    import sage_core.models
+
+    monkeypatch.setattr(sage_core.models, "DEFAULT_MODEL_DIR", tmp_path / "none")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--quick", "--modes", "fp16", "--no-tiny-fallback"])
+    out, err = capsys.readouterr()
+    assert exit_info.value.code == 2 and out == ""
+    assert err.strip().endswith(f"error: --no-tiny-fallback: the shipped default model: model folder "
+                                f"{tmp_path / 'none'} does not exist")
+
+
 def test_tiny_model_runs_the_image_part(capsys):
     """--model tiny, as every other command takes it, used to be 'error: model folder tiny does not exist'."""
     result = main(["--quick", "--modes", "int8", "--model", "tiny"])
