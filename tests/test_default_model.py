@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -226,6 +227,21 @@ def test_init_from_continues_a_pipeline_and_a_checkpoint_wins_on_resume(tmp_path
     assert any(not torch.equal(before[k], after[k]) for k in before)
     pipe = load_pipeline(out)
     assert pipe.vae.config.scaling_factor == 0.5 and pipe.vae.config.block_out_channels == [8, 16, 16]
+
+
+def test_a_resumed_run_with_more_steps_goes_on_from_the_learning_rate_it_reached(tmp_path):
+    """Resuming with another diffusion.steps put the rate on the new total's cosine at once: 3 steps done of 3 (the
+    last at 0.55 x lr), then 6 steps: the 4th ran at 0.69 x lr, up again. Now the rate decays on from the 0.55 it
+    reached to the final fraction at the new total (the data draws follow the step reached, not the total)."""
+    init = _tiny_pipeline_folder(tmp_path)
+    start = {"stages": ["unet"], "diffusion.init_from": str(init), "diffusion.steps": 3}
+    logs: list[str] = []
+    dm.train_default_model(_tiny_config(tmp_path, **start), log=logs.append)
+    dm.train_default_model(_tiny_config(tmp_path, **start | {"diffusion.steps": 6}), log=logs.append)
+    assert any("resuming with another step count (diffusion.steps: 3 -> 6)" in m for m in logs), logs
+    rates = [float(re.search(r" lr (\S+) ", m).group(1)) / 5e-4 for m in logs if m.startswith("unet step ")]
+    assert rates == pytest.approx([1.0, 1.0, 0.55, 0.55, 0.4375, 0.2125], abs=0.005)
+    assert dm.lr_factor(5, 6, 1, 0.1, anchor=(3, 0.55)) == pytest.approx(0.2125)
 
 
 def test_init_from_errors_are_clear(tmp_path):

@@ -195,7 +195,8 @@ def validate_config(cfg: DefaultModelConfig) -> None:
 OPERATIONAL_KEYS = frozenset({"device", "num_threads", "data_workers", "output_dir", "work_dir", "stages",
                               "checkpoint_minutes", "sample_every_minutes", "log_every", "encode_batch_size",
                               "vae.max_minutes", "diffusion.max_minutes", "diffusion.mixed_precision"})
-# a stage may be resumed with another step count (its learning-rate schedule then follows the new total; logged)
+# a stage may be resumed with another step count: its learning rate then decays from the rate reached to the
+# final fraction at the new total (resumed_anchor; logged); the data draws follow the step reached, not the total
 EXTENDABLE_KEYS = frozenset({"vae.steps", "diffusion.steps"})
 # the top-level sections a stage's checkpoint depends on ("unet": all but the VAE's, which vae_final settles)
 STAGE_SECTIONS = {"vae": ("seed", "n_train_scenes", "train_kind_weights", "vae")}
@@ -221,8 +222,8 @@ def stage_signature(config: dict[str, Any], stage: str) -> dict[str, Any]:
 
 def check_resume(cfg: DefaultModelConfig, stage: str, log: Callable[[str], None] = print) -> None:
     """Refuse to resume the stage's checkpoint in work_dir when it was made with other settings, naming each
-    differing setting with both values (a changed step count is allowed and logged). A checkpoint from before
-    signatures were stored is compared with the work_dir/config.json its run wrote."""
+    differing setting with both values (a changed step count is allowed and logged, see resumed_anchor). A
+    checkpoint from before signatures were stored is compared with the work_dir/config.json its run wrote."""
     work = Path(cfg.work_dir)
     meta_path = work / f"{stage}_ckpt" / "meta.json"
     if not meta_path.is_file():
@@ -241,8 +242,8 @@ def check_resume(cfg: DefaultModelConfig, stage: str, log: Callable[[str], None]
         raise ValueError(f"checkpoint {meta_path.parent} was made with other settings ({'; '.join(diff)}); resume "
                          "with those, or delete the checkpoint or use a new work_dir to start over")
     if extended:
-        log(f"{stage}: resuming with another step count ({'; '.join(extended)}); the learning-rate schedule "
-            "follows the new total from here")
+        log(f"{stage}: resuming with another step count ({'; '.join(extended)}); the learning rate decays from the "
+            "rate the checkpoint reached to its final fraction at the new total")
 
 
 # ----------------------------------------------------------------------------------------------- components
@@ -423,12 +424,28 @@ def tokenize(tokenizer: CLIPTokenizer, captions: list[str]) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def lr_factor(step: int, total: int, warmup: int, final_fraction: float, time_fraction: float = 0.0) -> float:
-    """Linear warm-up, then cosine decay to final_fraction; progress is the larger of steps and time used."""
+def lr_factor(step: int, total: int, warmup: int, final_fraction: float, time_fraction: float = 0.0,
+              anchor: tuple[int, float] = (0, 1.0)) -> float:
+    """Linear warm-up, then cosine decay to final_fraction at `total`; progress is the larger of steps and time
+    used. The decay starts at the end of the warm-up from 1, or from `anchor` = (step, factor) when a resumed run
+    changed its total there (resumed_anchor)."""
     if step < warmup:
         return (step + 1) / max(1, warmup)
-    progress = min(1.0, max((step - warmup) / max(1, total - warmup), time_fraction))
-    return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
+    start, top = max(warmup, anchor[0]), anchor[1]
+    progress = min(1.0, max((step - start) / max(1, total - start), time_fraction))
+    return final_fraction + (top - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def resumed_anchor(meta: dict[str, Any], optim: dict, base_lr: float, total: int, warmup: int,
+                   steps_key: str) -> tuple[int, float]:
+    """Where a resumed stage's cosine decay starts (lr_factor's `anchor`): the checkpoint's own while the total
+    step count (`steps_key` of its signature) is unchanged; with another total past the warm-up, the step reached
+    and the rate last used, so the rate goes on from there to the final fraction at the new total instead of
+    jumping onto the new total's curve."""
+    anchor = tuple(meta.get("lr_anchor", (0, 1.0)))
+    if meta.get("signature", {}).get(steps_key, total) == total or meta["step"] <= warmup:
+        return anchor
+    return meta["step"], optim["param_groups"][0]["lr"] / base_lr
 
 
 def min_snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -540,13 +557,14 @@ def train_vae(cfg: DefaultModelConfig, data: WorldData, log: Callable[[str], Non
     torch.manual_seed(cfg.seed)
     vae = build_vae(cfg).to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=vc.lr, weight_decay=0.0, betas=(0.9, 0.99))
-    step, already, history = 0, 0.0, []
+    step, already, history, anchor = 0, 0.0, [], (0, 1.0)
     state = _load_state(ckpt_dir)
     if state is not None:
         tensors, meta, optim = state
         vae.load_state_dict(_unprefixed("vae", tensors))
         opt.load_state_dict(optim)
         step, already, history = meta["step"], meta["seconds"], meta.get("history", [])
+        anchor = resumed_anchor(meta, optim, vc.lr, vc.steps, vc.warmup_steps, "vae.steps")
         log(f"vae: resumed at step {step} ({already / 60:.1f} min)")
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + 1 + step)
     batches = _batches(len(data.images), vc.batch_size, gen)
@@ -559,11 +577,12 @@ def train_vae(cfg: DefaultModelConfig, data: WorldData, log: Callable[[str], Non
 
     def checkpoint() -> None:
         _save_state(ckpt_dir, _prefixed("vae", vae), {"step": step, "seconds": watch.seconds(), "history": history,
-                    "signature": stage_signature(dataclasses.asdict(cfg), "vae")}, opt.state_dict())
+                    "signature": stage_signature(dataclasses.asdict(cfg), "vae"), "lr_anchor": anchor},
+                    opt.state_dict())
 
     while step < vc.steps and watch.seconds() < limit:
         for g in opt.param_groups:
-            g["lr"] = vc.lr * lr_factor(step, vc.steps, vc.warmup_steps, 0.1, watch.seconds() / limit)
+            g["lr"] = vc.lr * lr_factor(step, vc.steps, vc.warmup_steps, 0.1, watch.seconds() / limit, anchor)
         x = to_unit(data.images[next(batches)])
         if vc.crop_size < world.IMAGE_SIZE and step % max(1, vc.full_every) != 0:
             oy, ox = torch.randint(0, world.IMAGE_SIZE - vc.crop_size + 1, (2,), generator=gen).tolist()
@@ -665,7 +684,7 @@ def train_unet(
     opt = torch.optim.AdamW(params, lr=dc.lr, weight_decay=dc.weight_decay, betas=(0.9, 0.99))
     noise_sched = DDPMScheduler(**{k: v for k, v in SD15_SCHEDULER_CONFIG.items()
                                    if k not in ("set_alpha_to_one", "steps_offset")})
-    step, already, history = 0, 0.0, []
+    step, already, history, anchor = 0, 0.0, [], (0, 1.0)
     if state is not None:
         tensors, meta, optim = state
         text_encoder.load_state_dict(_unprefixed("text", tensors))
@@ -674,6 +693,7 @@ def train_unet(
         ema_unet.load_state_dict(_unprefixed("ema_unet", tensors))
         opt.load_state_dict(optim)
         step, already, history = meta["step"], meta["seconds"], meta.get("history", [])
+        anchor = resumed_anchor(meta, optim, dc.lr, dc.steps, dc.warmup_steps, "diffusion.steps")
         log(f"unet: resumed at step {step} ({already / 60:.1f} min)")
     if 0 < dc.n_scenes < len(data.images):
         data = WorldData(data.images[:dc.n_scenes], data.examples[:dc.n_scenes])
@@ -697,12 +717,13 @@ def train_unet(
         tensors = _prefixed("text", text_encoder) | _prefixed("unet", unet)
         tensors |= _prefixed("ema_text", ema_text) | _prefixed("ema_unet", ema_unet)
         _save_state(ckpt_dir, tensors, {"step": step, "seconds": watch.seconds(), "history": history,
-                    "signature": stage_signature(dataclasses.asdict(cfg), "unet")}, opt.state_dict())
+                    "signature": stage_signature(dataclasses.asdict(cfg), "unet"), "lr_anchor": anchor},
+                    opt.state_dict())
 
     while step < dc.steps and watch.seconds() < limit:
         for g in opt.param_groups:
             g["lr"] = dc.lr * lr_factor(step, dc.steps, dc.warmup_steps, dc.final_lr_fraction,
-                                        watch.seconds() / limit)
+                                        watch.seconds() / limit, anchor)
         idx, ids = next(batches)
         ids = ids.to(device, non_blocking=True)
         idx_d = idx.to(device)
