@@ -22,6 +22,7 @@ import socket
 import sys
 import threading
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,6 +133,7 @@ def peer_host(peer: str) -> str:
     kind, _, rest = peer.partition(":")
     if kind.startswith("unix"):
         return "unix"
+    rest = urllib.parse.unquote(rest)  # grpcio writes an IPv6 peer URI-escaped: 'ipv6:%5B::1%5D:40001'
     try:
         address = ipaddress.ip_address(rest.rpartition(":")[0].strip("[]").split("%")[0])  # no port, no IPv6 zone
     except ValueError:
