@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from sage_core.config_files import ConfigFileError, read_mapping
-from sage_core.config_types import check_fields
+from sage_core.config_types import check_fields, unknown_settings
 
 # Mirrors of sage_core.sampler.{SCHEDULERS, SHARED_CONDITIONS}, sage_core.codec.{MODES, LOSSLESS_MODES} and
 # sage_core.unet_buckets.{COMPILE_MODES, ATTENTION_BACKENDS, QUANTIZE_MODES, TUNING_LEVELS} (checked by tests): the
@@ -257,7 +257,7 @@ def _problems(c: ServerConfig) -> list[str]:
     need(c.grace_s >= 0, f"grace_s must be >= 0, got {c.grace_s}")
     need(c.log_format in LOG_FORMATS, f"log_format must be one of {LOG_FORMATS}, got {c.log_format!r}")
     need(str(c.log_level).upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), f"bad log_level {c.log_level!r}")
-    need(not c.extra, f"unknown settings: {sorted(c.extra)}")
+    need(not c.extra, unknown_settings(sorted(c.extra), {f.name for f in dataclasses.fields(c)} - {"extra"}))
     return out
 
 

@@ -26,10 +26,12 @@ Ranges (steps >= 1, share in [0, 1) ...) stay in each class's `__post_init__`.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import types
 import typing
+from collections.abc import Collection
 from typing import Any
 
 
@@ -100,6 +102,13 @@ def key_path(section: str, key: Any) -> str:
 def _settings(kind: str, paths: list[str]) -> str:
     """'KIND setting PATH' or 'KIND settings PATH, PATH ...'."""
     return f"{kind} setting{'s' if len(paths) > 1 else ''} {', '.join(paths)}"
+
+
+def unknown_settings(names: list[str], known: Collection[str]) -> str:
+    """'unknown setting NAME; did you mean KNOWN?' (or settings, each with its nearest known name, if any): for a
+    flat config too long to list its known names, such as the edge server's."""
+    hints = [m[0] for n in names if (m := difflib.get_close_matches(n, sorted(known), n=1))]
+    return _settings("unknown", names) + (f"; did you mean {', '.join(dict.fromkeys(hints))}?" if hints else "")
 
 
 def _field_values(tp: type, data: dict[Any, Any], name: str) -> dict[str, Any]:

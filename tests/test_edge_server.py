@@ -69,8 +69,10 @@ def test_config_file_and_overrides(tmp_path: Path) -> None:
     toml_file = tmp_path / "edge.toml"
     toml_file.write_text('model = "tiny"\nray_address = "auto"\n')
     assert build_config(toml_file).ray_address == "auto"
-    with pytest.raises(ConfigError, match="unknown settings"):
+    with pytest.raises(ConfigError, match=r"^unknown setting max_bacth; did you mean max_batch\?$"):
         build_config(None, {"max_bacth": 3})
+    with pytest.raises(ConfigError, match=r"^unknown settings max_wiat_ms, qqq; did you mean max_wait_ms\?$"):
+        build_config(None, {"max_wiat_ms": 3, "qqq": 1})
     with pytest.raises(ConfigError, match="chunk_size"):
         ServerConfig(chunk_size=8 * 2**20)
     with pytest.raises(ConfigError, match="unknown codec"):
