@@ -18,17 +18,23 @@ from PIL.PngImagePlugin import PngInfo
 LABEL_HEIGHT = 28
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write `text` to `path` (its folder made if need be) through the sibling `<name>.part`, renamed over it: a
-    reader never sees half a file, and a failed write leaves neither half a file nor the `.part`."""
-    path = Path(path)
+@contextmanager
+def replacing(path: Path) -> Iterator[Path]:
+    """Yield the sibling `<name>.part` of `path` (its folder made if need be) to write; once written it is renamed
+    over `path`, so a reader never sees half a file, and a failed write leaves neither half a file nor the `.part`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     part = path.with_name(f"{path.name}.part")
     try:
-        part.write_text(text, encoding="utf-8")
+        yield part
         part.replace(path)
     finally:
         part.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write `text` to `path` through its sibling `.part` (replacing)."""
+    with replacing(Path(path)) as part:
+        part.write_text(text, encoding="utf-8")
 
 
 def to_pil(image: np.ndarray) -> Image.Image:
@@ -41,14 +47,15 @@ METADATA_KEY = "sage_edge"  # PNG text chunk holding an image's whole metadata a
 
 def save_png(image: Image.Image, path: str | Path, metadata: dict[str, Any]) -> Path:
     """Save `image` to `path` as PNG (its folder created) with `metadata` in text chunks: one `sage.KEY` per key
-    (strings as they are, other values as JSON) for image viewers, plus all of it as JSON under METADATA_KEY."""
+    (strings as they are, other values as JSON) for image viewers, plus all of it as JSON under METADATA_KEY.
+    Written through the sibling `.part` (replacing): a failed save leaves the previous image as it was."""
     info = PngInfo()
     for key, value in metadata.items():
         info.add_text(f"sage.{key}", value if isinstance(value, str) else json.dumps(value))
     info.add_text(METADATA_KEY, json.dumps(metadata, sort_keys=True))
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, format="PNG", pnginfo=info)
+    with replacing(path) as part:
+        image.save(part, format="PNG", pnginfo=info)
     return path
 
 

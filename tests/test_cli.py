@@ -232,6 +232,25 @@ def test_output_checks_say_the_same_thing_for_the_same_mistake(tmp_path):
     assert check_output_file(str(file), overwrite=True) == file
 
 
+def test_a_failed_png_save_leaves_the_previous_image_and_no_part(tmp_path, monkeypatch):
+    """save_png wrote straight into the file: a save failing midway left half an image, which the device's
+    --overwrite then refused to replace (no SAGE metadata). It now writes the sibling `.part` and renames it."""
+    from sage_core.outputs import is_sage_png, save_png
+
+    path = save_png(Image.new("RGB", (4, 4)), tmp_path / "out.png", {"prompt": "a cat"})
+    before = path.read_bytes()
+
+    def half_save(self, fp, *args, **kwargs):
+        Path(fp).write_bytes(before[:20])
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", half_save)
+    with pytest.raises(OSError, match="No space left"):
+        save_png(Image.new("RGB", (4, 4)), path, {"prompt": "a dog"})
+    assert path.read_bytes() == before and is_sage_png(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.png"]
+
+
 def test_overwrite_replaces_a_previous_run(tmp_path, tiny_model_dir):
     prompts = write_prompts(tmp_path, "a cat\n")
     out = tmp_path / "out"
