@@ -348,6 +348,7 @@ def init_ray(config: ServerConfig) -> bool:
     pythonpath = os.pathsep.join(p for p in (repo_root, os.environ.get("PYTHONPATH", "")) if p)
     runtime_env = {"env_vars": {"PYTHONPATH": pythonpath, "OMP_NUM_THREADS": str(config.ray_num_cpus)}}
     common: dict[str, Any] = {"runtime_env": runtime_env, "log_to_driver": True, "configure_logging": False}
+    quiet_ray_driver()
     if config.ray_address is None:
         ray.init(
             num_cpus=config.ray_num_cpus,
@@ -363,6 +364,28 @@ def init_ray(config: ServerConfig) -> bool:
     except (ConnectionError, TimeoutError) as exc:
         raise ConfigError(f"cannot reach Ray at {config.ray_address} ({first_line(exc)}){auth_hint()}") from exc
     return False
+
+
+class _DropRayThreadWarning(logging.Filter):
+    """Drops Ray's 'SIGTERM handler is not set because current thread is not the main thread': ray.init runs on
+    the server's Ray thread, and the server handles SIGTERM itself (stop_requested)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("SIGTERM handler is not set")
+
+
+def quiet_ray_driver() -> None:
+    """Keep Ray's native failure-signal handler (Abseil's) out of this process, unless the environment sets
+    RAY_DISABLE_FAILURE_SIGNAL_HANDLER itself: it takes the SIGTERM that stops the server for a crash and prints
+    a native stack dump (twice) before the clean shutdown. Ray's own processes keep theirs. Also drops Ray's
+    warning that ray.init is not on the main thread."""
+    from ray._private import ray_constants
+
+    if "RAY_DISABLE_FAILURE_SIGNAL_HANDLER" not in os.environ:
+        ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True  # read by ray.init's core worker, not at import
+    worker_log = logging.getLogger("ray._private.worker")
+    if not any(isinstance(f, _DropRayThreadWarning) for f in worker_log.filters):
+        worker_log.addFilter(_DropRayThreadWarning())
 
 
 def auth_hint() -> str:
