@@ -149,14 +149,39 @@ def check_output_file(
     return path
 
 
+def check_work_dir(out: Path) -> None:
+    """Refuse a folder that a run writes into and keeps across runs (`sage-train`'s checkpoints, caches and
+    weights: never replaced, so a non-empty one needs no --overwrite) when it is a file, or one this process
+    cannot write in (or make, check_creatable)."""
+    if out.exists() and not out.is_dir():
+        raise OutputDirError(f"{out} is a file; give a folder for the output")
+    if not out.exists():
+        check_creatable(out)
+    elif why := unwritable(out):
+        raise OutputDirError(f"{out} cannot be written: {why}")
+
+
 def check_creatable(out: Path) -> None:
     """Refuse a path that cannot be made (or replaced) in its folder: one under a file, or under a folder this
-    process may not write."""
+    process cannot write in (unwritable)."""
     parent = next(p for p in out.absolute().parents if p.exists())
     if not parent.is_dir():
         raise OutputDirError(f"{out} cannot be made: {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputDirError(f"{out} cannot be made: no permission to write in {parent}")
+    if why := unwritable(parent):
+        raise OutputDirError(f"{out} cannot be made: {why}")
+
+
+def unwritable(folder: Path) -> str | None:
+    """Why no file can be made in the existing `folder`, or None: its permissions, then a real (unnamed, at once
+    removed) file, as os.access lets root through where the file system refuses (/proc, a full disk)."""
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"no permission to write in {folder}"
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        return f"cannot write in {folder} ({exc.strerror or exc})"
+    return None
 
 
 @contextmanager

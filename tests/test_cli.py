@@ -211,7 +211,7 @@ def test_output_checks_say_the_same_thing_for_the_same_mistake(tmp_path):
     """A file where a folder goes, or the reverse, and an existing output without --overwrite: one wording for
     every command's folders and files (sage_core.outputs), where sage-sim, the device and the benchmarks each had
     their own."""
-    from sage_core.outputs import OutputDirError, check_output_dir, check_output_file
+    from sage_core.outputs import OutputDirError, check_output_dir, check_output_file, check_work_dir
 
     file, folder = tmp_path / "f.json", tmp_path / "d"
     file.write_text("{}")
@@ -224,12 +224,15 @@ def test_output_checks_say_the_same_thing_for_the_same_mistake(tmp_path):
              (lambda: check_output_file(file), f"{file} exists; pass --overwrite to replace it"),
              (lambda: check_output_file(file, True, "a workload file", lambda p: False),
               f"{file} is not a workload file; --overwrite replaces only such a file, so nothing was deleted"),
-             (lambda: check_output_file(file / "x.json", True), f"{file / 'x.json'} cannot be made: {file} is a file")]
+             (lambda: check_output_file(file / "x.json", True), f"{file / 'x.json'} cannot be made: {file} is a file"),
+             (lambda: check_work_dir(file), f"{file} is a file; give a folder for the output"),
+             (lambda: check_work_dir(Path("/proc/x")), "/proc/x cannot be made: cannot write in /proc")]
     for check, message in cases:
         with pytest.raises(OutputDirError) as info:
             check()
         assert str(info.value).startswith(message)
     assert check_output_file(str(file), overwrite=True) == file
+    check_work_dir(folder)  # sage-train's folders are kept across runs: a non-empty one needs no --overwrite
 
 
 def test_a_failed_png_save_leaves_the_previous_image_and_no_part(tmp_path, monkeypatch):
@@ -311,23 +314,26 @@ NO_GPU = pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="che
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["finetune", "--out-dir", "{file}"], "output folder {file} is a file"),
-        (["finetune", "--out-dir", "/proc/nope"], "cannot write to output folder /proc/nope"),
+        (["finetune", "--out-dir", "{file}"], "{file} is a file; give a folder for the output"),
+        (["finetune", "--out-dir", "/proc/nope"], "/proc/nope cannot be made: cannot write in /proc"),
         (["finetune", "--device", "gpu"], "unknown device 'gpu'; use cpu, cuda or cuda:N"),
         pytest.param(["finetune", "--device", "cuda"], "no CUDA GPU is available", marks=NO_GPU),
         (["finetune", "--dataset", "{dir}"], "grouped dataset {dir} is a folder"),
         (["judges", "--only", "bogus"], "only must name oracle and/or clip, got ['bogus']"),
         pytest.param(["judges", "--device", "cuda"], "no CUDA GPU is available", marks=NO_GPU),
-        (["groups", "--out", "/proc/x.json"], "cannot write output file /proc/x.json"),
+        (["groups", "--out", "/proc/x.json"], "/proc/x.json cannot be made: cannot write in /proc"),
         (["groups", "--n", "0"], "--n must be >= 2"),
-        (["evaluate-default", "--out", "{file}"], "output folder {file} is a file"),
+        (["evaluate-default", "--out", "{file}"], "{file} is a file; give a folder for the output"),
+        (["judges", "--out", "{file}"], "{file} is a file; give a folder for the output"),
         (["evaluate-default", "--batch-size", "0"], "batch_size must be >= 1, got 0"),
         pytest.param(["evaluate-default", "--device", "cuda"], "no CUDA GPU is available", marks=NO_GPU),
         (["default-model", "--device", "gpu"], "unknown device 'gpu'"),
+        (["default-model", "--device", "cpu", "--output-dir", "{file}"], "{file} is a file; give a folder for the"),
     ],
 )
 def test_sage_train_bad_input_is_one_line_error_before_any_work(tmp_path, grouped_dataset, monkeypatch, args,
                                                                 message):
+    import training.default_model as dm
     import training.grouped_dataset as gd
     from sage_core import models
 
@@ -336,6 +342,7 @@ def test_sage_train_bad_input_is_one_line_error_before_any_work(tmp_path, groupe
 
     monkeypatch.setattr(models, "load_pipeline", no_work)
     monkeypatch.setattr(gd, "make_embedder", no_work)
+    monkeypatch.setattr(dm, "render_training_data", no_work)
     afile = tmp_path / "afile"
     afile.write_text("x")
     fill = {"{file}": str(afile), "{dir}": str(tmp_path)}

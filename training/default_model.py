@@ -52,6 +52,7 @@ from sage_core.models import (
     build_clip_tokenizer,
     write_clip_tokenizer_files,
 )
+from sage_core.outputs import check_work_dir
 from training import world
 from training.run_checks import check_device, writable_dir
 
@@ -830,6 +831,8 @@ def train_default_model(cfg: DefaultModelConfig, log: Callable[[str], None] = pr
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
     work = writable_dir(cfg.work_dir)
+    if "unet" in cfg.stages:  # the pipeline's folder, written at the end: refused now, not after the training
+        check_work_dir(Path(cfg.output_dir))
     init = init_pipeline_dir(cfg)  # a bad init_from fails here, before any rendering
     vae_dir = work / "vae_final"
     train_vae_stage = init is None and ("vae" in cfg.stages or not (vae_dir / "config.json").exists())

@@ -1,15 +1,16 @@
 """Checks every `sage-train` command runs before any expensive work: the device exists, the outputs can be written.
 
-Each raises ValueError with a one-line message (the commands print it as `error: ...` and exit with code 2).
+Each raises ValueError with a one-line message (the commands print it as `error: ...` and exit with code 2); the
+output paths are checked by sage_core.outputs, in the words every command uses.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
+
+from sage_core.outputs import OutputDirError, check_output_file, check_work_dir
 
 
 def check_device(device: str) -> None:
@@ -30,31 +31,18 @@ def check_device(device: str) -> None:
 
 
 def writable_dir(path: str | Path) -> Path:
-    """Create the output folder `path` if needed and check a file can be written in it; returns it."""
+    """The output folder `path`, made if need be, once it is one a run may keep writing into (not a file, one
+    this process can write in: sage_core.outputs.check_work_dir); returns it."""
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"output folder {path} is a file; give a folder")
+    check_work_dir(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
     except OSError as exc:
-        raise ValueError(f"cannot write to output folder {path}: {exc.strerror or exc}") from None
+        raise OutputDirError(f"{path} cannot be made: {exc.strerror or exc}") from None
     return path
 
 
 def writable_file(path: str | Path) -> Path:
-    """Check the output file `path` can be written (creating its folder) without changing an existing file."""
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"{path} is a folder; give a file to write")
-    existed = path.exists()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "ab"):
-            pass
-    except OSError as exc:
-        raise ValueError(f"cannot write output file {path}: {exc.strerror or exc}") from None
-    if not existed:
-        os.unlink(path)
-    return path
+    """The output file `path` once a run may write it (sage_core.outputs.check_output_file): `sage-train` has no
+    --overwrite, and replaces an existing file as it always did."""
+    return check_output_file(path, overwrite=True)

@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 
+from sage_core.outputs import write_text_atomic
 from training.grouped_dataset import DatasetError
 from training.run_checks import writable_file
 
@@ -76,8 +77,7 @@ def groups(
             typer.echo(f"  ({r['tau_min']}, {r['tau_max']}): {r['groups']} groups, {r['edges']} edges, "
                        f"{r['captions_in_a_group']} captions in a group, sizes {r['size_histogram']}")
         if stats_out:
-            stats_out.parent.mkdir(parents=True, exist_ok=True)
-            stats_out.write_text(json.dumps(meta | {"params": params.__dict__, "ranges": rows}, indent=1))
+            write_text_atomic(stats_out, json.dumps(meta | {"params": params.__dict__, "ranges": rows}, indent=1))
     if out is not None:
         ds = gd.build_dataset(items, emb, params, meta)
         gd.save_grouped_dataset(ds, out)
