@@ -10,6 +10,8 @@ import pytest
 from sage_core.grouping import (
     GroupingConfig,
     group_by_similarity,
+    nearest_neighbours,
+    normalize,
     pairwise_similarities,
     pipeline_text_embeddings,
     text_embeddings,
@@ -103,3 +105,35 @@ def test_grouping_scales():
     groups = group_by_similarity(emb, GroupingConfig(tau=0.8))
     print(f"grouped 10,000 prompts in {time.perf_counter() - start:.2f} s into {len(groups)} groups")
     assert len(groups) == 2000
+
+
+@pytest.mark.parametrize("candidates", [1, 64])
+def test_a_pair_exactly_at_tau_groups_and_one_just_below_does_not(candidates):
+    """'Similarity >= tau' holds at equality: e1 and (1, 1, 1, 1) are exactly 0.5 alike in float32, the two copies of
+    (1, 1, 1, 1) exactly 1.0. With candidates=1 the second copy is found by the scan past the candidate list."""
+    emb = np.array([[1, 0, 0, 0], [1, 1, 1, 1], [1, 1, 1, 1]], dtype=np.float32)
+    assert group_by_similarity(emb, GroupingConfig(tau=0.5, candidates=candidates)) == [[0, 1, 2]]
+    assert group_by_similarity(emb, GroupingConfig(tau=0.5000001, candidates=candidates)) == [[0], [1, 2]]
+    copies = np.tile(np.array([[2, 0, 0, 0]], dtype=np.float32), (3, 1))  # unit rows exactly e1: cosine 1.0
+    assert group_by_similarity(copies, GroupingConfig(tau=1.0, candidates=candidates)) == [[0, 1, 2]]
+
+
+@pytest.mark.parametrize("block", [1, 2, 3, 7])
+def test_the_similarity_block_size_does_not_change_the_groups(block):
+    """Rows are compared block by block; each row's own similarity is masked at its place in the whole table, so
+    no row is its own neighbour and the neighbour lists and groups are those of one block."""
+    emb = clustered(6, 4, noise=0.4, seed=2)
+    unit = normalize(emb)
+    whole = nearest_neighbours(unit, 0.7, 3, block=len(emb))
+    lists = nearest_neighbours(unit, 0.7, 3, block=block)
+    assert all(row not in lst for row, lst in enumerate(lists))
+    assert [lst.tolist() for lst in lists] == [lst.tolist() for lst in whole]
+    want = group_by_similarity(emb, GroupingConfig(tau=0.7, candidates=3, block=len(emb)))
+    assert group_by_similarity(emb, GroupingConfig(tau=0.7, candidates=3, block=block)) == want
+
+
+def test_pairwise_similarities_are_the_pairs_only():
+    """Every pair once, in (i, j) order with i < j; no self-similarity (the report's mean similarity reads them)."""
+    emb = np.array([[1, 0, 0, 0], [1, 1, 1, 1], [0, 2, 0, 0]], dtype=np.float32)
+    assert pairwise_similarities(emb, [0, 1, 2]) == [0.5, 0.0, 0.5]
+    assert pairwise_similarities(emb, [1]) == []
