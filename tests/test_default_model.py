@@ -241,7 +241,50 @@ def test_a_resumed_run_with_more_steps_goes_on_from_the_learning_rate_it_reached
     assert any("resuming with another step count (diffusion.steps: 3 -> 6)" in m for m in logs), logs
     rates = [float(re.search(r" lr (\S+) ", m).group(1)) / 5e-4 for m in logs if m.startswith("unet step ")]
     assert rates == pytest.approx([1.0, 1.0, 0.55, 0.55, 0.4375, 0.2125], abs=0.005)
-    assert dm.lr_factor(5, 6, 1, 0.1, anchor=(3, 0.55)) == pytest.approx(0.2125)
+    assert dm.lr_factor(5, 6, 1, 0.1, anchor=(3, 0.55, 0.0)) == pytest.approx(0.2125)
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "rates"),
+    [  # the step count extended under a 10-minute limit: the 4th step ran at 0.46 (time 3/10 of the stage), down
+        ({"diffusion.steps": 3}, {"diffusion.steps": 6}, [1.0, 0.978, 0.55, 0.55, 0.4375, 0.2125]),
+        # the time limit raised once reached (3 -> 6 minutes): the 4th step ran at 0.41 (steps 3/5), up
+        ({"diffusion.max_minutes": 3}, {"diffusion.max_minutes": 6}, [1.0, 0.775, 0.325, 0.325, 0.26875, 0.15625]),
+    ],
+)
+def test_a_resumed_time_limited_run_goes_on_from_the_learning_rate_it_reached(tmp_path, monkeypatch, first, second,
+                                                                             rates):
+    """With diffusion.max_minutes set, time progress was measured over the whole stage: resumed with more steps
+    (a new anchor) the rate stepped down at once to the curve's point for the time already used, and resumed
+    with a raised limit it jumped up. Now time progress, as step progress, counts from where the run resumed, so
+    the rate goes on from the one reached. A fake clock moves a minute per training step."""
+    clock = [0.0]
+
+    class Watch:
+        def __init__(self, already: float = 0.0) -> None:
+            self.start = clock[0] - already
+
+        def seconds(self) -> float:
+            return clock[0] - self.start
+
+    def ticking(*args: object) -> torch.Tensor:  # min_snr_weights runs once a step, after the rate is set
+        clock[0] += 60
+        return real(*args)
+
+    real = dm.min_snr_weights
+    monkeypatch.setattr(dm, "Stopwatch", Watch)
+    monkeypatch.setattr(dm, "min_snr_weights", ticking)
+    start = {"stages": ["unet"], "diffusion.init_from": str(_tiny_pipeline_folder(tmp_path)), "diffusion.steps": 6,
+             "diffusion.max_minutes": 10} | first
+    logs: list[str] = []
+    dm.train_default_model(_tiny_config(tmp_path, **start), log=logs.append)
+    dm.train_default_model(_tiny_config(tmp_path, **start | second), log=logs.append)
+    assert any("unet: resumed at step 3" in m for m in logs), logs
+    got = [float(re.search(r" lr (\S+) ", m).group(1)) / 5e-4 for m in logs if m.startswith("unet step ")]
+    assert got == pytest.approx(rates, abs=0.005)
+    # a checkpoint from before the time was anchored, (step, factor) only, resumes as it did: time counted from 0
+    old = {"step": 5, "seconds": 240.0, "lr_anchor": [3, 0.55]}
+    assert dm.resumed_anchor(old, {}, 5e-4, 6, 1, "diffusion.steps", 10.0) == (3, 0.55, 0.0)
 
 
 def test_init_from_errors_are_clear(tmp_path):

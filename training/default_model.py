@@ -197,7 +197,8 @@ OPERATIONAL_KEYS = frozenset({"device", "num_threads", "data_workers", "output_d
                               "checkpoint_minutes", "sample_every_minutes", "log_every", "encode_batch_size",
                               "vae.max_minutes", "diffusion.max_minutes", "diffusion.mixed_precision"})
 # a stage may be resumed with another step count: its learning rate then decays from the rate reached to the
-# final fraction at the new total (resumed_anchor; logged); the data draws follow the step reached, not the total
+# final fraction at the new total (resumed_anchor; logged); the data draws follow the step reached, not the total.
+# So with another max_minutes (an operational key): the time then counts from the resume (time_progress)
 EXTENDABLE_KEYS = frozenset({"vae.steps", "diffusion.steps"})
 # the top-level sections a stage's checkpoint depends on ("unet": all but the VAE's, which vae_final settles)
 STAGE_SECTIONS = {"vae": ("seed", "n_train_scenes", "train_kind_weights", "vae")}
@@ -425,11 +426,15 @@ def tokenize(tokenizer: CLIPTokenizer, captions: list[str]) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------- helpers
+Anchor = tuple[int, float, float]  # where a stage's cosine decay starts: (step, lr factor, seconds into the stage)
+NO_ANCHOR: Anchor = (0, 1.0, 0.0)
+
+
 def lr_factor(step: int, total: int, warmup: int, final_fraction: float, time_fraction: float = 0.0,
-              anchor: tuple[int, float] = (0, 1.0)) -> float:
+              anchor: Anchor = NO_ANCHOR) -> float:
     """Linear warm-up, then cosine decay to final_fraction at `total`; progress is the larger of steps and time
-    used. The decay starts at the end of the warm-up from 1, or from `anchor` = (step, factor) when a resumed run
-    changed its total there (resumed_anchor)."""
+    used (time_fraction, see time_progress). The decay starts at the end of the warm-up from 1, or from the
+    `anchor`'s step and factor when a resumed run changed its total or time limit there (resumed_anchor)."""
     if step < warmup:
         return (step + 1) / max(1, warmup)
     start, top = max(warmup, anchor[0]), anchor[1]
@@ -437,16 +442,26 @@ def lr_factor(step: int, total: int, warmup: int, final_fraction: float, time_fr
     return final_fraction + (top - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def resumed_anchor(meta: dict[str, Any], optim: dict, base_lr: float, total: int, warmup: int,
-                   steps_key: str) -> tuple[int, float]:
+def time_progress(seconds: float, limit: float, anchor: Anchor = NO_ANCHOR) -> float:
+    """The share of a stage's time limit (seconds, inf for none) used since the `anchor`'s time, as lr_factor
+    counts steps from its step: 0 without a limit, 1 once it is reached."""
+    if math.isinf(limit):
+        return 0.0
+    since = anchor[2]
+    return 1.0 if limit <= since else (seconds - since) / (limit - since)
+
+
+def resumed_anchor(meta: dict[str, Any], optim: dict, base_lr: float, total: int, warmup: int, steps_key: str,
+                   max_minutes: float) -> Anchor:
     """Where a resumed stage's cosine decay starts (lr_factor's `anchor`): the checkpoint's own while the total
-    step count (`steps_key` of its signature) is unchanged; with another total past the warm-up, the step reached
-    and the rate last used, so the rate goes on from there to the final fraction at the new total instead of
-    jumping onto the new total's curve."""
-    anchor = tuple(meta.get("lr_anchor", (0, 1.0)))
-    if meta.get("signature", {}).get(steps_key, total) == total or meta["step"] <= warmup:
+    step count (`steps_key` of its signature) and the time limit are unchanged; with another of either past the
+    warm-up, the step and time reached and the rate last used, so the rate goes on from there to the final
+    fraction at the new total or limit instead of jumping onto the new one's curve."""
+    anchor = (*meta.get("lr_anchor", NO_ANCHOR), 0.0)[:3]  # a checkpoint from before the time was anchored: 0 s
+    same_steps = meta.get("signature", {}).get(steps_key, total) == total
+    if (same_steps and meta.get("max_minutes", max_minutes) == max_minutes) or meta["step"] <= warmup:
         return anchor
-    return meta["step"], optim["param_groups"][0]["lr"] / base_lr
+    return meta["step"], optim["param_groups"][0]["lr"] / base_lr, meta["seconds"]
 
 
 def min_snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -558,14 +573,14 @@ def train_vae(cfg: DefaultModelConfig, data: WorldData, log: Callable[[str], Non
     torch.manual_seed(cfg.seed)
     vae = build_vae(cfg).to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=vc.lr, weight_decay=0.0, betas=(0.9, 0.99))
-    step, already, history, anchor = 0, 0.0, [], (0, 1.0)
+    step, already, history, anchor = 0, 0.0, [], NO_ANCHOR
     state = _load_state(ckpt_dir)
     if state is not None:
         tensors, meta, optim = state
         vae.load_state_dict(_unprefixed("vae", tensors))
         opt.load_state_dict(optim)
         step, already, history = meta["step"], meta["seconds"], meta.get("history", [])
-        anchor = resumed_anchor(meta, optim, vc.lr, vc.steps, vc.warmup_steps, "vae.steps")
+        anchor = resumed_anchor(meta, optim, vc.lr, vc.steps, vc.warmup_steps, "vae.steps", vc.max_minutes)
         log(f"vae: resumed at step {step} ({already / 60:.1f} min)")
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + 1 + step)
     batches = _batches(len(data.images), vc.batch_size, gen)
@@ -578,12 +593,14 @@ def train_vae(cfg: DefaultModelConfig, data: WorldData, log: Callable[[str], Non
 
     def checkpoint() -> None:
         _save_state(ckpt_dir, _prefixed("vae", vae), {"step": step, "seconds": watch.seconds(), "history": history,
-                    "signature": stage_signature(dataclasses.asdict(cfg), "vae"), "lr_anchor": anchor},
+                    "signature": stage_signature(dataclasses.asdict(cfg), "vae"), "lr_anchor": anchor,
+                    "max_minutes": vc.max_minutes},
                     opt.state_dict())
 
     while step < vc.steps and watch.seconds() < limit:
         for g in opt.param_groups:
-            g["lr"] = vc.lr * lr_factor(step, vc.steps, vc.warmup_steps, 0.1, watch.seconds() / limit, anchor)
+            g["lr"] = vc.lr * lr_factor(step, vc.steps, vc.warmup_steps, 0.1,
+                                        time_progress(watch.seconds(), limit, anchor), anchor)
         x = to_unit(data.images[next(batches)])
         if vc.crop_size < world.IMAGE_SIZE and step % max(1, vc.full_every) != 0:
             oy, ox = torch.randint(0, world.IMAGE_SIZE - vc.crop_size + 1, (2,), generator=gen).tolist()
@@ -685,7 +702,7 @@ def train_unet(
     opt = torch.optim.AdamW(params, lr=dc.lr, weight_decay=dc.weight_decay, betas=(0.9, 0.99))
     noise_sched = DDPMScheduler(**{k: v for k, v in SD15_SCHEDULER_CONFIG.items()
                                    if k not in ("set_alpha_to_one", "steps_offset")})
-    step, already, history, anchor = 0, 0.0, [], (0, 1.0)
+    step, already, history, anchor = 0, 0.0, [], NO_ANCHOR
     if state is not None:
         tensors, meta, optim = state
         text_encoder.load_state_dict(_unprefixed("text", tensors))
@@ -694,7 +711,7 @@ def train_unet(
         ema_unet.load_state_dict(_unprefixed("ema_unet", tensors))
         opt.load_state_dict(optim)
         step, already, history = meta["step"], meta["seconds"], meta.get("history", [])
-        anchor = resumed_anchor(meta, optim, dc.lr, dc.steps, dc.warmup_steps, "diffusion.steps")
+        anchor = resumed_anchor(meta, optim, dc.lr, dc.steps, dc.warmup_steps, "diffusion.steps", dc.max_minutes)
         log(f"unet: resumed at step {step} ({already / 60:.1f} min)")
     if 0 < dc.n_scenes < len(data.images):
         data = WorldData(data.images[:dc.n_scenes], data.examples[:dc.n_scenes])
@@ -718,13 +735,14 @@ def train_unet(
         tensors = _prefixed("text", text_encoder) | _prefixed("unet", unet)
         tensors |= _prefixed("ema_text", ema_text) | _prefixed("ema_unet", ema_unet)
         _save_state(ckpt_dir, tensors, {"step": step, "seconds": watch.seconds(), "history": history,
-                    "signature": stage_signature(dataclasses.asdict(cfg), "unet"), "lr_anchor": anchor},
+                    "signature": stage_signature(dataclasses.asdict(cfg), "unet"), "lr_anchor": anchor,
+                    "max_minutes": dc.max_minutes},
                     opt.state_dict())
 
     while step < dc.steps and watch.seconds() < limit:
         for g in opt.param_groups:
             g["lr"] = dc.lr * lr_factor(step, dc.steps, dc.warmup_steps, dc.final_lr_fraction,
-                                        watch.seconds() / limit, anchor)
+                                        time_progress(watch.seconds(), limit, anchor), anchor)
         idx, ids = next(batches)
         ids = ids.to(device, non_blocking=True)
         idx_d = idx.to(device)
