@@ -280,6 +280,8 @@ def test_a_resumed_time_limited_run_goes_on_from_the_learning_rate_it_reached(tm
     dm.train_default_model(_tiny_config(tmp_path, **start), log=logs.append)
     dm.train_default_model(_tiny_config(tmp_path, **start | second), log=logs.append)
     assert any("unet: resumed at step 3" in m for m in logs), logs
+    if "diffusion.max_minutes" in second:
+        assert any("another time limit (max_minutes: 3 -> 6)" in m for m in logs), logs
     got = [float(re.search(r" lr (\S+) ", m).group(1)) / 5e-4 for m in logs if m.startswith("unet step ")]
     assert got == pytest.approx(rates, abs=0.005)
     # a checkpoint from before the time was anchored, (step, factor) only, resumes as it did: time counted from 0

@@ -230,7 +230,8 @@ def check_resume(cfg: DefaultModelConfig, stage: str, log: Callable[[str], None]
     meta_path = work / f"{stage}_ckpt" / "meta.json"
     if not meta_path.is_file():
         return
-    stored = json.loads(meta_path.read_text(encoding="utf-8")).get("signature")
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    stored = meta.get("signature")
     if stored is None and (work / "config.json").is_file():
         stored = stage_signature(json.loads((work / "config.json").read_text(encoding="utf-8")), stage)
     if stored is None:
@@ -246,6 +247,10 @@ def check_resume(cfg: DefaultModelConfig, stage: str, log: Callable[[str], None]
     if extended:
         log(f"{stage}: resuming with another step count ({'; '.join(extended)}); the learning rate decays from the "
             "rate the checkpoint reached to its final fraction at the new total")
+    limit = (cfg.vae if stage == "vae" else cfg.diffusion).max_minutes
+    if meta.get("max_minutes", limit) != limit:
+        log(f"{stage}: resuming with another time limit (max_minutes: {meta['max_minutes']:g} -> {limit:g}); the "
+            "learning rate decays from the rate the checkpoint reached, over the time left")
 
 
 # ----------------------------------------------------------------------------------------------- components
