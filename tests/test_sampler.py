@@ -48,14 +48,16 @@ def test_share_zero_equals_stock_pipeline(tiny_pipe, scheduler, groups):
         assert np.abs(ours.images[i] - ref).max() < ATOL, f"prompt {i} differs from the stock pipeline"
 
 
-def test_singletons_with_sharing_equal_stock(tiny_pipe):
-    """All-singleton groups: the shared phase runs on each prompt's own embedding, so sharing changes nothing."""
+@pytest.mark.parametrize("scheduler", ["ddim", "dpmpp", "euler"])
+def test_singletons_with_sharing_equal_stock(tiny_pipe, scheduler):
+    """All-singleton groups: the shared phase runs on each prompt's own embedding, so sharing changes nothing (a
+    multistep solver's state at the branch point goes on into the branch phase)."""
     from diffusers import StableDiffusionPipeline
 
-    config = SamplingConfig(steps=5, guidance=4.0, share=0.6)
+    config = SamplingConfig(steps=5, guidance=4.0, share=0.6, scheduler=scheduler)
     ours = generate(tiny_pipe, PROMPTS[:2], config, GroupingConfig(), seed=3, groups=[[0], [1]])
     stock = StableDiffusionPipeline(**tiny_pipe.components)
-    stock.scheduler = make_scheduler(tiny_pipe.scheduler.config, "ddim", 5)
+    stock.scheduler = make_scheduler(tiny_pipe.scheduler.config, scheduler, 5)
     ref = stock(PROMPTS[1], num_inference_steps=5, guidance_scale=4.0,
                 generator=torch.Generator().manual_seed(4), output_type="np").images[0]
     assert np.abs(ours.images[1] - ref).max() < ATOL
@@ -84,6 +86,45 @@ def test_split_and_resume_equals_unsplit(tiny_pipe, scheduler, split):
     second = fresh(split, 6, saved, state)
     denoise(tiny_pipe.unet, [second], uncond, config)
     assert torch.equal(second.latents, whole.latents)
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "dpmpp", "euler"])
+def test_a_child_in_the_same_loop_continues_its_parent_exactly(tiny_pipe, scheduler):
+    """A trajectory forked from its parent's end inside one denoise call (a sub-group) takes the parent's latent
+    and solver state: parent [0, 3) then child [3, 6) on the same condition equals one trajectory [0, 6)."""
+    config = SamplingConfig(steps=6, guidance=5.0, scheduler=scheduler)
+    cond, uncond = encode_prompts(tiny_pipe, PROMPTS[:1])
+    sched_cfg = tiny_pipe.scheduler.config
+    noise = initial_noise(latent_shape(tiny_pipe, config), 2, make_scheduler(sched_cfg, scheduler, 6), torch.float32)
+    whole = Trajectory(noise.clone(), cond, make_scheduler(sched_cfg, scheduler, 6), 0, 6)
+    denoise(tiny_pipe.unet, [whole], uncond, config)
+    parent = Trajectory(noise.clone(), cond, make_scheduler(sched_cfg, scheduler, 6), 0, 3)
+    child = Trajectory(None, cond, make_scheduler(sched_cfg, scheduler, 6), 3, 6, parent=0)
+    denoise(tiny_pipe.unet, [parent, child], uncond, config)
+    assert torch.equal(child.latents, whole.latents)
+
+
+def test_shared_phase_stops_every_group_at_the_branch_step(tiny_pipe):
+    """shared_phase runs steps [0, k) once per group: the points it returns sit at k, after k UNet calls."""
+    from sage_core.sampler import shared_phase
+
+    config = SamplingConfig(steps=7, guidance=5.0, share=0.45)
+    cond, uncond = encode_prompts(tiny_pipe, PROMPTS[:2])
+    noise = initial_noise(latent_shape(tiny_pipe, config), 0, make_scheduler(tiny_pipe.scheduler.config, "ddim", 7),
+                          torch.float32)
+    counter = UNetCounter()
+    points = shared_phase(tiny_pipe.unet, tiny_pipe.scheduler.config, [cond[0:1], cond[1:2]], [noise, noise], uncond,
+                          config, counter)
+    assert config.branch_step() == 3
+    assert [p.step for p in points] == [3, 3] and counter.total == 2 * 2 * 3
+
+
+def test_branch_step_rounds_the_sharing_ratio():
+    """k = round(beta * T), not its floor; shared_steps, where given, is k itself."""
+    assert SamplingConfig(steps=10, share=0.37).branch_step() == 4
+    assert SamplingConfig(steps=10, share=0.33).branch_step() == 3
+    assert SamplingConfig(steps=30, share=0.4).branch_step() == 12
+    assert SamplingConfig(steps=10, share=0.37, shared_steps=7).branch_step() == 7
 
 
 def test_counts_match_closed_form_per_group(tiny_pipe):
