@@ -25,6 +25,10 @@ def test_schedule_interpolates_and_clamps():
     assert s.share_for(0.7) == pytest.approx(0.1) and s.share_for(0.85) == pytest.approx(0.3)
     assert s.share_for(0.99) == 0.4
     assert s.shared_steps(0.9, 30) == 12
+    lifted = DepthSchedule(((0.5, 0.1), (0.99, 0.6)))  # a first point with a share above 0
+    assert lifted.share_for(0.5) == 0.1 and lifted.share_for(0.4999) == 0.0 and lifted.share_for(0.99) == 0.6
+    one = DepthSchedule(((0.8, 0.3),))
+    assert one.share_for(0.8) == 0.3 and one.share_for(0.9) == 0.3 and one.share_for(0.79) == 0.0
 
 
 @pytest.mark.parametrize("points", [(), ((0.8, 0.2), (0.7, 0.3)), ((0.7, 0.5), (0.8, 0.2)), ((0.7, 1.5),)])
@@ -83,6 +87,11 @@ def test_hierarchical_plan_runs_and_counts_exactly(tiny_pipe):
     )
     result = generate(tiny_pipe, prompts, config, GroupingConfig(), plan=roots)
     assert result.counter.total == 2 * plan_evaluations(roots, 8)
+    assert any(r.children for r in roots), "the plan should nest sub-groups"
+    # every node's steps and its members' branch steps are counted under the index of its root group (the report's
+    # per-group evaluations), not under the node's own position in the plan
+    assert {r: result.counter.by_label[r] for r in range(len(roots))} == {
+        r: 2 * plan_evaluations([root], 8) for r, root in enumerate(roots)}
     assert result.images.shape[0] == 6 and np.isfinite(result.images).all()
 
 
@@ -147,3 +156,43 @@ def test_adaptive_plan_below_the_schedule_equals_independent_sampling(tiny_pipe)
     alone = generate(tiny_pipe, prompts, config, GroupingConfig(), seed=5, groups=[[0], [1]])
     assert shared.seeds == alone.seeds == [5, 6]
     assert np.array_equal(shared.images, alone.images)
+
+
+def test_floor_depths_raises_a_plan_to_start_deeper():
+    """A root started from a cached latent at step 5 ends no earlier, nor do its sub-groups end before it."""
+    from sage_core.adaptive import GroupNode, floor_depths
+
+    root = GroupNode([0, 1, 2], 3, 0.8)
+    child = GroupNode([0, 1], 4, 0.9, parent=root)
+    deep = GroupNode([2], 9, 1.0, parent=root)
+    root.children = [child, deep]
+    floor_depths(root, 5)
+    assert (root.depth, child.depth, deep.depth) == (5, 5, 9)
+
+
+def test_each_level_keeps_its_own_group_size_cap():
+    """Six near-copies inside a looser topic: level 0 (cap 8) holds all eight prompts, level 1 (cap 3) splits the
+    copies into groups of at most 3, each sharing more steps than the topic (the two looser prompts are level-1
+    singletons)."""
+    rng = np.random.default_rng(4)
+    topic = rng.normal(size=32)
+    copy = topic + 0.3 * rng.normal(size=32)
+    rows = [copy + 0.02 * rng.normal(size=32) for _ in range(6)] + [topic + 0.5 * rng.normal(size=32) for _ in range(2)]
+    emb = np.stack(rows).astype(np.float32)
+    roots = hierarchical_groups(emb, taus=(0.5, 0.95), max_sizes=(8, 3), schedule=DepthSchedule(((0.5, 0.1),
+                                (0.99, 0.6))), steps=20)
+    assert [r.members for r in roots] == [list(range(8))]
+    subs = [n for n in levels(roots)[1] if len(n.members) > 1]
+    assert sorted(m for n in subs for m in n.members) == list(range(6))
+    assert [len(n.members) for n in subs] == [3, 3] and all(n.depth > roots[0].depth for n in subs)
+
+
+def test_a_nodes_own_steps_go_to_the_delivery_of_its_first_member():
+    """The edge worker subtracts a root's cached steps from the delivery holding the root's first member: that one
+    must own the root's steps."""
+    from sage_core.adaptive import GroupNode, deliveries
+
+    root = GroupNode([0, 1, 2], 4, 0.8)
+    root.children = [GroupNode([1, 2], 10, 0.95, parent=root)]
+    out = deliveries([root])
+    assert [(d.members, d.server_steps) for d in out] == [((0,), 4), ((1, 2), 6)]
