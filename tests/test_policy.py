@@ -18,7 +18,7 @@ def clusters(n: int, per: int, noise: float, seed: int = 0) -> np.ndarray:
 def test_flat_policy_matches_closed_form_on_tight_clusters():
     emb = clusters(8, 4, noise=0.01)
     count = count_stream(emb, SharingPolicy(mode="flat", tau=0.9, share=0.4), window=32, steps=30)
-    assert count.group_sizes == [4] * 8
+    assert count.group_sizes == [4] * 8 and count.groups == 8 and count.prompts == 32
     assert count.saving() == pytest.approx(0.4 * (1 - 1 / 4))
 
 
@@ -83,6 +83,47 @@ def test_cache_reuses_latents_of_earlier_windows_within_its_byte_budget():
     # each prompt of the second window starts 10 steps in, from its own earlier trajectory
     assert plain.steps_used - cached.steps_used == 6 * 10
     assert cache.stats.hits == 6
+    assert len(cache) == 6  # the second window computed nothing new: nothing filed again
     tiny = LatentCache(4 * 64 * 64 * 4, policy.schedule)  # room for one stand-in latent
     count_stream(stream, policy, window=6, steps=20, cache=tiny)
     assert len(tiny) == 1 and tiny.stats.evictions >= 5
+
+
+def test_flat_plan_depth_is_the_rounded_share_and_share_zero_splits_every_group():
+    emb = clusters(4, 3, noise=0.01)
+    roots = plan_window(emb, SharingPolicy(mode="flat", tau=0.9, share=0.37), steps=10)
+    assert [(r.members, r.depth) for r in roots] == [([0, 1, 2], 4), ([3, 4, 5], 4), ([6, 7, 8], 4), ([9, 10, 11], 4)]
+    unshared = plan_window(emb, SharingPolicy(mode="flat", tau=0.9, share=0.0), steps=10)
+    assert [(r.members, r.depth) for r in unshared] == [([m], 0) for m in range(12)]  # no shared noise either
+
+
+def test_roots_look_up_and_file_the_cache_by_their_members_mean_and_their_own_seed():
+    """A root whose two members lie either side of a cached group's direction finds it at full depth (its mean is
+    that direction; its first member alone is only 0.89 alike); a named seed finds only that seed's latents; each
+    root's latents are filed under its own seed."""
+    import torch
+
+    from sage_core.adaptive import GroupNode
+    from sage_core.latent_cache import CacheSettings, LatentCache
+    from sage_core.policy import cached_starts, file_plan
+    from sage_core.sampler import BranchPoint
+
+    schedule = DepthSchedule(((0.5, 0.2), (0.99, 0.5)))
+    settings = CacheSettings("m", 20, 64, 64, 7.5, None, "ddim")
+    e = np.eye(4, dtype=np.float32)
+    emb = np.stack([e[0] + 0.5 * e[1], e[0] - 0.5 * e[1], e[2], e[3]])
+    cache = LatentCache(1 << 30, schedule)
+    cache.insert(settings, e[0], 7, {10: BranchPoint(torch.zeros(1, 4, 8, 8), 10)})
+
+    def starts(seeds):
+        roots = [GroupNode([0, 1], 10, 0.6), GroupNode([2], 10, 1.0)]
+        return [None if h is None else h.point.step for h in cached_starts(cache, settings, roots, emb, seeds)]
+
+    assert starts(None) == [10, None]
+    assert starts([7, None]) == [10, None] and starts([8, None]) == [None, None]
+
+    roots = [GroupNode([2], 10, 1.0), GroupNode([3], 10, 1.0)]
+    points = {id(r): BranchPoint(torch.zeros(1, 4, 8, 8), 10) for r in roots}
+    file_plan(cache, settings, roots, emb, points, seeds=[3, 4], starts=[0, 0])
+    assert [cache.lookup(settings, e[2], seed) is not None for seed in (3, 4)] == [True, False]
+    assert [cache.lookup(settings, e[3], seed) is not None for seed in (3, 4)] == [False, True]
