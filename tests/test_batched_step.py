@@ -28,9 +28,11 @@ from sage_core.sampler import (
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
 @pytest.mark.parametrize("clip_sample", [False, True])
-def test_ddim_step_equals_diffusers(prediction_type, clip_sample):
+@pytest.mark.parametrize("extra", [{}, {"set_alpha_to_one": True, "clip_sample_range": 0.5}])
+def test_ddim_step_equals_diffusers(prediction_type, clip_sample, extra):
+    """Also with a final alpha of one (set_alpha_to_one) and a clip range other than 1."""
     scheduler = DDIMScheduler(**(SD15_SCHEDULER_CONFIG | {"prediction_type": prediction_type,
-                                                          "clip_sample": clip_sample}))
+                                                          "clip_sample": clip_sample} | extra))
     scheduler.set_timesteps(10)
     timesteps, table = ddim_table(scheduler)
     indices = [0, 4, 9]  # index 9's previous timestep is below 0: the final alpha
@@ -41,6 +43,27 @@ def test_ddim_step_equals_diffusers(prediction_type, clip_sample):
     for j, i in enumerate(indices):
         ref = scheduler.step(out[j : j + 1], torch.tensor(timesteps[i]), x[j : j + 1]).prev_sample
         assert torch.equal(ours[j : j + 1], ref), f"row {j} (schedule index {i}) differs from DDIMScheduler.step"
+
+
+def test_only_ddim_steps_it_can_reproduce_are_batched():
+    """Dynamic thresholding and trajectories with different step counts go to diffusers' own step."""
+    from sage_core.batched_step import supports_batched_scheduler
+
+    def ddim(steps: int, **extra) -> DDIMScheduler:
+        scheduler = DDIMScheduler(**(SD15_SCHEDULER_CONFIG | extra))
+        scheduler.set_timesteps(steps)
+        return scheduler
+
+    assert supports_batched_scheduler(ddim(6))
+    assert not supports_batched_scheduler(ddim(6, thresholding=True))
+    cond = torch.zeros(1, 77, 32)
+
+    def trajectory(scheduler) -> Trajectory:
+        return Trajectory(torch.zeros(1, 4, 8, 8), cond, scheduler, 0, len(scheduler.timesteps))
+
+    assert supports_batched([trajectory(ddim(6)), trajectory(ddim(6))])
+    assert not supports_batched([trajectory(ddim(6)), trajectory(ddim(8))])
+    assert not supports_batched([trajectory(ddim(6)), trajectory(make_scheduler(SD15_SCHEDULER_CONFIG, "euler", 6))])
 
 
 def family(pipe, config: SamplingConfig, cond: torch.Tensor) -> list[Trajectory]:
