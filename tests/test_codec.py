@@ -188,6 +188,14 @@ def test_fp8_relative_error():
     assert torch.all((y - x).abs() <= bound)
 
 
+def test_fp8_maps_each_channels_absmax_to_the_e4m3_max():
+    """A channel whose absmax is 448 goes at scale 1 (one at 112, at scale 1/4): every value e4m3 holds exactly,
+    subnormals included, comes back exactly."""
+    vals = torch.tensor([448.0, -448.0, 1.0, -0.5, 2**-9, 3 * 2**-9, 2**-6, 0.0]).reshape(1, 1, 2, 4)
+    x = torch.cat([vals, vals / 4], dim=1)
+    assert torch.equal(LatentCodec(CodecSpec("fp8")).decode(LatentCodec(CodecSpec("fp8")).encode(x)), x)
+
+
 @pytest.mark.parametrize("mode", LOSSY_MODES)
 def test_constant_and_empty_channels(mode):
     x = torch.zeros(1, 3, 5, 5)
@@ -314,6 +322,15 @@ def test_legit_frame_above_the_receivers_cap_is_refused():
     assert LatentCodec(max_decoded_bytes=4096).decode(frame).numel() == 1024
 
 
+def test_lossy_frame_decoding_above_the_receivers_cap_is_refused():
+    """int4: 512 payload bytes decode to 4 KiB of float32; the cap bounds the decoded tensor, not the payload."""
+    frame = LatentCodec(CodecSpec("int4")).encode(latent((1, 4, 16, 16)))
+    assert parse_header(frame).raw_length == 512
+    with pytest.raises(CodecError, match="cap of 4095"):
+        LatentCodec(max_decoded_bytes=4095).decode(frame)
+    assert LatentCodec(max_decoded_bytes=4096).decode(frame).numel() == 1024
+
+
 def test_empty_tensor_with_huge_dims_is_refused():
     frame = make_frame("fp32", (0, 2**32 - 1, 2**32 - 1), b"")
     with pytest.raises(CodecError, match="spans"):
@@ -353,6 +370,20 @@ def test_zstd_frame_without_checksum_is_refused():
     payload = zstandard.ZstdCompressor(write_checksum=False).compress(bytes(16))
     with pytest.raises(CodecError, match="checksum"):
         LatentCodec().decode(make_frame("fp32", (4,), bytes(16), zstd_payload=payload))
+
+
+def test_zstd_frame_declaring_a_larger_window_than_its_payload_is_refused():
+    """The same compressed blocks behind a zstd header that declares a 1 MiB window (not single-segment) for 16
+    bytes: zstd's one-shot decompression would accept it; the codec refuses it."""
+    single = zstandard.ZstdCompressor(write_checksum=True, write_content_size=True).compress(bytes(16))
+    fhd = single[4]
+    assert fhd >> 5 & 1 and fhd >> 6 == 0  # single segment, 1-byte content size
+    header = bytes([2 << 6 | fhd & 0x04, (20 - 10) << 3]) + struct.pack("<I", 16)  # 4-byte size, window 2**20
+    wide = single[:4] + header + single[6:]
+    assert zstandard.get_frame_parameters(wide).window_size == 2**20
+    assert zstandard.ZstdDecompressor().decompress(wide) == bytes(16)
+    with pytest.raises(CodecError, match="window"):
+        LatentCodec().decode(make_frame("fp32", (4,), bytes(16), zstd_payload=wide))
 
 
 def test_trailing_bytes_after_the_frame_are_refused():
@@ -657,6 +688,7 @@ def test_chunk_arguments_and_join_cap():
         split_chunks(b"abc", chunk_size=0)
     with pytest.raises(CodecError, match="exceeds"):
         join_chunks([b"a" * 10, b"b" * 10], max_frame_bytes=15)
+    assert join_chunks([b"a" * 10, b"b" * 5], max_frame_bytes=15) == b"a" * 10 + b"b" * 5  # the cap itself fits
 
 
 def test_negotiate_picks_the_servers_first_preference_the_device_accepts():
