@@ -36,8 +36,16 @@ class ToyUNet(torch.nn.Module):
         return (torch.tanh(self.a * x + self.d * cc * x) + self.b * tt,)
 
 
+def _weight(t: int, cfg: SageLossConfig) -> float:
+    """w(t) by hand: 1, or min(SNR, gamma) / SNR."""
+    if cfg.weighting == "constant":
+        return 1.0
+    snr = float(ALPHAS[t]) / (1 - float(ALPHAS[t]))
+    return min(snr, cfg.snr_gamma) / snr
+
+
 def _direct(unet, groups, z, c, noise, t_s, t_b, cfg: SageLossConfig) -> dict[str, float]:
-    """Eq. 3 written out group by group with plain loops (w = 1)."""
+    """Eq. 3 written out group by group with plain loops."""
     def eps(x, t, cond):
         return unet(x[None], torch.tensor([t]), cond[None])[0][0]
 
@@ -54,9 +62,10 @@ def _direct(unet, groups, z, c, noise, t_s, t_b, cfg: SageLossConfig) -> dict[st
         e, ts, tb = noise[g], int(t_s[g]), int(t_b[g])
         p_shared = eps(noisy(zbar, ts, e), ts, cbar)
         target = torch.stack([eps(noisy(z[n], ts, e), ts, c[n]) for n in members]).mean(0)
-        shared.append(cfg.lambda1 * sq(p_shared, e))
+        shared.append(cfg.lambda1 * _weight(ts, cfg) * sq(p_shared, e))
         soft.append(cfg.lambda2 * sq(p_shared, target))
-        branch.append(torch.stack([sq(eps(noisy(z[n], tb, e), tb, c[n]), e) for n in members]).mean())
+        member_terms = torch.stack([sq(eps(noisy(z[n], tb, e), tb, c[n]), e) for n in members])
+        branch.append(_weight(tb, cfg) * member_terms.mean())
     out = {k: torch.stack(v).mean().detach() for k, v in (("shared", shared), ("soft", soft), ("branch", branch))}
     out["total"] = out["shared"] + out["soft"] + out["branch"]
     return out
@@ -78,6 +87,21 @@ def test_sage_loss_matches_direct_computation_term_by_term(soft_grad: bool) -> N
     groups, z, c, noise, batch = _toy_batch()
     cfg = SageLossConfig(lambda1=0.8, lambda2=1.7, branch_t=400, soft_target_grad=soft_grad)
     t_s, t_b = torch.tensor([700, 400]), torch.tensor([12, 400])
+    total, terms = sage_loss(unet, ALPHAS, batch, cfg, noise, t_s, t_b)
+    want = _direct(unet, groups, z, c, noise, t_s, t_b, cfg)
+    for k in ("shared", "soft", "branch"):
+        assert terms[k] == pytest.approx(float(want[k]), rel=1e-5), k
+    assert float(total.detach()) == pytest.approx(float(want["total"]), rel=1e-5)
+
+
+def test_min_snr_weights_each_term_at_its_own_timestep() -> None:
+    """Timesteps where min(SNR, 5) / SNR is below 1 and differs between groups and between t_s and t_b: the shared
+    term is weighted at each group's t_s, the branch term at its t_b, the soft term not at all."""
+    unet = ToyUNet()
+    groups, z, c, noise, batch = _toy_batch(5)
+    cfg = SageLossConfig(lambda1=0.8, lambda2=1.7, branch_t=60, weighting="min_snr", snr_gamma=5.0)
+    t_s, t_b = torch.tensor([150, 60]), torch.tensor([10, 60])
+    assert len({round(_weight(int(t), cfg), 6) for t in (150, 60, 10)}) == 3 and _weight(150, cfg) < 1
     total, terms = sage_loss(unet, ALPHAS, batch, cfg, noise, t_s, t_b)
     want = _direct(unet, groups, z, c, noise, t_s, t_b, cfg)
     for k in ("shared", "soft", "branch"):
@@ -158,6 +182,12 @@ def test_branch_timestep_follows_the_ddim_schedule() -> None:
     t0 = branch_timestep(SD15_SCHEDULER_CONFIG, 30, 0.0)
     assert t0 > t30 > branch_timestep(SD15_SCHEDULER_CONFIG, 30, 0.4) > 0
     assert branch_timestep(SD15_SCHEDULER_CONFIG, 30, 1.0) == 0
+    # the timestep of schedule index k = round(share * steps): the first branch step, not the last shared one
+    from sage_core.sampler import make_scheduler
+
+    timesteps = make_scheduler(SD15_SCHEDULER_CONFIG, "ddim", 10).timesteps
+    assert branch_timestep(SD15_SCHEDULER_CONFIG, 10, 0.37) == int(timesteps[4])
+    assert branch_timestep(SD15_SCHEDULER_CONFIG, 10, 0.3) == int(timesteps[3])
 
 
 def test_group_mean_and_standard_loss() -> None:
@@ -171,6 +201,13 @@ def test_group_mean_and_standard_loss() -> None:
     want = torch.stack([((unet(ALPHAS[t[i]].sqrt() * z[i][None] + (1 - ALPHAS[t[i]]).sqrt() * noise[i][None],
                                 t[i : i + 1], c[i][None])[0] - noise[i]) ** 2).mean() for i in range(5)]).mean()
     assert loss.item() == pytest.approx(want.item(), rel=1e-6)
+    # min-SNR weighting applies to Eq. 2 as well, each member at its own t
+    cfg = SageLossConfig(weighting="min_snr", snr_gamma=5.0)
+    weighted, _ = standard_loss(unet, ALPHAS, batch, cfg, noise, t)
+    want = torch.stack([_weight(int(t[i]), cfg) * ((unet(ALPHAS[t[i]].sqrt() * z[i][None] + (1 - ALPHAS[t[i]]).sqrt()
+                                                         * noise[i][None], t[i : i + 1], c[i][None])[0] - noise[i]) ** 2
+                                                   ).mean() for i in range(5)]).mean()
+    assert weighted.item() == pytest.approx(want.item(), rel=1e-6) and weighted.item() < loss.item()
 
 
 def test_bad_loss_config() -> None:
