@@ -131,7 +131,8 @@ def test_counts_match_closed_form_per_group(tiny_pipe):
     prompts = PROMPTS + ["a red circle on the right", "a yellow circle"]
     groups = [[0, 3, 4], [1, 2]]
     config = SamplingConfig(steps=10, guidance=7.5, share=0.4)
-    result = generate(tiny_pipe, prompts, config, GroupingConfig(), groups=groups)
+    result = generate(tiny_pipe, prompts, config, GroupingConfig(), seed=20, groups=groups)
+    assert result.seeds == [20, 21]  # a group's shared noise is seeded by base seed + its first member
     k, T = config.branch_step(), config.steps
     for gi, members in enumerate(groups):
         indep = result.independent_evaluations(len(members))
@@ -145,6 +146,7 @@ def test_no_cfg_counts_one_evaluation_per_step(tiny_pipe):
     config = SamplingConfig(steps=4, guidance=1.0, share=0.5)
     result = generate(tiny_pipe, PROMPTS[:2], config, GroupingConfig(), groups=[[0, 1]])
     assert result.counter.total == 2 + 2 * 2
+    assert result.independent_evaluations() == 2 * 4  # independent sampling without CFG: one per step too
 
 
 def test_shared_group_members_start_from_one_latent(tiny_pipe):
