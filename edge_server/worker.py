@@ -1,6 +1,7 @@
 """The Ray actor that holds the model: embeds prompts, groups them, runs the shared phase of a whole window in
-one batched sampler call (sage_core.sampler.shared_phase, the same code the device and the local CLI use), and
-encodes each group's branch point with the latent codec.
+one batched sampler call (sage_core.adaptive.run_shared_plan over sage_core.sampler.advance, the same step loop the
+device's branch phase and the local CLI use; nested groups fork from their parents inside it), and encodes each
+group's branch point with the latent codec.
 
 Only plain data crosses the actor boundary (frozen dataclasses of str/int/float/bytes), so the front end never
 imports torch or diffusers: they are imported inside the actor's methods.
