@@ -257,8 +257,13 @@ def _problems(c: ServerConfig) -> list[str]:
     need(c.grace_s >= 0, f"grace_s must be >= 0, got {c.grace_s}")
     need(c.log_format in LOG_FORMATS, f"log_format must be one of {LOG_FORMATS}, got {c.log_format!r}")
     need(str(c.log_level).upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), f"bad log_level {c.log_level!r}")
-    need(not c.extra, unknown_settings(sorted(c.extra), {f.name for f in dataclasses.fields(c)} - {"extra"}))
+    need(not c.extra, unknown_settings(sorted(c.extra), setting_names()))
     return out
+
+
+def setting_names() -> frozenset[str]:
+    """The settings a ServerConfig takes: its fields but `extra`, which holds the unknown ones."""
+    return frozenset(f.name for f in dataclasses.fields(ServerConfig)) - {"extra"}
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
@@ -277,7 +282,7 @@ def build_config(file: Path | None = None, overrides: Mapping[str, Any] | None =
     """Defaults, then the file's settings, then non-None `overrides` (CLI flags). Unknown keys are an error."""
     values: dict[str, Any] = read_config_file(file) if file is not None else {}
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    names = {f.name for f in dataclasses.fields(ServerConfig)} - {"extra"}
+    names = setting_names()
     unknown = {k: v for k, v in values.items() if k not in names}
     known = {k: v for k, v in values.items() if k in names}
     if isinstance(known.get("codecs"), str):
