@@ -21,7 +21,9 @@ from typing import Any
 
 import numpy as np
 
+from sage_core.config_types import convert
 from sage_core.outputs import write_text_atomic
+from sage_core.seeds import MAX_SEED
 from simulation.config import (
     DIST_FIELDS,
     ArrivalConfig,
@@ -481,12 +483,48 @@ def read_workload_file(path: Path, overrides: dict[str, Any] | None = None) -> t
     return workload_from_body(read_workload_body(path)[1], path, overrides)
 
 
+_REQUIRED = object()
+
+
+def request_records(body: dict[str, Any], path: Path) -> list[dict[str, Any]]:
+    """A workload file body's requests: a list of mappings (ConfigError naming the file otherwise)."""
+    reqs = body.get("requests") or []
+    if not isinstance(reqs, list):
+        raise ConfigError(f"workload file {path}: 'requests' must be a list of requests, got {type(reqs).__name__}")
+    for i, r in enumerate(reqs):
+        if not isinstance(r, dict):
+            raise ConfigError(f"workload file {path}: requests[{i}] must be a mapping, got {r!r}")
+    return reqs
+
+
+def request_values(body: dict[str, Any], path: Path, key: str, tp: type, default: Any = _REQUIRED) -> list[Any]:
+    """Every request's `key` checked against type `tp` as a config value is (sage_core.config_types: an int is an
+    integer, not 2.5, 3.0, "3" or true; a float a finite number); `default` for a request without it, a ConfigError
+    naming the request (`requests[4].seed must be an integer, got 2.5`) when it has none."""
+    values = []
+    for i, r in enumerate(request_records(body, path)):
+        if key not in r:
+            if default is _REQUIRED:
+                raise ConfigError(f"workload file {path}: requests[{i}] has no {key}")
+            values.append(default)
+            continue
+        try:
+            values.append(convert(f"requests[{i}].{key}", r[key], tp))
+        except ValueError as exc:
+            raise ConfigError(f"workload file {path}: {exc}") from None
+    return values
+
+
 def request_seeds(body: dict[str, Any], path: Path) -> list[int]:
-    """Each request's noise seed in a workload file's body (read_workload_body); ConfigError for one without."""
-    try:
-        return [int(r["seed"]) for r in body.get("requests") or []]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ConfigError(f"workload file {path}: each request needs a whole-number seed ({exc!r})") from None
+    """Each request's noise seed in a workload file's body (read_workload_body): an integer in [0, MAX_SEED], the
+    seeds a run may use (sage_core.seeds); ConfigError naming the request otherwise. A float with a whole value
+    (3.0) is refused as a config integer is: write_workload_file writes integers, and a float above 2^53 may not
+    be the seed meant."""
+    seeds = request_values(body, path, "seed", int)
+    for i, seed in enumerate(seeds):
+        if not 0 <= seed <= MAX_SEED:
+            raise ConfigError(f"workload file {path}: requests[{i}].seed must be in [0, 2^63 - 1], got {seed}")
+    return seeds
 
 
 def workload_from_body(
@@ -500,7 +538,7 @@ def workload_from_body(
         raise ConfigError(f"workload file {path}: 'config' must be a mapping")
     data = _older_dists(dict(body.get("config") or {}))
     data.update(overrides or {})
-    reqs = body.get("requests") or []
+    reqs = request_records(body, path)
     if not reqs:
         raise ConfigError(f"workload file {path} has no requests")
     data["requests"] = len(reqs)
@@ -508,12 +546,9 @@ def workload_from_body(
 
     data.pop("base_dir", None)
     cfg = config_from_dict(data, base_dir=repo_root())
-    try:
-        times = np.asarray([float(r["t"]) for r in reqs], dtype=np.float64)
-        texts = [str(r["prompt"]) for r in reqs]
-        names = [str(r.get("device", cfg.devices[0].name)) for r in reqs]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ConfigError(f"workload file {path}: each request needs t and prompt ({exc})") from exc
+    times = np.asarray(request_values(body, path, "t", float), dtype=np.float64)
+    texts = request_values(body, path, "prompt", str)
+    names = request_values(body, path, "device", str, default=cfg.devices[0].name)
     if np.any(np.diff(times) < 0) or np.any(times < 0):
         raise ConfigError(f"workload file {path}: arrival times must be >= 0 and non-decreasing")
     pool = list(dict.fromkeys(texts))

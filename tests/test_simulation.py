@@ -22,6 +22,7 @@ from simulation.workload import (
     prompt_stream,
     read_prompts,
     read_workload_file,
+    request_seeds,
     write_workload_file,
 )
 
@@ -276,6 +277,67 @@ def test_workload_file_round_trip(prompt_file, tmp_path):
     path.write_text(json.dumps(body))
     with pytest.raises(ConfigError, match="non-decreasing"):
         read_workload_file(path)
+
+
+@pytest.mark.parametrize(
+    "seed, message",
+    [
+        (2.5, "requests[4].seed must be an integer, got 2.5"),  # int() made it 2
+        (3.0, "requests[4].seed must be an integer, got 3.0"),  # a float; above 2^53 not every seed is one
+        ("3", "requests[4].seed must be an integer, got '3'"),
+        (True, "requests[4].seed must be an integer, got True"),  # int(True) == 1
+        (None, "requests[4].seed must be an integer, got None"),
+        (-1, "requests[4].seed must be in [0, 2^63 - 1], got -1"),
+        (2**63, f"requests[4].seed must be in [0, 2^63 - 1], got {2**63}"),
+    ],
+)
+def test_request_seeds_are_whole_numbers_a_run_may_use(prompt_file, tmp_path, seed, message):
+    """request_seeds read each seed with int(): 2.5 became 2, true became 1, and negative or over-large seeds
+    passed on to the replay; each is now refused naming the request and the value."""
+    cfg = make_cfg(prompt_file, requests=6)
+    path = tmp_path / "w.json"
+    write_workload_file(path, cfg, build_workload(cfg, PROMPTS))
+    body = json.loads(path.read_text())
+    assert request_seeds(body, path) == [r["seed"] for r in body["requests"]]
+    body["requests"][4]["seed"] = 2**63 - 1  # the largest seed a run may use
+    assert request_seeds(json.loads(json.dumps(body)), path)[4] == 2**63 - 1
+    body["requests"][4]["seed"] = seed
+    with pytest.raises(ConfigError) as err:
+        request_seeds(json.loads(json.dumps(body)), path)
+    assert str(err.value) == f"workload file {path}: {message}"
+    del body["requests"][2]["seed"]
+    with pytest.raises(ConfigError, match=r"requests\[2\] has no seed$"):
+        request_seeds(body, path)
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("t", "NaN", "requests[3].t must be a finite number, got nan"),  # passed every order check
+        ("t", True, "requests[3].t must be a number, got True"),  # float(True) == 1.0
+        ("prompt", None, "requests[3].prompt must be a string, got None"),  # str(None) became the prompt 'None'
+        ("prompt", 7, "requests[3].prompt must be a string, got 7"),
+        ("device", 1, "requests[3].device must be a string, got 1"),
+    ],
+)
+def test_workload_request_fields_are_type_checked(prompt_file, tmp_path, key, value, message):
+    """t, prompt and device were read with float() and str(): a NaN arrival time, the prompt 'None' or the device
+    '1' went into the run; each is refused as a config value of that type is."""
+    cfg = make_cfg(prompt_file, requests=6)
+    path = tmp_path / "w.json"
+    write_workload_file(path, cfg, build_workload(cfg, PROMPTS))
+    body = json.loads(path.read_text())
+    body["requests"][3][key] = float("nan") if value == "NaN" else value
+    path.write_text(json.dumps(body))
+    with pytest.raises(ConfigError) as err:
+        read_workload_file(path)
+    assert str(err.value) == f"workload file {path}: {message}"
+    for requests, expected in ((body["requests"][:3] + [["t", 1.0]], "requests[3] must be a mapping, got ['t', 1.0]"),
+                               ({"0": body["requests"][0]}, "'requests' must be a list of requests, got dict")):
+        path.write_text(json.dumps({**body, "requests": requests}))
+        with pytest.raises(ConfigError) as err:
+            read_workload_file(path)
+        assert str(err.value) == f"workload file {path}: {expected}"
 
 
 def test_hashed_embedder_sees_shared_words():

@@ -351,7 +351,7 @@ def test_validate_refuses_a_workload_without_seeds_in_one_line(config_file, tmp_
     wfile.write_text(json.dumps(body), encoding="utf-8")
     res = _invoke("validate", wfile, "--server", "127.0.0.1:1", "--out", tmp_path / "v")
     assert res.exit_code == 2 and "Traceback" not in res.output, res.output
-    assert f"error: workload file {wfile}: each request needs a whole-number seed" in res.output
+    assert f"error: workload file {wfile}: requests[2] has no seed" in res.output
     assert not (tmp_path / "v").exists()
 
 
