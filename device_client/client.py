@@ -38,6 +38,9 @@ from sage_core.sampler import SCHEDULERS, BranchPoint, SamplingConfig, UNetCount
 LATENT_FRAME = "latent"
 SOLVER_COUNTERS = ("lower_order_nums",)  # solver-state entries that are integers, sent as float frames
 MAX_MESSAGE_BYTES = 16 * 2**20
+# answers to the reachability probe that end a request at once: no edge server there, or credentials it refuses
+REFUSING_PROBE = (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+NOT_AN_EDGE_SERVER = " (no sage_edge.v1.EdgeSampler service there: is it a SAGE edge server?)"
 
 
 class DeviceError(RuntimeError):
@@ -253,25 +256,38 @@ def branch_config(accepted: edge_pb2.Accepted, scale: int) -> SamplingConfig:
 
 
 class DeviceClient:
-    """One device: a model, a channel to the edge server, `generate(prompt) -> DeviceResult`. Thread-safe."""
+    """One device: a model, a channel to the edge server, `generate(prompt) -> DeviceResult`. Thread-safe.
+
+    Without a `model` it loads the configured one, and first reaches the server (`connect`) when one is configured
+    and fallback_local is off: an unreachable server, or one that is no edge server or refuses this device's
+    credentials, is a DeviceError within connect_timeout_s, before the slow load. (With fallback_local the model is
+    needed either way, and an unreachable server is found on the first request.)"""
 
     def __init__(self, config: DeviceConfig, model: DeviceModel | Any | None = None):
         self.config = config
-        if model is None:
-            model = DeviceModel.load(config)
-        elif not isinstance(model, DeviceModel):
-            model = DeviceModel.wrap(model, config)
-        self.model = model
         self._channel: grpc.Channel | None = None
         self._lock = threading.Lock()
         self._reachable = False
+        try:
+            if model is None:
+                if config.server is not None and not config.fallback_local:
+                    self.connect()
+                model = DeviceModel.load(config)
+            elif not isinstance(model, DeviceModel):
+                model = DeviceModel.wrap(model, config)
+        except BaseException:
+            self.close()  # no channel outlives a client that was never made
+            raise
+        self.model = model
 
     # -- channel --
 
     def _stub(self) -> edge_pb2_grpc.EdgeSamplerStub:
         """A stub on a channel known to reach the server, or DeviceError UNAVAILABLE within connect_timeout_s.
         Reachability is probed once per channel with GetServerInfo (wait_for_ready), not with a connectivity
-        subscription, whose polling thread outlives closed channels."""
+        subscription, whose polling thread outlives closed channels. A server that answers the probe with
+        UNIMPLEMENTED (no edge server), UNAUTHENTICATED or PERMISSION_DENIED is that DeviceError at once (a request
+        would end the same way); any other answer means it is reachable."""
         c = self.config
         if c.server is None:
             raise DeviceError("UNAVAILABLE", "no edge server configured")
@@ -297,6 +313,11 @@ class DeviceClient:
                     raise DeviceError(
                         "UNAVAILABLE", f"edge server {c.server} unreachable within {c.connect_timeout_s:g} s"
                     ) from None
+                if exc.code() in REFUSING_PROBE:
+                    error = rpc_error(exc)
+                    hint = NOT_AN_EDGE_SERVER if exc.code() == grpc.StatusCode.UNIMPLEMENTED else ""
+                    message = f"edge server {c.server} refused GetServerInfo: {error.message}{hint}"
+                    raise DeviceError(error.code, message) from None
             self._reachable = True
         return stub
 
@@ -491,8 +512,9 @@ class DeviceClient:
         return DeviceResult(to_pil(out.images[0]), metadata, out.latents, timings, 0)
 
 
-def rpc_error(exc: grpc.RpcError, fingerprint: str) -> DeviceError:
-    """A DeviceError with the gRPC status code of a failed call and a one-line message."""
+def rpc_error(exc: grpc.RpcError, fingerprint: str = "?") -> DeviceError:
+    """A DeviceError with the gRPC status code of a failed call and a one-line message (`fingerprint`: the device
+    model's, named when the server refused it)."""
     code = exc.code() if hasattr(exc, "code") else None
     name = code.name if code is not None else "UNKNOWN"
     details = (exc.details() if hasattr(exc, "details") else None) or str(exc)

@@ -49,6 +49,13 @@ class FakeEdge(edge_pb2_grpc.EdgeSamplerServicer):
         self.pipe, self.fault = pipe, fault
         self.fingerprint = model_fingerprint(pipe)
         self.calls = 0
+        self.info_calls = 0
+
+    def GetServerInfo(self, request, context):  # noqa: N802 (gRPC's name)
+        self.info_calls += 1
+        if self.fault == "token":  # what the real server answers a call without a valid bearer token
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
+        return edge_pb2.ServerInfo(model_fingerprint=self.fingerprint, default_steps=STEPS, codecs=["fp32"])
 
     def RequestImage(self, request, context):  # noqa: N802 (gRPC's name)
         self.calls += 1
@@ -99,22 +106,25 @@ class FakeEdge(edge_pb2_grpc.EdgeSamplerServicer):
 
 @pytest.fixture(scope="module")
 def fake_server(request):
-    """Start a fake server per fault kind; yields a function fault -> address."""
+    """Start a fake server per fault kind; yields a function fault -> address (its `edges`: fault -> servicer)."""
     from sage_core.models import tiny_pipeline
 
     torch.set_num_threads(1)
     pipe = tiny_pipeline(seed=0)
     servers: dict[str, tuple[grpc.Server, str]] = {}
+    edges: dict[str, FakeEdge] = {}
 
     def start(fault: str = "") -> str:
         if fault not in servers:
             server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-            edge_pb2_grpc.add_EdgeSamplerServicer_to_server(FakeEdge(pipe, fault), server)
+            edges[fault] = FakeEdge(pipe, fault)
+            edge_pb2_grpc.add_EdgeSamplerServicer_to_server(edges[fault], server)
             port = server.add_insecure_port("127.0.0.1:0")
             server.start()
             servers[fault] = (server, f"127.0.0.1:{port}")
         return servers[fault][1]
 
+    start.edges = edges  # fault -> its servicer (call counts)
     yield start
     for server, _ in servers.values():
         server.stop(grace=None)
@@ -251,6 +261,72 @@ def test_unreachable_server_falls_back_to_local(device_model, tiny_pipe):
     assert torch.allclose(result.latents, ref.latents, atol=1e-5, rtol=0)
 
 
+def forbid_model_loading(monkeypatch) -> None:
+    """DeviceModel.load fails the test: a client must have ended before loading its model."""
+
+    def load(config):
+        raise AssertionError("the device model was loaded before the server answered")
+
+    monkeypatch.setattr(DeviceModel, "load", staticmethod(load))
+
+
+def test_an_unreachable_server_is_reported_before_the_model_loads(monkeypatch):
+    """Without a model given, the client reaches the server first: an unreachable one is UNAVAILABLE within the
+    connect timeout, no model loaded (it loaded the model first, ~5 s on a CPU, and then waited for the server)."""
+    forbid_model_loading(monkeypatch)
+    t0 = time.perf_counter()
+    with pytest.raises(DeviceError) as err:
+        DeviceClient(DeviceConfig(server=f"127.0.0.1:{free_port()}", model="tiny", connect_timeout_s=0.5))
+    assert err.value.code == "UNAVAILABLE" and "unreachable within 0.5 s" in err.value.message
+    assert time.perf_counter() - t0 < 5
+
+
+@pytest.mark.parametrize("fault", ["no edge server", "token"])
+def test_a_server_that_refuses_the_device_is_reported_before_the_model_loads(fault, fake_server, monkeypatch):
+    """A gRPC server without the EdgeSampler service (UNIMPLEMENTED) and one that refuses the device's token
+    (UNAUTHENTICATED) end the client before its model loads; the probe took them for reachable servers, and the
+    request failed only after the load."""
+    forbid_model_loading(monkeypatch)
+    if fault == "no edge server":
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+        address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+        server.start()
+    else:
+        address = fake_server("token")
+    try:
+        with pytest.raises(DeviceError) as err:
+            DeviceClient(DeviceConfig(server=address, model="tiny", connect_timeout_s=5))
+    finally:
+        if fault == "no edge server":
+            server.stop(grace=None)
+    expected = {"no edge server": ("UNIMPLEMENTED", "is it a SAGE edge server?"),
+                "token": ("UNAUTHENTICATED", "invalid bearer token")}[fault]  # fmt: skip
+    assert err.value.code == expected[0] and expected[1] in err.value.message, err.value
+    assert f"edge server {address} refused GetServerInfo" in err.value.message
+
+
+def test_the_server_is_reached_before_the_model_loads(fake_server, monkeypatch):
+    """A client that loads its model asks the server first, once (the first request does not ask again); with
+    fallback_local it loads first, as an unreachable server then needs the model at once."""
+    address = fake_server("")
+    edge = fake_server.edges[""]
+    asked_before_load: list[int] = []
+    real_load = DeviceModel.load
+
+    def load(config):
+        asked_before_load.append(edge.info_calls)
+        return real_load(config)
+
+    monkeypatch.setattr(DeviceModel, "load", staticmethod(load))
+    before = edge.info_calls
+    with DeviceClient(DeviceConfig(server=address, model="tiny", adapter="none", steps=STEPS)) as client:
+        assert client.generate("a red circle", seed=1).metadata["mode"] == "edge"
+    assert asked_before_load == [before + 1] and edge.info_calls == before + 1
+    with DeviceClient(DeviceConfig(server=address, model="tiny", adapter="none", fallback_local=True)):
+        pass
+    assert asked_before_load == [before + 1, before + 1]  # loaded without asking
+
+
 def _accepted(fingerprint: str) -> edge_pb2.ImageResponse:
     return edge_pb2.ImageResponse(
         accepted=edge_pb2.Accepted(model_fingerprint=fingerprint, total_steps=4, branch_step=2, codec="fp16",
@@ -365,6 +441,20 @@ def test_cli_generate_with_fallback_and_clear_errors(tmp_path):
     assert res.exit_code == 2 and "host:port" in res.output  # a command-line mistake
     res = runner.invoke(main, [*base[:3], str(tmp_path), *base[4:], "--fallback-local"])  # -o a folder: refused first
     assert res.exit_code == 2 and "is a folder" in res.output and "Traceback" not in res.output
+
+
+def test_cli_generate_reports_an_unreachable_server_before_loading_the_model(tmp_path, monkeypatch):
+    """`sage-device generate --server` to a server that is not there ends with UNAVAILABLE before the model loads."""
+    from typer.testing import CliRunner
+
+    from device_client.cli import main
+
+    forbid_model_loading(monkeypatch)
+    out = tmp_path / "x.png"
+    res = CliRunner().invoke(main, ["generate", "a red circle", "-o", str(out), "--server", f"127.0.0.1:{free_port()}",
+                                    "--model", "tiny", "--connect-timeout", "0.5"])  # fmt: skip
+    assert res.exit_code == 1 and "error: UNAVAILABLE: edge server" in res.output, res.output
+    assert "unexpected" not in res.output and not out.exists()
 
 
 def test_cli_generate_refuses_bad_arguments_before_connecting(tmp_path):
