@@ -258,6 +258,27 @@ SD15_UNET = {  # Stable Diffusion v1.5's UNet2DConditionModel settings (the othe
     "layers_per_block": 2,
     "attention_head_dim": 8,
 }
+SD15_VAE = {  # Stable Diffusion v1.5's AutoencoderKL settings (the others, scaling factor 0.18215 included: defaults)
+    "block_out_channels": (128, 256, 512, 512),
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "layers_per_block": 2,
+    "latent_channels": 4,
+    "sample_size": 512,
+}
+SD15_TEXT_ENCODER = {  # CLIPTextConfig of SD v1.5's text encoder, OpenAI CLIP ViT-L/14's
+    "bos_token_id": CLIP_BOS,
+    "eos_token_id": CLIP_EOS,
+    "pad_token_id": CLIP_EOS,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_attention_heads": 12,
+    "num_hidden_layers": 12,
+    "hidden_act": "quick_gelu",
+    "projection_dim": 768,
+    "vocab_size": CLIP_VOCAB_SIZE,
+    "max_position_embeddings": 77,
+}
 
 
 def sd15_architecture_pipeline(
@@ -269,27 +290,6 @@ def sd15_architecture_pipeline(
     torch.manual_seed(seed)
     with torch.device(device):
         unet = UNet2DConditionModel(**SD15_UNET)
-        vae = AutoencoderKL(
-            block_out_channels=(128, 256, 512, 512),
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            layers_per_block=2,
-            latent_channels=4,
-            sample_size=512,
-        )
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                bos_token_id=CLIP_BOS,
-                eos_token_id=CLIP_EOS,
-                pad_token_id=CLIP_EOS,
-                hidden_size=768,
-                intermediate_size=3072,
-                num_attention_heads=12,
-                num_hidden_layers=12,
-                hidden_act="quick_gelu",
-                projection_dim=768,
-                vocab_size=CLIP_VOCAB_SIZE,
-                max_position_embeddings=77,
-            )
-        )
+        vae = AutoencoderKL(**SD15_VAE)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**SD15_TEXT_ENCODER))
     return assemble_pipeline(unet, vae, text_encoder, build_clip_tokenizer()).to(device=device, dtype=dtype)
