@@ -1,7 +1,10 @@
 """Model loading: Stable-Diffusion-family diffusers pipelines, the CLIP tokenizer, tiny test pipelines.
 
 Any folder in the SD v1.5 layout (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/) is a
-model. Weights must be safetensors: pickle checkpoints can execute code when loaded and are refused.
+model, and so is a Stable Diffusion v1.x single-file checkpoint in the original (LDM/CompVis) layout, e.g.
+v1-5-pruned-emaonly.safetensors: its weights are converted by diffusers' own converters into components built from
+SD v1.5's configs (or the configs of a folder the caller names). Weights must be safetensors: pickle checkpoints can
+execute code when loaded and are refused.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,6 +23,7 @@ DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "default_model"
 WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder")
 REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+MODEL_FILE_SUFFIX = ".safetensors"  # a single-file checkpoint (original LDM/CompVis layout)
 SD15_SCHEDULER_CONFIG = {
     "beta_start": 0.00085,
     "beta_end": 0.012,
@@ -79,8 +84,18 @@ def _component_files(folder: Path) -> list[Path]:
     return [p for p in folder.iterdir() if p.is_file()] if folder.is_dir() else []
 
 
+def is_single_file(path: Path) -> bool:
+    """Whether `path` names a single-file checkpoint: a file, or a missing path with a weights-file suffix."""
+    return path.is_file() or (not path.exists() and path.suffix.lower() in (MODEL_FILE_SUFFIX, *PICKLE_SUFFIXES))
+
+
 def check_pipeline_folder(path: Path) -> None:
-    """Raise ModelError unless `path` is a diffusers SD pipeline folder with safetensors weights."""
+    """Raise ModelError unless `path` is a diffusers SD pipeline folder with safetensors weights, or a Stable Diffusion
+    v1.x single-file .safetensors checkpoint that fits SD v1.5's configs (`check_single_file`)."""
+    path = Path(path)
+    if is_single_file(path):
+        check_single_file(path)
+        return
     if not path.exists():
         raise ModelError(f"model folder {path} does not exist")
     if not path.is_dir() or not (path / "model_index.json").is_file():
@@ -106,18 +121,25 @@ def folder_fingerprint(path: Path) -> str:
 
 
 def verify_pin(path: str | Path, expected_sha256: str) -> None:
-    """Raise ModelError unless the folder's full `folder_sha256` equals `expected_sha256` (a deployment's pin)."""
-    actual = folder_sha256(Path(path))
+    """Raise ModelError unless the model's full `folder_sha256` (a single file: the SHA-256 of its bytes) equals
+    `expected_sha256` (a deployment's pin)."""
+    path = Path(path)
+    actual = folder_sha256(path)
     if actual != expected_sha256.strip().lower():
+        kind = "model file" if path.is_file() else "model folder"
         raise ModelError(
-            f"model folder {path} does not match its SHA-256 pin: expected {expected_sha256}, found {actual} "
+            f"{kind} {path} does not match its SHA-256 pin: expected {expected_sha256}, found {actual} "
             "(the files changed or the pin is for another model); refusing to load it"
         )
 
 
 def folder_sha256(path: Path) -> str:
     """Full SHA-256 (64 hex digits) over the configs and weights of a pipeline folder, file by file in sorted
-    order (relative path, NUL, content); pickle files are skipped (never loaded). A model's SHA-256 pin."""
+    order (relative path, NUL, content); pickle files are skipped (never loaded). A model's SHA-256 pin. For a
+    single-file checkpoint it is the SHA-256 of the file's bytes (what `sha256sum FILE` prints)."""
+    path = Path(path)
+    if path.is_file():
+        return file_sha256(path)
     h = hashlib.sha256()
     for f in sorted(p for p in path.rglob("*") if p.is_file()):
         rel = f.relative_to(path).as_posix()
@@ -129,6 +151,15 @@ def folder_sha256(path: Path) -> str:
         with f.open("rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 h.update(block)
+    return h.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 (64 hex digits) of a file's bytes."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
     return h.hexdigest()
 
 
@@ -159,10 +190,17 @@ def load_pipeline(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     allow_download: bool = False,
+    config: str | Path | None = None,
 ) -> StableDiffusionPipeline:
-    """Load a Stable-Diffusion-family pipeline: a local folder (default: the shipped model) or, when
-    `allow_download` is set and the network allows it, a hub id. Safetensors only."""
+    """Load a Stable-Diffusion-family pipeline: a local folder (default: the shipped model), a Stable Diffusion v1.x
+    single-file .safetensors checkpoint (`load_single_file`; `config` names a folder with the component configs to
+    load it into, default SD v1.5's) or, when `allow_download` is set and the network allows it, a hub id.
+    Safetensors only."""
     local = Path(path) if path is not None else DEFAULT_MODEL_DIR
+    if path is not None and is_single_file(local):
+        return load_single_file(local, dtype=dtype, device=device, config=config)
+    if config is not None:
+        raise ModelError(f"a config folder is for a single-file checkpoint; {local} is not a file")
     if path is not None and not local.exists() and allow_download and "/" in str(path):
         pipe = StableDiffusionPipeline.from_pretrained(
             str(path), dtype=dtype, use_safetensors=True, safety_checker=None, requires_safety_checker=False
@@ -189,16 +227,357 @@ def load_pipeline(
     return pipe.to(device)
 
 
-def assemble_pipeline(
-    unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer
+# ------------------------------------------------------------------------------------------ single-file checkpoints
+
+LDM_PREFIXES = {  # where an SD v1.x single file keeps each component's weights
+    "unet": "model.diffusion_model.",
+    "vae": "first_stage_model.",
+    "text_encoder": "cond_stage_model.transformer.",
+}
+LDM_PART_NAMES = {"unet": "UNet", "vae": "VAE", "text_encoder": "text encoder"}
+LDM_SCHEDULE_BUFFERS = frozenset(  # LatentDiffusion's noise-schedule buffers: not weights (betas is checked)
+    {
+        "betas",
+        "alphas_cumprod",
+        "alphas_cumprod_prev",
+        "sqrt_alphas_cumprod",
+        "sqrt_one_minus_alphas_cumprod",
+        "log_one_minus_alphas_cumprod",
+        "sqrt_recip_alphas_cumprod",
+        "sqrt_recipm1_alphas_cumprod",
+        "posterior_variance",
+        "posterior_log_variance_clipped",
+        "posterior_mean_coef1",
+        "posterior_mean_coef2",
+        "logvar",
+        "lvlb_weights",
+    }
+)
+LDM_EMA_PREFIX = "model_ema."  # the UNet's EMA copy (flattened names) or its counters: not loaded (load_single_file)
+CONFIG_FILES = {
+    "unet": "unet/config.json",
+    "vae": "vae/config.json",
+    "text_encoder": "text_encoder/config.json",
+    "scheduler": "scheduler/scheduler_config.json",  # optional: SD v1.5's DDIM settings otherwise
+}
+
+
+@dataclass(frozen=True)
+class SingleFileConfig:
+    """The component configs a single-file checkpoint is loaded into, and where they came from."""
+
+    unet: dict
+    vae: dict
+    text_encoder: CLIPTextConfig
+    scheduler: dict
+    tokenizer_dir: Path | None  # None: build_clip_tokenizer's (SD v1.5's token ids)
+    source: str  # "SD v1.5's configs" or "the configs in DIR", for messages
+    digest: str | None = None  # SHA-256 over the config files read; None: the built-in SD v1.5 configs
+
+
+def sd15_single_file_config() -> SingleFileConfig:
+    """SD v1.5's component configs (SD15_UNET, SD15_VAE, SD15_TEXT_ENCODER, SD15_SCHEDULER_CONFIG), the default."""
+    return SingleFileConfig(
+        unet=dict(SD15_UNET),
+        vae=dict(SD15_VAE),
+        text_encoder=CLIPTextConfig(**SD15_TEXT_ENCODER),
+        scheduler=dict(SD15_SCHEDULER_CONFIG),
+        tokenizer_dir=None,
+        source="SD v1.5's configs",
+    )
+
+
+def read_single_file_config(folder: str | Path) -> SingleFileConfig:
+    """The component configs in `folder`: a diffusers SD pipeline folder, or one holding only its config files
+    (unet/config.json, vae/config.json, text_encoder/config.json; scheduler/scheduler_config.json and tokenizer/
+    are optional, SD v1.5's DDIM settings and the CLIP tokenizer otherwise). Weights there are never read."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ModelError(f"config folder {folder} does not exist or is not a folder")
+    configs: dict[str, dict] = {}
+    read: list[Path] = []
+    for name, rel in CONFIG_FILES.items():
+        file = folder / rel
+        if not file.is_file():
+            if name == "scheduler":
+                continue
+            raise ModelError(f"config folder {folder} has no {rel}")
+        try:
+            configs[name] = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ModelError(f"{file} is not a readable JSON config: {exc}") from exc
+        if not isinstance(configs[name], dict):
+            raise ModelError(f"{file} is not a JSON object")
+        read.append(file)
+    try:
+        text_encoder = CLIPTextConfig.from_pretrained(str(folder / "text_encoder"), local_files_only=True)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ModelError(f"could not read {folder / CONFIG_FILES['text_encoder']}: {exc}") from exc
+    tokenizer_dir = folder / "tokenizer" if (folder / "tokenizer").is_dir() else None
+    if tokenizer_dir is not None:
+        read += sorted(p for p in tokenizer_dir.rglob("*") if p.is_file())
+    h = hashlib.sha256()
+    for file in read:
+        h.update(file.relative_to(folder).as_posix().encode() + b"\0" + file.read_bytes())
+    return SingleFileConfig(
+        unet=configs["unet"],
+        vae=configs["vae"],
+        text_encoder=text_encoder,
+        scheduler=configs.get("scheduler", dict(SD15_SCHEDULER_CONFIG)),
+        tokenizer_dir=tokenizer_dir,
+        source=f"the configs in {folder}",
+        digest=h.hexdigest(),
+    )
+
+
+def _read_header(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from a safetensors header (no weights read); ModelError for an unreadable file."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return {key: tuple(fh.get_slice(key).get_shape()) for key in fh.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise ModelError(f"{path} is not a readable safetensors file (truncated or garbled?): {exc}") from exc
+
+
+def _not_sd1(shapes: dict[str, tuple[int, ...]]) -> str | None:
+    """What the checkpoint is when it is not an SD v1.x one (UNet, VAE and CLIP text encoder in the LDM layout),
+    else None. diffusers' `infer_diffusers_model_type` names the other families; it calls anything it does not
+    know "v1", so the v1 parts are checked here."""
+    from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+
+    if not shapes:
+        return "it holds no tensors"
+    try:
+        kind = infer_diffusers_model_type({key: torch.empty(shape, device="meta") for key, shape in shapes.items()})
+    except (KeyError, IndexError, ValueError, RuntimeError, TypeError, AttributeError):
+        kind = None  # a partial file that trips one of diffusers' guesses: the checks below name it
+    if kind in ("v2", "inpainting_v2") or any(k.startswith("cond_stage_model.model.") for k in shapes):
+        return "it is a Stable Diffusion 2.x checkpoint (OpenCLIP text encoder, cross-attention 1024)"
+    if kind is not None and kind.startswith("xl"):
+        return f"it is a Stable Diffusion XL checkpoint ({kind})"
+    if kind == "inpainting":
+        return "it is an SD v1.x inpainting checkpoint (a 9-channel UNet input), not a text-to-image one"
+    if kind not in (None, "v1"):
+        return f"diffusers takes it for a {kind!r} checkpoint"
+    present = {name for name, prefix in LDM_PREFIXES.items() if any(k.startswith(prefix) for k in shapes)}
+    absent = [f"{LDM_PART_NAMES[name]} ({prefix}*)" for name, prefix in LDM_PREFIXES.items() if name not in present]
+    if not absent:
+        return None
+    if any("lora" in key.lower() for key in shapes):
+        return f"it looks like a LoRA file ({len(shapes)} tensors, no full model)"
+    return f"it has no {', no '.join(absent)} weights ({len(shapes)} tensors, e.g. {', '.join(sorted(shapes)[:3])})"
+
+
+def _empty_components(cfg: SingleFileConfig) -> dict[str, torch.nn.Module]:
+    """UNet, VAE and text encoder built from `cfg` with empty (meta) parameters: nothing allocated."""
+    from accelerate import init_empty_weights
+
+    try:
+        with init_empty_weights():  # parameters on the meta device, buffers (CLIP's position ids) real
+            return {
+                "unet": UNet2DConditionModel.from_config(cfg.unet),
+                "vae": AutoencoderKL.from_config(cfg.vae),
+                "text_encoder": CLIPTextModel(cfg.text_encoder),
+            }
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise ModelError(f"{cfg.source} do not make a Stable Diffusion pipeline: {exc}") from exc
+
+
+def _convert_ldm(
+    checkpoint: dict[str, torch.Tensor], components: dict[str, torch.nn.Module], path: Path, account: bool
+) -> dict[str, dict[str, torch.Tensor]]:
+    """The diffusers state dict of each component, by diffusers' own LDM converters. ModelError for a tensor that
+    belongs to no component; with `account`, also for one the converters left unused (identity of the tensors, so
+    run it on fresh tensors: the meta ones of the header)."""
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_clip_checkpoint,
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+    )
+
+    prefixes = tuple(LDM_PREFIXES.values())
+    stray = sorted(
+        k for k in checkpoint
+        if not k.startswith(prefixes) and k not in LDM_SCHEDULE_BUFFERS and not k.startswith(LDM_EMA_PREFIX)
+    )  # fmt: skip
+    if stray:
+        raise ModelError(
+            f"{path} holds {len(stray)} tensors that are no part of an SD v1.x checkpoint's UNet, VAE or text encoder "
+            f"(e.g. {', '.join(stray[:3])}): refused rather than loaded in part"
+        )
+    parts = {name: {k: v for k, v in checkpoint.items() if k.startswith(p)} for name, p in LDM_PREFIXES.items()}
+    for key in [k for k in parts["text_encoder"] if k.endswith("embeddings.position_ids")]:
+        del parts["text_encoder"][key]  # the buffer 0..76, not a weight: transformers makes its own
+    try:
+        converted = {
+            # the UNet's own weights, not a model_ema.* copy: diffusers' default (extract_ema=False)
+            "unet": convert_ldm_unet_checkpoint(parts["unet"], dict(components["unet"].config)),
+            "vae": convert_ldm_vae_checkpoint(parts["vae"], dict(components["vae"].config)),
+            "text_encoder": convert_ldm_clip_checkpoint(parts["text_encoder"]),
+        }
+    except (KeyError, IndexError, ValueError, RuntimeError, TypeError, AttributeError) as exc:
+        raise ModelError(f"{path}: diffusers could not convert its weights ({type(exc).__name__}: {exc})") from exc
+    wrapped = hasattr(components["text_encoder"], "text_model")  # transformers >= 5.6 flattened CLIPTextModel
+    converted["text_encoder"] = {
+        ("text_model." if wrapped else "") + k.removeprefix("text_model."): v
+        for k, v in converted["text_encoder"].items()
+    }
+    if account:
+        for name, source in parts.items():
+            used = {id(t) for t in converted[name].values()}
+            used |= {id(t._base) for t in converted[name].values() if t._base is not None}  # reshaped VAE attention
+            unused = sorted(k for k, t in source.items() if id(t) not in used)
+            if unused:
+                raise ModelError(
+                    f"{path}: diffusers' conversion left {len(unused)} {LDM_PART_NAMES[name]} tensors unused "
+                    f"(e.g. {', '.join(unused[:3])}): refused rather than loaded in part"
+                )
+    return converted
+
+
+def _check_fit(path: Path, name: str, state: dict[str, torch.Tensor], model: torch.nn.Module, cfg: SingleFileConfig):
+    """ModelError unless the converted `state` has exactly the model's tensors, with its shapes."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(expected.keys() - state.keys())
+    extra = sorted(state.keys() - expected.keys())
+    wrong = [
+        f"{k} {tuple(state[k].shape)} where {expected[k]} is expected"
+        for k in sorted(expected.keys() & state.keys())
+        if tuple(state[k].shape) != expected[k]
+    ]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} tensors missing (e.g. {', '.join(missing[:2])})")
+    if extra:
+        problems.append(f"{len(extra)} tensors without a place (e.g. {', '.join(extra[:2])})")
+    if wrong:
+        problems.append(f"{len(wrong)} of another shape (e.g. {wrong[0]})")
+    if problems:
+        raise ModelError(f"{path}: its {LDM_PART_NAMES[name]} does not fit {cfg.source}: {'; '.join(problems)}")
+
+
+def _plan_single_file(path: Path, cfg: SingleFileConfig) -> dict[str, torch.nn.Module]:
+    """ModelError unless `path` is a readable SD v1.x .safetensors checkpoint whose every weight converts onto the
+    components of `cfg` with their shapes; returns those components, still empty. Reads the file's header only."""
+    suffix = path.suffix.lower()
+    if suffix in PICKLE_SUFFIXES:
+        raise ModelError(
+            f"{path} is a pickle checkpoint ({path.suffix}): refused, safetensors only (loading a pickle can execute "
+            "code; convert it to .safetensors)"
+        )
+    if not path.exists():
+        raise ModelError(f"model file {path} does not exist")
+    if suffix != MODEL_FILE_SUFFIX:
+        raise ModelError(
+            f"{path} is a file but not a .safetensors checkpoint: a model is a diffusers pipeline folder or a "
+            "Stable Diffusion v1.x .safetensors file"
+        )
+    shapes = _read_header(path)
+    found = _not_sd1(shapes)
+    if found is not None:
+        raise ModelError(f"{path} is not a Stable Diffusion v1.x checkpoint: {found}")
+    components = _empty_components(cfg)
+    meta = {key: torch.empty(shape, device="meta") for key, shape in shapes.items()}
+    converted = _convert_ldm(meta, components, path, account=True)
+    for name, model in components.items():
+        _check_fit(path, name, converted[name], model, cfg)
+    return components
+
+
+def _single_file_config(config: str | Path | None) -> SingleFileConfig:
+    return sd15_single_file_config() if config is None else read_single_file_config(config)
+
+
+def check_single_file(path: str | Path, config: str | Path | None = None) -> None:
+    """Raise ModelError unless `path` is a Stable Diffusion v1.x single-file .safetensors checkpoint (original
+    LDM layout) whose every tensor converts onto the components of `config` (a folder, `read_single_file_config`;
+    default SD v1.5's) with their shapes. Reads the header only: fast at any size."""
+    _plan_single_file(Path(path), _single_file_config(config))
+
+
+def load_single_file(
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    config: str | Path | None = None,
 ) -> StableDiffusionPipeline:
-    """An SD pipeline of these components in eval mode with SD v1.5's DDIM scheduler, no safety checker."""
+    """A pipeline from a Stable Diffusion v1.x single-file .safetensors checkpoint in the original LDM/CompVis layout
+    (e.g. v1-5-pruned-emaonly.safetensors), offline: components built from `config` (a folder with their configs,
+    `read_single_file_config`; default SD v1.5's), weights converted by diffusers' own converters and loaded
+    strictly. A tensor not used or a weight not found is a ModelError, never a partial load. Not loaded: the noise
+    schedule buffers (the file's betas must match the scheduler's), CLIP's position ids, and a model_ema.* copy of
+    the UNet: as diffusers' from_single_file does by default, the UNet's own weights are taken (in an "emaonly"
+    file those are the EMA weights). The fingerprint is the file's SHA-256 (first 16 digits), combined with the
+    config files' when `config` is given."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    cfg = _single_file_config(config)
+    components = _plan_single_file(path, cfg)
+    try:
+        tensors = load_file(str(path))
+        scheduler = DDIMScheduler.from_config(cfg.scheduler)
+    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+        raise ModelError(f"could not read the weights in {path}: {exc}") from exc
+    betas = tensors.get("betas")
+    if betas is not None and (
+        tuple(betas.shape) != tuple(scheduler.betas.shape)
+        or not torch.allclose(betas.double(), scheduler.betas.double(), rtol=1e-3, atol=1e-8)
+    ):
+        raise ModelError(
+            f"{path} was trained with another noise schedule than {cfg.source} give (its betas differ): "
+            "refusing to sample it with the wrong one"
+        )
+    converted = _convert_ldm(tensors, components, path, account=False)
+    del tensors
+    for name, model in components.items():
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in converted.pop(name).items()}
+        try:
+            model.load_state_dict(state, strict=True, assign=True)
+        except RuntimeError as exc:  # _plan_single_file checked keys and shapes: not expected
+            raise ModelError(f"{path}: could not load its {LDM_PART_NAMES[name]}: {exc}") from exc
+    try:
+        tokenizer = (
+            build_clip_tokenizer()
+            if cfg.tokenizer_dir is None
+            else CLIPTokenizer.from_pretrained(str(cfg.tokenizer_dir), local_files_only=True)
+        )
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"could not load the tokenizer in {cfg.tokenizer_dir}: {exc}") from exc
+    pipe = assemble_pipeline(
+        components["unet"], components["vae"], components["text_encoder"], tokenizer, scheduler=scheduler
+    )
+    pipe._sage_fingerprint = single_file_fingerprint(path, cfg)
+    return pipe.to(device)  # already in `dtype`: diffusers warns about any .to(dtype=...)
+
+
+def single_file_fingerprint(path: Path, cfg: SingleFileConfig | None = None) -> str:
+    """The model fingerprint of a single-file checkpoint: the first 16 digits of its SHA-256 (its pin), or, loaded
+    with a config folder, of the SHA-256 over that and the config files' digest."""
+    digest = file_sha256(path)
+    if cfg is None or cfg.digest is None:
+        return digest[:16]
+    return hashlib.sha256(f"{digest}\0{cfg.digest}".encode()).hexdigest()[:16]
+
+
+def assemble_pipeline(
+    unet: UNet2DConditionModel,
+    vae: AutoencoderKL,
+    text_encoder: CLIPTextModel,
+    tokenizer: CLIPTokenizer,
+    scheduler: DDIMScheduler | None = None,
+) -> StableDiffusionPipeline:
+    """An SD pipeline of these components in eval mode with `scheduler` (default: SD v1.5's DDIM scheduler), no
+    safety checker."""
     pipe = StableDiffusionPipeline(
         unet=unet.eval(),
         vae=vae.eval(),
         text_encoder=text_encoder.eval(),
         tokenizer=tokenizer,
-        scheduler=DDIMScheduler(**SD15_SCHEDULER_CONFIG),
+        scheduler=scheduler if scheduler is not None else DDIMScheduler(**SD15_SCHEDULER_CONFIG),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
