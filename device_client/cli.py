@@ -88,9 +88,7 @@ def generate_cmd(
 ) -> None:
     """Request a shared latent, run the branch phase here, decode and save the image."""
     from device_client.channel import read_token
-    from device_client.client import DeviceClient, DeviceError
     from device_client.demo import resolve_model
-    from sage_core.models import ModelError
 
     if model is None and resolve_model(None) == "tiny":
         typer.echo("note: the shipped default model is not installed yet; using the tiny random pipeline", err=True)
@@ -122,7 +120,12 @@ def generate_cmd(
     except ValueError as exc:  # a setting out of range or an unreadable token file: the command line is wrong
         fail(str(exc), code=2)
         return
+    from device_client.client import DeviceClient, DeviceError  # torch: imported once the command line is checked
+    from device_client.demo import check_model
+    from sage_core.models import ModelError
+
     try:
+        check_model(config.model, config.adapter)  # a missing or wrong model file or folder, before the server
         with DeviceClient(config) as client:
             result = client.generate(prompt, seed) if server else client.generate_local(prompt, seed)
         path = result.save(out)

@@ -5,13 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from device_client.channel import MAX_BACKOFF_S, MAX_RETRIES, is_loopback
-from sage_core.adapters import (  # noqa: F401  (re-exported for the CLIs)
+from sage_core.names import (  # noqa: F401  (ADAPTER_*, DEFAULT_ADAPTER_CHOICE re-exported for the CLIs)
     ADAPTER_AUTO,
     ADAPTER_NONE,
+    CODEC_MODES,
     DEFAULT_ADAPTER_CHOICE,
+    LOSSLESS_MODES,
+    MAX_STEPS,
+    SCHEDULER_NAMES,
 )
-from sage_core.codec import LOSSLESS_MODES, MODES
-from sage_core.sampler import MAX_STEPS, SCHEDULERS
 
 TINY_MODEL = "tiny"  # sage_core.models.tiny_pipeline(seed=0), what a `--model tiny` server runs
 DEFAULT_PAYLOAD_CAP = 80 * 2**20  # bytes of latent payload a device agrees to buffer
@@ -64,11 +66,11 @@ class DeviceConfig:
             raise ValueError(f"share must be in [0, 1], got {self.share}")
         if self.guidance is not None and not 0.0 <= self.guidance <= 100.0:
             raise ValueError(f"guidance must be in [0, 100], got {self.guidance}")
-        if self.scheduler and self.scheduler not in SCHEDULERS:
-            raise ValueError(f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
-        unknown = [c for c in self.accepted_codecs if c not in MODES]
+        if self.scheduler and self.scheduler not in SCHEDULER_NAMES:
+            raise ValueError(f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULER_NAMES)}")
+        unknown = [c for c in self.accepted_codecs if c not in CODEC_MODES]
         if unknown:
-            raise ValueError(f"unknown codec modes {unknown}; known: {', '.join(MODES)}")
+            raise ValueError(f"unknown codec modes {unknown}; known: {', '.join(CODEC_MODES)}")
         for side in (self.height, self.width):
             if side and (side < 8 or side % 8):
                 raise ValueError(f"height and width must be multiples of 8 (0: default), got {side}")

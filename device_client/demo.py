@@ -87,7 +87,7 @@ class RequestRecord:
 
 def resolve_model(model: str | None) -> str:
     """The model both sides run: the given one, else the shipped default if present, else "tiny"."""
-    from sage_core.models import DEFAULT_MODEL_DIR
+    from sage_core.names import DEFAULT_MODEL_DIR
 
     if model is not None:
         return model

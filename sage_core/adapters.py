@@ -23,16 +23,11 @@ import torch
 from safetensors import safe_open
 
 from sage_core.models import DEFAULT_MODEL_DIR, ModelError
+from sage_core.names import ADAPTER_AUTO, ADAPTER_NONE, DEFAULT_ADAPTER_CHOICE  # noqa: F401  (re-exported)
 
 ADAPTER_FILE = "pytorch_lora_weights.safetensors"
 INFO_FILE = "sage_adapter.json"
 DEFAULT_ADAPTER_DIR = DEFAULT_MODEL_DIR.parent / "sage_adapter"
-ADAPTER_AUTO = "auto"
-ADAPTER_NONE = "none"
-# What devices and the server apply unless told otherwise. "none": on the shipped default model the shipped SAGE
-# adapter lowers prompt fidelity (position 97 % -> 62 % with independent sampling, 62 % -> 31 % with shared
-# sampling; docs/results/sage_training/README.md), so it is opt-in (`--adapter auto` or a folder).
-DEFAULT_ADAPTER_CHOICE = ADAPTER_NONE
 
 
 class AdapterMismatchError(ModelError):

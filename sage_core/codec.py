@@ -31,6 +31,8 @@ import numpy as np
 import torch
 import zstandard
 
+from sage_core.names import CODEC_MODES, LOSSLESS_MODES, LOSSY_MODES
+
 __all__ = [
     "CodecError",
     "CodecSpec",
@@ -72,9 +74,7 @@ FIXED_HEADER_SIZE = _FIXED.size  # 28
 _DIM = struct.Struct("<I")
 _QPARAM = np.dtype("<f4")  # per channel: scale, offset
 
-LOSSLESS_MODES: tuple[str, ...] = ("fp32", "fp16", "bf16")
-LOSSY_MODES: tuple[str, ...] = ("int8", "int6", "int5", "int4", "fp8")
-MODES: tuple[str, ...] = LOSSLESS_MODES + LOSSY_MODES
+MODES: tuple[str, ...] = CODEC_MODES
 RECOMMENDED_LOSSY_MODE = "int4"
 # `negotiate`'s preference when its caller gives none: smallest first, lossless last (a device that accepts only
 # lossless gets fp16). The edge server passes its own `codecs` setting instead, fp32 first by default.

@@ -20,9 +20,10 @@ import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
-SCHEDULERS = {"ddim": DDIMScheduler, "dpmpp": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler}
-MAX_STEPS = 1000
-SHARED_CONDITIONS = ("mean", "medoid")  # what a group's shared steps are conditioned on (sage_core.adaptive)
+from sage_core.names import MAX_STEPS, SCHEDULER_NAMES, SHARED_CONDITIONS
+
+SCHEDULERS = dict(zip(SCHEDULER_NAMES, (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler),
+                      strict=True))
 
 
 @dataclass(frozen=True)

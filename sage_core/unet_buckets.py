@@ -21,15 +21,13 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from sage_core.fp8 import device_name, fits_float8_gemm, to_float8_rowwise, to_float8_static
+from sage_core.names import ATTENTION_BACKENDS, COMPILE_MODES, QUANTIZE_MODES  # noqa: F401  (re-exported)
 
-COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that replay CUDA graphs
-ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")  # SDPA kernels; "auto": PyTorch's choice
-# the compiled UNet's matmuls: as they are; float8 linear layers (torchao); float8 linear layers and 1x1 convolutions
-# with row-wise scales, or with one scale per tensor, the inputs' calibrated at start (sage_core.fp8,
+# QUANTIZE_MODES, the compiled UNet's matmuls: as they are; float8 linear layers (torchao); float8 linear layers and
+# 1x1 convolutions with row-wise scales, or with one scale per tensor, the inputs' calibrated at start (sage_core.fp8,
 # torch._scaled_mm alone); static with each transformer feed-forward's GEGLU fused into one kernel; and that with
 # the 3x3 convolutions in float8 too (sage_core.fp8_kernels)
-QUANTIZE_MODES = ("none", "fp8", "fp8-rowwise", "fp8-static", "fp8-static-geglu", "fp8-static-conv")
 STATIC_MODES: dict[str, dict[str, bool]] = {  # the modes that need a calibration run: to_float8_static's options
     "fp8-static": {}, "fp8-static-geglu": {"fuse_geglu": True}, "fp8-static-conv": {"fuse_geglu": True, "convs": True}}
 # static float8's calibration (`unet_calibration`): the empty prompt (guidance's unconditional half) and captions of

@@ -485,3 +485,26 @@ def test_cli_generate_refuses_bad_arguments_before_connecting(tmp_path):
     prompts.write_text("a cat\na dog\n")  # the demo asks for seed + i: MAX_SEED + 1 for the second
     res = CliRunner().invoke(main, ["demo", "--prompts", str(prompts), "--seed", str(MAX_SEED), "--out", str(tmp_path)])
     assert res.exit_code == 2 and "seed must be in" in res.output and "Traceback" not in res.output, res.output
+
+
+def test_the_device_command_line_does_not_import_torch(tmp_path) -> None:
+    """`sage-device --help` and its argument checks answer at once: the package, its config and its CLI import no
+    torch (the names they check against live in the torch-free sage_core.names), and a wrong -o is refused before
+    torch loads."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    code = ("import sys, device_client, device_client.config, device_client.cli; "
+            "from device_client import DeviceConfig; DeviceConfig(scheduler='euler', accepted_codecs=('int4',)); "
+            "print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=root)
+    assert done.returncode == 0 and done.stdout.strip() == "False", done.stderr[-2000:]
+    code = ("import sys\nfrom device_client.cli import main\n"
+            "try:\n    main(['generate', 'a cat', '-o', sys.argv[1], '--server', '127.0.0.1:1'])\n"
+            "except SystemExit as exc:\n    print(exc.code, 'torch' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "cat.txt")], capture_output=True, text=True,
+                          timeout=120, cwd=root)
+    assert done.stdout.strip() == "2 False", (done.stdout, done.stderr[-2000:])
+    assert "give a file name ending in .png" in done.stderr
