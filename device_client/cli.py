@@ -11,6 +11,7 @@ from device_client.channel import MAX_RETRIES
 from device_client.config import DEFAULT_ADAPTER_CHOICE, DeviceConfig
 from sage_core.seeds import MAX_SEED
 
+MODEL_HELP = "pipeline folder, SD v1.x .safetensors file or 'tiny'; default: the shipped model (tiny until it exists)"
 main = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
 
 
@@ -59,7 +60,7 @@ def generate_cmd(
     ] = None,
     model: Annotated[
         str | None,
-        typer.Option("--model", help="pipeline folder or 'tiny'; default: the shipped model (tiny until it exists)"),
+        typer.Option("--model", help=MODEL_HELP),
     ] = None,
     adapter: Annotated[
         str, typer.Option("--adapter", help="SAGE LoRA folder, 'auto' (the shipped one if made for this model), 'none'")
@@ -157,7 +158,7 @@ def demo_cmd(
     clients: Annotated[int, typer.Option("--clients", min=1, help="concurrent device clients")] = 8,
     model: Annotated[
         str | None,
-        typer.Option("--model", help="pipeline folder or 'tiny'; default: the shipped model (tiny until it exists)"),
+        typer.Option("--model", help=MODEL_HELP),
     ] = None,
     adapter: Annotated[
         str, typer.Option("--adapter", help="SAGE LoRA folder, 'auto' or 'none'")

@@ -12,8 +12,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from sage_core.report import build_report
-
+MODEL_HELP = "diffusers SD pipeline folder or SD v1.x .safetensors file (default: the shipped model)"
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console(stderr=True, soft_wrap=True, markup=False)  # paths and prompts print as given
 
@@ -40,7 +39,7 @@ def generate(
     seed: Annotated[
         int, typer.Option(min=0, help="base seed: a group's noise uses seed + its first prompt's index")
     ] = 0,
-    model: Annotated[Path | None, typer.Option(help="diffusers SD pipeline folder (default: shipped model)")] = None,
+    model: Annotated[Path | None, typer.Option(help=MODEL_HELP)] = None,
     overwrite: Annotated[bool, typer.Option(help="replace a previous run's output folder")] = False,
 ) -> None:
     """Group the prompts, run shared + branch sampling, write one PNG per prompt, a grid per group and
@@ -49,8 +48,10 @@ def generate(
     from sage_core.grouping import GroupingConfig
     from sage_core.models import ModelError, load_pipeline, model_fingerprint
     from sage_core.outputs import atomic_output_dir, check_output_dir
+    from sage_core.report import build_report
     from sage_core.sampler import SamplingConfig
 
+    quiet_libraries()
     try:
         config = SamplingConfig(steps=steps, guidance=guidance, share=share, scheduler=scheduler,
                                 shared_condition=shared_condition)
@@ -122,10 +123,11 @@ def print_summary(report: dict, out: Path) -> None:
 
 
 @app.command()
-def info(model: Annotated[Path | None, typer.Option(help="pipeline folder (default: shipped model)")] = None) -> None:
+def info(model: Annotated[Path | None, typer.Option(help=MODEL_HELP)] = None) -> None:
     """Print a model's fingerprint, components and latent size."""
     from sage_core.models import ModelError, load_pipeline, model_fingerprint
 
+    quiet_libraries()
     try:
         pipe = load_pipeline(model)
     except ModelError as exc:
@@ -155,6 +157,5 @@ def quiet_libraries() -> None:
 
 
 def main() -> None:
-    """Console-script entry point."""
-    quiet_libraries()
+    """Console-script entry point (the commands that load a model quiet its libraries; --help imports no torch)."""
     app()

@@ -37,3 +37,17 @@ def test_help_texts_hold_no_markup_tags(name, app):
     assert len(texts) > 5
     tagged = [(where, text) for where, text in texts if MARKUP_TAG.search(text)]
     assert not tagged, tagged
+
+
+@pytest.mark.parametrize("module", ["sage_core.cli", "edge_server.cli", "device_client.cli", "simulation.cli"])
+def test_help_answers_without_torch(module):
+    """`--help` of the serving and simulation command lines answers at once: their modules import no torch (it
+    costs seconds here); the commands import it when they run."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = f"import sys, {module}; print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0 and done.stdout.strip() == "False", done.stderr[-2000:]
