@@ -39,10 +39,11 @@ def test_help_texts_hold_no_markup_tags(name, app):
     assert not tagged, tagged
 
 
-@pytest.mark.parametrize("module", ["sage_core.cli", "edge_server.cli", "device_client.cli", "simulation.cli"])
+@pytest.mark.parametrize("module",
+                         ["sage_core.cli", "edge_server.cli", "device_client.cli", "simulation.cli", "training.cli"])
 def test_help_answers_without_torch(module):
-    """`--help` of the serving and simulation command lines answers at once: their modules import no torch (it
-    costs seconds here); the commands import it when they run."""
+    """Every command line's `--help` answers at once: its module imports no torch (seconds here); the commands
+    import it when they run."""
     import subprocess
     import sys
     from pathlib import Path

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from sage_core.outputs import OutputDirError, check_output_file, check_work_dir
 
 
 def check_device(device: str) -> None:
     """Refuse a device string torch does not know, or a CUDA device this machine does not have."""
+    import torch
+
     try:
         dev = torch.device(device)
     except (RuntimeError, ValueError):

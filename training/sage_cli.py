@@ -13,7 +13,6 @@ from typing import Annotated
 import typer
 
 from sage_core.outputs import write_text_atomic
-from training.grouped_dataset import DatasetError
 from training.run_checks import writable_file
 
 
@@ -99,6 +98,7 @@ def finetune(
     """LoRA fine-tuning of the UNet with L_SAGE (or the standard loss) on a grouped dataset."""
     from training.finetune import finetune as run
     from training.finetune import load_config
+    from training.grouped_dataset import DatasetError
     from training.lora import AdapterMismatchError
 
     try:
@@ -118,6 +118,7 @@ def replicate(
     num_threads: Annotated[int | None, typer.Option()] = None,
 ) -> None:
     """Table 1, Fig. 3 and Fig. 4 of the paper with 95 % bootstrap intervals."""
+    from training.grouped_dataset import DatasetError
     from training.lora import AdapterMismatchError
     from training.replicate import load_config
     from training.replicate import replicate as run
