@@ -392,6 +392,16 @@ def test_another_noise_schedule_is_refused(tiny_file, tiny_configs, tmp_path):
     load_pipeline(no_schedule, config=tiny_configs)
 
 
+def test_a_schedule_stored_in_bfloat16_loads(tiny_file, tiny_configs, tmp_path):
+    """bfloat16 rounds the betas by up to 0.4 %: the same schedule, stored in a bfloat16 file, is not another one."""
+    path = _copy_with(tmp_path, tiny_file, "bf16.safetensors", lambda t: t.update(betas=t["betas"].bfloat16()))
+    load_pipeline(path, config=tiny_configs)
+    path = _copy_with(tmp_path, tiny_file, "bf16-other.safetensors",
+                      lambda t: t.update(betas=(t["betas"] * 1.05).bfloat16()))
+    with pytest.raises(ModelError, match="another noise schedule"):
+        load_pipeline(path, config=tiny_configs)
+
+
 def test_config_folder_errors(tiny_file, tiny_configs, tmp_path):
     with pytest.raises(ModelError, match="config folder .* does not exist"):
         load_pipeline(tiny_file, config=tmp_path / "nope")
