@@ -354,7 +354,7 @@ def _save_atomic(path: Path, array: np.ndarray) -> None:
 
 def cached_embeddings(cfg: SimConfig, prompts: Sequence[str]) -> np.ndarray | None:
     """A cached embedding matrix for these prompts and this embedder, if one exists (pipeline embedders are
-    keyed by the model fingerprint, so their cache needs the model folder's fingerprint first)."""
+    keyed by the model fingerprint, so their cache needs the model's (a folder's or a single file's) first)."""
     spec = cfg.prompts.embedder
     if spec == "minilm":
         name = "minilm-l6-v2"
@@ -362,7 +362,7 @@ def cached_embeddings(cfg: SimConfig, prompts: Sequence[str]) -> np.ndarray | No
         from sage_core.models import DEFAULT_MODEL_DIR, folder_fingerprint
 
         folder = Path(spec.split(":", 1)[1]) if ":" in spec else DEFAULT_MODEL_DIR
-        if not folder.is_dir():
+        if not folder.exists():
             return None
         name = f"pipeline-{folder_fingerprint(folder)}"
     else:

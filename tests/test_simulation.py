@@ -600,3 +600,21 @@ def test_reading_a_prompt_file_says_what_it_dropped_or_changed(tmp_path):
     assert pool.note(path) == (
         "p.csv: left out 1 empty prompts and stripped surrounding whitespace from 1; 2 prompts kept"
     )
+
+
+def test_a_pipeline_file_embedder_finds_its_cache(prompt_file, tmp_path):
+    """`pipeline:FILE.safetensors` (a single-file checkpoint) is keyed by the file's fingerprint like a folder by
+    its own, so a second run reads the embeddings back instead of loading the model again."""
+    from sage_core.models import folder_fingerprint
+    from simulation.workload import cache_file, cached_embeddings
+
+    model = tmp_path / "model.safetensors"
+    model.write_bytes(b"weights")  # only its bytes count: the cache lookup never loads it
+    cfg = make_cfg(prompt_file, prompts={"dataset": str(prompt_file), "embedder": f"pipeline:{model}",
+                                         "cache_dir": str(tmp_path / "c")})
+    prompts = PROMPTS[:3]
+    assert cached_embeddings(cfg, prompts) is None
+    path = cache_file(cfg, f"pipeline-{folder_fingerprint(model)}", prompts)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, np.eye(3, dtype=np.float32))
+    np.testing.assert_array_equal(cached_embeddings(cfg, prompts), np.eye(3, dtype=np.float32))
