@@ -25,7 +25,17 @@ __all__ = sorted(_HOMES)
 
 
 def __getattr__(name: str) -> Any:
-    """The public name `name` from the module that defines it (PEP 562)."""
-    if name not in _HOMES:
-        raise AttributeError(f"module 'device_client' has no attribute {name!r}")
-    return getattr(importlib.import_module(_HOMES[name]), name)
+    """The public name `name` from the module that defines it, or the submodule `name` (PEP 562)."""
+    if name in _HOMES:
+        return getattr(importlib.import_module(_HOMES[name]), name)
+    try:
+        return importlib.import_module(f"{__name__}.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"{__name__}.{name}":
+            raise  # the submodule exists and failed to import: say so, not "no attribute"
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+
+
+def __dir__() -> list[str]:
+    """The module's own names and the public ones imported on first use."""
+    return sorted({*globals(), *__all__})

@@ -508,3 +508,19 @@ def test_the_device_command_line_does_not_import_torch(tmp_path) -> None:
                           timeout=120, cwd=root)
     assert done.stdout.strip() == "2 False", (done.stdout, done.stderr[-2000:])
     assert "give a file name ending in .png" in done.stderr
+
+
+def test_the_lazy_package_still_gives_its_submodules_and_names() -> None:
+    """`import device_client` then `device_client.client` works as it did when the package imported it eagerly,
+    dir() lists the public names, and an unknown name is an AttributeError."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import device_client\n"
+            "assert device_client.client.DeviceClient is device_client.DeviceClient\n"
+            "assert {'DeviceClient', 'read_metadata'} <= set(dir(device_client))\n"
+            "try:\n    device_client.nope\nexcept AttributeError:\n    print('ok')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.stdout.strip() == "ok", done.stderr[-2000:]
