@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -34,7 +34,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from edge_server.config import BUILTIN_MODELS, ConfigError, ServerConfig
-from edge_server.engine import Delivery, Engine, EngineError, ImageSpec, clip
+from edge_server.engine import Delivery, Engine, EngineError, ImageSpec, Ticket, clip
 from edge_server.metrics import EdgeMetrics
 from edge_server.security import TokenAuthInterceptor, TokenTable, load_token_table, server_credentials
 from protos.sage_edge.v1 import edge_pb2, edge_pb2_grpc
@@ -166,6 +166,31 @@ def accepted_message(d: Delivery) -> edge_pb2.ImageResponse:
     )
 
 
+@dataclass
+class _Call:
+    """One admitted RequestImage call as the servicer finishes it: its final status, payload bytes written, and
+    what its log line says about its group (kept apart from the Delivery, so that the payload is not held)."""
+
+    ticket: Ticket
+    started: float
+    status: str = "CANCELLED"
+    sent: int = 0
+    queue_wait_s: float | None = None
+    group_fields: dict[str, Any] = dataclasses.field(default_factory=dict)
+    finished: bool = False
+
+    def delivered(self, d: Delivery) -> None:
+        """Note the request's group (for its log line) and its queue wait (for the metrics)."""
+        self.queue_wait_s = d.queue_wait_ms / 1000.0
+        self.group_fields = {
+            "group_id": d.group_id,
+            "group_size": d.group_size,
+            "codec": d.payload.codec,
+            "queue_wait_ms": round(d.queue_wait_ms, 2),
+            "shared_phase_ms": round(d.shared_phase_ms, 2),
+        }
+
+
 class EdgeSamplerServicer(edge_pb2_grpc.EdgeSamplerServicer):
     """RequestImage, GetServerInfo and GetStats over an Engine."""
 
@@ -196,8 +221,10 @@ class EdgeSamplerServicer(edge_pb2_grpc.EdgeSamplerServicer):
 
     async def RequestImage(  # noqa: N802 - gRPC method name
         self, request: edge_pb2.ImageRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[edge_pb2.ImageResponse]:
-        """Admit, wait for the group's branch point, stream it; errors end the call with a status."""
+    ) -> None:
+        """Admit, wait for the group's branch point, stream it; errors end the call with a status. The whole call,
+        the stream included, ends by the request's deadline: a device that stops reading (alive, so the keepalive
+        does not end its connection) cannot hold its queue, client and host slots past --max-deadline-s."""
         started = time.monotonic()
         try:
             if isinstance(request, MalformedRequest):
@@ -212,23 +239,44 @@ class EdgeSamplerServicer(edge_pb2_grpc.EdgeSamplerServicer):
             await context.abort(grpc.StatusCode[exc.code], exc.message)
         if self.metrics is not None:
             self.metrics.active.inc()
-        status, sent, delivery = "CANCELLED", 0, None
+        call = _Call(ticket, started)
         try:
             try:
                 delivery = await self.engine.wait(ticket)
             except EngineError as exc:
-                status = exc.code
+                call.status = exc.code
                 await context.abort(grpc.StatusCode[exc.code], exc.message)
-            message = accepted_message(delivery)
-            message.accepted.model_fingerprint = self.engine.info.fingerprint
-            yield message
-            data = delivery.payload.data
-            chunks = range(0, len(data), self.config.chunk_size)  # no empty chunk: a device refuses one
-            for index, lo in enumerate(chunks):
-                piece = data[lo : lo + self.config.chunk_size]
-                yield edge_pb2.ImageResponse(chunk=edge_pb2.LatentChunk(index=index, data=piece))
-                sent += len(piece)
-            yield edge_pb2.ImageResponse(
+            call.delivered(delivery)
+            try:
+                async with asyncio.timeout(ticket.deadline - time.monotonic()):
+                    await self._stream(delivery, context, call)
+            except TimeoutError:  # the device reads too slowly: end the call, free its slots now
+                call.status = "DEADLINE_EXCEEDED"
+                self._finish(call)
+                # the status follows the bytes already handed to gRPC, so the device sees it once it reads them;
+                # returning (rather than aborting) leaves that wait to gRPC, with no payload held here
+                context.set_code(grpc.StatusCode.DEADLINE_EXCEEDED)
+                context.set_details("deadline passed while the latent was streaming (the device read too slowly)")
+                return
+            call.status = "OK"
+        finally:
+            if call.status == "CANCELLED" and time.monotonic() >= ticket.deadline - DEADLINE_SLACK_S:
+                call.status = "DEADLINE_EXCEEDED"  # the client's clock fired first and cancelled the call
+            self._finish(call)
+
+    async def _stream(self, delivery: Delivery, context: grpc.aio.ServicerContext, call: _Call) -> None:
+        """Accepted, the payload in chunks, Done; `call.sent` counts the payload bytes written."""
+        message = accepted_message(delivery)
+        message.accepted.model_fingerprint = self.engine.info.fingerprint
+        await context.write(message)
+        data = delivery.payload.data
+        chunks = range(0, len(data), self.config.chunk_size)  # no empty chunk: a device refuses one
+        for index, lo in enumerate(chunks):
+            piece = data[lo : lo + self.config.chunk_size]
+            await context.write(edge_pb2.ImageResponse(chunk=edge_pb2.LatentChunk(index=index, data=piece)))
+            call.sent += len(piece)
+        await context.write(
+            edge_pb2.ImageResponse(
                 done=edge_pb2.Done(
                     chunks=len(chunks),
                     total_bytes=len(data),
@@ -239,31 +287,26 @@ class EdgeSamplerServicer(edge_pb2_grpc.EdgeSamplerServicer):
                     shared_phase_ms=delivery.shared_phase_ms,
                 )
             )
-            status = "OK"
-        finally:
-            if status == "CANCELLED" and time.monotonic() >= ticket.deadline - DEADLINE_SLACK_S:
-                status = "DEADLINE_EXCEEDED"  # the client's clock fired first and cancelled the call
-            self.engine.release(ticket, status, sent)
-            if self.metrics is not None:
-                wait_s = delivery.queue_wait_ms / 1000.0 if delivery is not None else None
-                self.metrics.observe_request(status, sent, wait_s)
-                self.metrics.active.dec()
-            fields: dict[str, Any] = {
-                "request_id": ticket.request_id,
-                "client_id": ticket.request.client_id,
-                "status": status,
-                "total_ms": round((time.monotonic() - started) * 1000.0, 2),
-                "bytes": sent,
-            }
-            if delivery is not None:
-                fields.update(
-                    group_id=delivery.group_id,
-                    group_size=delivery.group_size,
-                    codec=delivery.payload.codec,
-                    queue_wait_ms=round(delivery.queue_wait_ms, 2),
-                    shared_phase_ms=round(delivery.shared_phase_ms, 2),
-                )
-            log.info("request_done", extra={"fields": fields})
+        )
+
+    def _finish(self, call: _Call) -> None:
+        """Release the request in the engine, count and log it with its final status (once per call)."""
+        if call.finished:
+            return
+        call.finished = True
+        self.engine.release(call.ticket, call.status, call.sent)
+        if self.metrics is not None:
+            self.metrics.observe_request(call.status, call.sent, call.queue_wait_s)
+            self.metrics.active.dec()
+        fields: dict[str, Any] = {
+            "request_id": call.ticket.request_id,
+            "client_id": call.ticket.request.client_id,
+            "status": call.status,
+            "total_ms": round((time.monotonic() - call.started) * 1000.0, 2),
+            "bytes": call.sent,
+            **call.group_fields,
+        }
+        log.info("request_done", extra={"fields": fields})
 
     async def GetServerInfo(  # noqa: N802
         self, request: edge_pb2.ServerInfoRequest, context: grpc.aio.ServicerContext

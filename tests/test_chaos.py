@@ -1,0 +1,220 @@
+"""Fault injection against a real edge server process on 127.0.0.1: devices that stop reading, stop or die in the
+middle of a stream, and forty devices of which a third leave at random.
+
+One module-scoped server, `capped` (tiny model, local Ray): a short server-side deadline cap (--max-deadline-s)
+and fast keepalive pings. A stalled reader asks for a 256x256 image (a latent of about 229 kB, fp32) over a channel
+without BDP probing, so its HTTP/2 window stays at 64 KiB and the server's writes really block once it stops
+reading.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+from server_fixtures import REPO_ROOT, EdgeServerProcess, server_env, start_edge_server
+
+from protos.sage_edge.v1 import edge_pb2, edge_pb2_grpc
+
+CAP_S = 6.0  # the capped server's --max-deadline-s
+STALL_SIDE = 256  # image side of a stalled reader's request: its payload is well over one HTTP/2 window
+NO_BDP = [("grpc.http2.bdp_probe", 0)]  # the client's stream window stays at 64 KiB
+FAST = {"steps": 4, "share": 0.5, "guidance": 1.0}
+TIMEOUT = 60.0
+
+
+@pytest.fixture(scope="module")
+def capped() -> EdgeServerProcess:
+    """Requests live at most CAP_S seconds; a connection quiet for 1 s is pinged and closed 1 s later."""
+    proc = start_edge_server(
+        "--max-deadline-s", str(CAP_S), "--keepalive-s", "1", "--keepalive-timeout-s", "1", "--chunk-size", "1024"
+    )
+    yield proc
+    proc.terminate()
+
+
+def request(prompt: str, **fields) -> edge_pb2.ImageRequest:
+    """An ImageRequest with the fast settings unless overridden."""
+    return edge_pb2.ImageRequest(prompt=prompt, **{**FAST, **fields})
+
+
+async def status_of(stub: edge_pb2_grpc.EdgeSamplerStub, req: edge_pb2.ImageRequest, timeout: float = TIMEOUT):
+    """(final status code, details, payload bytes received) of one RequestImage call read to its end."""
+    received = 0
+    try:
+        async for msg in stub.RequestImage(req, timeout=timeout):
+            if msg.WhichOneof("kind") == "chunk":
+                received += len(msg.chunk.data)
+    except grpc.aio.AioRpcError as exc:
+        return exc.code(), exc.details(), received
+    return grpc.StatusCode.OK, "", received
+
+
+async def status_of_call(call) -> tuple[grpc.StatusCode, str]:
+    """The final status of a RequestImage call already started (read to its end)."""
+    try:
+        async for _ in call:
+            pass
+    except grpc.aio.AioRpcError as exc:
+        return exc.code(), exc.details()
+    except asyncio.CancelledError:
+        return grpc.StatusCode.CANCELLED, "cancelled here"
+    return grpc.StatusCode.OK, ""
+
+
+def idle(stats: edge_pb2.ServerStats) -> bool:
+    """No per-request state left in the engine."""
+    return not (
+        stats.active_requests
+        or stats.queued_requests
+        or stats.running_windows
+        or stats.open_windows
+        or stats.tracked_clients
+    )
+
+
+def balanced(stats: edge_pb2.ServerStats) -> bool:
+    """Every admitted request is finished, and every call has one status."""
+    return (
+        stats.admitted == stats.completed + stats.failed + stats.active_requests
+        and sum(stats.status_counts.values()) == stats.completed + stats.failed + stats.rejected
+    )
+
+
+# ---- stalled streams ----------------------------------------------------------------------------------------------
+async def test_a_device_that_stops_reading_is_cut_at_the_deadline_cap(capped: EdgeServerProcess) -> None:
+    """A device that asks with no deadline, takes Accepted and then reads nothing more (its process alive, so it
+    answers keepalive pings) holds its stream no longer than --max-deadline-s: the server ends it with
+    DEADLINE_EXCEEDED, gives back its queue, client and host slots at the cap, and the device, reading again, gets
+    that status after the bytes that were in flight. The cap used to hold only until the shared phase ended: the
+    blocked stream kept its slots until the device read again, however long that took."""
+    await asyncio.to_thread(capped.wait_stats, idle)
+    before = capped.stats()
+    async with grpc.aio.insecure_channel(capped.address, options=NO_BDP) as channel:
+        call = edge_pb2_grpc.EdgeSamplerStub(channel).RequestImage(
+            request("a device that stops reading", height=STALL_SIDE, width=STALL_SIDE, client_id="stalled")
+        )  # no deadline: the server's cap is its only one
+        first = await call.read()
+        assert first.WhichOneof("kind") == "accepted"
+        started = time.monotonic()
+        stats = await asyncio.to_thread(capped.wait_stats, lambda s: s.active_requests == 0, CAP_S + 15)
+        assert time.monotonic() - started < CAP_S + 5
+        assert idle(stats) and balanced(stats), stats
+        assert stats.status_counts["DEADLINE_EXCEEDED"] == before.status_counts["DEADLINE_EXCEEDED"] + 1, stats
+        received = 0
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            while (msg := await asyncio.wait_for(call.read(), 10)) is not grpc.aio.EOF:
+                received += len(msg.chunk.data)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, err.value
+    assert 0 < received < 150_000  # what was in flight when the stream blocked (the payload is about 229 kB)
+
+
+STALLED_READER = """
+import os, signal, sys, time
+import grpc
+from protos.sage_edge.v1 import edge_pb2, edge_pb2_grpc
+channel = grpc.insecure_channel(sys.argv[1], options=[("grpc.http2.bdp_probe", 0)])
+side = int(sys.argv[2])
+stream = edge_pb2_grpc.EdgeSamplerStub(channel).RequestImage(edge_pb2.ImageRequest(
+    prompt=sys.argv[3], steps=4, share=0.5, guidance=1.0, height=side, width=side, client_id=sys.argv[3]))
+print(next(stream).WhichOneof("kind"), flush=True)
+if sys.argv[4] == "stop":  # reads nothing more: the server's writes block; SIGCONT wakes it
+    os.kill(os.getpid(), signal.SIGSTOP)
+else:
+    time.sleep(float(sys.argv[4]))  # reads nothing meanwhile: the server's writes block
+received = 0
+try:
+    for msg in stream:
+        received += len(msg.chunk.data) if msg.WhichOneof("kind") == "chunk" else 0
+    print("OK", received, flush=True)
+except grpc.RpcError as exc:
+    print(exc.code().name, received, flush=True)
+"""
+
+
+def stalled_reader(address: str, prompt: str, pause: str) -> subprocess.Popen:
+    """A device process that takes Accepted of a large stream, then reads nothing: for `pause` seconds, or, with
+    "stop", until a SIGCONT (it SIGSTOPs itself: a device that froze, or left the network)."""
+    return subprocess.Popen(
+        [sys.executable, "-c", STALLED_READER, address, str(STALL_SIDE), prompt, pause],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=server_env(),
+        cwd=REPO_ROOT,
+    )
+
+
+async def test_devices_stopped_or_killed_mid_stream_free_their_slots(capped: EdgeServerProcess) -> None:
+    """Two devices take Accepted of a large stream and stop reading; one then SIGSTOPs itself (its connection
+    stays open and nothing answers the server's pings), the other is SIGKILLed. The server's blocked writes hold up
+    no one (another device is served meanwhile); the stopped device's connection is closed by the keepalive, before
+    the deadline cap, the killed one's at once: both end CANCELLED and the server is idle again. Woken with
+    SIGCONT, the stopped device sees its stream fail, after the bytes that were in flight."""
+    await asyncio.to_thread(capped.wait_stats, idle)
+    before = capped.stats()
+    stopped = stalled_reader(capped.address, "a device stopped mid-stream", "stop")
+    killed = stalled_reader(capped.address, "a device killed mid-stream", "60")
+    try:
+        for device in (stopped, killed):
+            assert device.stdout is not None and device.stdout.readline().strip() == "accepted"
+        killed.kill()
+        async with capped.aio_channel() as channel:
+            code, _, received = await status_of(edge_pb2_grpc.EdgeSamplerStub(channel), request("meanwhile"), 20)
+        assert code == grpc.StatusCode.OK and received
+        stats = await asyncio.to_thread(capped.wait_stats, idle, CAP_S + 15)
+        assert balanced(stats), stats
+        # both CANCELLED (a closed connection), none at the deadline cap: the keepalive found the stopped one first
+        assert stats.status_counts["CANCELLED"] == before.status_counts["CANCELLED"] + 2, stats
+        stopped.send_signal(signal.SIGCONT)
+        out, _ = stopped.communicate(timeout=30)
+        code, received = out.split()
+        assert code != "OK" and int(received) < 150_000, out
+    finally:
+        for device in (stopped, killed):
+            with contextlib.suppress(ProcessLookupError):
+                device.send_signal(signal.SIGCONT)
+            device.kill()
+            device.wait()
+
+
+# ---- many devices, a third of them leaving -------------------------------------------------------------------------
+async def test_forty_devices_a_third_leaving_leave_the_counts_balanced(capped: EdgeServerProcess) -> None:
+    """40 devices, each on its own connection, within a second; a third of them leave at a random moment (a cancel,
+    a closed connection, a deadline of 0.05 to 1.5 s). Every device that stays gets its latent, the server ends
+    idle (no window, client or queue entry left) and its counts add up: admitted = completed + failed, one status
+    per call, at least as many OK as devices saw (a device may leave just after the server wrote its last
+    message)."""
+    await asyncio.to_thread(capped.wait_stats, idle)
+    before = capped.stats()
+    rng = random.Random(7)
+    modes = ["stay", "stay"] * 7 + ["cancel", "close", "deadline"] * 4
+
+    async def device(i: int, mode: str) -> tuple[str, grpc.StatusCode]:
+        await asyncio.sleep(rng.uniform(0.0, 1.0))
+        async with capped.aio_channel() as channel:
+            call = edge_pb2_grpc.EdgeSamplerStub(channel).RequestImage(
+                request(f"device {i % 5}", steps=rng.choice([4, 8, 30]), seed=i, client_id=f"d{i}"),
+                timeout=rng.uniform(0.05, 1.5) if mode == "deadline" else TIMEOUT,
+            )
+            if mode in ("cancel", "close"):
+                later = rng.uniform(0.0, 1.0)
+                asyncio.get_running_loop().call_later(
+                    later, call.cancel if mode == "cancel" else lambda: asyncio.ensure_future(channel.close())
+                )
+            code, _ = await status_of_call(call)
+        return mode, code
+
+    results = await asyncio.wait_for(asyncio.gather(*(device(i, m) for i, m in enumerate(modes))), TIMEOUT)
+    assert all(code == grpc.StatusCode.OK for mode, code in results if mode == "stay"), results
+    stats = await asyncio.to_thread(capped.wait_stats, idle, 20)
+    assert balanced(stats) and stats.admitted == before.admitted + len(modes), stats
+    seen_ok = sum(code == grpc.StatusCode.OK for _, code in results)
+    assert stats.completed - before.completed >= seen_ok, (stats, results)
+
