@@ -33,6 +33,7 @@ from sage_core.seeds import MAX_SEED
 
 log = logging.getLogger("sage_edge.engine")
 SHOWN_CHARS = 64  # of a client's value echoed in a status message (gRPC drops trailers past 16 KiB)
+MAX_RESENDS = 1  # times a window that reached a dead worker goes again after its revival (Engine._call_worker)
 
 
 class EngineError(Exception):
@@ -236,8 +237,10 @@ class Engine:
 
     # ---- lifecycle -------------------------------------------------------------------------------------------
     def start(self) -> None:
-        """Start the batch loop (call from the running event loop)."""
+        """Start the batch loop and one death watch per worker (call from the running event loop)."""
         self._loop_task = asyncio.get_running_loop().create_task(self._batch_loop(), name="sage-batch-loop")
+        for worker_index in range(len(self._workers)):
+            self._spawn(self._watch(worker_index))
 
     def stop_accepting(self) -> None:
         """Refuse new requests (UNAVAILABLE); admitted ones go on."""
@@ -421,10 +424,11 @@ class Engine:
             "window_start",
             extra={"fields": {"window_id": window.window_id, "requests": len(tickets), "buckets": len(jobs)}},
         )
-        worker = self._workers[worker_index]
         worker_lost = False
         try:
-            result: WindowResult = await asyncio.wrap_future(worker.run_window.remote(window.window_id, jobs).future())
+            result = await self._call_worker(worker_index, window, jobs)
+            if result is None:
+                return
             self._counts["windows_run"] += 1
             for b, ((key, ts), groups) in enumerate(zip(buckets.items(), result.buckets, strict=True)):
                 self._deliver(f"{window.window_id}-b{b}", key, ts, groups, result.shared_phase_ms)
@@ -498,16 +502,88 @@ class Engine:
         return EngineError("INTERNAL", f"shared phase failed: {type(exc).__name__}: {str(exc)[:500]}")
 
     async def _return_after_revival(self, worker_index: int) -> None:
-        """Give a failed window's slot back once its worker answers again; windows that failed together on one
-        worker share one revival (so a worker dead for good is replaced once)."""
+        """Give a failed window's slot back once its worker answers again."""
+        await asyncio.shield(self._revival(worker_index))
+        self._free_workers.put_nowait(worker_index)
+
+    def _revival(self, worker_index: int) -> asyncio.Task:
+        """The revival of a dead worker, started now unless one is under way: the windows that failed together on
+        it and its death watch share one (so a worker dead for good is replaced once)."""
         revival = self._revivals.get(worker_index)
         if revival is None or revival.done():
             revival = asyncio.get_running_loop().create_task(self._revive(worker_index))
             self._revivals[worker_index] = revival
             self._tasks.add(revival)
             revival.add_done_callback(self._tasks.discard)
-        await asyncio.shield(revival)
-        self._free_workers.put_nowait(worker_index)
+        return revival
+
+    async def _call_worker(self, worker_index: int, window: Window, jobs: list[BucketJob]) -> WindowResult | None:
+        """The worker's result for the window; None when every member left before it reached a live worker. The
+        window goes with a call to `EdgeWorker.alive` just before it: when that call fails because the actor
+        died, the window reached no live actor (a death the engine had not seen yet, while no window ran), so
+        it waits for the revival and goes again instead of failing its members (at most `MAX_RESENDS` times). A
+        death after `alive` answered fails the window's members at once (UNAVAILABLE): the window may be its
+        cause, and would kill the next actor too."""
+        import ray.exceptions
+
+        actor_died = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+        for resends in itertools.count():
+            if not await self._worker_ready(worker_index, window):
+                return None
+            worker = self._workers[worker_index]  # after a revival: perhaps a new actor
+            alive = asyncio.wrap_future(worker.alive.remote().future())
+            run = asyncio.wrap_future(worker.run_window.remote(window.window_id, jobs).future())
+            try:
+                await alive
+            except actor_died:
+                try:
+                    return await run  # it went through all the same (the actor was only unreachable for a moment)
+                except actor_died as exc:
+                    if resends >= MAX_RESENDS:
+                        raise
+                    self._counts["worker_failures"] += 1
+                    fields = {"window_id": window.window_id, "worker": worker_index, "error": first_line(exc)}
+                    log.warning("window_resent", extra={"fields": fields})
+                    self._revival(worker_index)
+            except BaseException:
+                run.cancel()
+                raise
+            else:
+                return await run
+        raise AssertionError("unreachable")
+
+    async def _worker_ready(self, worker_index: int, window: Window) -> bool:
+        """Wait for the worker's revival if one is under way (its death was seen while this window waited for a
+        slot); False, the window skipped, when every member left meanwhile."""
+        revival = self._revivals.get(worker_index)
+        if revival is not None and not revival.done():
+            window.running = False  # not on the worker yet: a member that leaves has nothing to cancel there
+            await asyncio.shield(revival)
+            window.running = True
+            if not window.tickets:
+                self._counts["windows_skipped"] += 1
+                return False
+        return True
+
+    async def _watch(self, worker_index: int) -> None:
+        """Keep one call open on the worker that returns only when its actor dies (EdgeWorker.watch), so that a
+        death while no window runs is seen at once: the revival starts then and the windows that come meanwhile
+        wait for the restarted actor. Unwatched, the next window or two went to the dead actor (Ray restarts it
+        in the background) and their requests ended UNAVAILABLE, and GetStats kept the dead actor's pid."""
+        import ray.exceptions
+
+        while True:
+            worker = self._workers[worker_index]
+            try:
+                await asyncio.wrap_future(worker.watch.remote().future())
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
+                self._counts["worker_failures"] += 1
+                fields = {"worker": worker_index, "pid": self._worker_pids[worker_index], "error": first_line(exc)}
+                log.warning("worker_died", extra={"fields": fields})
+                await asyncio.shield(self._revival(worker_index))
+            except Exception as exc:  # noqa: BLE001 - a worker that cannot be watched: windows still see its death
+                log.warning("worker %d cannot be watched (%s)", worker_index, first_line(exc))
+                return
 
     async def _revive(self, worker_index: int, timeout_s: float = 300.0) -> None:
         """After an actor died: wait for Ray's restart (or make a new actor once restarts are used up). Windows
@@ -559,6 +635,11 @@ class Engine:
             "status_counts": dict(self._status_counts),
             **{k: self._counts[k] for k in _COUNTERS},
         }
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message, else its type name."""
+    return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
 
 
 def uncount(counter: Counter[str], key: str) -> None:

@@ -258,7 +258,8 @@ def float8_calibration(pipe: Any) -> Any:
 
 
 class EdgeWorker:
-    """Holds one pipeline; runs windows one at a time (a second thread only serves `cancel` and `info`)."""
+    """Holds one pipeline; runs windows one at a time (one more thread holds `watch`, another serves `alive`,
+    `cancel` and `info`)."""
 
     def __init__(self, config: ServerConfig) -> None:
         import torch
@@ -306,6 +307,16 @@ class EdgeWorker:
 
         cond, pooled = text_embeddings(self.pipe, prompts)
         return cond, pooled.float().cpu().numpy() if self.embedder is None else self.embedder(prompts)
+
+    def alive(self) -> int:
+        """This process's pid. The engine sends this call just before each window: when it fails, the window
+        reached a dead actor, rather than being run when the actor died (Engine._call_worker)."""
+        return os.getpid()
+
+    def watch(self) -> None:
+        """Return only when this process ends: the engine keeps one such call open, and its failure tells it that
+        the actor died, also while no window runs (Engine._watch). Holds one of the actor's threads."""
+        threading.Event().wait()
 
     def cancel(self, window_id: str) -> bool:
         """Ask the running window `window_id` to stop at its next UNet call; False if it is not running."""
@@ -440,7 +451,7 @@ def make_worker_actor(config: ServerConfig) -> Any:
         num_cpus=0 if use_gpu else 1,
         max_restarts=config.worker_max_restarts,
         max_task_retries=0,
-        max_concurrency=config.worker_pipeline + 1,  # the windows in flight, and `cancel` / `info`
+        max_concurrency=config.worker_pipeline + 2,  # the windows in flight, `watch`, and `alive` / `cancel` / `info`
     )
     return actor_cls.remote(config)
 

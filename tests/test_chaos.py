@@ -1,8 +1,12 @@
 """Fault injection against a real edge server process on 127.0.0.1: devices that stop reading, stop or die in the
-middle of a stream, and forty devices of which a third leave at random.
+middle of a stream or while queued, and a Ray worker that dies while the server is idle.
 
-One module-scoped server, `capped` (tiny model, local Ray): a short server-side deadline cap (--max-deadline-s)
-and fast keepalive pings. A stalled reader asks for a 256x256 image (a latent of about 229 kB, fp32) over a channel
+Two module-scoped servers (tiny model, local Ray), each started only when a test needs it:
+- `capped`: a short server-side deadline cap (--max-deadline-s) and fast keepalive pings, for stalled streams;
+- `slow`: 20 ms per UNet call and one window in flight per worker, for worker deaths and queued devices.
+A request that comes while the worker is busy is sealed into a window of its own (max_wait_ms after it) that waits
+for the worker, and what comes after it forms the next window: tests that want requests in one window queue such a
+`sealed` request first. A stalled reader asks for a 256x256 image (a latent of about 229 kB, fp32) over a channel
 without BDP probing, so its HTTP/2 window stays at 64 KiB and the server's writes really block once it stops
 reading.
 """
@@ -11,11 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -35,6 +41,19 @@ def capped() -> EdgeServerProcess:
     """Requests live at most CAP_S seconds; a connection quiet for 1 s is pinged and closed 1 s later."""
     proc = start_edge_server(
         "--max-deadline-s", str(CAP_S), "--keepalive-s", "1", "--keepalive-timeout-s", "1", "--chunk-size", "1024"
+    )
+    yield proc
+    proc.terminate()
+
+
+@pytest.fixture(scope="module")
+def slow(tmp_path_factory: pytest.TempPathFactory) -> EdgeServerProcess:
+    """20 ms per UNet call, one window in flight per worker, at most 5 open streams per host; up to 1000 steps, so
+    that one request can hold the worker for 20 s."""
+    config = tmp_path_factory.mktemp("slow") / "edge.yaml"
+    config.write_text("max_steps: 1000\n")
+    proc = start_edge_server(
+        "--config", str(config), "--worker-step-delay-ms", "20", "--worker-pipeline", "1", "--max-streams-per-host", "5"
     )
     yield proc
     proc.terminate()
@@ -217,4 +236,85 @@ async def test_forty_devices_a_third_leaving_leave_the_counts_balanced(capped: E
     assert balanced(stats) and stats.admitted == before.admitted + len(modes), stats
     seen_ok = sum(code == grpc.StatusCode.OK for _, code in results)
     assert stats.completed - before.completed >= seen_ok, (stats, results)
+
+
+# ---- devices killed while queued -------------------------------------------------------------------------------
+async def test_a_device_killed_while_queued_leaves_its_group_and_its_host_slot(
+    slow: EdgeServerProcess, tmp_path: Path
+) -> None:
+    """Three `sage-device` processes ask for the same prompt while the worker is busy; one is SIGKILLed while
+    queued. Its request ends CANCELLED and gives back its per-host slot (--max-streams-per-host 5: a new request
+    from the same host is admitted), and the two other devices, with that new request, still form one group of
+    three and write their images."""
+    await asyncio.to_thread(slow.wait_stats, idle)
+    before = slow.stats()
+    prompt = "a green square on the right"
+    async with slow.aio_channel() as channel:
+        stub = edge_pb2_grpc.EdgeSamplerStub(channel)
+        blocker = stub.RequestImage(request("a long window", steps=900, share=1.0), timeout=120)
+        blocking = asyncio.create_task(status_of_call(blocker))
+        await asyncio.to_thread(slow.wait_stats, lambda s: s.running_windows == 1, 30)
+        sealed = asyncio.create_task(status_of(stub, request("sealed into the next window")))
+        await asyncio.to_thread(slow.wait_stats, lambda s: s.queued_requests == 0 and s.active_requests == 2, 20)
+        devices = [device_process(slow.address, prompt, tmp_path / f"device{i}.png") for i in range(3)]
+        try:
+            await asyncio.to_thread(slow.wait_stats, lambda s: s.active_requests == 5, 120)  # host cap reached
+            devices[0].kill()
+            await asyncio.to_thread(slow.wait_stats, lambda s: s.active_requests == 4, 20)
+            joining = asyncio.create_task(status_of(stub, request(prompt, seed=5)))
+            await asyncio.to_thread(slow.wait_stats, lambda s: s.active_requests == 5, 20)
+            blocker.cancel()
+            assert (await blocking)[0] == grpc.StatusCode.CANCELLED
+            results = await asyncio.wait_for(asyncio.gather(sealed, joining), TIMEOUT)
+            assert [code for code, _, _ in results] == [grpc.StatusCode.OK] * 2, results
+            outputs = [await asyncio.to_thread(device.communicate, timeout=120) for device in devices[1:]]
+        finally:
+            for device in devices:
+                device.kill()
+                device.wait()
+    for device, (out, _) in zip(devices[1:], outputs, strict=True):
+        assert device.returncode == 0 and " of 3," in out, out
+    assert (tmp_path / "device1.png").is_file() and (tmp_path / "device2.png").is_file()
+    stats = await asyncio.to_thread(slow.wait_stats, idle, 10)
+    assert balanced(stats) and stats.rejected == before.rejected, stats
+    assert stats.status_counts["CANCELLED"] == before.status_counts["CANCELLED"] + 2, stats  # device 0, the blocker
+
+
+def device_process(address: str, prompt: str, out: Path) -> subprocess.Popen:
+    """`sage-device generate` of `prompt` (seed 5, 4 steps sharing 2) against the server at `address`."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "device_client.cli", "generate", prompt, "-o", str(out), "--server", address,
+         "--model", "tiny", "--steps", "4", "--share", "0.5", "--guidance", "1", "--seed", "5", "--retries", "0",
+         "--timeout", "120"],  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=server_env(),
+        cwd=REPO_ROOT,
+    )
+
+
+# ---- the Ray worker dies ------------------------------------------------------------------------------------------
+async def test_a_worker_that_dies_while_idle_is_replaced_and_the_next_requests_wait(slow: EdgeServerProcess) -> None:
+    """SIGKILL the model actor while no window runs. With no request coming, the server sees the death by itself
+    (worker_failures, and GetStats shows the restarted actor's pid); killed again, the requests sent right after
+    the death wait for the restarted actor and succeed. Before, the death went unseen until a window was sent to
+    the dead actor: the next requests, within about 10 s of it, ended UNAVAILABLE ('the edge worker running this
+    request's group died'), and a death no request saw left the dead pid in GetStats and was never counted."""
+    await asyncio.to_thread(slow.wait_stats, idle)
+    before = slow.stats()
+    os.kill(before.worker_pids[0], signal.SIGKILL)
+    stats = await asyncio.to_thread(slow.wait_stats, lambda s: s.worker_pids[0] not in (0, before.worker_pids[0]), 60)
+    assert stats.worker_failures > before.worker_failures and idle(stats), stats
+    os.kill(stats.worker_pids[0], signal.SIGKILL)
+    started = time.monotonic()
+    async with slow.aio_channel() as channel:
+        stub = edge_pb2_grpc.EdgeSamplerStub(channel)
+        calls = [status_of(stub, request(f"right after the death {i}", seed=i)) for i in range(2)]
+        results = await asyncio.gather(*calls)
+    assert [code for code, _, _ in results] == [grpc.StatusCode.OK] * 2, results
+    assert time.monotonic() - started < 60
+    after = await asyncio.to_thread(slow.wait_stats, idle, 10)
+    assert after.worker_pids[0] not in (0, stats.worker_pids[0]) and after.worker_failures > stats.worker_failures
+    assert balanced(after) and after.status_counts.get("UNAVAILABLE", 0) == 0, after
 
