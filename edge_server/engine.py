@@ -28,7 +28,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edge_server.config import KNOWN_CODECS, KNOWN_SCHEDULERS, LOSSLESS_CODECS, ServerConfig
-from edge_server.worker import BucketJob, BucketSettings, GroupResult, MemberSpec, ModelInfo, Payload, WindowResult
+from edge_server.worker import (
+    BucketJob,
+    BucketRefused,
+    BucketSettings,
+    GroupResult,
+    MemberSpec,
+    ModelInfo,
+    Payload,
+    WindowResult,
+)
 from sage_core.seeds import MAX_SEED
 
 log = logging.getLogger("sage_edge.engine")
@@ -431,6 +440,10 @@ class Engine:
                 return
             self._counts["windows_run"] += 1
             for b, ((key, ts), groups) in enumerate(zip(buckets.items(), result.buckets, strict=True)):
+                if isinstance(groups, BucketRefused):
+                    for t in ts:
+                        self._fail(t, EngineError("INVALID_ARGUMENT", groups.reason))
+                    continue
                 self._deliver(f"{window.window_id}-b{b}", key, ts, groups, result.shared_phase_ms)
         except Exception as exc:  # noqa: BLE001 - every failure must reach the members, never hang them
             error = self._classify(exc)
@@ -498,8 +511,8 @@ class Engine:
             return EngineError("UNAVAILABLE", "the edge worker running this request's group died; retry")
         if isinstance(exc, ray.exceptions.RayTaskError) and "WindowCancelled" in str(exc):
             return EngineError("CANCELLED", "the window was cancelled")
-        log.exception("worker error", exc_info=exc)
-        return EngineError("INTERNAL", f"shared phase failed: {type(exc).__name__}: {str(exc)[:500]}")
+        log.exception("worker error", exc_info=exc)  # the whole traceback stays in the server's log
+        return EngineError("INTERNAL", f"shared phase failed: {clip(error_reason(exc), 300)}")
 
     async def _return_after_revival(self, worker_index: int) -> None:
         """Give a failed window's slot back once its worker answers again."""
@@ -635,6 +648,18 @@ class Engine:
             "status_counts": dict(self._status_counts),
             **{k: self._counts[k] for k in _COUNTERS},
         }
+
+
+def error_reason(exc: BaseException) -> str:
+    """The worker's own exception as 'SomethingError: message' (the last such line of a Ray task error, whose text
+    also holds the worker's address, pid, source paths and terminal colours, none of which a device should see);
+    else the exception's type and first line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in reversed(lines):
+        name, sep, _ = line.partition(": ")
+        if sep and name.split(".")[-1].endswith("Error") and " " not in name:
+            return line
+    return f"{type(exc).__name__}: {first_line(exc)}"
 
 
 def first_line(exc: BaseException) -> str:

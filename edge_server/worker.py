@@ -88,10 +88,19 @@ class GroupResult:
 
 
 @dataclass(frozen=True)
-class WindowResult:
-    """Per bucket (same order as the jobs), its groups; and the time the shared phase took."""
+class BucketRefused:
+    """A bucket whose settings the model's scheduler cannot run (e.g. DDIM at 1000 of the model's 1000 timesteps,
+    where a raised max_steps lets a device ask for them): only its members fail, with this reason; the window's
+    other buckets run."""
 
-    buckets: tuple[tuple[GroupResult, ...], ...]
+    reason: str
+
+
+@dataclass(frozen=True)
+class WindowResult:
+    """Per bucket (same order as the jobs), its groups or why it was refused; and the time the shared phase took."""
+
+    buckets: tuple[tuple[GroupResult, ...] | BucketRefused, ...]
     shared_phase_ms: float
 
 
@@ -335,16 +344,34 @@ class EdgeWorker:
         with self._lock:
             self._stops[window_id] = stop
         try:
+            refusals = [self._refusal(job.settings) for job in jobs]
             with self._model:
                 start = time.perf_counter()
                 if stop.is_set():
                     raise WindowCancelled("window cancelled: all of its requests left")
-                ready = [self._shared_bucket(job, stop) for job in jobs]
-            buckets = tuple(self._encode_bucket(items) for items in ready)
+                ready = [
+                    () if refused else self._shared_bucket(job, stop)
+                    for job, refused in zip(jobs, refusals, strict=True)
+                ]
+            buckets = tuple(
+                BucketRefused(refused) if refused else self._encode_bucket(items)
+                for refused, items in zip(refusals, ready, strict=True)
+            )
             return WindowResult(buckets, (time.perf_counter() - start) * 1000.0)
         finally:
             with self._lock:
                 self._stops.pop(window_id, None)
+
+    def _refusal(self, settings: BucketSettings) -> str:
+        """Why the model's scheduler cannot run a bucket's settings ("" when it can): checked before the window
+        takes the model, so that one device's request does not fail the others' buckets."""
+        from sage_core.sampler import make_scheduler
+
+        try:
+            make_scheduler(self.pipe.scheduler.config, settings.scheduler, settings.steps)
+        except ValueError as exc:
+            return str(exc)
+        return ""
 
     def _run_bucket(self, job: BucketJob, stop: threading.Event) -> tuple[GroupResult, ...]:
         """One bucket's whole edge path: its shared phase, then its deliveries encoded."""

@@ -1,5 +1,6 @@
 """Fault injection against a real edge server process on 127.0.0.1: devices that stop reading, stop or die in the
-middle of a stream or while queued, and a Ray worker that dies while the server is idle.
+middle of a stream or while queued, a Ray worker that dies while the server is idle, a request whose settings the
+worker's scheduler refuses.
 
 Two module-scoped servers (tiny model, local Ray), each started only when a test needs it:
 - `capped`: a short server-side deadline cap (--max-deadline-s) and fast keepalive pings, for stalled streams;
@@ -317,4 +318,34 @@ async def test_a_worker_that_dies_while_idle_is_replaced_and_the_next_requests_w
     after = await asyncio.to_thread(slow.wait_stats, idle, 10)
     assert after.worker_pids[0] not in (0, stats.worker_pids[0]) and after.worker_failures > stats.worker_failures
     assert balanced(after) and after.status_counts.get("UNAVAILABLE", 0) == 0, after
+
+
+# ---- one request's settings fail on the worker --------------------------------------------------------------------
+async def test_a_bucket_the_scheduler_refuses_fails_alone(slow: EdgeServerProcess) -> None:
+    """A server whose max_steps lets a device ask for 1000 DDIM steps, which the model's 1000-timestep schedule
+    cannot run: in a window with another device's request, that request alone ends INVALID_ARGUMENT with the
+    scheduler's reason; the other is served. The worker's ValueError used to fail the whole window, every device
+    in it INTERNAL, with a message quoting Ray's traceback (the worker's address, pid and source paths)."""
+    await asyncio.to_thread(slow.wait_stats, idle)
+    async with slow.aio_channel() as channel:
+        stub = edge_pb2_grpc.EdgeSamplerStub(channel)
+        blocker = stub.RequestImage(request("holds the worker", steps=900, share=1.0), timeout=120)
+        blocking = asyncio.create_task(status_of_call(blocker))
+        await asyncio.to_thread(slow.wait_stats, lambda s: s.running_windows == 1, 30)
+        sealed = asyncio.create_task(status_of(stub, request("sealed into the next window")))
+        await asyncio.to_thread(slow.wait_stats, lambda s: s.queued_requests == 0 and s.active_requests == 2, 20)
+        too_many = asyncio.create_task(status_of(stub, request("too many steps", steps=1000)))
+        fine = asyncio.create_task(status_of(stub, request("a fine request")))
+        await asyncio.to_thread(slow.wait_stats, lambda s: s.queued_requests == 2, 20)  # one window, two buckets
+        blocker.cancel()
+        await blocking
+        (sealed_code, _, _), (code, details, _), (fine_code, fine_details, received) = await asyncio.wait_for(
+            asyncio.gather(sealed, too_many, fine), TIMEOUT
+        )
+    assert sealed_code == grpc.StatusCode.OK
+    assert fine_code == grpc.StatusCode.OK and received, (fine_code, fine_details)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "1000 steps" in details, (code, details)
+    assert "pid=" not in details and "\x1b" not in details and ".py" not in details, details
+    stats = await asyncio.to_thread(slow.wait_stats, idle, 10)
+    assert balanced(stats), stats
 
