@@ -241,6 +241,7 @@ class Engine:
         self._status_counts: Counter[str] = Counter()
         self._window_ids = itertools.count()
         self._accepting = True
+        self._closed = False
         self._tasks: set[asyncio.Task] = set()
         self._loop_task: asyncio.Task | None = None
 
@@ -262,9 +263,15 @@ class Engine:
             await asyncio.sleep(0.05)
         return not self._tickets
 
+    @property
+    def closed(self) -> bool:
+        """Whether `close` has run (the server is stopping: what is still open is cut by the server, not its client)."""
+        return self._closed
+
     async def close(self) -> None:
         """Stop the batch loop and fail whatever is still admitted with UNAVAILABLE."""
         self._accepting = False
+        self._closed = True
         for ticket in list(self._tickets.values()):
             self._fail(ticket, EngineError("UNAVAILABLE", "server shutting down"))
         tasks = [t for t in (self._loop_task, *self._tasks) if t is not None]

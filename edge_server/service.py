@@ -262,6 +262,8 @@ class EdgeSamplerServicer(edge_pb2_grpc.EdgeSamplerServicer):
         finally:
             if call.status == "CANCELLED" and time.monotonic() >= ticket.deadline - DEADLINE_SLACK_S:
                 call.status = "DEADLINE_EXCEEDED"  # the client's clock fired first and cancelled the call
+            elif call.status == "CANCELLED" and self.engine.closed:
+                call.status = "UNAVAILABLE"  # cut by the server's stop after the grace period: what the device sees
             self._finish(call)
 
     async def _stream(self, delivery: Delivery, context: grpc.aio.ServicerContext, call: _Call) -> None:
@@ -662,7 +664,8 @@ async def serve(config: ServerConfig) -> int:
         engine.stop_accepting()
         drained = await engine.drain(config.grace_s)
         await engine.close()  # requests still waiting end UNAVAILABLE with the reason, and are logged so
-        await server.stop(grace=0.5)  # time for those statuses to reach their clients
+        await server.stop(grace=0.5)  # time for those statuses to reach their clients; then streams are cut
+        await engine.drain(1.0)  # the cut streams' handlers release their requests
         log.info("stopped", extra={"fields": {"drained": drained, **engine.stats()}})
         return 0
     finally:

@@ -1,6 +1,6 @@
 """Fault injection against a real edge server process on 127.0.0.1: devices that stop reading, stop or die in the
 middle of a stream or while queued, a Ray worker that dies while the server is idle, a request whose settings the
-worker's scheduler refuses.
+worker's scheduler refuses, and a server stopped (twice) with requests queued, running and streaming.
 
 Two module-scoped servers (tiny model, local Ray), each started only when a test needs it:
 - `capped`: a short server-side deadline cap (--max-deadline-s) and fast keepalive pings, for stalled streams;
@@ -349,3 +349,48 @@ async def test_a_bucket_the_scheduler_refuses_fails_alone(slow: EdgeServerProces
     stats = await asyncio.to_thread(slow.wait_stats, idle, 10)
     assert balanced(stats), stats
 
+
+# ---- the server is stopped ----------------------------------------------------------------------------------------
+async def test_sigterm_twice_drains_queued_and_running_and_cuts_a_stalled_stream() -> None:
+    """SIGTERM, and SIGTERM again during the drain, with a stream stalled by its device, a window running and a
+    request queued behind it: the second signal changes nothing; new requests get UNAVAILABLE; the running and the
+    queued requests finish within --grace-s; the stalled stream is cut at the end of it, and is counted and logged
+    UNAVAILABLE, as its device sees it (it was CANCELLED, as if the device had left); the last log line finds the
+    engine empty; exit code 0 within the grace period and a few seconds."""
+    grace = 4.0
+    server = start_edge_server(
+        "--worker-step-delay-ms", "20", "--worker-pipeline", "1", "--grace-s", str(grace), "--chunk-size", "1024"
+    )
+    try:
+        async with grpc.aio.insecure_channel(server.address, options=NO_BDP) as stalled_channel, \
+                server.aio_channel() as channel:  # fmt: skip
+            stalled = edge_pb2_grpc.EdgeSamplerStub(stalled_channel).RequestImage(
+                request("a stalled stream", height=STALL_SIDE, width=STALL_SIDE), timeout=TIMEOUT
+            )
+            assert (await stalled.read()).WhichOneof("kind") == "accepted"
+            stub = edge_pb2_grpc.EdgeSamplerStub(channel)
+            running = asyncio.create_task(status_of(stub, request("running", steps=40, share=1.0)))
+            await asyncio.to_thread(server.wait_stats, lambda s: s.running_windows == 1, 20)
+            queued = asyncio.create_task(status_of(stub, request("queued")))
+            await asyncio.to_thread(server.wait_stats, lambda s: s.queued_requests == 1, 20)
+            signalled = time.monotonic()
+            server.process.send_signal(signal.SIGTERM)
+            await asyncio.to_thread(server.wait_stats, lambda s: not s.serving, 10)
+            server.process.send_signal(signal.SIGTERM)
+            code, details, _ = await status_of(stub, request("too late"), 10)
+            assert code == grpc.StatusCode.UNAVAILABLE and "shutting down" in details, (code, details)
+            results = await asyncio.wait_for(asyncio.gather(running, queued), TIMEOUT)
+            assert [code for code, _, _ in results] == [grpc.StatusCode.OK] * 2, results
+            assert await asyncio.to_thread(server.process.wait, 60) == 0  # the stalled device reads nothing
+            assert time.monotonic() - signalled < grace + 20
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                while await asyncio.wait_for(stalled.read(), 30) is not grpc.aio.EOF:
+                    pass
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value
+        done = [line for line in server.log_lines if "request_done" in line]
+        assert len(done) == 3 and sum("status=OK" in line for line in done) == 2, done
+        assert any("status=UNAVAILABLE" in line and "group_id" in line for line in done), done
+        stopped = [line for line in server.log_lines if " stopped " in line]
+        assert len(stopped) == 1 and "active_requests=0 " in stopped[0] and "'UNAVAILABLE': 2" in stopped[0], stopped
+    finally:
+        server.terminate(timeout=30)
