@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from edge_server.config import KNOWN_CODECS, KNOWN_SCHEDULERS, LOSSLESS_CODECS, ServerConfig
+from edge_server.config import ServerConfig
 from edge_server.worker import (
     BucketJob,
     BucketRefused,
@@ -38,6 +38,7 @@ from edge_server.worker import (
     Payload,
     WindowResult,
 )
+from sage_core.names import CODEC_MODES, LOSSLESS_MODES, SCHEDULER_NAMES
 from sage_core.seeds import MAX_SEED
 
 log = logging.getLogger("sage_edge.engine")
@@ -148,8 +149,8 @@ def clip(text: str, limit: int = SHOWN_CHARS) -> str:
 def negotiate_codec(accepted: Sequence[str], preferred: Sequence[str]) -> str:
     """First of the server's `preferred` modes the device accepts (empty: any lossless); same rule as
     sage_core.codec.negotiate. Raises EngineError INVALID_ARGUMENT when none matches."""
-    offered = set(accepted) if accepted else set(LOSSLESS_CODECS)
-    unknown = sorted(m for m in accepted if m not in KNOWN_CODECS)
+    offered = set(accepted) if accepted else set(LOSSLESS_MODES)
+    unknown = sorted(m for m in accepted if m not in CODEC_MODES)
     for mode in preferred:
         if mode in offered:
             return mode
@@ -181,8 +182,8 @@ def resolve(spec: ImageSpec, config: ServerConfig, info: ModelInfo) -> Resolved:
     if not 0.0 <= share <= 1.0:
         raise bad(f"share must be in [0, 1], got {share}")
     scheduler = spec.scheduler or config.default_scheduler
-    if scheduler not in KNOWN_SCHEDULERS:
-        raise bad(f"unknown scheduler {clip(repr(scheduler))}; choose one of {', '.join(KNOWN_SCHEDULERS)}")
+    if scheduler not in SCHEDULER_NAMES:
+        raise bad(f"unknown scheduler {clip(repr(scheduler))}; choose one of {', '.join(SCHEDULER_NAMES)}")
     height = spec.height or info.default_height
     width = spec.width or info.default_width
     for name, side in (("height", height), ("width", width)):
@@ -657,16 +658,19 @@ class Engine:
         }
 
 
-def error_reason(exc: BaseException) -> str:
-    """The worker's own exception as 'SomethingError: message' (the last such line of a Ray task error, whose text
-    also holds the worker's address, pid, source paths and terminal colours, none of which a device should see);
-    else the exception's type and first line."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    for line in reversed(lines):
+def worker_error_line(exc: BaseException) -> str | None:
+    """The worker's own exception as 'SomethingError: message': the last such line of a Ray task or actor error,
+    whose text also holds the worker's address, pid, source paths and terminal colours; None if it has none."""
+    for line in reversed([line.strip() for line in str(exc).splitlines() if line.strip()]):
         name, sep, _ = line.partition(": ")
         if sep and name.split(".")[-1].endswith("Error") and " " not in name:
             return line
-    return f"{type(exc).__name__}: {first_line(exc)}"
+    return None
+
+
+def error_reason(exc: BaseException) -> str:
+    """What a device is told of a failed window: `worker_error_line`, else the exception's type and first line."""
+    return worker_error_line(exc) or f"{type(exc).__name__}: {first_line(exc)}"
 
 
 def first_line(exc: BaseException) -> str:

@@ -34,7 +34,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from edge_server.config import BUILTIN_MODELS, ConfigError, ServerConfig
-from edge_server.engine import Delivery, Engine, EngineError, ImageSpec, Ticket, clip
+from edge_server.engine import Delivery, Engine, EngineError, ImageSpec, Ticket, clip, worker_error_line
 from edge_server.metrics import EdgeMetrics
 from edge_server.security import TokenAuthInterceptor, TokenTable, load_token_table, server_credentials
 from protos.sage_edge.v1 import edge_pb2, edge_pb2_grpc
@@ -515,12 +515,11 @@ def preflight_files(config: ServerConfig) -> None:
 
 
 def actor_error_reason(exc: BaseException) -> str:
-    """The last 'SomethingError: message' line of a Ray actor error (the worker's own exception), else its text."""
+    """The message of a Ray actor error's own exception (engine.worker_error_line), else the error's last line."""
+    line = worker_error_line(exc)
+    if line is not None:
+        return line.partition(": ")[2]
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    for line in reversed(lines):
-        name, sep, message = line.partition(": ")
-        if sep and name.split(".")[-1].endswith("Error") and " " not in name:
-            return message
     return lines[-1] if lines else type(exc).__name__
 
 

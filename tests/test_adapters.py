@@ -141,6 +141,11 @@ def test_a_worker_error_from_ray_is_reduced_to_its_message():
         "sage_core.models.ModelError: adapter folder /nope does not exist\n"
     )
     assert actor_error_reason(RuntimeError(text)) == "adapter folder /nope does not exist"
+    assert actor_error_reason(RuntimeError("the actor died\n  unexpectedly")) == "unexpectedly"
+    from edge_server.engine import error_reason  # what a device is told of a failed window: the same line, named
+
+    assert error_reason(RuntimeError(text)) == "sage_core.models.ModelError: adapter folder /nope does not exist"
+    assert error_reason(RuntimeError("the actor died\n  unexpectedly")) == "RuntimeError: the actor died"
 
 
 def test_devices_and_server_apply_no_adapter_unless_asked():
