@@ -51,6 +51,17 @@ def server_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def idle(stats: edge_pb2.ServerStats) -> bool:
+    """No per-request state left in the engine."""
+    return not (
+        stats.active_requests
+        or stats.queued_requests
+        or stats.running_windows
+        or stats.open_windows
+        or stats.tracked_clients
+    )
+
+
 class EdgeServerProcess:
     """A running `python -m edge_server serve ...` subprocess and how to reach it."""
 

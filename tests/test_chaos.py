@@ -26,7 +26,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from server_fixtures import REPO_ROOT, EdgeServerProcess, server_env, start_edge_server
+from server_fixtures import REPO_ROOT, EdgeServerProcess, idle, server_env, start_edge_server
 
 from protos.sage_edge.v1 import edge_pb2, edge_pb2_grpc
 
@@ -87,17 +87,6 @@ async def status_of_call(call) -> tuple[grpc.StatusCode, str]:
     except asyncio.CancelledError:
         return grpc.StatusCode.CANCELLED, "cancelled here"
     return grpc.StatusCode.OK, ""
-
-
-def idle(stats: edge_pb2.ServerStats) -> bool:
-    """No per-request state left in the engine."""
-    return not (
-        stats.active_requests
-        or stats.queued_requests
-        or stats.running_windows
-        or stats.open_windows
-        or stats.tracked_clients
-    )
 
 
 def balanced(stats: edge_pb2.ServerStats) -> bool:
@@ -239,6 +228,17 @@ async def test_forty_devices_a_third_leaving_leave_the_counts_balanced(capped: E
     assert stats.completed - before.completed >= seen_ok, (stats, results)
 
 
+async def hold_the_worker(server: EdgeServerProcess, stub: edge_pb2_grpc.EdgeSamplerStub):
+    """A request that holds the worker in a long window (its call and the task awaiting its status), and one
+    sealed into the next window behind it (its task): requests sent after these queue for the window after that."""
+    blocker = stub.RequestImage(request("holds the worker", steps=900, share=1.0), timeout=120)
+    blocking = asyncio.create_task(status_of_call(blocker))
+    await asyncio.to_thread(server.wait_stats, lambda s: s.running_windows == 1, 30)
+    sealed = asyncio.create_task(status_of(stub, request("sealed into the next window")))
+    await asyncio.to_thread(server.wait_stats, lambda s: s.queued_requests == 0 and s.active_requests == 2, 20)
+    return blocker, blocking, sealed
+
+
 # ---- devices killed while queued -------------------------------------------------------------------------------
 async def test_a_device_killed_while_queued_leaves_its_group_and_its_host_slot(
     slow: EdgeServerProcess, tmp_path: Path
@@ -252,11 +252,7 @@ async def test_a_device_killed_while_queued_leaves_its_group_and_its_host_slot(
     prompt = "a green square on the right"
     async with slow.aio_channel() as channel:
         stub = edge_pb2_grpc.EdgeSamplerStub(channel)
-        blocker = stub.RequestImage(request("a long window", steps=900, share=1.0), timeout=120)
-        blocking = asyncio.create_task(status_of_call(blocker))
-        await asyncio.to_thread(slow.wait_stats, lambda s: s.running_windows == 1, 30)
-        sealed = asyncio.create_task(status_of(stub, request("sealed into the next window")))
-        await asyncio.to_thread(slow.wait_stats, lambda s: s.queued_requests == 0 and s.active_requests == 2, 20)
+        blocker, blocking, sealed = await hold_the_worker(slow, stub)
         devices = [device_process(slow.address, prompt, tmp_path / f"device{i}.png") for i in range(3)]
         try:
             await asyncio.to_thread(slow.wait_stats, lambda s: s.active_requests == 5, 120)  # host cap reached
@@ -329,11 +325,7 @@ async def test_a_bucket_the_scheduler_refuses_fails_alone(slow: EdgeServerProces
     await asyncio.to_thread(slow.wait_stats, idle)
     async with slow.aio_channel() as channel:
         stub = edge_pb2_grpc.EdgeSamplerStub(channel)
-        blocker = stub.RequestImage(request("holds the worker", steps=900, share=1.0), timeout=120)
-        blocking = asyncio.create_task(status_of_call(blocker))
-        await asyncio.to_thread(slow.wait_stats, lambda s: s.running_windows == 1, 30)
-        sealed = asyncio.create_task(status_of(stub, request("sealed into the next window")))
-        await asyncio.to_thread(slow.wait_stats, lambda s: s.queued_requests == 0 and s.active_requests == 2, 20)
+        blocker, blocking, sealed = await hold_the_worker(slow, stub)
         too_many = asyncio.create_task(status_of(stub, request("too many steps", steps=1000)))
         fine = asyncio.create_task(status_of(stub, request("a fine request")))
         await asyncio.to_thread(slow.wait_stats, lambda s: s.queued_requests == 2, 20)  # one window, two buckets
