@@ -35,7 +35,9 @@ def serve(
     config: Annotated[Path | None, typer.Option("--config", help="YAML or TOML file of ServerConfig settings")] = None,
     host: Annotated[str | None, typer.Option(help="bind address (default 127.0.0.1)")] = None,
     port: Annotated[int | None, typer.Option(help="gRPC port; 0 picks a free one")] = None,
-    model: Annotated[str | None, typer.Option(help="'default', 'tiny' or a diffusers pipeline folder")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="'default', 'tiny', a diffusers pipeline folder or an SD v1.x .safetensors file")
+    ] = None,
     ray_address: Annotated[
         str | None,
         typer.Option("--ray-address", help="'auto', host:port or ray://host:port to join a cluster; unset: local Ray"),
@@ -123,7 +125,7 @@ def serve(
     ] = None,
     model_sha256: Annotated[
         str | None,
-        typer.Option("--model-sha256", help="refuse a model folder whose SHA-256 differs (see model-sha256)"),
+        typer.Option("--model-sha256", help="refuse a model whose SHA-256 differs (see model-sha256)"),
     ] = None,
     metrics_port: Annotated[
         int | None, typer.Option(help="serve Prometheus /metrics on this port (0: free one)")
@@ -167,17 +169,17 @@ def exit_now(code: int) -> NoReturn:
 
 @app.command("model-sha256")
 def model_sha256_cmd(
-    folder: Annotated[Path, typer.Argument(help="diffusers pipeline folder (safetensors)")],
+    model: Annotated[Path, typer.Argument(help="diffusers pipeline folder or SD v1.x .safetensors file")],
 ) -> None:
-    """Print the folder's SHA-256 (the value for --model-sha256 / model_sha256)."""
+    """Print the model's SHA-256 (the value for --model-sha256 / model_sha256; a file's is its sha256sum)."""
     from sage_core.models import ModelError, check_pipeline_folder, folder_sha256
 
     try:
-        check_pipeline_folder(folder)
+        check_pipeline_folder(model)
     except ModelError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
-    typer.echo(folder_sha256(folder))
+    typer.echo(folder_sha256(model))
 
 
 def main() -> None:

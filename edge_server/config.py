@@ -15,20 +15,18 @@ from typing import Any
 
 from sage_core.config_files import ConfigFileError, read_mapping
 from sage_core.config_types import check_fields, unknown_settings
+from sage_core.names import (  # torch-free: the front end checks settings without importing torch
+    ATTENTION_BACKENDS,
+    CODEC_MODES,
+    COMPILE_MODES,
+    QUANTIZE_MODES,
+    SCHEDULER_NAMES,
+    SHARED_CONDITIONS,
+    TUNING_LEVEL_NAMES,
+)
 
-# Mirrors of sage_core.sampler.{SCHEDULERS, SHARED_CONDITIONS}, sage_core.codec.{MODES, LOSSLESS_MODES} and
-# sage_core.unet_buckets.{COMPILE_MODES, ATTENTION_BACKENDS, QUANTIZE_MODES, TUNING_LEVELS} (checked by tests): the
-# front end does not import torch.
-KNOWN_SCHEDULERS: tuple[str, ...] = ("ddim", "dpmpp", "euler")
 SHARING_MODES: tuple[str, ...] = ("flat", "adaptive")
-SHARED_CONDITIONS: tuple[str, ...] = ("mean", "medoid")
-KNOWN_CODECS: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8", "int6", "int5", "int4", "fp8")
-BUILTIN_MODELS: tuple[str, ...] = ("default", "tiny", "sd15-random")  # model names that are not folders
-COMPILE_MODES: tuple[str, ...] = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-ATTENTION_BACKENDS: tuple[str, ...] = ("auto", "flash", "cudnn", "efficient", "math")
-QUANTIZE_MODES: tuple[str, ...] = ("none", "fp8", "fp8-rowwise", "fp8-static", "fp8-static-geglu", "fp8-static-conv")
-TUNING_LEVELS: tuple[str, ...] = ("none", "light", "full")
-LOSSLESS_CODECS: tuple[str, ...] = ("fp32", "fp16", "bf16")
+BUILTIN_MODELS: tuple[str, ...] = ("default", "tiny", "sd15-random")  # model names that are no folder or file
 LOG_FORMATS = ("text", "json")
 GRPC_MESSAGE_LIMIT = 4 * 2**20
 
@@ -55,7 +53,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051  # 0: pick a free port (printed as `SAGE_EDGE_LISTENING port=N`)
     # model and workers
-    model: str = "default"  # "default": the shipped model; "tiny": a tiny random pipeline (tests); or a folder
+    model: str = "default"  # "default": the shipped model; "tiny": a tiny random pipeline (tests); a folder or file
     adapter: str = "none"  # SAGE LoRA: "none" (sage_core.adapters.DEFAULT_ADAPTER_CHOICE), "auto" (the shipped one
     # when made for this model) or a folder
     dtype: str = "auto"  # "auto": float16 on CUDA, float32 on CPU; or "float32" / "float16" / "bfloat16"
@@ -127,7 +125,7 @@ class ServerConfig:
     tls_key: str | None = None  # PEM private key of tls_cert
     tls_client_ca: str | None = None  # PEM CA bundle that client certificates must chain to (mutual TLS)
     auth_tokens_file: str | None = None
-    model_sha256: str | None = None  # pin: sage_core.models.folder_sha256 of the model folder, checked at load
+    model_sha256: str | None = None  # pin: sage_core.models.folder_sha256 of the model (folder or file), at load
     # metrics (Prometheus text format on http://metrics_host:metrics_port/metrics); None: off, 0: a free port
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
@@ -166,7 +164,7 @@ def _problems(c: ServerConfig) -> list[str]:
 
     need(0 <= c.port <= 65535, f"port must be in [0, 65535], got {c.port}")
     need(bool(c.host), "host must not be empty")
-    need(bool(c.model), "model must not be empty (use 'default', 'tiny' or a pipeline folder)")
+    need(bool(c.model), "model must not be empty (use 'default', 'tiny', a pipeline folder or a .safetensors file)")
     need(
         c.dtype in ("auto", "float32", "float16", "bfloat16"),
         f"dtype must be auto/float32/float16/bfloat16, got {c.dtype!r}",
@@ -202,7 +200,7 @@ def _problems(c: ServerConfig) -> list[str]:
     need(1 <= c.default_steps <= c.max_steps, f"default_steps must be in [1, max_steps={c.max_steps}]")
     need(0.0 <= c.default_guidance <= 100.0, f"default_guidance must be in [0, 100], got {c.default_guidance}")
     need(0.0 <= c.default_share <= 1.0, f"default_share must be in [0, 1], got {c.default_share}")
-    need(c.default_scheduler in KNOWN_SCHEDULERS, f"default_scheduler must be one of {KNOWN_SCHEDULERS}")
+    need(c.default_scheduler in SCHEDULER_NAMES, f"default_scheduler must be one of {SCHEDULER_NAMES}")
     need(1 <= c.max_prompt_chars <= 100_000, f"max_prompt_chars must be in [1, 100000], got {c.max_prompt_chars}")
     need(8 <= c.max_image_side <= 4096, f"max_image_side must be in [8, 4096], got {c.max_image_side}")
     need(c.max_deadline_s > 0, f"max_deadline_s must be > 0, got {c.max_deadline_s}")
@@ -214,8 +212,8 @@ def _problems(c: ServerConfig) -> list[str]:
     need(not c.cudnn_benchmark or bool(c.unet_buckets),
          "cudnn_benchmark needs unet_buckets: cuDNN times its algorithms on each new shape's first call, which "
          "must happen at warm-up, not on a request")
-    need(c.unet_compile_tuning in TUNING_LEVELS,
-         f"unet_compile_tuning must be one of {', '.join(TUNING_LEVELS)}, got {c.unet_compile_tuning!r}")
+    need(c.unet_compile_tuning in TUNING_LEVEL_NAMES,
+         f"unet_compile_tuning must be one of {', '.join(TUNING_LEVEL_NAMES)}, got {c.unet_compile_tuning!r}")
     need(c.unet_compile != "none" or (c.unet_compile_tuning == "none" and c.unet_channels_last),
          "unet_compile_tuning and unet_channels_last shape the compiled UNet: they need unet_compile")
     need(c.unet_quantize in QUANTIZE_MODES,
@@ -228,8 +226,8 @@ def _problems(c: ServerConfig) -> list[str]:
     need(c.attention_backend in ATTENTION_BACKENDS,
          f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {c.attention_backend!r}")
     need(len(c.codecs) > 0, "codecs must name at least one codec mode")
-    unknown = [m for m in c.codecs if m not in KNOWN_CODECS]
-    need(not unknown, f"unknown codec modes {unknown}; known: {', '.join(KNOWN_CODECS)}")
+    unknown = [m for m in c.codecs if m not in CODEC_MODES]
+    need(not unknown, f"unknown codec modes {unknown}; known: {', '.join(CODEC_MODES)}")
     need(-7 <= c.zstd_level <= 22, f"zstd_level must be in [-7, 22], got {c.zstd_level}")
     need(
         1024 <= c.chunk_size <= GRPC_MESSAGE_LIMIT // 2,
@@ -243,11 +241,11 @@ def _problems(c: ServerConfig) -> list[str]:
     need(
         c.model_sha256 is None
         or (len(c.model_sha256) == 64 and all(ch in "0123456789abcdef" for ch in c.model_sha256)),
-        "model_sha256 must be 64 lowercase hex digits (sage-edge-server model-sha256 FOLDER prints it)",
+        "model_sha256 must be 64 lowercase hex digits (sage-edge-server model-sha256 MODEL prints it)",
     )
     need(
         c.model_sha256 is None or c.model not in ("tiny", "sd15-random"),
-        "model_sha256 pins a model folder; the in-memory 'tiny' and 'sd15-random' models have none",
+        "model_sha256 pins a model folder or file; the in-memory 'tiny' and 'sd15-random' models have none",
     )
     need(
         c.metrics_port is None or 0 <= c.metrics_port <= 65535,

@@ -26,9 +26,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from server_fixtures import EdgeServerProcess, server_env, start_edge_server
+from server_fixtures import EdgeServerProcess, idle, server_env, start_edge_server
 
-from edge_server.config import KNOWN_CODECS, KNOWN_SCHEDULERS, LOSSLESS_CODECS, ConfigError, ServerConfig, build_config
+from edge_server.config import ConfigError, ServerConfig, build_config
 from edge_server.engine import Engine, EngineError, ImageSpec, negotiate_codec, resolve
 from edge_server.worker import ModelInfo
 from protos.sage_edge.v1 import edge_pb2, edge_pb2_grpc
@@ -40,20 +40,17 @@ TIMEOUT = 60.0
 
 
 # ---- no server --------------------------------------------------------------------------------------------------
-def test_mirrored_names_match_sage_core() -> None:
-    """The front end's copies of scheduler and codec names equal sage_core's (it must not import torch)."""
-    from sage_core import codec, sampler
+def test_the_front_end_negotiates_codecs_as_sage_core_does() -> None:
+    """The torch-free front end's codec choice (engine.negotiate_codec) is sage_core.codec.negotiate's."""
+    from sage_core import codec
 
-    assert set(KNOWN_SCHEDULERS) == set(sampler.SCHEDULERS)
-    assert KNOWN_CODECS == codec.MODES
-    assert LOSSLESS_CODECS == codec.LOSSLESS_MODES
     for accepted in (["fp16"], ["int4", "fp32"], ["bogus", "int8"], ["fp8"]):
         assert negotiate_codec(accepted, ServerConfig().codecs) == codec.negotiate(accepted, ServerConfig().codecs)
 
 
 def test_the_front_end_does_not_import_torch() -> None:
     """The edge server's front end (config, engine, service, CLI) stays free of torch: heavy imports belong in the
-    Ray actors (why the names above are mirrored, and why the seed limit lives in the torch-free sage_core.seeds)."""
+    Ray actors (why the names it checks live in the torch-free sage_core.names, the seed limit in sage_core.seeds)."""
     code = "import sys, edge_server.cli, edge_server.service, edge_server.engine; print('torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           cwd=Path(__file__).resolve().parents[1], env=server_env())
@@ -409,17 +406,6 @@ async def status_of(stub: edge_pb2_grpc.EdgeSamplerStub, req: edge_pb2.ImageRequ
     except grpc.aio.AioRpcError as exc:
         return exc.code(), exc.details()
     return grpc.StatusCode.OK, ""
-
-
-def idle(stats: edge_pb2.ServerStats) -> bool:
-    """No per-request state left in the engine."""
-    return not (
-        stats.active_requests
-        or stats.queued_requests
-        or stats.running_windows
-        or stats.open_windows
-        or stats.tracked_clients
-    )
 
 
 async def test_stream_frames_checksum_and_decode(server: EdgeServerProcess) -> None:

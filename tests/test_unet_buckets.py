@@ -233,11 +233,11 @@ def test_inductor_tuning_sets_the_diffusion_options_and_reports_the_old_ones(lev
 
 
 def test_tuning_levels_are_validated_by_the_front_end_and_the_old_switch_still_reads():
-    from edge_server.config import TUNING_LEVELS as CONFIG_LEVELS
     from edge_server.config import ConfigError, build_config
+    from sage_core.names import TUNING_LEVEL_NAMES as CONFIG_LEVELS
     from sage_core.unet_buckets import TUNING_LEVELS, compile_unet
 
-    assert CONFIG_LEVELS == tuple(TUNING_LEVELS)  # the front end validates what sage_core accepts
+    assert CONFIG_LEVELS == tuple(TUNING_LEVELS)  # the front end validates (sage_core.names) what sage_core accepts
     compiled = {"unet_compile": "default"}
     assert build_config(None, {**compiled, "unet_compile_tuning": "light"}).unet_compile_tuning == "light"
     assert build_config(None, {**compiled, "unet_compile_tuning": True}).unet_compile_tuning == "full"
