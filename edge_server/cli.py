@@ -107,6 +107,10 @@ def serve(
     max_deadline_s: Annotated[
         float | None, typer.Option(help="server-side cap on a request's lifetime, whatever deadline it asks for")
     ] = None,
+    hung_window_s: Annotated[
+        float | None,
+        typer.Option(help="a cancelled window still running this long (s) means a hung worker: it is restarted"),
+    ] = None,
     keepalive_s: Annotated[
         float | None, typer.Option(help="ping a connection quiet this long (s); no answer: its requests end")
     ] = None,

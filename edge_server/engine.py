@@ -366,6 +366,7 @@ class Engine:
             self._counts["windows_cancelled"] += 1
             worker = self._workers[window.worker_index]
             self._spawn(self._cancel_on_worker(worker, window.window_id))
+            self._spawn(self._stop_hung(window))
 
     async def _cancel_on_worker(self, worker: Any, window_id: str) -> None:
         """Best-effort: ask the worker to stop a window nobody waits for."""
@@ -373,6 +374,25 @@ class Engine:
             await asyncio.wait_for(asyncio.wrap_future(worker.cancel.remote(window_id).future()), timeout=10)
         except Exception as exc:  # noqa: BLE001 - the window's own call reports real failures
             log.debug("cancel of %s failed: %s", window_id, exc)
+
+    async def _stop_hung(self, window: Window) -> None:
+        """Kill the model actor of a cancelled window still running `hung_window_s` later: the worker checks for a
+        cancel at every UNet call, so it is hung (a stuck GPU or a stopped process). Ray restarts the actor, the
+        window's call fails as the actor dies, and its slot comes back after the revival. Unchecked, the slot never
+        came back: with every worker's window hung, no request was served again."""
+        await asyncio.sleep(self.config.hung_window_s)
+        if self._windows.get(window.window_id) is not window or not window.running:
+            return
+        import ray
+
+        worker_index = window.worker_index
+        fields = {"window_id": window.window_id, "worker": worker_index, "pid": self._worker_pids[worker_index],
+                  "after_s": self.config.hung_window_s}
+        log.warning("worker_hung", extra={"fields": fields})
+        try:
+            ray.kill(self._workers[worker_index], no_restart=False)
+        except Exception as exc:  # noqa: BLE001 - the watch and the revival deal with an actor already gone
+            log.warning("worker %d could not be killed (%s)", worker_index, first_line(exc))
 
     # ---- batching --------------------------------------------------------------------------------------------
     async def _batch_loop(self) -> None:

@@ -50,12 +50,13 @@ def capped() -> EdgeServerProcess:
 @pytest.fixture(scope="module")
 def slow(tmp_path_factory: pytest.TempPathFactory) -> EdgeServerProcess:
     """20 ms per UNet call, one window in flight per worker, at most 5 open streams per host; up to 1000 steps, so
-    that one request can hold the worker for 20 s."""
+    that one request can hold the worker for 20 s; a cancelled window still running 3 s later means a hung worker."""
     config = tmp_path_factory.mktemp("slow") / "edge.yaml"
     config.write_text("max_steps: 1000\n")
     proc = start_edge_server(
-        "--config", str(config), "--worker-step-delay-ms", "20", "--worker-pipeline", "1", "--max-streams-per-host", "5"
-    )
+        "--config", str(config), "--worker-step-delay-ms", "20", "--worker-pipeline", "1",
+        "--max-streams-per-host", "5", "--hung-window-s", "3",
+    )  # fmt: skip
     yield proc
     proc.terminate()
 
@@ -314,6 +315,30 @@ async def test_a_worker_that_dies_while_idle_is_replaced_and_the_next_requests_w
     after = await asyncio.to_thread(slow.wait_stats, idle, 10)
     assert after.worker_pids[0] not in (0, stats.worker_pids[0]) and after.worker_failures > stats.worker_failures
     assert balanced(after) and after.status_counts.get("UNAVAILABLE", 0) == 0, after
+
+
+async def test_a_hung_worker_is_killed_and_restarted(slow: EdgeServerProcess) -> None:
+    """SIGSTOP the model actor (a hung worker: alive, never answering) and send a request: it ends at its deadline,
+    its window is cancelled, and --hung-window-s later the actor is killed and restarted, so the next request is
+    served. Before, the hung window kept the worker's slot for good: no request was served again until SIGCONT."""
+    await asyncio.to_thread(slow.wait_stats, idle)
+    before = slow.stats()
+    pid = before.worker_pids[0]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        async with slow.aio_channel() as channel:
+            stub = edge_pb2_grpc.EdgeSamplerStub(channel)
+            code, _, _ = await status_of(stub, request("into a hung worker"), timeout=2)
+            assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+            stats = await asyncio.to_thread(slow.wait_stats, lambda s: s.worker_pids[0] not in (0, pid), 60)
+            code, details, received = await status_of(stub, request("after the restart"))
+            assert code == grpc.StatusCode.OK and received, (code, details)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+    after = await asyncio.to_thread(slow.wait_stats, idle, 10)
+    assert after.worker_failures > before.worker_failures and stats.worker_pids[0] == after.worker_pids[0], after
+    assert balanced(after), after
 
 
 # ---- one request's settings fail on the worker --------------------------------------------------------------------
