@@ -497,12 +497,15 @@ def request_records(body: dict[str, Any], path: Path) -> list[dict[str, Any]]:
     return reqs
 
 
-def request_values(body: dict[str, Any], path: Path, key: str, tp: type, default: Any = _REQUIRED) -> list[Any]:
-    """Every request's `key` checked against type `tp` as a config value is (sage_core.config_types: an int is an
-    integer, not 2.5, 3.0, "3" or true; a float a finite number); `default` for a request without it, a ConfigError
-    naming the request (`requests[4].seed must be an integer, got 2.5`) when it has none."""
+def request_values(
+    reqs: list[dict[str, Any]], path: Path, key: str, tp: type, default: Any = _REQUIRED
+) -> list[Any]:
+    """Every request's `key` (`reqs`: request_records) checked against type `tp` as a config value is
+    (sage_core.config_types: an int is an integer, not 2.5, 3.0, "3" or true; a float a finite number); `default`
+    for a request without it, a ConfigError naming the request (`requests[4].seed must be an integer, got 2.5`)
+    when it has none."""
     values = []
-    for i, r in enumerate(request_records(body, path)):
+    for i, r in enumerate(reqs):
         if key not in r:
             if default is _REQUIRED:
                 raise ConfigError(f"workload file {path}: requests[{i}] has no {key}")
@@ -520,7 +523,7 @@ def request_seeds(body: dict[str, Any], path: Path) -> list[int]:
     seeds a run may use (sage_core.seeds); ConfigError naming the request otherwise. A float with a whole value
     (3.0) is refused as a config integer is: write_workload_file writes integers, and a float above 2^53 may not
     be the seed meant."""
-    seeds = request_values(body, path, "seed", int)
+    seeds = request_values(request_records(body, path), path, "seed", int)
     for i, seed in enumerate(seeds):
         if not 0 <= seed <= MAX_SEED:
             raise ConfigError(f"workload file {path}: requests[{i}].seed must be in [0, 2^63 - 1], got {seed}")
@@ -546,9 +549,9 @@ def workload_from_body(
 
     data.pop("base_dir", None)
     cfg = config_from_dict(data, base_dir=repo_root())
-    times = np.asarray(request_values(body, path, "t", float), dtype=np.float64)
-    texts = request_values(body, path, "prompt", str)
-    names = request_values(body, path, "device", str, default=cfg.devices[0].name)
+    times = np.asarray(request_values(reqs, path, "t", float), dtype=np.float64)
+    texts = request_values(reqs, path, "prompt", str)
+    names = request_values(reqs, path, "device", str, default=cfg.devices[0].name)
     if np.any(np.diff(times) < 0) or np.any(times < 0):
         raise ConfigError(f"workload file {path}: arrival times must be >= 0 and non-decreasing")
     pool = list(dict.fromkeys(texts))
