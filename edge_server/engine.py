@@ -534,7 +534,7 @@ class Engine:
         """Map a worker failure to a status; on actor death, make sure the worker comes back."""
         import ray.exceptions
 
-        if isinstance(exc, ray.exceptions.RayActorError | ray.exceptions.ActorUnavailableError):
+        if isinstance(exc, actor_death_errors()):
             self._counts["worker_failures"] += 1
             return EngineError("UNAVAILABLE", "the edge worker running this request's group died; retry")
         if isinstance(exc, ray.exceptions.RayTaskError) and "WindowCancelled" in str(exc):
@@ -565,9 +565,7 @@ class Engine:
         it waits for the revival and goes again instead of failing its members (at most `MAX_RESENDS` times). A
         death after `alive` answered fails the window's members at once (UNAVAILABLE): the window may be its
         cause, and would kill the next actor too."""
-        import ray.exceptions
-
-        actor_died = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+        actor_died = actor_death_errors()
         for resends in itertools.count():
             if not await self._worker_ready(worker_index, window):
                 return None
@@ -611,13 +609,11 @@ class Engine:
         death while no window runs is seen at once: the revival starts then and the windows that come meanwhile
         wait for the restarted actor. Unwatched, the next window or two went to the dead actor (Ray restarts it
         in the background) and their requests ended UNAVAILABLE, and GetStats kept the dead actor's pid."""
-        import ray.exceptions
-
         while True:
             worker = self._workers[worker_index]
             try:
                 await asyncio.wrap_future(worker.watch.remote().future())
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
+            except actor_death_errors() as exc:
                 self._counts["worker_failures"] += 1
                 fields = {"worker": worker_index, "pid": self._worker_pids[worker_index], "error": first_line(exc)}
                 log.warning("worker_died", extra={"fields": fields})
@@ -676,6 +672,13 @@ class Engine:
             "status_counts": dict(self._status_counts),
             **{k: self._counts[k] for k in _COUNTERS},
         }
+
+
+def actor_death_errors() -> tuple[type[BaseException], ...]:
+    """What a call on a Ray actor raises when the actor died or is restarting (ray is imported only when asked)."""
+    import ray.exceptions
+
+    return ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError
 
 
 def worker_error_line(exc: BaseException) -> str | None:
