@@ -34,17 +34,20 @@ def check_png_out(out: Path, overwrite: bool) -> None:
         raise ValueError(f"{out}: the image is written as PNG; give a file name ending in .png (-o)")
 
 
-def check_text(prompt: str) -> None:
+def check_text(text: str, what: str = "the prompt") -> None:
     """ValueError for a prompt that is not valid UTF-8 (the shell passed bytes Python kept as surrogates)."""
     try:
-        prompt.encode("utf-8")
+        text.encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise ValueError(f"the prompt is not valid UTF-8 text (byte {exc.start} onwards)") from exc
+        raise ValueError(f"{what} is not valid UTF-8 text (byte {exc.start} onwards)") from exc
 
 
 @main.command("generate")
 def generate_cmd(
     prompt: Annotated[str, typer.Argument(help="what to draw")],
+    negative_prompt: Annotated[
+        str, typer.Option("--negative-prompt", help="what guidance steers the image away from (diffusers' sense)")
+    ] = "",
     out: Annotated[Path, typer.Option("-o", "--out", help="PNG to write (metadata in text chunks)")] = Path("out.png"),
     server: Annotated[str | None, typer.Option("--server", help="edge server host:port; none: local sampling")] = None,
     seed: Annotated[
@@ -95,6 +98,7 @@ def generate_cmd(
         typer.echo("note: the shipped default model is not installed yet; using the tiny random pipeline", err=True)
     try:
         check_text(prompt)
+        check_text(negative_prompt, "the negative prompt")
         check_png_out(out, overwrite)
         config = DeviceConfig(
             server=server,
@@ -128,7 +132,10 @@ def generate_cmd(
     try:
         check_model(config.model, config.adapter)  # a missing or wrong model file or folder, before the server
         with DeviceClient(config) as client:
-            result = client.generate(prompt, seed) if server else client.generate_local(prompt, seed)
+            if server:
+                result = client.generate(prompt, seed, negative_prompt)
+            else:
+                result = client.generate_local(prompt, seed, negative_prompt=negative_prompt)
         path = result.save(out)
     except (DeviceError, ModelError, ValueError, OSError) as exc:
         fail(str(exc))

@@ -114,8 +114,10 @@ class DeviceResult:
 # ---------------------------------------------------------------------------------------------------- stream
 
 
-def check_accepted(accepted: edge_pb2.Accepted, fingerprint: str, config: DeviceConfig) -> None:
-    """Refuse an Accepted message this device cannot or must not continue from."""
+def check_accepted(
+    accepted: edge_pb2.Accepted, fingerprint: str, config: DeviceConfig, negative_prompt: str = ""
+) -> None:
+    """Refuse an Accepted message this device cannot or must not continue from (`negative_prompt`: the request's)."""
     if accepted.model_fingerprint != fingerprint:
         raise DeviceError(
             "FAILED_PRECONDITION",
@@ -129,6 +131,22 @@ def check_accepted(accepted: edge_pb2.Accepted, fingerprint: str, config: Device
         raise DeviceError("FAILED_PRECONDITION", f"server uses scheduler {accepted.scheduler!r}, unknown here")
     if len(accepted.latent_shape) != 4 or accepted.latent_shape[0] != 1:
         raise DeviceError("INTERNAL", f"bad latent shape {list(accepted.latent_shape)}; expected [1, C, h, w]")
+    if accepted.negative_prompt != negative_prompt:
+        raise DeviceError("FAILED_PRECONDITION", negative_mismatch(accepted.negative_prompt, negative_prompt))
+
+
+def negative_mismatch(used: str, asked: str) -> str:
+    """The message for a shared phase run under another negative prompt than the request's."""
+    if not used:
+        return (f"the server ran the shared phase without this request's negative prompt {shown(asked)}: a server "
+                "older than negative prompts ignores them (upgrade it)")
+    return f"the server ran the shared phase under negative prompt {shown(used)}, not this request's " + (
+        shown(asked) if asked else "(none)")
+
+
+def shown(text: str, limit: int = 80) -> str:
+    """`text` quoted for a message, cut to `limit` characters."""
+    return repr(text if len(text) <= limit else f"{text[:limit]}...")
 
 
 def check_next_chunk(chunks: list[bytes], n: int) -> None:
@@ -145,10 +163,10 @@ def check_next_chunk(chunks: list[bytes], n: int) -> None:
 
 
 def collect_stream(
-    responses: Iterable[edge_pb2.ImageResponse], fingerprint: str, config: DeviceConfig
+    responses: Iterable[edge_pb2.ImageResponse], fingerprint: str, config: DeviceConfig, negative_prompt: str = ""
 ) -> tuple[edge_pb2.Accepted, edge_pb2.Done, bytes, int, float]:
     """Read Accepted, the chunks in order and Done; return them, the payload, wire bytes and the time of Accepted.
-    Raises DeviceError on any out-of-order, missing or oversized part."""
+    Raises DeviceError on any out-of-order, missing or oversized part (`negative_prompt`: the request's)."""
     accepted: edge_pb2.Accepted | None = None
     done: edge_pb2.Done | None = None
     chunks: list[bytes] = []
@@ -162,7 +180,7 @@ def collect_stream(
         if kind == "accepted":
             if accepted is not None:
                 raise DeviceError("INTERNAL", "protocol error: a second Accepted")
-            check_accepted(msg.accepted, fingerprint, config)
+            check_accepted(msg.accepted, fingerprint, config, negative_prompt)
             accepted, t_accepted = msg.accepted, time.perf_counter()
         elif accepted is None:
             raise DeviceError("INTERNAL", f"protocol error: {kind} before Accepted")
@@ -247,6 +265,7 @@ def branch_config(accepted: edge_pb2.Accepted, scale: int) -> SamplingConfig:
             scheduler=accepted.scheduler or "ddim",
             height=accepted.latent_shape[2] * scale,
             width=accepted.latent_shape[3] * scale,
+            negative_prompt=accepted.negative_prompt,
         )
     except ValueError as exc:
         raise DeviceError("INTERNAL", f"server announced settings the device cannot run: {exc}") from None
@@ -348,11 +367,12 @@ class DeviceClient:
 
     # -- the two halves --
 
-    def build_request(self, prompt: str, seed: int | None = None) -> edge_pb2.ImageRequest:
-        """The ImageRequest for a prompt under this device's configuration."""
+    def build_request(self, prompt: str, seed: int | None = None, negative_prompt: str = "") -> edge_pb2.ImageRequest:
+        """The ImageRequest for a prompt (and its negative prompt) under this device's configuration."""
         c = self.config
         req = edge_pb2.ImageRequest(
             prompt=prompt,
+            negative_prompt=negative_prompt,
             steps=c.steps,
             accepted_codecs=list(c.accepted_codecs),
             height=c.height,
@@ -369,14 +389,16 @@ class DeviceClient:
             req.share = c.share
         return req
 
-    def request_latent(self, prompt: str, seed: int | None = None) -> ReceivedLatent:
+    def request_latent(self, prompt: str, seed: int | None = None, negative_prompt: str = "") -> ReceivedLatent:
         """Ask the server for this prompt's branch point; verify and decode it."""
         t0 = time.perf_counter()
         stub = self._stub()
         t_conn = time.perf_counter()
-        call = stub.RequestImage(self.build_request(prompt, seed), timeout=self.config.timeout_s)
+        call = stub.RequestImage(self.build_request(prompt, seed, negative_prompt), timeout=self.config.timeout_s)
         try:
-            accepted, done, payload, wire, t_acc = collect_stream(call, self.model.fingerprint, self.config)
+            accepted, done, payload, wire, t_acc = collect_stream(
+                call, self.model.fingerprint, self.config, negative_prompt
+            )
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.UNAVAILABLE:
                 self._reachable = False
@@ -404,12 +426,13 @@ class DeviceClient:
         return ReceivedLatent(accepted, done, point, len(payload), wire, timings)
 
     def finish(self, prompt: str, received: ReceivedLatent) -> DeviceResult:
-        """Branch phase for this device's prompt from the received point, then VAE decode."""
+        """Branch phase for this device's prompt from the received point (under the negative prompt the server
+        announced, the request's), then VAE decode."""
         pipe, acc = self.model.pipe, received.accepted
         config = branch_config(acc, pipe.vae_scale_factor)
         t0 = time.perf_counter()
         with self.model.text_lock:
-            cond, uncond = encode_prompts(pipe, [prompt])
+            cond, uncond = encode_prompts(pipe, [prompt], config.negative_prompt)
         counter = UNetCounter()
         final = branch_phase(
             pipe.unet, pipe.scheduler.config, [received.point], [cond], uncond, config, counter, labels=[acc.group_id]
@@ -421,6 +444,7 @@ class DeviceClient:
         metadata = {
             "mode": "edge",
             "prompt": prompt,
+            "negative_prompt": acc.negative_prompt,
             "seed": acc.seed,
             "server": self.config.server,
             "request_id": acc.request_id,
@@ -443,15 +467,16 @@ class DeviceClient:
 
     # -- public entry points --
 
-    def generate(self, prompt: str, seed: int | None = None) -> DeviceResult:
-        """An image for `prompt` through the edge server; with fallback_local, locally when it is unreachable."""
+    def generate(self, prompt: str, seed: int | None = None, negative_prompt: str = "") -> DeviceResult:
+        """An image for `prompt` (guided away from `negative_prompt`, as diffusers' argument) through the edge
+        server; with fallback_local, locally when it is unreachable."""
         t0 = time.perf_counter()
         try:
-            received = self.request_latent(prompt, seed)
+            received = self.request_latent(prompt, seed, negative_prompt)
         except DeviceError as exc:
             if not (self.config.fallback_local and exc.code == "UNAVAILABLE"):
                 raise
-            result = self.generate_local(prompt, seed, reason=exc.message)
+            result = self.generate_local(prompt, seed, reason=exc.message, negative_prompt=negative_prompt)
         else:
             try:
                 result = self.finish(prompt, received)
@@ -468,14 +493,14 @@ class DeviceClient:
             result.metadata["ignored_tokens"] = ignored
         return result
 
-    async def generate_async(self, prompt: str, seed: int | None = None) -> DeviceResult:
+    async def generate_async(self, prompt: str, seed: int | None = None, negative_prompt: str = "") -> DeviceResult:
         """`generate` in a worker thread, for asyncio callers."""
-        return await asyncio.to_thread(self.generate, prompt, seed)
+        return await asyncio.to_thread(self.generate, prompt, seed, negative_prompt)
 
-    def local_config(self) -> SamplingConfig:
+    def local_config(self, negative_prompt: str = "") -> SamplingConfig:
         """Sampling settings for fully local generation: this device's request fields, else core defaults."""
         c = self.config
-        kwargs: dict[str, Any] = {"share": 0.0}
+        kwargs: dict[str, Any] = {"share": 0.0, "negative_prompt": negative_prompt}
         if c.steps:
             kwargs["steps"] = c.steps
         if c.guidance is not None:
@@ -485,10 +510,12 @@ class DeviceClient:
         kwargs["height"], kwargs["width"] = c.height or None, c.width or None
         return SamplingConfig(**kwargs)
 
-    def generate_local(self, prompt: str, seed: int | None = None, reason: str = "") -> DeviceResult:
+    def generate_local(
+        self, prompt: str, seed: int | None = None, reason: str = "", negative_prompt: str = ""
+    ) -> DeviceResult:
         """Fully local sampling of one prompt (a group of one): the image sage_core.generate makes."""
         seed = seed if seed is not None else secrets.randbits(31)
-        config = self.local_config()
+        config = self.local_config(negative_prompt)
         t0 = time.perf_counter()
         out = generate(self.model.pipe, [prompt], config, GroupingConfig(), seed=seed, groups=[[0]])
         timings = {"local_sampling": (time.perf_counter() - t0) * 1e3}
@@ -496,6 +523,7 @@ class DeviceClient:
             "mode": "local-fallback" if reason else "local",
             "fallback_reason": reason,
             "prompt": prompt,
+            "negative_prompt": negative_prompt,
             "seed": seed,
             "group_size": 1,
             "branch_step": 0,

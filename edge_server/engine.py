@@ -71,6 +71,7 @@ class ImageSpec:
     model_fingerprint: str = ""
     client_id: str = ""
     host: str = ""  # the peer's host (service.peer_host), for max_streams_per_host
+    negative_prompt: str = ""
 
 
 @dataclass(frozen=True)
@@ -89,10 +90,13 @@ class Resolved:
     client_id: str
     seed_explicit: bool = True
     host: str = ""
+    negative_prompt: str = ""
 
     def bucket_key(self) -> BucketSettings:
-        """Requests share a window's shared_phase call only with equal settings."""
-        return BucketSettings(self.steps, self.guidance, self.scheduler, self.height, self.width)
+        """Requests share a window's shared_phase call only with equal settings, the negative prompt included
+        where guidance uses it (guidance > 1: classifier-free guidance; otherwise it has no effect)."""
+        negative = self.negative_prompt if self.guidance > 1.0 else ""
+        return BucketSettings(self.steps, self.guidance, self.scheduler, self.height, self.width, negative)
 
 
 @dataclass(frozen=True)
@@ -113,6 +117,7 @@ class Delivery:
     queue_wait_ms: float
     shared_phase_ms: float
     cached_steps: int = 0
+    negative_prompt: str = ""
 
 
 @dataclass(eq=False)
@@ -172,6 +177,9 @@ def resolve(spec: ImageSpec, config: ServerConfig, info: ModelInfo) -> Resolved:
         raise bad("prompt is empty")
     if len(prompt) > config.max_prompt_chars:
         raise bad(f"prompt is {len(prompt)} characters long; the limit is {config.max_prompt_chars}")
+    if len(spec.negative_prompt) > config.max_prompt_chars:
+        raise bad(f"negative prompt is {len(spec.negative_prompt)} characters long; "
+                  f"the limit is {config.max_prompt_chars}")
     steps = spec.steps or config.default_steps
     if not 1 <= steps <= config.max_steps:
         raise bad(f"steps must be in [1, {config.max_steps}], got {steps}")
@@ -204,7 +212,7 @@ def resolve(spec: ImageSpec, config: ServerConfig, info: ModelInfo) -> Resolved:
         raise bad(f"seed must be in [0, 2^63 - 1], got {seed}")
     return Resolved(
         prompt, steps, guidance, seed, share, codec, height, width, scheduler, spec.client_id, spec.seed is not None,
-        host=spec.host,
+        host=spec.host, negative_prompt=spec.negative_prompt,
     )
 
 
@@ -527,6 +535,7 @@ class Engine:
                         queue_wait_ms=((t.dispatched_at or t.admitted_at) - t.admitted_at) * 1000.0,
                         shared_phase_ms=shared_ms,
                         cached_steps=group.cached_steps,
+                        negative_prompt=t.request.negative_prompt,
                     )
                 )
 

@@ -122,6 +122,7 @@ def to_spec(request: edge_pb2.ImageRequest) -> ImageSpec:
         scheduler=request.scheduler,
         model_fingerprint=request.model_fingerprint,
         client_id=request.client_id,
+        negative_prompt=request.negative_prompt,
     )
 
 
@@ -162,6 +163,7 @@ def accepted_message(d: Delivery) -> edge_pb2.ImageResponse:
             latent_shape=list(d.latent_shape),
             min_similarity=d.min_similarity,
             cached_steps=d.cached_steps,
+            negative_prompt=d.negative_prompt,
         )
     )
 

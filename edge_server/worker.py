@@ -35,13 +35,15 @@ class ModelInfo:
 
 @dataclass(frozen=True)
 class BucketSettings:
-    """Settings every request of a compatibility bucket shares (one shared_phase call per bucket)."""
+    """Settings every request of a compatibility bucket shares (one shared_phase call per bucket): requests with
+    different negative prompts never share a group, as guidance's unconditional half differs."""
 
     steps: int
     guidance: float
     scheduler: str
     height: int
     width: int
+    negative_prompt: str = ""
 
 
 @dataclass(frozen=True)
@@ -273,7 +275,7 @@ class EdgeWorker:
     def __init__(self, config: ServerConfig) -> None:
         import torch
 
-        from sage_core.generate import empty_prompt_embedding
+        from sage_core.generate import negative_embedding
         from sage_core.models import model_fingerprint
 
         if not torch.cuda.is_available():
@@ -285,7 +287,7 @@ class EdgeWorker:
         torch.backends.cudnn.benchmark = config.cudnn_benchmark  # process-wide: this process holds one model
         self.unet, self.unet_warmup = serving_unet(self.pipe, config)  # compiled and bucketed if configured
         self.unet_dtype, self.unet_device = self.pipe.unet.dtype, self.pipe.unet.device  # read once: both walk it
-        self.uncond = empty_prompt_embedding(self.pipe)  # the same for every window
+        self.uncond = negative_embedding(self.pipe)  # the empty prompt's, for every bucket without a negative prompt
         self.embedder: Any = None  # prompts -> pooled embeddings [M, D], in place of the text encoder's (benchmarks)
         self.policy = sharing_policy(config)
         self.cache = latent_cache(config, self.policy)
@@ -384,7 +386,7 @@ class EdgeWorker:
         import torch
 
         from sage_core.adaptive import cap_depths, deliveries, run_shared_plan
-        from sage_core.generate import latent_shape
+        from sage_core.generate import latent_shape, negative_embedding
         from sage_core.latent_cache import CacheSettings
         from sage_core.policy import cached_starts, file_plan, plan_window
         from sage_core.sampler import BranchPoint, SamplingConfig, initial_noises, make_scheduler
@@ -392,19 +394,20 @@ class EdgeWorker:
         s, pipe = job.settings, self.pipe
         config = SamplingConfig(
             steps=s.steps, guidance=s.guidance, share=0.0, scheduler=s.scheduler, height=s.height, width=s.width,
-            shared_condition=self.config.shared_condition,
+            shared_condition=self.config.shared_condition, negative_prompt=s.negative_prompt,
         )
         prompts = [m.prompt for m in job.members]
         # 1. encode and plan the groups (lines 1-2); no group shares more than any member asked for
         cond, pooled = self.encode(prompts)
-        uncond = self.uncond
+        uncond = negative_embedding(pipe, s.negative_prompt) if s.negative_prompt else self.uncond
         roots = plan_window(pooled, self.policy, s.steps)
         roots = cap_depths(roots, [round(m.share * s.steps) for m in job.members])
         # 2. each root starts from a cached latent of a close enough earlier group, or from its shared noise
         #    (seeded by its first member's seed; a request that named its seed only reuses that seed's noise)
         shape = latent_shape(pipe, config)
         noise_scheduler = make_scheduler(pipe.scheduler.config, s.scheduler, s.steps)
-        settings = CacheSettings(self.fingerprint, s.steps, s.height, s.width, s.guidance, None, s.scheduler)
+        settings = CacheSettings(self.fingerprint, s.steps, s.height, s.width, s.guidance, None, s.scheduler,
+                                 s.negative_prompt)
         leads = [job.members[r.members[0]] for r in roots]
         hits: list = [None] * len(roots)
         if self.cache is not None:

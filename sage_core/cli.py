@@ -39,12 +39,15 @@ def generate(
     seed: Annotated[
         int, typer.Option(min=0, help="base seed: a group's noise uses seed + its first prompt's index")
     ] = 0,
+    negative_prompt: Annotated[
+        str, typer.Option(help="text guidance steers every image away from, as diffusers' negative_prompt")
+    ] = "",
     model: Annotated[Path | None, typer.Option(help=MODEL_HELP)] = None,
     overwrite: Annotated[bool, typer.Option(help="replace a previous run's output folder")] = False,
 ) -> None:
     """Group the prompts, run shared + branch sampling, write one PNG per prompt, a grid per group and
     report.json (groups, similarities, UNet evaluations used vs independent sampling, saving)."""
-    from sage_core.generate import check_base_seed, overlong_prompts, read_prompt_file
+    from sage_core.generate import check_base_seed, check_negative_prompt, overlong_prompts, read_prompt_file
     from sage_core.grouping import GroupingConfig
     from sage_core.models import ModelError, load_pipeline, model_fingerprint
     from sage_core.outputs import atomic_output_dir, check_output_dir
@@ -54,9 +57,10 @@ def generate(
     quiet_libraries()
     try:
         config = SamplingConfig(steps=steps, guidance=guidance, share=share, scheduler=scheduler,
-                                shared_condition=shared_condition)
+                                shared_condition=shared_condition, negative_prompt=negative_prompt)
         grouping = GroupingConfig(tau=tau, max_group_size=max_group)
         texts = read_prompt_file(prompts)  # no empty, blank or over-long prompt: check_prompts holds
+        check_negative_prompt(negative_prompt)
         check_base_seed(seed, len(texts))
         check_output_dir(out, overwrite, inputs=(prompts,))
         pipe = load_pipeline(model)
@@ -64,9 +68,14 @@ def generate(
         fail(str(exc))
     overlong = overlong_prompts(pipe.tokenizer, texts)
     for i, n in overlong.items():
-        console.print(Text.assemble(("note:", "yellow"), f" prompt {i + 1} is too long: the text encoder reads its "
-                                    f"first {pipe.tokenizer.model_max_length} tokens and ignores the last {n}, "
-                                    "as diffusers does"))
+        note(f"prompt {i + 1} is too long: the text encoder reads its first {pipe.tokenizer.model_max_length} "
+             f"tokens and ignores the last {n}, as diffusers does")
+    for n in overlong_prompts(pipe.tokenizer, [negative_prompt]).values():
+        note(f"the negative prompt is too long: the text encoder reads its first {pipe.tokenizer.model_max_length} "
+             f"tokens and ignores the last {n}")
+    if negative_prompt and not config.uses_cfg():
+        note(f"the negative prompt has no effect: guidance {guidance:g} does not use classifier-free guidance "
+             "(it needs guidance > 1)")
     from sage_core.generate import generate as run
 
     started = time.perf_counter()
@@ -81,6 +90,11 @@ def generate(
     except OSError as exc:
         fail(f"could not write {out}: {exc}")
     print_summary(report, out)
+
+
+def note(message: str) -> None:
+    """Print a one-line note (the run goes on)."""
+    console.print(Text.assemble(("note:", "yellow"), f" {message}"))
 
 
 def write_outputs(folder: Path, result, texts: list[str], report: dict) -> None:

@@ -15,6 +15,7 @@ import torch
 
 from sage_core.adaptive import GroupNode, flat_plan, leaf_of, root_index, run_shared_plan, unshared_roots
 from sage_core.grouping import GroupingConfig, group_by_similarity, text_embeddings
+from sage_core.names import MAX_PROMPT_CHARS
 from sage_core.sampler import (
     BranchPoint,
     SamplingConfig,
@@ -25,11 +26,9 @@ from sage_core.sampler import (
 )
 from sage_core.seeds import MAX_SEED, check_base_seed  # noqa: F401  (re-exported for the CLIs)
 
-MAX_PROMPT_CHARS = 1000
 
-
-def check_prompts(prompts: Sequence[str]) -> None:
-    """Raise ValueError on an empty prompt list, an empty prompt or an over-long one."""
+def check_prompts(prompts: Sequence[str], negative_prompt: str = "") -> None:
+    """Raise ValueError on an empty prompt list, an empty prompt or an over-long one (the negative prompt too)."""
     if not prompts:
         raise ValueError("no prompts given")
     for i, p in enumerate(prompts):
@@ -37,6 +36,13 @@ def check_prompts(prompts: Sequence[str]) -> None:
             raise ValueError(f"prompt {i + 1} is empty")
         if len(p) > MAX_PROMPT_CHARS:
             raise ValueError(f"prompt {i + 1} is {len(p)} characters long; the limit is {MAX_PROMPT_CHARS}")
+    check_negative_prompt(negative_prompt)
+
+
+def check_negative_prompt(text: str) -> None:
+    """Raise ValueError on a negative prompt longer than a prompt may be ("" is none)."""
+    if len(text) > MAX_PROMPT_CHARS:
+        raise ValueError(f"the negative prompt is {len(text)} characters long; the limit is {MAX_PROMPT_CHARS}")
 
 
 def read_prompt_file(path: Path) -> list[str]:
@@ -70,15 +76,16 @@ def overlong_prompts(tokenizer, prompts: Sequence[str]) -> dict[int, int]:
 
 
 @torch.no_grad()
-def encode_prompts(pipe, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token-level text embeddings c^m [M, L, D] and the unconditional (empty prompt) embedding [1, L, D],
-    computed exactly as StableDiffusionPipeline computes them."""
-    return text_embeddings(pipe, prompts)[0], empty_prompt_embedding(pipe)
+def encode_prompts(pipe, prompts: Sequence[str], negative_prompt: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-level text embeddings c^m [M, L, D] and the unconditional embedding [1, L, D] (of `negative_prompt`,
+    the empty prompt by default), computed exactly as StableDiffusionPipeline computes them."""
+    return text_embeddings(pipe, prompts)[0], negative_embedding(pipe, negative_prompt)
 
 
-def empty_prompt_embedding(pipe) -> torch.Tensor:
-    """The unconditional (empty prompt) embedding [1, L, D] of classifier-free guidance: once, not per prompt."""
-    return text_embeddings(pipe, [""])[0]
+def negative_embedding(pipe, negative_prompt: str = "") -> torch.Tensor:
+    """The unconditional embedding [1, L, D] of classifier-free guidance: the negative prompt's, or the empty
+    prompt's, as StableDiffusionPipeline encodes `negative_prompt` (once, not per prompt)."""
+    return text_embeddings(pipe, [negative_prompt])[0]
 
 
 def latent_shape(pipe, config: SamplingConfig) -> tuple[int, int, int, int]:
@@ -171,12 +178,13 @@ def generate(
     plan: Sequence[GroupNode] | None = None,
 ) -> GenerationResult:
     """Shared sampling for a batch of prompts (Algorithm 1). With share 0, or all singletons, every image is
-    the one StableDiffusionPipeline makes with generator seed `seed + prompt index`. `groups` fixes the
+    the one StableDiffusionPipeline makes with generator seed `seed + prompt index` (and `config.negative_prompt`
+    as its `negative_prompt`, one for the whole batch). `groups` fixes the
     partition; `plan` gives a hierarchical plan (sage_core.adaptive) instead of one depth for all."""
     # 1. check inputs and encode the prompts (line 1)
-    check_prompts(prompts)
+    check_prompts(prompts, config.negative_prompt)
     cond, pooled_t = text_embeddings(pipe, prompts)
-    uncond = empty_prompt_embedding(pipe)
+    uncond = negative_embedding(pipe, config.negative_prompt)
     pooled = pooled_t.float().cpu().numpy()
     # 2. partition into groups (line 2)
     if plan is None:

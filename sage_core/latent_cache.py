@@ -29,6 +29,7 @@ class CacheSettings:
     guidance: float
     guidance_end: float | None
     scheduler: str
+    negative_prompt: str = ""  # guidance's unconditional half: a latent made under another one differs
 
 
 @dataclass

@@ -9,6 +9,7 @@ from pathlib import Path
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "default_model"  # the shipped default model
 SCHEDULER_NAMES: tuple[str, ...] = ("ddim", "dpmpp", "euler")  # sage_core.sampler.SCHEDULERS, in this order
 MAX_STEPS = 1000  # sampler steps a request or run may ask for
+MAX_PROMPT_CHARS = 1000  # characters of a prompt (or negative prompt) a local run or device may give
 SHARED_CONDITIONS: tuple[str, ...] = ("mean", "medoid")  # what a group's shared steps are conditioned on
 
 LOSSLESS_MODES: tuple[str, ...] = ("fp32", "fp16", "bf16")  # latent codec modes (sage_core.codec)

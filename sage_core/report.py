@@ -57,6 +57,7 @@ def build_report(
             "guidance": config.guidance,
             "scheduler": config.scheduler,
             "shared_condition": config.shared_condition,
+            "negative_prompt": config.negative_prompt,
             "tau": grouping.tau,
             "max_group": grouping.max_group_size,
             "seed": seed,
@@ -84,6 +85,7 @@ def image_metadata(report: dict, index: int) -> dict:
     return {
         "mode": "local-shared",
         "prompt": entry["prompt"],
+        "negative_prompt": settings["negative_prompt"],
         "index": index,
         "seed": group["seed"],
         "group_id": group["id"],

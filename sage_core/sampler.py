@@ -35,6 +35,9 @@ class SamplingConfig:
     when `guidance_end` is None). Classifier-free guidance is off when omega <= 1 throughout, as in diffusers.
     A group's shared steps run on `shared_condition`: "mean", the mean of its members' token embeddings (the
     paper's c-bar), or "medoid", the embeddings of the member closest to all the others.
+    `negative_prompt` is the text guidance steers away from, as diffusers' `negative_prompt`: its embedding is
+    the unconditional half of classifier-free guidance (`negative_embedding`; "" is the plain empty prompt).
+    The sampling functions take that embedding as `uncond`; the callers that encode text read this field.
     """
 
     steps: int = 30
@@ -46,6 +49,7 @@ class SamplingConfig:
     width: int | None = None
     guidance_end: float | None = None
     shared_condition: str = "mean"
+    negative_prompt: str = ""
 
     def __post_init__(self) -> None:
         if not 1 <= self.steps <= MAX_STEPS:
@@ -65,6 +69,8 @@ class SamplingConfig:
         for side in (self.height, self.width):
             if side is not None and (side < 8 or side % 8 or side > 4096):
                 raise ValueError(f"height and width must be multiples of 8 in [8, 4096], got {side}")
+        if not isinstance(self.negative_prompt, str):  # its length is the front ends' limit (a server may allow more)
+            raise ValueError(f"negative_prompt must be text, got {type(self.negative_prompt).__name__}")
 
     def branch_step(self) -> int:
         """k = T - T*: the number of steps a group shares (schedule indices [0, k))."""

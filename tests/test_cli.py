@@ -57,7 +57,8 @@ def test_generate_writes_images_grids_and_report(tmp_path, tiny_model_dir):
     assert group["saving"] == pytest.approx(saving_closed_form(2, 5, 3), abs=1e-12)
     assert report["totals"]["saving"] == pytest.approx(group["saving"])
     assert report["settings"] == {"steps": 5, "share": 0.4, "shared_steps": 2, "guidance": 7.5, "scheduler": "ddim",
-                                  "shared_condition": "medoid", "tau": -1.0, "max_group": 5, "seed": 0}
+                                  "shared_condition": "medoid", "negative_prompt": "", "tau": -1.0, "max_group": 5,
+                                  "seed": 0}
     for i, prompt in enumerate(["a red circle", "a red circle", "a blue square on the left"]):
         with Image.open(out / f"images/{i:04d}.png") as img:
             assert img.size == (32, 32)
@@ -81,6 +82,7 @@ def test_generate_writes_images_grids_and_report(tmp_path, tiny_model_dir):
         ("a cat\n", ["--tau", "2"], "tau"),
         ("a cat\n", ["--seed", "-1"], "--seed"),
         ("a cat\na dog\n", ["--seed", str(2**63 - 1)], "seed must be in [0, 2^63 - 1 - (prompts - 1)]"),
+        ("a cat\n", ["--negative-prompt", "x" * 1001], "the negative prompt is 1001 characters long"),
     ],
 )
 def test_bad_input_is_one_line_error(tmp_path, tiny_model_dir, text, args, message):
@@ -263,6 +265,21 @@ def test_overwrite_replaces_a_previous_run(tmp_path, tiny_model_dir):
     res = run_cli(*args, "--overwrite")
     assert res.returncode == 0, res.stderr
     assert Image.open(out / "images" / "0000.png").size == (32, 32)
+
+
+def test_a_negative_prompt_is_recorded_and_noted_where_it_does_nothing(tmp_path, tiny_model_dir):
+    """--negative-prompt reaches the report and every image's metadata; with guidance 1 (no classifier-free
+    guidance) a note says it has no effect."""
+    prompts = write_prompts(tmp_path, "a cat\na dog\n")
+    for guidance, noted in (("7.5", False), ("1", True)):
+        out = tmp_path / f"out{guidance}"
+        res = run_cli("generate", "--prompts", str(prompts), "--out", str(out), "--model", str(tiny_model_dir),
+                      "--steps", "2", "--guidance", guidance, "--negative-prompt", "blurry, [red]text")
+        assert res.returncode == 0, res.stderr
+        assert ("the negative prompt has no effect" in res.stderr) == noted, res.stderr
+        report = json.loads((out / "report.json").read_text())
+        assert report["settings"]["negative_prompt"] == "blurry, [red]text"
+        assert read_metadata(out / "images/0001.png")["negative_prompt"] == "blurry, [red]text"
 
 
 def test_overlong_prompt_is_noted_in_the_output_and_report(tmp_path, tiny_model_dir):

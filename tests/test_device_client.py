@@ -67,7 +67,8 @@ class FakeEdge(edge_pb2_grpc.EdgeSamplerServicer):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "model fingerprint mismatch")
         config = SamplingConfig(steps=request.steps or STEPS, share=SHARE, scheduler=request.scheduler or "ddim")
         seed = request.seed if request.HasField("seed") else 11
-        cond, uncond = encode_prompts(self.pipe, [request.prompt])
+        negative = "" if self.fault == "no-negative" else request.negative_prompt  # a server older than the field
+        cond, uncond = encode_prompts(self.pipe, [request.prompt], negative)
         noises, _ = group_noises(self.pipe, [[0]], seed, config)
         point = shared_phase(self.pipe.unet, self.pipe.scheduler.config, [cond], noises, uncond, config)[0]
         mode = request.accepted_codecs[0] if request.accepted_codecs else "fp32"
@@ -83,7 +84,7 @@ class FakeEdge(edge_pb2_grpc.EdgeSamplerServicer):
             accepted=edge_pb2.Accepted(
                 request_id="r1", group_id="g1", group_size=1, branch_step=point.step, total_steps=config.steps,
                 scheduler=config.scheduler, model_fingerprint=fp, guidance=config.guidance, seed=seed, codec=mode,
-                latent_shape=list(point.latents.shape), min_similarity=1.0,
+                latent_shape=list(point.latents.shape), min_similarity=1.0, negative_prompt=negative,
             )
         )  # fmt: skip
         if self.fault == "empty":  # chunks without bytes, in order, without end (until the device leaves)
@@ -151,6 +152,31 @@ def test_edge_image_equals_local_generate(fake_server, device_model, tiny_pipe):
     ref_u8 = (ref.images[0] * 255).round().astype(np.uint8)
     assert np.abs(np.asarray(result.image).astype(int) - ref_u8).max() <= 1
     assert result.metadata["device_unet_evals"] == 2 * (STEPS - round(SHARE * STEPS))
+
+
+def test_a_negative_prompt_guides_the_edge_image_as_the_local_one(fake_server, device_model, tiny_pipe):
+    """The request carries the negative prompt; the server's shared phase and the device's branch phase both use it,
+    so the device's image is the local sampler's (and not the one without it)."""
+    negative = "a purple triangle, blurry"
+    with client_for(fake_server(""), device_model, accepted_codecs=("fp32",), steps=STEPS) as client:
+        result = client.generate("a red circle on the left", seed=5, negative_prompt=negative)
+    ref = generate(tiny_pipe, ["a red circle on the left"], SamplingConfig(steps=STEPS, share=SHARE,
+                   negative_prompt=negative), GroupingConfig(), seed=5, groups=[[0]])  # fmt: skip
+    plain = generate(tiny_pipe, ["a red circle on the left"], SamplingConfig(steps=STEPS, share=SHARE),
+                     GroupingConfig(), seed=5, groups=[[0]])  # fmt: skip
+    assert torch.allclose(result.latents, ref.latents, atol=1e-5, rtol=0)
+    assert not torch.allclose(result.latents, plain.latents, atol=1e-3, rtol=0)
+    assert result.metadata["negative_prompt"] == negative
+
+
+def test_a_server_that_ignores_the_negative_prompt_is_refused(fake_server, device_model):
+    """A server older than negative prompts drops the field unread: its Accepted says so, and the device stops
+    rather than finish an image without it."""
+    with client_for(fake_server("no-negative"), device_model, steps=STEPS) as client:
+        with pytest.raises(DeviceError) as err:
+            client.generate("a blue square", seed=3, negative_prompt="blurry")
+        assert err.value.code == "FAILED_PRECONDITION" and "older than negative prompts" in err.value.message
+        assert client.generate("a blue square", seed=3).metadata["negative_prompt"] == ""
 
 
 def test_metadata_round_trips_through_png(fake_server, device_model, tmp_path):
@@ -433,10 +459,11 @@ def test_cli_generate_with_fallback_and_clear_errors(tmp_path):
             "--adapter", "none", "--steps", "2", "--seed", "3", "--connect-timeout", "0.5"]  # fmt: skip
     res = runner.invoke(main, base)
     assert res.exit_code == 1 and "UNAVAILABLE" in res.output and "Traceback" not in res.output and not out.exists()
-    res = runner.invoke(main, [*base, "--fallback-local"])
+    res = runner.invoke(main, [*base, "--fallback-local", "--negative-prompt", "blurry"])
     assert res.exit_code == 0, res.output
     meta = read_metadata(out)
     assert meta["mode"] == "local-fallback" and meta["seed"] == 3 and meta["prompt"] == "a red circle"
+    assert meta["negative_prompt"] == "blurry"
     res = runner.invoke(main, ["generate", "x", "--server", "nohost", "--model", "tiny"])
     assert res.exit_code == 2 and "host:port" in res.output  # a command-line mistake
     res = runner.invoke(main, [*base[:3], str(tmp_path), *base[4:], "--fallback-local"])  # -o a folder: refused first
@@ -473,6 +500,7 @@ def test_cli_generate_refuses_bad_arguments_before_connecting(tmp_path):
         ("a cat", "-o", str(tmp_path / "x.jpg")): "ending in .png",
         ("a cat", "-o", str(tmp_path / "X.PNG"), "--seed", str(2**64)): f"less than or equal to {2**63 - 1}",
         ("\udcff\udcfe", "-o", str(tmp_path / "y.png")): "the prompt is not valid UTF-8 text",
+        ("a cat", "-o", str(tmp_path / "y.png"), "--negative-prompt", "\udcff"): "negative prompt is not valid UTF-8",
         ("a cat", "-o", str(tmp_path / "z.png"), "--timeout", "0"): "timeout must be in (0, 86400]",  # was exit 1
         ("a cat", "-o", str(tmp_path / "z.png"), "--tls-server-name", "edge"): "tls_server_name names the server",
         ("a cat", "-o", str(tmp_path / "z.png"), "--token-file", str(tmp_path / "none")): "cannot read the token file",

@@ -324,6 +324,7 @@ def test_resolve_fills_defaults_and_rejects() -> None:
         ImageSpec(prompt="a", width=12),
         ImageSpec(prompt="a", scheduler="plms"),
         ImageSpec(prompt="a", accepted_codecs=("zip",)),
+        ImageSpec(prompt="a", negative_prompt="x" * 51),
     ]
     for spec in bad:
         with pytest.raises(EngineError) as err:
@@ -332,6 +333,20 @@ def test_resolve_fills_defaults_and_rejects() -> None:
     with pytest.raises(EngineError) as err:
         resolve(ImageSpec(prompt="a", model_fingerprint="other"), cfg, info)
     assert err.value.code == "FAILED_PRECONDITION"
+
+
+def test_a_negative_prompt_splits_buckets_only_where_guidance_uses_it() -> None:
+    """Requests with different negative prompts never share a bucket (so never a group) under classifier-free
+    guidance; without it (guidance <= 1) the negative prompt does nothing and does not split them."""
+    cfg, info = ServerConfig(), ModelInfo("abc", "{}", 32, 32, 1, "cpu")
+
+    def key(negative: str, guidance: float):
+        return resolve(ImageSpec(prompt="a", negative_prompt=negative, guidance=guidance), cfg, info).bucket_key()
+
+    assert key("blurry", 7.5) != key("", 7.5) and key("blurry", 7.5) == key("blurry", 7.5)
+    assert key("blurry", 7.5).negative_prompt == "blurry"
+    assert key("blurry", 1.0) == key("", 1.0) and key("blurry", 1.0).negative_prompt == ""
+    assert resolve(ImageSpec(prompt="a", negative_prompt="blurry", guidance=1.0), cfg, info).negative_prompt == "blurry"
 
 
 def test_rejections_echo_only_the_start_of_a_huge_value() -> None:

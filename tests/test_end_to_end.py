@@ -60,29 +60,36 @@ def model() -> DeviceModel:
     return DeviceModel.wrap(tiny_pipeline(seed=0), DeviceConfig(adapter="none"))
 
 
-@pytest.fixture(scope="module")
-def burst(server, model) -> list[DeviceResult | Exception]:
-    """8 device clients (own channels, own threads) requesting at once; fp32 so the transport is lossless."""
+def run_burst(server, model, prompts: list[str], negatives: list[str] | None = None) -> list[DeviceResult | Exception]:
+    """One device client per prompt (own channels, own threads) requesting at once, prompt i with seed 100 + i
+    and negative prompt `negatives[i]`; fp32 so the transport is lossless."""
     config = DeviceConfig(server=server.address, model="tiny", adapter="none", steps=STEPS, accepted_codecs=("fp32",))
-    results: list[DeviceResult | Exception] = [RuntimeError("lost")] * len(BURST)
-    barrier = threading.Barrier(len(BURST))
+    negatives = negatives or [""] * len(prompts)
+    results: list[DeviceResult | Exception] = [RuntimeError("lost")] * len(prompts)
+    barrier = threading.Barrier(len(prompts))
 
     def device(i: int) -> None:
         try:
             with DeviceClient(replace(config, client_id=f"device-{i}"), model) as client:
                 client.connect()  # connect first, so the requests meet in one batching window
                 barrier.wait(timeout=60)
-                results[i] = client.generate(BURST[i], seed=100 + i)
+                results[i] = client.generate(prompts[i], seed=100 + i, negative_prompt=negatives[i])
         except Exception as exc:  # noqa: BLE001 - recorded and asserted on below
             results[i] = exc
 
-    threads = [threading.Thread(target=device, args=(i,)) for i in range(len(BURST))]
+    threads = [threading.Thread(target=device, args=(i,)) for i in range(len(prompts))]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=240)
     assert not any(t.is_alive() for t in threads), "a device client hung"
     return results
+
+
+@pytest.fixture(scope="module")
+def burst(server, model) -> list[DeviceResult | Exception]:
+    """8 device clients requesting at once (run_burst)."""
+    return run_burst(server, model, BURST)
 
 
 def test_eight_concurrent_clients_all_get_images(burst, model, tmp_path):
@@ -103,25 +110,45 @@ def test_eight_concurrent_clients_all_get_images(burst, model, tmp_path):
 
 def test_transparency_server_plus_device_equals_local_sampler(burst, model):
     """Lossless transport: each image is the one sage_core.generate makes for the same group, seed, settings."""
-    assert all(isinstance(r, DeviceResult) for r in burst)
+    assert_transparent(burst, model, BURST)
+
+
+def test_negative_prompts_never_share_a_group_and_guide_both_phases(server, model):
+    """Two pairs of near-paraphrases in one window, the first pair with a negative prompt: each pair groups only
+    with itself (guidance's unconditional half differs), and each image is the local sampler's under its negative
+    prompt, which the server's shared phase and the device's branch phase both used."""
+    prompts = BURST[:2] * 2
+    negatives = ["a purple heart, blurry", "a purple heart, blurry", "", ""]
+    results = run_burst(server, model, prompts, negatives)
+    assert all(isinstance(r, DeviceResult) for r in results), results
+    groups = {i: r.metadata["group_id"] for i, r in enumerate(results)}
+    assert groups[0] == groups[1] != groups[2] == groups[3], groups  # BURST[:2] group when alone in a window
+    assert [r.metadata["negative_prompt"] for r in results] == negatives
+    assert_transparent(results, model, prompts)
+
+
+def assert_transparent(results: list[DeviceResult], model: DeviceModel, prompts: list[str]) -> None:
+    """Each image is the one sage_core.generate makes for the same group, seed and settings (negative prompt too)."""
+    assert all(isinstance(r, DeviceResult) for r in results)
     groups: dict[str, list[int]] = {}
-    for i, r in enumerate(burst):
+    for i, r in enumerate(results):
         groups.setdefault(r.metadata["group_id"], []).append(i)
     for idx in groups.values():
-        meta = burst[idx[0]].metadata
+        meta = results[idx[0]].metadata
         # the group's noise is its first member's seed; put that member first, as the server's grouping does
         first = next(i for i in idx if 100 + i == meta["seed"])
         order = [first, *[i for i in idx if i != first]]
         config = SamplingConfig(steps=STEPS, guidance=meta["guidance"], shared_steps=meta["branch_step"],
-                                shared_condition=ServerConfig().shared_condition)  # the server runs its default
-        ref = generate(model.pipe, [BURST[i] for i in order], config, GroupingConfig(), seed=meta["seed"],
+                                shared_condition=ServerConfig().shared_condition,  # the server runs its default
+                                negative_prompt=meta["negative_prompt"])
+        ref = generate(model.pipe, [prompts[i] for i in order], config, GroupingConfig(), seed=meta["seed"],
                        groups=[list(range(len(order)))])  # fmt: skip
         for j, i in enumerate(order):
-            diff = (burst[i].latents - ref.latents[j : j + 1]).abs().max().item()
+            diff = (results[i].latents - ref.latents[j : j + 1]).abs().max().item()
             print(f"transparency: prompt {i} group of {len(order)} max latent diff {diff:.3g}")
             assert diff <= LATENT_ATOL, f"prompt {i}: latent differs by {diff}"
             ref_u8 = (np.clip(ref.images[j], 0, 1) * 255).round().astype(int)
-            assert np.abs(np.asarray(burst[i].image).astype(int) - ref_u8).max() <= 1
+            assert np.abs(np.asarray(results[i].image).astype(int) - ref_u8).max() <= 1
 
 
 def test_real_server_refuses_other_model_with_failed_precondition(server):

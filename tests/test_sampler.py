@@ -63,6 +63,36 @@ def test_singletons_with_sharing_equal_stock(tiny_pipe, scheduler):
     assert np.abs(ours.images[1] - ref).max() < ATOL
 
 
+@pytest.mark.parametrize(("share", "groups"), [(0.0, None), (0.5, [[0], [1]])])
+def test_negative_prompt_equals_stock_pipeline(tiny_pipe, share, groups):
+    """A negative prompt is guidance's unconditional half, as diffusers' `negative_prompt`: independent sampling
+    and all-singleton groups make the stock pipeline's image for it, and it changes the image."""
+    from diffusers import StableDiffusionPipeline
+
+    negative = "a purple triangle, blurry"
+    config = SamplingConfig(steps=5, guidance=6.0, share=share, negative_prompt=negative)
+    ours = generate(tiny_pipe, PROMPTS[:2], config, GroupingConfig(tau=0.99), seed=5, groups=groups)
+    plain_config = SamplingConfig(steps=5, guidance=6.0, share=share)
+    plain = generate(tiny_pipe, PROMPTS[:2], plain_config, GroupingConfig(tau=0.99), seed=5, groups=groups)
+    stock = StableDiffusionPipeline(**tiny_pipe.components)
+    stock.scheduler = make_scheduler(tiny_pipe.scheduler.config, "ddim", 5)
+    for i, prompt in enumerate(PROMPTS[:2]):
+        ref = stock(prompt, negative_prompt=negative, num_inference_steps=5, guidance_scale=6.0,
+                    generator=torch.Generator().manual_seed(5 + i), output_type="np").images[0]
+        assert np.abs(ours.images[i] - ref).max() < ATOL, f"prompt {i} differs from the stock pipeline"
+        assert np.abs(plain.images[i] - ref).max() > 100 * ATOL, "the negative prompt changed nothing"
+
+
+def test_negative_prompt_has_no_effect_without_guidance(tiny_pipe):
+    """Without classifier-free guidance (omega <= 1) no unconditional half is evaluated: the negative prompt is
+    unused, as in diffusers."""
+    with_negative = SamplingConfig(steps=4, guidance=1.0, share=0.5, negative_prompt="blurry")
+    ours = generate(tiny_pipe, PROMPTS, with_negative, GroupingConfig(tau=0.0), seed=2)
+    plain = generate(tiny_pipe, PROMPTS, SamplingConfig(steps=4, guidance=1.0, share=0.5), GroupingConfig(tau=0.0),
+                     seed=2)
+    assert torch.equal(ours.latents, plain.latents)
+
+
 @pytest.mark.parametrize("scheduler", ["ddim", "dpmpp", "euler"])
 @pytest.mark.parametrize("split", [1, 3, 5])
 def test_split_and_resume_equals_unsplit(tiny_pipe, scheduler, split):
@@ -161,7 +191,8 @@ def test_shared_group_members_start_from_one_latent(tiny_pipe):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(steps=0), dict(share=-0.1), dict(share=1.5), dict(scheduler="plms"), dict(shared_steps=40), dict(height=30)],
+    [dict(steps=0), dict(share=-0.1), dict(share=1.5), dict(scheduler="plms"), dict(shared_steps=40), dict(height=30),
+     dict(negative_prompt=None)],
 )
 def test_bad_config_is_refused(kwargs):
     with pytest.raises(ValueError):

@@ -46,3 +46,8 @@ def test_second_window_reuses_the_cached_latent_and_seeds_and_settings_are_honou
         assert msgs[0].accepted.cached_steps == 0
         unrelated = ask(stub, "zebra stripes under water at night")
         assert unrelated.cached_steps == 0
+        # a latent made under another negative prompt (guidance's other half) is no start for this one, and back
+        negative = ask(stub, "a red circle on the left", negative_prompt="blurry")
+        assert negative.cached_steps == 0 and negative.negative_prompt == "blurry"
+        assert ask(stub, "a red circle on the left", negative_prompt="blurry").cached_steps == STEPS // 2
+        assert ask(stub, "a red circle on the left").cached_steps == STEPS // 2

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ImageRequest(_message.Message):
-    __slots__ = ("prompt", "steps", "guidance", "seed", "share", "accepted_codecs", "height", "width", "scheduler", "model_fingerprint", "client_id")
+    __slots__ = ("prompt", "steps", "guidance", "seed", "share", "accepted_codecs", "height", "width", "scheduler", "model_fingerprint", "client_id", "negative_prompt")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     GUIDANCE_FIELD_NUMBER: _ClassVar[int]
@@ -19,6 +19,7 @@ class ImageRequest(_message.Message):
     SCHEDULER_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     steps: int
     guidance: float
@@ -30,10 +31,11 @@ class ImageRequest(_message.Message):
     scheduler: str
     model_fingerprint: str
     client_id: str
-    def __init__(self, prompt: _Optional[str] = ..., steps: _Optional[int] = ..., guidance: _Optional[float] = ..., seed: _Optional[int] = ..., share: _Optional[float] = ..., accepted_codecs: _Optional[_Iterable[str]] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., scheduler: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., client_id: _Optional[str] = ...) -> None: ...
+    negative_prompt: str
+    def __init__(self, prompt: _Optional[str] = ..., steps: _Optional[int] = ..., guidance: _Optional[float] = ..., seed: _Optional[int] = ..., share: _Optional[float] = ..., accepted_codecs: _Optional[_Iterable[str]] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., scheduler: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., client_id: _Optional[str] = ..., negative_prompt: _Optional[str] = ...) -> None: ...
 
 class Accepted(_message.Message):
-    __slots__ = ("request_id", "group_id", "group_size", "branch_step", "total_steps", "scheduler", "model_fingerprint", "guidance", "seed", "codec", "latent_shape", "min_similarity", "cached_steps")
+    __slots__ = ("request_id", "group_id", "group_size", "branch_step", "total_steps", "scheduler", "model_fingerprint", "guidance", "seed", "codec", "latent_shape", "min_similarity", "cached_steps", "negative_prompt")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     GROUP_ID_FIELD_NUMBER: _ClassVar[int]
     GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -47,6 +49,7 @@ class Accepted(_message.Message):
     LATENT_SHAPE_FIELD_NUMBER: _ClassVar[int]
     MIN_SIMILARITY_FIELD_NUMBER: _ClassVar[int]
     CACHED_STEPS_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     group_id: str
     group_size: int
@@ -60,7 +63,8 @@ class Accepted(_message.Message):
     latent_shape: _containers.RepeatedScalarFieldContainer[int]
     min_similarity: float
     cached_steps: int
-    def __init__(self, request_id: _Optional[str] = ..., group_id: _Optional[str] = ..., group_size: _Optional[int] = ..., branch_step: _Optional[int] = ..., total_steps: _Optional[int] = ..., scheduler: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., guidance: _Optional[float] = ..., seed: _Optional[int] = ..., codec: _Optional[str] = ..., latent_shape: _Optional[_Iterable[int]] = ..., min_similarity: _Optional[float] = ..., cached_steps: _Optional[int] = ...) -> None: ...
+    negative_prompt: str
+    def __init__(self, request_id: _Optional[str] = ..., group_id: _Optional[str] = ..., group_size: _Optional[int] = ..., branch_step: _Optional[int] = ..., total_steps: _Optional[int] = ..., scheduler: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., guidance: _Optional[float] = ..., seed: _Optional[int] = ..., codec: _Optional[str] = ..., latent_shape: _Optional[_Iterable[int]] = ..., min_similarity: _Optional[float] = ..., cached_steps: _Optional[int] = ..., negative_prompt: _Optional[str] = ...) -> None: ...
 
 class LatentChunk(_message.Message):
     __slots__ = ("index", "data")
