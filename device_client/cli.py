@@ -174,6 +174,9 @@ def demo_cmd(
     seed: Annotated[
         int, typer.Option("--seed", min=0, max=MAX_SEED, help="base seed: prompt i asks for seed + i")
     ] = 0,
+    negative_prompt: Annotated[
+        str, typer.Option("--negative-prompt", help="what guidance steers every device's image away from")
+    ] = "",
     max_wait_ms: Annotated[float, typer.Option("--max-wait-ms", help="server batching window")] = 500.0,
     server_arg: Annotated[
         list[str] | None, typer.Option("--server-arg", help="extra argument for the server (repeat)")
@@ -193,6 +196,7 @@ def demo_cmd(
             adapter=adapter,
             steps=steps,
             seed=seed,
+            negative_prompt=negative_prompt,
             max_wait_ms=max_wait_ms,
             server_args=tuple(server_arg or ()),
             overwrite=overwrite,

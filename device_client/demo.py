@@ -55,6 +55,7 @@ class DemoConfig:
     adapter: str = DEFAULT_ADAPTER_CHOICE
     steps: int = 0  # 0: server default
     seed: int = 0  # prompt i asks for seed + i
+    negative_prompt: str = ""  # every device's (diffusers' negative_prompt); "": none
     max_wait_ms: float = 500.0  # server batching window: long enough for the clients' first requests to meet
     accepted_codecs: tuple[str, ...] = ()
     server_args: tuple[str, ...] = ()
@@ -119,10 +120,11 @@ def check_model(model_name: str, adapter: str) -> None:
 def check_inputs(config: DemoConfig) -> list[str]:
     """The prompts, read once, after every input is checked: a ValueError naming what is wrong (prompts file,
     seed range, output folder, model, adapter, device settings) is raised before the server starts."""
-    from sage_core.generate import check_base_seed, read_prompt_file
+    from sage_core.generate import check_base_seed, check_negative_prompt, read_prompt_file
 
     prompts = read_prompt_file(config.prompts_file)
     check_base_seed(config.seed, len(prompts))  # prompt i asks for seed + i
+    check_negative_prompt(config.negative_prompt)
     check_output_dir(config.out_dir, config.overwrite, inputs=(config.prompts_file,))
     model_name = resolve_model(config.model)
     make_device_config(config, model_name)
@@ -161,7 +163,7 @@ def run_clients(
                 rec.client = name
                 t0 = time.perf_counter()
                 try:
-                    result = client.generate(rec.prompt, seed=config.seed + i)
+                    result = client.generate(rec.prompt, seed=config.seed + i, negative_prompt=config.negative_prompt)
                     rec.metadata = result.metadata
                     rec.image = str(result.save(images_dir / f"{i:03d}.png").relative_to(work_dir))
                     rec.status = STATUS_OK
@@ -374,7 +376,8 @@ def run_in(work_dir: Path, prompts: list[str], model_name: str, config: DemoConf
     # 4. grids and report
     groups = write_grids(records, work_dir)
     extra = {"server": {"address": address, "model": model_name, "start_s": t_ready - t_start, "exit_code": exit_code},
-             "model_fingerprint": model.fingerprint, "adapter": model.adapter, "wall_s": wall}  # fmt: skip
+             "model_fingerprint": model.fingerprint, "adapter": model.adapter,
+             "negative_prompt": config.negative_prompt, "wall_s": wall}  # fmt: skip
     report = build_report(records, groups, config, extra)
     (work_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return report

@@ -115,6 +115,7 @@ class NoServer:
     ({"max_wait_ms": -1.0}, "max_wait_ms must be a finite number of milliseconds >= 0, got -1"),
     ({"max_wait_ms": float("nan")}, "max_wait_ms must be a finite number"),
     ({"out": "FULL"}, "exists and is not empty; pass --overwrite to replace it"),
+    ({"negative_prompt": "x" * 1001}, "the negative prompt is 1001 characters long; the limit is 1000"),
 ])  # fmt: skip
 def test_bad_inputs_are_refused_before_the_server_starts(options, message, tmp_path, monkeypatch):
     """--steps 1001, a missing --model or --adapter folder and a negative --max-wait-ms used to start the server

@@ -163,8 +163,11 @@ def test_demo_smoke(tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a [red] circle\na small red circle on the left\na green triangle on the right\n")
     out = tmp_path / "demo"
-    report = run_demo(prompts, out, n_clients=3, model="tiny", adapter="none", steps=4, max_wait_ms=1500)
+    report = run_demo(prompts, out, n_clients=3, model="tiny", adapter="none", steps=4, max_wait_ms=1500,
+                      negative_prompt="blurry")
     assert report["counts"] == {"requests": 3, "ok": 3, "lost": 0, "errors": {}}
+    assert report["negative_prompt"] == "blurry"
+    assert {read_metadata(p)["negative_prompt"] for p in (out / "images").glob("*.png")} == {"blurry"}
     assert (out / "report.json").is_file() and len(list((out / "images").glob("*.png"))) == 3
     assert len(list((out / "grids").glob("*.png"))) == len(report["groups"]) >= 1
     assert 0.0 <= report["unet"]["saving"] < 1.0 and report["bytes"]["payload_total"] > 0
