@@ -29,7 +29,7 @@ from device_client.config import TINY_MODEL, DeviceConfig
 from protos.sage_edge.v1 import edge_pb2, edge_pb2_grpc
 from sage_core.adapters import ADAPTER_NONE, load_adapter, resolve_adapter
 from sage_core.codec import CodecError, CodecSpec, LatentCodec
-from sage_core.generate import decode_latents, encode_prompts, generate, overlong_prompts
+from sage_core.generate import decode_latents, encode_prompts, generate, negative_text, overlong_prompts
 from sage_core.grouping import GroupingConfig
 from sage_core.models import load_pipeline, model_fingerprint, tiny_pipeline
 from sage_core.outputs import save_png, to_pil
@@ -146,6 +146,7 @@ def negative_mismatch(used: str, asked: str) -> str:
 
 def shown(text: str, limit: int = 80) -> str:
     """`text` quoted for a message, cut to `limit` characters."""
+    text = str(text)
     return repr(text if len(text) <= limit else f"{text[:limit]}...")
 
 
@@ -389,8 +390,9 @@ class DeviceClient:
             req.share = c.share
         return req
 
-    def request_latent(self, prompt: str, seed: int | None = None, negative_prompt: str = "") -> ReceivedLatent:
-        """Ask the server for this prompt's branch point; verify and decode it."""
+    def request_latent(self, prompt: str, seed: int | None = None, negative_prompt: str | None = "") -> ReceivedLatent:
+        """Ask the server for this prompt's branch point; verify and decode it. `negative_prompt` None is none."""
+        negative_prompt = negative_text(negative_prompt)
         t0 = time.perf_counter()
         stub = self._stub()
         t_conn = time.perf_counter()
@@ -467,9 +469,9 @@ class DeviceClient:
 
     # -- public entry points --
 
-    def generate(self, prompt: str, seed: int | None = None, negative_prompt: str = "") -> DeviceResult:
-        """An image for `prompt` (guided away from `negative_prompt`, as diffusers' argument) through the edge
-        server; with fallback_local, locally when it is unreachable."""
+    def generate(self, prompt: str, seed: int | None = None, negative_prompt: str | None = "") -> DeviceResult:
+        """An image for `prompt` (guided away from `negative_prompt`, as diffusers' argument; None is none)
+        through the edge server; with fallback_local, locally when it is unreachable."""
         t0 = time.perf_counter()
         try:
             received = self.request_latent(prompt, seed, negative_prompt)
@@ -493,7 +495,9 @@ class DeviceClient:
             result.metadata["ignored_tokens"] = ignored
         return result
 
-    async def generate_async(self, prompt: str, seed: int | None = None, negative_prompt: str = "") -> DeviceResult:
+    async def generate_async(
+        self, prompt: str, seed: int | None = None, negative_prompt: str | None = ""
+    ) -> DeviceResult:
         """`generate` in a worker thread, for asyncio callers."""
         return await asyncio.to_thread(self.generate, prompt, seed, negative_prompt)
 
@@ -511,9 +515,10 @@ class DeviceClient:
         return SamplingConfig(**kwargs)
 
     def generate_local(
-        self, prompt: str, seed: int | None = None, reason: str = "", negative_prompt: str = ""
+        self, prompt: str, seed: int | None = None, reason: str = "", negative_prompt: str | None = ""
     ) -> DeviceResult:
         """Fully local sampling of one prompt (a group of one): the image sage_core.generate makes."""
+        negative_prompt = negative_text(negative_prompt)
         seed = seed if seed is not None else secrets.randbits(31)
         config = self.local_config(negative_prompt)
         t0 = time.perf_counter()

@@ -40,9 +40,24 @@ def check_prompts(prompts: Sequence[str], negative_prompt: str = "") -> None:
 
 
 def check_negative_prompt(text: str) -> None:
-    """Raise ValueError on a negative prompt longer than a prompt may be ("" is none)."""
+    """Raise ValueError on a negative prompt longer than a prompt may be ("" is none), or one that is not valid
+    UTF-8 (a command line's bytes Python kept as surrogates)."""
     if len(text) > MAX_PROMPT_CHARS:
         raise ValueError(f"the negative prompt is {len(text)} characters long; the limit is {MAX_PROMPT_CHARS}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"the negative prompt is not valid UTF-8 text (byte {exc.start} onwards)") from None
+
+
+def negative_text(value: str | None) -> str:
+    """A caller's negative prompt as text: None (diffusers' default) is none, ""; anything but text is a
+    ValueError (protobuf would turn None into "" without a word, and other values fail deep in the tokenizer)."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ValueError(f"negative_prompt must be text, got {type(value).__name__}")
+    return value
 
 
 def read_prompt_file(path: Path) -> list[str]:

@@ -3,7 +3,8 @@
 The edge server keeps the intermediate latents of recent groups at several depths. A new request whose text
 embedding is close enough to a cached group's conditioning starts from that group's latent at the depth its
 similarity allows (the same `DepthSchedule` that sets a group's own depth), so the shared part costs no GPU
-steps. Entries are found only under identical settings (model fingerprint, steps, size, guidance, scheduler)
+steps. Entries are found only under identical settings (model fingerprint, steps, size, guidance, scheduler,
+negative prompt)
 and, when a request names a seed, only with that seed. Memory is bounded; the least recently used entry goes.
 """
 

@@ -83,6 +83,7 @@ def test_generate_writes_images_grids_and_report(tmp_path, tiny_model_dir):
         ("a cat\n", ["--seed", "-1"], "--seed"),
         ("a cat\na dog\n", ["--seed", str(2**63 - 1)], "seed must be in [0, 2^63 - 1 - (prompts - 1)]"),
         ("a cat\n", ["--negative-prompt", "x" * 1001], "the negative prompt is 1001 characters long"),
+        ("a cat\n", ["--negative-prompt", "bad\udcff"], "the negative prompt is not valid UTF-8 text (byte 3 onwards)"),
     ],
 )
 def test_bad_input_is_one_line_error(tmp_path, tiny_model_dir, text, args, message):

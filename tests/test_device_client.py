@@ -179,6 +179,20 @@ def test_a_server_that_ignores_the_negative_prompt_is_refused(fake_server, devic
         assert client.generate("a blue square", seed=3).metadata["negative_prompt"] == ""
 
 
+def test_a_negative_prompt_of_none_is_none_and_one_that_is_not_text_is_refused_before_sending(fake_server,
+                                                                                             device_model):
+    """None is diffusers' "no negative prompt"; a list or a number is a ValueError before the server is asked
+    (protobuf would refuse it deep in the call, and None it would turn into "" without a word)."""
+    with client_for(fake_server(""), device_model, steps=STEPS) as client:
+        assert client.generate("a blue square", seed=3, negative_prompt=None).metadata["negative_prompt"] == ""
+        calls = fake_server.edges[""].calls
+        for bad in (["blurry"], 7):
+            with pytest.raises(ValueError, match="negative_prompt must be text"):
+                client.generate("a blue square", seed=3, negative_prompt=bad)
+        assert fake_server.edges[""].calls == calls
+        assert client.generate_local("a cat", seed=1, negative_prompt=None).metadata["negative_prompt"] == ""
+
+
 def test_metadata_round_trips_through_png(fake_server, device_model, tmp_path):
     with client_for(fake_server(""), device_model, steps=STEPS) as client:
         result = client.generate("a blue square", seed=3)
