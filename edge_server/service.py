@@ -179,7 +179,6 @@ class _Call:
     sent: int = 0
     queue_wait_s: float | None = None
     group_fields: dict[str, Any] = dataclasses.field(default_factory=dict)
-    finished: bool = False
 
     def delivered(self, d: Delivery) -> None:
         """Note the request's group (for its log line) and its queue wait (for the metrics)."""
@@ -252,9 +251,8 @@ class EdgeSamplerServicer(edge_pb2_grpc.EdgeSamplerServicer):
             try:
                 async with asyncio.timeout(ticket.deadline - time.monotonic()):
                     await self._stream(delivery, context, call)
-            except TimeoutError:  # the device reads too slowly: end the call, free its slots now
+            except TimeoutError:  # the device reads too slowly: end the call (`finally` frees its slots now)
                 call.status = "DEADLINE_EXCEEDED"
-                self._finish(call)
                 # the status follows the bytes already handed to gRPC, so the device sees it once it reads them;
                 # returning (rather than aborting) leaves that wait to gRPC, with no payload held here
                 context.set_code(grpc.StatusCode.DEADLINE_EXCEEDED)
@@ -294,10 +292,8 @@ class EdgeSamplerServicer(edge_pb2_grpc.EdgeSamplerServicer):
         )
 
     def _finish(self, call: _Call) -> None:
-        """Release the request in the engine, count and log it with its final status (once per call)."""
-        if call.finished:
-            return
-        call.finished = True
+        """Release the request in the engine, count and log it with its final status (once per call: RequestImage's
+        `finally`)."""
         self.engine.release(call.ticket, call.status, call.sent)
         if self.metrics is not None:
             self.metrics.observe_request(call.status, call.sent, call.queue_wait_s)
