@@ -93,10 +93,9 @@ class Resolved:
     negative_prompt: str = ""
 
     def bucket_key(self) -> BucketSettings:
-        """Requests share a window's shared_phase call only with equal settings, the negative prompt included
-        where guidance uses it (guidance > 1: classifier-free guidance; otherwise it has no effect)."""
-        negative = self.negative_prompt if self.guidance > 1.0 else ""
-        return BucketSettings(self.steps, self.guidance, self.scheduler, self.height, self.width, negative)
+        """Requests share a window's shared_phase call only with equal settings (requests with different negative
+        prompts share its UNet calls, not a group: the worker plans them apart)."""
+        return BucketSettings(self.steps, self.guidance, self.scheduler, self.height, self.width)
 
 
 @dataclass(frozen=True)
@@ -458,7 +457,8 @@ class Engine:
                 key,
                 tuple(
                     MemberSpec(
-                        t.request.prompt, t.request.seed, t.request.share, t.request.codec, t.request.seed_explicit
+                        t.request.prompt, t.request.seed, t.request.share, t.request.codec, t.request.seed_explicit,
+                        t.request.negative_prompt,
                     )
                     for t in ts
                 ),

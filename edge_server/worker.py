@@ -35,26 +35,26 @@ class ModelInfo:
 
 @dataclass(frozen=True)
 class BucketSettings:
-    """Settings every request of a compatibility bucket shares (one shared_phase call per bucket): requests with
-    different negative prompts never share a group, as guidance's unconditional half differs."""
+    """Settings every request of a compatibility bucket shares (one shared_phase call per bucket)."""
 
     steps: int
     guidance: float
     scheduler: str
     height: int
     width: int
-    negative_prompt: str = ""
 
 
 @dataclass(frozen=True)
 class MemberSpec:
-    """One request as the worker sees it: its prompt, seed, sharing preference and negotiated codec."""
+    """One request as the worker sees it: its prompt, seed, sharing preference, negotiated codec and negative
+    prompt (requests with different ones share a bucket's UNet calls, never a group)."""
 
     prompt: str
     seed: int
     share: float
     codec: str
     seed_explicit: bool = True
+    negative_prompt: str = ""
 
 
 @dataclass(frozen=True)
@@ -386,46 +386,56 @@ class EdgeWorker:
         import torch
 
         from sage_core.adaptive import cap_depths, deliveries, run_shared_plan
-        from sage_core.generate import latent_shape, negative_embedding
+        from sage_core.generate import latent_shape
         from sage_core.latent_cache import CacheSettings
-        from sage_core.policy import cached_starts, file_plan, plan_window
+        from sage_core.policy import cached_starts, file_plan, parts_by, plan_parts
         from sage_core.sampler import BranchPoint, SamplingConfig, initial_noises, make_scheduler
 
         s, pipe = job.settings, self.pipe
         config = SamplingConfig(
             steps=s.steps, guidance=s.guidance, share=0.0, scheduler=s.scheduler, height=s.height, width=s.width,
-            shared_condition=self.config.shared_condition, negative_prompt=s.negative_prompt,
+            shared_condition=self.config.shared_condition,
         )
         prompts = [m.prompt for m in job.members]
-        # 1. encode and plan the groups (lines 1-2); no group shares more than any member asked for
+        # a negative prompt is guidance's unconditional half: without guidance (omega <= 1) it does nothing
+        negatives = [m.negative_prompt if config.uses_cfg() else "" for m in job.members]
+        # 1. encode and plan the groups (lines 1-2), never across negative prompts; no group shares more than any
+        #    member asked for
         cond, pooled = self.encode(prompts)
-        uncond = negative_embedding(pipe, s.negative_prompt) if s.negative_prompt else self.uncond
-        roots = plan_window(pooled, self.policy, s.steps)
+        uncond = self.unconds(negatives)
+        roots = plan_parts(pooled, list(parts_by(negatives).values()), self.policy, s.steps)
         roots = cap_depths(roots, [round(m.share * s.steps) for m in job.members])
+        by_negative = parts_by([negatives[r.members[0]] for r in roots])  # negative prompt -> its roots
+        settings = {n: CacheSettings(self.fingerprint, s.steps, s.height, s.width, s.guidance, None, s.scheduler, n)
+                    for n in by_negative}  # fmt: skip
         # 2. each root starts from a cached latent of a close enough earlier group, or from its shared noise
         #    (seeded by its first member's seed; a request that named its seed only reuses that seed's noise)
         shape = latent_shape(pipe, config)
         noise_scheduler = make_scheduler(pipe.scheduler.config, s.scheduler, s.steps)
-        settings = CacheSettings(self.fingerprint, s.steps, s.height, s.width, s.guidance, None, s.scheduler,
-                                 s.negative_prompt)
         leads = [job.members[r.members[0]] for r in roots]
         hits: list = [None] * len(roots)
         if self.cache is not None:
             named = [m.seed if m.seed_explicit else None for m in leads]
-            hits = cached_starts(self.cache, settings, roots, pooled, named)
+            for n, rs in by_negative.items():
+                found = cached_starts(self.cache, settings[n], [roots[r] for r in rs], pooled, [named[r] for r in rs])
+                for r, hit in zip(rs, found, strict=True):
+                    hits[r] = hit
         fresh = [lead.seed for lead, hit in zip(leads, hits, strict=True) if hit is None]
         noises = iter(initial_noises(shape, fresh, noise_scheduler, self.unet_dtype, self.unet_device))
         starts = [hit.point if hit is not None else BranchPoint(next(noises), 0) for hit in hits]
         seeds = [hit.entry.seed if hit is not None else lead.seed for lead, hit in zip(leads, hits, strict=True)]
         cached = [hit.point.step if hit is not None else 0 for hit in hits]
-        # 3. the plan's shared steps, all groups of every level in one batched UNet call per round (lines 4-8)
+        # 3. the plan's shared steps, all groups of every level (and of every negative prompt) in one batched UNet
+        #    call per round (lines 4-8)
         unet = _PacedUNet(self.unet, stop, self.config.worker_step_delay_ms / 1000.0)
         with torch.inference_mode():
             points = run_shared_plan(unet, pipe.scheduler.config, roots, starts, cond, uncond, config)
         root_of = {m: r for r, root in enumerate(roots) for m in root.members}
         # 4. keep every level's latent for later windows; encode each delivery once per codec its members took
         if self.cache is not None:
-            file_plan(self.cache, settings, roots, pooled, points, seeds, cached)
+            for n, rs in by_negative.items():
+                file_plan(self.cache, settings[n], [roots[r] for r in rs], pooled, points, [seeds[r] for r in rs],
+                          [cached[r] for r in rs])
         ready = []
         plan = deliveries(roots)
         latents = torch.cat([points[id(d.node)].latents for d in plan]).cpu().split(1)  # one device-host copy
@@ -444,6 +454,21 @@ class EdgeWorker:
             codecs = tuple(sorted({job.members[m].codec for m in d.members}))
             ready.append(Encodable(result, host_latent, state, codecs))
         return tuple(ready)
+
+    def unconds(self, negatives: list[str]) -> Any:
+        """Guidance's unconditional embeddings for a bucket's members: one [1, L, D] when they share their negative
+        prompt, else one per member [M, L, D]; the empty prompt's is the one made at start, the others are encoded
+        in one text-encoder pass, each once."""
+        import torch
+
+        from sage_core.grouping import text_embeddings
+
+        texts = [n for n in dict.fromkeys(negatives) if n]
+        encoded = dict(zip(texts, text_embeddings(self.pipe, texts)[0].split(1), strict=True)) if texts else {}
+        encoded[""] = self.uncond
+        if len(set(negatives)) == 1:
+            return encoded[negatives[0]]
+        return torch.cat([encoded[n] for n in negatives])
 
     def _encode_bucket(self, ready: tuple[Encodable, ...]) -> tuple[GroupResult, ...]:
         """Each delivery with its payload in every codec its members took (host only: no model, no GPU)."""

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from sage_core.grouping import GroupingConfig, group_by_similarity, normalize
-from sage_core.sampler import SHARED_CONDITIONS, BranchPoint, SamplingConfig, UNetCounter, advance
+from sage_core.sampler import SHARED_CONDITIONS, BranchPoint, SamplingConfig, UNetCounter, advance, check_uncond
 
 
 @dataclass(frozen=True)
@@ -268,12 +268,17 @@ def run_shared_plan(
     """The shared part of a plan in one batched `advance`: every node on its group condition, the roots from
     `starts` (noise at step 0, or a cached latent), every other node from its parent's end, joining the loop in
     the round its parent finishes (so the plan takes as many UNet calls as its longest chain of shared steps).
-    Evaluations are counted under each node's root index. Returns id(node) -> its point."""
+    `uncond` is guidance's unconditional embedding, one for all [1, L, D] or one per member [M, L, D] (members'
+    negative prompts; a group's members share theirs, and the group runs on its first member's). Evaluations are
+    counted under each node's root index. Returns id(node) -> its point."""
     root_of = root_index(roots)
     nodes, parents = plan_nodes(roots)
     begin = [starts[root_of[id(n)]] if n.parent is None else None for n in nodes]
     conds = group_conditions(cond, [n.members for n in nodes], config.shared_condition)
     labels = [root_of[id(n)] for n in nodes]
+    if uncond.shape[0] > 1:  # each node on its members' own (check_uncond refuses any other count)
+        check_uncond(uncond, cond.shape[0])
+        uncond = uncond[[n.members[0] for n in nodes]]
     ends = advance(unet, scheduler_config, begin, conds, uncond, config, [n.depth for n in nodes], counter, labels,
                    parents)
     return {id(n): p for n, p in zip(nodes, ends, strict=True)}

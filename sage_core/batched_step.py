@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from diffusers import DDIMScheduler
 
-from sage_core.sampler import Round, SamplingConfig, Trajectory, UNetCounter, count_round
+from sage_core.sampler import Round, SamplingConfig, Trajectory, UNetCounter, count_round, uncond_rows
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 N_COEF = 5  # guidance weight, sqrt(alpha_t), sqrt(1 - alpha_t), sqrt(alpha_prev), sqrt(1 - alpha_prev)
@@ -159,7 +159,7 @@ def batched_denoise(unet, unet_dtype: torch.dtype, trajectories: Sequence[Trajec
         x = state if whole else state.index_select(0, rt.rows)
         if rd.rows not in cond_cache:
             c = conds if whole else conds.index_select(0, rt.rows)
-            cond_cache[rd.rows] = torch.cat([uncond.expand(len(rd.rows), -1, -1), c]) if cfg else c
+            cond_cache[rd.rows] = torch.cat([uncond_rows(uncond, rt.rows), c]) if cfg else c
         x_in = x.to(unet_dtype)
         pred = unet(torch.cat([x_in, x_in]) if cfg else x_in, rt.timesteps,
                     encoder_hidden_states=cond_cache[rd.rows], return_dict=False)[0]

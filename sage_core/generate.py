@@ -160,7 +160,8 @@ def run_plan(
     counter: UNetCounter,
 ) -> torch.Tensor:
     """Run a grouping plan: each level of groups batched in one `advance` from its parents' points (the roots
-    from their shared noise) on its mean embedding, then every prompt's branch phase from its deepest group.
+    from their shared noise) on its mean embedding, then every prompt's branch phase from its deepest group
+    (`uncond`: one unconditional embedding [1, L, D], or one per prompt whose groups never mix them).
     Evaluations are counted under the index of each prompt's root group. Returns final latents [M, C, h, w]."""
     unet, sched = pipe.unet, pipe.scheduler.config
     root_of = root_index(roots)
@@ -173,7 +174,7 @@ def run_plan(
         sched,
         [points[id(leaves[m])] for m in order],
         [cond[m : m + 1] for m in order],
-        uncond,
+        uncond if uncond.shape[0] == 1 else uncond[order],
         config,
         counter,
         labels=[root_of[id(leaves[m])] for m in order],

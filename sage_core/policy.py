@@ -65,6 +65,34 @@ def plan_window(embeddings: np.ndarray, policy: SharingPolicy, steps: int) -> li
     return unshared_roots(hierarchical_groups(embeddings, policy.taus, policy.max_sizes, policy.schedule, steps))
 
 
+def plan_parts(embeddings: np.ndarray, parts: Sequence[Sequence[int]], policy: SharingPolicy,
+               steps: int) -> list[GroupNode]:
+    """`plan_window` for each part (rows of `embeddings`, e.g. the requests of one negative prompt) on its own, so
+    that no group mixes parts; the roots part after part, their members as rows of `embeddings`."""
+    roots: list[GroupNode] = []
+    for rows in parts:
+        part = plan_window(embeddings[list(rows)], policy, steps)
+        for root in part:
+            renumber(root, rows)
+        roots += part
+    return roots
+
+
+def renumber(node: GroupNode, rows: Sequence[int]) -> None:
+    """Make a plan's member numbers (0..n-1 of a part) into the part's `rows`, in the node and below it."""
+    node.members = [rows[m] for m in node.members]
+    for child in node.children:
+        renumber(child, rows)
+
+
+def parts_by(keys: Sequence[object]) -> dict[object, list[int]]:
+    """Rows with equal keys, key by key in order of first appearance (rows in order)."""
+    parts: dict[object, list[int]] = {}
+    for row, key in enumerate(keys):
+        parts.setdefault(key, []).append(row)
+    return parts
+
+
 @dataclass
 class StreamCount:
     """Trajectory steps a stream cost under a policy versus independent sampling (multiply by 2 for CFG)."""

@@ -254,6 +254,23 @@ def source(forked: dict[int, int], parent: int) -> int:
     return parent
 
 
+def uncond_rows(uncond: torch.Tensor, rows: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    """Guidance's unconditional embeddings for the trajectories `rows` (positions, or an index tensor on the
+    embeddings' device): the one shared embedding [1, L, D] repeated, or each row's own of a per-trajectory
+    [N, L, D] (trajectories with different negative prompts in one batch)."""
+    if uncond.shape[0] == 1:
+        return uncond.expand(len(rows), -1, -1)
+    index = rows if isinstance(rows, torch.Tensor) else torch.tensor(list(rows), device=uncond.device)
+    return uncond.index_select(0, index)
+
+
+def check_uncond(uncond: torch.Tensor, n: int) -> None:
+    """ValueError unless `uncond` is one embedding [1, L, D] for all `n` trajectories or one per trajectory."""
+    if uncond.dim() != 3 or uncond.shape[0] not in (1, n):
+        raise ValueError(f"uncond must be [1, L, D] or one embedding per trajectory [{n}, L, D], "
+                         f"got {list(uncond.shape)}")
+
+
 def count_round(counter: UNetCounter | None, trajectories: Sequence[Trajectory], rows: Sequence[int], cfg: bool):
     """Add one round's UNet sample evaluations (2 per trajectory with CFG) to the counter."""
     if counter is not None:
@@ -271,10 +288,13 @@ def denoise(
     batched: bool | None = None,
 ) -> None:
     """Advance every trajectory over its own schedule slice, one batched UNet call per round for all active
-    ones (`plan_rounds`); latents are updated in place on the trajectories. `batched` picks the stepper: the
-    batched DDIM step (sage_core.batched_step; the default where it applies) or each trajectory's own diffusers
-    scheduler (False)."""
+    ones (`plan_rounds`); latents are updated in place on the trajectories. `uncond` is guidance's unconditional
+    embedding, one for all [1, L, D] or one per trajectory [N, L, D] (`uncond_rows`). `batched` picks the
+    stepper: the batched DDIM step (sage_core.batched_step; the default where it applies) or each trajectory's
+    own diffusers scheduler (False)."""
     from sage_core.batched_step import batched_denoise, supports_batched
+
+    check_uncond(uncond, len(trajectories))
 
     rounds = plan_rounds([Span(tr.start, tr.stop, tr.parent) for tr in trajectories])
     use_batched = supports_batched(trajectories) if batched is None else batched
@@ -295,7 +315,7 @@ def stepwise_denoise(unet, dtype: torch.dtype, trajectories: Sequence[Trajectory
         if not rd.rows:
             continue
         active = [trajectories[i] for i in rd.rows]
-        x, t, c = _unet_inputs(active, uncond, cfg, dtype)
+        x, t, c = _unet_inputs(active, uncond_rows(uncond, rd.rows), cfg, dtype)
         pred = unet(x, t, encoder_hidden_states=c, return_dict=False)[0]
         count_round(counter, trajectories, rd.rows, cfg)
         if cfg:
@@ -312,7 +332,8 @@ def stepwise_denoise(unet, dtype: torch.dtype, trajectories: Sequence[Trajectory
 
 
 def _unet_inputs(trajectories: Sequence[Trajectory], uncond: torch.Tensor, cfg: bool, dtype: torch.dtype):
-    """Batch [uncond block; cond block] of latents, timesteps and text embeddings, as diffusers orders them."""
+    """Batch [uncond block; cond block] of latents, timesteps and text embeddings, as diffusers orders them
+    (`uncond`: the trajectories' unconditional embeddings, one row each)."""
     latents = torch.cat(
         [tr.scheduler.scale_model_input(tr.latents, tr.scheduler.timesteps[tr.index]) for tr in trajectories]
     )
@@ -321,7 +342,7 @@ def _unet_inputs(trajectories: Sequence[Trajectory], uncond: torch.Tensor, cfg: 
     if cfg:
         latents = torch.cat([latents, latents])
         timesteps = torch.cat([timesteps, timesteps])
-        conds = torch.cat([uncond.expand(len(trajectories), -1, -1), conds])
+        conds = torch.cat([uncond, conds])
     return latents.to(dtype), timesteps, conds.to(dtype)
 
 
@@ -338,7 +359,8 @@ def advance(
     parents: Sequence[int | None] | None = None,
 ) -> list[BranchPoint]:
     """Move each point from its step to its stop under its own conditioning, all batched: the one primitive
-    behind the shared phase, hierarchical sub-group phases, cache resumption and the branch phase. Where
+    behind the shared phase, hierarchical sub-group phases, cache resumption and the branch phase. `uncond` is
+    one unconditional embedding for all [1, L, D] or one per entry (different negative prompts). Where
     `parents[m]` is not None, entry m starts from the end of the earlier entry `parents[m]` (its point is then
     None), in the same loop."""
     from sage_core.batched_step import supports_batched_scheduler

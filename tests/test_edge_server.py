@@ -335,18 +335,13 @@ def test_resolve_fills_defaults_and_rejects() -> None:
     assert err.value.code == "FAILED_PRECONDITION"
 
 
-def test_a_negative_prompt_splits_buckets_only_where_guidance_uses_it() -> None:
-    """Requests with different negative prompts never share a bucket (so never a group) under classifier-free
-    guidance; without it (guidance <= 1) the negative prompt does nothing and does not split them."""
+def test_a_negative_prompt_keeps_its_request_in_the_bucket_of_its_settings() -> None:
+    """Requests that differ only in their negative prompts share a bucket (its UNet calls; the worker keeps their
+    groups apart), and the request keeps its negative prompt."""
     cfg, info = ServerConfig(), ModelInfo("abc", "{}", 32, 32, 1, "cpu")
-
-    def key(negative: str, guidance: float):
-        return resolve(ImageSpec(prompt="a", negative_prompt=negative, guidance=guidance), cfg, info).bucket_key()
-
-    assert key("blurry", 7.5) != key("", 7.5) and key("blurry", 7.5) == key("blurry", 7.5)
-    assert key("blurry", 7.5).negative_prompt == "blurry"
-    assert key("blurry", 1.0) == key("", 1.0) and key("blurry", 1.0).negative_prompt == ""
-    assert resolve(ImageSpec(prompt="a", negative_prompt="blurry", guidance=1.0), cfg, info).negative_prompt == "blurry"
+    with_negative = resolve(ImageSpec(prompt="a", negative_prompt="blurry"), cfg, info)
+    assert with_negative.bucket_key() == resolve(ImageSpec(prompt="a"), cfg, info).bucket_key()
+    assert with_negative.negative_prompt == "blurry"
 
 
 def test_rejections_echo_only_the_start_of_a_huge_value() -> None:
