@@ -9,6 +9,7 @@ import threading
 import pytest
 import torch
 
+from benchmarks.bench_negative_prompts import CountingUNet, main
 from edge_server.config import build_config
 from edge_server.worker import BucketJob, BucketSettings, EdgeWorker, MemberSpec
 from sage_core.generate import encode_prompts, latent_shape, negative_embedding
@@ -60,21 +61,10 @@ def _job(worker: EdgeWorker, negatives: list[str], guidance: float = 7.5, seed: 
     return BucketJob(settings, members)
 
 
-class CountedUNet:
-    """A UNet that counts its calls."""
-
-    def __init__(self, unet) -> None:
-        self.unet, self.calls, self.dtype = unet, 0, unet.dtype
-
-    def __call__(self, *args, **kwargs):
-        self.calls += 1
-        return self.unet(*args, **kwargs)
-
-
 def _run(worker: EdgeWorker, job: BucketJob, calls: list[int]) -> dict[tuple[int, ...], torch.Tensor]:
     """Members -> shared latent of each delivery; `calls` gets the number of UNet calls."""
     unet = worker.unet
-    worker.unet = counted = CountedUNet(unet)
+    worker.unet = counted = CountingUNet(unet)
     try:
         ready = worker._shared_bucket(job, threading.Event())
     finally:
@@ -101,3 +91,21 @@ def test_the_worker_plans_negative_prompts_apart_and_runs_them_in_one_loop(worke
 def test_without_guidance_the_negative_prompt_does_not_split_groups(worker):
     calls: list[int] = []
     assert sorted(_run(worker, _job(worker, [NEGATIVE, NEGATIVE, "", ""], guidance=1.0), calls)) == [(0, 1, 2, 3)]
+
+
+def test_the_benchmark_runs_both_ways_and_refuses_what_it_cannot_measure(capsys, tmp_path):
+    """benchmarks/bench_negative_prompts: the same groups both ways, fewer UNet calls in one loop; settings it cannot
+    measure are one `error:` line and exit 2."""
+    import json
+
+    out = tmp_path / "r.json"
+    assert main(["--model", "tiny", "--steps", "4", "--requests", "8", "--negatives", "2", "--repeats", "1",
+                 "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    one, per = result["one loop"], result["loop per negative prompt"]
+    assert one["groups"] == per["groups"] >= 2 and one["unet_calls"] * 2 == per["unet_calls"]
+    assert "as fast" in capsys.readouterr().out
+    for argv in (["--negatives", "9"], ["--guidance", "1"], ["--requests", "0"]):
+        with pytest.raises(SystemExit) as err:
+            main(argv)
+        assert err.value.code == 2 and "error:" in capsys.readouterr().err
