@@ -287,7 +287,7 @@ class EdgeWorker:
         torch.backends.cudnn.benchmark = config.cudnn_benchmark  # process-wide: this process holds one model
         self.unet, self.unet_warmup = serving_unet(self.pipe, config)  # compiled and bucketed if configured
         self.unet_dtype, self.unet_device = self.pipe.unet.dtype, self.pipe.unet.device  # read once: both walk it
-        self.uncond = negative_embedding(self.pipe)  # the empty prompt's, for every bucket without a negative prompt
+        self.uncond = negative_embedding(self.pipe)  # the empty prompt's, for every request without a negative prompt
         self.embedder: Any = None  # prompts -> pooled embeddings [M, D], in place of the text encoder's (benchmarks)
         self.policy = sharing_policy(config)
         self.cache = latent_cache(config, self.policy)

@@ -4,7 +4,8 @@
 how), one branch point for all. `adaptive`
 nests tighter sub-groups inside looser groups and gives every group the depth its similarity allows
 (sage_core.adaptive). Either may reuse latents of earlier windows (sage_core.latent_cache). The edge server,
-the local tools and the simulator all plan windows with `plan_window`, so they count the same steps.
+the local tools and the simulator all plan windows with `plan_window`, so they count the same steps (the edge
+server through `plan_parts`: `plan_window` for each negative prompt's requests, one part when they share it).
 """
 
 from __future__ import annotations

@@ -232,8 +232,10 @@ def plan_arrays(roots: Sequence[GroupNode], m: int, starts: Sequence[int]) -> Wi
 
 
 class WindowPlanner:
-    """Plans each window as edge_server.worker's _run_bucket does: sage_core.policy.plan_window on the window's
-    embeddings, every group's depth capped by the requests' share (cap_depths), then, with a latent cache (one
+    """Plans each window as edge_server.worker's _shared_bucket does for requests without negative prompts (the
+    simulated load has none; the worker plans each negative prompt's requests apart, sage_core.policy.plan_parts):
+    sage_core.policy.plan_window on the window's embeddings, every group's depth capped by the requests' share
+    (cap_depths), then, with a latent cache (one
     per GPU worker, as each edge worker holds its own), roots start from cached latents and the window's latents
     are filed at every level of the plan, as stand-in latents of the codec's shape (sage_core.policy.reuse_cached:
     the worker's cached_starts and file_plan). `policy=None` is

@@ -9,6 +9,7 @@ import torch
 
 from benchmarks.bench_step_loop import cuda_syncs
 from sage_core.generate import encode_prompts, latent_shape
+from sage_core.grouping import text_embeddings
 from sage_core.models import tiny_pipeline
 from sage_core.sampler import SamplingConfig, Trajectory, denoise, initial_noises, make_scheduler
 
@@ -34,12 +35,17 @@ def _trajectories(pipe, config, cond, n: int) -> list[Trajectory]:
 # One UNet call for all trajectories against one per trajectory: the GPU picks kernels by batch size, so the two
 # loops agree to the kernels' rounding (fp16: a few units in the last place of the largest latent, ~10), not bit
 # for bit as on the CPU (tests/test_batched_step.py).
+# `per_row`: an unconditional embedding per trajectory (requests with different negative prompts in one loop).
 @pytest.mark.parametrize(("dtype", "ulps"), [(torch.float32, 1000), (torch.float16, 4)])
-def test_batched_loop_makes_no_synchronisation_and_equals_stepwise(dtype, ulps, monkeypatch):
+@pytest.mark.parametrize("per_row", [False, True])
+def test_batched_loop_makes_no_synchronisation_and_equals_stepwise(dtype, ulps, per_row, monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # TF32 convolutions alone differ by ~1e-3
     pipe = tiny_pipeline(seed=0).to("cuda", dtype)
     config = SamplingConfig(steps=8, guidance=7.5, guidance_end=3.0)
     cond, uncond = encode_prompts(pipe, ["a red circle", "a blue square", "a green star"])
+    if per_row:
+        negatives = text_embeddings(pipe, ["", "blurry", "a dark room"])[0]
+        uncond = negatives[[i % 3 for i in range(6)]]
     batched, stepwise = _trajectories(pipe, config, cond, 6), _trajectories(pipe, config, cond, 6)
     torch.cuda.synchronize()
     with torch.inference_mode():

@@ -5,6 +5,7 @@ group across two) and runs them in one loop (in-process EdgeWorker, tiny model).
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import pytest
 import torch
@@ -52,17 +53,18 @@ def worker() -> EdgeWorker:
     return EdgeWorker(build_config(None, {"model": "tiny", "ray_num_cpus": 1, "dtype": "float32", "tau": -1.0}))
 
 
-def _job(worker: EdgeWorker, negatives: list[str], guidance: float = 7.5, seed: int = 10) -> BucketJob:
-    """A bucket of PROMPTS[i % 2] with negatives[i] (tau -1: every pair may group), seeds seed + i."""
+def _job(worker: EdgeWorker, negatives: list[str], guidance: float = 7.5, seed: int = 10,
+         named: bool = True) -> BucketJob:
+    """A bucket of PROMPTS[i % 2] with negatives[i] (tau -1: every pair may group), seeds seed + i (`named`: as
+    requests that named them; otherwise the server's own, and a cached latent may replace the noise)."""
     info = worker.info()
     settings = BucketSettings(4, guidance, "ddim", info.default_height, info.default_width)
-    members = tuple(MemberSpec(PROMPTS[i % 2], seed + i, 0.5, "fp32", negative_prompt=n)
-                    for i, n in enumerate(negatives))
+    members = tuple(MemberSpec(PROMPTS[i % 2], seed + i, 0.5, "fp32", named, n) for i, n in enumerate(negatives))
     return BucketJob(settings, members)
 
 
-def _run(worker: EdgeWorker, job: BucketJob, calls: list[int]) -> dict[tuple[int, ...], torch.Tensor]:
-    """Members -> shared latent of each delivery; `calls` gets the number of UNet calls."""
+def _run(worker: EdgeWorker, job: BucketJob, calls: list[int]) -> dict[tuple[int, ...], Any]:
+    """Members -> each delivery (its GroupResult `result` and shared `latent`); `calls` gets the UNet calls."""
     unet = worker.unet
     worker.unet = counted = CountingUNet(unet)
     try:
@@ -70,7 +72,7 @@ def _run(worker: EdgeWorker, job: BucketJob, calls: list[int]) -> dict[tuple[int
     finally:
         worker.unet = unet
     calls.append(counted.calls)
-    return {e.result.members: e.latent for e in ready}
+    return {e.result.members: e for e in ready}
 
 
 def test_the_worker_plans_negative_prompts_apart_and_runs_them_in_one_loop(worker):
@@ -82,8 +84,8 @@ def test_the_worker_plans_negative_prompts_apart_and_runs_them_in_one_loop(worke
     alone_negative = _run(worker, _job(worker, [NEGATIVE, NEGATIVE]), calls)
     alone_plain = _run(worker, _job(worker, ["", ""], seed=12), calls)
     assert calls == [2, 2, 2]  # 0.5 of 4 steps shared: the mixed bucket takes the calls of one group
-    assert (mixed[(0, 1)] - alone_negative[(0, 1)]).abs().max().item() < ATOL
-    assert (mixed[(2, 3)] - alone_plain[(0, 1)]).abs().max().item() < ATOL
+    assert (mixed[(0, 1)].latent - alone_negative[(0, 1)].latent).abs().max().item() < ATOL
+    assert (mixed[(2, 3)].latent - alone_plain[(0, 1)].latent).abs().max().item() < ATOL
     plain = _run(worker, _job(worker, ["", "", "", ""]), calls)
     assert sorted(plain) == [(0, 1, 2, 3)]
 
@@ -91,6 +93,24 @@ def test_the_worker_plans_negative_prompts_apart_and_runs_them_in_one_loop(worke
 def test_without_guidance_the_negative_prompt_does_not_split_groups(worker):
     calls: list[int] = []
     assert sorted(_run(worker, _job(worker, [NEGATIVE, NEGATIVE, "", ""], guidance=1.0), calls)) == [(0, 1, 2, 3)]
+
+
+def test_the_latent_cache_serves_each_negative_prompt_its_own_latents(worker):
+    """Two windows of the same mixed bucket on a worker with a latent cache, against a second worker that runs each
+    negative prompt as a bucket of its own: each group of the second window starts from its own negative prompt's
+    cached latent, as there, and ends with the same latent."""
+    settings = {"model": "tiny", "ray_num_cpus": 1, "dtype": "float32", "tau": -1.0, "cache_mb": 16}
+    mixed_worker, apart_worker = (EdgeWorker(build_config(None, settings)) for _ in range(2))
+    calls: list[int] = []
+    for window in range(2):
+        mixed = _run(mixed_worker, _job(worker, [NEGATIVE, NEGATIVE, "", ""], named=False), calls)
+        negative = _run(apart_worker, _job(worker, [NEGATIVE, NEGATIVE], named=False), calls)
+        plain = _run(apart_worker, _job(worker, ["", ""], seed=12, named=False), calls)
+        for members, alone in (((0, 1), negative[(0, 1)]), ((2, 3), plain[(0, 1)])):
+            assert mixed[members].result.cached_steps == alone.result.cached_steps == 2 * window, window
+            assert mixed[members].result.seed == alone.result.seed
+            assert (mixed[members].latent - alone.latent).abs().max().item() < ATOL
+    assert calls[3:] == [0, 0, 0]  # the second window's shared steps all came from the cache
 
 
 def test_the_benchmark_runs_both_ways_and_refuses_what_it_cannot_measure(capsys, tmp_path):

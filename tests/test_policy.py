@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sage_core.adaptive import DepthSchedule
-from sage_core.policy import SharingPolicy, count_stream, plan_window
+from sage_core.adaptive import DepthSchedule, levels
+from sage_core.policy import SharingPolicy, count_stream, parts_by, plan_parts, plan_window
 
 
 def clusters(n: int, per: int, noise: float, seed: int = 0) -> np.ndarray:
@@ -127,3 +127,44 @@ def test_roots_look_up_and_file_the_cache_by_their_members_mean_and_their_own_se
     file_plan(cache, settings, roots, emb, points, seeds=[3, 4], starts=[0, 0])
     assert [cache.lookup(settings, e[2], seed) is not None for seed in (3, 4)] == [True, False]
     assert [cache.lookup(settings, e[3], seed) is not None for seed in (3, 4)] == [False, True]
+
+
+def nested_clusters(seed: int = 0) -> np.ndarray:
+    """16 rows: 2 loose clusters (sub-centres at cosine ~0.75), each of 2 tight ones (4 rows at ~0.997)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(2):
+        centre = rng.normal(size=48)
+        centre /= np.linalg.norm(centre)
+        for _ in range(2):
+            offset = rng.normal(size=48)
+            sub = centre + 0.6 * offset / np.linalg.norm(offset)
+            rows += [sub + 0.01 * rng.normal(size=48) for _ in range(4)]
+    return np.array(rows, dtype=np.float32)
+
+
+@pytest.mark.parametrize("mode", ["flat", "adaptive"])
+def test_plan_parts_never_groups_across_parts_and_numbers_members_as_window_rows(mode):
+    """Parts (e.g. negative prompts) interleaved in a window: every node at every level of the plan holds rows of
+    one part only, numbered as rows of the window; together the roots hold every row once; one part gives
+    plan_window's plan."""
+    policy = SharingPolicy(mode=mode, tau=0.9, taus=(0.6, 0.9), max_sizes=(8, 4))
+    emb = nested_clusters()
+    part_of = [i % 2 for i in range(len(emb))]  # every tight cluster split across both parts
+    roots = plan_parts(emb, list(parts_by(part_of).values()), policy, 30)
+    nodes = [n for level in levels(roots) for n in level]
+    assert any(n.children for n in nodes) == (mode == "adaptive")  # nested plans are renumbered below the roots
+    for node in nodes:
+        assert len({part_of[m] for m in node.members}) == 1, node.members
+        assert node.parent is None or set(node.members) <= set(node.parent.members)
+    assert sorted(m for r in roots for m in r.members) == list(range(len(emb)))
+    tight = [n.members for n in nodes if not n.children]  # a tight cluster's half in its part, e.g. [0, 2]
+    assert all(len(m) == 2 and m[1] - m[0] == 2 and m[0] // 4 == m[1] // 4 for m in tight), tight
+    whole = plan_window(emb, policy, 30)
+    single = plan_parts(emb, [list(range(len(emb)))], policy, 30)
+    assert [[n.members for n in level] for level in levels(single)] == [[n.members for n in level]
+                                                                         for level in levels(whole)]
+
+
+def test_parts_by_keeps_first_appearance_order():
+    assert parts_by(["b", "a", "b", "", "a"]) == {"b": [0, 2], "a": [1, 4], "": [3]}
