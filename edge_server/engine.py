@@ -240,6 +240,7 @@ class Engine:
                 self._free_workers.put_nowait(i)
         self._revivals: dict[int, asyncio.Task] = {}  # one revival per worker, awaited by each window it failed
         self._queue: deque[Ticket] = deque()
+        self._collected: list[Ticket] = []  # the window the batch loop holds while it waits for a free worker
         self._queued_event = asyncio.Event()
         self._tickets: dict[str, Ticket] = {}
         self._windows: dict[str, Window] = {}
@@ -408,7 +409,11 @@ class Engine:
             window = await self._collect_window()
             if not window:
                 continue
-            worker_index = await self._free_workers.get()
+            self._collected = window
+            try:
+                worker_index = await self._free_workers.get()
+            finally:
+                self._collected = []
             window = [t for t in window if not t.left]
             if not window:
                 self._free_workers.put_nowait(worker_index)
@@ -673,6 +678,7 @@ class Engine:
         return {
             "active_requests": len(self._tickets),
             "queued_requests": sum(1 for t in self._queue if not t.left),
+            "waiting_requests": sum(1 for t in self._collected if not t.left),
             "running_windows": sum(1 for w in self._windows.values() if w.running),
             "open_windows": len(self._windows),
             "tracked_clients": len(self._per_client),

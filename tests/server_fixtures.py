@@ -56,6 +56,7 @@ def idle(stats: edge_pb2.ServerStats) -> bool:
     return not (
         stats.active_requests
         or stats.queued_requests
+        or stats.waiting_requests
         or stats.running_windows
         or stats.open_windows
         or stats.tracked_clients

@@ -236,7 +236,7 @@ async def hold_the_worker(server: EdgeServerProcess, stub: edge_pb2_grpc.EdgeSam
     blocking = asyncio.create_task(status_of_call(blocker))
     await asyncio.to_thread(server.wait_stats, lambda s: s.running_windows == 1, 30)
     sealed = asyncio.create_task(status_of(stub, request("sealed into the next window")))
-    await asyncio.to_thread(server.wait_stats, lambda s: s.queued_requests == 0 and s.active_requests == 2, 20)
+    await asyncio.to_thread(server.wait_stats, lambda s: s.waiting_requests == 1 and s.active_requests == 2, 20)
     return blocker, blocking, sealed
 
 
@@ -389,7 +389,7 @@ async def test_sigterm_twice_drains_queued_and_running_and_cuts_a_stalled_stream
             running = asyncio.create_task(status_of(stub, request("running", steps=40, share=1.0)))
             await asyncio.to_thread(server.wait_stats, lambda s: s.running_windows == 1, 20)
             queued = asyncio.create_task(status_of(stub, request("queued")))
-            await asyncio.to_thread(server.wait_stats, lambda s: s.queued_requests == 1, 20)
+            await asyncio.to_thread(server.wait_stats, lambda s: s.queued_requests + s.waiting_requests == 1, 20)
             signalled = time.monotonic()
             server.process.send_signal(signal.SIGTERM)
             await asyncio.to_thread(server.wait_stats, lambda s: not s.serving, 10)

@@ -276,6 +276,26 @@ async def test_the_per_host_cap_counts_streams_whatever_client_id_they_claim() -
         ServerConfig(max_streams_per_host=-1)
 
 
+async def test_a_request_waiting_for_a_free_worker_counts_as_queued() -> None:
+    """A collected window waits in the batch loop for a free worker: its requests are waiting_requests until a
+    worker takes it (they were counted nowhere but active_requests, so a poll found a waiting request queued only
+    during the 50 ms the window collected)."""
+    info = ModelInfo("abc", "{}", 32, 32, 1, "cpu")
+    engine = Engine(ServerConfig(max_wait_ms=10.0), [object()], [info], worker_factory=None)
+    busy = [engine._free_workers.get_nowait() for _ in range(engine._free_workers.qsize())]  # every slot taken
+    loop = asyncio.create_task(engine._batch_loop())
+    try:
+        ticket = engine.admit(ImageSpec(prompt="a cat"), None)
+        assert (engine.stats()["queued_requests"], engine.stats()["waiting_requests"]) == (1, 0)
+        await asyncio.sleep(0.2)  # the window closed long ago: the batch loop holds it, waiting for a worker
+        assert (engine.stats()["queued_requests"], engine.stats()["waiting_requests"]) == (0, 1)
+        engine.release(ticket, "CANCELLED")
+        assert engine.stats()["waiting_requests"] == 0
+    finally:
+        loop.cancel()
+    assert busy and engine.stats()["active_requests"] == 0
+
+
 def test_a_signal_during_the_start_stops_the_server_cleanly(tmp_path: Path) -> None:
     """SIGTERM while the workers load (a `docker stop` during a long model load or compile) ends the start: the
     server shuts its local Ray down and exits 0, instead of dying at once and leaving Ray's processes behind."""

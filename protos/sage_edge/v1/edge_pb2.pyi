@@ -145,7 +145,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerStats(_message.Message):
-    __slots__ = ("active_requests", "queued_requests", "running_windows", "tracked_clients", "open_windows", "admitted", "completed", "failed", "rejected", "status_counts", "windows_run", "windows_skipped", "windows_cancelled", "worker_failures", "worker_pids", "bytes_sent", "groups_run", "grouped_requests", "serving")
+    __slots__ = ("active_requests", "queued_requests", "running_windows", "tracked_clients", "open_windows", "admitted", "completed", "failed", "rejected", "status_counts", "windows_run", "windows_skipped", "windows_cancelled", "worker_failures", "worker_pids", "bytes_sent", "groups_run", "grouped_requests", "serving", "waiting_requests")
     class StatusCountsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -172,6 +172,7 @@ class ServerStats(_message.Message):
     GROUPS_RUN_FIELD_NUMBER: _ClassVar[int]
     GROUPED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     SERVING_FIELD_NUMBER: _ClassVar[int]
+    WAITING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     active_requests: int
     queued_requests: int
     running_windows: int
@@ -191,4 +192,5 @@ class ServerStats(_message.Message):
     groups_run: int
     grouped_requests: int
     serving: bool
-    def __init__(self, active_requests: _Optional[int] = ..., queued_requests: _Optional[int] = ..., running_windows: _Optional[int] = ..., tracked_clients: _Optional[int] = ..., open_windows: _Optional[int] = ..., admitted: _Optional[int] = ..., completed: _Optional[int] = ..., failed: _Optional[int] = ..., rejected: _Optional[int] = ..., status_counts: _Optional[_Mapping[str, int]] = ..., windows_run: _Optional[int] = ..., windows_skipped: _Optional[int] = ..., windows_cancelled: _Optional[int] = ..., worker_failures: _Optional[int] = ..., worker_pids: _Optional[_Iterable[int]] = ..., bytes_sent: _Optional[int] = ..., groups_run: _Optional[int] = ..., grouped_requests: _Optional[int] = ..., serving: _Optional[bool] = ...) -> None: ...
+    waiting_requests: int
+    def __init__(self, active_requests: _Optional[int] = ..., queued_requests: _Optional[int] = ..., running_windows: _Optional[int] = ..., tracked_clients: _Optional[int] = ..., open_windows: _Optional[int] = ..., admitted: _Optional[int] = ..., completed: _Optional[int] = ..., failed: _Optional[int] = ..., rejected: _Optional[int] = ..., status_counts: _Optional[_Mapping[str, int]] = ..., windows_run: _Optional[int] = ..., windows_skipped: _Optional[int] = ..., windows_cancelled: _Optional[int] = ..., worker_failures: _Optional[int] = ..., worker_pids: _Optional[_Iterable[int]] = ..., bytes_sent: _Optional[int] = ..., groups_run: _Optional[int] = ..., grouped_requests: _Optional[int] = ..., serving: _Optional[bool] = ..., waiting_requests: _Optional[int] = ...) -> None: ...
