@@ -151,6 +151,9 @@ def generate_cmd(
     )
     if m.get("fallback_reason"):
         typer.echo(f"fell back to local sampling: {m['fallback_reason']}")
+    if negative_prompt and m["guidance"] <= 1.0:
+        typer.echo(f"note: the negative prompt had no effect: guidance {m['guidance']:g} does not use "
+                   "classifier-free guidance (it needs guidance > 1)", err=True)
     if m.get("ignored_tokens"):
         typer.echo(f"note: the prompt is too long: the text encoder read its start and ignored the last "
                    f"{m['ignored_tokens']} tokens, as diffusers does", err=True)

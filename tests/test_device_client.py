@@ -477,7 +477,10 @@ def test_cli_generate_with_fallback_and_clear_errors(tmp_path):
     assert res.exit_code == 0, res.output
     meta = read_metadata(out)
     assert meta["mode"] == "local-fallback" and meta["seed"] == 3 and meta["prompt"] == "a red circle"
-    assert meta["negative_prompt"] == "blurry"
+    assert meta["negative_prompt"] == "blurry" and "had no effect" not in res.output
+    res = runner.invoke(main, [*base, "--fallback-local", "--negative-prompt", "blurry", "--guidance", "1",
+                               "--overwrite"])
+    assert res.exit_code == 0 and "note: the negative prompt had no effect: guidance 1 does not use" in res.output
     res = runner.invoke(main, ["generate", "x", "--server", "nohost", "--model", "tiny"])
     assert res.exit_code == 2 and "host:port" in res.output  # a command-line mistake
     res = runner.invoke(main, [*base[:3], str(tmp_path), *base[4:], "--fallback-local"])  # -o a folder: refused first
