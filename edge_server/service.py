@@ -34,7 +34,16 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from edge_server.config import BUILTIN_MODELS, ConfigError, ServerConfig
-from edge_server.engine import Delivery, Engine, EngineError, ImageSpec, Ticket, clip, worker_error_line
+from edge_server.engine import (
+    Delivery,
+    Engine,
+    EngineError,
+    ImageSpec,
+    Ticket,
+    clip,
+    first_line,
+    worker_error_line,
+)
 from edge_server.metrics import EdgeMetrics
 from edge_server.security import TokenAuthInterceptor, TokenTable, load_token_table, server_credentials
 from protos.sage_edge.v1 import edge_pb2, edge_pb2_grpc
@@ -438,11 +447,6 @@ def auth_hint() -> str:
         return ""
     return ("; its port answers, so if the cluster uses token auth set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or "
             "~/.ray/auth_token) for this server too")
-
-
-def first_line(exc: BaseException) -> str:
-    """The first non-empty line of an exception's message, else its type name."""
-    return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
 
 
 def ray_target(address: str) -> tuple[str, int]:
