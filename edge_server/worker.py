@@ -405,9 +405,8 @@ class EdgeWorker:
         uncond = self.unconds(negatives)
         roots = plan_parts(pooled, list(parts_by(negatives).values()), self.policy, s.steps)
         roots = cap_depths(roots, [round(m.share * s.steps) for m in job.members])
-        by_negative = parts_by([negatives[r.members[0]] for r in roots])  # negative prompt -> its roots
-        settings = {n: CacheSettings(self.fingerprint, s.steps, s.height, s.width, s.guidance, None, s.scheduler, n)
-                    for n in by_negative}  # fmt: skip
+        settings = [CacheSettings(self.fingerprint, s.steps, s.height, s.width, s.guidance, None, s.scheduler,
+                                  negatives[r.members[0]]) for r in roots]  # each root's: its negative prompt's
         # 2. each root starts from a cached latent of a close enough earlier group, or from its shared noise
         #    (seeded by its first member's seed; a request that named its seed only reuses that seed's noise)
         shape = latent_shape(pipe, config)
@@ -416,10 +415,7 @@ class EdgeWorker:
         hits: list = [None] * len(roots)
         if self.cache is not None:
             named = [m.seed if m.seed_explicit else None for m in leads]
-            for n, rs in by_negative.items():
-                found = cached_starts(self.cache, settings[n], [roots[r] for r in rs], pooled, [named[r] for r in rs])
-                for r, hit in zip(rs, found, strict=True):
-                    hits[r] = hit
+            hits = cached_starts(self.cache, settings, roots, pooled, named)
         fresh = [lead.seed for lead, hit in zip(leads, hits, strict=True) if hit is None]
         noises = iter(initial_noises(shape, fresh, noise_scheduler, self.unet_dtype, self.unet_device))
         starts = [hit.point if hit is not None else BranchPoint(next(noises), 0) for hit in hits]
@@ -433,9 +429,7 @@ class EdgeWorker:
         root_of = {m: r for r, root in enumerate(roots) for m in root.members}
         # 4. keep every level's latent for later windows; encode each delivery once per codec its members took
         if self.cache is not None:
-            for n, rs in by_negative.items():
-                file_plan(self.cache, settings[n], [roots[r] for r in rs], pooled, points, [seeds[r] for r in rs],
-                          [cached[r] for r in rs])
+            file_plan(self.cache, settings, roots, pooled, points, seeds, cached)
         ready = []
         plan = deliveries(roots)
         latents = torch.cat([points[id(d.node)].latents for d in plan]).cpu().split(1)  # one device-host copy

@@ -137,17 +137,19 @@ def count_stream(
 
 def cached_starts(
     cache: LatentCache,
-    settings: CacheSettings,
+    settings: Sequence[CacheSettings],
     roots: Sequence[GroupNode],
     embeddings: np.ndarray,
     seeds: Sequence[int | None] | None = None,
 ) -> list[CacheHit | None]:
-    """Each root looks for the deepest cached latent its similarity allows, up to its own depth (`seeds[r]`: the
-    seed root r's requests named, None: any); a hit raises the root's plan to start there (floor_depths)."""
+    """Each root looks for the deepest cached latent its similarity allows, up to its own depth, under its own
+    settings (`settings[r]`: its requests' negative prompt is part of them; `seeds[r]`: the seed root r's requests
+    named, None: any); a hit raises the root's plan to start there (floor_depths)."""
     hits: list[CacheHit | None] = []
     for r, root in enumerate(roots):
         seed = seeds[r] if seeds is not None else None
-        hit = cache.lookup(settings, embeddings[root.members].mean(axis=0), seed, root.depth) if root.depth else None
+        mean = embeddings[root.members].mean(axis=0)
+        hit = cache.lookup(settings[r], mean, seed, root.depth) if root.depth else None
         if hit is not None:
             floor_depths(root, hit.point.step)
         hits.append(hit)
@@ -156,7 +158,7 @@ def cached_starts(
 
 def file_plan(
     cache: LatentCache,
-    settings: CacheSettings,
+    settings: Sequence[CacheSettings],
     roots: Sequence[GroupNode],
     embeddings: np.ndarray,
     points: Mapping[int, BranchPoint],
@@ -164,15 +166,15 @@ def file_plan(
     starts: Sequence[int],
 ) -> None:
     """Keep every group's latent of the plan, each level at its own depth (`points`: id(node) -> its point, as
-    run_shared_plan returns them), under its members' mean embedding and its root's seed; a group whose depth
-    its root's cached start (`starts[r]`) already covers computed nothing new and is not filed again."""
+    run_shared_plan returns them), under its members' mean embedding and its root's settings and seed; a group
+    whose depth its root's cached start (`starts[r]`) already covers computed nothing new and is not filed again."""
     root_of = root_index(roots)
     for level in levels(roots):
         for node in level:
             r = root_of[id(node)]
             if node.depth > starts[r]:
                 mean = embeddings[node.members].mean(axis=0)
-                cache.insert(settings, mean, seeds[r], {node.depth: points[id(node)]})
+                cache.insert(settings[r], mean, seeds[r], {node.depth: points[id(node)]})
 
 
 def reuse_cached(
@@ -186,11 +188,12 @@ def reuse_cached(
     """What the edge worker does with its cache around one window (cached_starts, then file_plan), with
     stand-in latents of `latent_shape` that hold no memory but count against the byte bound as real ones;
     returns each root's start step (0: from noise)."""
-    hits = cached_starts(cache, settings, roots, embeddings)
+    per_root = [settings] * len(roots)
+    hits = cached_starts(cache, per_root, roots, embeddings)
     starts = [hit.point.step if hit is not None else 0 for hit in hits]
     stand_in = torch.zeros(1).expand(*latent_shape)
     points = {id(n): BranchPoint(stand_in, n.depth) for level in levels(roots) for n in level}
-    file_plan(cache, settings, roots, embeddings, points, [seed] * len(roots), starts)
+    file_plan(cache, per_root, roots, embeddings, points, [seed] * len(roots), starts)
     return starts
 
 

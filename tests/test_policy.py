@@ -117,14 +117,14 @@ def test_roots_look_up_and_file_the_cache_by_their_members_mean_and_their_own_se
 
     def starts(seeds):
         roots = [GroupNode([0, 1], 10, 0.6), GroupNode([2], 10, 1.0)]
-        return [None if h is None else h.point.step for h in cached_starts(cache, settings, roots, emb, seeds)]
+        return [None if h is None else h.point.step for h in cached_starts(cache, [settings] * 2, roots, emb, seeds)]
 
     assert starts(None) == [10, None]
     assert starts([7, None]) == [10, None] and starts([8, None]) == [None, None]
 
     roots = [GroupNode([2], 10, 1.0), GroupNode([3], 10, 1.0)]
     points = {id(r): BranchPoint(torch.zeros(1, 4, 8, 8), 10) for r in roots}
-    file_plan(cache, settings, roots, emb, points, seeds=[3, 4], starts=[0, 0])
+    file_plan(cache, [settings] * 2, roots, emb, points, seeds=[3, 4], starts=[0, 0])
     assert [cache.lookup(settings, e[2], seed) is not None for seed in (3, 4)] == [True, False]
     assert [cache.lookup(settings, e[3], seed) is not None for seed in (3, 4)] == [False, True]
 
