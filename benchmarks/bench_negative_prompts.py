@@ -16,6 +16,8 @@ import statistics
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from benchmarks.results import exit_on, output_file, positive_int, write_json
@@ -35,6 +37,17 @@ class CountingUNet:
         self.calls += 1
         self.rows += int(sample.shape[0])
         return self.unet(sample, *args, **kwargs)
+
+
+@contextmanager
+def counting_unet(worker: Any) -> Iterator[CountingUNet]:
+    """The worker's shared-phase UNet wrapped in a CountingUNet while the block runs."""
+    unet = worker.unet
+    worker.unet = counting = CountingUNet(unet)
+    try:
+        yield counting
+    finally:
+        worker.unet = unet
 
 
 def workload(requests: int, negatives: int, mean_group: float) -> list[tuple[str, str]]:
@@ -61,16 +74,12 @@ def run_jobs(worker: Any, bucket_jobs: list) -> tuple[float, int, int, int]:
     """Seconds, UNet calls, UNet rows and groups of running these buckets' shared phases one after another."""
     import torch
 
-    unet = worker.unet
-    worker.unet = counting = CountingUNet(unet)
-    try:
+    with counting_unet(worker) as counting:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         start = time.perf_counter()
         groups = sum(len(worker._shared_bucket(job, threading.Event())) for job in bucket_jobs)
         seconds = time.perf_counter() - start  # _shared_bucket ends with the latents on the host: no sync needed
-    finally:
-        worker.unet = unet
     return seconds, counting.calls, counting.rows, groups
 
 

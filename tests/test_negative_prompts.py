@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from benchmarks.bench_negative_prompts import CountingUNet, main
+from benchmarks.bench_negative_prompts import counting_unet, main
 from edge_server.config import build_config
 from edge_server.worker import BucketJob, BucketSettings, EdgeWorker, MemberSpec
 from sage_core.generate import encode_prompts, latent_shape, negative_embedding
@@ -65,12 +65,8 @@ def _job(worker: EdgeWorker, negatives: list[str], guidance: float = 7.5, seed: 
 
 def _run(worker: EdgeWorker, job: BucketJob, calls: list[int]) -> dict[tuple[int, ...], Any]:
     """Members -> each delivery (its GroupResult `result` and shared `latent`); `calls` gets the UNet calls."""
-    unet = worker.unet
-    worker.unet = counted = CountingUNet(unet)
-    try:
+    with counting_unet(worker) as counted:
         ready = worker._shared_bucket(job, threading.Event())
-    finally:
-        worker.unet = unet
     calls.append(counted.calls)
     return {e.result.members: e for e in ready}
 
