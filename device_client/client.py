@@ -131,7 +131,7 @@ def check_accepted(
         raise DeviceError("FAILED_PRECONDITION", f"server uses scheduler {accepted.scheduler!r}, unknown here")
     if len(accepted.latent_shape) != 4 or accepted.latent_shape[0] != 1:
         raise DeviceError("INTERNAL", f"bad latent shape {list(accepted.latent_shape)}; expected [1, C, h, w]")
-    if accepted.negative_prompt != negative_prompt:
+    if accepted.negative_prompt != negative_prompt and accepted.guidance > 1.0:  # without guidance it does nothing
         raise DeviceError("FAILED_PRECONDITION", negative_mismatch(accepted.negative_prompt, negative_prompt))
 
 
@@ -183,6 +183,7 @@ def collect_stream(
                 raise DeviceError("INTERNAL", "protocol error: a second Accepted")
             check_accepted(msg.accepted, fingerprint, config, negative_prompt)
             accepted, t_accepted = msg.accepted, time.perf_counter()
+            accepted.negative_prompt = negative_prompt  # the request's (a server older than them drops it unread)
         elif accepted is None:
             raise DeviceError("INTERNAL", f"protocol error: {kind} before Accepted")
         elif kind == "chunk":

@@ -387,6 +387,7 @@ class EdgeWorker:
 
         from sage_core.adaptive import cap_depths, deliveries, run_shared_plan
         from sage_core.generate import latent_shape
+        from sage_core.grouping import token_keys
         from sage_core.latent_cache import CacheSettings
         from sage_core.policy import cached_starts, file_plan, parts_by, plan_parts
         from sage_core.sampler import BranchPoint, SamplingConfig, initial_noises, make_scheduler
@@ -397,16 +398,18 @@ class EdgeWorker:
             shared_condition=self.config.shared_condition,
         )
         prompts = [m.prompt for m in job.members]
-        # a negative prompt is guidance's unconditional half: without guidance (omega <= 1) it does nothing
+        # a negative prompt is guidance's unconditional half: without guidance (omega <= 1) it does nothing; with
+        # it, negative prompts are told apart as the text encoder reads them (their tokens)
         negatives = [m.negative_prompt if config.uses_cfg() else "" for m in job.members]
+        keys = token_keys(pipe.tokenizer, negatives)
         # 1. encode and plan the groups (lines 1-2), never across negative prompts; no group shares more than any
         #    member asked for
         cond, pooled = self.encode(prompts)
-        uncond = self.unconds(negatives)
-        roots = plan_parts(pooled, list(parts_by(negatives).values()), self.policy, s.steps)
+        uncond = self.unconds(negatives, keys)
+        roots = plan_parts(pooled, list(parts_by(keys).values()), self.policy, s.steps)
         roots = cap_depths(roots, [round(m.share * s.steps) for m in job.members])
         settings = [CacheSettings(self.fingerprint, s.steps, s.height, s.width, s.guidance, None, s.scheduler,
-                                  negatives[r.members[0]]) for r in roots]  # each root's: its negative prompt's
+                                  keys[r.members[0]]) for r in roots]  # each root's: its negative prompt's key
         # 2. each root starts from a cached latent of a close enough earlier group, or from its shared noise
         #    (seeded by its first member's seed; a request that named its seed only reuses that seed's noise)
         shape = latent_shape(pipe, config)
@@ -449,20 +452,24 @@ class EdgeWorker:
             ready.append(Encodable(result, host_latent, state, codecs))
         return tuple(ready)
 
-    def unconds(self, negatives: list[str]) -> Any:
-        """Guidance's unconditional embeddings for a bucket's members: one [1, L, D] when they share their negative
-        prompt, else one per member [M, L, D]; the empty prompt's is the one made at start, the others are encoded
-        in one text-encoder pass, each once."""
+    def unconds(self, negatives: list[str], keys: list[str]) -> Any:
+        """Guidance's unconditional embeddings for a bucket's members (their negative prompts and those prompts'
+        `token_keys`): one [1, L, D] when they share their key, else one per member [M, L, D]; the empty key's is the
+        one made at start, the others are encoded in one text-encoder pass, each once (from its first text)."""
         import torch
 
         from sage_core.grouping import text_embeddings
 
-        texts = [n for n in dict.fromkeys(negatives) if n]
-        encoded = dict(zip(texts, text_embeddings(self.pipe, texts)[0].split(1), strict=True)) if texts else {}
-        encoded[""] = self.uncond
-        if len(set(negatives)) == 1:
-            return encoded[negatives[0]]
-        return torch.cat([encoded[n] for n in negatives])
+        firsts: dict[str, str] = {}
+        for text, key in zip(negatives, keys, strict=True):
+            if key:
+                firsts.setdefault(key, text)
+        encoded = {"": self.uncond}
+        if firsts:
+            encoded.update(zip(firsts, text_embeddings(self.pipe, list(firsts.values()))[0].split(1), strict=True))
+        if len(set(keys)) == 1:
+            return encoded[keys[0]]
+        return torch.cat([encoded[k] for k in keys])
 
     def _encode_bucket(self, ready: tuple[Encodable, ...]) -> tuple[GroupResult, ...]:
         """Each delivery with its payload in every codec its members took (host only: no model, no GPU)."""

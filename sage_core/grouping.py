@@ -146,6 +146,17 @@ def text_embeddings(pipe, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.T
     return out[0].to(pipe.text_encoder.dtype), out.pooler_output
 
 
+def token_keys(tokenizer, texts: Sequence[str]) -> list[str]:
+    """Each text as the text encoder reads it: its token ids up to the tokenizer's length, as one string, and "" for
+    a text with no tokens (as the empty one). Texts with one key have one embedding: CLIP's tokenizer reads
+    "Blurry " as "blurry", and texts alike up to their 77th token alike."""
+    if not texts:
+        return []
+    tokens = tokenizer([*texts, ""], max_length=tokenizer.model_max_length, truncation=True).input_ids
+    *ids, empty = tokens
+    return ["" if row == empty else " ".join(map(str, row)) for row in ids]
+
+
 def pipeline_text_embeddings(pipe, prompts: Sequence[str], batch_size: int = 64) -> np.ndarray:
     """Pooled CLIP text embeddings [M, D] (float32, on the host) from the pipeline's own text encoder."""
     chunks = [

@@ -30,7 +30,8 @@ class CacheSettings:
     guidance: float
     guidance_end: float | None
     scheduler: str
-    negative_prompt: str = ""  # guidance's unconditional half: a latent made under another one differs
+    negative_prompt: str = ""  # guidance's unconditional half, by its tokens (grouping.token_keys): a latent made
+    #                            under another one differs
 
 
 @dataclass

@@ -65,7 +65,9 @@ class FakeEdge(edge_pb2_grpc.EdgeSamplerServicer):
             time.sleep(2.0)
         if request.model_fingerprint != self.fingerprint:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "model fingerprint mismatch")
-        config = SamplingConfig(steps=request.steps or STEPS, share=SHARE, scheduler=request.scheduler or "ddim")
+        guidance = {"guidance": request.guidance} if request.HasField("guidance") else {}
+        config = SamplingConfig(steps=request.steps or STEPS, share=SHARE, scheduler=request.scheduler or "ddim",
+                                **guidance)
         seed = request.seed if request.HasField("seed") else 11
         negative = "" if self.fault == "no-negative" else request.negative_prompt  # a server older than the field
         cond, uncond = encode_prompts(self.pipe, [request.prompt], negative)
@@ -171,12 +173,17 @@ def test_a_negative_prompt_guides_the_edge_image_as_the_local_one(fake_server, d
 
 def test_a_server_that_ignores_the_negative_prompt_is_refused(fake_server, device_model):
     """A server older than negative prompts drops the field unread: its Accepted says so, and the device stops
-    rather than finish an image without it."""
+    rather than finish an image without it (under guidance; without it the negative prompt changes nothing)."""
     with client_for(fake_server("no-negative"), device_model, steps=STEPS) as client:
         with pytest.raises(DeviceError) as err:
             client.generate("a blue square", seed=3, negative_prompt="blurry")
         assert err.value.code == "FAILED_PRECONDITION" and "older than negative prompts" in err.value.message
         assert client.generate("a blue square", seed=3).metadata["negative_prompt"] == ""
+    # without guidance a negative prompt changes nothing: the image is the one without it, and it is recorded
+    with client_for(fake_server("no-negative"), device_model, steps=STEPS, guidance=1.0) as client:
+        unguided = client.generate("a blue square", seed=3, negative_prompt="blurry")
+        assert unguided.metadata["negative_prompt"] == "blurry" and unguided.metadata["guidance"] == 1.0
+        assert torch.equal(unguided.latents, client.generate("a blue square", seed=3).latents)
 
 
 def test_a_negative_prompt_of_none_is_none_and_one_that_is_not_text_is_refused_before_sending(fake_server,

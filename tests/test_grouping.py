@@ -6,6 +6,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from sage_core.grouping import (
     GroupingConfig,
@@ -15,6 +16,7 @@ from sage_core.grouping import (
     pairwise_similarities,
     pipeline_text_embeddings,
     text_embeddings,
+    token_keys,
 )
 
 
@@ -96,6 +98,20 @@ def test_one_text_encoder_pass_gives_the_pipelines_own_embeddings(tiny_pipe):
     with torch.no_grad():
         assert torch.equal(pooled, tiny_pipe.text_encoder(ids.input_ids).pooler_output)
     np.testing.assert_array_equal(pipeline_text_embeddings(tiny_pipe, prompts, batch_size=3), pooled.numpy())
+
+
+def test_token_keys_tell_texts_apart_as_the_text_encoder_reads_them(tiny_pipe):
+    """Texts with one key have one embedding; every other pair has two keys."""
+    long = " ".join(["red"] * 100)
+    texts = ["", "  ", "Blurry, low quality", "blurry,low quality", "blurry", long, long + " but blue"]
+    keys = token_keys(tiny_pipe.tokenizer, texts)
+    assert keys[:2] == ["", ""] and keys[2] == keys[3] and keys[5] == keys[6]  # the last past CLIP's 77 tokens
+    assert len(set(keys)) == 4 and token_keys(tiny_pipe.tokenizer, []) == []
+    embeddings = text_embeddings(tiny_pipe, texts)[0]
+    for i in range(len(texts)):
+        for j in range(i):
+            alike = torch.allclose(embeddings[i], embeddings[j], rtol=0, atol=1e-6)
+            assert alike == (keys[i] == keys[j]), (texts[i], texts[j])
 
 
 def test_grouping_scales():

@@ -109,6 +109,25 @@ def test_the_latent_cache_serves_each_negative_prompt_its_own_latents(worker):
     assert calls[3:] == [0, 0, 0]  # the second window's shared steps all came from the cache
 
 
+def test_negative_prompts_the_tokenizer_reads_alike_share_groups_and_cached_latents(worker):
+    """"a purple heart, blurry" and "  A Purple Heart,BLURRY " are one negative prompt to CLIP (one embedding): the
+    worker groups their requests and a latent cached under one starts a request under the other. Before, negative
+    prompts were told apart by their raw text, which only lost sharing."""
+    alike = "  A Purple Heart,BLURRY "
+    calls: list[int] = []
+    together = _run(worker, _job(worker, [NEGATIVE, alike]), calls)
+    same = _run(worker, _job(worker, [NEGATIVE, NEGATIVE]), calls)
+    assert sorted(together) == [(0, 1)]
+    assert (together[(0, 1)].latent - same[(0, 1)].latent).abs().max().item() < ATOL
+    assert sorted(_run(worker, _job(worker, [NEGATIVE, "a purple heart"]), calls)) == [(0,), (1,)]
+    cached = EdgeWorker(build_config(None, {"model": "tiny", "ray_num_cpus": 1, "dtype": "float32", "tau": -1.0,
+                                             "cache_mb": 16}))
+    _run(cached, _job(worker, [NEGATIVE, NEGATIVE], named=False), calls)
+    again = _run(cached, _job(worker, [alike, alike], named=False), calls)
+    assert again[(0, 1)].result.cached_steps == 2
+    assert calls[-1] == 0
+
+
 def test_the_benchmark_runs_both_ways_and_refuses_what_it_cannot_measure(capsys, tmp_path):
     """benchmarks/bench_negative_prompts: the same groups both ways, fewer UNet calls in one loop; settings it cannot
     measure are one `error:` line and exit 2."""
