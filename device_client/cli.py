@@ -154,9 +154,10 @@ def generate_cmd(
     if negative_prompt and m["guidance"] <= 1.0:
         typer.echo(f"note: the negative prompt had no effect: guidance {m['guidance']:g} does not use "
                    "classifier-free guidance (it needs guidance > 1)", err=True)
-    if m.get("ignored_tokens"):
-        typer.echo(f"note: the prompt is too long: the text encoder read its start and ignored the last "
-                   f"{m['ignored_tokens']} tokens, as diffusers does", err=True)
+    for key, what in (("ignored_tokens", "prompt"), ("negative_prompt_ignored_tokens", "negative prompt")):
+        if m.get(key):
+            typer.echo(f"note: the {what} is too long: the text encoder read its start and ignored the last "
+                       f"{m[key]} tokens, as diffusers does", err=True)
 
 
 @main.command("demo")

@@ -491,9 +491,10 @@ class DeviceClient:
                 ) from exc
         result.timings_ms["total"] = (time.perf_counter() - t0) * 1e3
         result.metadata["timings_ms"] = {k: round(v, 3) for k, v in result.timings_ms.items()}
-        ignored = overlong_prompts(self.model.pipe.tokenizer, [prompt]).get(0)
-        if ignored:  # the text encoder read only the prompt's start, on the server and here
-            result.metadata["ignored_tokens"] = ignored
+        overlong = overlong_prompts(self.model.pipe.tokenizer, [prompt, negative_text(negative_prompt)])
+        for i, key in enumerate(("ignored_tokens", "negative_prompt_ignored_tokens")):
+            if i in overlong:  # the text encoder read only the text's start, on the server and here
+                result.metadata[key] = overlong[i]
         return result
 
     async def generate_async(

@@ -70,9 +70,10 @@ def generate(
     for i, n in overlong.items():
         note(f"prompt {i + 1} is too long: the text encoder reads its first {pipe.tokenizer.model_max_length} "
              f"tokens and ignores the last {n}, as diffusers does")
-    for n in overlong_prompts(pipe.tokenizer, [negative_prompt]).values():
+    negative_ignored = overlong_prompts(pipe.tokenizer, [negative_prompt]).get(0, 0)
+    if negative_ignored:
         note(f"the negative prompt is too long: the text encoder reads its first {pipe.tokenizer.model_max_length} "
-             f"tokens and ignores the last {n}")
+             f"tokens and ignores the last {negative_ignored}")
     if negative_prompt and not config.uses_cfg():
         note(f"the negative prompt has no effect: guidance {guidance:g} does not use classifier-free guidance "
              "(it needs guidance > 1)")
@@ -83,7 +84,8 @@ def generate(
         result = run(pipe, texts, config, grouping, seed=seed)
     seconds = time.perf_counter() - started
     report = build_report(result, texts, model_name=str(model or "default"), seconds=seconds, grouping=grouping,
-                          seed=seed, fingerprint=model_fingerprint(pipe), ignored_tokens=overlong)
+                          seed=seed, fingerprint=model_fingerprint(pipe), ignored_tokens=overlong,
+                          negative_ignored_tokens=negative_ignored)
     try:
         with atomic_output_dir(out, overwrite=overwrite, inputs=(prompts,)) as tmp:
             write_outputs(tmp, result, texts, report)

@@ -38,11 +38,12 @@ def prompt_entry(index: int, prompt: str, group: int, ignored_tokens: int | None
 
 def build_report(
     result: GenerationResult, prompts: Sequence[str], model_name: str, seconds: float, grouping: GroupingConfig,
-    seed: int, fingerprint: str, ignored_tokens: dict[int, int] | None = None,
+    seed: int, fingerprint: str, ignored_tokens: dict[int, int] | None = None, negative_ignored_tokens: int = 0,
 ) -> dict:
     """A JSON-ready dict describing the run, with every setting that made it (`grouping`, the base `seed`, the
     model's `fingerprint`). `ignored_tokens`: how many tokens the text encoder ignored of each prompt too long for
-    it (sage_core.generate.overlong_prompts); those prompts' entries say so."""
+    it (sage_core.generate.overlong_prompts); those prompts' entries say so, and the settings say it of the
+    negative prompt (`negative_ignored_tokens`)."""
     config = result.config
     groups = [group_entry(result, gi, g) for gi, g in enumerate(result.groups)]
     group_of = {m: g["id"] for g in groups for m in g["members"]}
@@ -58,6 +59,7 @@ def build_report(
             "scheduler": config.scheduler,
             "shared_condition": config.shared_condition,
             "negative_prompt": config.negative_prompt,
+            **({"negative_prompt_ignored_tokens": negative_ignored_tokens} if negative_ignored_tokens else {}),
             "tau": grouping.tau,
             "max_group": grouping.max_group_size,
             "seed": seed,
@@ -99,4 +101,5 @@ def image_metadata(report: dict, index: int) -> dict:
         "model": report["model"],
         "model_fingerprint": report["model_fingerprint"],
         **({"ignored_tokens": entry["ignored_tokens"]} if "ignored_tokens" in entry else {}),
+        **{k: v for k, v in settings.items() if k == "negative_prompt_ignored_tokens"},
     }

@@ -293,12 +293,17 @@ def test_overlong_prompt_is_noted_in_the_output_and_report(tmp_path, tiny_model_
     prompts = write_prompts(tmp_path, f"a cat\n{long}\n")
     out = tmp_path / "out"
     res = run_cli("generate", "--prompts", str(prompts), "--out", str(out), "--model", str(tiny_model_dir),
-                  "--steps", "2")
+                  "--steps", "2", "--negative-prompt", f"{long} blurry")  # one token more than the long prompt
     assert res.returncode == 0, res.stderr
     assert "prompt 2 is too long" in res.stderr and f"ignores the last {ignored[1]}" in res.stderr
+    assert f"the negative prompt is too long: the text encoder reads its first 77 tokens and ignores the last " \
+           f"{ignored[1] + 1}" in res.stderr
     assert "indexing errors" not in res.stderr  # the tokenizer's own, misleading warning stays quiet
-    entries = json.loads((out / "report.json").read_text())["prompts"]
+    report = json.loads((out / "report.json").read_text())
+    entries = report["prompts"]
     assert "ignored_tokens" not in entries[0] and entries[1]["ignored_tokens"] == ignored[1]
+    assert report["settings"]["negative_prompt_ignored_tokens"] == ignored[1] + 1
+    assert read_metadata(out / "images/0000.png")["negative_prompt_ignored_tokens"] == ignored[1] + 1
 
 
 # ---------------------------------------------------------------------------------------------------- sage-train

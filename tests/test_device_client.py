@@ -466,8 +466,13 @@ def test_an_overlong_prompt_is_recorded_with_the_tokens_ignored(fake_server, dev
     long = " ".join(["a red circle on the left of a blue square"] * 12)
     with client_for(fake_server(""), device_model, steps=STEPS) as client:
         short_result, long_result = client.generate("a blue square", seed=3), client.generate(long, seed=3)
+        long_negative = client.generate("a blue square", seed=3, negative_prompt=f"{long} blurry")
+    ignored = overlong_prompts(device_model.pipe.tokenizer, [long])[0]
     assert "ignored_tokens" not in short_result.metadata
-    assert long_result.metadata["ignored_tokens"] == overlong_prompts(device_model.pipe.tokenizer, [long])[0] > 0
+    assert "negative_prompt_ignored_tokens" not in long_result.metadata
+    assert long_result.metadata["ignored_tokens"] == ignored > 0
+    assert "ignored_tokens" not in long_negative.metadata
+    assert long_negative.metadata["negative_prompt_ignored_tokens"] == ignored + 1
 
 def test_cli_generate_with_fallback_and_clear_errors(tmp_path):
     from typer.testing import CliRunner
@@ -488,6 +493,12 @@ def test_cli_generate_with_fallback_and_clear_errors(tmp_path):
     res = runner.invoke(main, [*base, "--fallback-local", "--negative-prompt", "blurry", "--guidance", "1",
                                "--overwrite"])
     assert res.exit_code == 0 and "note: the negative prompt had no effect: guidance 1 does not use" in res.output
+    long = " ".join(["a red circle on the left of a blue square"] * 12)  # over CLIP's 77 tokens
+    res = runner.invoke(main, [base[0], long, *base[2:], "--fallback-local", "--negative-prompt", long,
+                               "--overwrite"])
+    assert res.exit_code == 0, res.output
+    for what in ("prompt", "negative prompt"):
+        assert f"note: the {what} is too long: the text encoder read its start and ignored the last" in res.output
     res = runner.invoke(main, ["generate", "x", "--server", "nohost", "--model", "tiny"])
     assert res.exit_code == 2 and "host:port" in res.output  # a command-line mistake
     res = runner.invoke(main, [*base[:3], str(tmp_path), *base[4:], "--fallback-local"])  # -o a folder: refused first
