@@ -109,7 +109,13 @@ def serve(
     ] = None,
     hung_window_s: Annotated[
         float | None,
-        typer.Option(help="a cancelled window still running this long (s) means a hung worker: it is restarted"),
+        typer.Option(help="a cancelled window still running this long (s), or a worker running a window that does "
+                     "not answer this long, means a hung worker: it is restarted"),
+    ] = None,
+    stall_s: Annotated[
+        float | None,
+        typer.Option(help="a running window whose worker starts no UNet call this long (s) means a hung worker "
+                     "too; 0 (default): off. For GPU serving: above one UNet call and any compile inside one"),
     ] = None,
     keepalive_s: Annotated[
         float | None, typer.Option(help="ping a connection quiet this long (s); no answer: its requests end")

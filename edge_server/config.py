@@ -94,8 +94,12 @@ class ServerConfig:
     max_image_side: int = 1024
     max_deadline_s: float = 600.0  # server-side cap on any request's lifetime (also applies with no deadline)
     # a window whose requests all left is cancelled, and its worker stops at its next UNet call; one still running
-    # this long after the cancel is taken as hung: its model actor is killed and restarted (engine._stop_hung)
+    # this long after the cancel is taken as hung: its model actor is killed and restarted (engine._stop_hung). So
+    # is one that does not answer the engine's progress question this long while it runs a window
     hung_window_s: float = 30.0
+    # a running window whose worker starts no UNet call for this long is taken as hung too (a stuck GPU): 0 is off,
+    # as one UNet call of a large batch on a CPU, or a compile inside a call, may take minutes (engine._watch_window)
+    stall_s: float = 0.0
     # HTTP/2 keepalive: a connection quiet this long is pinged, and one whose device does not answer within
     # keepalive_timeout_s is closed, its requests cancelled (a device that left the network frees its queue slots)
     keepalive_s: float = 30.0
@@ -208,6 +212,8 @@ def _problems(c: ServerConfig) -> list[str]:
     need(8 <= c.max_image_side <= 4096, f"max_image_side must be in [8, 4096], got {c.max_image_side}")
     need(c.max_deadline_s > 0, f"max_deadline_s must be > 0, got {c.max_deadline_s}")
     need(0.1 <= c.hung_window_s <= 86_400, f"hung_window_s must be in [0.1, 86400] seconds, got {c.hung_window_s}")
+    need(c.stall_s == 0 or 0.1 <= c.stall_s <= 86_400, f"stall_s must be 0 (off) or in [0.1, 86400] seconds, got "
+         f"{c.stall_s}")
     for name in ("keepalive_s", "keepalive_timeout_s"):
         need(0.1 <= getattr(c, name) <= 86_400, f"{name} must be in [0.1, 86400] seconds, got {getattr(c, name)}")
     modes = ", ".join(COMPILE_MODES)

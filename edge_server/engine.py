@@ -141,6 +141,7 @@ class Window:
     tickets: set[Ticket] = field(default_factory=set)
     running: bool = False
     worker_index: int = -1
+    hung: str = ""  # why its worker was killed as hung ("" while it is not)
 
 
 def clip(text: str, limit: int = SHOWN_CHARS) -> str:
@@ -389,13 +390,46 @@ class Engine:
         window's call fails as the actor dies, and its slot comes back after the revival. Unchecked, the slot never
         came back: with every worker's window hung, no request was served again."""
         await asyncio.sleep(self.config.hung_window_s)
-        if self._windows.get(window.window_id) is not window or not window.running:
+        self._kill_hung(window, f"was still running {self.config.hung_window_s:g} s after its window's cancel")
+
+    async def _watch_window(self, window: Window) -> None:
+        """While `window` runs, ask its worker every few seconds how long its model has gone without a UNet call
+        (EdgeWorker.stalled_s). No answer within `hung_window_s` (a stopped process, a deadlock) or, with
+        `stall_s`, a stall that long means a hung worker: it is killed and restarted, and the window's requests
+        end now (UNAVAILABLE) rather than at their deadlines. Before, only a cancelled window's worker was found
+        hung, once all of its requests had left."""
+        c = self.config
+        period = min(c.hung_window_s, c.stall_s or c.hung_window_s) / 3
+        while True:
+            await asyncio.sleep(period)
+            if not window.running:  # not on the worker yet (waiting for its revival)
+                continue
+            worker = self._workers[window.worker_index]
+            try:
+                stalled = await asyncio.wait_for(asyncio.wrap_future(worker.stalled_s.remote().future()),
+                                                 timeout=c.hung_window_s)
+            except TimeoutError:
+                reason = f"did not answer for {c.hung_window_s:g} s (hung_window_s)"
+            except Exception:  # noqa: BLE001 - the actor died: the window's own call reports it
+                return
+            else:
+                if not c.stall_s or stalled < c.stall_s:
+                    continue
+                reason = f"started no UNet call for {stalled:.0f} s (stall_s {c.stall_s:g})"
+            self._kill_hung(window, reason)
+            return
+
+    def _kill_hung(self, window: Window, reason: str) -> None:
+        """Kill the model actor running `window` (Ray restarts it; the window's call then fails, and its slot
+        comes back after the revival), unless the window ended or its worker was killed already."""
+        if self._windows.get(window.window_id) is not window or not window.running or window.hung:
             return
         import ray
 
+        window.hung = reason
         worker_index = window.worker_index
         fields = {"window_id": window.window_id, "worker": worker_index, "pid": self._worker_pids[worker_index],
-                  "after_s": self.config.hung_window_s}
+                  "reason": reason}
         log.warning("worker_hung", extra={"fields": fields})
         try:
             ray.kill(self._workers[worker_index], no_restart=False)
@@ -475,6 +509,7 @@ class Engine:
             extra={"fields": {"window_id": window.window_id, "requests": len(tickets), "buckets": len(jobs)}},
         )
         worker_lost = False
+        watch = asyncio.get_running_loop().create_task(self._watch_window(window))
         try:
             result = await self._call_worker(worker_index, window, jobs)
             if result is None:
@@ -489,10 +524,14 @@ class Engine:
         except Exception as exc:  # noqa: BLE001 - every failure must reach the members, never hang them
             error = self._classify(exc)
             worker_lost = error.code == "UNAVAILABLE"
+            if worker_lost and window.hung:
+                error = EngineError("UNAVAILABLE", f"the edge worker running this request's group {window.hung}, "
+                                                   "so it was restarted; retry")
             for t in list(window.tickets):
                 self._fail(t, error)
             log.warning("window_failed", extra={"fields": {"window_id": window.window_id, "error": str(error)}})
         finally:
+            watch.cancel()
             window.running = False
             self._windows.pop(window.window_id, None)
             for t in tickets:

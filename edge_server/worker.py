@@ -14,6 +14,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -122,10 +123,11 @@ class WindowCancelled(RuntimeError):
 
 
 class _PacedUNet:
-    """Wraps a UNet: stops a cancelled window at the next call and, as a test hook, sleeps per call."""
+    """Wraps a UNet: stops a cancelled window at the next call, reports each call to `beat` (the worker's progress)
+    and, as a test hook, sleeps per call."""
 
-    def __init__(self, unet: Any, stop: threading.Event, delay_s: float) -> None:
-        self._unet, self._stop, self._delay_s = unet, stop, delay_s
+    def __init__(self, unet: Any, stop: threading.Event, delay_s: float, beat: Callable[[], None]) -> None:
+        self._unet, self._stop, self._delay_s, self._beat = unet, stop, delay_s, beat
 
     @property
     def dtype(self) -> Any:
@@ -138,6 +140,7 @@ class _PacedUNet:
             self._stop.wait(self._delay_s)
             if self._stop.is_set():
                 raise WindowCancelled("window cancelled: all of its requests left")
+        self._beat()
         return self._unet(*args, **kwargs)
 
 
@@ -294,6 +297,7 @@ class EdgeWorker:
         self._stops: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
         self._model = threading.Lock()  # one window's shared phase at a time
+        self._beat_at: float | None = None  # while a window holds the model: its last sign of progress (monotonic)
 
     def info(self) -> ModelInfo:
         """Fingerprint, scheduler config and default image size of the model; this process's pid."""
@@ -329,6 +333,17 @@ class EdgeWorker:
         the actor died, also while no window runs (Engine._watch). Holds one of the actor's threads."""
         threading.Event().wait()
 
+    def stalled_s(self) -> float:
+        """Seconds the window holding the model has gone without starting a UNet call (since it took the model
+        when it has made none); 0 when no window holds it. The engine takes a long stall for a hung worker
+        (Engine._watch_stall)."""
+        beat = self._beat_at
+        return 0.0 if beat is None else time.monotonic() - beat
+
+    def _beat(self) -> None:
+        """Progress: the window holding the model starts a UNet call."""
+        self._beat_at = time.monotonic()
+
     def cancel(self, window_id: str) -> bool:
         """Ask the running window `window_id` to stop at its next UNet call; False if it is not running."""
         with self._lock:
@@ -349,12 +364,16 @@ class EdgeWorker:
             refusals = [self._refusal(job.settings) for job in jobs]
             with self._model:
                 start = time.perf_counter()
-                if stop.is_set():
-                    raise WindowCancelled("window cancelled: all of its requests left")
-                ready = [
-                    () if refused else self._shared_bucket(job, stop)
-                    for job, refused in zip(jobs, refusals, strict=True)
-                ]
+                self._beat()
+                try:
+                    if stop.is_set():
+                        raise WindowCancelled("window cancelled: all of its requests left")
+                    ready = [
+                        () if refused else self._shared_bucket(job, stop)
+                        for job, refused in zip(jobs, refusals, strict=True)
+                    ]
+                finally:
+                    self._beat_at = None
             buckets = tuple(
                 BucketRefused(refused) if refused else self._encode_bucket(items)
                 for refused, items in zip(refusals, ready, strict=True)
@@ -426,7 +445,7 @@ class EdgeWorker:
         cached = [hit.point.step if hit is not None else 0 for hit in hits]
         # 3. the plan's shared steps, all groups of every level (and of every negative prompt) in one batched UNet
         #    call per round (lines 4-8)
-        unet = _PacedUNet(self.unet, stop, self.config.worker_step_delay_ms / 1000.0)
+        unet = _PacedUNet(self.unet, stop, self.config.worker_step_delay_ms / 1000.0, self._beat)
         with torch.inference_mode():
             points = run_shared_plan(unet, pipe.scheduler.config, roots, starts, cond, uncond, config)
         root_of = {m: r for r, root in enumerate(roots) for m in root.members}

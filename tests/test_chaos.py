@@ -341,6 +341,57 @@ async def test_a_hung_worker_is_killed_and_restarted(slow: EdgeServerProcess) ->
     assert balanced(after), after
 
 
+async def test_a_worker_that_stops_answering_mid_window_is_restarted_before_the_deadline(
+    slow: EdgeServerProcess,
+) -> None:
+    """SIGSTOP the model actor while it runs a request's window (the request waits with a 60 s deadline): the engine
+    asks the worker for its progress, gets no answer within --hung-window-s (3 s), kills it, and the request ends
+    UNAVAILABLE saying so, long before its deadline; Ray restarts the actor and the next request is served. Before,
+    the request waited for its deadline, and the worker was found hung only after the window's cancel."""
+    await asyncio.to_thread(slow.wait_stats, idle)
+    before = slow.stats()
+    pid = before.worker_pids[0]
+    async with slow.aio_channel() as channel:
+        stub = edge_pb2_grpc.EdgeSamplerStub(channel)
+        call = stub.RequestImage(request("stopped mid-window", steps=900, share=1.0), timeout=TIMEOUT)
+        ending = asyncio.create_task(status_of_call(call))
+        try:
+            await asyncio.to_thread(slow.wait_stats, lambda s: s.running_windows == 1, 30)
+            os.kill(pid, signal.SIGSTOP)
+            started = time.monotonic()
+            code, details = await asyncio.wait_for(ending, TIMEOUT)
+            waited = time.monotonic() - started
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        assert code == grpc.StatusCode.UNAVAILABLE and "did not answer for 3 s (hung_window_s)" in details, details
+        assert waited < TIMEOUT / 2, waited  # found hung, not timed out
+        stats = await asyncio.to_thread(slow.wait_stats, lambda s: s.worker_pids[0] not in (0, pid), 60)
+        code, details, received = await status_of(stub, request("after the restart"))
+        assert code == grpc.StatusCode.OK and received, (code, details)
+    after = await asyncio.to_thread(slow.wait_stats, idle, 10)
+    assert after.worker_failures > before.worker_failures and stats.worker_pids[0] == after.worker_pids[0], after
+    assert balanced(after) and "worker_hung" in "".join(slow.log_lines), after
+
+
+async def test_a_window_that_starts_no_unet_call_for_stall_s_is_ended_and_its_worker_restarted() -> None:
+    """--stall-s: a worker that answers but starts no UNet call for that long (here each call waits 20 s first,
+    as a stuck GPU would hold it) is killed and restarted, and the window's request ends UNAVAILABLE at once. The
+    default (0) leaves such a window to its requests' deadlines."""
+    server = start_edge_server("--worker-step-delay-ms", "20000", "--stall-s", "1", "--hung-window-s", "30")
+    try:
+        pid = server.stats().worker_pids[0]
+        async with server.aio_channel() as channel:
+            started = time.monotonic()
+            code, details, _ = await status_of(edge_pb2_grpc.EdgeSamplerStub(channel), request("a stuck GPU"))
+            waited = time.monotonic() - started
+        assert code == grpc.StatusCode.UNAVAILABLE and "started no UNet call for 1 s (stall_s 1)" in details, details
+        assert waited < 15, waited  # one UNet call would have taken 20 s
+        server.wait_stats(lambda s: s.worker_pids[0] not in (0, pid), 60)
+    finally:
+        server.terminate()
+
+
 # ---- one request's settings fail on the worker --------------------------------------------------------------------
 async def test_a_bucket_the_scheduler_refuses_fails_alone(slow: EdgeServerProcess) -> None:
     """A server whose max_steps lets a device ask for 1000 DDIM steps, which the model's 1000-timestep schedule

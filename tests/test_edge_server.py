@@ -92,6 +92,8 @@ def test_malformed_config_file_is_a_one_line_error(tmp_path: Path) -> None:
         "server:\n": "mapping of settings",
         "keepalive_s: 0\n": "keepalive_s must be in",
         "keepalive_timeout_s: .nan\n": "keepalive_timeout_s must be",
+        "stall_s: 0.05\n": r"stall_s must be 0 \(off\) or in \[0.1, 86400\] seconds, got 0.05",
+        "stall_s: -1\n": "stall_s must be 0",
     }
     for i, (text, needle) in enumerate(cases.items()):
         path = tmp_path / f"bad{i}.yaml"
