@@ -496,8 +496,11 @@ async def start_workers(config: ServerConfig) -> tuple[list[Any], list[Any]]:
         )
     workers = [make_worker_actor(config) for _ in range(config.num_workers)]
     try:
+        failures = await asyncio.gather(*(asyncio.wrap_future(w.failure.remote().future()) for w in workers))
+        if failure := next((f for f in failures if f), ""):  # a model pin that does not match, a foreign adapter
+            raise ConfigError(f"the model worker could not start: {failure}")
         infos = await asyncio.gather(*(asyncio.wrap_future(w.info.remote().future()) for w in workers))
-    except RayActorError as exc:  # the actor's __init__ raised: a missing model or adapter folder, a bad pin ...
+    except RayActorError as exc:  # the actor's __init__ raised anyway (out of memory, a broken install ...)
         raise ConfigError(f"the model worker could not start: {actor_error_reason(exc)}") from exc
     return workers, list(infos)
 

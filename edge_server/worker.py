@@ -279,14 +279,19 @@ class EdgeWorker:
         import torch
 
         from sage_core.generate import negative_embedding
-        from sage_core.models import model_fingerprint
+        from sage_core.models import ModelError, model_fingerprint
 
         if not torch.cuda.is_available():
             torch.set_num_threads(max(1, min(os.cpu_count() or 1, config.ray_num_cpus)))
         self.config = config
-        self.pipe = load_model(config)
-        self.fingerprint = model_fingerprint(self.pipe)  # of the base weights, as devices compute it
-        self.adapter = apply_adapter(self.pipe, config.adapter, self.fingerprint)
+        self.load_error = ""  # why the model or adapter the config names cannot be used (`failure`)
+        try:
+            self.pipe = load_model(config)
+            self.fingerprint = model_fingerprint(self.pipe)  # of the base weights, as devices compute it
+            self.adapter = apply_adapter(self.pipe, config.adapter, self.fingerprint)
+        except ModelError as exc:  # kept for `failure`: raised here, Ray printed the actor's traceback before it
+            self.load_error = str(exc)
+            return
         torch.backends.cudnn.benchmark = config.cudnn_benchmark  # process-wide: this process holds one model
         self.unet, self.unet_warmup = serving_unet(self.pipe, config)  # compiled and bucketed if configured
         self.unet_dtype, self.unet_device = self.pipe.unet.dtype, self.pipe.unet.device  # read once: both walk it
@@ -299,10 +304,17 @@ class EdgeWorker:
         self._model = threading.Lock()  # one window's shared phase at a time
         self._beat_at: float | None = None  # while a window holds the model: its last sign of progress (monotonic)
 
+    def failure(self) -> str:
+        """Why this worker holds no model: the model or adapter its config names cannot be used (a model pin that
+        does not match, an adapter trained on another model); "" when it holds one."""
+        return self.load_error
+
     def info(self) -> ModelInfo:
         """Fingerprint, scheduler config and default image size of the model; this process's pid."""
-        from sage_core.models import model_fingerprint
+        from sage_core.models import ModelError, model_fingerprint
 
+        if self.load_error:
+            raise ModelError(self.load_error)
         scale = self.pipe.vae_scale_factor
         side = int(self.pipe.unet.config.sample_size) * scale
         return ModelInfo(

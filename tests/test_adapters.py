@@ -93,8 +93,35 @@ def test_an_adapter_for_another_base_model_is_refused_by_the_server(tmp_path):
     from sage_core.models import DEFAULT_MODEL_DIR
 
     adapter = make_lora(tmp_path / "lora")  # made for the tiny UNet
-    with pytest.raises(AdapterMismatchError, match="another base model"):
-        EdgeWorker(ServerConfig(model=str(DEFAULT_MODEL_DIR), dtype="float32", adapter=adapter, ray_num_cpus=1))
+    worker = EdgeWorker(ServerConfig(model=str(DEFAULT_MODEL_DIR), dtype="float32", adapter=adapter, ray_num_cpus=1))
+    assert "another base model" in worker.failure()
+    with pytest.raises(ModelError, match="another base model"):
+        worker.info()
+
+
+def test_a_server_given_an_adapter_of_another_model_says_so_in_one_line(tmp_path):
+    """`serve --adapter DIR` with an adapter whose sage_adapter.json names another base model exits 2 with one
+    `error:` line, as docs/training.md says. The worker's ModelError used to kill the actor in its __init__, and
+    Ray printed the actor's traceback before that line."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from server_fixtures import REPO_ROOT, server_env
+
+    from sage_core.adapters import DEFAULT_ADAPTER_DIR
+
+    adapter = str(shutil.copytree(DEFAULT_ADAPTER_DIR, tmp_path / "adapter"))  # the shipped model's, relabelled
+    info = tmp_path / "adapter" / "sage_adapter.json"
+    info.write_text(json.dumps({**json.loads(info.read_text()), "base_model_fingerprint": "0123456789abcdef"}))
+    done = subprocess.run([sys.executable, "-m", "edge_server", "serve", "--model", "default", "--port", "0",
+                           "--ray-num-cpus", "1", "--adapter", adapter], cwd=REPO_ROOT, env=server_env(),
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert f"error: the model worker could not start: the adapter in {adapter} was trained on base model " \
+           "0123456789abcdef" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and 'File "' not in done.stderr, done.stderr
 
 
 def test_the_shipped_adapter_fits_the_default_model_and_changes_its_unet():
