@@ -137,7 +137,10 @@ def generate_cmd(
             else:
                 result = client.generate_local(prompt, seed, negative_prompt=negative_prompt)
         path = result.save(out)
-    except (DeviceError, ModelError, ValueError, OSError) as exc:
+    except ModelError as exc:  # the model or adapter named cannot be used here: the command line is wrong
+        fail(str(exc), code=2)
+        return
+    except (DeviceError, ValueError, OSError) as exc:
         fail(str(exc))
         return
     except Exception as exc:  # noqa: BLE001 - one line, never a traceback

@@ -474,6 +474,24 @@ def test_an_overlong_prompt_is_recorded_with_the_tokens_ignored(fake_server, dev
     assert "ignored_tokens" not in long_negative.metadata
     assert long_negative.metadata["negative_prompt_ignored_tokens"] == ignored + 1
 
+def test_cli_generate_with_an_adapter_of_another_model_exits_2(tmp_path):
+    """An adapter whose sage_adapter.json names another base model is a wrong command line: one `error:` line
+    naming both models, exit 2, as docs/training.md says (it was exit 1, as for a failed run)."""
+    import json
+
+    from lora_fixtures import make_lora
+    from typer.testing import CliRunner
+
+    from device_client.cli import main
+
+    adapter = make_lora(tmp_path / "lora")
+    (tmp_path / "lora" / "sage_adapter.json").write_text(json.dumps({"base_model_fingerprint": "0123456789abcdef"}))
+    res = CliRunner().invoke(main, ["generate", "a red circle", "-o", str(tmp_path / "x.png"), "--model", "tiny",
+                                    "--adapter", adapter, "--steps", "2"])
+    assert res.exit_code == 2, res.output
+    assert f"error: the adapter in {adapter} was trained on base model 0123456789abcdef" in res.output
+
+
 def test_cli_generate_with_fallback_and_clear_errors(tmp_path):
     from typer.testing import CliRunner
 
