@@ -62,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
         embedder = args.embedder
         if embedder is None:
             embedder = "minilm" if cached_embeddings(cfg, prompts) is not None else "hashed"
+            if embedder == "hashed":
+                print("note: no cached MiniLM embeddings of these prompts, so they are grouped by the hashed embedder "
+                      "(other groups than docs/simulation.md's; `sage-sim embed` with the [sim] extra caches them)",
+                      file=sys.stderr)
         cfg = cfg.replace(prompts=dataclasses.replace(cfg.prompts, embedder=embedder))
         t0 = time.perf_counter()
         emb = embed_prompts(cfg, prompts)
