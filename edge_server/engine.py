@@ -483,6 +483,11 @@ class Engine:
 
     async def _run_window(self, tickets: list[Ticket], worker_index: int) -> None:
         """Run one window on a worker and deliver each group's result to its members."""
+        tickets = [t for t in tickets if not t.left]  # members that left after the dispatch, before this task ran
+        if not tickets:
+            self._free_workers.put_nowait(worker_index)
+            self._counts["windows_skipped"] += 1
+            return
         window = Window(f"w{next(self._window_ids)}-{uuid.uuid4().hex[:6]}", set(tickets), True, worker_index)
         self._windows[window.window_id] = window
         now = time.monotonic()

@@ -14,6 +14,7 @@ import os
 import sys
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -216,6 +217,7 @@ def apply_adapter(pipe: Any, choice: str, fingerprint: str) -> str:
     return str(folder)
 
 
+EARLY_CANCELS = 256  # cancels kept for windows not come yet (one whose window never comes is pushed out later)
 DEFAULT_BUCKETS = (8, 16, 32, 64, 128)  # UNet rows (CFG doubles the trajectories) when compiling without buckets
 
 
@@ -300,6 +302,7 @@ class EdgeWorker:
         self.policy = sharing_policy(config)
         self.cache = latent_cache(config, self.policy)
         self._stops: dict[str, threading.Event] = {}
+        self._early_cancels: OrderedDict[str, None] = OrderedDict()  # cancelled before their window came
         self._lock = threading.Lock()
         self._model = threading.Lock()  # one window's shared phase at a time
         self._beat_at: float | None = None  # while a window holds the model: its last sign of progress (monotonic)
@@ -357,11 +360,15 @@ class EdgeWorker:
         self._beat_at = time.monotonic()
 
     def cancel(self, window_id: str) -> bool:
-        """Ask the running window `window_id` to stop at its next UNet call; False if it is not running."""
+        """Ask the running window `window_id` to stop at its next UNet call; False if it is not running. A cancel
+        that comes before its window (the two calls race from the engine) stops that window when it comes."""
         with self._lock:
             event = self._stops.get(window_id)
-        if event is None:
-            return False
+            if event is None:
+                self._early_cancels[window_id] = None
+                while len(self._early_cancels) > EARLY_CANCELS:  # cancels of windows that ended: forget the oldest
+                    self._early_cancels.popitem(last=False)
+                return False
         event.set()
         return True
 
@@ -372,6 +379,9 @@ class EdgeWorker:
         stop = threading.Event()
         with self._lock:
             self._stops[window_id] = stop
+            if window_id in self._early_cancels:  # cancelled before it came
+                del self._early_cancels[window_id]
+                stop.set()
         try:
             refusals = [self._refusal(job.settings) for job in jobs]
             with self._model:

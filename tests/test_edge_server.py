@@ -298,6 +298,35 @@ async def test_a_request_waiting_for_a_free_worker_counts_as_queued() -> None:
     assert busy and engine.stats()["active_requests"] == 0
 
 
+async def test_a_window_whose_members_all_left_before_its_task_started_is_skipped() -> None:
+    """The batch loop drops members that left while the window waited for a worker; members that leave after the
+    dispatch, before the window's task runs, were sent to the worker all the same (a window for nobody). Now the
+    task drops them too, and gives the worker's slot back without calling it."""
+    from concurrent.futures import Future
+    from types import SimpleNamespace
+
+    calls: list[str] = []
+
+    def method(name: str):
+        def remote(*args):
+            calls.append(name)
+            done: Future = Future()
+            done.set_result(0.0)
+            return SimpleNamespace(future=lambda: done)
+        return SimpleNamespace(remote=remote)
+
+    worker = SimpleNamespace(**{name: method(name) for name in ("alive", "run_window", "stalled_s", "cancel")})
+    info = ModelInfo("abc", "{}", 32, 32, 1, "cpu")
+    engine = Engine(ServerConfig(), [worker], [info], worker_factory=None)
+    slot = engine._free_workers.get_nowait()
+    tickets = [engine.admit(ImageSpec(prompt=p), None) for p in ("a cat", "a dog")]
+    for t in tickets:
+        engine.release(t, "CANCELLED")
+    slots = engine._free_workers.qsize()
+    await engine._run_window(tickets, slot)
+    assert calls == [] and engine.stats()["windows_skipped"] == 1 and engine._free_workers.qsize() == slots + 1
+
+
 def test_a_signal_during_the_start_stops_the_server_cleanly(tmp_path: Path) -> None:
     """SIGTERM while the workers load (a `docker stop` during a long model load or compile) ends the start: the
     server shuts its local Ray down and exits 0, instead of dying at once and leaving Ray's processes behind."""

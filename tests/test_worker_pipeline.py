@@ -68,3 +68,18 @@ def test_a_member_that_shares_nothing_leaves_every_member_its_own_noise(worker):
     assert sorted((g.members, g.seed, g.branch_step) for g in groups) == [((0,), 11, 0), ((1,), 12, 0)]
     both = worker.run_window("w-share", [BucketJob(settings, (members[0], members[0]))]).buckets[0]
     assert [(g.members, g.seed) for g in both] == [((0, 1), 11)]
+
+
+def test_a_cancel_that_comes_before_its_window_stops_the_window(worker):
+    """The engine's cancel and its run_window race to the actor: a cancel that comes first stops the window when
+    it comes (it used to answer False and be lost, and the window ran for nobody); other windows still run."""
+    from edge_server.worker import EARLY_CANCELS, WindowCancelled
+
+    assert worker.cancel("w-early") is False  # not running yet
+    with pytest.raises(WindowCancelled):
+        worker.run_window("w-early", _window(worker, "cancelled before it came"))
+    (groups,) = worker.run_window("w-early", _window(worker, "a later window of that name")).buckets  # used up
+    assert [g.members for g in groups] == [(0,)]
+    for i in range(EARLY_CANCELS + 1):  # cancels of windows that never come are forgotten, oldest first
+        worker.cancel(f"w-never-{i}")
+    assert len(worker._early_cancels) == EARLY_CANCELS and "w-never-0" not in worker._early_cancels
