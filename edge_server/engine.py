@@ -23,7 +23,7 @@ import secrets
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -240,6 +240,8 @@ class Engine:
             for i in range(len(workers)):
                 self._free_workers.put_nowait(i)
         self._revivals: dict[int, asyncio.Task] = {}  # one revival per worker, awaited by each window it failed
+        self.on_availability: Callable[[bool], None] | None = None  # told when no worker is up any more, and back
+        self._available = True
         self._queue: deque[Ticket] = deque()
         self._collected: list[Ticket] = []  # the window the batch loop holds while it waits for a free worker
         self._queued_event = asyncio.Event()
@@ -614,7 +616,26 @@ class Engine:
             self._revivals[worker_index] = revival
             self._tasks.add(revival)
             revival.add_done_callback(self._tasks.discard)
+            revival.add_done_callback(lambda _: self._check_availability())
+            self._check_availability()
         return revival
+
+    @property
+    def available(self) -> bool:
+        """Whether a worker is up (not being revived): a window could run now."""
+        return self._available
+
+    def _check_availability(self) -> None:
+        """Tell `on_availability` when every worker is being revived (no window can run until one is back: the
+        server's health goes NOT_SERVING) and when one is back."""
+        available = any(r is None or r.done() for r in map(self._revivals.get, range(len(self._workers))))
+        if available != self._available:
+            self._available = available
+            log.log(logging.INFO if available else logging.WARNING,
+                    "worker_available" if available else "no_worker_available",
+                    extra={"fields": {"workers": len(self._workers)}})
+            if self.on_availability is not None:
+                self.on_availability(available)
 
     async def _call_worker(self, worker_index: int, window: Window, jobs: list[BucketJob]) -> WindowResult | None:
         """The worker's result for the window; None when every member left before it reached a live worker. The

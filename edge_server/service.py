@@ -655,8 +655,7 @@ async def serve(config: ServerConfig) -> int:
             },
         )
         await server.start()
-        for name in ("", SERVICE_NAME):
-            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await follow_availability(engine, health_servicer, stop)
         print(f"{LISTENING_MARKER} host={config.host} port={port}", flush=True)
         log.info("listening", extra={"fields": {"host": config.host, "port": port}})
         await stop.wait()
@@ -712,6 +711,29 @@ def ray_thread_started() -> bool:
     """Whether this process has started the `ray_thread` (a call there may hang, and the interpreter's exit joins
     the thread)."""
     return any(t.name.startswith(RAY_THREAD) for t in threading.enumerate())
+
+
+async def follow_availability(engine: Engine, health_servicer: Any, stop: asyncio.Event) -> None:
+    """Report SERVING on health now, and from then on NOT_SERVING while every model worker is being restarted
+    (a load balancer then sends new devices elsewhere; requests that come anyway wait for the restart), SERVING
+    once one is back; nothing after a stop was asked for (health then stays NOT_SERVING)."""
+    loop = asyncio.get_running_loop()
+    tasks: set[asyncio.Task] = set()
+
+    async def report() -> None:  # the state when it runs: reports of quick changes may interleave
+        serving = health_pb2.HealthCheckResponse.SERVING
+        status = serving if engine.available else health_pb2.HealthCheckResponse.NOT_SERVING
+        if not stop.is_set():
+            for name in ("", SERVICE_NAME):
+                await health_servicer.set(name, status)
+
+    def changed(_available: bool) -> None:
+        task = loop.create_task(report())
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    engine.on_availability = changed
+    await report()
 
 
 async def finished_within(task: asyncio.Future[Any], timeout_s: float) -> bool:

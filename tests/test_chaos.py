@@ -26,9 +26,12 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from server_fixtures import REPO_ROOT, EdgeServerProcess, idle, server_env, start_edge_server
 
 from protos.sage_edge.v1 import edge_pb2, edge_pb2_grpc
+
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 
 CAP_S = 6.0  # the capped server's --max-deadline-s
 STALL_SIDE = 256  # image side of a stalled reader's request: its payload is well over one HTTP/2 window
@@ -315,6 +318,33 @@ async def test_a_worker_that_dies_while_idle_is_replaced_and_the_next_requests_w
     after = await asyncio.to_thread(slow.wait_stats, idle, 10)
     assert after.worker_pids[0] not in (0, stats.worker_pids[0]) and after.worker_failures > stats.worker_failures
     assert balanced(after) and after.status_counts.get("UNAVAILABLE", 0) == 0, after
+
+
+async def test_health_is_not_serving_while_every_worker_restarts(slow: EdgeServerProcess) -> None:
+    """SIGKILL the only model actor: grpc.health.v1 answers NOT_SERVING (for the server and the service) while Ray
+    restarts it, so a load balancer sends new devices elsewhere, and SERVING once it is back. It said SERVING
+    throughout, while no request could be served."""
+    await asyncio.to_thread(slow.wait_stats, idle)
+    before = slow.stats()
+    seen: list[tuple[int, int]] = []
+    async with slow.aio_channel() as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+
+        async def status() -> tuple[int, int]:
+            replies = [await health.Check(health_pb2.HealthCheckRequest(service=name), timeout=5)
+                       for name in ("", "sage_edge.v1.EdgeSampler")]
+            return replies[0].status, replies[1].status
+
+        assert await status() == (SERVING, SERVING)
+        os.kill(before.worker_pids[0], signal.SIGKILL)
+        end = time.monotonic() + 60
+        while time.monotonic() < end and (not seen or seen[-1] != (SERVING, SERVING) or len(set(seen)) < 2):
+            seen.append(await status())
+            await asyncio.sleep(0.02)
+    assert (NOT_SERVING, NOT_SERVING) in seen and seen[-1] == (SERVING, SERVING), sorted(set(seen))
+    after = await asyncio.to_thread(slow.wait_stats, idle, 30)
+    assert after.worker_pids[0] not in (0, before.worker_pids[0]), after
+    assert "no_worker_available" in "".join(slow.log_lines) and "worker_available" in "".join(slow.log_lines)
 
 
 async def test_a_hung_worker_is_killed_and_restarted(slow: EdgeServerProcess) -> None:
