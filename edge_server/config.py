@@ -60,7 +60,8 @@ class ServerConfig:
     ray_address: str | None = None  # None: start a local Ray; "auto" or "host:port": join that cluster
     ray_num_cpus: int = 2  # CPUs of a local Ray; on a machine without a GPU also each worker's torch threads
     num_workers: int = 1  # Ray actors holding the model (num_gpus=1 each on a GPU machine)
-    worker_pipeline: int = 2  # windows in flight per worker: the next one's shared phase runs while one encodes
+    worker_pipeline: int = 2  # windows in flight per worker: the next one, taken when the last one leaves the model,
+    #                           runs its shared phase while that one encodes
     worker_max_restarts: int = 3
     worker_step_delay_ms: float = 0.0  # test/demo hook: sleep this long per UNet call (a slower accelerator)
     # batching and grouping

@@ -17,6 +17,7 @@ Life of a request (all on one asyncio loop, no locks):
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import secrets
@@ -142,6 +143,7 @@ class Window:
     running: bool = False
     worker_index: int = -1
     hung: str = ""  # why its worker was killed as hung ("" while it is not)
+    slot_returned: bool = False  # its worker's slot was given back (at its shared phase's end, or at its own)
 
 
 def clip(text: str, limit: int = SHOWN_CHARS) -> str:
@@ -235,10 +237,14 @@ class Engine:
         self._workers = list(workers)
         self._worker_factory = worker_factory  # () -> new actor handle, used when an actor is dead for good
         self._worker_pids = [i.pid for i in infos]
-        self._free_workers: asyncio.Queue[int] = asyncio.Queue()  # a worker's index once per window it can take
-        for _ in range(config.worker_pipeline):
-            for i in range(len(workers)):
-                self._free_workers.put_nowait(i)
+        # a worker's index while its model is free for the next window's shared phase (at most one window per worker
+        # in or waiting for its shared phase; while the last one's latents are encoded, the next one's shared phase
+        # runs, up to `worker_pipeline` windows in flight on a worker)
+        self._free_workers: asyncio.Queue[int] = asyncio.Queue()
+        for i in range(len(workers)):
+            self._free_workers.put_nowait(i)
+        self._in_flight = [0] * len(workers)  # windows dispatched to each worker and not ended
+        self._owed = [0] * len(workers)  # slots held back at a shared phase's end by worker_pipeline
         self._revivals: dict[int, asyncio.Task] = {}  # one revival per worker, awaited by each window it failed
         self.on_availability: Callable[[bool], None] | None = None  # told when no worker is up any more, and back
         self._available = True
@@ -492,6 +498,7 @@ class Engine:
             return
         window = Window(f"w{next(self._window_ids)}-{uuid.uuid4().hex[:6]}", set(tickets), True, worker_index)
         self._windows[window.window_id] = window
+        self._in_flight[worker_index] += 1
         now = time.monotonic()
         for t in tickets:
             t.window_id, t.dispatched_at = window.window_id, now
@@ -543,10 +550,43 @@ class Engine:
             self._windows.pop(window.window_id, None)
             for t in tickets:
                 t.window_id = None
+            self._window_ended(window, worker_lost)
+
+    def _on_shared_done(self, window: Window, done: asyncio.Future) -> None:
+        """The answer to a window's `shared_done`: its shared phase ended (a failed call changes nothing: the
+        window's own call fails too)."""
+        if not done.cancelled() and done.exception() is None:
+            self._shared_phase_ended(window)
+
+    def _shared_phase_ended(self, window: Window) -> None:
+        """The worker says the window no longer holds its model: its next window may go (and run its shared phase
+        while this one's latents are encoded), unless `worker_pipeline` windows are in flight there, then once one
+        of them ends. Until now the next window waits here, where it is still only collected, not sealed on the
+        worker: a window sent while another held the model waited there, and requests that came meanwhile went
+        into yet another window behind it."""
+        if window.slot_returned:
+            return
+        window.slot_returned = True
+        worker_index = window.worker_index
+        if self._in_flight[worker_index] < self.config.worker_pipeline:
+            self._free_workers.put_nowait(worker_index)
+        else:
+            self._owed[worker_index] += 1
+
+    def _window_ended(self, window: Window, worker_lost: bool) -> None:
+        """Account for an ended window: give its worker's slot back if its shared phase did not (after the
+        worker's revival when it died), or one held back by `worker_pipeline`."""
+        worker_index = window.worker_index
+        self._in_flight[worker_index] -= 1
+        if not window.slot_returned:
+            window.slot_returned = True
             if worker_lost:
                 self._spawn(self._return_after_revival(worker_index))
             else:
                 self._free_workers.put_nowait(worker_index)
+        elif self._owed[worker_index]:
+            self._owed[worker_index] -= 1
+            self._free_workers.put_nowait(worker_index)
 
     def _deliver(
         self,
@@ -651,6 +691,8 @@ class Engine:
             worker = self._workers[worker_index]  # after a revival: perhaps a new actor
             alive = asyncio.wrap_future(worker.alive.remote().future())
             run = asyncio.wrap_future(worker.run_window.remote(window.window_id, jobs).future())
+            shared = asyncio.wrap_future(worker.shared_done.remote(window.window_id).future())
+            shared.add_done_callback(functools.partial(self._on_shared_done, window))
             try:
                 await alive
             except actor_died:

@@ -217,6 +217,7 @@ def apply_adapter(pipe: Any, choice: str, fingerprint: str) -> str:
     return str(folder)
 
 
+SHARED_ENDS = 256  # ended shared phases kept for a shared_done call still to come (one never sent is pushed out)
 EARLY_CANCELS = 256  # cancels kept for windows not come yet (one whose window never comes is pushed out later)
 DEFAULT_BUCKETS = (8, 16, 32, 64, 128)  # UNet rows (CFG doubles the trajectories) when compiling without buckets
 
@@ -303,6 +304,7 @@ class EdgeWorker:
         self.cache = latent_cache(config, self.policy)
         self._stops: dict[str, threading.Event] = {}
         self._early_cancels: OrderedDict[str, None] = OrderedDict()  # cancelled before their window came
+        self._shared_ends: OrderedDict[str, threading.Event] = OrderedDict()  # set once a window's shared phase ended
         self._lock = threading.Lock()
         self._model = threading.Lock()  # one window's shared phase at a time
         self._beat_at: float | None = None  # while a window holds the model: its last sign of progress (monotonic)
@@ -374,9 +376,9 @@ class EdgeWorker:
 
     def run_window(self, window_id: str, jobs: list[BucketJob]) -> WindowResult:
         """Group each bucket's prompts and run the shared phase of every group of the window, then encode the
-        deliveries. Only the first part holds the model: with `worker_pipeline` windows in flight, the next
-        window's shared phase runs while this one's latents go through the codec."""
-        stop = threading.Event()
+        deliveries. Only the first part holds the model: it ends with `shared_done`, and the engine then sends the
+        next window, whose shared phase runs while this one's latents go through the codec."""
+        stop, shared_end = threading.Event(), self._shared_end(window_id)
         with self._lock:
             self._stops[window_id] = stop
             if window_id in self._early_cancels:  # cancelled before it came
@@ -396,14 +398,34 @@ class EdgeWorker:
                     ]
                 finally:
                     self._beat_at = None
+            shared_end.set()
             buckets = tuple(
                 BucketRefused(refused) if refused else self._encode_bucket(items)
                 for refused, items in zip(refusals, ready, strict=True)
             )
             return WindowResult(buckets, (time.perf_counter() - start) * 1000.0)
         finally:
+            shared_end.set()  # also when refused, cancelled or failed
             with self._lock:
                 self._stops.pop(window_id, None)
+
+    def shared_done(self, window_id: str) -> None:
+        """Return once window `window_id`'s shared phase has ended (the window no longer holds the model, or never
+        will: refused, cancelled, failed). Sent with the window (its run_window first): the engine then sends this
+        worker its next window, so that a window waiting for the model waits in the engine, where requests that
+        come meanwhile still join windows, not here. Holds one of the actor's threads."""
+        self._shared_end(window_id).wait()
+        with self._lock:
+            self._shared_ends.pop(window_id, None)
+
+    def _shared_end(self, window_id: str) -> threading.Event:
+        """The event set when window `window_id`'s shared phase has ended (made by its run_window or its
+        shared_done, whichever comes first; the last SHARED_ENDS kept when shared_done never came)."""
+        with self._lock:
+            event = self._shared_ends.setdefault(window_id, threading.Event())
+            while len(self._shared_ends) > SHARED_ENDS:
+                self._shared_ends.popitem(last=False)
+            return event
 
     def _refusal(self, settings: BucketSettings) -> str:
         """Why the model's scheduler cannot run a bucket's settings ("" when it can): checked before the window
@@ -548,7 +570,8 @@ def make_worker_actor(config: ServerConfig) -> Any:
         num_cpus=0 if use_gpu else 1,
         max_restarts=config.worker_max_restarts,
         max_task_retries=0,
-        max_concurrency=config.worker_pipeline + 2,  # the windows in flight, `watch`, and `alive` / `cancel` / `info`
+        max_concurrency=2 * config.worker_pipeline + 3,  # windows in flight, their `shared_done`, `watch`, and two for
+        #                                                  `alive` / `cancel` / `info` / `stalled_s`
     )
     return actor_cls.remote(config)
 

@@ -298,24 +298,42 @@ async def test_a_request_waiting_for_a_free_worker_counts_as_queued() -> None:
     assert busy and engine.stats()["active_requests"] == 0
 
 
+class PendingWorker:
+    """A stand-in for a worker actor whose run_window and shared_done answer only when the test says so."""
+
+    def __init__(self) -> None:
+        from concurrent.futures import Future
+
+        self.calls: list[str] = []
+        self.runs: dict[str, Future] = {}
+        self.shared: dict[str, Future] = {}
+        self.alive = self._method("alive", lambda *_: 0)
+        self.stalled_s = self._method("stalled_s", lambda *_: 0.0)
+        self.cancel = self._method("cancel", lambda *_: True)
+        self.run_window = self._method("run_window", lambda window_id, jobs: self.runs.setdefault(window_id, Future()))
+        self.shared_done = self._method("shared_done", lambda window_id: self.shared.setdefault(window_id, Future()))
+
+    def _method(self, name: str, answer):
+        from concurrent.futures import Future
+        from types import SimpleNamespace
+
+        def remote(*args):
+            self.calls.append(name)
+            result = answer(*args)
+            if not isinstance(result, Future):
+                done: Future = Future()
+                done.set_result(result)
+                result = done
+            return SimpleNamespace(future=lambda: result)
+
+        return SimpleNamespace(remote=remote)
+
+
 async def test_a_window_whose_members_all_left_before_its_task_started_is_skipped() -> None:
     """The batch loop drops members that left while the window waited for a worker; members that leave after the
     dispatch, before the window's task runs, were sent to the worker all the same (a window for nobody). Now the
     task drops them too, and gives the worker's slot back without calling it."""
-    from concurrent.futures import Future
-    from types import SimpleNamespace
-
-    calls: list[str] = []
-
-    def method(name: str):
-        def remote(*args):
-            calls.append(name)
-            done: Future = Future()
-            done.set_result(0.0)
-            return SimpleNamespace(future=lambda: done)
-        return SimpleNamespace(remote=remote)
-
-    worker = SimpleNamespace(**{name: method(name) for name in ("alive", "run_window", "stalled_s", "cancel")})
+    worker = PendingWorker()
     info = ModelInfo("abc", "{}", 32, 32, 1, "cpu")
     engine = Engine(ServerConfig(), [worker], [info], worker_factory=None)
     slot = engine._free_workers.get_nowait()
@@ -324,7 +342,44 @@ async def test_a_window_whose_members_all_left_before_its_task_started_is_skippe
         engine.release(t, "CANCELLED")
     slots = engine._free_workers.qsize()
     await engine._run_window(tickets, slot)
-    assert calls == [] and engine.stats()["windows_skipped"] == 1 and engine._free_workers.qsize() == slots + 1
+    assert worker.calls == [] and engine.stats()["windows_skipped"] == 1 and engine._free_workers.qsize() == slots + 1
+
+
+@pytest.mark.parametrize("pipeline", [1, 2])
+async def test_a_workers_slot_comes_back_when_its_window_leaves_the_model(pipeline: int) -> None:
+    """A worker takes its next window when the last one's shared phase ends (its latents are encoded meanwhile),
+    with at most `worker_pipeline` windows in flight; until then the next window waits in the engine. It used to
+    take `worker_pipeline` windows at once, and the second waited on the worker for the model while requests that
+    came meanwhile went into yet another window."""
+    worker = PendingWorker()
+    info = ModelInfo("abc", "{}", 32, 32, 1, "cpu")
+    engine = Engine(ServerConfig(worker_pipeline=pipeline), [worker], [info], worker_factory=None)
+    free = engine._free_workers
+
+    async def dispatch(prompt: str) -> tuple[asyncio.Task, str]:
+        ticket = engine.admit(ImageSpec(prompt=prompt), None)
+        task = asyncio.create_task(engine._run_window([ticket], free.get_nowait()))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        return task, ticket.window_id
+
+    first, w1 = await dispatch("a cat")
+    assert free.qsize() == 0  # the model is taken
+    worker.shared[w1].set_result(None)
+    await asyncio.sleep(0.01)
+    assert free.qsize() == (1 if pipeline == 2 else 0)  # its latents are encoded: the next shared phase may run
+    if pipeline == 2:
+        second, w2 = await dispatch("a dog")
+        worker.shared[w2].set_result(None)
+        await asyncio.sleep(0.01)
+        assert free.qsize() == 0  # two windows in flight already
+    worker.runs[w1].set_exception(RuntimeError("the first window ends"))
+    await first
+    assert free.qsize() == 1 and engine._in_flight == [pipeline - 1]
+    if pipeline == 2:
+        worker.runs[w2].set_exception(RuntimeError("the second window ends"))
+        await second
+        assert free.qsize() == 1 and engine._in_flight == [0]
 
 
 def test_a_signal_during_the_start_stops_the_server_cleanly(tmp_path: Path) -> None:
