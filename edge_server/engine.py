@@ -5,9 +5,9 @@ Life of a request (all on one asyncio loop, no locks):
    (-> RESOURCE_EXHAUSTED at once); it returns a Ticket and queues it.
 2. The batch loop waits for the first queued ticket, then up to `max_wait_ms` or until `max_batch` are queued,
    takes the window, drops tickets that already left, splits the rest into buckets of compatible settings
-   (steps, size, guidance, scheduler) and sends the whole window to a free worker (one actor call; a worker takes
-   up to `worker_pipeline` windows at once and runs their shared phases one after the other, so that the next
-   one runs while the last one's latents are encoded).
+   (steps, size, guidance, scheduler) and sends the whole window to a worker whose model is free (one actor call;
+   the worker says when the window's shared phase ends, and then takes the next window, whose shared phase runs
+   while the last one's latents are encoded, up to `worker_pipeline` windows in flight).
 3. The worker groups each bucket by pooled-embedding similarity and runs every group's shared phase batched.
 4. Each group's encoded branch point is handed to the members still waiting (`wait` returns a Delivery).
 5. `release` forgets a ticket, whatever happened; when every member of a window left, its work is skipped
@@ -408,24 +408,31 @@ class Engine:
         hung, once all of its requests had left."""
         c = self.config
         period = min(c.hung_window_s, c.stall_s or c.hung_window_s) / 3
-        while True:
+        while self._windows.get(window.window_id) is window:
             await asyncio.sleep(period)
-            if not window.running:  # not on the worker yet (waiting for its revival)
+            if not window.running or self._reviving(window.worker_index):  # not on a live worker (yet)
                 continue
             worker = self._workers[window.worker_index]
             try:
                 stalled = await asyncio.wait_for(asyncio.wrap_future(worker.stalled_s.remote().future()),
                                                  timeout=c.hung_window_s)
             except TimeoutError:
+                if self._reviving(window.worker_index):  # the call waited for Ray's restart of the actor
+                    continue
                 reason = f"did not answer for {c.hung_window_s:g} s (hung_window_s)"
-            except Exception:  # noqa: BLE001 - the actor died: the window's own call reports it
-                return
+            except Exception:  # noqa: BLE001 - the actor died or restarts: the window's call (or its resend) tells
+                continue
             else:
                 if not c.stall_s or stalled < c.stall_s:
                     continue
                 reason = f"started no UNet call for {stalled:.0f} s (stall_s {c.stall_s:g})"
             self._kill_hung(window, reason)
             return
+
+    def _reviving(self, worker_index: int) -> bool:
+        """Whether the worker's revival is under way."""
+        revival = self._revivals.get(worker_index)
+        return revival is not None and not revival.done()
 
     def _kill_hung(self, window: Window, reason: str) -> None:
         """Kill the model actor running `window` (Ray restarts it; the window's call then fails, and its slot
@@ -586,7 +593,10 @@ class Engine:
                 self._free_workers.put_nowait(worker_index)
         elif self._owed[worker_index]:
             self._owed[worker_index] -= 1
-            self._free_workers.put_nowait(worker_index)
+            if worker_lost:
+                self._spawn(self._return_after_revival(worker_index))
+            else:
+                self._free_workers.put_nowait(worker_index)
 
     def _deliver(
         self,
@@ -668,7 +678,7 @@ class Engine:
     def _check_availability(self) -> None:
         """Tell `on_availability` when every worker is being revived (no window can run until one is back: the
         server's health goes NOT_SERVING) and when one is back."""
-        available = any(r is None or r.done() for r in map(self._revivals.get, range(len(self._workers))))
+        available = not all(self._reviving(i) for i in range(len(self._workers)))
         if available != self._available:
             self._available = available
             log.log(logging.INFO if available else logging.WARNING,
@@ -715,10 +725,9 @@ class Engine:
     async def _worker_ready(self, worker_index: int, window: Window) -> bool:
         """Wait for the worker's revival if one is under way (its death was seen while this window waited for a
         slot); False, the window skipped, when every member left meanwhile."""
-        revival = self._revivals.get(worker_index)
-        if revival is not None and not revival.done():
+        if self._reviving(worker_index):
             window.running = False  # not on the worker yet: a member that leaves has nothing to cancel there
-            await asyncio.shield(revival)
+            await asyncio.shield(self._revivals[worker_index])
             window.running = True
             if not window.tickets:
                 self._counts["windows_skipped"] += 1

@@ -494,7 +494,7 @@ async def start_workers(config: ServerConfig) -> tuple[list[Any], list[Any]]:
             f"num_workers {config.num_workers} needs one GPU (without one: one CPU) per worker and the local Ray has "
             f"{slots}: lower --num-workers or raise --ray-num-cpus"
         )
-    workers = [make_worker_actor(config) for _ in range(config.num_workers)]
+    workers = [make_worker_actor(config, first_start=True) for _ in range(config.num_workers)]
     try:
         failures = await asyncio.gather(*(asyncio.wrap_future(w.failure.remote().future()) for w in workers))
         if failure := next((f for f in failures if f), ""):  # a model pin that does not match, a foreign adapter

@@ -275,10 +275,10 @@ def float8_calibration(pipe: Any) -> Any:
 
 
 class EdgeWorker:
-    """Holds one pipeline; runs windows one at a time (one more thread holds `watch`, another serves `alive`,
-    `cancel` and `info`)."""
+    """Holds one pipeline; runs one window's shared phase at a time (other threads: the windows in flight and their
+    `shared_done`, `watch`, and `alive` / `cancel` / `info` / `stalled_s`)."""
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, first_start: bool = False) -> None:
         import torch
 
         from sage_core.generate import negative_embedding
@@ -292,8 +292,10 @@ class EdgeWorker:
             self.pipe = load_model(config)
             self.fingerprint = model_fingerprint(self.pipe)  # of the base weights, as devices compute it
             self.adapter = apply_adapter(self.pipe, config.adapter, self.fingerprint)
-        except ModelError as exc:  # kept for `failure`: raised here, Ray printed the actor's traceback before it
-            self.load_error = str(exc)
+        except ModelError as exc:
+            if not first_start or restarted_actor():  # later (a restart, a replacement): the actor dies, as Ray's
+                raise  # watch and revival expect
+            self.load_error = str(exc)  # at the server's start: for `failure` (raised, Ray printed its traceback)
             return
         torch.backends.cudnn.benchmark = config.cudnn_benchmark  # process-wide: this process holds one model
         self.unet, self.unet_warmup = serving_unet(self.pipe, config)  # compiled and bucketed if configured
@@ -353,7 +355,8 @@ class EdgeWorker:
     def stalled_s(self) -> float:
         """Seconds the window holding the model has gone without starting a UNet call (since it took the model
         when it has made none); 0 when no window holds it. The engine takes a long stall for a hung worker
-        (Engine._watch_stall)."""
+        (Engine._watch_window). Whatever the window does while it holds the model counts: its text encoding and
+        planning too."""
         beat = self._beat_at
         return 0.0 if beat is None else time.monotonic() - beat
 
@@ -414,7 +417,7 @@ class EdgeWorker:
         will: refused, cancelled, failed). Sent with the window (its run_window first): the engine then sends this
         worker its next window, so that a window waiting for the model waits in the engine, where requests that
         come meanwhile still join windows, not here. Holds one of the actor's threads."""
-        self._shared_end(window_id).wait()
+        self._shared_end(window_id).wait(self.config.max_deadline_s + self.config.hung_window_s)  # never for good
         with self._lock:
             self._shared_ends.pop(window_id, None)
 
@@ -560,8 +563,26 @@ class EdgeWorker:
         return Payload(mode, b"".join(frames), tuple(len(f) for f in frames), tuple(names))
 
 
-def make_worker_actor(config: ServerConfig) -> Any:
-    """A Ray actor of EdgeWorker: num_gpus=1 on a GPU machine, else num_cpus=1; restarts, no task retries."""
+def restarted_actor() -> bool:
+    """Whether this process is a Ray actor that Ray restarted (False outside an actor)."""
+    import warnings
+
+    import ray
+
+    if not ray.is_initialized():
+        return False
+    try:
+        with warnings.catch_warnings():  # Ray's property reads its own deprecated actor_id
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+    except Exception:  # noqa: BLE001 - not in a Ray actor
+        return False
+
+
+def make_worker_actor(config: ServerConfig, first_start: bool = False) -> Any:
+    """A Ray actor of EdgeWorker: num_gpus=1 on a GPU machine, else num_cpus=1; restarts, no task retries.
+    `first_start`: one of the server's start, which keeps a model or adapter it cannot use for `failure` (the
+    server then stops with one error line) instead of dying."""
     import ray
 
     use_gpu = _cluster_has_gpu()
@@ -573,7 +594,7 @@ def make_worker_actor(config: ServerConfig) -> Any:
         max_concurrency=2 * config.worker_pipeline + 3,  # windows in flight, their `shared_done`, `watch`, and two for
         #                                                  `alive` / `cancel` / `info` / `stalled_s`
     )
-    return actor_cls.remote(config)
+    return actor_cls.remote(config, first_start)
 
 
 def worker_slots() -> int:

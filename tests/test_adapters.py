@@ -93,10 +93,13 @@ def test_an_adapter_for_another_base_model_is_refused_by_the_server(tmp_path):
     from sage_core.models import DEFAULT_MODEL_DIR
 
     adapter = make_lora(tmp_path / "lora")  # made for the tiny UNet
-    worker = EdgeWorker(ServerConfig(model=str(DEFAULT_MODEL_DIR), dtype="float32", adapter=adapter, ray_num_cpus=1))
+    config = ServerConfig(model=str(DEFAULT_MODEL_DIR), dtype="float32", adapter=adapter, ray_num_cpus=1)
+    worker = EdgeWorker(config, first_start=True)  # at the server's start: kept for the one-line error
     assert "another base model" in worker.failure()
     with pytest.raises(ModelError, match="another base model"):
         worker.info()
+    with pytest.raises(AdapterMismatchError, match="another base model"):  # later (a replacement): the actor dies,
+        EdgeWorker(config)  # as the engine's watch and revival expect; a model-less actor would fail every window
 
 
 def test_a_server_given_an_adapter_of_another_model_says_so_in_one_line(tmp_path):

@@ -345,6 +345,30 @@ async def test_a_window_whose_members_all_left_before_its_task_started_is_skippe
     assert worker.calls == [] and engine.stats()["windows_skipped"] == 1 and engine._free_workers.qsize() == slots + 1
 
 
+async def test_the_hung_worker_watch_outlives_a_failed_progress_call() -> None:
+    """A `stalled_s` call that fails (the actor restarting under a resent window) does not end the window's watch:
+    the next answer, a stall past stall_s, still marks the window hung (the kill itself fails on this stand-in)."""
+    worker = PendingWorker()
+    answers = iter([RuntimeError("the actor restarts"), 5.0, 5.0, 5.0])
+
+    def stalled(*_):
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    worker.stalled_s = worker._method("stalled_s", stalled)
+    info = ModelInfo("abc", "{}", 32, 32, 1, "cpu")
+    engine = Engine(ServerConfig(hung_window_s=0.3, stall_s=0.3), [worker], [info], worker_factory=None)
+    ticket = engine.admit(ImageSpec(prompt="a cat"), None)
+    task = asyncio.create_task(engine._run_window([ticket], engine._free_workers.get_nowait()))
+    await asyncio.sleep(0.5)
+    window = engine._windows[ticket.window_id]
+    assert window.hung.startswith("started no UNet call for 5 s (stall_s 0.3)"), window.hung
+    worker.runs[ticket.window_id].set_exception(RuntimeError("ended"))
+    await task
+
+
 @pytest.mark.parametrize("pipeline", [1, 2])
 async def test_a_workers_slot_comes_back_when_its_window_leaves_the_model(pipeline: int) -> None:
     """A worker takes its next window when the last one's shared phase ends (its latents are encoded meanwhile),
