@@ -463,12 +463,7 @@ class Engine:
                 worker_index = await self._free_workers.get()
             finally:
                 self._collected = []
-            window = [t for t in window if not t.left]
-            if not window:
-                self._free_workers.put_nowait(worker_index)
-                self._counts["windows_skipped"] += 1
-                continue
-            self._spawn(self._run_window(window, worker_index))
+            self._spawn(self._run_window(window, worker_index))  # it drops the members that left meanwhile
 
     async def _collect_window(self) -> list[Ticket]:
         """Wait for a first live ticket, then up to max_wait_ms or max_batch live tickets."""
@@ -498,7 +493,7 @@ class Engine:
 
     async def _run_window(self, tickets: list[Ticket], worker_index: int) -> None:
         """Run one window on a worker and deliver each group's result to its members."""
-        tickets = [t for t in tickets if not t.left]  # members that left after the dispatch, before this task ran
+        tickets = [t for t in tickets if not t.left]  # members that left while the window waited for a worker, or since
         if not tickets:
             self._free_workers.put_nowait(worker_index)
             self._counts["windows_skipped"] += 1
@@ -585,18 +580,15 @@ class Engine:
         worker's revival when it died), or one held back by `worker_pipeline`."""
         worker_index = window.worker_index
         self._in_flight[worker_index] -= 1
-        if not window.slot_returned:
-            window.slot_returned = True
-            if worker_lost:
-                self._spawn(self._return_after_revival(worker_index))
-            else:
-                self._free_workers.put_nowait(worker_index)
-        elif self._owed[worker_index]:
+        if window.slot_returned:
+            if not self._owed[worker_index]:
+                return
             self._owed[worker_index] -= 1
-            if worker_lost:
-                self._spawn(self._return_after_revival(worker_index))
-            else:
-                self._free_workers.put_nowait(worker_index)
+        window.slot_returned = True
+        if worker_lost:
+            self._spawn(self._return_after_revival(worker_index))
+        else:
+            self._free_workers.put_nowait(worker_index)
 
     def _deliver(
         self,

@@ -370,9 +370,7 @@ class EdgeWorker:
         with self._lock:
             event = self._stops.get(window_id)
             if event is None:
-                self._early_cancels[window_id] = None
-                while len(self._early_cancels) > EARLY_CANCELS:  # cancels of windows that ended: forget the oldest
-                    self._early_cancels.popitem(last=False)
+                remember(self._early_cancels, window_id, None, EARLY_CANCELS)
                 return False
         event.set()
         return True
@@ -425,10 +423,7 @@ class EdgeWorker:
         """The event set when window `window_id`'s shared phase has ended (made by its run_window or its
         shared_done, whichever comes first; the last SHARED_ENDS kept when shared_done never came)."""
         with self._lock:
-            event = self._shared_ends.setdefault(window_id, threading.Event())
-            while len(self._shared_ends) > SHARED_ENDS:
-                self._shared_ends.popitem(last=False)
-            return event
+            return remember(self._shared_ends, window_id, threading.Event(), SHARED_ENDS)
 
     def _refusal(self, settings: BucketSettings) -> str:
         """Why the model's scheduler cannot run a bucket's settings ("" when it can): checked before the window
@@ -561,6 +556,14 @@ class EdgeWorker:
                 frames.append(lossless.encode(t.to(torch.float32).reshape(max(1, t.numel()))))
             names.append(name)
         return Payload(mode, b"".join(frames), tuple(len(f) for f in frames), tuple(names))
+
+
+def remember(items: OrderedDict, key: str, value: Any, limit: int) -> Any:
+    """items[key], set to `value` when missing; beyond `limit` entries the oldest are forgotten."""
+    kept = items.setdefault(key, value)
+    while len(items) > limit:
+        items.popitem(last=False)
+    return kept
 
 
 def restarted_actor() -> bool:
