@@ -4,8 +4,9 @@ Life of a request (all on one asyncio loop, no locks):
 1. `admit` validates an ImageSpec (-> EngineError INVALID_ARGUMENT / FAILED_PRECONDITION) and checks capacity
    (-> RESOURCE_EXHAUSTED at once); it returns a Ticket and queues it.
 2. The batch loop waits for the first queued ticket, then up to `max_wait_ms` or until `max_batch` are queued,
-   takes the window, drops tickets that already left, splits the rest into buckets of compatible settings
-   (steps, size, guidance, scheduler) and sends the whole window to a worker whose model is free (one actor call;
+   takes the window, waits for a worker whose model is free, tops the window up with the tickets queued meanwhile
+   (up to `max_batch`), drops tickets that already left, splits the rest into buckets of compatible settings
+   (steps, size, guidance, scheduler) and sends the whole window to that worker (one actor call;
    the worker says when the window's shared phase ends, and then takes the next window, whose shared phase runs
    while the last one's latents are encoded, up to `worker_pipeline` windows in flight).
 3. The worker groups each bucket by pooled-embedding similarity and runs every group's shared phase batched.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import itertools
+import json
 import logging
 import secrets
 import time
@@ -234,6 +236,8 @@ class Engine:
         self.config = config
         self.metrics = metrics  # edge_server.metrics.EdgeMetrics or None
         self.info = infos[0]
+        self._scheduler_config = json.loads(self.info.scheduler_config_json)
+        self._refusals: dict[tuple[str, int], str] = {}  # (scheduler, steps) -> why the model cannot run it, or ""
         self._workers = list(workers)
         self._worker_factory = worker_factory  # () -> new actor handle, used when an actor is dead for good
         self._worker_pids = [i.pid for i in infos]
@@ -304,6 +308,7 @@ class Engine:
             if not self._accepting:
                 raise EngineError("UNAVAILABLE", "server is shutting down; retry on another edge server")
             request = resolve(spec, self.config, self.info)
+            self._refuse_unschedulable(request)
             if len(self._tickets) >= self.config.max_queue:
                 raise EngineError("RESOURCE_EXHAUSTED", f"queue full ({self.config.max_queue} requests); retry later")
             self._refuse_over_cap(request)
@@ -325,6 +330,23 @@ class Engine:
         self._queued_event.set()
         self._counts["admitted"] += 1
         return ticket
+
+    def _refuse_unschedulable(self, request: Resolved) -> None:
+        """INVALID_ARGUMENT when the model's scheduler cannot run the request's steps (DDIM at 1000 of 1000
+        timesteps, which a raised max_steps lets a device ask for), checked once per (scheduler, steps) as the
+        worker checks a bucket (sage_core.sampler.scheduler_refusal). Such a request used to wait for a window
+        and fail there."""
+        key = (request.scheduler, request.steps)
+        if key not in self._refusals:
+            from sage_core.sampler import scheduler_refusal  # torch and diffusers: not on the CLI's import path
+
+            try:
+                self._refusals[key] = scheduler_refusal(self._scheduler_config, *key)
+            except Exception as exc:  # noqa: BLE001 - a config the front end cannot rebuild: the worker still checks
+                log.warning("scheduler %s with %d steps not checked at admission (%s)", *key, first_line(exc))
+                self._refusals[key] = ""
+        if reason := self._refusals[key]:
+            raise EngineError("INVALID_ARGUMENT", reason)
 
     def _refuse_over_cap(self, request: Resolved) -> None:
         """RESOURCE_EXHAUSTED when the request's client, or its peer host (max_streams_per_host > 0), already has
@@ -453,7 +475,9 @@ class Engine:
 
     # ---- batching --------------------------------------------------------------------------------------------
     async def _batch_loop(self) -> None:
-        """Forever: collect a window, then hand it to the next free worker (dispatch runs concurrently)."""
+        """Forever: collect a window, wait for a free worker, top the window up with the requests queued meanwhile
+        (up to max_batch) and hand it to the worker (dispatch runs concurrently). Before the top-up, a request that
+        came while every worker was busy waited for the window after this one, behind it, though this one had room."""
         while True:
             window = await self._collect_window()
             if not window:
@@ -463,7 +487,9 @@ class Engine:
                 worker_index = await self._free_workers.get()
             finally:
                 self._collected = []
-            self._spawn(self._run_window(window, worker_index))  # it drops the members that left meanwhile
+            window = [t for t in window if not t.left]
+            window += self._take_queued(self.config.max_batch - len(window))
+            self._spawn(self._run_window(window, worker_index))  # it drops the members that leave meanwhile
 
     async def _collect_window(self) -> list[Ticket]:
         """Wait for a first live ticket, then up to max_wait_ms or max_batch live tickets."""
@@ -478,12 +504,16 @@ class Engine:
                 await asyncio.wait_for(self._queued_event.wait(), timeout=delay)
             except TimeoutError:
                 break
-        window: list[Ticket] = []
-        while self._queue and len(window) < self.config.max_batch:
+        return self._take_queued(self.config.max_batch)
+
+    def _take_queued(self, limit: int) -> list[Ticket]:
+        """Up to `limit` live tickets from the front of the queue (the departed ones among them are dropped)."""
+        taken: list[Ticket] = []
+        while self._queue and len(taken) < limit:
             ticket = self._queue.popleft()
             if not ticket.left:
-                window.append(ticket)
-        return window
+                taken.append(ticket)
+        return taken
 
     def _live_queued(self) -> int:
         """Queued tickets that are still wanted (drops departed ones from the front)."""

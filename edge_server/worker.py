@@ -427,14 +427,11 @@ class EdgeWorker:
 
     def _refusal(self, settings: BucketSettings) -> str:
         """Why the model's scheduler cannot run a bucket's settings ("" when it can): checked before the window
-        takes the model, so that one device's request does not fail the others' buckets."""
-        from sage_core.sampler import make_scheduler
+        takes the model, so that one device's request does not fail the others' buckets. The engine refuses such a
+        request at admission (from ModelInfo's copy of the scheduler config); this is the model's own word."""
+        from sage_core.sampler import scheduler_refusal
 
-        try:
-            make_scheduler(self.pipe.scheduler.config, settings.scheduler, settings.steps)
-        except ValueError as exc:
-            return str(exc)
-        return ""
+        return scheduler_refusal(dict(self.pipe.scheduler.config), settings.scheduler, settings.steps)
 
     def _run_bucket(self, job: BucketJob, stop: threading.Event) -> tuple[GroupResult, ...]:
         """One bucket's whole edge path: its shared phase, then its deliveries encoded."""

@@ -150,6 +150,16 @@ def make_scheduler(base_config: dict, name: str, steps: int, device: torch.devic
     return scheduler
 
 
+def scheduler_refusal(base_config: dict, name: str, steps: int) -> str:
+    """Why `make_scheduler` cannot set up scheduler `name` with `steps` timesteps for the model whose scheduler
+    config is `base_config` ("" when it can)."""
+    try:
+        make_scheduler(base_config, name, steps)
+    except ValueError as exc:
+        return str(exc)
+    return ""
+
+
 def export_solver_state(scheduler) -> dict[str, torch.Tensor]:
     """The tensors a multistep solver carries between steps (empty for single-step DDIM and Euler)."""
     if not isinstance(scheduler, DPMSolverMultistepScheduler):

@@ -1,15 +1,15 @@
 """Fault injection against a real edge server process on 127.0.0.1: devices that stop reading, stop or die in the
 middle of a stream or while queued, a Ray worker that dies while the server is idle, a request whose settings the
-worker's scheduler refuses, and a server stopped (twice) with requests queued, running and streaming.
+model's scheduler refuses (at admission), and a server stopped (twice) with requests queued, running and streaming.
 
 Two module-scoped servers (tiny model, local Ray), each started only when a test needs it:
 - `capped`: a short server-side deadline cap (--max-deadline-s) and fast keepalive pings, for stalled streams;
 - `slow`: 20 ms per UNet call and one window in flight per worker, for worker deaths and queued devices.
-A request that comes while the worker is busy is sealed into a window of its own (max_wait_ms after it) that waits
-for the worker, and what comes after it forms the next window: tests that want requests in one window queue such a
-`sealed` request first. A stalled reader asks for a 256x256 image (a latent of about 229 kB, fp32) over a channel
-without BDP probing, so its HTTP/2 window stays at 64 KiB and the server's writes really block once it stops
-reading.
+A request that comes while the worker is busy is collected into a window (max_wait_ms after it) that waits for the
+worker, and what comes after it joins that window when the worker frees (up to max_batch): tests that want requests
+in one window queue such a `waiting` request first, so that the others queue behind it. A stalled reader asks for
+a 256x256 image (a latent of about 229 kB, fp32) over a channel without BDP probing, so its HTTP/2 window stays at
+64 KiB and the server's writes really block once it stops reading.
 """
 
 from __future__ import annotations
@@ -234,13 +234,14 @@ async def test_forty_devices_a_third_leaving_leave_the_counts_balanced(capped: E
 
 async def hold_the_worker(server: EdgeServerProcess, stub: edge_pb2_grpc.EdgeSamplerStub):
     """A request that holds the worker in a long window (its call and the task awaiting its status), and one
-    sealed into the next window behind it (its task): requests sent after these queue for the window after that."""
+    collected into the next window, which waits for the worker (its task): requests sent after these queue, and
+    join that window when the worker frees. It asks for 3 steps, so it shares no bucket (and no group) with them."""
     blocker = stub.RequestImage(request("holds the worker", steps=900, share=1.0), timeout=120)
     blocking = asyncio.create_task(status_of_call(blocker))
     await asyncio.to_thread(server.wait_stats, lambda s: s.running_windows == 1, 30)
-    sealed = asyncio.create_task(status_of(stub, request("sealed into the next window")))
+    waiting = asyncio.create_task(status_of(stub, request("waiting for the worker", steps=3)))
     await asyncio.to_thread(server.wait_stats, lambda s: s.waiting_requests == 1 and s.active_requests == 2, 20)
-    return blocker, blocking, sealed
+    return blocker, blocking, waiting
 
 
 # ---- devices killed while queued -------------------------------------------------------------------------------
@@ -256,7 +257,7 @@ async def test_a_device_killed_while_queued_leaves_its_group_and_its_host_slot(
     prompt = "a green square on the right"
     async with slow.aio_channel() as channel:
         stub = edge_pb2_grpc.EdgeSamplerStub(channel)
-        blocker, blocking, sealed = await hold_the_worker(slow, stub)
+        blocker, blocking, waiting = await hold_the_worker(slow, stub)
         devices = [device_process(slow.address, prompt, tmp_path / f"device{i}.png") for i in range(3)]
         try:
             await asyncio.to_thread(slow.wait_stats, lambda s: s.active_requests == 5, 120)  # host cap reached
@@ -266,7 +267,7 @@ async def test_a_device_killed_while_queued_leaves_its_group_and_its_host_slot(
             await asyncio.to_thread(slow.wait_stats, lambda s: s.active_requests == 5, 20)
             blocker.cancel()
             assert (await blocking)[0] == grpc.StatusCode.CANCELLED
-            results = await asyncio.wait_for(asyncio.gather(sealed, joining), TIMEOUT)
+            results = await asyncio.wait_for(asyncio.gather(waiting, joining), TIMEOUT)
             assert [code for code, _, _ in results] == [grpc.StatusCode.OK] * 2, results
             outputs = [await asyncio.to_thread(device.communicate, timeout=120) for device in devices[1:]]
         finally:
@@ -423,29 +424,32 @@ async def test_a_window_that_starts_no_unet_call_for_stall_s_is_ended_and_its_wo
 
 
 # ---- one request's settings fail on the worker --------------------------------------------------------------------
-async def test_a_bucket_the_scheduler_refuses_fails_alone(slow: EdgeServerProcess) -> None:
+async def test_steps_the_scheduler_refuses_end_at_admission(slow: EdgeServerProcess) -> None:
     """A server whose max_steps lets a device ask for 1000 DDIM steps, which the model's 1000-timestep schedule
-    cannot run: in a window with another device's request, that request alone ends INVALID_ARGUMENT with the
-    scheduler's reason; the other is served. The worker's ValueError used to fail the whole window, every device
-    in it INTERNAL, with a message quoting Ray's traceback (the worker's address, pid and source paths)."""
+    cannot run: that request ends INVALID_ARGUMENT with the scheduler's reason at once, while the worker is still
+    busy (it used to wait for a window and fail there); another device's request is served. Before the worker
+    checked buckets, its ValueError failed the whole window, every device in it INTERNAL, with a message quoting
+    Ray's traceback (the worker's address, pid and source paths); tests/test_edge_server.py checks the worker's
+    own refusal of such a bucket."""
     await asyncio.to_thread(slow.wait_stats, idle)
+    before = slow.stats()
     async with slow.aio_channel() as channel:
         stub = edge_pb2_grpc.EdgeSamplerStub(channel)
-        blocker, blocking, sealed = await hold_the_worker(slow, stub)
-        too_many = asyncio.create_task(status_of(stub, request("too many steps", steps=1000)))
+        blocker, blocking, waiting = await hold_the_worker(slow, stub)
         fine = asyncio.create_task(status_of(stub, request("a fine request")))
-        await asyncio.to_thread(slow.wait_stats, lambda s: s.queued_requests == 2, 20)  # one window, two buckets
+        code, details, _ = await status_of(stub, request("too many steps", steps=1000), 20)
+        assert (await asyncio.to_thread(slow.stats)).running_windows == 1  # the worker still runs the blocker's window
         blocker.cancel()
         await blocking
-        (sealed_code, _, _), (code, details, _), (fine_code, fine_details, received) = await asyncio.wait_for(
-            asyncio.gather(sealed, too_many, fine), TIMEOUT
+        (waiting_code, _, _), (fine_code, fine_details, received) = await asyncio.wait_for(
+            asyncio.gather(waiting, fine), TIMEOUT
         )
-    assert sealed_code == grpc.StatusCode.OK
+    assert waiting_code == grpc.StatusCode.OK
     assert fine_code == grpc.StatusCode.OK and received, (fine_code, fine_details)
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "1000 steps" in details, (code, details)
     assert "pid=" not in details and "\x1b" not in details and ".py" not in details, details
     stats = await asyncio.to_thread(slow.wait_stats, idle, 10)
-    assert balanced(stats), stats
+    assert balanced(stats) and stats.rejected == before.rejected + 1, stats
 
 
 # ---- the server is stopped ----------------------------------------------------------------------------------------

@@ -20,10 +20,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import Future
 from pathlib import Path
 
 import grpc
 import pytest
+import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from server_fixtures import EdgeServerProcess, idle, server_env, start_edge_server
@@ -278,6 +280,48 @@ async def test_the_per_host_cap_counts_streams_whatever_client_id_they_claim() -
         ServerConfig(max_streams_per_host=-1)
 
 
+def refusing_info() -> ModelInfo:
+    """A model whose DDIM schedule (leading spacing, steps_offset 1, as SD's) cannot take 1000 of its 1000 steps."""
+    return ModelInfo("abc", '{"_class_name": "DDIMScheduler", "steps_offset": 1}', 32, 32, 1, "cpu")
+
+
+async def test_steps_the_scheduler_cannot_run_are_refused_at_admission() -> None:
+    """A request for steps the model's scheduler cannot run (a raised max_steps lets a device ask for 1000 DDIM
+    steps) ends INVALID_ARGUMENT at admission with the scheduler's reason, counted as rejected; it used to wait
+    for a window and fail there. Other schedulers and step counts are admitted; a scheduler config the front end
+    cannot rebuild leaves the check to the worker."""
+    engine = Engine(ServerConfig(max_steps=1000), [object()], [refusing_info()], worker_factory=None)
+    with pytest.raises(EngineError) as refused:
+        engine.admit(ImageSpec(prompt="a cat", steps=1000), None)
+    assert refused.value.code == "INVALID_ARGUMENT", refused.value
+    assert refused.value.message == ("ddim with 1000 steps reaches timestep 1000, past the model's 1000 training "
+                                     "timesteps; use fewer steps")
+    assert engine.stats()["rejected"] == 1 and engine.stats()["queued_requests"] == 0
+    engine.admit(ImageSpec(prompt="a cat", steps=999), None)
+    engine.admit(ImageSpec(prompt="a cat", steps=1000, scheduler="euler"), None)
+    assert engine.stats()["queued_requests"] == 2
+    broken = ModelInfo("abc", '{"_class_name": "DDIMScheduler", "num_train_timesteps": "many"}', 32, 32, 1, "cpu")
+    unchecked = Engine(ServerConfig(max_steps=1000), [object()], [broken], worker_factory=None)
+    unchecked.admit(ImageSpec(prompt="a cat", steps=1000), None)
+
+
+def test_the_worker_refuses_such_a_bucket_alone() -> None:
+    """The worker's own check (the model's scheduler config, not the front end's copy): a bucket its scheduler
+    cannot run comes back refused with the reason, and the window's other bucket runs."""
+    from edge_server.worker import BucketJob, BucketRefused, BucketSettings, EdgeWorker, MemberSpec
+
+    threads = torch.get_num_threads()
+    worker = EdgeWorker(ServerConfig(model="tiny", dtype="float32", ray_num_cpus=1, max_steps=1000))
+    torch.set_num_threads(threads)
+    info = worker.info()
+    jobs = [BucketJob(BucketSettings(steps, 1.0, "ddim", info.default_height, info.default_width),
+                      (MemberSpec("a red circle", 1, 0.5, "fp16", True, ""),))
+            for steps in (1000, 4)]
+    refused, served = worker.run_window("w-refused", jobs).buckets
+    assert isinstance(refused, BucketRefused) and "ddim with 1000 steps" in refused.reason, refused
+    assert len(served) == 1 and served[0].members == (0,) and served[0].branch_step == 2
+
+
 async def test_a_request_waiting_for_a_free_worker_counts_as_queued() -> None:
     """A collected window waits in the batch loop for a free worker: its requests are waiting_requests until a
     worker takes it (they were counted nowhere but active_requests, so a poll found a waiting request queued only
@@ -367,6 +411,38 @@ async def test_the_hung_worker_watch_outlives_a_failed_progress_call() -> None:
     assert window.hung.startswith("started no UNet call for 5 s (stall_s 0.3)"), window.hung
     worker.runs[ticket.window_id].set_exception(RuntimeError("ended"))
     await task
+
+
+async def test_a_window_waiting_for_a_worker_takes_the_requests_queued_meanwhile() -> None:
+    """A collected window that waits for a busy worker is topped up, when the worker frees, with the requests
+    queued meanwhile (up to max_batch; one that left is not sent): they used to wait for the window after it,
+    behind it, though it had room."""
+    worker = PendingWorker()
+    info = ModelInfo("abc", "{}", 32, 32, 1, "cpu")
+    engine = Engine(ServerConfig(max_wait_ms=10.0, max_batch=3), [worker], [info], worker_factory=None)
+    slot = engine._free_workers.get_nowait()  # the worker is busy
+    sent: list[list[str]] = []
+    worker.run_window = worker._method(
+        "run_window", lambda window_id, jobs: sent.append([m.prompt for j in jobs for m in j.members]) or Future()
+    )
+    loop = asyncio.create_task(engine._batch_loop())
+    tickets = [engine.admit(ImageSpec(prompt="first"), None)]
+    try:
+        await asyncio.sleep(0.1)  # its window closed: the batch loop holds it, waiting for the worker
+        tickets += [engine.admit(ImageSpec(prompt=p), None) for p in ("second", "left", "third", "fourth")]
+        engine.release(tickets[2], "CANCELLED")
+        assert (engine.stats()["queued_requests"], engine.stats()["waiting_requests"]) == (3, 1)
+        engine._free_workers.put_nowait(slot)
+        for _ in range(20):
+            await asyncio.sleep(0.01)
+        assert sent == [["first", "second", "third"]]
+        stats = engine.stats()  # "fourth" opened the next window, which waits for the worker
+        assert (stats["queued_requests"] + stats["waiting_requests"], stats["running_windows"]) == (1, 1)
+    finally:
+        loop.cancel()
+        for ticket in tickets:
+            engine.release(ticket, "CANCELLED")
+        await engine.close()
 
 
 @pytest.mark.parametrize("pipeline", [1, 2])
