@@ -17,7 +17,15 @@ import numpy as np
 import torch
 
 from sage_core.grouping import GroupingConfig, group_by_similarity, normalize
-from sage_core.sampler import SHARED_CONDITIONS, BranchPoint, SamplingConfig, UNetCounter, advance, check_uncond
+from sage_core.sampler import (
+    SHARED_CONDITIONS,
+    BranchPoint,
+    SamplingConfig,
+    UNetCounter,
+    advance,
+    check_uncond,
+    uncond_of,
+)
 
 
 @dataclass(frozen=True)
@@ -278,7 +286,7 @@ def run_shared_plan(
     labels = [root_of[id(n)] for n in nodes]
     if uncond.shape[0] > 1:  # each node on its members' own (check_uncond refuses any other count)
         check_uncond(uncond, cond.shape[0])
-        uncond = uncond[[n.members[0] for n in nodes]]
+    uncond = uncond_of(uncond, [n.members[0] for n in nodes])
     ends = advance(unet, scheduler_config, begin, conds, uncond, config, [n.depth for n in nodes], counter, labels,
                    parents)
     return {id(n): p for n, p in zip(nodes, ends, strict=True)}

@@ -23,6 +23,7 @@ from sage_core.sampler import (
     branch_phase,
     initial_noises,
     make_scheduler,
+    uncond_of,
 )
 from sage_core.seeds import MAX_SEED, check_base_seed  # noqa: F401  (re-exported for the CLIs)
 
@@ -174,7 +175,7 @@ def run_plan(
         sched,
         [points[id(leaves[m])] for m in order],
         [cond[m : m + 1] for m in order],
-        uncond if uncond.shape[0] == 1 else uncond[order],
+        uncond_of(uncond, order),
         config,
         counter,
         labels=[root_of[id(leaves[m])] for m in order],

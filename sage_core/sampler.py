@@ -264,14 +264,19 @@ def source(forked: dict[int, int], parent: int) -> int:
     return parent
 
 
-def uncond_rows(uncond: torch.Tensor, rows: Sequence[int] | torch.Tensor) -> torch.Tensor:
-    """Guidance's unconditional embeddings for the trajectories `rows` (positions, or an index tensor on the
-    embeddings' device): the one shared embedding [1, L, D] repeated, or each row's own of a per-trajectory
+def uncond_of(uncond: torch.Tensor, rows: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    """Guidance's unconditional embedding for the trajectories `rows` (positions, or an index tensor on the
+    embeddings' device): the one shared embedding [1, L, D] as it is, or each row's own of a per-trajectory
     [N, L, D] (trajectories with different negative prompts in one batch)."""
     if uncond.shape[0] == 1:
-        return uncond.expand(len(rows), -1, -1)
+        return uncond
     index = rows if isinstance(rows, torch.Tensor) else torch.tensor(list(rows), device=uncond.device)
     return uncond.index_select(0, index)
+
+
+def uncond_rows(uncond: torch.Tensor, rows: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    """`uncond_of`, one row per trajectory of `rows` (the shared embedding repeated): a UNet batch's half."""
+    return uncond_of(uncond, rows).expand(len(rows), -1, -1)
 
 
 def check_uncond(uncond: torch.Tensor, n: int) -> None:
