@@ -180,13 +180,14 @@ def test_no_cfg_counts_one_evaluation_per_step(tiny_pipe):
 
 
 def test_shared_group_members_start_from_one_latent(tiny_pipe):
-    """Members of a group differ only through their branch phase; with share 1 they all get the same image."""
+    """Members of a group differ only through their branch phase; with share 1 they all get the same image (up to
+    float rounding: the VAE decodes them as rows of one batch, which with 2 torch threads may round apart)."""
     config = SamplingConfig(steps=4, guidance=7.5, share=1.0)
     result = generate(tiny_pipe, PROMPTS, config, GroupingConfig(), groups=[[0, 1, 2]])
-    assert np.array_equal(result.images[0], result.images[1])
+    assert np.abs(result.images[0] - result.images[1]).max() < 1e-5
     config = SamplingConfig(steps=4, guidance=7.5, share=0.5)
     result = generate(tiny_pipe, PROMPTS, config, GroupingConfig(), groups=[[0, 1, 2]])
-    assert not np.array_equal(result.images[0], result.images[1])
+    assert np.abs(result.images[0] - result.images[1]).max() > 1e-3
 
 
 @pytest.mark.parametrize(
