@@ -201,8 +201,8 @@ class GroupingSettings:
 class ServerConfig:
     """The edge server (edge_server.engine's batch loop): a window collects from its first queued request until
     window_s after that request arrived (edge server: max_wait_ms) or until max_window_requests are queued
-    (max_batch), then waits for a free GPU worker (num_workers), takes the requests that arrived meanwhile (up to
-    max_window_requests) and hands the worker the whole window as one job."""
+    (max_batch), then waits for a free GPU worker (num_workers), with one worker takes the requests that arrived
+    meanwhile (up to max_window_requests), and hands the worker the whole window as one job."""
 
     window_s: float = 0.5
     max_window_requests: int = 256

@@ -5,9 +5,9 @@ What is an event and what is a vector:
   downlink times from each link's bandwidth, RTT and loss, and device compute time and energy.
 - The server is a simpy model of edge_server.engine's batch loop: a window opens at the first queued request and
   collects until `window_s` after that request arrived or until `max_window_requests` are queued (a backlog is
-  taken at once); the loop then waits for a free GPU worker, tops the window up with the requests that arrived
-  meanwhile (up to `max_window_requests`) and hands it the whole window as one job, and collects the next window
-  while the job runs. The worker plans the window with the edge worker's sharing
+  taken at once); the loop then waits for a free GPU worker, with one worker tops the window up with the requests
+  that arrived meanwhile (up to `max_window_requests`), and hands it the whole window as one job, and collects the
+  next window while the job runs. The worker plans the window with the edge worker's sharing
   policy (sage_core.policy.plan_window: flat Algorithm 1 or adaptive hierarchical groups, depths capped by the
   requests' share) and, with a cross-window latent cache (one per worker), starts groups from cached latents
   (sage_core.policy.reuse_cached).
@@ -378,7 +378,8 @@ def run_server(
     """simpy model of edge_server.engine's batch loop over sorted server-side arrival times:
     1. wait for a first queued request; 2. collect until window_s after that request arrived or until
     max_requests are queued (a backlog is taken at once, up to max_requests); 3. wait for a free GPU worker
-    (FIFO) and top the window up with the requests that arrived meanwhile (up to max_requests); 4. the worker
+    (FIFO) and, with one worker, top the window up with the requests that arrived meanwhile (up to max_requests);
+    4. the worker
     plans the window and runs one batched job; meanwhile the loop collects the next window.
     """
     n = arrival.shape[0]
@@ -407,9 +408,11 @@ def run_server(
             if end > now:  # 2. collect
                 yield env.timeout(end - env.now)
                 now = end
+            j = min(i + max_requests, bisect.bisect_right(arr, now, lo=i))
             worker = yield free.get()  # 3. a free worker (the loop waits here while every worker is busy)
             now = max(now, env.now)
-            j = min(i + max_requests, bisect.bisect_right(arr, now, lo=i))  # with the arrivals meanwhile (top-up)
+            if workers == 1:  # the arrivals meanwhile too (edge_server.engine.Engine._batch_loop's top-up)
+                j = min(i + max_requests, bisect.bisect_right(arr, now, lo=i))
             plan = planner(prompt_ids[i:j], worker)  # 4. the worker plans the window (its cache) and runs it
             first = len(sizes)
             if plan.groups is None:

@@ -413,14 +413,16 @@ async def test_the_hung_worker_watch_outlives_a_failed_progress_call() -> None:
     await task
 
 
-async def test_a_window_waiting_for_a_worker_takes_the_requests_queued_meanwhile() -> None:
-    """A collected window that waits for a busy worker is topped up, when the worker frees, with the requests
-    queued meanwhile (up to max_batch; one that left is not sent): they used to wait for the window after it,
-    behind it, though it had room."""
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_a_window_waiting_for_a_worker_takes_the_requests_queued_meanwhile(workers: int) -> None:
+    """With one worker, a collected window that waits for the busy worker is topped up, when it frees, with the
+    requests queued meanwhile (up to max_batch; one that left is not sent): they used to wait for the window after
+    it, behind it, though it had room. With two, they stay queued for the next worker that frees."""
     worker = PendingWorker()
     info = ModelInfo("abc", "{}", 32, 32, 1, "cpu")
-    engine = Engine(ServerConfig(max_wait_ms=10.0, max_batch=3), [worker], [info], worker_factory=None)
-    slot = engine._free_workers.get_nowait()  # the worker is busy
+    engine = Engine(ServerConfig(max_wait_ms=10.0, max_batch=3), [worker] * workers, [info] * workers,
+                    worker_factory=None)
+    slots = [engine._free_workers.get_nowait() for _ in range(workers)]  # every worker is busy
     sent: list[list[str]] = []
     worker.run_window = worker._method(
         "run_window", lambda window_id, jobs: sent.append([m.prompt for j in jobs for m in j.members]) or Future()
@@ -432,12 +434,17 @@ async def test_a_window_waiting_for_a_worker_takes_the_requests_queued_meanwhile
         tickets += [engine.admit(ImageSpec(prompt=p), None) for p in ("second", "left", "third", "fourth")]
         engine.release(tickets[2], "CANCELLED")
         assert (engine.stats()["queued_requests"], engine.stats()["waiting_requests"]) == (3, 1)
-        engine._free_workers.put_nowait(slot)
+        engine._free_workers.put_nowait(slots[0])
         for _ in range(20):
             await asyncio.sleep(0.01)
-        assert sent == [["first", "second", "third"]]
-        stats = engine.stats()  # "fourth" opened the next window, which waits for the worker
-        assert (stats["queued_requests"] + stats["waiting_requests"], stats["running_windows"]) == (1, 1)
+        if workers == 1:
+            assert sent == [["first", "second", "third"]]
+            stats = engine.stats()  # "fourth" opened the next window, which waits for the worker
+            assert (stats["queued_requests"] + stats["waiting_requests"], stats["running_windows"]) == (1, 1)
+        else:
+            assert sent == [["first"]]
+            stats = engine.stats()  # the next window holds "second", "third" and "fourth", waiting for a worker
+            assert (stats["waiting_requests"], stats["queued_requests"], stats["running_windows"]) == (3, 0, 1)
     finally:
         loop.cancel()
         for ticket in tickets:

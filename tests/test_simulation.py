@@ -379,15 +379,16 @@ def test_windows_close_on_time_or_size():
 
 
 def test_backlog_waits_for_a_worker_then_takes_full_windows():
-    """As edge_server.engine: the loop holds a collected window until a worker is free and then tops it up with
-    the requests that arrived meanwhile (up to the size cap); the next window takes the rest of the backlog at once."""
+    """As edge_server.engine: the loop holds a collected window until a worker is free and then, with one worker,
+    tops it up with the requests that arrived meanwhile (up to the size cap); the next window takes the rest of the
+    backlog at once."""
     t = np.array([0.0, 1.0, 2.0, 3.0, 4.0])
     tr = run_server(t, np.zeros(5, dtype=np.int64), 0.5, 2, 1, singles(), constant_job(10.0))
     assert tr.bounds.tolist() == [0, 1, 3, 5]  # the window of 1.0 takes 2.0 when the worker frees at 10.5
     assert tr.close_s.tolist() == pytest.approx([0.5, 1.5, 10.5])
     assert tr.dispatch_s.tolist() == pytest.approx([0.5, 10.5, 20.5])
     tr = run_server(t, np.zeros(5, dtype=np.int64), 0.5, 2, 2, singles(), constant_job(10.0))
-    assert tr.bounds.tolist() == [0, 1, 2, 4, 5]  # two workers
+    assert tr.bounds.tolist() == [0, 1, 2, 3, 5]  # two workers: no top-up (2.0 waits alone, 3.0 and 4.0 after it)
     assert tr.dispatch_s.tolist() == pytest.approx([0.5, 1.5, 10.5, 11.5])
 
 
@@ -400,7 +401,7 @@ def _reference_server(arr, window_s, max_requests, workers, seconds):
         full = i + max_requests - 1
         end = max(now, min(arr[i] + window_s, arr[full] if full < len(arr) else np.inf))
         start = max(end, heapq.heappop(free))
-        j = min(i + max_requests, int(np.searchsorted(arr, start, side="right")))
+        j = min(i + max_requests, int(np.searchsorted(arr, start if workers == 1 else end, side="right")))
         heapq.heappush(free, start + seconds(j - i))
         out.append((j, end, start))
         now, i = start, j
