@@ -9,6 +9,7 @@ import typer
 
 from device_client.channel import MAX_RETRIES
 from device_client.config import DEFAULT_ADAPTER_CHOICE, DeviceConfig
+from sage_core.names import MODEL_CONFIG_HELP
 from sage_core.seeds import MAX_SEED
 
 MODEL_HELP = "pipeline folder, SD v1.x .safetensors file or 'tiny'; default: the shipped model (tiny until it exists)"
@@ -65,6 +66,7 @@ def generate_cmd(
         str | None,
         typer.Option("--model", help=MODEL_HELP),
     ] = None,
+    model_config: Annotated[str | None, typer.Option("--model-config", help=MODEL_CONFIG_HELP)] = None,
     adapter: Annotated[
         str, typer.Option("--adapter", help="SAGE LoRA folder, 'auto' (the shipped one if made for this model), 'none'")
     ] = DEFAULT_ADAPTER_CHOICE,
@@ -103,6 +105,7 @@ def generate_cmd(
         config = DeviceConfig(
             server=server,
             model=resolve_model(model),
+            model_config=model_config,
             adapter=adapter,
             device=device,
             steps=steps,
@@ -130,7 +133,7 @@ def generate_cmd(
     from sage_core.models import ModelError
 
     try:
-        check_model(config.model, config.adapter)  # a missing or wrong model file or folder, before the server
+        check_model(config.model, config.adapter, config.model_config)  # a wrong model or configs, before the server
         with DeviceClient(config) as client:
             if server:
                 result = client.generate(prompt, seed, negative_prompt)

@@ -67,7 +67,8 @@ class DeviceModel:
     @classmethod
     def load(cls, config: DeviceConfig) -> DeviceModel:
         """Load the configured model, fingerprint the base weights, then apply the adapter (if any)."""
-        pipe = tiny_pipeline(seed=0) if config.model == TINY_MODEL else load_pipeline(config.model)
+        tiny = config.model == TINY_MODEL
+        pipe = tiny_pipeline(seed=0) if tiny else load_pipeline(config.model, config=config.model_config)
         return cls.wrap(pipe, config)
 
     @classmethod

@@ -32,6 +32,7 @@ class DeviceConfig:
 
     server: str | None = None  # "host:port" of the edge server; None: local sampling only
     model: str | None = None  # pipeline folder, "tiny", or None for the shipped default model
+    model_config: str | None = None  # with a single-file model: the folder of its component configs (SD v1.5's: None)
     adapter: str = DEFAULT_ADAPTER_CHOICE  # SAGE LoRA folder, "auto" (the shipped one if made for this model) or "none"
     device: str = "cpu"  # where the branch phase and the VAE run
     steps: int = 0
@@ -58,6 +59,8 @@ class DeviceConfig:
     token: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
+        if self.model_config is not None and self.model in (None, TINY_MODEL):
+            raise ValueError(f"model_config is for a single-file model, not the {self.model or 'default'} model")
         if self.server is not None and not valid_address(self.server):
             raise ValueError(f"server must be host:port with a port in [1, 65535], got {self.server!r}")
         if not 0 <= self.steps <= MAX_STEPS:

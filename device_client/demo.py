@@ -106,13 +106,13 @@ def make_device_config(config: DemoConfig, model_name: str) -> DeviceConfig:
                         accepted_codecs=config.accepted_codecs, timeout_s=config.timeout_s)  # fmt: skip
 
 
-def check_model(model_name: str, adapter: str) -> None:
-    """ModelError (a ValueError) for a model that is no pipeline folder or an adapter folder that does not exist:
-    found before the server starts, not once it has loaded."""
+def check_model(model_name: str, adapter: str, model_config: str | None = None) -> None:
+    """ModelError (a ValueError) for a model that is no pipeline folder (or single file fitting `model_config`'s
+    configs) or an adapter folder that does not exist: found before the server starts, not once it has loaded."""
     from sage_core.models import ModelError, check_pipeline_folder
 
     if model_name != TINY_MODEL:
-        check_pipeline_folder(Path(model_name))
+        check_pipeline_folder(Path(model_name), model_config)
     if adapter not in (ADAPTER_AUTO, ADAPTER_NONE) and not Path(adapter).is_dir():
         raise ModelError(f"adapter folder {adapter} does not exist")
 

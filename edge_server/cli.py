@@ -21,6 +21,7 @@ from typing import Annotated, NoReturn
 import typer
 
 from edge_server.config import ConfigError, build_config
+from sage_core.names import MODEL_CONFIG_HELP
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
 
@@ -38,6 +39,7 @@ def serve(
     model: Annotated[
         str | None, typer.Option(help="'default', 'tiny', a diffusers pipeline folder or an SD v1.x .safetensors file")
     ] = None,
+    model_config: Annotated[str | None, typer.Option("--model-config", help=MODEL_CONFIG_HELP)] = None,
     ray_address: Annotated[
         str | None,
         typer.Option("--ray-address", help="'auto', host:port or ray://host:port to join a cluster; unset: local Ray"),

@@ -54,6 +54,7 @@ class ServerConfig:
     port: int = 50051  # 0: pick a free port (printed as `SAGE_EDGE_LISTENING port=N`)
     # model and workers
     model: str = "default"  # "default": the shipped model; "tiny": a tiny random pipeline (tests); a folder or file
+    model_config: str | None = None  # with a single-file model: the folder of its component configs (SD v1.5's: None)
     adapter: str = "none"  # SAGE LoRA: "none" (sage_core.adapters.DEFAULT_ADAPTER_CHOICE), "auto" (the shipped one
     # when made for this model) or a folder
     dtype: str = "auto"  # "auto": float16 on CUDA, float32 on CPU; or "float32" / "float16" / "bfloat16"
@@ -173,6 +174,8 @@ def _problems(c: ServerConfig) -> list[str]:
     need(0 <= c.port <= 65535, f"port must be in [0, 65535], got {c.port}")
     need(bool(c.host), "host must not be empty")
     need(bool(c.model), "model must not be empty (use 'default', 'tiny', a pipeline folder or a .safetensors file)")
+    need(c.model_config is None or c.model not in BUILTIN_MODELS,
+         f"model_config is for a single-file model; model {c.model!r} is built in")
     need(
         c.dtype in ("auto", "float32", "float16", "bfloat16"),
         f"dtype must be auto/float32/float16/bfloat16, got {c.dtype!r}",

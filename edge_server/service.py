@@ -512,7 +512,7 @@ def preflight_files(config: ServerConfig) -> None:
 
     try:
         if config.model not in BUILTIN_MODELS:
-            check_pipeline_folder(Path(config.model))
+            check_pipeline_folder(Path(config.model), config.model_config)
         if config.adapter not in (ADAPTER_AUTO, ADAPTER_NONE):
             read_adapter_shapes(config.adapter)
     except ModelError as exc:

@@ -179,7 +179,7 @@ def latent_cache(config: ServerConfig, policy: Any) -> Any:
 
 def load_model(config: ServerConfig) -> Any:
     """The pipeline the config names: "tiny" (tests), "sd15-random" (SD v1.5 architectures with random weights,
-    for timing), "default" (the shipped model) or a folder."""
+    for timing), "default" (the shipped model), a folder, or a single file (into `model_config`'s configs)."""
     import torch
 
     from sage_core.models import (
@@ -200,7 +200,7 @@ def load_model(config: ServerConfig) -> Any:
     path = None if config.model == "default" else config.model
     if config.model_sha256:  # the deployment's pin, checked on the node that reads the files
         verify_pin(path or DEFAULT_MODEL_DIR, config.model_sha256)
-    return load_pipeline(path, dtype=dtype, device=device)
+    return load_pipeline(path, dtype=dtype, device=device, config=config.model_config)
 
 
 def apply_adapter(pipe: Any, choice: str, fingerprint: str) -> str:

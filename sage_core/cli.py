@@ -12,6 +12,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from sage_core.names import MODEL_CONFIG_HELP
+
 MODEL_HELP = "diffusers SD pipeline folder or SD v1.x .safetensors file (default: the shipped model)"
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console(stderr=True, soft_wrap=True, markup=False)  # paths and prompts print as given
@@ -43,6 +45,7 @@ def generate(
         str, typer.Option(help="text guidance steers every image away from, as diffusers' negative_prompt")
     ] = "",
     model: Annotated[Path | None, typer.Option(help=MODEL_HELP)] = None,
+    model_config: Annotated[Path | None, typer.Option(help=MODEL_CONFIG_HELP)] = None,
     overwrite: Annotated[bool, typer.Option(help="replace a previous run's output folder")] = False,
 ) -> None:
     """Group the prompts, run shared + branch sampling, write one PNG per prompt, a grid per group and
@@ -63,7 +66,7 @@ def generate(
         check_negative_prompt(negative_prompt)
         check_base_seed(seed, len(texts))
         check_output_dir(out, overwrite, inputs=(prompts,))
-        pipe = load_pipeline(model)
+        pipe = load_pipeline(model, config=model_config)
     except (ValueError, ModelError) as exc:
         fail(str(exc))
     overlong = overlong_prompts(pipe.tokenizer, texts)
@@ -83,7 +86,8 @@ def generate(
     with console.status(f"sampling {len(texts)} prompts ({steps} steps, share {share:.0%})"):
         result = run(pipe, texts, config, grouping, seed=seed)
     seconds = time.perf_counter() - started
-    report = build_report(result, texts, model_name=str(model or "default"), seconds=seconds, grouping=grouping,
+    model_name = str(model or "default") + (f" (configs: {model_config})" if model_config else "")
+    report = build_report(result, texts, model_name=model_name, seconds=seconds, grouping=grouping,
                           seed=seed, fingerprint=model_fingerprint(pipe), ignored_tokens=overlong,
                           negative_ignored_tokens=negative_ignored)
     try:
@@ -139,13 +143,16 @@ def print_summary(report: dict, out: Path) -> None:
 
 
 @app.command()
-def info(model: Annotated[Path | None, typer.Option(help=MODEL_HELP)] = None) -> None:
+def info(
+    model: Annotated[Path | None, typer.Option(help=MODEL_HELP)] = None,
+    model_config: Annotated[Path | None, typer.Option(help=MODEL_CONFIG_HELP)] = None,
+) -> None:
     """Print a model's fingerprint, components and latent size."""
     from sage_core.models import ModelError, load_pipeline, model_fingerprint
 
     quiet_libraries()
     try:
-        pipe = load_pipeline(model)
+        pipe = load_pipeline(model, config=model_config)
     except ModelError as exc:
         fail(str(exc))
     sizes = {n: sum(p.numel() for p in getattr(pipe, n).parameters()) for n in ("unet", "vae", "text_encoder")}

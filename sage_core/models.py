@@ -90,13 +90,16 @@ def is_single_file(path: Path) -> bool:
     return path.is_file() or (not path.exists() and path.suffix.lower() in (MODEL_FILE_SUFFIX, *PICKLE_SUFFIXES))
 
 
-def check_pipeline_folder(path: Path) -> None:
+def check_pipeline_folder(path: Path, config: str | Path | None = None) -> None:
     """Raise ModelError unless `path` is a diffusers SD pipeline folder with safetensors weights, or a Stable Diffusion
-    v1.x single-file .safetensors checkpoint that fits SD v1.5's configs (`check_single_file`)."""
+    v1.x single-file .safetensors checkpoint that fits SD v1.5's configs or those in the folder `config`
+    (`check_single_file`)."""
     path = Path(path)
     if is_single_file(path):
-        check_single_file(path)
+        check_single_file(path, config)
         return
+    if config is not None:
+        raise config_needs_file(path)
     if not path.exists():
         raise ModelError(f"model folder {path} does not exist")
     if not path.is_dir() or not (path / "model_index.json").is_file():
@@ -114,6 +117,11 @@ def check_pipeline_folder(path: Path) -> None:
                     "(convert them with diffusers' save_pretrained(safe_serialization=True))"
                 )
             raise ModelError(f"{path / comp} has no .safetensors weights")
+
+
+def config_needs_file(path: Path) -> ModelError:
+    """The error for a config folder given with a model that is no single-file checkpoint."""
+    return ModelError(f"a config folder (--model-config) is for a single-file checkpoint; {path} is not a file")
 
 
 def folder_fingerprint(path: Path) -> str:
@@ -201,7 +209,7 @@ def load_pipeline(
     if path is not None and is_single_file(local):
         return load_single_file(local, dtype=dtype, device=device, config=config)
     if config is not None:
-        raise ModelError(f"a config folder is for a single-file checkpoint; {local} is not a file")
+        raise config_needs_file(local)
     if path is not None and not local.exists() and allow_download and "/" in str(path):
         pipe = StableDiffusionPipeline.from_pretrained(
             str(path), dtype=dtype, use_safetensors=True, safety_checker=None, requires_safety_checker=False

@@ -7,6 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "default_model"  # the shipped default model
+MODEL_CONFIG_HELP = ("with a single-file --model: a folder with its component configs (unet/, vae/ and "
+                     "text_encoder/config.json; scheduler/ and tokenizer/ optional), e.g. a diffusers pipeline "
+                     "folder of the same architecture; default: SD v1.5's")
 SCHEDULER_NAMES: tuple[str, ...] = ("ddim", "dpmpp", "euler")  # sage_core.sampler.SCHEDULERS, in this order
 MAX_STEPS = 1000  # sampler steps a request or run may ask for
 MAX_PROMPT_CHARS = 1000  # characters of a prompt (or negative prompt) a local run or device may give

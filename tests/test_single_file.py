@@ -411,7 +411,7 @@ def test_config_folder_errors(tiny_file, tiny_configs, tmp_path):
     (tmp_path / "unet" / "config.json").write_text("{not json")
     with pytest.raises(ModelError, match="config.json is not a readable JSON config"):
         load_pipeline(tiny_file, config=tmp_path)
-    with pytest.raises(ModelError, match="a config folder is for a single-file checkpoint"):
+    with pytest.raises(ModelError, match=r"a config folder \(--model-config\) is for a single-file checkpoint"):
         load_pipeline(tiny_configs, config=tiny_configs)
 
 
@@ -450,6 +450,54 @@ def test_server_worker_and_device_load_a_file(tiny_file, tiny_as_default):
         load_model(ServerConfig(model=str(tiny_file), model_sha256="0" * 64, dtype="float32"))
     device = DeviceModel.load(DeviceConfig(model=str(tiny_file), adapter="none"))
     assert device.fingerprint == sha[:16]
+
+
+def test_server_device_and_clis_load_a_file_into_a_config_folder(tiny_file, tiny_configs, tmp_path):
+    """`model_config` / `--model-config`: a file that does not fit SD v1.5's configs loads into a config folder's
+    on the server (load_model, its start check), on a device and in `sage-edge info`, with one fingerprint (the
+    file's and the configs' digests) on all of them; refused with a built-in model or a folder model, and a bad
+    config folder is a one-line error."""
+    from typer.testing import CliRunner
+
+    from device_client.client import DeviceModel
+    from device_client.config import DeviceConfig
+    from edge_server.config import ConfigError, ServerConfig
+    from edge_server.service import preflight_files
+    from edge_server.worker import load_model
+    from sage_core.cli import app
+
+    expected = model_fingerprint(load_pipeline(tiny_file, config=tiny_configs))
+    server = ServerConfig(model=str(tiny_file), model_config=str(tiny_configs), dtype="float32",
+                          model_sha256=folder_sha256(tiny_file))  # the pin stays the file's own SHA-256
+    preflight_files(server)
+    assert model_fingerprint(load_model(server)) == expected
+    device = DeviceModel.load(DeviceConfig(model=str(tiny_file), model_config=str(tiny_configs), adapter="none"))
+    assert device.fingerprint == expected
+    res = CliRunner().invoke(app, ["info", "--model", str(tiny_file), "--model-config", str(tiny_configs)])
+    assert res.exit_code == 0 and json.loads(res.stdout)["fingerprint"] == expected, res.output
+    with pytest.raises(ConfigError, match="its UNet does not fit SD v1.5's configs"):
+        preflight_files(ServerConfig(model=str(tiny_file)))  # without the configs
+    with pytest.raises(ConfigError, match="model_config is for a single-file model; model 'tiny' is built in"):
+        ServerConfig(model="tiny", model_config=str(tiny_configs))
+    with pytest.raises(ConfigError, match=r"a config folder \(--model-config\) is for a single-file checkpoint"):
+        preflight_files(ServerConfig(model=str(tiny_configs), model_config=str(tiny_configs)))
+    with pytest.raises(ValueError, match="model_config is for a single-file model, not the tiny model"):
+        DeviceConfig(model="tiny", model_config=str(tiny_configs))
+    res = _run("sage_core.cli:main", "info", "--model", str(tiny_file), "--model-config", str(tmp_path / "nope"))
+    assert res.returncode == 2 and res.stderr.strip() == f"error: config folder {tmp_path / 'nope'} does not exist " \
+        "or is not a folder", res
+
+
+def test_sage_device_finishes_an_image_from_a_file_and_its_configs(tiny_file, tiny_configs, tmp_path):
+    """`sage-device generate --model FILE --model-config DIR` (local sampling, no server) writes its image; with a
+    model folder the flag is a one-line error (exit 2)."""
+    out = tmp_path / "image.png"
+    res = _run("device_client.cli:main", "generate", "a red circle", "-o", str(out), "--model", str(tiny_file),
+               "--model-config", str(tiny_configs), "--steps", "2")
+    assert res.returncode == 0 and out.is_file(), res
+    res = _run("device_client.cli:main", "generate", "a red circle", "-o", str(tmp_path / "other.png"), "--model",
+               str(tiny_configs), "--model-config", str(tiny_configs))
+    assert res.returncode == 2 and "is for a single-file checkpoint" in res.stderr and "Traceback" not in res.stderr
 
 
 def test_clis_take_a_file(tiny_file, tiny_as_default):
