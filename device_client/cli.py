@@ -177,6 +177,7 @@ def demo_cmd(
         str | None,
         typer.Option("--model", help=MODEL_HELP),
     ] = None,
+    model_config: Annotated[str | None, typer.Option("--model-config", help=MODEL_CONFIG_HELP)] = None,
     adapter: Annotated[
         str, typer.Option("--adapter", help="SAGE LoRA folder, 'auto' or 'none'")
     ] = DEFAULT_ADAPTER_CHOICE,
@@ -203,6 +204,7 @@ def demo_cmd(
             out_dir=out,
             n_clients=clients,
             model=model,
+            model_config=model_config,
             adapter=adapter,
             steps=steps,
             seed=seed,

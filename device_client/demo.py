@@ -52,6 +52,7 @@ class DemoConfig:
     out_dir: Path
     n_clients: int = 8
     model: str | None = None  # None: the shipped default model if present, else the tiny random pipeline
+    model_config: str | None = None  # with a single-file model: its component configs folder (server and devices)
     adapter: str = DEFAULT_ADAPTER_CHOICE
     steps: int = 0  # 0: server default
     seed: int = 0  # prompt i asks for seed + i
@@ -102,7 +103,7 @@ def percentile(values: list[float], q: float) -> float | None:
 
 def make_device_config(config: DemoConfig, model_name: str) -> DeviceConfig:
     """What every demo device runs and asks for; ValueError for a setting a device refuses (steps, timeout)."""
-    return DeviceConfig(model=model_name, adapter=config.adapter, steps=config.steps,
+    return DeviceConfig(model=model_name, model_config=config.model_config, adapter=config.adapter, steps=config.steps,
                         accepted_codecs=config.accepted_codecs, timeout_s=config.timeout_s)  # fmt: skip
 
 
@@ -128,7 +129,7 @@ def check_inputs(config: DemoConfig) -> list[str]:
     check_output_dir(config.out_dir, config.overwrite, inputs=(config.prompts_file,))
     model_name = resolve_model(config.model)
     make_device_config(config, model_name)
-    check_model(model_name, config.adapter)
+    check_model(model_name, config.adapter, config.model_config)
     return prompts
 
 
@@ -351,6 +352,8 @@ def run_in(work_dir: Path, prompts: list[str], model_name: str, config: DemoConf
 
     # 2. start the server and load the device model meanwhile
     server_args = ("--max-wait-ms", f"{config.max_wait_ms:g}", *config.server_args)
+    if config.model_config is not None:
+        server_args = ("--model-config", config.model_config, *server_args)
     server = EdgeServerProcess(model=model_name, args=server_args, start_timeout_s=config.start_timeout_s)
     t_start = time.perf_counter()
     print(f"starting the edge server ({model_name}) and loading the device model...", flush=True)

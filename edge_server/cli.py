@@ -182,12 +182,14 @@ def exit_now(code: int) -> NoReturn:
 @app.command("model-sha256")
 def model_sha256_cmd(
     model: Annotated[Path, typer.Argument(help="diffusers pipeline folder or SD v1.x .safetensors file")],
+    model_config: Annotated[Path | None, typer.Option("--model-config", help=MODEL_CONFIG_HELP)] = None,
 ) -> None:
-    """Print the model's SHA-256 (the value for --model-sha256 / model_sha256; a file's is its sha256sum)."""
+    """Print the model's SHA-256 (the value for --model-sha256 / model_sha256; a file's is its sha256sum, also
+    when it loads into --model-config's configs: the pin is the file's, the configs are checked here)."""
     from sage_core.models import ModelError, check_pipeline_folder, folder_sha256
 
     try:
-        check_pipeline_folder(model)
+        check_pipeline_folder(model, model_config)
     except ModelError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc

@@ -237,6 +237,7 @@ class Engine:
         self.metrics = metrics  # edge_server.metrics.EdgeMetrics or None
         self.info = infos[0]
         self._scheduler_config = json.loads(self.info.scheduler_config_json)
+        import sage_core.sampler  # noqa: F401 - torch and diffusers (3 s) now, not in the first admission on the loop
         self._refusals: dict[tuple[str, int], str] = {}  # (scheduler, steps) -> why the model cannot run it, or ""
         self._workers = list(workers)
         self._worker_factory = worker_factory  # () -> new actor handle, used when an actor is dead for good
@@ -338,7 +339,7 @@ class Engine:
         and fail there."""
         key = (request.scheduler, request.steps)
         if key not in self._refusals:
-            from sage_core.sampler import scheduler_refusal  # torch and diffusers: not on the CLI's import path
+            from sage_core.sampler import scheduler_refusal  # loaded by __init__ (not on the CLI's import path)
 
             try:
                 self._refusals[key] = scheduler_refusal(self._scheduler_config, *key)

@@ -119,6 +119,13 @@ def check_pipeline_folder(path: Path, config: str | Path | None = None) -> None:
             raise ModelError(f"{path / comp} has no .safetensors weights")
 
 
+def _one_line(exc: BaseException, limit: int = 240) -> str:
+    """An exception's message on one line, cut to `limit` characters (else its type name): the reason in a
+    one-line error about a user's file."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def config_needs_file(path: Path) -> ModelError:
     """The error for a config folder given with a model that is no single-file checkpoint."""
     return ModelError(f"a config folder (--model-config) is for a single-file checkpoint; {path} is not a file")
@@ -318,10 +325,16 @@ def read_single_file_config(folder: str | Path) -> SingleFileConfig:
         if not isinstance(configs[name], dict):
             raise ModelError(f"{file} is not a JSON object")
         read.append(file)
-    try:
+    try:  # a wrong value type raises huggingface_hub's StrictDataclassFieldValidationError, a plain Exception
         text_encoder = CLIPTextConfig.from_pretrained(str(folder / "text_encoder"), local_files_only=True)
-    except (OSError, ValueError, TypeError) as exc:
-        raise ModelError(f"could not read {folder / CONFIG_FILES['text_encoder']}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - the user's file, whatever is wrong in it: one line
+        raise ModelError(f"could not read {folder / CONFIG_FILES['text_encoder']}: {_one_line(exc)}") from exc
+    scheduler = configs.get("scheduler", dict(SD15_SCHEDULER_CONFIG))
+    try:  # checked here, where a server's start and a device's check read the folder, not first at loading
+        DDIMScheduler.from_config(scheduler)
+    except Exception as exc:  # noqa: BLE001 - e.g. a TypeError for a string where a number belongs
+        raise ModelError(f"{folder / CONFIG_FILES['scheduler']} does not make a DDIM scheduler: {_one_line(exc)}") \
+            from exc
     tokenizer_dir = folder / "tokenizer" if (folder / "tokenizer").is_dir() else None
     if tokenizer_dir is not None:
         read += sorted(p for p in tokenizer_dir.rglob("*") if p.is_file())
@@ -332,7 +345,7 @@ def read_single_file_config(folder: str | Path) -> SingleFileConfig:
         unet=configs["unet"],
         vae=configs["vae"],
         text_encoder=text_encoder,
-        scheduler=configs.get("scheduler", dict(SD15_SCHEDULER_CONFIG)),
+        scheduler=scheduler,
         tokenizer_dir=tokenizer_dir,
         source=f"the configs in {folder}",
         digest=h.hexdigest(),
@@ -390,8 +403,8 @@ def _empty_components(cfg: SingleFileConfig) -> dict[str, torch.nn.Module]:
                 "vae": AutoencoderKL.from_config(cfg.vae),
                 "text_encoder": CLIPTextModel(cfg.text_encoder),
             }
-    except (TypeError, ValueError, KeyError, AttributeError) as exc:
-        raise ModelError(f"{cfg.source} do not make a Stable Diffusion pipeline: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - the user's config files, whatever is wrong in them: one line
+        raise ModelError(f"{cfg.source} do not make a Stable Diffusion pipeline: {_one_line(exc)}") from exc
 
 
 def _convert_ldm(
@@ -464,7 +477,8 @@ def _check_fit(path: Path, name: str, state: dict[str, torch.Tensor], model: tor
     if wrong:
         problems.append(f"{len(wrong)} of another shape (e.g. {wrong[0]})")
     if problems:
-        raise ModelError(f"{path}: its {LDM_PART_NAMES[name]} does not fit {cfg.source}: {'; '.join(problems)}")
+        hint = " (give its own configs with --model-config)" if cfg.digest is None else ""
+        raise ModelError(f"{path}: its {LDM_PART_NAMES[name]} does not fit {cfg.source}{hint}: {'; '.join(problems)}")
 
 
 def _plan_single_file(path: Path, cfg: SingleFileConfig) -> dict[str, torch.nn.Module]:

@@ -379,8 +379,7 @@ def run_server(
     1. wait for a first queued request; 2. collect until window_s after that request arrived or until
     max_requests are queued (a backlog is taken at once, up to max_requests); 3. wait for a free GPU worker
     (FIFO) and, with one worker, top the window up with the requests that arrived meanwhile (up to max_requests);
-    4. the worker
-    plans the window and runs one batched job; meanwhile the loop collects the next window.
+    4. the worker plans the window and runs one batched job; meanwhile the loop collects the next window.
     """
     n = arrival.shape[0]
     arr = arrival.tolist()

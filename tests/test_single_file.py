@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -415,6 +416,30 @@ def test_config_folder_errors(tiny_file, tiny_configs, tmp_path):
         load_pipeline(tiny_configs, config=tiny_configs)
 
 
+@pytest.mark.parametrize(
+    "file, key, message",
+    [
+        ("text_encoder/config.json", "hidden_size", r"could not read .*text_encoder/config.json: Validation error "
+                                                    r"for field 'hidden_size': TypeError: Field 'hidden_size'"),
+        ("scheduler/scheduler_config.json", "num_train_timesteps", r"scheduler_config.json does not make a DDIM "
+                                                                   r"scheduler: "),
+        ("unet/config.json", "block_out_channels", r"the configs in .* do not make a Stable Diffusion pipeline: "),
+    ],
+    ids=["text-encoder", "scheduler", "unet"],
+)
+def test_a_wrongly_typed_config_value_is_a_one_line_model_error(tiny_file, tiny_configs, tmp_path, file, key,
+                                                                 message):
+    """A string where a config wants a number is a ModelError on one line, at the check a server's start and a
+    device make: the text encoder's raised huggingface_hub's validation error (no ValueError) and the scheduler's a
+    TypeError, which escaped as tracebacks from `sage-edge info` and `sage-edge-server serve`."""
+    shutil.copytree(tiny_configs, tmp_path / "configs")
+    path = tmp_path / "configs" / file
+    path.write_text(json.dumps(json.loads(path.read_text()) | {key: "x"}))
+    with pytest.raises(ModelError, match=message) as err:
+        check_pipeline_folder(tiny_file, tmp_path / "configs")
+    assert "\n" not in str(err.value) and len(str(err.value)) < 400, str(err.value)
+
+
 def test_fingerprint_and_pin_are_content_based(tiny_file, tiny_configs, tmp_path, tiny_as_default):
     """The pin of a file is the SHA-256 of its bytes, its fingerprint the first 16 digits (with the default configs);
     a copy has the same, one changed byte another; verify_pin checks a file."""
@@ -461,6 +486,7 @@ def test_server_device_and_clis_load_a_file_into_a_config_folder(tiny_file, tiny
 
     from device_client.client import DeviceModel
     from device_client.config import DeviceConfig
+    from edge_server.cli import app as server_app
     from edge_server.config import ConfigError, ServerConfig
     from edge_server.service import preflight_files
     from edge_server.worker import load_model
@@ -475,7 +501,10 @@ def test_server_device_and_clis_load_a_file_into_a_config_folder(tiny_file, tiny
     assert device.fingerprint == expected
     res = CliRunner().invoke(app, ["info", "--model", str(tiny_file), "--model-config", str(tiny_configs)])
     assert res.exit_code == 0 and json.loads(res.stdout)["fingerprint"] == expected, res.output
-    with pytest.raises(ConfigError, match="its UNet does not fit SD v1.5's configs"):
+    res = CliRunner().invoke(server_app, ["model-sha256", str(tiny_file), "--model-config", str(tiny_configs)])
+    assert res.exit_code == 0 and res.stdout.strip() == folder_sha256(tiny_file), res.output  # the pin to give
+    with pytest.raises(ConfigError, match=r"its UNet does not fit SD v1.5's configs \(give its own configs with "
+                                          r"--model-config\)"):
         preflight_files(ServerConfig(model=str(tiny_file)))  # without the configs
     with pytest.raises(ConfigError, match="model_config is for a single-file model; model 'tiny' is built in"):
         ServerConfig(model="tiny", model_config=str(tiny_configs))
@@ -498,6 +527,22 @@ def test_sage_device_finishes_an_image_from_a_file_and_its_configs(tiny_file, ti
     res = _run("device_client.cli:main", "generate", "a red circle", "-o", str(tmp_path / "other.png"), "--model",
                str(tiny_configs), "--model-config", str(tiny_configs))
     assert res.returncode == 2 and "is for a single-file checkpoint" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_the_demo_serves_a_file_into_its_configs(tiny_file, tiny_configs, tmp_path):
+    """`sage-device demo --model FILE --model-config DIR`: the edge server (a real process) and the device clients
+    load the file into the same configs, so they agree on its fingerprint and every request ends with an image; the
+    demo's input check refuses the file without the configs (it does not fit SD v1.5's)."""
+    from device_client import demo
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na small red circle\n")
+    with pytest.raises(ModelError, match="does not fit SD v1.5's configs"):
+        demo.check_inputs(demo.DemoConfig(prompts, tmp_path / "refused", model=str(tiny_file), adapter="none"))
+    report = demo.run_demo(prompts, tmp_path / "demo", n_clients=2, model=str(tiny_file),
+                           model_config=str(tiny_configs), adapter="none", steps=2, max_wait_ms=1000)
+    assert report["counts"] == {"requests": 2, "ok": 2, "lost": 0, "errors": {}}, report["counts"]
+    assert report["server"]["exit_code"] == 0
 
 
 def test_clis_take_a_file(tiny_file, tiny_as_default):
