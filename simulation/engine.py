@@ -407,11 +407,10 @@ def run_server(
             if end > now:  # 2. collect
                 yield env.timeout(end - env.now)
                 now = end
-            j = min(i + max_requests, bisect.bisect_right(arr, now, lo=i))
             worker = yield free.get()  # 3. a free worker (the loop waits here while every worker is busy)
             now = max(now, env.now)
-            if workers == 1:  # the arrivals meanwhile too (edge_server.engine.Engine._batch_loop's top-up)
-                j = min(i + max_requests, bisect.bisect_right(arr, now, lo=i))
+            taken_until = now if workers == 1 else end  # one worker: the arrivals meanwhile too (Engine's top-up)
+            j = min(i + max_requests, bisect.bisect_right(arr, taken_until, lo=i))
             plan = planner(prompt_ids[i:j], worker)  # 4. the worker plans the window (its cache) and runs it
             first = len(sizes)
             if plan.groups is None:
