@@ -497,7 +497,7 @@ class Engine:
             if len(self._workers) == 1:
                 window = [t for t in window if not t.left]
                 window += self._take_queued(self.config.max_batch - len(window))
-            self._spawn(self._run_window(window, worker_index))  # it drops the members that leave meanwhile
+            self._spawn(self._run_window(self._open_window(window, worker_index), window))
 
     async def _collect_window(self) -> list[Ticket]:
         """Wait for a first live ticket, then up to max_wait_ms or max_batch live tickets."""
@@ -529,19 +529,30 @@ class Engine:
             self._queue.popleft()
         return sum(1 for t in self._queue if not t.left)
 
-    async def _run_window(self, tickets: list[Ticket], worker_index: int) -> None:
-        """Run one window on a worker and deliver each group's result to its members."""
-        tickets = [t for t in tickets if not t.left]  # members that left while the window waited for a worker, or since
+    def _open_window(self, tickets: list[Ticket], worker_index: int) -> Window:
+        """Register a window as the batch loop hands it to a worker, before its task starts: its members are in it
+        from now on (GetStats counts it open; it used to count them nowhere for a loop turn), not yet running, so
+        a member that leaves before the task starts is only dropped from it."""
+        window = Window(f"w{next(self._window_ids)}-{uuid.uuid4().hex[:6]}", {t for t in tickets if not t.left},
+                        False, worker_index)
+        self._windows[window.window_id] = window
+        now = time.monotonic()
+        for t in window.tickets:
+            t.window_id, t.dispatched_at = window.window_id, now
+        return window
+
+    async def _run_window(self, window: Window, tickets: list[Ticket]) -> None:
+        """Run an opened window on its worker and deliver each group's result to its members, `tickets` in their
+        queue's order (none left: the worker's slot goes back, uncalled)."""
+        worker_index = window.worker_index
+        tickets = [t for t in tickets if t in window.tickets]  # not those that left since
         if not tickets:
+            self._windows.pop(window.window_id, None)
             self._free_workers.put_nowait(worker_index)
             self._counts["windows_skipped"] += 1
             return
-        window = Window(f"w{next(self._window_ids)}-{uuid.uuid4().hex[:6]}", set(tickets), True, worker_index)
-        self._windows[window.window_id] = window
+        window.running = True
         self._in_flight[worker_index] += 1
-        now = time.monotonic()
-        for t in tickets:
-            t.window_id, t.dispatched_at = window.window_id, now
         buckets: dict[BucketSettings, list[Ticket]] = {}
         for t in tickets:
             buckets.setdefault(t.request.bucket_key(), []).append(t)

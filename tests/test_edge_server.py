@@ -376,17 +376,46 @@ class PendingWorker:
 async def test_a_window_whose_members_all_left_before_its_task_started_is_skipped() -> None:
     """The batch loop drops members that left while the window waited for a worker; members that leave after the
     dispatch, before the window's task runs, were sent to the worker all the same (a window for nobody). Now the
-    task drops them too, and gives the worker's slot back without calling it."""
+    task drops them too, and gives the worker's slot back without calling it (and nothing is cancelled there)."""
     worker = PendingWorker()
     info = ModelInfo("abc", "{}", 32, 32, 1, "cpu")
     engine = Engine(ServerConfig(), [worker], [info], worker_factory=None)
     slot = engine._free_workers.get_nowait()
     tickets = [engine.admit(ImageSpec(prompt=p), None) for p in ("a cat", "a dog")]
+    window = engine._open_window(tickets, slot)
     for t in tickets:
         engine.release(t, "CANCELLED")
     slots = engine._free_workers.qsize()
-    await engine._run_window(tickets, slot)
+    await engine._run_window(window, tickets)
     assert worker.calls == [] and engine.stats()["windows_skipped"] == 1 and engine._free_workers.qsize() == slots + 1
+    assert (engine.stats()["open_windows"], engine.stats()["windows_cancelled"]) == (0, 0)
+
+
+async def test_a_dispatched_window_is_open_before_its_task_starts() -> None:
+    """From the batch loop's dispatch on, a window's members are in an open window, for GetStats and for a
+    departure: they used to be counted nowhere until its task started a loop turn later, so a poll between the
+    two saw an idle server with a request active."""
+    worker = PendingWorker()
+    info = ModelInfo("abc", "{}", 32, 32, 1, "cpu")
+    engine = Engine(ServerConfig(max_wait_ms=1.0), [worker], [info], worker_factory=None)
+    started: list = []
+    engine._spawn = started.append  # the window's task is held, not started
+    loop = asyncio.create_task(engine._batch_loop())
+    try:
+        ticket = engine.admit(ImageSpec(prompt="a cat"), None)
+        for _ in range(100):
+            if started:
+                break
+            await asyncio.sleep(0.01)
+        stats = engine.stats()
+        assert (stats["queued_requests"], stats["waiting_requests"], stats["open_windows"]) == (0, 0, 1), stats
+        assert (stats["running_windows"], ticket.window_id is not None) == (0, True), stats
+        engine.release(ticket, "CANCELLED")
+        assert engine._windows[ticket.window_id].tickets == set() and worker.calls == []
+    finally:
+        loop.cancel()
+        for coro in started:
+            coro.close()
 
 
 async def test_the_hung_worker_watch_outlives_a_failed_progress_call() -> None:
@@ -405,7 +434,8 @@ async def test_the_hung_worker_watch_outlives_a_failed_progress_call() -> None:
     info = ModelInfo("abc", "{}", 32, 32, 1, "cpu")
     engine = Engine(ServerConfig(hung_window_s=0.3, stall_s=0.3), [worker], [info], worker_factory=None)
     ticket = engine.admit(ImageSpec(prompt="a cat"), None)
-    task = asyncio.create_task(engine._run_window([ticket], engine._free_workers.get_nowait()))
+    task = asyncio.create_task(engine._run_window(engine._open_window([ticket], engine._free_workers.get_nowait()),
+                                                  [ticket]))
     await asyncio.sleep(0.5)
     window = engine._windows[ticket.window_id]
     assert window.hung.startswith("started no UNet call for 5 s (stall_s 0.3)"), window.hung
@@ -465,7 +495,7 @@ async def test_a_workers_slot_comes_back_when_its_window_leaves_the_model(pipeli
 
     async def dispatch(prompt: str) -> tuple[asyncio.Task, str]:
         ticket = engine.admit(ImageSpec(prompt=prompt), None)
-        task = asyncio.create_task(engine._run_window([ticket], free.get_nowait()))
+        task = asyncio.create_task(engine._run_window(engine._open_window([ticket], free.get_nowait()), [ticket]))
         for _ in range(5):
             await asyncio.sleep(0)
         return task, ticket.window_id
