@@ -171,7 +171,9 @@ def demo_cmd(
     prompts: Annotated[
         Path, typer.Option("--prompts", help="UTF-8 text, one prompt per line (blank and # lines skipped)")
     ] = Path("examples/prompts.txt"),
-    out: Annotated[Path, typer.Option("--out", help="folder for images, grids and report.json")] = Path("demo_out"),
+    out: Annotated[
+        Path, typer.Option("--out", help="folder for images, grids, timeline.png and report.json")
+    ] = Path("demo_out"),
     clients: Annotated[int, typer.Option("--clients", min=1, help="concurrent device clients")] = 8,
     model: Annotated[
         str | None,

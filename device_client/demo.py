@@ -1,8 +1,8 @@
 """The main job's demo: a real edge server (local Ray) on 127.0.0.1 and several device clients at once.
 
 Each client takes prompts from a shared queue and finishes its images locally; the demo writes every image,
-a labelled grid per group and report.json (groups, measured UNet saving vs independent sampling, bytes sent,
-latencies p50/p95), prints a short table and stops the server.
+a labelled grid per group, timeline.png (where each request's time went) and report.json (groups, measured UNet
+saving vs independent sampling, bytes sent, latencies p50/p95), prints a short table and stops the server.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import numpy as np
 
 from device_client.config import ADAPTER_AUTO, ADAPTER_NONE, DEFAULT_ADAPTER_CHOICE, TINY_MODEL, DeviceConfig
 from device_client.server_process import EdgeServerProcess, ServerStartError
+from device_client.timeline import write_timeline
 from sage_core.outputs import atomic_output_dir, check_output_dir
 
 if TYPE_CHECKING:
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
 
 STATUS_OK = "OK"
 STATUS_LOST = "LOST"
+TIMELINE = "timeline.png"  # where each request's time went (device_client.timeline)
 
 
 class DemoError(RuntimeError):
@@ -82,6 +84,7 @@ class RequestRecord:
     client: str = ""
     status: str = STATUS_LOST
     error: str = ""
+    started_ms: float = 0.0  # since the device clients started
     latency_ms: float = 0.0
     image: str = ""
     metadata: dict[str, Any] = field(default_factory=dict)
@@ -152,6 +155,7 @@ def run_clients(
     for i in range(len(prompts)):
         todo.put(i)
     images_dir = work_dir / "images"
+    t_clients = time.perf_counter()
 
     def worker(name: str) -> None:
         with DeviceClient(replace(device_config, client_id=name), model) as client:
@@ -163,6 +167,7 @@ def run_clients(
                 rec = records[i]
                 rec.client = name
                 t0 = time.perf_counter()
+                rec.started_ms = (t0 - t_clients) * 1e3
                 try:
                     result = client.generate(rec.prompt, seed=config.seed + i, negative_prompt=config.negative_prompt)
                     rec.metadata = result.metadata
@@ -284,7 +289,8 @@ def print_report(report: dict, out_dir: Path) -> None:
         console.print("no request succeeded: no UNet saving, bytes or latencies to report")
     else:
         print_figures(console, u, b, lat)
-    written = [f"{name}/" for name in ("images", "grids") if (out_dir / name).is_dir()] + ["report.json"]
+    written = [f"{name}/" for name in ("images", "grids") if (out_dir / name).is_dir()]
+    written += [name for name in (TIMELINE, "report.json") if (out_dir / name).is_file()]
     console.print(f"wrote {out_dir}/ ({', '.join(written)})")
 
 
@@ -376,8 +382,9 @@ def run_in(work_dir: Path, prompts: list[str], model_name: str, config: DemoConf
         wall = time.perf_counter() - t0
     finally:
         exit_code = server.stop()
-    # 4. grids and report
+    # 4. grids, timeline and report
     groups = write_grids(records, work_dir)
+    write_timeline(records, groups, work_dir / TIMELINE)
     extra = {"server": {"address": address, "model": model_name, "start_s": t_ready - t_start, "exit_code": exit_code},
              "model_fingerprint": model.fingerprint, "adapter": model.adapter,
              "negative_prompt": config.negative_prompt, "wall_s": wall}  # fmt: skip

@@ -170,11 +170,15 @@ def test_demo_smoke(tmp_path, capsys):
     assert {read_metadata(p)["negative_prompt"] for p in (out / "images").glob("*.png")} == {"blurry"}
     assert (out / "report.json").is_file() and len(list((out / "images").glob("*.png"))) == 3
     assert len(list((out / "grids").glob("*.png"))) == len(report["groups"]) >= 1
+    assert (out / "timeline.png").is_file()  # each request's bar starts when its client sent it
+    assert all(0.0 <= r["started_ms"] < r["started_ms"] + r["latency_ms"] for r in report["requests"])
     assert 0.0 <= report["unet"]["saving"] < 1.0 and report["bytes"]["payload_total"] > 0
     assert report["server"]["exit_code"] == 0
     capsys.readouterr()
     print_report(report, out)
-    assert "a [red] circle" in capsys.readouterr().out  # prompts print as given, not as rich markup
+    printed = capsys.readouterr().out
+    assert "a [red] circle" in printed  # prompts print as given, not as rich markup
+    assert "(images/, grids/, timeline.png, report.json)" in " ".join(printed.split())  # rich wraps lines
 
 
 def test_load_every_request_ends_with_an_image_or_a_clear_error(server, model, capsys):
