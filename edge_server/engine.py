@@ -580,6 +580,8 @@ class Engine:
             if result is None:
                 return
             self._counts["windows_run"] += 1
+            if self.metrics is not None:
+                self.metrics.observe_window(len(tickets), result.shared_phase_ms / 1000.0)
             for b, ((key, ts), groups) in enumerate(zip(buckets.items(), result.buckets, strict=True)):
                 if isinstance(groups, BucketRefused):
                     for t in ts:

@@ -16,6 +16,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 PREFIX = "sage_edge"
 QUEUE_WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 GROUP_SIZE_BUCKETS = (1, 2, 3, 4, 5, 8, 16, 32)
+WINDOW_REQUESTS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+SHARED_PHASE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
 class EdgeMetrics:
@@ -48,6 +50,16 @@ class EdgeMetrics:
         self.unet_saved = Counter(
             f"{PREFIX}_unet_evaluations_saved", "UNet evaluations saved by sharing vs independent", registry=r
         )
+        self.window_requests = Histogram(
+            f"{PREFIX}_window_requests", "requests per window run on a worker", buckets=WINDOW_REQUESTS_BUCKETS,
+            registry=r,
+        )
+        self.shared_phase = Histogram(
+            f"{PREFIX}_shared_phase_seconds",
+            "a window's time on its worker from taking the model to its latents encoded (Done.shared_phase_ms)",
+            buckets=SHARED_PHASE_BUCKETS,
+            registry=r,
+        )
         self.bytes_sent = Counter(f"{PREFIX}_bytes_sent", "latent payload bytes streamed to devices", registry=r)
         self.active = Gauge(f"{PREFIX}_active_requests", "admitted, unfinished requests", registry=r)
 
@@ -61,6 +73,11 @@ class EdgeMetrics:
         self.unet_independent.inc(independent)
         self.unet_used.inc(used)
         self.unet_saved.inc(independent - used)
+
+    def observe_window(self, requests: int, shared_phase_s: float) -> None:
+        """A window of `requests` ran on a worker: `shared_phase_s` from taking the model to its latents encoded."""
+        self.window_requests.observe(requests)
+        self.shared_phase.observe(shared_phase_s)
 
     def observe_request(self, code: str, sent_bytes: int, queue_wait_s: float | None) -> None:
         """One RequestImage call ended with status `code` after sending `sent_bytes`."""

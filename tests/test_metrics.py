@@ -94,6 +94,11 @@ async def test_metrics_count_requests_groups_evaluations_bytes_and_errors(server
     assert delta(before, after, "sage_edge_queue_wait_seconds_count") == 4
     assert delta(before, after, "sage_edge_group_size_count") == len(groups)
     assert delta(before, after, "sage_edge_group_size_sum") == 4
+    windows = {a.group_id.rsplit("-b", 1)[0]: d.shared_phase_ms for a, d in results}  # w<n>-<hex>-b<bucket>-g<group>
+    assert delta(before, after, "sage_edge_window_requests_count") == len(windows) >= 1
+    assert delta(before, after, "sage_edge_window_requests_sum") == 4  # the refused request reached no window
+    assert delta(before, after, "sage_edge_shared_phase_seconds_count") == len(windows)
+    assert delta(before, after, "sage_edge_shared_phase_seconds_sum") == pytest.approx(sum(windows.values()) / 1e3)
     assert delta(before, after, "sage_edge_unet_evaluations_independent_total") == independent
     assert delta(before, after, "sage_edge_unet_evaluations_total") == used
     assert delta(before, after, "sage_edge_unet_evaluations_saved_total") == independent - used
