@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,9 @@ class Dist:
         elif self.dist == "lognormal":
             _require(self.median > 0, f"{name}.median must be > 0 for a lognormal, got {self.median}")
             _require(self.sigma >= 0, f"{name}.sigma must be >= 0, got {self.sigma}")
+            _require(self.sigma == 0 or math.isinf(maximum),
+                     f"{name}: a lognormal with sigma > 0 has no upper bound, but {name} must stay <= {maximum}; "
+                     "use a uniform or a choice distribution")  # fmt: skip
             bounds = [self.median]
         else:
             _require(len(self.values) > 0, f"{name}: choice needs a non-empty list of values")

@@ -66,7 +66,10 @@ def run_policies(
 
 
 def _get(summary: dict[str, Any], dotted: str) -> Any:
+    """The value at a dotted key; None where the summary has none (a saving against a mode that was not run)."""
     for key in dotted.split("."):
+        if key not in summary:
+            return None
         summary = summary[key]
     return summary
 
@@ -119,10 +122,7 @@ def _cell(row: dict[str, Any], key: str) -> str:
 
 
 def _cell_from(summary: dict[str, Any], key: str) -> str:
-    try:
-        return _format(key, _get(summary, key))
-    except KeyError:
-        return "-"
+    return _format(key, _get(summary, key))
 
 
 def _format(key: str, value: Any) -> str:

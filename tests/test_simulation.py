@@ -97,6 +97,8 @@ def cfg_path(cfg):
         ({"modes": ["sage", "cloud"]}, "unknown mode 'cloud'"),
         ({"network": {"bandwidth_mbps": {"dist": "lognormal", "median": -1.0}}}, "network.bandwidth_mbps.median"),
         ({"network": {"loss": {"dist": "constant", "value": 0.9}}}, "network.loss must lie in [0.0, 0.5]"),
+        ({"network": {"loss": {"dist": "lognormal", "median": 0.2, "sigma": 1.5}}},
+         "network.loss: a lognormal with sigma > 0 has no upper bound, but network.loss must stay <= 0.5"),
         ({"arrivals": {"process": "bursty", "burst": {"factor": 20.0, "on_fraction": 0.1}}}, "factor * on_fraction"),
         ({"devices": []}, "devices must list at least one device class"),
         ({"seed": -1}, "seed must be >= 0"),

@@ -20,7 +20,7 @@ from simulation.cli import main
 from simulation.config import ConfigError, GroupingSettings, config_from_dict
 from simulation.engine import WindowPlanner, level_passes, sharing_policy, simulate
 from simulation.metrics import summarize
-from simulation.policies import comparison, run_policies
+from simulation.policies import comparison, run_policies, table_markdown
 from simulation.workload import build_workload, embed_prompts, read_prompts
 
 TOPICS = [
@@ -185,6 +185,22 @@ def test_adaptive_saves_more_than_flat_on_tight_near_duplicates(tmp_path):
     assert adaptive["unet_saving"] > flat["unet_saving"] + 0.05
     assert adaptive["server_steps_per_image"] < flat["server_steps_per_image"]
     assert "server" in report["baselines"] and report["windows"]["flat"] == report["windows"]["adaptive"]
+
+
+def test_a_comparison_without_the_server_baseline_leaves_its_saving_out(tmp_path):
+    """Without the `server` mode there is no GPU saving against it: its cells read "-" (the comparison ended in a
+    KeyError, so `sage-sim policies` with modes [sage] crashed)."""
+    path = tmp_path / "dups.txt"
+    path.write_text("\n".join(DUPLICATES) + "\n", encoding="utf-8")
+    policies = [{"name": name, "grouping": {"sharing": name}} for name in ("flat", "adaptive")]
+    cfg = make_cfg(path, policies=policies, modes=["sage", "device"], requests=60)
+    workload, emb = inputs(cfg)
+    report = comparison(run_policies(cfg, workload, emb))
+    assert [row["gpu_saving_vs_server"] for row in report["table"]] == [None, None]
+    assert all(row["unet_saving"] > 0 for row in report["table"])
+    rows = table_markdown(report).splitlines()
+    column = rows[0].split(" | ").index("GPU saving vs server")
+    assert [r.split(" | ")[column] for r in rows[2:]] == ["-", "-", "-"]  # two policies, the device baseline
 
 
 def test_a_cache_hit_removes_server_steps(prompt_file):
