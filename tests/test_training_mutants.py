@@ -773,3 +773,14 @@ def test_groups_command_bounds_cliques_per_caption(tmp_path) -> None:
     assert res.exit_code == 0, res.output
     lowest = [g[0] for g in load_grouped_dataset(out).groups]
     assert lowest and len(lowest) == len(set(lowest))
+
+
+def test_a_unet_stage_with_fewer_scenes_than_a_batch_is_refused() -> None:
+    """diffusion.n_scenes between 1 and the batch size left `_batches` no full batch: the unet stage spun forever
+    with no error (found by the training mutation audit). Now the config is refused; 0 (all) and the batch size
+    itself are accepted."""
+    refusal = r"diffusion.n_scenes must be 0 \(all\) or at least diffusion.batch_size \(32\), got 8"
+    with pytest.raises(ValueError, match=refusal):
+        dm.validate_config(dm.DefaultModelConfig(diffusion=dm.DiffusionConfig(n_scenes=8, batch_size=32)))
+    for n in (0, 32):
+        dm.validate_config(dm.DefaultModelConfig(diffusion=dm.DiffusionConfig(n_scenes=n, batch_size=32)))

@@ -179,6 +179,9 @@ def validate_config(cfg: DefaultModelConfig) -> None:
         raise ValueError(f"unknown stages {sorted(bad)}; expected a subset of ['vae', 'unet']")
     if cfg.n_train_scenes < cfg.diffusion.batch_size or cfg.n_train_scenes < cfg.vae.batch_size:
         raise ValueError("n_train_scenes must be at least the batch size")
+    if 0 < cfg.diffusion.n_scenes < cfg.diffusion.batch_size:  # the unet stage would draw no batch, and spin
+        raise ValueError(f"diffusion.n_scenes must be 0 (all) or at least diffusion.batch_size "
+                         f"({cfg.diffusion.batch_size}), got {cfg.diffusion.n_scenes}")
     if cfg.data_workers < 0:
         raise ValueError("data_workers must be >= 0")
     if cfg.train_kind_weights is not None:
