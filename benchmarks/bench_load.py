@@ -36,6 +36,7 @@ from device_client.config import TINY_MODEL, DeviceConfig  # noqa: E402
 from device_client.server_process import EdgeServerProcess, ServerStartError  # noqa: E402
 from sage_core.generate import read_prompt_file  # noqa: E402
 from sage_core.models import ModelError, check_pipeline_folder  # noqa: E402
+from sage_core.names import MODEL_CONFIG_HELP  # noqa: E402
 
 DEFAULT_PROMPTS = Path(__file__).resolve().parents[1] / "examples" / "prompts.txt"
 LOST = "LOST"
@@ -60,6 +61,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--server", help="host:port of a running edge server; default: start one (local Ray)")
     p.add_argument("--model", default=TINY_MODEL, help="model of the started server and the devices")
+    p.add_argument("--model-config", help=MODEL_CONFIG_HELP)
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--steps", type=int, default=4)
@@ -75,7 +77,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def device_config(args: argparse.Namespace, address: str | None = None) -> DeviceConfig:
     """What every simulated device runs and asks for; ValueError for a setting it refuses (steps, timeout)."""
-    return DeviceConfig(server=address, model=args.model, adapter="none", steps=args.steps, timeout_s=args.timeout)
+    return DeviceConfig(server=address, model=args.model, model_config=args.model_config, adapter="none",
+                        steps=args.steps, timeout_s=args.timeout)  # fmt: skip
 
 
 def check_inputs(args: argparse.Namespace) -> list[str]:
@@ -86,7 +89,7 @@ def check_inputs(args: argparse.Namespace) -> list[str]:
         raise ValueError(f"--max-wait-ms must be a finite number >= 0, got {args.max_wait_ms:g}")
     device_config(args, args.server)
     if args.model != TINY_MODEL:
-        check_pipeline_folder(Path(args.model))  # ModelError, a ValueError: the devices load it too
+        check_pipeline_folder(Path(args.model), args.model_config)  # ModelError, a ValueError: the devices load it
     return read_prompt_file(args.prompts)
 
 
@@ -185,10 +188,11 @@ def run_with_server(args: argparse.Namespace, prompts: list[str]) -> dict:
     """run_load against `--server`, or against an edge server started here (stopped at the end)."""
     server = None
     if args.server is None:
-        server = EdgeServerProcess(args.model, ["--max-wait-ms", f"{args.max_wait_ms:g}", *args.server_arg])
+        configs = [] if args.model_config is None else ["--model-config", args.model_config]
+        server = EdgeServerProcess(args.model, [*configs, "--max-wait-ms", f"{args.max_wait_ms:g}", *args.server_arg])
         server.launch()
     try:
-        model = DeviceModel.load(DeviceConfig(model=args.model, adapter="none"))
+        model = DeviceModel.load(device_config(args))
         address = server.wait_listening() if server is not None else args.server
         return run_load(address, model, args, prompts)
     finally:

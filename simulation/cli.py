@@ -25,6 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from sage_core.names import MODEL_CONFIG_HELP
 from sage_core.outputs import RUN_MARKER, OutputDirError, atomic_output_dir, check_output_dir, check_output_file
 from simulation.config import ConfigError, SimConfig, load_config, to_dict
 
@@ -39,6 +40,9 @@ SeedOpt = Annotated[int | None, typer.Option("--seed", help="override the seed")
 OverwriteOpt = Annotated[
     bool, typer.Option(help="replace a previous output (a folder with report.json; for workload, a workload file)")
 ]
+MODEL_NAMES = "'tiny' (the test pipeline), 'default' (the shipped model), a pipeline folder or an SD v1.x .safetensors"
+VALIDATE_MODEL_HELP = f"model of the server and the devices: {MODEL_NAMES}"
+ModelConfigOpt = Annotated[str | None, typer.Option("--model-config", help=MODEL_CONFIG_HELP)]
 EmbedderOpt = Annotated[
     str | None,
     typer.Option(help="override prompts.embedder: minilm (needs the 'sim' extra), pipeline, pipeline:PATH, hashed"),
@@ -364,7 +368,8 @@ def embed(config: ConfigArg, embedder: EmbedderOpt = None) -> None:
 def validate(
     workload: Annotated[Path, typer.Argument(help="workload file (from `sage-sim workload`)")],
     out: OutOpt = None,
-    model: Annotated[str, typer.Option(help="model of the server and the devices: tiny, default or a folder")] = "tiny",
+    model: Annotated[str, typer.Option(help=VALIDATE_MODEL_HELP)] = "tiny",
+    model_config: ModelConfigOpt = None,
     server: Annotated[str | None, typer.Option(help="host:port of a running edge server (default: start one)")] = None,
     concurrency: Annotated[int, typer.Option(help="device clients (the most requests in flight at once)")] = 64,
     overwrite: OverwriteOpt = False,
@@ -383,12 +388,13 @@ def validate(
         cfg, wl = workload_from_body(body, workload)
         seeds = request_seeds(body, workload)
         out = _output_folder(out or Path("runs/sim") / f"validate-{workload.stem}", overwrite, (workload,))
+        device = validation.device_config(cfg, model, model_config, server)
         console.print(f"replaying {wl.n} requests over {wl.arrival_s[-1]:.1f} s through the real system ...")
         if server is None:
-            with validation.running_server(cfg, model) as address:
-                records = validation.replay(cfg, wl, address, model, concurrency, seeds)
+            with validation.running_server(cfg, model, model_config) as address:
+                records = validation.replay(cfg, wl, dataclasses.replace(device, server=address), concurrency, seeds)
         else:
-            records = validation.replay(cfg, wl, server, model, concurrency, seeds)
+            records = validation.replay(cfg, wl, device, concurrency, seeds)
         real = validation.real_totals(records)
         emb = embed_prompts(cfg, list(wl.prompts))
         result = simulate(cfg.replace(modes=("sage",)), wl, emb)
@@ -411,7 +417,8 @@ def validate(
 @main.command()
 def measure(
     name: Annotated[str, typer.Option(help="table name to write")],
-    model: Annotated[str, typer.Option(help="'default' (the shipped model), 'tiny' or a pipeline folder")] = "default",
+    model: Annotated[str, typer.Option(help=f"the model to time: {MODEL_NAMES}")] = "default",
+    model_config: ModelConfigOpt = None,
     out: Annotated[Path, typer.Option(help="step-times JSON to add the table to")] = Path("simulation/step_times.json"),
     batches: Annotated[str, typer.Option(help="groups per measured pass (2 samples each with CFG)")] = "1,2,4,8,16",
     threads: Annotated[int, typer.Option(help="torch threads while measuring")] = 1,
@@ -433,7 +440,7 @@ def measure(
         if name in tables and not replace:
             raise ConfigError(f"{out} already holds a table {name!r}; pass --replace to replace it, or another --name")
         torch.set_num_threads(threads)
-        pipe = load_measured_pipeline(model)
+        pipe = load_measured_pipeline(model, model_config)
         table, device = measure_pipeline(pipe, sizes)
         table["model"] = model
         write_table(out, name, table)

@@ -31,14 +31,17 @@ def _best_ms(fn: Callable[[], Any], repeats: int) -> float:
     return float(np.median(times))
 
 
-def load_measured_pipeline(model: str) -> Any:
-    """'tiny' (sage_core.models.tiny_pipeline(seed=0), what `--model tiny` servers run), 'default' or a folder."""
+def load_measured_pipeline(model: str, model_config: str | None = None) -> Any:
+    """'tiny' (sage_core.models.tiny_pipeline(seed=0), what `--model tiny` servers run), 'default', a folder or a
+    single file (into `model_config`'s configs); a ConfigError naming the model for one that cannot load."""
     from sage_core.models import ModelError, load_pipeline, tiny_pipeline
 
+    if model_config is not None and model in ("tiny", "default"):
+        raise ConfigError(f"--model-config is for a single-file --model, not the {model} model")
     if model == "tiny":
         return tiny_pipeline(seed=0)
     try:
-        return load_pipeline(None if model == "default" else model)
+        return load_pipeline(None if model == "default" else model, config=model_config)
     except ModelError as exc:
         raise ConfigError(f"--model {model}: {exc}") from exc
 

@@ -16,36 +16,35 @@ evaluations, bytes and latency.
 from __future__ import annotations
 
 import contextlib
-import os
 import queue
-import re
-import signal
-import subprocess
-import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import yaml
 
-from simulation.config import ConfigError, SimConfig, repo_root
+from simulation.config import ConfigError, SimConfig
 from simulation.workload import Workload
 
-LISTENING = re.compile(r"SAGE_EDGE_LISTENING host=(\S+) port=(\d+)")
+if TYPE_CHECKING:
+    from device_client.config import DeviceConfig
+
 TOLERANCE = {"unet_evals": 0.10, "bytes_per_image": 0.10, "latency_p50_s": 0.25}
 
 
-def server_args(cfg: SimConfig, model: str) -> list[str]:
-    """edge_server CLI flags that reproduce the simulated server's settings."""
+def server_args(cfg: SimConfig, model: str, model_config: str | None = None) -> list[str]:
+    """edge_server CLI flags that reproduce the simulated server's settings (and run `model`, a single file with
+    `model_config`'s configs)."""
     s, g, p = cfg.server, cfg.grouping, cfg.sampling
+    configs = [] if model_config is None else ["--model-config", model_config]
     return [
         "--model", model,
-        "--port", "0",
+        *configs,
         "--max-wait-ms", f"{s.window_s * 1000:g}",
         "--max-batch", str(s.max_window_requests),
         "--max-queue", str(max(256, 4 * s.max_window_requests)),
@@ -76,72 +75,69 @@ def policy_file(cfg: SimConfig, folder: Path) -> Path:
     return path
 
 
-@contextlib.contextmanager
-def running_server(cfg: SimConfig, model: str, start_timeout_s: float = 300.0) -> Iterator[str]:
-    """Start an edge server subprocess on 127.0.0.1 with the config's settings; yields host:port; stops it."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(repo_root()), env.get("PYTHONPATH", "")) if p)
-    env.update({"RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
-    with tempfile.TemporaryDirectory(prefix="sage-sim-") as tmp:
-        args = [*server_args(cfg, model), "--config", str(policy_file(cfg, Path(tmp)))]
-        yield from _serve([sys.executable, "-m", "edge_server", "serve", *args], env, start_timeout_s)
+def device_config(
+    cfg: SimConfig, model: str, model_config: str | None = None, server: str | None = None
+) -> DeviceConfig:
+    """What every replaying device runs and asks for: the server's model ('default': the shipped one) without an
+    adapter, and the workload's settings. A ConfigError, before any server starts, for a model (or configs) the
+    devices cannot load or a bad server address."""
+    from device_client.config import DeviceConfig
+    from device_client.demo import check_model
+    from sage_core.names import DEFAULT_MODEL_DIR
 
-
-def _serve(cmd: list[str], env: dict[str, str], start_timeout_s: float) -> Iterator[str]:
-    """Run the server command; yields host:port once it listens; stops it (SIGINT, then kill) afterwards."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    found: queue.Queue[str] = queue.Queue()
-    lines: list[str] = []
-
-    def read() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line.rstrip())
-            if m := LISTENING.search(line):
-                found.put(f"{m.group(1)}:{m.group(2)}")
-
-    threading.Thread(target=read, daemon=True).start()
     try:
+        device = DeviceConfig(
+            server=server,
+            model=None if model == "default" else model,
+            model_config=model_config,
+            adapter="none",
+            steps=cfg.sampling.steps,
+            guidance=cfg.sampling.guidance,
+            share=cfg.sampling.share,
+            accepted_codecs=(cfg.codec.mode,),
+            timeout_s=600.0,
+        )
+        check_model(str(DEFAULT_MODEL_DIR) if model == "default" else model, "none", model_config)
+    except ValueError as exc:  # a ModelError too
+        raise ConfigError(f"--model {model}: {exc}") from None
+    return device
+
+
+@contextlib.contextmanager
+def running_server(
+    cfg: SimConfig, model: str, model_config: str | None = None, start_timeout_s: float = 300.0
+) -> Iterator[str]:
+    """Start an edge server subprocess on 127.0.0.1 with the config's settings; yields host:port; stops it. A
+    ConfigError with the end of its output if it exits (a model it cannot load) or does not listen in time."""
+    from device_client.server_process import EdgeServerProcess, ServerStartError
+
+    env = {"RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    with tempfile.TemporaryDirectory(prefix="sage-sim-") as tmp:
+        args = [*server_args(cfg, model, model_config), "--config", str(policy_file(cfg, Path(tmp)))]
+        server = EdgeServerProcess(None, args, start_timeout_s=start_timeout_s, stop_timeout_s=60.0, env=env)
         try:
-            address = found.get(timeout=start_timeout_s)
-        except queue.Empty:
-            tail = " | ".join(lines[-5:])
-            raise ConfigError(f"the edge server did not start within {start_timeout_s:g} s: {tail}") from None
-        yield address
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
             try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+                address = server.start()
+            except ServerStartError as exc:
+                raise ConfigError(str(exc)) from None
+            yield address
+        finally:
+            server.stop()
 
 
 def replay(
-    cfg: SimConfig, workload: Workload, server: str, model: str, concurrency: int = 64, seeds: list[int] | None = None
+    cfg: SimConfig, workload: Workload, device: DeviceConfig, concurrency: int = 64, seeds: list[int] | None = None
 ) -> list[dict[str, Any]]:
     """Send each request at its arrival time from a pool of device clients (own channel and client id each,
     one shared model) and finish it on the device; one record per request. `start_delay_s` records how late a
     request left because every client was busy (it should stay near 0: raise `concurrency` otherwise)."""
     from device_client.client import DeviceClient, DeviceError, DeviceModel
-    from device_client.config import DeviceConfig
 
-    base = DeviceConfig(
-        server=server,
-        model=model,
-        adapter="none",
-        steps=cfg.sampling.steps,
-        guidance=cfg.sampling.guidance,
-        share=cfg.sampling.share,
-        accepted_codecs=(cfg.codec.mode,),
-        timeout_s=600.0,
-    )
-    shared_model = DeviceModel.load(base)
+    shared_model = DeviceModel.load(device)
     free: queue.Queue[Any] = queue.Queue()
     clients = []
     for i in range(concurrency):
-        client = DeviceClient(DeviceConfig(**{**base.__dict__, "client_id": f"sim-device-{i}"}), shared_model)
+        client = DeviceClient(replace(device, client_id=f"sim-device-{i}"), shared_model)
         client.connect()
         clients.append(client)
         free.put(client)

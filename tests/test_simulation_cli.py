@@ -11,6 +11,7 @@ import yaml
 from typer.testing import CliRunner
 
 from simulation.cli import main
+from simulation.config import ConfigError, load_config
 
 PROMPTS = [
     "a dog running on the beach",
@@ -271,7 +272,7 @@ def test_validate_reports_an_unreachable_server_in_one_line(config_file, tmp_pat
 
 
 
-def _fake_replay(cfg, wl, server, model, concurrency, seeds):
+def _fake_replay(cfg, wl, device, concurrency, seeds):
     """validation.replay's records for `wl` without a server: every request its own group."""
     timings = {"server_queue_wait": 100.0, "server_shared_phase": 900.0, "branch_phase": 500.0}
     return [
@@ -330,10 +331,10 @@ def test_validate_reads_the_workload_once_and_keeps_the_one_it_replayed(config_f
     original = wfile.read_bytes()
     replayed: list[list[int]] = []
 
-    def replay_while_the_file_changes(cfg, wl, server, model, concurrency, seeds):
+    def replay_while_the_file_changes(cfg, wl, device, concurrency, seeds):
         replayed.append(seeds)
         assert _invoke("workload", config_file, "--out", wfile, "-n", "3", "--seed", "9", "--overwrite").exit_code == 0
-        return _fake_replay(cfg, wl, server, model, concurrency, seeds)
+        return _fake_replay(cfg, wl, device, concurrency, seeds)
 
     monkeypatch.setattr(validation, "replay", replay_while_the_file_changes)
     res = _invoke("validate", wfile, "--server", "127.0.0.1:1", "--out", tmp_path / "v")
@@ -389,3 +390,61 @@ def test_policies_progress_advances(config_file, tmp_path):
     res = _invoke("policies", config_file, "--out", tmp_path / "p", "--no-plots")
     assert res.exit_code == 0, res.output
     assert "0/?" not in res.output and "900/900" in res.output  # 3 policies x 300 requests through sage
+
+
+def test_validate_refuses_a_model_the_devices_cannot_load_before_any_server_starts(config_file, tmp_path, monkeypatch):
+    """validate with a missing model folder started a server that exited at once, then waited 300 s for it to
+    listen; with --model-config beside a built-in model it would have failed later. Both are one-line errors (exit
+    2) before anything starts, and 'default' is the shipped model on the devices too (they took it for a folder)."""
+    from simulation import validation
+
+    def no_server(*args, **kwargs):
+        raise AssertionError("a server was started although the model must be refused")
+
+    monkeypatch.setattr(validation, "running_server", no_server)
+    wfile = tmp_path / "w.json"
+    assert _invoke("workload", config_file, "--out", wfile, "-n", "3").exit_code == 0
+    res = _invoke("validate", wfile, "--model", tmp_path / "nope", "--out", tmp_path / "v")
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    assert f"error: --model {tmp_path / 'nope'}: model folder {tmp_path / 'nope'} does not exist" in res.output
+    res = _invoke("validate", wfile, "--model", "tiny", "--model-config", tmp_path, "--out", tmp_path / "v")
+    assert res.exit_code == 2 and "model_config is for a single-file model, not the tiny model" in res.output
+    assert not (tmp_path / "v").exists()
+    cfg = load_config(config_file)
+    assert validation.device_config(cfg, "default").model is None  # DeviceConfig's shipped model
+
+
+def test_a_server_that_exits_ends_validation_at_once_with_its_last_words(config_file, tmp_path):
+    """The started server's exit (here a model folder it cannot load, past the devices' check) is a ConfigError
+    carrying the server's own error line, not a 300 s wait ending in 'did not start'."""
+    from simulation import validation
+
+    cfg = load_config(config_file)
+    with pytest.raises(ConfigError, match=r"edge server exited with code 2: .*model folder .* does not exist"):
+        with validation.running_server(cfg, str(tmp_path / "nope"), start_timeout_s=120):
+            pass
+
+
+def test_validate_replays_through_a_real_server(tmp_path):
+    """validate end to end on 127.0.0.1: it starts an edge server (tiny model) with the workload's settings,
+    replays every request through device clients, stops the server and writes the comparison."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS[:4]), encoding="utf-8")
+    cfg = {
+        "requests": 4,
+        "modes": ["sage"],
+        "arrivals": {"rate": 20.0},
+        "prompts": {"dataset": str(prompts), "embedder": "pipeline:tiny"},
+        "sampling": {"steps": 4, "share": 0.5},
+        "server": {"window_s": 0.5, "gpu_workers": 1},
+        "codec": {"mode": "fp16", "latent_shape": [1, 4, 16, 16]},
+    }
+    config = tmp_path / "sim.yaml"
+    config.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    wfile, out = tmp_path / "w.json", tmp_path / "v"
+    assert _invoke("workload", config, "--out", wfile).exit_code == 0
+    res = _invoke("validate", wfile, "--model", "tiny", "--concurrency", "2", "--out", out)
+    assert res.exit_code in (0, 1) and "Traceback" not in res.output, res.output  # 1: the comparison FAILed
+    records = json.loads((out / "real_requests.json").read_text())
+    assert len(records) == 4 and not [r for r in records if "error" in r], records
+    assert {r["total_steps"] for r in records} == {4} and {r["branch_step"] for r in records} == {2}

@@ -595,3 +595,31 @@ def test_single_file_config_is_derived_from_the_sd15_constants():
     assert cfg.unet == models.SD15_UNET and cfg.vae == models.SD15_VAE
     assert cfg.scheduler == models.SD15_SCHEDULER_CONFIG
     assert cfg.text_encoder.hidden_size == 768 and cfg.text_encoder.hidden_act == "quick_gelu"
+
+
+def test_the_simulator_and_load_tools_take_a_file_and_its_configs(tiny_file, tiny_configs, tmp_path):
+    """`sage-sim measure`, `sage-sim validate` and `benchmarks.bench_load` take `--model-config` as the server and
+    the devices do: the measured pipeline has the file's fingerprint in those configs, validate's devices and
+    server are given them, and a file without them (or configs beside a built-in model) is refused in one line
+    before anything runs."""
+    import benchmarks.bench_load as bench_load
+    from simulation.config import ConfigError, config_from_dict
+    from simulation.measure import load_measured_pipeline
+    from simulation.validation import device_config, server_args
+
+    expected = model_fingerprint(load_pipeline(tiny_file, config=tiny_configs))
+    assert model_fingerprint(load_measured_pipeline(str(tiny_file), str(tiny_configs))) == expected
+    with pytest.raises(ConfigError, match="--model-config is for a single-file --model, not the tiny model"):
+        load_measured_pipeline("tiny", str(tiny_configs))
+    cfg = config_from_dict({})
+    device = device_config(cfg, str(tiny_file), str(tiny_configs))
+    assert (device.model, device.model_config) == (str(tiny_file), str(tiny_configs))
+    args = server_args(cfg, str(tiny_file), str(tiny_configs))
+    assert args[args.index("--model-config") + 1] == str(tiny_configs)
+    with pytest.raises(ConfigError, match=r"--model .*: .*does not fit SD v1.5's configs"):
+        device_config(cfg, str(tiny_file))
+    load = bench_load.parse_args(["--model", str(tiny_file), "--model-config", str(tiny_configs)])
+    bench_load.check_inputs(load)
+    assert bench_load.device_config(load).model_config == str(tiny_configs)
+    with pytest.raises(ModelError, match="does not fit SD v1.5's configs"):
+        bench_load.check_inputs(bench_load.parse_args(["--model", str(tiny_file)]))
