@@ -271,7 +271,7 @@ def print_report(report: dict, out_dir: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(markup=False)  # prompts print as given
+    console = Console(markup=False, soft_wrap=True)  # prompts and paths print as given, never cut into lines
     table = Table(title=f"SAGE edge demo: {report['counts']['requests']} requests, {len(report['groups'])} groups")
     for col in ("group", "size", "k/T", "min sim", "prompts"):
         table.add_column(col, justify="left" if col == "prompts" else "right")

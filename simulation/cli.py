@@ -30,7 +30,7 @@ from sage_core.outputs import RUN_MARKER, OutputDirError, atomic_output_dir, che
 from simulation.config import ConfigError, SimConfig, load_config, to_dict
 
 main = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
-console = Console(stderr=True, markup=False)  # paths and prompts print as given
+console = Console(stderr=True, soft_wrap=True, markup=False)  # paths and prompts print as given, never cut
 out_console = Console(markup=False) if sys.stdout.isatty() else Console(width=150, markup=False)
 
 ConfigArg = Annotated[Path, typer.Argument(help="YAML or JSON config file")]
