@@ -133,7 +133,7 @@ def print_summary(report: dict, out: Path) -> None:
             f"{g['saving']:.1%}",
             f"{g['saving_closed_form']:.1%}",
         )
-    out_console = Console(markup=False)  # stdout; paths print as given
+    out_console = Console(markup=False, soft_wrap=True)  # stdout; paths print as given, never cut
     out_console.print(table)
     t = report["totals"]
     out_console.print(
