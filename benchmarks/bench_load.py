@@ -32,10 +32,11 @@ if __package__ in (None, ""):  # `python benchmarks/bench_load.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from device_client.client import DeviceClient, DeviceError, DeviceModel  # noqa: E402
-from device_client.config import TINY_MODEL, DeviceConfig  # noqa: E402
+from device_client.config import ADAPTER_NONE, TINY_MODEL, DeviceConfig  # noqa: E402
+from device_client.demo import check_model  # noqa: E402
 from device_client.server_process import EdgeServerProcess, ServerStartError  # noqa: E402
 from sage_core.generate import read_prompt_file  # noqa: E402
-from sage_core.models import ModelError, check_pipeline_folder  # noqa: E402
+from sage_core.models import ModelError  # noqa: E402
 from sage_core.names import MODEL_CONFIG_HELP  # noqa: E402
 
 DEFAULT_PROMPTS = Path(__file__).resolve().parents[1] / "examples" / "prompts.txt"
@@ -60,7 +61,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--server", help="host:port of a running edge server; default: start one (local Ray)")
-    p.add_argument("--model", default=TINY_MODEL, help="model of the started server and the devices")
+    p.add_argument("--model", default=TINY_MODEL, help="model of the started server and the devices: 'tiny', "
+                   "'default' (the shipped model), a pipeline folder or an SD v1.x .safetensors file")
     p.add_argument("--model-config", help=MODEL_CONFIG_HELP)
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--concurrency", type=int, default=16)
@@ -88,8 +90,7 @@ def check_inputs(args: argparse.Namespace) -> list[str]:
     if not (math.isfinite(args.max_wait_ms) and args.max_wait_ms >= 0):
         raise ValueError(f"--max-wait-ms must be a finite number >= 0, got {args.max_wait_ms:g}")
     device_config(args, args.server)
-    if args.model != TINY_MODEL:
-        check_pipeline_folder(Path(args.model), args.model_config)  # ModelError, a ValueError: the devices load it
+    check_model(args.model, ADAPTER_NONE, args.model_config)  # ModelError, a ValueError: the devices load it too
     return read_prompt_file(args.prompts)
 
 

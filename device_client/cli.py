@@ -12,7 +12,8 @@ from device_client.config import DEFAULT_ADAPTER_CHOICE, DeviceConfig
 from sage_core.names import MODEL_CONFIG_HELP
 from sage_core.seeds import MAX_SEED
 
-MODEL_HELP = "pipeline folder, SD v1.x .safetensors file or 'tiny'; default: the shipped model (tiny until it exists)"
+MODEL_HELP = ("pipeline folder, SD v1.x .safetensors file, 'tiny' or 'default'; default: the shipped model (tiny "
+              "until it exists)")
 main = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
 
 

@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from device_client.channel import make_channel, retry_options
-from device_client.config import TINY_MODEL, DeviceConfig
+from device_client.config import DEFAULT_MODEL, TINY_MODEL, DeviceConfig
 from protos.sage_edge.v1 import edge_pb2, edge_pb2_grpc
 from sage_core.adapters import ADAPTER_NONE, load_adapter, resolve_adapter
 from sage_core.codec import CodecError, CodecSpec, LatentCodec
@@ -67,8 +67,11 @@ class DeviceModel:
     @classmethod
     def load(cls, config: DeviceConfig) -> DeviceModel:
         """Load the configured model, fingerprint the base weights, then apply the adapter (if any)."""
-        tiny = config.model == TINY_MODEL
-        pipe = tiny_pipeline(seed=0) if tiny else load_pipeline(config.model, config=config.model_config)
+        if config.model == TINY_MODEL:
+            pipe = tiny_pipeline(seed=0)
+        else:
+            path = None if config.model == DEFAULT_MODEL else config.model
+            pipe = load_pipeline(path, config=config.model_config)
         return cls.wrap(pipe, config)
 
     @classmethod

@@ -16,6 +16,7 @@ from sage_core.names import (  # noqa: F401  (ADAPTER_*, DEFAULT_ADAPTER_CHOICE 
 )
 
 TINY_MODEL = "tiny"  # sage_core.models.tiny_pipeline(seed=0), what a `--model tiny` server runs
+DEFAULT_MODEL = "default"  # the shipped model, as a `--model default` server names it (the same as None)
 DEFAULT_PAYLOAD_CAP = 80 * 2**20  # bytes of latent payload a device agrees to buffer
 MAX_TIMEOUT_S = 86_400.0  # a day; gRPC turns a deadline past 2^63 ns into DEADLINE_EXCEEDED at once
 
@@ -31,7 +32,7 @@ class DeviceConfig:
     """What a device runs and asks for. Zero / None request fields mean "the server's default"."""
 
     server: str | None = None  # "host:port" of the edge server; None: local sampling only
-    model: str | None = None  # pipeline folder, "tiny", or None for the shipped default model
+    model: str | None = None  # pipeline folder or file, "tiny", or None / "default" for the shipped default model
     model_config: str | None = None  # with a single-file model: the folder of its component configs (SD v1.5's: None)
     adapter: str = DEFAULT_ADAPTER_CHOICE  # SAGE LoRA folder, "auto" (the shipped one if made for this model) or "none"
     device: str = "cpu"  # where the branch phase and the VAE run
@@ -59,7 +60,7 @@ class DeviceConfig:
     token: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        if self.model_config is not None and self.model in (None, TINY_MODEL):
+        if self.model_config is not None and self.model in (None, TINY_MODEL, DEFAULT_MODEL):
             raise ValueError(f"model_config is for a single-file model, not the {self.model or 'default'} model")
         if self.server is not None and not valid_address(self.server):
             raise ValueError(f"server must be host:port with a port in [1, 65535], got {self.server!r}")

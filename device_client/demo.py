@@ -20,7 +20,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from device_client.config import ADAPTER_AUTO, ADAPTER_NONE, DEFAULT_ADAPTER_CHOICE, TINY_MODEL, DeviceConfig
+from device_client.config import (
+    ADAPTER_AUTO,
+    ADAPTER_NONE,
+    DEFAULT_ADAPTER_CHOICE,
+    DEFAULT_MODEL,
+    TINY_MODEL,
+    DeviceConfig,
+)
 from device_client.server_process import EdgeServerProcess, ServerStartError
 from device_client.timeline import write_timeline
 from sage_core.outputs import atomic_output_dir, check_output_dir
@@ -113,10 +120,10 @@ def make_device_config(config: DemoConfig, model_name: str) -> DeviceConfig:
 def check_model(model_name: str, adapter: str, model_config: str | None = None) -> None:
     """ModelError (a ValueError) for a model that is no pipeline folder (or single file fitting `model_config`'s
     configs) or an adapter folder that does not exist: found before the server starts, not once it has loaded."""
-    from sage_core.models import ModelError, check_pipeline_folder
+    from sage_core.models import DEFAULT_MODEL_DIR, ModelError, check_pipeline_folder
 
     if model_name != TINY_MODEL:
-        check_pipeline_folder(Path(model_name), model_config)
+        check_pipeline_folder(DEFAULT_MODEL_DIR if model_name == DEFAULT_MODEL else Path(model_name), model_config)
     if adapter not in (ADAPTER_AUTO, ADAPTER_NONE) and not Path(adapter).is_dir():
         raise ModelError(f"adapter folder {adapter} does not exist")
 

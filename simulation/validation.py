@@ -78,17 +78,16 @@ def policy_file(cfg: SimConfig, folder: Path) -> Path:
 def device_config(
     cfg: SimConfig, model: str, model_config: str | None = None, server: str | None = None
 ) -> DeviceConfig:
-    """What every replaying device runs and asks for: the server's model ('default': the shipped one) without an
+    """What every replaying device runs and asks for: the server's model ('default' is the shipped one) without an
     adapter, and the workload's settings. A ConfigError, before any server starts, for a model (or configs) the
     devices cannot load or a bad server address."""
     from device_client.config import DeviceConfig
     from device_client.demo import check_model
-    from sage_core.names import DEFAULT_MODEL_DIR
 
     try:
         device = DeviceConfig(
             server=server,
-            model=None if model == "default" else model,
+            model=model,
             model_config=model_config,
             adapter="none",
             steps=cfg.sampling.steps,
@@ -97,7 +96,7 @@ def device_config(
             accepted_codecs=(cfg.codec.mode,),
             timeout_s=600.0,
         )
-        check_model(str(DEFAULT_MODEL_DIR) if model == "default" else model, "none", model_config)
+        check_model(model, "none", model_config)
     except ValueError as exc:  # a ModelError too
         raise ConfigError(f"--model {model}: {exc}") from None
     return device

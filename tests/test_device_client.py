@@ -605,3 +605,17 @@ def test_the_lazy_package_still_gives_its_submodules_and_names() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           cwd=Path(__file__).resolve().parents[1])
     assert done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_default_names_the_shipped_model_on_a_device_as_on_the_server():
+    """`--model default` (what a server is started with) loaded a folder named "default" on a device, and the
+    load benchmark and `sage-sim validate` refused it; it is the shipped model, as None is, and takes no configs."""
+    import benchmarks.bench_load as bench_load
+    from device_client.demo import check_model
+
+    shipped = DeviceModel.load(DeviceConfig(adapter="none"))
+    assert DeviceModel.load(DeviceConfig(model="default", adapter="none")).fingerprint == shipped.fingerprint
+    check_model("default", "none")
+    bench_load.check_inputs(bench_load.parse_args(["--model", "default"]))
+    with pytest.raises(ValueError, match="model_config is for a single-file model, not the default model"):
+        DeviceConfig(model="default", model_config="configs")

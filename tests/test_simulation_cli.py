@@ -411,7 +411,7 @@ def test_validate_refuses_a_model_the_devices_cannot_load_before_any_server_star
     assert res.exit_code == 2 and "model_config is for a single-file model, not the tiny model" in res.output
     assert not (tmp_path / "v").exists()
     cfg = load_config(config_file)
-    assert validation.device_config(cfg, "default").model is None  # DeviceConfig's shipped model
+    assert validation.device_config(cfg, "default").model == "default"  # the shipped model, on the devices too
 
 
 def test_a_server_that_exits_ends_validation_at_once_with_its_last_words(config_file, tmp_path):
