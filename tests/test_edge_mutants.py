@@ -497,14 +497,14 @@ async def test_a_delivery_carries_its_groups_seed_each_members_codec_and_its_que
     (job,) = sent_jobs
     assert [(m.seed_explicit, m.negative_prompt, m.codec) for m in job.members] == [
         (True, "blurry", "fp16"), (False, "", "fp32"), (True, "", "fp32")]
-    await asyncio.sleep(0.4)
+    await asyncio.sleep(1.0)  # delivery comes well after dispatch: the queue wait must not count it
     result = WindowResult(((group((0, 1), seed=99, codecs=("fp16", "fp32")), group((2,), seed=6)),), 50.0)
     worker.runs[window_id].set_result(result)
     da, db, dc = [await engine.wait(t) for t in (a, b, c)]
     await task
     assert (da.payload.codec, db.payload.codec, dc.payload.codec) == ("fp16", "fp32", "fp32")
     assert (da.seed, db.seed, dc.seed, da.group_size, dc.group_size) == (99, 99, 6, 2, 1)
-    assert 100 <= da.queue_wait_ms < 400, da.queue_wait_ms
+    assert 100 <= da.queue_wait_ms < 1000, da.queue_wait_ms
     stats = engine.stats()
     assert (stats["groups_run"], stats["grouped_requests"], stats["windows_run"]) == (2, 2, 1)
     assert sample(metrics, "sage_edge_shared_phase_seconds_sum") == pytest.approx(0.05)
@@ -670,7 +670,7 @@ async def test_a_cancelled_window_still_running_after_hung_window_s_is_killed_on
     """When every member left a running window it is cancelled on the worker (counted); still running
     hung_window_s later its actor is killed, once, with the reason noted."""
     worker = RevivableWorker()
-    engine = engine_on([worker], hung_window_s=0.3)
+    engine = engine_on([worker], hung_window_s=1.0)  # wide: a busy CI machine may be late by a few 100 ms
     ticket = engine.admit(ImageSpec(prompt="a"), None)
     task, window_id = await dispatch(engine, [ticket])
     window = engine._windows[window_id]
@@ -679,8 +679,8 @@ async def test_a_cancelled_window_still_running_after_hung_window_s_is_killed_on
     assert "cancel" in worker.calls and engine.stats()["windows_cancelled"] == 1
     await asyncio.sleep(0.15)
     assert kills == []
-    await asyncio.sleep(0.3)
-    assert kills == [worker] and window.hung == "was still running 0.3 s after its window's cancel"
+    await asyncio.sleep(1.0)
+    assert kills == [worker] and window.hung == "was still running 1 s after its window's cancel"
     engine._kill_hung(window, "again")
     assert kills == [worker]
     worker.runs[window_id].set_exception(ray.exceptions.RayActorError())
