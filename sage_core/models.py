@@ -20,6 +20,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNe
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from sage_core.names import DEFAULT_MODEL_DIR
+from sage_core.outputs import write_text_atomic
 
 WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder")
 REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -36,6 +37,7 @@ SD15_SCHEDULER_CONFIG = {
     "prediction_type": "epsilon",
 }
 CLIP_BOS, CLIP_EOS, CLIP_VOCAB_SIZE = 49406, 49407, 49408
+CLIP_MERGES = 49152 - 256 - 2  # BPE merges CLIP keeps: 2 x 256 byte tokens + merges + 2 specials = its vocabulary
 
 
 class ModelError(ValueError):
@@ -62,21 +64,33 @@ def write_clip_tokenizer_files(out_dir: Path) -> Path:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     with gzip.open(oct.default_bpe(), "rt", encoding="utf-8") as fh:
-        merges = fh.read().split("\n")[1 : 49152 - 256 - 2 + 1]
+        merges = fh.read().split("\n")[1 : 1 + CLIP_MERGES]
     pairs = [tuple(m.split()) for m in merges]
     vocab = list(_bytes_to_unicode().values())
     vocab += [v + "</w>" for v in vocab]
     vocab += ["".join(p) for p in pairs]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
-    (out_dir / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}), encoding="utf-8")
-    (out_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    # each file whole or not at all: a run killed mid-write must not leave a cut BPE that later runs read
+    write_text_atomic(out_dir / "vocab.json", json.dumps({t: i for i, t in enumerate(vocab)}))
+    write_text_atomic(out_dir / "merges.txt", "#version: 0.2\n" + "\n".join(merges) + "\n")
     return out_dir
 
 
+def clip_tokenizer_files_complete(folder: Path) -> bool:
+    """Whether `folder` holds CLIP's whole vocab.json (49408 tokens) and merges.txt (its 48894 merges)."""
+    try:
+        vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+        merges = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
+    except (OSError, ValueError):  # missing, unreadable, cut JSON or text
+        return False
+    return isinstance(vocab, dict) and len(vocab) == CLIP_VOCAB_SIZE and len(merges) == 1 + CLIP_MERGES
+
+
 def build_clip_tokenizer(cache_dir: Path | None = None) -> CLIPTokenizer:
-    """A real CLIP tokenizer (same ids as SD v1.5's), built offline from open_clip's BPE vocabulary."""
+    """A real CLIP tokenizer (same ids as SD v1.5's), built offline from open_clip's BPE vocabulary; the cached
+    files are written again when missing or incomplete."""
     cache_dir = cache_dir or Path.home() / ".cache" / "sage-edge" / "clip-tokenizer"
-    if not (cache_dir / "vocab.json").exists() or not (cache_dir / "merges.txt").exists():
+    if not clip_tokenizer_files_complete(cache_dir):
         write_clip_tokenizer_files(cache_dir)
     return CLIPTokenizer.from_pretrained(str(cache_dir), model_max_length=77, pad_token="<|endoftext|>")
 

@@ -688,3 +688,19 @@ def test_report_totals_and_each_image_s_seed(run_of_three: GenerationResult) -> 
     assert [g["seed"] for g in report["groups"]] == run_of_three.seeds == [7, 9]
     assert [image_metadata(report, i)["seed"] for i in range(3)] == [7, 7, 9]
     assert image_metadata(report, 2)["group_size"] == 1 and image_metadata(report, 0)["group_size"] == 2
+
+def test_a_cut_tokenizer_cache_is_written_again_not_read(tmp_path: Path) -> None:
+    """A first run killed while writing the cached tokenizer left a cut merges.txt, and every later run read it
+    without an error and gave other token ids (a server and a device could disagree on a prompt). The files are
+    written whole or not at all, and a cut or garbled cache is written again."""
+    from sage_core.models import build_clip_tokenizer, write_clip_tokenizer_files
+
+    folder = write_clip_tokenizer_files(tmp_path / "tok")
+    text = "a photograph of an astronaut riding a horse"
+    want = build_clip_tokenizer(folder)(text).input_ids
+    assert sorted(p.name for p in folder.iterdir()) == ["merges.txt", "vocab.json"]  # no .part left
+    merges = folder / "merges.txt"
+    merges.write_text("\n".join(merges.read_text(encoding="utf-8").splitlines()[:20_000]) + "\n", encoding="utf-8")
+    assert build_clip_tokenizer(folder)(text).input_ids == want
+    (folder / "vocab.json").write_text('{"a": 0', encoding="utf-8")
+    assert build_clip_tokenizer(folder)(text).input_ids == want
