@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,10 +21,11 @@ LABEL_HEIGHT = 28
 
 @contextmanager
 def replacing(path: Path) -> Iterator[Path]:
-    """Yield the sibling `<name>.part` of `path` (its folder made if need be) to write; once written it is renamed
-    over `path`, so a reader never sees half a file, and a failed write leaves neither half a file nor the `.part`."""
+    """Yield a sibling `<name>.<pid>-<thread>.part` of `path` (its folder made if need be) to write; once written it
+    is renamed over `path`, so a reader never sees half a file, two writers never write into one `.part` (the last
+    rename wins, whole), and a failed write leaves neither half a file nor the `.part`."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    part = path.with_name(f"{path.name}.part")
+    part = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.part")
     try:
         yield part
         part.replace(path)
@@ -48,7 +50,7 @@ METADATA_KEY = "sage_edge"  # PNG text chunk holding an image's whole metadata a
 def save_png(image: Image.Image, path: str | Path, metadata: dict[str, Any]) -> Path:
     """Save `image` to `path` as PNG (its folder created) with `metadata` in text chunks: one `sage.KEY` per key
     (strings as they are, other values as JSON) for image viewers, plus all of it as JSON under METADATA_KEY.
-    Written through the sibling `.part` (replacing): a failed save leaves the previous image as it was."""
+    Written through a sibling `.part` (replacing): a failed save leaves the previous image as it was."""
     info = PngInfo()
     for key, value in metadata.items():
         info.add_text(f"sage.{key}", value if isinstance(value, str) else json.dumps(value))

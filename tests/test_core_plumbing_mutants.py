@@ -704,3 +704,33 @@ def test_a_cut_tokenizer_cache_is_written_again_not_read(tmp_path: Path) -> None
     assert build_clip_tokenizer(folder)(text).input_ids == want
     (folder / "vocab.json").write_text('{"a": 0', encoding="utf-8")
     assert build_clip_tokenizer(folder)(text).input_ids == want
+
+
+def test_two_writers_of_one_file_never_share_a_part_file(tmp_path: Path) -> None:
+    """Every writer had the same `<name>.part`: two processes or threads writing one file (two first runs building
+    the tokenizer cache) wrote into one part file, and the first rename could publish the other's half-written
+    bytes. Each writer now has its own part; the file ends whole, as one of them wrote it."""
+    import threading
+
+    from sage_core.outputs import replacing
+
+    path = tmp_path / "vocab.json"
+    inside, parts = threading.Barrier(2), []
+
+    def write(text: str) -> None:
+        with replacing(path) as part:
+            parts.append(part)
+            part.write_text(text[: len(text) // 2], encoding="utf-8")
+            inside.wait(5)  # both writers are halfway at once
+            with part.open("a", encoding="utf-8") as fh:
+                fh.write(text[len(text) // 2 :])
+            inside.wait(5)
+
+    texts = ["a" * 1000, "b" * 1000]
+    threads = [threading.Thread(target=write, args=(t,)) for t in texts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert len(set(parts)) == 2 and path.read_text(encoding="utf-8") in texts
+    assert [p.name for p in tmp_path.iterdir()] == ["vocab.json"]
