@@ -96,8 +96,11 @@ def device_config(
             accepted_codecs=(cfg.codec.mode,),
             timeout_s=600.0,
         )
+    except ValueError as exc:  # the server address, or configs beside a built-in model
+        raise ConfigError(str(exc)) from None
+    try:
         check_model(model, "none", model_config)
-    except ValueError as exc:  # a ModelError too
+    except ValueError as exc:  # a ModelError
         raise ConfigError(f"--model {model}: {exc}") from None
     return device
 

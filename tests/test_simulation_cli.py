@@ -395,7 +395,8 @@ def test_policies_progress_advances(config_file, tmp_path):
 def test_validate_refuses_a_model_the_devices_cannot_load_before_any_server_starts(config_file, tmp_path, monkeypatch):
     """validate with a missing model folder started a server that exited at once, then waited 300 s for it to
     listen; with --model-config beside a built-in model it would have failed later. Both are one-line errors (exit
-    2) before anything starts, and 'default' is the shipped model on the devices too (they took it for a folder)."""
+    2) before anything starts, as is a bad --server address; 'default' is the shipped model on the devices too
+    (they took it for a folder)."""
     from simulation import validation
 
     def no_server(*args, **kwargs):
@@ -409,6 +410,9 @@ def test_validate_refuses_a_model_the_devices_cannot_load_before_any_server_star
     assert f"error: --model {tmp_path / 'nope'}: model folder {tmp_path / 'nope'} does not exist" in res.output
     res = _invoke("validate", wfile, "--model", "tiny", "--model-config", tmp_path, "--out", tmp_path / "v")
     assert res.exit_code == 2 and "model_config is for a single-file model, not the tiny model" in res.output
+    res = _invoke("validate", wfile, "--server", "nonsense", "--out", tmp_path / "v")  # a traceback before
+    assert res.exit_code == 2 and "error: server must be host:port with a port in [1, 65535], got 'nonsense'" in \
+        res.output, res.output
     assert not (tmp_path / "v").exists()
     cfg = load_config(config_file)
     assert validation.device_config(cfg, "default").model == "default"  # the shipped model, on the devices too
