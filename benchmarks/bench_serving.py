@@ -610,7 +610,8 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         worker = make_worker(args)
     except (ConfigError, ValueError) as exc:  # ValueError: what the worker's device cannot run (attention, fp8)
-        raise SystemExit(f"error: {exc}") from None
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None  # bad input, as the other tools exit
     env = environment(worker) | server_flags(args) | {
         "unet_warmup": worker.unet_warmup,
         "worker_start_s": time.perf_counter() - start,

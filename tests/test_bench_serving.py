@@ -187,3 +187,13 @@ def test_coco_stream_refuses_an_out_numpy_would_rename(capsys, args, message):
     with pytest.raises(SystemExit):
         coco_stream(args)
     assert message in capsys.readouterr().err
+
+
+def test_a_model_that_does_not_load_is_bad_input_exit_2(tmp_path, capsys):
+    """A missing model folder ended the benchmark with exit code 1; like every other tool's bad input it is 2 now,
+    with the reason on stderr."""
+    from benchmarks.bench_serving import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--model", str(tmp_path / "nope")])
+    assert exc.value.code == 2 and f"error: model folder {tmp_path / 'nope'} does not exist" in capsys.readouterr().err
