@@ -189,8 +189,8 @@ def run_with_server(args: argparse.Namespace, prompts: list[str]) -> dict:
     """run_load against `--server`, or against an edge server started here (stopped at the end)."""
     server = None
     if args.server is None:
-        configs = [] if args.model_config is None else ["--model-config", args.model_config]
-        server = EdgeServerProcess(args.model, [*configs, "--max-wait-ms", f"{args.max_wait_ms:g}", *args.server_arg])
+        server_args = ["--max-wait-ms", f"{args.max_wait_ms:g}", *args.server_arg]
+        server = EdgeServerProcess(args.model, server_args, model_config=args.model_config)
         server.launch()
     try:
         model = DeviceModel.load(device_config(args))

@@ -365,9 +365,8 @@ def run_in(work_dir: Path, prompts: list[str], model_name: str, config: DemoConf
 
     # 2. start the server and load the device model meanwhile
     server_args = ("--max-wait-ms", f"{config.max_wait_ms:g}", *config.server_args)
-    if config.model_config is not None:
-        server_args = ("--model-config", config.model_config, *server_args)
-    server = EdgeServerProcess(model=model_name, args=server_args, start_timeout_s=config.start_timeout_s)
+    server = EdgeServerProcess(model=model_name, args=server_args, start_timeout_s=config.start_timeout_s,
+                               model_config=config.model_config)  # fmt: skip
     t_start = time.perf_counter()
     print(f"starting the edge server ({model_name}) and loading the device model...", flush=True)
     server.launch()

@@ -35,8 +35,10 @@ class EdgeServerProcess:
         start_timeout_s: float = 180.0,
         stop_timeout_s: float = 30.0,
         env: dict[str, str] | None = None,
+        model_config: str | None = None,
     ):
         self.model = model
+        self.model_config = model_config  # a single-file model's configs folder (--model-config)
         self.args = tuple(args)
         self.start_timeout_s = start_timeout_s
         self.stop_timeout_s = stop_timeout_s
@@ -58,6 +60,8 @@ class EdgeServerProcess:
         cmd = [sys.executable, "-c", "from edge_server.cli import main; main()", "serve"]
         if self.model is not None:
             cmd += ["--model", self.model]
+        if self.model_config is not None:
+            cmd += ["--model-config", self.model_config]
         return [*cmd, "--host", HOST, "--port", "0", *self.args]
 
     def launch(self) -> None:

@@ -248,7 +248,7 @@ def test_load_summary_of_successes_keeps_its_latencies(monkeypatch, capsys):
 class FailingServer:
     """EdgeServerProcess's stand-in for a server that exits during its start."""
 
-    def __init__(self, *args: object) -> None:
+    def __init__(self, *args: object, **kwargs: object) -> None:
         self.stopped = False
 
     def launch(self) -> None:

@@ -58,7 +58,7 @@ def test_the_cli_exits_1_when_requests_fail(prompts, tmp_path):
 class SlowServer:
     """EdgeServerProcess's stand-in: starts at once, listens on a made-up address."""
 
-    def __init__(self, model: str, args: tuple, start_timeout_s: float) -> None:
+    def __init__(self, model: str, args: tuple, start_timeout_s: float, model_config: str | None = None) -> None:
         self.model = model
 
     def launch(self) -> None:

@@ -621,5 +621,9 @@ def test_the_simulator_and_load_tools_take_a_file_and_its_configs(tiny_file, tin
     load = bench_load.parse_args(["--model", str(tiny_file), "--model-config", str(tiny_configs)])
     bench_load.check_inputs(load)
     assert bench_load.device_config(load).model_config == str(tiny_configs)
+    from device_client.server_process import EdgeServerProcess  # what the demo and bench_load start
+
+    cmd = EdgeServerProcess(str(tiny_file), ["--max-wait-ms", "5"], model_config=str(tiny_configs)).command()
+    assert cmd[cmd.index("--model-config") + 1] == str(tiny_configs) and cmd[cmd.index("--model") + 1] == str(tiny_file)
     with pytest.raises(ModelError, match="does not fit SD v1.5's configs"):
         bench_load.check_inputs(bench_load.parse_args(["--model", str(tiny_file)]))
