@@ -602,6 +602,14 @@ def single_file_fingerprint(path: Path, cfg: SingleFileConfig | None = None) -> 
     return hashlib.sha256(f"{digest}\0{cfg.digest}".encode()).hexdigest()[:16]
 
 
+def files_fingerprint(path: Path, config: str | Path | None = None) -> str:
+    """The fingerprint `load_pipeline(path, config=config)` gives a pipeline folder or single file, from its files
+    alone (nothing is loaded): a ModelError for a config folder that cannot be read."""
+    if config is not None and is_single_file(path):
+        return single_file_fingerprint(path, read_single_file_config(config))
+    return folder_fingerprint(path)
+
+
 def assemble_pipeline(
     unet: UNet2DConditionModel,
     vae: AutoencoderKL,

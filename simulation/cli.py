@@ -47,6 +47,14 @@ EmbedderOpt = Annotated[
     str | None,
     typer.Option(help="override prompts.embedder: minilm (needs the 'sim' extra), pipeline, pipeline:PATH, hashed"),
 ]
+EmbedderConfigOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model-config",
+        help="override prompts.model_config: with --embedder pipeline:FILE (an SD v1.x .safetensors), a folder with "
+        "its component configs (unet/, vae/, text_encoder/; default SD v1.5's)",
+    ),
+]
 
 
 @contextmanager
@@ -117,7 +125,13 @@ def _updater(progress: Progress, description: str) -> Callable[[int, int], None]
     return update
 
 
-def _load(config: Path, requests: int | None, seed: int | None, embedder: str | None = None) -> SimConfig:
+def _load(
+    config: Path,
+    requests: int | None,
+    seed: int | None,
+    embedder: str | None = None,
+    model_config: str | None = None,
+) -> SimConfig:
     """The config file's settings with the command line's overrides, validated."""
     cfg = load_config(config)
     changes: dict[str, Any] = {}
@@ -125,8 +139,9 @@ def _load(config: Path, requests: int | None, seed: int | None, embedder: str | 
         changes["requests"] = requests
     if seed is not None:
         changes["seed"] = seed
-    if embedder is not None:
-        changes["prompts"] = dataclasses.replace(cfg.prompts, embedder=embedder)
+    prompts = {"embedder": embedder, "model_config": model_config}
+    if any(v is not None for v in prompts.values()):
+        changes["prompts"] = dataclasses.replace(cfg.prompts, **{k: v for k, v in prompts.items() if v is not None})
     return cfg.replace(**changes) if changes else cfg
 
 
@@ -184,6 +199,7 @@ def run(
     requests: RequestsOpt = None,
     seed: SeedOpt = None,
     embedder: EmbedderOpt = None,
+    model_config: EmbedderConfigOpt = None,
     workload: Annotated[
         Path | None, typer.Option(help="replay a workload file (its arrivals and prompts; settings from CONFIG)")
     ] = None,
@@ -203,7 +219,7 @@ def run(
     with _clear_errors():
         if workload is not None and requests is not None:
             raise ConfigError("--requests/-n does not apply with --workload: the workload file's requests are run")
-        cfg = _load(config, requests, seed, embedder)
+        cfg = _load(config, requests, seed, embedder, model_config)
         inputs = _inputs(config, cfg, workload)
         out = _output_folder(out or Path("runs/sim") / config.stem, overwrite, inputs)
         with _progress() as progress:
@@ -244,6 +260,7 @@ def sweep(
     requests: RequestsOpt = None,
     seed: SeedOpt = None,
     embedder: EmbedderOpt = None,
+    model_config: EmbedderConfigOpt = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Run the config's sweep grid (window x tau x beta x load): sweep.csv, sweep.json, sweep.md (the base tau and
@@ -254,7 +271,7 @@ def sweep(
     from simulation.sweep import grid, run_sweep, sweep_markdown
 
     with _clear_errors():
-        cfg = _load(config, None, seed, embedder)
+        cfg = _load(config, None, seed, embedder, model_config)
         grouped_modes(cfg, "to sweep sharing settings")
         if requests is not None:
             cfg = cfg.replace(sweep=dataclasses.replace(cfg.sweep, requests=requests))
@@ -295,6 +312,7 @@ def policies(
     requests: RequestsOpt = None,
     seed: SeedOpt = None,
     embedder: EmbedderOpt = None,
+    model_config: EmbedderConfigOpt = None,
     plots: Annotated[bool, typer.Option(help="write policies.png")] = True,
     overwrite: OverwriteOpt = False,
 ) -> None:
@@ -307,7 +325,7 @@ def policies(
     from simulation.workload import build_workload
 
     with _clear_errors():
-        cfg = _load(config, requests, seed, embedder)
+        cfg = _load(config, requests, seed, embedder, model_config)
         grouped_modes(cfg, "to compare sharing policies")
         inputs = _inputs(config, cfg)
         out = _output_folder(out or Path("runs/sim") / f"{config.stem}-policies", overwrite, inputs)
@@ -352,12 +370,12 @@ def workload_cmd(
 
 
 @main.command()
-def embed(config: ConfigArg, embedder: EmbedderOpt = None) -> None:
+def embed(config: ConfigArg, embedder: EmbedderOpt = None, model_config: EmbedderConfigOpt = None) -> None:
     """Embed the config's prompt pool into the cache (so later runs start at once)."""
     from simulation.workload import embed_prompts, load_prompts
 
     with _clear_errors():
-        cfg = _load(config, None, None, embedder)
+        cfg = _load(config, None, None, embedder, model_config)
         prompts = load_prompts(cfg, _note)
         with _progress() as progress:
             emb = embed_prompts(cfg, prompts, _updater(progress, f"embedding {len(prompts):,} prompts"))

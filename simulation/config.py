@@ -148,6 +148,7 @@ class PromptConfig:
     order: str = "shuffle"  # shuffle (permutation, reshuffled each pass) | uniform | sequential | zipf
     zipf_s: float = 1.1
     embedder: str = "minilm"  # minilm | pipeline | pipeline:PATH | pipeline:tiny | hashed (lexical, for tests)
+    model_config: str = ""  # a config folder a pipeline:FILE single-file checkpoint loads into ("": SD v1.5's)
     cache_dir: str = DEFAULT_CACHE_DIR
     limit: int = 0  # use only the first `limit` prompts of the dataset (0: all)
 
@@ -353,6 +354,10 @@ def validate(cfg: SimConfig) -> None:
     _require(
         p.embedder in EMBEDDERS or p.embedder.startswith("pipeline:"),
         f"prompts.embedder must be minilm, pipeline, pipeline:PATH or hashed, got {p.embedder!r}",
+    )
+    _require(
+        not p.model_config or (p.embedder.startswith("pipeline:") and p.embedder != "pipeline:tiny"),
+        f"prompts.model_config is for a single-file checkpoint embedder (pipeline:FILE), got embedder {p.embedder!r}",
     )
     s = cfg.sampling
     _require(s.steps >= 1, f"sampling.steps must be >= 1, got {s.steps}")

@@ -253,16 +253,17 @@ def pipeline_folder(spec: str) -> str | None:
     return spec.split(":", 1)[1] if ":" in spec else None
 
 
-def pipeline_embedder_for(spec: str) -> tuple[Embedder, str]:
+def pipeline_embedder_for(spec: str, model_config: str = "") -> tuple[Embedder, str]:
     """The pooled CLIP text embedding of a diffusers pipeline ('pipeline' = the shipped default model,
-    'pipeline:PATH' = a model folder, 'pipeline:tiny' = the tiny test pipeline of `--model tiny` servers), as
-    the edge server groups by; also its model fingerprint."""
+    'pipeline:PATH' = a model folder or single file, loaded into the config folder `model_config` when given,
+    'pipeline:tiny' = the tiny test pipeline of `--model tiny` servers), as the edge server groups by; also its
+    model fingerprint."""
     from sage_core.grouping import pipeline_embedder
     from sage_core.models import ModelError, load_pipeline, model_fingerprint, tiny_pipeline
 
     path = pipeline_folder(spec)
     try:
-        pipe = tiny_pipeline(seed=0) if path == "tiny" else load_pipeline(path)
+        pipe = tiny_pipeline(seed=0) if path == "tiny" else load_pipeline(path, config=model_config or None)
     except ModelError as exc:
         raise ConfigError(f"prompts.embedder {spec!r}: {exc}") from exc
     return pipeline_embedder(pipe), model_fingerprint(pipe)
@@ -280,20 +281,21 @@ def check_embedder(cfg: SimConfig, prompts: Sequence[str]) -> str:
         from sage_core.models import DEFAULT_MODEL_DIR, ModelError, check_pipeline_folder
 
         try:
-            check_pipeline_folder(DEFAULT_MODEL_DIR if folder is None else Path(folder))
+            model = DEFAULT_MODEL_DIR if folder is None else Path(folder)
+            check_pipeline_folder(model, cfg.prompts.model_config or None)
         except ModelError as exc:
             raise ConfigError(f"prompts.embedder {spec!r}: {exc}") from None
     return "available"
 
 
-def make_embedder(spec: str) -> tuple[Embedder, str]:
-    """An embedder and the name its cache files carry."""
+def make_embedder(spec: str, model_config: str = "") -> tuple[Embedder, str]:
+    """An embedder and the name its cache files carry (`model_config`: a pipeline:FILE's config folder)."""
     if spec == "hashed":
         return hashed_embedder(), f"hashed{HASHED_DIM}"
     if spec == "minilm":
         return minilm_embedder(), "minilm-l6-v2"
     if spec == "pipeline" or spec.startswith("pipeline:"):
-        embed, fingerprint = pipeline_embedder_for(spec)
+        embed, fingerprint = pipeline_embedder_for(spec, model_config)
         return embed, f"pipeline-{fingerprint}"
     raise ConfigError(f"prompts.embedder must be minilm, pipeline, pipeline:PATH or hashed, got {spec!r}")
 
@@ -325,7 +327,7 @@ def embed_prompts(
         if progress:
             progress(len(prompts), len(prompts))
         return emb
-    embed, name = make_embedder(cfg.prompts.embedder)
+    embed, name = make_embedder(cfg.prompts.embedder, cfg.prompts.model_config)
     path = cache_file(cfg, name, prompts)
     path.parent.mkdir(parents=True, exist_ok=True)
     parts = []
@@ -354,17 +356,21 @@ def _save_atomic(path: Path, array: np.ndarray) -> None:
 
 def cached_embeddings(cfg: SimConfig, prompts: Sequence[str]) -> np.ndarray | None:
     """A cached embedding matrix for these prompts and this embedder, if one exists (pipeline embedders are
-    keyed by the model fingerprint, so their cache needs the model's (a folder's or a single file's) first)."""
+    keyed by the model fingerprint, so their cache needs the model's (a folder's or a single file's, with its
+    config folder's) first; a config folder that cannot be read finds none, and the embedder's load says why)."""
     spec = cfg.prompts.embedder
     if spec == "minilm":
         name = "minilm-l6-v2"
     elif spec == "pipeline" or (spec.startswith("pipeline:") and spec != "pipeline:tiny"):
-        from sage_core.models import DEFAULT_MODEL_DIR, folder_fingerprint
+        from sage_core.models import DEFAULT_MODEL_DIR, ModelError, files_fingerprint
 
         folder = Path(spec.split(":", 1)[1]) if ":" in spec else DEFAULT_MODEL_DIR
         if not folder.exists():
             return None
-        name = f"pipeline-{folder_fingerprint(folder)}"
+        try:
+            name = f"pipeline-{files_fingerprint(folder, cfg.prompts.model_config or None)}"
+        except ModelError:
+            return None
     else:
         return None
     path = cache_file(cfg, name, prompts)

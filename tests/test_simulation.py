@@ -184,7 +184,7 @@ def test_embeddings_are_cached_and_an_interrupted_run_resumes(prompt_file, monke
         return np.asarray([[len(p), i] for i, p in enumerate(batch)], dtype=np.float32)
 
     fail_third = [True]
-    monkeypatch.setattr(workload, "make_embedder", lambda spec: (fake, "minilm-l6-v2"))
+    monkeypatch.setattr(workload, "make_embedder", lambda spec, model_config="": (fake, "minilm-l6-v2"))
     with pytest.raises(KeyboardInterrupt):
         embed_prompts(cfg, prompts, chunk=2)
     fail_third[0] = False

@@ -627,3 +627,55 @@ def test_the_simulator_and_load_tools_take_a_file_and_its_configs(tiny_file, tin
     assert cmd[cmd.index("--model-config") + 1] == str(tiny_configs) and cmd[cmd.index("--model") + 1] == str(tiny_file)
     with pytest.raises(ModelError, match="does not fit SD v1.5's configs"):
         bench_load.check_inputs(bench_load.parse_args(["--model", str(tiny_file)]))
+
+
+def test_the_simulators_pipeline_embedder_loads_a_file_into_its_configs(tiny_file, tiny_configs, tmp_path):
+    """`prompts.model_config` / `sage-sim embed --model-config`: a `pipeline:FILE` embedder loads a file that does
+    not fit SD v1.5's configs into a config folder's, embeds as the server's pipeline does, caches under the
+    fingerprint the server gives it (so a later run and `sage-sim check` find the cache) and says in one line what
+    is wrong without the configs, with a missing config folder, or with configs beside another embedder."""
+    import numpy as np
+    import yaml
+    from typer.testing import CliRunner
+
+    from sage_core.grouping import pipeline_embedder
+    from simulation.cli import main as sim_app
+    from simulation.config import ConfigError, config_from_dict
+    from simulation.workload import cache_file, cached_embeddings, check_embedder, embed_prompts
+
+    prompts = ["a red circle", "a small red circle", "a blue square"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    data = {"prompts": {"dataset": str(tmp_path / "prompts.txt"), "embedder": f"pipeline:{tiny_file}",
+                        "model_config": str(tiny_configs), "cache_dir": str(tmp_path / "cache")}}
+    cfg = config_from_dict(data)
+    pipe = load_pipeline(tiny_file, config=tiny_configs)
+    assert check_embedder(cfg, prompts) == "available"
+    emb = embed_prompts(cfg, prompts)
+    np.testing.assert_allclose(emb, pipeline_embedder(pipe)(prompts), rtol=1e-5, atol=1e-6)
+    assert cache_file(cfg, f"pipeline-{model_fingerprint(pipe)}", prompts).is_file()
+    np.testing.assert_array_equal(cached_embeddings(cfg, prompts), emb)
+    assert check_embedder(cfg, prompts) == "cached"
+
+    without = config_from_dict({"prompts": {**data["prompts"], "model_config": ""}})
+    assert cached_embeddings(without, prompts) is None  # another fingerprint: SD v1.5's configs
+    with pytest.raises(ConfigError, match=r"^prompts.embedder 'pipeline:.*': .*does not fit SD v1.5's configs"):
+        check_embedder(without, prompts)
+    with pytest.raises(ConfigError, match=r"does not fit SD v1.5's configs"):
+        embed_prompts(without, prompts)
+    missing = config_from_dict({"prompts": {**data["prompts"], "model_config": str(tmp_path / "nope")}})
+    assert cached_embeddings(missing, prompts) is None
+    with pytest.raises(ConfigError, match=r"config folder .*nope does not exist"):
+        check_embedder(missing, prompts)
+    for embedder in ("hashed", "pipeline", "pipeline:tiny"):
+        with pytest.raises(ConfigError, match=r"prompts.model_config is for a single-file checkpoint embedder"):
+            config_from_dict({"prompts": {**data["prompts"], "embedder": embedder}})
+
+    config = tmp_path / "sim.yaml"
+    config.write_text(yaml.safe_dump({"prompts": {**data["prompts"], "model_config": "",
+                                                  "cache_dir": str(tmp_path / "cli-cache")}}))
+    res = CliRunner().invoke(sim_app, ["embed", str(config), "--model-config", str(tiny_configs)])
+    assert res.exit_code == 0 and "3 embeddings of dimension" in res.output, res.output
+    res = CliRunner().invoke(sim_app, ["embed", str(config)])
+    assert res.exit_code == 2 and "does not fit SD v1.5's configs" in res.output, res.output
+    res = CliRunner().invoke(sim_app, ["embed", str(config), "--embedder", "hashed", "--model-config", "x"])
+    assert res.exit_code == 2 and "prompts.model_config is for a single-file" in res.output, res.output
