@@ -141,6 +141,8 @@ def launch_conv3x3(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, x_scale: t
     tiles (the interpreter's tests), else they are tuned."""
     require_dense(x=x, w=w, b=b, w_scale=w_scale)
     n, h, width, c = x.shape
+    if c % CONV_BLOCK_K:  # a chunk would straddle two taps: the kernel would read the wrong weights silently
+        raise ValueError(f"the float8 convolution takes input channels in multiples of {CONV_BLOCK_K}, got {c}")
     f = w.shape[0]
     p = n * h * width
     out = torch.empty(n, h, width, f, device=x.device, dtype=out_dtype)

@@ -650,3 +650,16 @@ def test_kernels_refuse_strided_operands_rather_than_misread_them():
     with pytest.raises(ValueError, match="dense row-major operands; x strided"):
         launch_conv3x3(pixels.permute(0, 2, 3, 1), codes.reshape(16, 3, 3, 64), torch.zeros(16), x_scale,
                        scale.flatten(), torch.float32)
+    narrow, _ = quantize_tensor(torch.randn(2, 4, 4, 96))  # 96 channels: chunks of 64 would straddle two taps
+    codes, scale = quantize_rows(torch.randn(16, 9 * 96))
+    with pytest.raises(ValueError, match="input channels in multiples of 64, got 96"):
+        launch_conv3x3(narrow, codes.reshape(16, 3, 3, 96), torch.zeros(16), x_scale, scale.flatten(), torch.float32)
+
+
+def test_the_layer_filter_and_the_kernel_agree_on_the_channel_chunk():
+    """`is_conv3x3` admits the input channels `launch_conv3x3` takes (fp8 cannot import the Triton module)."""
+    pytest.importorskip("triton")
+    from sage_core.fp8 import CONV_CHANNELS
+    from sage_core.fp8_kernels import CONV_BLOCK_K
+
+    assert CONV_CHANNELS == CONV_BLOCK_K
