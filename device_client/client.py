@@ -483,7 +483,7 @@ class DeviceClient:
         except DeviceError as exc:
             if not (self.config.fallback_local and exc.code == "UNAVAILABLE"):
                 raise
-            result = self.generate_local(prompt, seed, reason=exc.message, negative_prompt=negative_prompt)
+            result = self._sample_local(prompt, seed, exc.message, negative_prompt)
         else:
             try:
                 result = self.finish(prompt, received)
@@ -493,6 +493,12 @@ class DeviceClient:
                 raise DeviceError(
                     "INTERNAL", f"branch phase on the device failed: {type(exc).__name__}: {exc}"
                 ) from exc
+        return self._finish_metadata(result, prompt, negative_prompt, t0)
+
+    def _finish_metadata(
+        self, result: DeviceResult, prompt: str, negative_prompt: str | None, t0: float
+    ) -> DeviceResult:
+        """`result` with its total time since `t0` and the tokens the text encoder ignored in its metadata."""
         result.timings_ms["total"] = (time.perf_counter() - t0) * 1e3
         result.metadata["timings_ms"] = {k: round(v, 3) for k, v in result.timings_ms.items()}
         overlong = overlong_prompts(self.model.pipe.tokenizer, [prompt, negative_text(negative_prompt)])
@@ -523,7 +529,14 @@ class DeviceClient:
     def generate_local(
         self, prompt: str, seed: int | None = None, reason: str = "", negative_prompt: str | None = ""
     ) -> DeviceResult:
-        """Fully local sampling of one prompt (a group of one): the image sage_core.generate makes."""
+        """Fully local sampling of one prompt (a group of one): the image sage_core.generate makes, with its metadata
+        as `generate` gives it."""
+        t0 = time.perf_counter()
+        return self._finish_metadata(self._sample_local(prompt, seed, reason, negative_prompt), prompt,
+                                     negative_prompt, t0)
+
+    def _sample_local(self, prompt: str, seed: int | None, reason: str, negative_prompt: str | None) -> DeviceResult:
+        """`generate_local`'s image and metadata without the total time and ignored-token counts."""
         negative_prompt = negative_text(negative_prompt)
         seed = seed if seed is not None else secrets.randbits(31)
         config = self.local_config(negative_prompt)

@@ -98,6 +98,7 @@ class EdgeServerProcess:
         while not self._listening.wait(timeout=0.2):
             if self.proc.poll() is not None:
                 time.sleep(0.2)  # let the reader drain the last lines
+                self.stop()  # reap what it started in its process group (Ray's helpers)
                 raise ServerStartError(f"edge server exited with code {self.proc.returncode}: {self.tail()}")
             if time.monotonic() > deadline:
                 self.stop()
