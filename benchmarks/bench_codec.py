@@ -134,7 +134,7 @@ class ImageRow:
     beta: float
     mode: str
     bytes: int
-    psnr_db: float  # mean over the group's members; inf when identical
+    psnr_db: float  # mean over the members whose image differs from the reference; inf when all are identical
     min_psnr_db: float
     fidelity: float | None  # oracle prompt fidelity (None: no oracle available)
 

@@ -406,7 +406,8 @@ def measure_stream(args: argparse.Namespace, worker, stock) -> dict:
     table = dict(zip(prompts, emb, strict=True))
     worker.policy = sharing_policy(build_config(None, meta["policy"]))
     worker.embedder = lambda batch: np.stack([table[p] for p in batch])
-    device, window, steps, cfg = str(worker.pipe.unet.device), args.stream_window, meta["steps"], 2
+    device, window, steps = str(worker.pipe.unet.device), args.stream_window, meta["steps"]
+    cfg = 2 if meta["guidance"] > 1.0 else 1  # UNet samples per step
     n = min(len(prompts), window * args.stream_windows)
     totals = dict.fromkeys(("independent_s", "edge_s", "edge_unet_s", "server_evals", "device_evals"), 0.0)
     for lo in range(0, n, window):
