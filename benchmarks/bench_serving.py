@@ -42,6 +42,7 @@ import torch
 
 from benchmarks.results import write_json
 from benchmarks.stacks import sample_stacks
+from sage_core.names import unet_samples_per_step
 from sage_core.unet_buckets import UNetProxy, sample_inputs
 
 FLOP_PER_UNET_SAMPLE_512 = 0.84e12  # SD v1.5 UNet forward at 64x64 latents (DESIGN.md)
@@ -360,7 +361,7 @@ def measure(args: argparse.Namespace, worker, batch: int, stock, flop_per_sample
     job = bucket_job(worker, prompts, args.steps, args.share, args.guidance, args.codec)
     independent_s = timed(independent, device, args.windows)
     edge_s, unet_s, rows, groups = timed_edge_path(worker, job, args.windows)
-    cfg = 2 if args.guidance > 1.0 else 1
+    cfg = unet_samples_per_step(args.guidance)
     shared_evals = sum(g.server_steps for g in groups) * cfg
     peak = args.peak_tflops or (CUDA_PEAK_TFLOPS if device.startswith("cuda") else None)
     independent_server = batch * args.steps * cfg
@@ -407,7 +408,7 @@ def measure_stream(args: argparse.Namespace, worker, stock) -> dict:
     worker.policy = sharing_policy(build_config(None, meta["policy"]))
     worker.embedder = lambda batch: np.stack([table[p] for p in batch])
     device, window, steps = str(worker.pipe.unet.device), args.stream_window, meta["steps"]
-    cfg = 2 if meta["guidance"] > 1.0 else 1  # UNet samples per step
+    cfg = unet_samples_per_step(meta["guidance"])
     n = min(len(prompts), window * args.stream_windows)
     totals = dict.fromkeys(("independent_s", "edge_s", "edge_unet_s", "server_evals", "device_evals"), 0.0)
     for lo in range(0, n, window):

@@ -30,6 +30,7 @@ from device_client.config import (
 )
 from device_client.server_process import EdgeServerProcess, ServerStartError
 from device_client.timeline import write_timeline
+from sage_core.names import unet_samples_per_step
 from sage_core.outputs import atomic_output_dir, check_output_dir
 
 if TYPE_CHECKING:
@@ -224,7 +225,7 @@ def build_report(records: list[RequestRecord], groups: dict[str, list[int]], con
     counts: dict[str, int] = {}
     for r in records:
         counts[r.status] = counts.get(r.status, 0) + 1
-    cfg = {r.index: 2 if r.metadata.get("guidance", 0.0) > 1.0 else 1 for r in ok}
+    cfg = {r.index: unet_samples_per_step(r.metadata.get("guidance", 0.0)) for r in ok}
     independent = sum(r.metadata["total_steps"] * cfg[r.index] for r in ok)
     device_evals = sum(r.metadata["device_unet_evals"] for r in ok)
     group_rows = []

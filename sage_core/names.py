@@ -15,6 +15,13 @@ MAX_STEPS = 1000  # sampler steps a request or run may ask for
 MAX_PROMPT_CHARS = 1000  # characters of a prompt (or negative prompt) a local run or device may give
 SHARED_CONDITIONS: tuple[str, ...] = ("mean", "medoid")  # what a group's shared steps are conditioned on
 
+
+def unet_samples_per_step(guidance: float) -> int:
+    """UNet samples one trajectory step costs at a guidance scale: 2 with classifier-free guidance (guidance > 1,
+    diffusers' rule), else 1."""
+    return 2 if guidance > 1.0 else 1
+
+
 LOSSLESS_MODES: tuple[str, ...] = ("fp32", "fp16", "bf16")  # latent codec modes (sage_core.codec)
 LOSSY_MODES: tuple[str, ...] = ("int8", "int6", "int5", "int4", "fp8")
 CODEC_MODES: tuple[str, ...] = LOSSLESS_MODES + LOSSY_MODES

@@ -19,6 +19,7 @@ from edge_server.config import ConfigError as EdgeConfigError
 from edge_server.config import ServerConfig as EdgeServerConfig
 from sage_core.config_files import ConfigFileError, read_mapping
 from sage_core.config_types import from_mapping
+from sage_core.names import unet_samples_per_step
 
 MODES = ("sage", "server", "device", "sage_server")
 GROUPED_MODES = ("sage", "sage_server")  # the modes that group requests: what sharing settings change
@@ -169,7 +170,7 @@ class SamplingSettings:
     @property
     def unet_samples_per_step(self) -> int:
         """UNet sample evaluations per trajectory step: 2 with classifier-free guidance, else 1."""
-        return 2 if self.guidance > 1.0 else 1
+        return unet_samples_per_step(self.guidance)
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import yaml
 
+from sage_core.names import unet_samples_per_step
 from simulation.config import ConfigError, SimConfig
 from simulation.workload import Workload
 
@@ -187,7 +188,7 @@ def real_totals(records: list[dict[str, Any]]) -> dict[str, Any]:
     bytes and latency of a replay."""
     ok = [r for r in records if "error" not in r]
     groups = {r["group_id"]: r for r in ok}
-    server = sum((2 if r["guidance"] > 1.0 else 1) * r["branch_step"] for r in groups.values())
+    server = sum(unet_samples_per_step(r["guidance"]) * r["branch_step"] for r in groups.values())
     device = sum(r["device_unet_evals"] for r in ok)
     lat = np.asarray([r["latency_s"] for r in ok])
     return {
