@@ -139,9 +139,9 @@ def _load(
         changes["requests"] = requests
     if seed is not None:
         changes["seed"] = seed
-    prompts = {"embedder": embedder, "model_config": model_config}
-    if any(v is not None for v in prompts.values()):
-        changes["prompts"] = dataclasses.replace(cfg.prompts, **{k: v for k, v in prompts.items() if v is not None})
+    prompts = {k: v for k, v in (("embedder", embedder), ("model_config", model_config)) if v is not None}
+    if prompts:
+        changes["prompts"] = dataclasses.replace(cfg.prompts, **prompts)
     return cfg.replace(**changes) if changes else cfg
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from sage_core.config_types import convert
+from sage_core.names import DEFAULT_MODEL_DIR
 from sage_core.outputs import write_text_atomic
 from sage_core.seeds import MAX_SEED
 from simulation.config import (
@@ -253,6 +254,17 @@ def pipeline_folder(spec: str) -> str | None:
     return spec.split(":", 1)[1] if ":" in spec else None
 
 
+def pipeline_model_path(spec: str) -> Path | None:
+    """The model folder or single file a pipeline embedder loads from disk (the shipped model's for 'pipeline');
+    None for 'pipeline:tiny' (built in memory) and for the other embedders."""
+    if spec != "pipeline" and not spec.startswith("pipeline:"):
+        return None
+    folder = pipeline_folder(spec)
+    if folder == "tiny":
+        return None
+    return DEFAULT_MODEL_DIR if folder is None else Path(folder)
+
+
 def pipeline_embedder_for(spec: str, model_config: str = "") -> tuple[Embedder, str]:
     """The pooled CLIP text embedding of a diffusers pipeline ('pipeline' = the shipped default model,
     'pipeline:PATH' = a model folder or single file, loaded into the config folder `model_config` when given,
@@ -277,11 +289,10 @@ def check_embedder(cfg: SimConfig, prompts: Sequence[str]) -> str:
     spec = cfg.prompts.embedder
     if spec == "minilm":
         minilm_modules()
-    elif (spec == "pipeline" or spec.startswith("pipeline:")) and (folder := pipeline_folder(spec)) != "tiny":
-        from sage_core.models import DEFAULT_MODEL_DIR, ModelError, check_pipeline_folder
+    elif (model := pipeline_model_path(spec)) is not None:
+        from sage_core.models import ModelError, check_pipeline_folder
 
         try:
-            model = DEFAULT_MODEL_DIR if folder is None else Path(folder)
             check_pipeline_folder(model, cfg.prompts.model_config or None)
         except ModelError as exc:
             raise ConfigError(f"prompts.embedder {spec!r}: {exc}") from None
@@ -361,14 +372,13 @@ def cached_embeddings(cfg: SimConfig, prompts: Sequence[str]) -> np.ndarray | No
     spec = cfg.prompts.embedder
     if spec == "minilm":
         name = "minilm-l6-v2"
-    elif spec == "pipeline" or (spec.startswith("pipeline:") and spec != "pipeline:tiny"):
-        from sage_core.models import DEFAULT_MODEL_DIR, ModelError, files_fingerprint
+    elif (model := pipeline_model_path(spec)) is not None:
+        from sage_core.models import ModelError, files_fingerprint
 
-        folder = Path(spec.split(":", 1)[1]) if ":" in spec else DEFAULT_MODEL_DIR
-        if not folder.exists():
+        if not model.exists():
             return None
         try:
-            name = f"pipeline-{files_fingerprint(folder, cfg.prompts.model_config or None)}"
+            name = f"pipeline-{files_fingerprint(model, cfg.prompts.model_config or None)}"
         except ModelError:
             return None
     else:
