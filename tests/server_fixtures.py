@@ -18,6 +18,7 @@ import contextlib
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -49,6 +50,13 @@ def server_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     )
     env.update(extra or {})
     return env
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (nothing listens there: a server address to refuse or fail over)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def idle(stats: edge_pb2.ServerStats) -> bool:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
-import socket
 import time
 from concurrent import futures
 
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from lora_fixtures import make_lora
+from server_fixtures import free_port
 
 from device_client.client import (
     DeviceClient,
@@ -34,12 +34,6 @@ from sage_core.outputs import read_metadata
 from sage_core.sampler import SamplingConfig, shared_phase
 
 STEPS, SHARE = 4, 0.5
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class FakeEdge(edge_pb2_grpc.EdgeSamplerServicer):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 import os
 import signal
-import socket
 import sys
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 import pytest
 from matplotlib.figure import Figure
 from PIL import Image
+from server_fixtures import free_port
 from typer.testing import CliRunner
 
 import device_client.client
@@ -273,12 +273,6 @@ def test_every_device_gets_the_demos_settings() -> None:
 
 
 # ----------------------------------------------------------------------------------------- the device clients
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from server_fixtures import REPO_ROOT, server_env, start_edge_server
+from server_fixtures import REPO_ROOT, free_port, server_env, start_edge_server
 
 DOCKER = REPO_ROOT / "docker"
 SCRIPTS = DOCKER / "entrypoints"
@@ -120,12 +120,6 @@ def test_entrypoint_arguments() -> None:
 
 
 # ---- the compose recipe, outside Docker ---------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start(script: str, env: dict[str, str], *args: str) -> subprocess.Popen:
     """An entrypoint script in its own process group (so exactly its Ray processes can be stopped)."""
     full_env = server_env(env)
@@ -168,7 +162,7 @@ def test_compose_recipe_outside_docker(tmp_path: Path) -> None:
     and `device-client.sh` finishes an image from it."""
     import secrets
 
-    gcs, client = _free_port(), _free_port()
+    gcs, client = free_port(), free_port()
     temp_dir = tempfile.mkdtemp(prefix="sgd", dir="/tmp")  # short: Ray's socket paths must stay under 108 bytes
     ray_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_NODE_IP": "127.0.0.1"}
     head = _start(

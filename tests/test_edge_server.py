@@ -28,7 +28,7 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from server_fixtures import EdgeServerProcess, idle, server_env, start_edge_server
+from server_fixtures import EdgeServerProcess, free_port, idle, server_env, start_edge_server
 
 from edge_server.config import ConfigError, ServerConfig, build_config
 from edge_server.engine import Engine, EngineError, ImageSpec, negotiate_codec, resolve
@@ -170,7 +170,7 @@ def test_an_unreachable_ray_address_is_a_one_line_error(form: str) -> None:
     """--ray-address naming no Ray (host:port, ray://host:port, or "auto" resolving to RAY_ADDRESS) ends at once
     with `error: cannot reach Ray at ...` and exit 2: ray.init would wait forever on host:port (deaf to SIGTERM),
     print a traceback after 30 s for ray://, and at once for "auto"."""
-    nothing = f"127.0.0.1:{_free_port()}"
+    nothing = f"127.0.0.1:{free_port()}"
     line = _serve_fails_fast("--port", "0", "--ray-address", form.format(a=nothing), env={"RAY_ADDRESS": nothing})
     assert line.startswith(f"error: cannot reach Ray at {form.format(a=nothing)} ("), line
 
@@ -900,13 +900,6 @@ async def test_mixed_run_leaves_no_state(server: EdgeServerProcess) -> None:
 
 
 # ---- a real `ray start --head` cluster ----------------------------------------------------------------------------
-def _free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 async def test_requests_cut_at_the_end_of_the_grace_period_end_unavailable() -> None:
     """SIGTERM with a grace period shorter than the request in flight: the client gets UNAVAILABLE with the reason,
@@ -936,7 +929,7 @@ async def test_join_ray_head_cluster_and_graceful_shutdown() -> None:
     """`ray start --head` on 127.0.0.1 (own temp dir, own process group), `serve --ray-address HOST:PORT` joins it
     and serves; SIGTERM: health NOT_SERVING, new requests UNAVAILABLE, the in-flight stream still finishes, exit 0.
     The head is stopped by killing its process group only (never `ray stop`, which would stop every Ray here)."""
-    port = _free_port()
+    port = free_port()
     temp_dir = tempfile.mkdtemp(prefix="sgr", dir="/tmp")
     # Ray clusters use token authentication: head and server share a fresh token through the environment
     auth = {
